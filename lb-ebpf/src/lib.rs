@@ -1,0 +1,2 @@
+//! Empty library so that lb-userspace can list this crate as a build-dependency (rebuild tracking).
+#![no_std]

@@ -1,0 +1,736 @@
+//! The balancer's XDP program.
+//!
+//! Packet path (see ARCHITECTURE.md): parse Ethernet (+ one 802.1Q/802.1ad tag), IPv4 (options
+//! allowed) or IPv6 (no extension headers), TCP or UDP; find the VIP by (address, port, protocol),
+//! falling back to the port-0 wildcard; keep the flow on its backend through connection tracking;
+//! on a miss pick a backend from the VIP's live Maglev table; forward by the VIP's mode. Anything
+//! that is not for a VIP, or cannot be parsed, is `XDP_PASS`: the host's own traffic (ssh, the
+//! agent's API) must never be dropped by accident.
+//!
+//! Fragments carry ports only in the first piece, so a fragmented datagram is steered by addresses
+//! alone (ports hashed as zero) and only through a port-0 VIP; without one it is passed to the stack.
+#![no_std]
+#![no_main]
+
+use core::mem::size_of;
+
+use aya_ebpf::{
+    bindings::{
+        bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS,
+    },
+    helpers::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect},
+    macros::{map, xdp},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    programs::XdpContext,
+    Global,
+};
+use lb_common::{
+    backend_flags, csum, hash::flow_hash, mode, proto, Backend, Counters, Flow, FlowKey,
+    NatReverse, Reason, VipKey, VipMeta, BACKEND_NONE, DEFAULT_RING_SIZE, REASON_COUNT,
+};
+
+// ---- load-time settings (the agent overrides them; they size nothing, so they may differ
+// between program versions sharing one map set only as the agent allows) ----
+
+/// Maglev table size M: `RINGS` holds `2 * max_vips * M` entries.
+#[unsafe(no_mangle)]
+static RING_SIZE: Global<u32> = Global::new(DEFAULT_RING_SIZE);
+/// A UDP flow idle longer than this is re-picked (there is no FIN to end it).
+#[unsafe(no_mangle)]
+static UDP_TIMEOUT_NS: Global<u64> = Global::new(30_000_000_000);
+
+// ---- maps (max_entries are set by the agent at creation; these are defaults) ----
+
+#[map]
+static VIPS: HashMap<VipKey, VipMeta> = HashMap::pinned(512, 0);
+#[map]
+static BACKENDS: Array<Backend> = Array::pinned(4096, 0);
+#[map]
+static RINGS: Array<u32> = Array::pinned(2 * 512 * DEFAULT_RING_SIZE, 0);
+/// Shared (not per-CPU) LRU: on veth, and with any sender that migrates between CPUs, a flow is
+/// processed on whichever CPU its packet arrives; a per-CPU table would miss there and fall back to
+/// Maglev, which is stable but not immune to backend changes.
+#[map]
+static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(65_536, 0);
+#[map]
+static NAT_REVERSE: LruHashMap<FlowKey, NatReverse> = LruHashMap::pinned(65_536, 0);
+#[map]
+static STATS_VIP: PerCpuArray<Counters> = PerCpuArray::pinned(512, 0);
+#[map]
+static STATS_BACKEND: PerCpuArray<Counters> = PerCpuArray::pinned(4096, 0);
+#[map]
+static STATS_REASON: PerCpuArray<u64> = PerCpuArray::pinned(REASON_COUNT, 0);
+
+// ---- headers ----
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+
+#[repr(C)]
+struct EthHdr {
+    dst: [u8; 6],
+    src: [u8; 6],
+    proto: u16,
+}
+
+#[repr(C)]
+struct VlanHdr {
+    tci: u16,
+    proto: u16,
+}
+
+#[repr(C)]
+struct Ipv4Hdr {
+    ver_ihl: u8,
+    tos: u8,
+    tot_len: u16,
+    id: u16,
+    frag_off: u16,
+    ttl: u8,
+    proto: u8,
+    check: u16,
+    saddr: u32,
+    daddr: u32,
+}
+
+#[repr(C)]
+struct Ipv6Hdr {
+    ver_tc_flow: u32,
+    payload_len: u16,
+    next_hdr: u8,
+    hop_limit: u8,
+    saddr: [u32; 4],
+    daddr: [u32; 4],
+}
+
+/// The first 8 bytes of TCP and UDP share the port layout; the checksum sits at a
+/// protocol-specific offset (16 for TCP, 6 for UDP).
+#[repr(C)]
+struct Ports {
+    sport: u16,
+    dport: u16,
+}
+
+const TCP_HDR_LEN: usize = 20;
+const UDP_HDR_LEN: usize = 8;
+
+/// Bounds-checked pointer into the frame: the only way this program reads packet memory.
+#[inline(always)]
+fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + off + size_of::<T>() > end {
+        return None;
+    }
+    Some((start + off) as *mut T)
+}
+
+/// Same as [`ptr_at`] but also proves `len` bytes are present (for an L4 header whose fields we touch).
+#[inline(always)]
+fn ptr_with_len<T>(ctx: &XdpContext, off: usize, len: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + off + len > end {
+        return None;
+    }
+    Some((start + off) as *mut T)
+}
+
+#[inline(always)]
+fn count_reason(reason: Reason) {
+    if let Some(c) = STATS_REASON.get_ptr_mut(reason as u32) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+fn count(map: &PerCpuArray<Counters>, index: u32, bytes: u64, new_flow: bool) {
+    if let Some(c) = map.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+            (*c).new_flows += new_flow as u64;
+        }
+    }
+}
+
+#[xdp]
+pub fn lb(ctx: XdpContext) -> u32 {
+    let (action, reason) = process(&ctx);
+    count_reason(reason);
+    action
+}
+
+type Verdict = (u32, Reason);
+
+const PASS: u32 = xdp_action::XDP_PASS;
+
+#[inline(always)]
+fn process(ctx: &XdpContext) -> Verdict {
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return (PASS, Reason::PassTruncated);
+    };
+    // SAFETY: ptr_at checked the bounds.
+    let mut ether_type = u16::from_be(unsafe { (*eth).proto });
+    let mut l3 = size_of::<EthHdr>();
+    if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
+        let Some(vlan) = ptr_at::<VlanHdr>(ctx, l3) else {
+            return (PASS, Reason::PassTruncated);
+        };
+        ether_type = u16::from_be(unsafe { (*vlan).proto });
+        l3 += size_of::<VlanHdr>();
+    }
+    match ether_type {
+        ETH_P_IP => process_v4(ctx, l3),
+        ETH_P_IPV6 => process_v6(ctx, l3),
+        _ => (PASS, Reason::PassNotIp),
+    }
+}
+
+/// Where the L4 ports and checksum of a TCP/UDP packet sit, once the IP header is understood.
+struct L4 {
+    ports: *mut Ports,
+    /// Null for a fragment (ports not present or not trusted).
+    check: *mut u16,
+    udp: bool,
+}
+
+/// Parses TCP/UDP at `off`; `None` means truncated.
+#[inline(always)]
+fn parse_l4(ctx: &XdpContext, off: usize, l4_proto: u8) -> Option<L4> {
+    if l4_proto == proto::TCP {
+        let ports = ptr_with_len::<Ports>(ctx, off, TCP_HDR_LEN)?;
+        Some(L4 {
+            ports,
+            check: (ports as usize + 16) as *mut u16,
+            udp: false,
+        })
+    } else {
+        let ports = ptr_with_len::<Ports>(ctx, off, UDP_HDR_LEN)?;
+        Some(L4 {
+            ports,
+            check: (ports as usize + 6) as *mut u16,
+            udp: true,
+        })
+    }
+}
+
+/// VIP lookup: exact (address, port, protocol) first, then the port-0 wildcard.
+#[inline(always)]
+fn find_vip(addr: [u32; 4], port: u16, l4_proto: u8) -> Option<VipMeta> {
+    let mut key = VipKey {
+        addr,
+        port,
+        proto: l4_proto,
+        _pad: 0,
+    };
+    // SAFETY: the value is copied out at once; the agent replaces whole entries.
+    if port != 0 {
+        if let Some(v) = unsafe { VIPS.get(&key) } {
+            return Some(*v);
+        }
+    }
+    key.port = 0;
+    unsafe { VIPS.get(&key) }.copied()
+}
+
+/// A backend chosen for a packet: its id, a copy of its entry, and whether this packet started
+/// (or re-started) the flow.
+struct Pick {
+    id: u32,
+    backend: Backend,
+    new_flow: bool,
+}
+
+/// Connection tracking, then Maglev on a miss.
+///
+/// A tracked flow stays on its backend while the backend is usable (up or draining), so adding or
+/// removing other backends never moves it; a flow whose backend was removed is re-picked here.
+#[inline(always)]
+fn pick_backend(vip: &VipMeta, key: &FlowKey, udp: bool) -> Result<Pick, Reason> {
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(flow) = FLOWS.get_ptr_mut(key) {
+        // SAFETY: LRU value pointer; a concurrent update replaces the whole 16 bytes at worst.
+        let id = unsafe { (*flow).backend_id };
+        if let Some(b) = BACKENDS.get(id) {
+            let fresh =
+                !udp || now.wrapping_sub(unsafe { (*flow).last_seen_ns }) < UDP_TIMEOUT_NS.load();
+            if id != BACKEND_NONE && b.flags & backend_flags::USABLE != 0 && fresh {
+                if udp {
+                    unsafe { (*flow).last_seen_ns = now };
+                }
+                return Ok(Pick {
+                    id,
+                    backend: *b,
+                    new_flow: false,
+                });
+            }
+        }
+    }
+    let m = RING_SIZE.load();
+    if m == 0 {
+        return Err(Reason::DropBadMaps);
+    }
+    let slot = (flow_hash(key) % m) as u64;
+    let base = ((vip.id as u64) * 2 + (vip.ring_slot & 1) as u64) * m as u64;
+    let index = base + slot;
+    if index > u32::MAX as u64 {
+        return Err(Reason::DropBadMaps);
+    }
+    let Some(id) = RINGS.get(index as u32).copied() else {
+        return Err(Reason::DropBadMaps);
+    };
+    if id == BACKEND_NONE {
+        return Err(Reason::DropNoBackend);
+    }
+    let Some(b) = BACKENDS.get(id) else {
+        return Err(Reason::DropBadMaps);
+    };
+    if b.flags & backend_flags::USABLE == 0 {
+        return Err(Reason::DropNoBackend);
+    }
+    let flow = Flow {
+        backend_id: id,
+        _pad: 0,
+        last_seen_ns: now,
+    };
+    // A full LRU evicts; a failed insert only costs a Maglev lookup on the next packet.
+    let _ = FLOWS.insert(key, &flow, 0);
+    Ok(Pick {
+        id,
+        backend: *b,
+        new_flow: true,
+    })
+}
+
+/// DSR: the backend holds the VIP itself; only the L2 destination changes.
+#[inline(always)]
+fn forward_dsr(ctx: &XdpContext, backend: &Backend) -> Verdict {
+    if backend.mac == [0u8; 6] {
+        return (xdp_action::XDP_DROP, Reason::DropBadBackend);
+    }
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return (PASS, Reason::PassTruncated);
+    };
+    // SAFETY: bounds checked above.
+    unsafe {
+        (*eth).src = (*eth).dst;
+        (*eth).dst = backend.mac;
+    }
+    (xdp_action::XDP_TX, Reason::TxDsr)
+}
+
+/// Sends an already rewritten packet towards `params`' destination through the FIB.
+/// `forward_reason` names the verdict when the next hop is found.
+#[inline(always)]
+fn fib_forward(ctx: &XdpContext, params: &mut FibParams, forward_reason: Reason) -> Verdict {
+    let ingress = ctx.ingress_ifindex() as u32;
+    params.ifindex = ingress;
+    // SAFETY: params is a properly sized bpf_fib_lookup on the stack.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.ctx as *mut _,
+            params as *mut FibParams,
+            size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+            return (PASS, Reason::PassTruncated);
+        };
+        // SAFETY: bounds checked above.
+        unsafe {
+            (*eth).dst = params.dmac;
+            (*eth).src = params.smac;
+        }
+        if params.ifindex == ingress {
+            let reason = if matches!(forward_reason, Reason::RedirectNat) {
+                Reason::TxNat
+            } else {
+                forward_reason
+            };
+            return (xdp_action::XDP_TX, reason);
+        }
+        let action = unsafe { bpf_redirect(params.ifindex, 0) } as u32;
+        return (action, forward_reason);
+    }
+    if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+        // The packet is already rewritten: the kernel routes it to the same next hop and resolves
+        // the neighbour on the way; the next packets take the fast path.
+        return (PASS, Reason::PassNoNeigh);
+    }
+    (xdp_action::XDP_DROP, Reason::DropNoRoute)
+}
+
+#[inline(always)]
+fn fib_params_v4(l4_proto: u8, tot_len: u16, saddr: u32, daddr: u32) -> FibParams {
+    // SAFETY: bpf_fib_lookup is plain data; all-zero is its documented initial state.
+    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    p.family = AF_INET;
+    p.l4_protocol = l4_proto;
+    p.__bindgen_anon_1.tot_len = tot_len;
+    p.__bindgen_anon_3.ipv4_src = saddr;
+    p.__bindgen_anon_4.ipv4_dst = daddr;
+    p
+}
+
+#[inline(always)]
+fn fib_params_v6(l4_proto: u8, tot_len: u16, saddr: [u32; 4], daddr: [u32; 4]) -> FibParams {
+    // SAFETY: as above.
+    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    p.family = AF_INET6;
+    p.l4_protocol = l4_proto;
+    p.__bindgen_anon_1.tot_len = tot_len;
+    p.__bindgen_anon_3.ipv6_src = saddr;
+    p.__bindgen_anon_4.ipv6_dst = daddr;
+    p
+}
+
+/// Applies an accumulated checksum change to the L4 checksum. A zero UDP checksum over IPv4 means
+/// "none" and stays zero; a computed zero is sent as 0xffff (RFC 768).
+#[inline(always)]
+fn update_l4_check(l4: &L4, acc: u64, v4: bool) {
+    // SAFETY: l4.check was derived from a bounds-checked L4 header pointer.
+    unsafe {
+        let old = *l4.check;
+        if l4.udp && v4 && old == 0 {
+            return;
+        }
+        let mut new = csum::apply(old, acc);
+        if l4.udp && new == 0 {
+            new = 0xffff;
+        }
+        *l4.check = new;
+    }
+}
+
+// ---------------------------------------------------------------- IPv4
+
+#[inline(always)]
+fn process_v4(ctx: &XdpContext, l3: usize) -> Verdict {
+    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, l3) else {
+        return (PASS, Reason::PassTruncated);
+    };
+    // SAFETY (all header reads below): ptr_at checked the bounds.
+    let ihl = (unsafe { (*ip).ver_ihl } & 0x0f) as usize;
+    if ihl < 5 {
+        return (PASS, Reason::PassTruncated);
+    }
+    let l4_proto = unsafe { (*ip).proto };
+    if l4_proto != proto::TCP && l4_proto != proto::UDP {
+        return (PASS, Reason::PassNotL4);
+    }
+    let saddr = unsafe { (*ip).saddr };
+    let daddr = unsafe { (*ip).daddr };
+    // MF set or a non-zero offset: a fragment.
+    let fragment = u16::from_be(unsafe { (*ip).frag_off }) & 0x3fff != 0;
+    let mut key = FlowKey {
+        src: [saddr, 0, 0, 0],
+        dst: [daddr, 0, 0, 0],
+        sport: 0,
+        dport: 0,
+        proto: l4_proto,
+        _pad: [0; 3],
+    };
+    if fragment {
+        let Some(vip) = find_vip(key.dst, 0, l4_proto) else {
+            return (PASS, Reason::PassFragment);
+        };
+        return steer_fragment(ctx, &vip, &key);
+    }
+    let Some(l4) = parse_l4(ctx, l3 + ihl * 4, l4_proto) else {
+        return (PASS, Reason::PassTruncated);
+    };
+    key.sport = unsafe { (*l4.ports).sport };
+    key.dport = unsafe { (*l4.ports).dport };
+    let Some(vip) = find_vip(key.dst, key.dport, l4_proto) else {
+        return nat_reply_v4(ctx, ip, &l4, &key);
+    };
+    let pick = match pick_backend(&vip, &key, l4.udp) {
+        Ok(p) => p,
+        Err(reason) => return drop_for(reason),
+    };
+    account(ctx, &vip, &pick);
+    match vip.mode {
+        mode::DSR => forward_dsr(ctx, &pick.backend),
+        mode::NAT => nat_forward_v4(ctx, ip, &l4, &key, &vip, &pick),
+        _ => (PASS, Reason::PassLocal),
+    }
+}
+
+#[inline(always)]
+fn drop_for(reason: Reason) -> Verdict {
+    (xdp_action::XDP_DROP, reason)
+}
+
+#[inline(always)]
+fn account(ctx: &XdpContext, vip: &VipMeta, pick: &Pick) {
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    count(&STATS_VIP, vip.id, bytes, pick.new_flow);
+    count(&STATS_BACKEND, pick.id, bytes, pick.new_flow);
+}
+
+/// Fragments of a datagram for a port-0 VIP: one backend per (source, destination, protocol).
+/// NAT cannot rewrite ports it cannot see, so only DSR and local VIPs steer fragments.
+#[inline(always)]
+fn steer_fragment(ctx: &XdpContext, vip: &VipMeta, key: &FlowKey) -> Verdict {
+    match vip.mode {
+        mode::DSR => {
+            let pick = match pick_backend(vip, key, true) {
+                Ok(p) => p,
+                Err(reason) => return drop_for(reason),
+            };
+            account(ctx, vip, &pick);
+            forward_dsr(ctx, &pick.backend)
+        }
+        mode::LOCAL => (PASS, Reason::PassLocal),
+        _ => (PASS, Reason::PassFragment),
+    }
+}
+
+#[inline(always)]
+fn nat_forward_v4(
+    ctx: &XdpContext,
+    ip: *mut Ipv4Hdr,
+    l4: &L4,
+    key: &FlowKey,
+    vip: &VipMeta,
+    pick: &Pick,
+) -> Verdict {
+    let b = &pick.backend;
+    if b.family != lb_common::family::V4 {
+        return drop_for(Reason::DropBadBackend);
+    }
+    // SAFETY: ip and l4 come from bounds-checked pointers.
+    unsafe {
+        if (*ip).ttl <= 1 {
+            return (PASS, Reason::PassTtl);
+        }
+        let new_port = if b.port != 0 { b.port } else { key.dport };
+        if pick.new_flow {
+            let rev_key = FlowKey {
+                src: b.addr,
+                dst: key.src,
+                sport: new_port,
+                dport: key.sport,
+                proto: key.proto,
+                _pad: [0; 3],
+            };
+            let rev = NatReverse {
+                vip_addr: key.dst,
+                vip_port: key.dport,
+                _pad: 0,
+                vip_id: vip.id,
+            };
+            let _ = NAT_REVERSE.insert(&rev_key, &rev, 0);
+        }
+        rewrite_v4(ip, l4, false, b.addr[0], new_port);
+        let params = &mut fib_params_v4(
+            key.proto,
+            u16::from_be((*ip).tot_len),
+            (*ip).saddr,
+            (*ip).daddr,
+        );
+        fib_forward(ctx, params, Reason::RedirectNat)
+    }
+}
+
+/// Replies from a NAT backend: source back to the VIP, then forwarded to the client.
+#[inline(always)]
+fn nat_reply_v4(ctx: &XdpContext, ip: *mut Ipv4Hdr, l4: &L4, key: &FlowKey) -> Verdict {
+    // SAFETY: copied out at once.
+    let Some(rev) = (unsafe { NAT_REVERSE.get(key) }).copied() else {
+        return (PASS, Reason::PassNotVip);
+    };
+    unsafe {
+        if (*ip).ttl <= 1 {
+            return (PASS, Reason::PassTtl);
+        }
+        rewrite_v4(ip, l4, true, rev.vip_addr[0], rev.vip_port);
+        let params = &mut fib_params_v4(
+            key.proto,
+            u16::from_be((*ip).tot_len),
+            (*ip).saddr,
+            (*ip).daddr,
+        );
+        fib_forward(ctx, params, Reason::NatReply)
+    }
+}
+
+/// Rewrites the destination (or, for replies, the source) address and port, decrements the TTL,
+/// and patches both checksums incrementally.
+///
+/// # Safety
+/// `ip` and `l4` must point into the frame, bounds-checked.
+#[inline(always)]
+unsafe fn rewrite_v4(ip: *mut Ipv4Hdr, l4: &L4, source: bool, addr: u32, port: u16) {
+    unsafe {
+        let (addr_ptr, port_ptr) = if source {
+            (&raw mut (*ip).saddr, &raw mut (*l4.ports).sport)
+        } else {
+            (&raw mut (*ip).daddr, &raw mut (*l4.ports).dport)
+        };
+        let old_addr = *addr_ptr;
+        let old_port = *port_ptr;
+        // TTL shares a 16-bit checksum word with the protocol field.
+        let ttl_word = ip as *mut u8 as usize + 8;
+        let old_ttl_word = *(ttl_word as *const u16);
+        (*ip).ttl -= 1;
+        let new_ttl_word = *(ttl_word as *const u16);
+        *addr_ptr = addr;
+        *port_ptr = port;
+        let ip_acc = csum::diff16(csum::diff32(0, old_addr, addr), old_ttl_word, new_ttl_word);
+        (*ip).check = csum::apply((*ip).check, ip_acc);
+        // The L4 checksum covers the pseudo-header address and the port, not the TTL.
+        update_l4_check(
+            l4,
+            csum::diff16(csum::diff32(0, old_addr, addr), old_port, port),
+            true,
+        );
+    }
+}
+
+// ---------------------------------------------------------------- IPv6
+
+#[inline(always)]
+fn process_v6(ctx: &XdpContext, l3: usize) -> Verdict {
+    let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, l3) else {
+        return (PASS, Reason::PassTruncated);
+    };
+    // SAFETY (header reads below): ptr_at checked the bounds.
+    let next = unsafe { (*ip).next_hdr };
+    // Extension headers (fragments included) are not parsed: the stack gets them.
+    if next != proto::TCP && next != proto::UDP {
+        return (PASS, Reason::PassNotL4);
+    }
+    let Some(l4) = parse_l4(ctx, l3 + size_of::<Ipv6Hdr>(), next) else {
+        return (PASS, Reason::PassTruncated);
+    };
+    let key = unsafe {
+        FlowKey {
+            src: (*ip).saddr,
+            dst: (*ip).daddr,
+            sport: (*l4.ports).sport,
+            dport: (*l4.ports).dport,
+            proto: next,
+            _pad: [0; 3],
+        }
+    };
+    let Some(vip) = find_vip(key.dst, key.dport, next) else {
+        return nat_reply_v6(ctx, ip, &l4, &key);
+    };
+    let pick = match pick_backend(&vip, &key, l4.udp) {
+        Ok(p) => p,
+        Err(reason) => return drop_for(reason),
+    };
+    account(ctx, &vip, &pick);
+    match vip.mode {
+        mode::DSR => forward_dsr(ctx, &pick.backend),
+        mode::NAT => nat_forward_v6(ctx, ip, &l4, &key, &vip, &pick),
+        _ => (PASS, Reason::PassLocal),
+    }
+}
+
+#[inline(always)]
+fn nat_forward_v6(
+    ctx: &XdpContext,
+    ip: *mut Ipv6Hdr,
+    l4: &L4,
+    key: &FlowKey,
+    vip: &VipMeta,
+    pick: &Pick,
+) -> Verdict {
+    let b = &pick.backend;
+    if b.family != lb_common::family::V6 {
+        return drop_for(Reason::DropBadBackend);
+    }
+    // SAFETY: ip and l4 come from bounds-checked pointers.
+    unsafe {
+        if (*ip).hop_limit <= 1 {
+            return (PASS, Reason::PassTtl);
+        }
+        let new_port = if b.port != 0 { b.port } else { key.dport };
+        if pick.new_flow {
+            let rev_key = FlowKey {
+                src: b.addr,
+                dst: key.src,
+                sport: new_port,
+                dport: key.sport,
+                proto: key.proto,
+                _pad: [0; 3],
+            };
+            let rev = NatReverse {
+                vip_addr: key.dst,
+                vip_port: key.dport,
+                _pad: 0,
+                vip_id: vip.id,
+            };
+            let _ = NAT_REVERSE.insert(&rev_key, &rev, 0);
+        }
+        rewrite_v6(ip, l4, false, b.addr, new_port);
+        let tot = u16::from_be((*ip).payload_len).wrapping_add(size_of::<Ipv6Hdr>() as u16);
+        let params = &mut fib_params_v6(key.proto, tot, (*ip).saddr, (*ip).daddr);
+        fib_forward(ctx, params, Reason::RedirectNat)
+    }
+}
+
+#[inline(always)]
+fn nat_reply_v6(ctx: &XdpContext, ip: *mut Ipv6Hdr, l4: &L4, key: &FlowKey) -> Verdict {
+    // SAFETY: copied out at once.
+    let Some(rev) = (unsafe { NAT_REVERSE.get(key) }).copied() else {
+        return (PASS, Reason::PassNotVip);
+    };
+    unsafe {
+        if (*ip).hop_limit <= 1 {
+            return (PASS, Reason::PassTtl);
+        }
+        rewrite_v6(ip, l4, true, rev.vip_addr, rev.vip_port);
+        let tot = u16::from_be((*ip).payload_len).wrapping_add(size_of::<Ipv6Hdr>() as u16);
+        let params = &mut fib_params_v6(key.proto, tot, (*ip).saddr, (*ip).daddr);
+        fib_forward(ctx, params, Reason::NatReply)
+    }
+}
+
+/// IPv6 twin of [`rewrite_v4`]: no IP checksum; the L4 checksum covers all 128 address bits.
+///
+/// # Safety
+/// `ip` and `l4` must point into the frame, bounds-checked.
+#[inline(always)]
+unsafe fn rewrite_v6(ip: *mut Ipv6Hdr, l4: &L4, source: bool, addr: [u32; 4], port: u16) {
+    unsafe {
+        let (addr_ptr, port_ptr) = if source {
+            (&raw mut (*ip).saddr, &raw mut (*l4.ports).sport)
+        } else {
+            (&raw mut (*ip).daddr, &raw mut (*l4.ports).dport)
+        };
+        let old = *addr_ptr;
+        let old_port = *port_ptr;
+        (*ip).hop_limit -= 1;
+        *addr_ptr = addr;
+        *port_ptr = port;
+        let mut acc = csum::diff16(0, old_port, port);
+        acc = csum::diff32(acc, old[0], addr[0]);
+        acc = csum::diff32(acc, old[1], addr[1]);
+        acc = csum::diff32(acc, old[2], addr[2]);
+        acc = csum::diff32(acc, old[3], addr[3]);
+        update_l4_check(l4, acc, false);
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,677 @@
+//! The agent's configuration file (TOML).
+//!
+//! Parsing happens in two steps so every error can name the file, the line and the field: serde
+//! (through `toml`) reports syntax, unknown fields and type errors with their position; then
+//! [`validate`] checks meaning (addresses, modes, duplicates) on values that kept their spans.
+
+use std::{
+    collections::BTreeSet,
+    fmt,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::dataplane::{AttachMode, Limits};
+
+/// A configuration error: where it is and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// 1-based; 0 when the error has no position (e.g. the file cannot be read).
+    pub line: usize,
+    /// Dotted path of the field, e.g. `vip[0].backend[2].address`.
+    pub field: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if self.line > 0 {
+            write!(f, ":{}", self.line)?;
+        }
+        if !self.field.is_empty() {
+            write!(f, ": {}", self.field)?;
+        }
+        write!(f, ": {}", self.reason)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+// ------------------------------------------------------------------ the file, as written
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    agent: RawAgent,
+    #[serde(default)]
+    dataplane: RawDataplane,
+    #[serde(default)]
+    api: RawApi,
+    #[serde(default)]
+    vip: Vec<Spanned<RawVip>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    #[serde(default = "default_instance")]
+    instance: Spanned<String>,
+    #[serde(default = "default_pin_root")]
+    pin_root: PathBuf,
+    #[serde(default = "default_state_dir")]
+    state_dir: PathBuf,
+    #[serde(default)]
+    interfaces: Vec<Spanned<String>>,
+    #[serde(default = "default_attach")]
+    xdp_mode: AttachMode,
+    /// Forward kernel-side (aya-log) messages; costs packet-path cycles.
+    #[serde(default)]
+    debug: bool,
+}
+
+impl Default for RawAgent {
+    fn default() -> Self {
+        RawAgent {
+            instance: default_instance(),
+            pin_root: default_pin_root(),
+            state_dir: default_state_dir(),
+            interfaces: Vec::new(),
+            xdp_mode: default_attach(),
+            debug: false,
+        }
+    }
+}
+
+fn default_instance() -> Spanned<String> {
+    Spanned::new(0..0, "default".into())
+}
+fn default_pin_root() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/lb")
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/lb")
+}
+fn default_attach() -> AttachMode {
+    AttachMode::Auto
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDataplane {
+    #[serde(default = "d_max_vips")]
+    max_vips: Spanned<u32>,
+    #[serde(default = "d_max_backends")]
+    max_backends: Spanned<u32>,
+    #[serde(default = "d_ring_size")]
+    ring_size: Spanned<u32>,
+    #[serde(default = "d_max_flows")]
+    max_flows: Spanned<u32>,
+    #[serde(default = "d_udp_timeout")]
+    udp_timeout_secs: u64,
+}
+
+impl Default for RawDataplane {
+    fn default() -> Self {
+        RawDataplane {
+            max_vips: d_max_vips(),
+            max_backends: d_max_backends(),
+            ring_size: d_ring_size(),
+            max_flows: d_max_flows(),
+            udp_timeout_secs: d_udp_timeout(),
+        }
+    }
+}
+
+fn d_max_vips() -> Spanned<u32> {
+    Spanned::new(0..0, 64)
+}
+fn d_max_backends() -> Spanned<u32> {
+    Spanned::new(0..0, 4096)
+}
+fn d_ring_size() -> Spanned<u32> {
+    Spanned::new(0..0, lb_common::DEFAULT_RING_SIZE)
+}
+fn d_max_flows() -> Spanned<u32> {
+    Spanned::new(0..0, 262_144)
+}
+fn d_udp_timeout() -> u64 {
+    30
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApi {
+    #[serde(default = "d_listen")]
+    listen: Spanned<String>,
+    #[serde(default)]
+    token: Option<String>,
+}
+
+impl Default for RawApi {
+    fn default() -> Self {
+        RawApi {
+            listen: d_listen(),
+            token: None,
+        }
+    }
+}
+
+fn d_listen() -> Spanned<String> {
+    Spanned::new(0..0, "127.0.0.1:9090".into())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVip {
+    name: Spanned<String>,
+    address: Spanned<String>,
+    #[serde(default)]
+    port: u16,
+    #[serde(default = "d_proto")]
+    protocol: Spanned<String>,
+    #[serde(default = "d_mode")]
+    mode: Spanned<String>,
+    #[serde(default)]
+    backend: Vec<Spanned<RawBackend>>,
+}
+
+fn d_proto() -> Spanned<String> {
+    Spanned::new(0..0, "tcp".into())
+}
+fn d_mode() -> Spanned<String> {
+    Spanned::new(0..0, "dsr".into())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    address: Spanned<String>,
+    #[serde(default)]
+    port: u16,
+    #[serde(default = "d_weight")]
+    weight: Spanned<u32>,
+    #[serde(default)]
+    mac: Option<Spanned<String>>,
+}
+
+fn d_weight() -> Spanned<u32> {
+    Spanned::new(0..0, 1)
+}
+
+// ------------------------------------------------------------------ the validated config
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub instance: String,
+    pub pin_root: PathBuf,
+    pub state_dir: PathBuf,
+    pub interfaces: Vec<String>,
+    pub xdp_mode: AttachMode,
+    pub debug: bool,
+    pub limits: Limits,
+    pub api_listen: SocketAddr,
+    pub api_token: Option<String>,
+    pub vips: Vec<VipSpec>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => lb_common::proto::TCP,
+            Protocol::Udp => lb_common::proto::UDP,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Dsr,
+    Nat,
+    Local,
+}
+
+impl Mode {
+    pub fn number(self) -> u8 {
+        match self {
+            Mode::Dsr => lb_common::mode::DSR,
+            Mode::Nat => lb_common::mode::NAT,
+            Mode::Local => lb_common::mode::LOCAL,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VipSpec {
+    pub name: String,
+    pub address: IpAddr,
+    /// 0: every port of the address.
+    pub port: u16,
+    pub protocol: Protocol,
+    pub mode: Mode,
+    pub backends: Vec<BackendSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+pub struct BackendSpec {
+    pub address: IpAddr,
+    /// NAT: the backend's port; 0 keeps the VIP's port. Ignored in DSR.
+    #[serde(default)]
+    pub port: u16,
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// DSR: the backend's MAC; resolved from the neighbour table when absent.
+    #[serde(default)]
+    pub mac: Option<Mac>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// An Ethernet address, written `aa:bb:cc:dd:ee:ff`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Mac(pub [u8; 6]);
+
+impl std::str::FromStr for Mac {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = s.split(':').collect();
+        if parts.len() != 6 {
+            return Err(format!(
+                "{s:?} is not a MAC address (want aa:bb:cc:dd:ee:ff)"
+            ));
+        }
+        let mut mac = [0u8; 6];
+        for (i, p) in parts.iter().enumerate() {
+            mac[i] = u8::from_str_radix(p, 16)
+                .map_err(|_| format!("{s:?} is not a MAC address (want aa:bb:cc:dd:ee:ff)"))?;
+        }
+        Ok(Mac(mac))
+    }
+}
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+impl serde::Serialize for Mac {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Mac {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Reads and validates a config file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.into(),
+        line: 0,
+        field: String::new(),
+        reason: format!("cannot read: {e}"),
+    })?;
+    parse(path, &text)
+}
+
+/// Parses and validates config text; `path` only names the file in errors.
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        let line = e.span().map(|s| line_of(text, s.start)).unwrap_or(0);
+        ConfigError {
+            file: path.into(),
+            line,
+            field: String::new(),
+            reason: e.message().to_string(),
+        }
+    })?;
+    validate(path, text, raw)
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())]
+        .bytes()
+        .filter(|b| *b == b'\n')
+        .count()
+        + 1
+}
+
+fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigError> {
+    let err = |span: std::ops::Range<usize>, field: String, reason: String| ConfigError {
+        file: path.into(),
+        line: if span.is_empty() && span.start == 0 {
+            0
+        } else {
+            line_of(text, span.start)
+        },
+        field,
+        reason,
+    };
+    let a = &raw.agent;
+    let instance = a.instance.get_ref();
+    if instance.is_empty()
+        || !instance
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(err(
+            a.instance.span(),
+            "agent.instance".into(),
+            "must be non-empty [A-Za-z0-9_-]".into(),
+        ));
+    }
+    let mut interfaces = Vec::new();
+    for (i, ifc) in a.interfaces.iter().enumerate() {
+        let name = ifc.get_ref();
+        if name.is_empty() || name.len() > 15 || name.contains('/') {
+            return Err(err(
+                ifc.span(),
+                format!("agent.interfaces[{i}]"),
+                format!("{name:?} is not an interface name"),
+            ));
+        }
+        interfaces.push(name.clone());
+    }
+    let d = &raw.dataplane;
+    let ring = *d.ring_size.get_ref();
+    if !crate::maglev::is_prime(ring) || ring < 7 {
+        return Err(err(
+            d.ring_size.span(),
+            "dataplane.ring_size".into(),
+            format!(
+                "{ring} is not a prime ≥ 7 (Maglev needs a prime table size; 65537 is the default)"
+            ),
+        ));
+    }
+    let max_vips = *d.max_vips.get_ref();
+    if max_vips == 0 || 2 * max_vips as u64 * ring as u64 > u32::MAX as u64 {
+        return Err(err(
+            d.max_vips.span(),
+            "dataplane.max_vips".into(),
+            format!("{max_vips}: must be ≥ 1 and 2 × max_vips × ring_size must fit in 32 bits"),
+        ));
+    }
+    let max_backends = *d.max_backends.get_ref();
+    if max_backends < 2 {
+        return Err(err(
+            d.max_backends.span(),
+            "dataplane.max_backends".into(),
+            "must be ≥ 2 (id 0 is reserved)".into(),
+        ));
+    }
+    if *d.max_flows.get_ref() < 1024 {
+        return Err(err(
+            d.max_flows.span(),
+            "dataplane.max_flows".into(),
+            "must be ≥ 1024".into(),
+        ));
+    }
+    let api_listen: SocketAddr = raw.api.listen.get_ref().parse().map_err(|_| {
+        err(
+            raw.api.listen.span(),
+            "api.listen".into(),
+            format!("{:?} is not an address:port", raw.api.listen.get_ref()),
+        )
+    })?;
+    if raw.vip.len() > max_vips as usize {
+        return Err(err(
+            d.max_vips.span(),
+            "dataplane.max_vips".into(),
+            format!("{} VIPs configured, max_vips is {max_vips}", raw.vip.len()),
+        ));
+    }
+    let mut names = BTreeSet::new();
+    let mut keys = BTreeSet::new();
+    let mut vips = Vec::new();
+    for (i, v) in raw.vip.iter().enumerate() {
+        let v = v.get_ref();
+        let name = v.name.get_ref().clone();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(err(
+                v.name.span(),
+                format!("vip[{i}].name"),
+                format!("{name:?}: must be non-empty [A-Za-z0-9_.-]"),
+            ));
+        }
+        if !names.insert(name.clone()) {
+            return Err(err(
+                v.name.span(),
+                format!("vip[{i}].name"),
+                format!("duplicate VIP name {name:?}"),
+            ));
+        }
+        let address: IpAddr = v.address.get_ref().parse().map_err(|_| {
+            err(
+                v.address.span(),
+                format!("vip[{i}].address"),
+                format!("{:?} is not an IP address", v.address.get_ref()),
+            )
+        })?;
+        let protocol = match v.protocol.get_ref().as_str() {
+            "tcp" => Protocol::Tcp,
+            "udp" => Protocol::Udp,
+            other => {
+                return Err(err(
+                    v.protocol.span(),
+                    format!("vip[{i}].protocol"),
+                    format!("{other:?}: expected \"tcp\" or \"udp\""),
+                ))
+            }
+        };
+        let mode = match v.mode.get_ref().as_str() {
+            "dsr" => Mode::Dsr,
+            "nat" => Mode::Nat,
+            "local" => Mode::Local,
+            other => {
+                return Err(err(
+                    v.mode.span(),
+                    format!("vip[{i}].mode"),
+                    format!("{other:?}: expected \"dsr\", \"nat\" or \"local\""),
+                ))
+            }
+        };
+        if !keys.insert((address, v.port, protocol)) {
+            return Err(err(
+                v.address.span(),
+                format!("vip[{i}]"),
+                format!(
+                    "another VIP already has {address} port {} {:?}",
+                    v.port, protocol
+                ),
+            ));
+        }
+        let mut backends: Vec<BackendSpec> = Vec::new();
+        for (j, b) in v.backend.iter().enumerate() {
+            let b = b.get_ref();
+            let field = |f: &str| format!("vip[{i}].backend[{j}].{f}");
+            let baddr: IpAddr = b.address.get_ref().parse().map_err(|_| {
+                err(
+                    b.address.span(),
+                    field("address"),
+                    format!("{:?} is not an IP address", b.address.get_ref()),
+                )
+            })?;
+            if mode == Mode::Nat && baddr.is_ipv4() != address.is_ipv4() {
+                return Err(err(
+                    b.address.span(),
+                    field("address"),
+                    "NAT backends must have the VIP's address family".into(),
+                ));
+            }
+            let weight = *b.weight.get_ref();
+            if weight > 1000 {
+                return Err(err(
+                    b.weight.span(),
+                    field("weight"),
+                    format!("{weight}: weights go from 0 to 1000"),
+                ));
+            }
+            let mac = match &b.mac {
+                Some(m) => Some(
+                    m.get_ref()
+                        .parse::<Mac>()
+                        .map_err(|e| err(m.span(), field("mac"), e))?,
+                ),
+                None => None,
+            };
+            let spec = BackendSpec {
+                address: baddr,
+                port: b.port,
+                weight,
+                mac,
+            };
+            if backends
+                .iter()
+                .any(|o| o.address == spec.address && o.port == spec.port)
+            {
+                return Err(err(
+                    b.address.span(),
+                    field("address"),
+                    format!("duplicate backend {baddr} port {}", b.port),
+                ));
+            }
+            backends.push(spec);
+        }
+        vips.push(VipSpec {
+            name,
+            address,
+            port: v.port,
+            protocol,
+            mode,
+            backends,
+        });
+    }
+    Ok(Config {
+        instance: instance.clone(),
+        pin_root: a.pin_root.clone(),
+        state_dir: a.state_dir.clone(),
+        interfaces,
+        xdp_mode: a.xdp_mode,
+        debug: a.debug,
+        limits: Limits {
+            max_vips,
+            max_backends,
+            ring_size: ring,
+            max_flows: *d.max_flows.get_ref(),
+            udp_timeout_secs: d.udp_timeout_secs,
+        },
+        api_listen,
+        api_token: raw.api.token.clone(),
+        vips,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[agent]
+instance = "t1"
+interfaces = ["eth0"]
+
+[api]
+listen = "127.0.0.1:9999"
+
+[[vip]]
+name = "web"
+address = "10.0.0.100"
+port = 80
+mode = "nat"
+
+[[vip.backend]]
+address = "10.0.1.1"
+port = 8080
+weight = 2
+
+[[vip.backend]]
+address = "10.0.1.2"
+"#;
+
+    fn parse_err(text: &str) -> ConfigError {
+        parse(Path::new("lb.toml"), text).expect_err("config should be rejected")
+    }
+
+    #[test]
+    fn good_config_parses_with_defaults() {
+        let c = parse(Path::new("lb.toml"), GOOD).expect("valid");
+        assert_eq!(c.instance, "t1");
+        assert_eq!(c.limits.ring_size, 65537);
+        assert_eq!(c.vips[0].mode, Mode::Nat);
+        assert_eq!(c.vips[0].backends[0].weight, 2);
+        assert_eq!(c.vips[0].backends[1].weight, 1);
+        assert_eq!(c.api_listen.port(), 9999);
+    }
+
+    #[test]
+    fn bad_address_names_file_line_and_field() {
+        let e = parse_err(&GOOD.replace("10.0.1.2", "10.0.1.x"));
+        assert_eq!(e.line, 21);
+        assert_eq!(e.field, "vip[0].backend[1].address");
+        assert_eq!(
+            e.to_string(),
+            "lb.toml:21: vip[0].backend[1].address: \"10.0.1.x\" is not an IP address"
+        );
+    }
+
+    #[test]
+    fn unknown_field_is_reported_with_its_line() {
+        let e = parse_err(&GOOD.replace("weight = 2", "wieght = 2"));
+        assert_eq!(e.line, 18);
+        assert!(e.reason.contains("wieght"), "{e}");
+    }
+
+    #[test]
+    fn type_error_is_reported_with_its_line() {
+        let e = parse_err(&GOOD.replace("port = 80\n", "port = \"eighty\"\n"));
+        assert_eq!(e.line, 12, "{e}");
+    }
+
+    #[test]
+    fn bad_mode_and_ring_and_duplicates() {
+        let e = parse_err(&GOOD.replace("\"nat\"", "\"nta\""));
+        assert_eq!((e.line, e.field.as_str()), (13, "vip[0].mode"));
+        let e = parse_err(&format!("[dataplane]\nring_size = 65536\n{GOOD}"));
+        assert_eq!((e.line, e.field.as_str()), (2, "dataplane.ring_size"));
+        let dup = format!("{GOOD}\n[[vip]]\nname = \"web\"\naddress = \"10.0.0.101\"\n");
+        let e = parse_err(&dup);
+        assert_eq!(e.field, "vip[1].name");
+        let e = parse_err(&GOOD.replace("10.0.1.2", "10.0.1.1\"\nport = 8080\n#\""));
+        assert!(e.reason.contains("duplicate backend"), "{e}");
+    }
+
+    #[test]
+    fn nat_family_mismatch_rejected() {
+        let e = parse_err(&GOOD.replace("10.0.1.2", "fd00::2"));
+        assert!(e.reason.contains("address family"), "{e}");
+    }
+}

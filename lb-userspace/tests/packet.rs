@@ -1,0 +1,673 @@
+//! Packet fixtures: the XDP program run with BPF_PROG_TEST_RUN on crafted frames, asserting the
+//! verdict and the exact output bytes. Expected frames are built by `etherparse`, which computes
+//! its own IP and L4 checksums: the product's incremental checksum code is checked against an
+//! independent implementation, never against itself.
+//!
+//! Needs root and BPF. Each test runs in a thread with a private network namespace (made with
+//! unshare, gone when the thread ends) and its own pin root, removed on drop.
+
+use std::{
+    net::IpAddr,
+    path::PathBuf,
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use etherparse::{
+    IpHeaders, IpNumber, Ipv4Extensions, Ipv4Header, Ipv4Options, PacketBuilder, VlanId,
+};
+use lb_common::Reason;
+use lb_userspace::{
+    balancer::Balancer,
+    config::{BackendSpec, Mac, Mode, Protocol, VipSpec},
+    dataplane::{self, Dataplane, Limits},
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
+
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x01];
+const BACKEND2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x02];
+/// The lb's backend-side interface in the NAT fixtures' namespace.
+const LB_B0_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x02];
+
+const CLIENT: [u8; 4] = [10, 0, 0, 1];
+const DSR_VIP: [u8; 4] = [10, 0, 0, 100];
+const NAT_VIP: [u8; 4] = [10, 0, 0, 101];
+const UDP_VIP: [u8; 4] = [10, 0, 0, 102];
+const WILD_VIP: [u8; 4] = [10, 0, 0, 103];
+const EMPTY_VIP: [u8; 4] = [10, 0, 0, 104];
+const TWO_VIP: [u8; 4] = [10, 0, 0, 105];
+const NAT_BACKEND: [u8; 4] = [10, 1, 0, 5];
+const UNRESOLVED_BACKEND: [u8; 4] = [10, 1, 0, 6];
+const NONEIGH_VIP: [u8; 4] = [10, 0, 0, 106];
+const NAT_UDP_VIP: [u8; 4] = [10, 0, 0, 107];
+const CLIENT6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const DSR_VIP6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+const NAT_VIP6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1];
+const NAT_BACKEND6: [u8; 16] = [0xfd, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5];
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+fn ip4(a: [u8; 4]) -> IpAddr {
+    IpAddr::from(a)
+}
+
+fn backend(addr: IpAddr, port: u16, mac: Option<[u8; 6]>) -> BackendSpec {
+    BackendSpec {
+        address: addr,
+        port,
+        weight: 1,
+        mac: mac.map(Mac),
+    }
+}
+
+fn vip(
+    name: &str,
+    address: IpAddr,
+    port: u16,
+    protocol: Protocol,
+    mode: Mode,
+    backends: Vec<BackendSpec>,
+) -> VipSpec {
+    VipSpec {
+        name: name.into(),
+        address,
+        port,
+        protocol,
+        mode,
+        backends,
+    }
+}
+
+fn fixture_vips() -> Vec<VipSpec> {
+    use Mode::*;
+    use Protocol::*;
+    let b1 = backend(ip4([10, 0, 1, 1]), 0, Some(BACKEND_MAC));
+    let b2 = backend(ip4([10, 0, 1, 2]), 0, Some(BACKEND2_MAC));
+    vec![
+        vip("dsr", ip4(DSR_VIP), 80, Tcp, Dsr, vec![b1.clone()]),
+        vip(
+            "nat",
+            ip4(NAT_VIP),
+            80,
+            Tcp,
+            Nat,
+            vec![backend(ip4(NAT_BACKEND), 8080, None)],
+        ),
+        vip("udp", ip4(UDP_VIP), 53, Udp, Dsr, vec![b1.clone()]),
+        vip("wild", ip4(WILD_VIP), 0, Udp, Dsr, vec![b1.clone()]),
+        vip("empty", ip4(EMPTY_VIP), 80, Tcp, Dsr, vec![]),
+        vip("two", ip4(TWO_VIP), 80, Tcp, Dsr, vec![b1.clone(), b2]),
+        vip(
+            "noneigh",
+            ip4(NONEIGH_VIP),
+            80,
+            Tcp,
+            Nat,
+            vec![backend(ip4(UNRESOLVED_BACKEND), 0, None)],
+        ),
+        vip(
+            "nat-udp",
+            ip4(NAT_UDP_VIP),
+            53,
+            Udp,
+            Nat,
+            vec![backend(ip4(NAT_BACKEND), 5300, None)],
+        ),
+        vip("dsr6", IpAddr::from(DSR_VIP6), 80, Tcp, Dsr, vec![b1]),
+        vip(
+            "nat6",
+            IpAddr::from(NAT_VIP6),
+            80,
+            Tcp,
+            Nat,
+            vec![backend(IpAddr::from(NAT_BACKEND6), 8080, None)],
+        ),
+    ]
+}
+
+/// A loaded program with the fixture VIPs, inside the calling thread's network namespace.
+struct Env {
+    balancer: Option<Balancer>,
+    pin_root: PathBuf,
+}
+
+impl Env {
+    fn new() -> Env {
+        let pin_root = PathBuf::from(format!(
+            "/sys/fs/bpf/lb-test-packet-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        ));
+        let limits = Limits {
+            max_vips: 16,
+            max_backends: 64,
+            ring_size: 1021,
+            max_flows: 4096,
+            udp_timeout_secs: 30,
+        };
+        let dp = Dataplane::open(&pin_root, "t", &limits, false).expect("load program");
+        let balancer = Balancer::new(dp, &fixture_vips()).expect("program maps");
+        Env {
+            balancer: Some(balancer),
+            pin_root,
+        }
+    }
+
+    fn b(&mut self) -> &mut Balancer {
+        self.balancer.as_mut().expect("balancer")
+    }
+
+    fn run(&mut self, frame: &[u8], ifindex: u32) -> (u32, Vec<u8>) {
+        self.b()
+            .dataplane()
+            .test_run(frame, ifindex)
+            .expect("test run")
+    }
+
+    fn reason(&mut self, r: Reason) -> u64 {
+        let all = self.b().dataplane().reason_counters().expect("counters");
+        all.into_iter()
+            .find(|(x, _)| *x == r)
+            .map(|(_, n)| n)
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        drop(self.balancer.take());
+        let _ = dataplane::detach(&self.pin_root, "t");
+        let _ = std::fs::remove_dir_all(&self.pin_root);
+    }
+}
+
+/// Runs `f` on a thread in a fresh, unnamed network namespace (nothing to clean up: it dies with
+/// the thread).
+fn in_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare netns (root?)");
+        f()
+    })
+    .join()
+    .expect("fixture thread panicked")
+}
+
+fn sh(cmd: &str) {
+    let st = Command::new("sh").arg("-c").arg(cmd).status().expect("sh");
+    assert!(st.success(), "{cmd}");
+}
+
+/// NAT fixtures' namespace: c0 (client side, 10.0.0.2/24) and b0 (backend side, 10.1.0.1/24),
+/// each the end of a veth pair, with static neighbours so FIB lookups have fixed answers.
+/// Returns (c0 ifindex, b0 ifindex).
+fn nat_topology() -> (u32, u32) {
+    sh(
+        "ip link add c0 address 02:00:00:00:00:02 type veth peer name c1 &&
+        ip link add b0 address 02:00:00:00:02:02 type veth peer name b1 &&
+        ip link set c0 up && ip link set c1 up && ip link set b0 up && ip link set b1 up &&
+        ip addr add 10.0.0.2/24 dev c0 && ip addr add 10.1.0.1/24 dev b0 &&
+        ip -6 addr add fd00::2/64 dev c0 nodad && ip -6 addr add fd01::1/64 dev b0 nodad &&
+        ip neigh add 10.0.0.1 lladdr 02:00:00:00:00:01 dev c0 nud permanent &&
+        ip neigh add 10.1.0.5 lladdr 02:00:00:00:01:01 dev b0 nud permanent &&
+        ip -6 neigh add fd00::1 lladdr 02:00:00:00:00:01 dev c0 nud permanent &&
+        ip -6 neigh add fd01::5 lladdr 02:00:00:00:01:01 dev b0 nud permanent &&
+        sysctl -qw net.ipv4.ip_forward=1 && sysctl -qw net.ipv6.conf.all.forwarding=1",
+    );
+    let idx = |n: &str| nix::net::if_::if_nametoindex(n).expect("ifindex");
+    (idx("c0"), idx("b0"))
+}
+
+// ------------------------------------------------------------------ frame builders
+
+fn tcp4(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+    dport: u16,
+    ttl: u8,
+    syn: bool,
+) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(src_mac, dst_mac)
+        .ipv4(src, dst, ttl)
+        .tcp(sport, dport, 1000, 64240);
+    let b = if syn { b.syn() } else { b.ack(1) };
+    let payload: &[u8] = if syn { &[] } else { b"hello" };
+    let mut out = Vec::new();
+    b.write(&mut out, payload).expect("build frame");
+    out
+}
+
+fn udp4(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+    dport: u16,
+    ttl: u8,
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(src_mac, dst_mac)
+        .ipv4(src, dst, ttl)
+        .udp(sport, dport)
+        .write(&mut out, b"query")
+        .expect("build frame");
+    out
+}
+
+fn tcp6(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: [u8; 16],
+    dst: [u8; 16],
+    sport: u16,
+    dport: u16,
+    hops: u8,
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(src_mac, dst_mac)
+        .ipv6(src, dst, hops)
+        .tcp(sport, dport, 1000, 64240)
+        .syn()
+        .write(&mut out, &[])
+        .expect("build frame");
+    out
+}
+
+/// `frame` with its Ethernet addresses replaced: what DSR must produce.
+fn with_macs(frame: &[u8], src: [u8; 6], dst: [u8; 6]) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    f[0..6].copy_from_slice(&dst);
+    f[6..12].copy_from_slice(&src);
+    f
+}
+
+// ------------------------------------------------------------------ fixtures
+
+#[test]
+fn syn_to_vip_dsr_rewrites_macs_and_transmits() {
+    in_netns(|| {
+        let mut env = Env::new();
+        let syn = tcp4(CLIENT_MAC, LB_MAC, CLIENT, DSR_VIP, 40000, 80, 64, true);
+        let (verdict, out) = env.run(&syn, 0);
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(
+            out,
+            with_macs(&syn, LB_MAC, BACKEND_MAC),
+            "only the MACs change in DSR"
+        );
+        assert_eq!(env.reason(Reason::TxDsr), 1);
+        let views = env.b().list().expect("list");
+        let v = views.iter().find(|v| v.name == "dsr").expect("vip");
+        assert_eq!((v.counters.packets, v.counters.new_flows), (1, 1));
+        assert_eq!(v.backends[0].counters.bytes, syn.len() as u64);
+    });
+}
+
+#[test]
+fn second_packet_of_a_flow_hits_conntrack() {
+    in_netns(|| {
+        let mut env = Env::new();
+        let syn = tcp4(CLIENT_MAC, LB_MAC, CLIENT, TWO_VIP, 40001, 80, 64, true);
+        let (_, out) = env.run(&syn, 0);
+        let chosen: [u8; 6] = out[0..6].try_into().expect("mac");
+        let chosen_ip = if chosen == BACKEND_MAC {
+            ip4([10, 0, 1, 1])
+        } else {
+            ip4([10, 0, 1, 2])
+        };
+        // Draining takes the chosen backend out of the Maglev table: only connection tracking can
+        // still send this flow there.
+        env.b()
+            .drain_backend("two", chosen_ip, None)
+            .expect("drain");
+        let ack = tcp4(CLIENT_MAC, LB_MAC, CLIENT, TWO_VIP, 40001, 80, 64, false);
+        let (verdict, out) = env.run(&ack, 0);
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(
+            out,
+            with_macs(&ack, LB_MAC, chosen),
+            "tracked flow stays on its backend"
+        );
+        // A new flow cannot reach the drained backend.
+        for port in 41000..41020 {
+            let (_, out) = env.run(
+                &tcp4(CLIENT_MAC, LB_MAC, CLIENT, TWO_VIP, port, 80, 64, true),
+                0,
+            );
+            assert_ne!(
+                out[0..6],
+                chosen,
+                "new flow {port} went to a draining backend"
+            );
+        }
+        // Removing it releases the tracked flow: the next packet is re-picked.
+        env.b()
+            .remove_backend("two", chosen_ip, None)
+            .expect("remove");
+        let (_, out) = env.run(&ack, 0);
+        assert_ne!(out[0..6], chosen);
+        let views = env.b().list().expect("list");
+        let v = views.iter().find(|v| v.name == "two").expect("vip");
+        assert_eq!(v.counters.packets, 23);
+        assert_eq!(
+            v.counters.new_flows, 22,
+            "SYN + 20 new flows + the re-picked flow"
+        );
+    });
+}
+
+#[test]
+fn non_vip_packet_passes_untouched() {
+    in_netns(|| {
+        let mut env = Env::new();
+        let f = tcp4(
+            CLIENT_MAC,
+            LB_MAC,
+            CLIENT,
+            [10, 0, 0, 200],
+            40000,
+            22,
+            64,
+            true,
+        );
+        assert_eq!(env.run(&f, 0), (XDP_PASS, f.clone()));
+        // Right address, wrong port: not the VIP either.
+        let f = tcp4(CLIENT_MAC, LB_MAC, CLIENT, DSR_VIP, 40000, 81, 64, true);
+        assert_eq!(env.run(&f, 0), (XDP_PASS, f.clone()));
+        // ARP is not IP.
+        let mut arp = with_macs(&[0u8; 42], CLIENT_MAC, [0xff; 6]);
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        assert_eq!(env.run(&arp, 0), (XDP_PASS, arp.clone()));
+        assert_eq!(env.reason(Reason::PassNotVip), 2);
+        assert_eq!(env.reason(Reason::PassNotIp), 1);
+    });
+}
+
+#[test]
+fn truncated_headers_pass_untouched() {
+    in_netns(|| {
+        let mut env = Env::new();
+        let syn = tcp4(CLIENT_MAC, LB_MAC, CLIENT, DSR_VIP, 40000, 80, 64, true);
+        // BPF_PROG_TEST_RUN refuses frames under 14 bytes, so the L2 cut is inside a VLAN tag.
+        let mut tagged = syn[..12].to_vec();
+        tagged.extend_from_slice(&[0x81, 0x00, 0x00]);
+        assert_eq!(
+            env.run(&tagged, 0),
+            (XDP_PASS, tagged.clone()),
+            "cut inside the VLAN tag"
+        );
+        // Cut inside IPv4, inside TCP (ports present, rest of the header not).
+        for cut in [14 + 12, 14 + 20 + 10] {
+            let f = &syn[..cut];
+            assert_eq!(env.run(f, 0), (XDP_PASS, f.to_vec()), "cut at {cut}");
+        }
+        // An IHL below 5 is malformed, not a shorter header.
+        let mut bad = syn.clone();
+        bad[14] = 0x44;
+        assert_eq!(env.run(&bad, 0), (XDP_PASS, bad.clone()));
+        assert_eq!(env.reason(Reason::PassTruncated), 4);
+    });
+}
+
+#[test]
+fn ipv4_with_options_is_parsed_past_them() {
+    in_netns(|| {
+        let mut env = Env::new();
+        let mut ip = Ipv4Header::new(0, 64, IpNumber::TCP, CLIENT, DSR_VIP).expect("header");
+        // Record-route-sized option area: 8 bytes of NOPs, so TCP starts at offset 28 of the IP header.
+        ip.options = Ipv4Options::try_from(&[1u8; 8][..]).expect("options");
+        let mut f = Vec::new();
+        PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+            .ip(IpHeaders::Ipv4(ip, Ipv4Extensions::default()))
+            .tcp(40000, 80, 1, 64240)
+            .syn()
+            .write(&mut f, &[])
+            .expect("frame");
+        assert_eq!(f[14] & 0x0f, 7, "IHL 7");
+        let (verdict, out) = env.run(&f, 0);
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(out, with_macs(&f, LB_MAC, BACKEND_MAC));
+        // The same options with a port that is not the VIP's: the port was read after the options.
+        let mut other = f.clone();
+        other[14 + 28 + 2..14 + 28 + 4].copy_from_slice(&81u16.to_be_bytes());
+        assert_eq!(env.run(&other, 0).0, XDP_PASS);
+    });
+}
+
+#[test]
+fn ipv6_syn_to_vip_dsr() {
+    in_netns(|| {
+        let mut env = Env::new();
+        let syn = tcp6(CLIENT_MAC, LB_MAC, CLIENT6, DSR_VIP6, 40000, 80, 64);
+        let (verdict, out) = env.run(&syn, 0);
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(out, with_macs(&syn, LB_MAC, BACKEND_MAC));
+    });
+}
+
+#[test]
+fn udp_to_vip_dsr() {
+    in_netns(|| {
+        let mut env = Env::new();
+        let q = udp4(CLIENT_MAC, LB_MAC, CLIENT, UDP_VIP, 5353, 53, 64);
+        let (verdict, out) = env.run(&q, 0);
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(out, with_macs(&q, LB_MAC, BACKEND_MAC));
+        // TCP to the UDP VIP's port is another VIP key: not ours.
+        let t = tcp4(CLIENT_MAC, LB_MAC, CLIENT, UDP_VIP, 5353, 53, 64, true);
+        assert_eq!(env.run(&t, 0).0, XDP_PASS);
+    });
+}
+
+#[test]
+fn vlan_tagged_frame_keeps_its_tag() {
+    in_netns(|| {
+        let mut env = Env::new();
+        let mut f = Vec::new();
+        PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+            .single_vlan(VlanId::try_new(100).expect("vlan"))
+            .ipv4(CLIENT, DSR_VIP, 64)
+            .tcp(40000, 80, 1, 64240)
+            .syn()
+            .write(&mut f, &[])
+            .expect("frame");
+        assert_eq!(&f[12..14], &[0x81, 0x00]);
+        let (verdict, out) = env.run(&f, 0);
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(out, with_macs(&f, LB_MAC, BACKEND_MAC));
+    });
+}
+
+/// Builds an IPv4 fragment by hand: etherparse writes the header (and its checksum), the payload
+/// is raw bytes (a non-first fragment has no UDP header).
+fn fragment4(dst: [u8; 4], more: bool, offset_units: u16, payload: &[u8]) -> Vec<u8> {
+    let mut ip =
+        Ipv4Header::new(payload.len() as u16, 64, IpNumber::UDP, CLIENT, dst).expect("header");
+    ip.identification = 0x1234;
+    ip.more_fragments = more;
+    ip.fragment_offset = etherparse::IpFragOffset::try_new(offset_units).expect("offset");
+    ip.header_checksum = ip.calc_header_checksum();
+    let mut f = with_macs(&[0u8; 14], CLIENT_MAC, LB_MAC);
+    f[12..14].copy_from_slice(&[0x08, 0x00]);
+    ip.write(&mut f).expect("header");
+    f.extend_from_slice(payload);
+    f
+}
+
+#[test]
+fn fragments_follow_addresses_through_a_wildcard_vip() {
+    in_netns(|| {
+        let mut env = Env::new();
+        // First fragment (has the UDP header) and a later one (has none): same backend.
+        let first = fragment4(
+            WILD_VIP,
+            true,
+            0,
+            &[0x13, 0x88, 0x00, 0x35, 0, 24, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8],
+        );
+        let later = fragment4(WILD_VIP, false, 2, &[9u8; 8]);
+        for f in [&first, &later] {
+            let (verdict, out) = env.run(f, 0);
+            assert_eq!(verdict, XDP_TX);
+            assert_eq!(out, with_macs(f, LB_MAC, BACKEND_MAC));
+        }
+        // A fragment for a VIP that has only a port entry cannot be steered: the stack gets it.
+        let f = fragment4(UDP_VIP, false, 2, &[9u8; 8]);
+        assert_eq!(env.run(&f, 0), (XDP_PASS, f.clone()));
+        assert_eq!(env.reason(Reason::PassFragment), 1);
+    });
+}
+
+#[test]
+fn vip_without_backends_drops() {
+    in_netns(|| {
+        let mut env = Env::new();
+        let f = tcp4(CLIENT_MAC, LB_MAC, CLIENT, EMPTY_VIP, 40000, 80, 64, true);
+        assert_eq!(env.run(&f, 0).0, XDP_DROP);
+        assert_eq!(env.reason(Reason::DropNoBackend), 1);
+    });
+}
+
+#[test]
+fn nat_rewrites_destination_and_redirects_then_reverses_the_reply() {
+    in_netns(|| {
+        let (c0, b0) = nat_topology();
+        let mut env = Env::new();
+        let syn = tcp4(CLIENT_MAC, LB_MAC, CLIENT, NAT_VIP, 40000, 80, 64, true);
+        let (verdict, out) = env.run(&syn, c0);
+        assert_eq!(verdict, XDP_REDIRECT);
+        // Destination rewritten to the backend's address and port, TTL decremented, next-hop MACs
+        // from the FIB: etherparse recomputes both checksums from scratch.
+        let want = tcp4(
+            LB_B0_MAC,
+            BACKEND_MAC,
+            CLIENT,
+            NAT_BACKEND,
+            40000,
+            8080,
+            63,
+            true,
+        );
+        assert_eq!(out, want);
+        // A data packet of the same flow (payload changes the L4 checksum base).
+        let data = tcp4(CLIENT_MAC, LB_MAC, CLIENT, NAT_VIP, 40000, 80, 64, false);
+        let (_, out) = env.run(&data, c0);
+        assert_eq!(
+            out,
+            tcp4(
+                LB_B0_MAC,
+                BACKEND_MAC,
+                CLIENT,
+                NAT_BACKEND,
+                40000,
+                8080,
+                63,
+                false
+            )
+        );
+        // The backend's reply arrives on b0: source back to the VIP, out of c0 to the client.
+        let reply = tcp4(
+            BACKEND_MAC,
+            LB_B0_MAC,
+            NAT_BACKEND,
+            CLIENT,
+            8080,
+            40000,
+            64,
+            false,
+        );
+        let (verdict, out) = env.run(&reply, b0);
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(
+            out,
+            tcp4(LB_MAC, CLIENT_MAC, NAT_VIP, CLIENT, 80, 40000, 63, false)
+        );
+        assert_eq!(env.reason(Reason::RedirectNat), 2);
+        assert_eq!(env.reason(Reason::NatReply), 1);
+        // A reply-shaped packet of a flow the balancer never saw is not ours.
+        let stray = tcp4(
+            BACKEND_MAC,
+            LB_B0_MAC,
+            NAT_BACKEND,
+            CLIENT,
+            8080,
+            40999,
+            64,
+            false,
+        );
+        assert_eq!(env.run(&stray, b0), (XDP_PASS, stray.clone()));
+    });
+}
+
+#[test]
+fn nat_ipv6_rewrites_destination_and_checksum() {
+    in_netns(|| {
+        let (c0, _) = nat_topology();
+        let mut env = Env::new();
+        let syn = tcp6(CLIENT_MAC, LB_MAC, CLIENT6, NAT_VIP6, 40000, 80, 64);
+        let (verdict, out) = env.run(&syn, c0);
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(
+            out,
+            tcp6(
+                LB_B0_MAC,
+                BACKEND_MAC,
+                CLIENT6,
+                NAT_BACKEND6,
+                40000,
+                8080,
+                63
+            )
+        );
+    });
+}
+
+#[test]
+fn nat_without_neighbour_is_rewritten_and_passed_to_the_kernel() {
+    in_netns(|| {
+        let (c0, _) = nat_topology();
+        let mut env = Env::new();
+        let syn = tcp4(CLIENT_MAC, LB_MAC, CLIENT, NONEIGH_VIP, 40000, 80, 64, true);
+        let (verdict, out) = env.run(&syn, c0);
+        assert_eq!(verdict, XDP_PASS);
+        // Never hand the kernel the un-rewritten packet: it would answer for the VIP with a RST.
+        assert_eq!(
+            out,
+            tcp4(
+                CLIENT_MAC,
+                LB_MAC,
+                CLIENT,
+                UNRESOLVED_BACKEND,
+                40000,
+                80,
+                63,
+                true
+            )
+        );
+        assert_eq!(env.reason(Reason::PassNoNeigh), 1);
+    });
+}
+
+#[test]
+fn nat_udp_checksum_is_updated() {
+    in_netns(|| {
+        let (c0, _) = nat_topology();
+        let mut env = Env::new();
+        let q = udp4(CLIENT_MAC, LB_MAC, CLIENT, NAT_UDP_VIP, 5353, 53, 64);
+        let (verdict, out) = env.run(&q, c0);
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(
+            out,
+            udp4(LB_B0_MAC, BACKEND_MAC, CLIENT, NAT_BACKEND, 5353, 5300, 63)
+        );
+    });
+}
