@@ -225,6 +225,7 @@ fn nat_topology() -> (u32, u32) {
 
 // ------------------------------------------------------------------ frame builders
 
+#[allow(clippy::too_many_arguments)] // every argument is a header field the fixture sets
 fn tcp4(
     src_mac: [u8; 6],
     dst_mac: [u8; 6],

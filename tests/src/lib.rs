@@ -1,1 +1,5 @@
-
+//! End-to-end test support: namespaces, the lab topology, backend servers and clients. Used by
+//! the tests in `tests/` and by the demo (`cargo xtask demo`).
+pub mod lab;
+pub mod netns;
+pub mod server;
