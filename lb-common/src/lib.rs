@@ -9,7 +9,7 @@ pub mod csum;
 pub mod hash;
 
 /// Part of the pin path (`<root>/<instance>/v<LAYOUT_VERSION>/`): bump it when any type below changes.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Backend id 0 means "no backend": an all-zero ring slot or flow entry never forwards.
 pub const BACKEND_NONE: u32 = 0;
@@ -90,6 +90,8 @@ pub struct Backend {
     /// DSR mode: the backend's MAC on the shared segment.
     pub mac: [u8; 6],
     pub _pad: [u8; 2],
+    /// The VIP this backend serves: lets a restarted agent adopt ids (and so tracked flows).
+    pub vip_id: u32,
 }
 
 /// A connection's identity as the balancer sees it (client → VIP), key of `FLOWS`, and the
@@ -224,7 +226,7 @@ impl Reason {
 // The kernel and userspace must agree on these sizes; a change here is a layout change.
 const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
 const _: () = assert!(core::mem::size_of::<VipMeta>() == 8);
-const _: () = assert!(core::mem::size_of::<Backend>() == 28);
+const _: () = assert!(core::mem::size_of::<Backend>() == 32);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 const _: () = assert!(core::mem::size_of::<Flow>() == 16);
 const _: () = assert!(core::mem::size_of::<NatReverse>() == 24);

@@ -133,12 +133,13 @@ fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
 /// Same as [`ptr_at`] but also proves `len` bytes are present (for an L4 header whose fields we touch).
 #[inline(always)]
 fn ptr_with_len<T>(ctx: &XdpContext, off: usize, len: usize) -> Option<*mut T> {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    if start + off + len > end {
+    // One pointer, compared and returned: the verifier's range check must be on the register
+    // that is then dereferenced.
+    let p = ctx.data() + off;
+    if p + len > ctx.data_end() {
         return None;
     }
-    Some((start + off) as *mut T)
+    Some(p as *mut T)
 }
 
 #[inline(always)]
@@ -262,7 +263,12 @@ fn pick_backend(vip: &VipMeta, key: &FlowKey, udp: bool) -> Result<Pick, Reason>
         if let Some(b) = BACKENDS.get(id) {
             let fresh =
                 !udp || now.wrapping_sub(unsafe { (*flow).last_seen_ns }) < UDP_TIMEOUT_NS.load();
-            if id != BACKEND_NONE && b.flags & backend_flags::USABLE != 0 && fresh {
+            // A backend id the agent gave to another VIP's backend since is not this flow's.
+            if id != BACKEND_NONE
+                && b.flags & backend_flags::USABLE != 0
+                && b.vip_id == vip.id
+                && fresh
+            {
                 if udp {
                     unsafe { (*flow).last_seen_ns = now };
                 }
@@ -454,6 +460,13 @@ fn process_v4(ctx: &XdpContext, l3: usize) -> Verdict {
     let Some(vip) = find_vip(key.dst, key.dport, l4_proto) else {
         return nat_reply_v4(ctx, ip, &l4, &key);
     };
+    if vip.mode == mode::LOCAL {
+        return (PASS, Reason::PassLocal);
+    }
+    // Before a flow exists: an expiring packet must not create a NAT flow without its reverse.
+    if vip.mode == mode::NAT && unsafe { (*ip).ttl } <= 1 {
+        return (PASS, Reason::PassTtl);
+    }
     let pick = match pick_backend(&vip, &key, l4.udp) {
         Ok(p) => p,
         Err(reason) => return drop_for(reason),
@@ -496,6 +509,31 @@ fn steer_fragment(ctx: &XdpContext, vip: &VipMeta, key: &FlowKey) -> Verdict {
     }
 }
 
+/// Makes sure the reply of this NAT flow can be translated back: written on a new flow, and
+/// re-written when the reverse LRU evicted it while the flow lived on.
+#[inline(always)]
+fn ensure_reverse(key: &FlowKey, b: &Backend, new_port: u16, vip_id: u32, new_flow: bool) {
+    let rev_key = FlowKey {
+        src: b.addr,
+        dst: key.src,
+        sport: new_port,
+        dport: key.sport,
+        proto: key.proto,
+        _pad: [0; 3],
+    };
+    if !new_flow && NAT_REVERSE.get_ptr(&rev_key).is_some() {
+        return;
+    }
+    let rev = NatReverse {
+        vip_addr: key.dst,
+        vip_port: key.dport,
+        _pad: 0,
+        vip_id,
+    };
+    // A full LRU evicts; a failed insert is retried by the flow's next packet.
+    let _ = NAT_REVERSE.insert(&rev_key, &rev, 0);
+}
+
 #[inline(always)]
 fn nat_forward_v4(
     ctx: &XdpContext,
@@ -515,23 +553,7 @@ fn nat_forward_v4(
             return (PASS, Reason::PassTtl);
         }
         let new_port = if b.port != 0 { b.port } else { key.dport };
-        if pick.new_flow {
-            let rev_key = FlowKey {
-                src: b.addr,
-                dst: key.src,
-                sport: new_port,
-                dport: key.sport,
-                proto: key.proto,
-                _pad: [0; 3],
-            };
-            let rev = NatReverse {
-                vip_addr: key.dst,
-                vip_port: key.dport,
-                _pad: 0,
-                vip_id: vip.id,
-            };
-            let _ = NAT_REVERSE.insert(&rev_key, &rev, 0);
-        }
+        ensure_reverse(key, b, new_port, vip.id, pick.new_flow);
         rewrite_v4(ip, l4, false, b.addr[0], new_port);
         let params = &mut fib_params_v4(
             key.proto,
@@ -627,6 +649,13 @@ fn process_v6(ctx: &XdpContext, l3: usize) -> Verdict {
     let Some(vip) = find_vip(key.dst, key.dport, next) else {
         return nat_reply_v6(ctx, ip, &l4, &key);
     };
+    if vip.mode == mode::LOCAL {
+        return (PASS, Reason::PassLocal);
+    }
+    // Before a flow exists: an expiring packet must not create a NAT flow without its reverse.
+    if vip.mode == mode::NAT && unsafe { (*ip).hop_limit } <= 1 {
+        return (PASS, Reason::PassTtl);
+    }
     let pick = match pick_backend(&vip, &key, l4.udp) {
         Ok(p) => p,
         Err(reason) => return drop_for(reason),
@@ -658,23 +687,7 @@ fn nat_forward_v6(
             return (PASS, Reason::PassTtl);
         }
         let new_port = if b.port != 0 { b.port } else { key.dport };
-        if pick.new_flow {
-            let rev_key = FlowKey {
-                src: b.addr,
-                dst: key.src,
-                sport: new_port,
-                dport: key.sport,
-                proto: key.proto,
-                _pad: [0; 3],
-            };
-            let rev = NatReverse {
-                vip_addr: key.dst,
-                vip_port: key.dport,
-                _pad: 0,
-                vip_id: vip.id,
-            };
-            let _ = NAT_REVERSE.insert(&rev_key, &rev, 0);
-        }
+        ensure_reverse(key, b, new_port, vip.id, pick.new_flow);
         rewrite_v6(ip, l4, false, b.addr, new_port);
         let tot = u16::from_be((*ip).payload_len).wrapping_add(size_of::<Ipv6Hdr>() as u16);
         let params = &mut fib_params_v6(key.proto, tot, (*ip).saddr, (*ip).daddr);

@@ -1,23 +1,34 @@
-//! `lb run`: wires config → dataplane → balancer → API, then waits for a signal.
+//! `lb run`: wires config → dataplane → balancer → control loop (providers, health) → API, then
+//! waits for a signal.
 //!
 //! Stopping leaves the pinned program and maps forwarding: the data path does not depend on the
-//! agent being alive, only changes do.
+//! agent being alive, only changes do. A restarted agent adopts the pinned maps and ids and swaps
+//! its program into the pinned links.
 
 use std::{
+    fs::File,
+    os::unix::fs::MetadataExt as _,
     path::Path,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result};
-use tokio::signal::unix::{signal, SignalKind};
+use anyhow::{anyhow, bail, Context as _, Result};
+use nix::fcntl::{Flock, FlockArg};
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::mpsc,
+};
 use tracing::{info, warn};
 
 use crate::{
     api::{self, ApiState},
     balancer::Balancer,
     config::{self, Config},
+    control::{self, Control},
     dataplane::Dataplane,
+    health,
+    providers::{self, store::Store},
 };
 
 /// The admin token: from the config, else `LB_API_TOKEN`, else a random one written to
@@ -55,49 +66,138 @@ fn api_token(cfg: &Config) -> Result<String> {
     Ok(token)
 }
 
+/// One agent per interface and per pin directory: exclusive locks under /run/lb, keyed by the
+/// network namespace (interface names repeat across namespaces). Held for the agent's life.
+fn take_locks(cfg: &Config, pin_dir: &Path) -> Result<Vec<Flock<File>>> {
+    let netns = std::fs::metadata("/proc/self/ns/net")
+        .map(|m| m.ino())
+        .unwrap_or(0);
+    std::fs::create_dir_all("/run/lb").context("creating /run/lb")?;
+    let pin_hash = xxhash_rust::xxh3::xxh3_64(pin_dir.as_os_str().as_encoded_bytes());
+    let mut names: Vec<(String, String)> = cfg
+        .interfaces
+        .iter()
+        .map(|i| {
+            (
+                format!("/run/lb/{netns}-{i}.lock"),
+                format!("interface {i}"),
+            )
+        })
+        .collect();
+    names.push((
+        format!("/run/lb/pins-{pin_hash:016x}.lock"),
+        format!("pin directory {}", pin_dir.display()),
+    ));
+    let mut locks = Vec::new();
+    for (path, what) in names {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {path}"))?;
+        match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+            Ok(mut l) => {
+                use std::io::{Seek as _, Write as _};
+                l.set_len(0)?;
+                l.seek(std::io::SeekFrom::Start(0))?;
+                write!(l, "{}", std::process::id())?;
+                locks.push(l);
+            }
+            Err((_, _)) => {
+                let pid = std::fs::read_to_string(&path).unwrap_or_default();
+                bail!(
+                    "another lb agent (pid {}) already runs on {what}; stop it first",
+                    pid.trim()
+                );
+            }
+        }
+    }
+    Ok(locks)
+}
+
 pub async fn run(config_path: &Path) -> Result<()> {
     let cfg = config::load(config_path)?;
     let token = api_token(&cfg)?;
-    let dp = Dataplane::open(&cfg.pin_root, &cfg.instance, &cfg.limits, cfg.debug)?;
-    info!(pins = %dp.pin_dir().display(), "maps ready");
-    let balancer = tokio::task::block_in_place(|| Balancer::new(dp, &cfg.vips))?;
-    let balancer = Arc::new(Mutex::new(balancer));
-    {
-        let mut b = balancer
-            .lock()
-            .map_err(|_| anyhow::anyhow!("lock poisoned"))?;
-        for iface in &cfg.interfaces {
-            b.dataplane().attach(iface, cfg.xdp_mode)?;
+    let pin_dir = crate::dataplane::pin_dir(&cfg.pin_root, &cfg.instance);
+    let _locks = take_locks(&cfg, &pin_dir)?;
+    let store = Store::open(
+        &cfg.state_dir
+            .join(format!("api-store-{}.json", cfg.instance)),
+    )?;
+    let started = Instant::now();
+    let control = tokio::task::block_in_place(|| -> Result<Control> {
+        let dp = Dataplane::open(&cfg.pin_root, &cfg.instance, &cfg.limits, cfg.debug)?;
+        info!(pins = %dp.pin_dir().display(), "maps ready");
+        // Program the maps before attaching anywhere new (an adopted link keeps forwarding).
+        let balancer = Balancer::new(dp, &cfg.vips)?;
+        let mut c = Control::new(balancer, store, cfg.vips.clone());
+        // Files are read once before the first apply, so a restart does not flap their backends.
+        for f in &cfg.providers.files {
+            let mut src = providers::file::FileSource::new(&f.path);
+            let (services, errors) = src.reload();
+            let name = format!("file:{}", f.path.display());
+            c.registry.update(
+                &name,
+                providers::Rank::FILE,
+                services,
+                std::time::SystemTime::now(),
+            );
+            for e in errors {
+                warn!(provider = name, "rejected: {e}");
+                c.registry.fail(&name, providers::Rank::FILE, e.to_string());
+            }
         }
+        c.apply(started)?;
+        for iface in &cfg.interfaces {
+            c.balancer.dataplane().attach(iface, cfg.xdp_mode)?;
+        }
+        Ok(c)
+    })?;
+    let control = Arc::new(Mutex::new(control));
+    let (events, rx) = mpsc::channel(1024);
+    let mut tasks = vec![tokio::spawn(control::run(control.clone(), rx))];
+    for f in cfg.providers.files.clone() {
+        let events = events.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = providers::file::run(f, events).await {
+                warn!("file provider stopped: {e:#}");
+            }
+        }));
     }
+    let health_table: health::Table = Default::default();
+    for v in cfg.vips.iter().filter(|v| v.health.is_some()) {
+        let (vip, spec) = (
+            v.name.clone(),
+            v.health.clone().ok_or_else(|| anyhow!("checked above"))?,
+        );
+        let c = control.clone();
+        let name = vip.clone();
+        let targets = move || {
+            c.lock()
+                .map(|c| c.health_targets(&name))
+                .unwrap_or_default()
+        };
+        tasks.push(tokio::spawn(health::monitor(
+            vip,
+            spec,
+            targets,
+            health_table.clone(),
+            events.clone(),
+        )));
+    }
+    tasks.push(tokio::spawn(refresh_neighbors(control.clone())));
+
     let listener = tokio::net::TcpListener::bind(cfg.api_listen)
         .await
         .with_context(|| format!("binding the admin API on {}", cfg.api_listen))?;
     info!(listen = %cfg.api_listen, "admin API up");
-    let state = ApiState {
-        balancer: balancer.clone(),
+    let app = api::router(ApiState {
+        control: control.clone(),
+        health: health_table,
         token: token.into(),
-    };
-    let app = api::router(state);
-
-    let refresher = {
-        let balancer = balancer.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(2));
-            loop {
-                tick.tick().await;
-                let b = balancer.clone();
-                let r = tokio::task::spawn_blocking(move || match b.lock() {
-                    Ok(mut b) => b.refresh_neighbors(),
-                    Err(_) => Err(anyhow::anyhow!("state lock poisoned")),
-                })
-                .await;
-                if let Ok(Err(e)) = r {
-                    warn!("neighbour refresh: {e:#}");
-                }
-            }
-        })
-    };
+    });
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -110,7 +210,26 @@ pub async fn run(config_path: &Path) -> Result<()> {
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await?;
-    refresher.abort();
+    for t in tasks {
+        t.abort();
+    }
     info!("agent stopped; the pinned program keeps forwarding (`lb detach` removes it)");
     Ok(())
+}
+
+/// DSR backends whose MAC was unknown join their table once the neighbour answers.
+async fn refresh_neighbors(control: Arc<Mutex<Control>>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tick.tick().await;
+        let c = control.clone();
+        let r = tokio::task::spawn_blocking(move || match c.lock() {
+            Ok(mut c) => c.balancer.refresh_neighbors(),
+            Err(_) => Err(anyhow!("state lock poisoned")),
+        })
+        .await;
+        if let Ok(Err(e)) = r {
+            warn!("neighbour refresh: {e:#}");
+        }
+    }
 }

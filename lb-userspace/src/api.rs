@@ -1,11 +1,15 @@
-//! Admin HTTP API: list VIPs, add / remove / drain backends, verdict counters, flow table.
+//! Admin HTTP API: VIPs and their backends, services and instances, provider status, verdict
+//! counters, the flow table.
 //!
 //! Every route but `/healthz` needs `Authorization: Bearer <token>`; the listener is loopback
-//! unless configured otherwise. The API never touches maps itself: it asks the [`Balancer`].
+//! unless configured otherwise. Changes go to the persisted API store and are applied before the
+//! call returns, so a `204` means the maps already say so. The API never touches maps itself.
 
 use std::{
+    collections::BTreeMap,
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
 };
 
 use axum::{
@@ -16,16 +20,20 @@ use axum::{
     routing::{delete, get, post},
     Json, Router,
 };
+use serde::Deserialize;
 use serde_json::json;
 
 use crate::{
-    balancer::{Balancer, ChangeError},
-    config::BackendSpec,
+    config::{valid_name, Mac},
+    control::Control,
+    health,
+    registry::{Instance, InstanceKey},
 };
 
 #[derive(Clone)]
 pub struct ApiState {
-    pub balancer: Arc<Mutex<Balancer>>,
+    pub control: Arc<Mutex<Control>>,
+    pub health: health::Table,
     pub token: Arc<str>,
 }
 
@@ -41,6 +49,13 @@ pub fn router(state: ApiState) -> Router {
             "/api/v1/vips/{vip}/backends/{backend}/drain",
             post(drain_backend),
         )
+        .route("/api/v1/services", get(list_services))
+        .route("/api/v1/services/{service}/instances", post(register))
+        .route(
+            "/api/v1/services/{service}/instances/{instance}",
+            delete(deregister),
+        )
+        .route("/api/v1/status", get(status))
         .route("/api/v1/stats", get(stats))
         .route("/api/v1/flows/clear", post(clear_flows))
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
@@ -77,22 +92,11 @@ async fn require_token(State(s): State<ApiState>, req: Request, next: Next) -> R
     }
 }
 
-struct ApiError(StatusCode, String);
+pub struct ApiError(StatusCode, String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.0, Json(json!({"error": self.1}))).into_response()
-    }
-}
-
-impl From<ChangeError> for ApiError {
-    fn from(e: ChangeError) -> Self {
-        let code = match e {
-            ChangeError::NoSuchVip(_) | ChangeError::NoSuchBackend { .. } => StatusCode::NOT_FOUND,
-            ChangeError::Invalid(_) => StatusCode::BAD_REQUEST,
-            ChangeError::Dataplane(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        ApiError(code, format!("{e:#}"))
     }
 }
 
@@ -102,14 +106,22 @@ impl From<anyhow::Error> for ApiError {
     }
 }
 
-/// Runs a balancer operation off the async workers: map updates are blocking syscalls.
-async fn with_balancer<T: Send + 'static>(
+fn not_found(what: String) -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, what)
+}
+
+fn bad_request(what: String) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, what)
+}
+
+/// Runs a control operation off the async workers: map updates are blocking syscalls.
+async fn with_control<T: Send + 'static>(
     s: &ApiState,
-    f: impl FnOnce(&mut Balancer) -> Result<T, ApiError> + Send + 'static,
+    f: impl FnOnce(&mut Control) -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    let b = s.balancer.clone();
+    let c = s.control.clone();
     tokio::task::spawn_blocking(move || {
-        let mut guard = b.lock().map_err(|_| {
+        let mut guard = c.lock().map_err(|_| {
             ApiError(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "state lock poisoned".into(),
@@ -121,6 +133,13 @@ async fn with_balancer<T: Send + 'static>(
     .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
 }
 
+/// After a store change: re-read it into the registry and apply now.
+fn commit(c: &mut Control, started: Instant) -> Result<(), ApiError> {
+    c.refresh_store();
+    c.apply(started)?;
+    Ok(())
+}
+
 /// A backend in a path: `10.0.0.1`, `10.0.0.1:8080`, `fd00::1` or `[fd00::1]:8080`.
 fn parse_backend(s: &str) -> Result<(IpAddr, Option<u16>), ApiError> {
     if let Ok(ip) = s.parse::<IpAddr>() {
@@ -128,55 +147,243 @@ fn parse_backend(s: &str) -> Result<(IpAddr, Option<u16>), ApiError> {
     }
     s.parse::<SocketAddr>()
         .map(|sa| (sa.ip(), Some(sa.port())))
-        .map_err(|_| {
-            ApiError(
-                StatusCode::BAD_REQUEST,
-                format!("{s:?} is not an address or address:port"),
-            )
-        })
+        .map_err(|_| bad_request(format!("{s:?} is not an address or address:port")))
 }
 
+/// The one instance of `service` at `addr` (and `port`, when given).
+fn find_instance(
+    c: &Control,
+    service: &str,
+    addr: IpAddr,
+    port: Option<u16>,
+) -> Result<InstanceKey, ApiError> {
+    let found: Vec<InstanceKey> = c
+        .instances(service)
+        .iter()
+        .map(Instance::key)
+        .filter(|k| k.address == addr && port.is_none_or(|p| p == k.port))
+        .collect();
+    match found.as_slice() {
+        [k] => Ok(*k),
+        [] => Err(not_found(format!(
+            "service {service:?} has no instance {addr}"
+        ))),
+        _ => Err(bad_request(format!(
+            "{addr} has several ports in {service:?}: say which (address:port)"
+        ))),
+    }
+}
+
+fn service_of(c: &Control, vip: &str) -> Result<String, ApiError> {
+    c.vip(vip)
+        .map(|v| v.service.clone())
+        .ok_or_else(|| not_found(format!("no VIP named {vip:?}")))
+}
+
+/// Body of a registration (VIP backend or service instance).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Registration {
+    pub address: IpAddr,
+    #[serde(default)]
+    pub port: u16,
+    #[serde(default = "one")]
+    pub weight: u32,
+    #[serde(default)]
+    pub zone: Option<String>,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    /// DSR: the backend's MAC (stored as metadata `mac`).
+    #[serde(default)]
+    pub mac: Option<Mac>,
+    /// Expire unless registered again within this many seconds.
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl Registration {
+    fn into_instance(self) -> Result<(Instance, Option<Duration>), ApiError> {
+        if self.weight > 1000 {
+            return Err(bad_request("weight must be 0..=1000".into()));
+        }
+        let mut metadata = self.metadata;
+        if let Some(mac) = self.mac {
+            metadata.insert("mac".into(), mac.to_string());
+        }
+        let ttl = self.ttl_secs.map(Duration::from_secs);
+        Ok((
+            Instance {
+                address: self.address,
+                port: self.port,
+                weight: self.weight,
+                zone: self.zone,
+                metadata,
+            },
+            ttl,
+        ))
+    }
+}
+
+type JsonBody<T> = Result<Json<T>, axum::extract::rejection::JsonRejection>;
+
 async fn list_vips(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
-    let vips = with_balancer(&s, |b| Ok(b.list()?)).await?;
+    let vips = with_control(&s, |c| Ok(c.balancer.list()?)).await?;
     Ok(Json(json!({ "vips": vips })))
 }
 
-async fn add_backend(
-    State(s): State<ApiState>,
-    Path(vip): Path<String>,
-    body: Result<Json<BackendSpec>, axum::extract::rejection::JsonRejection>,
-) -> Result<impl IntoResponse, ApiError> {
-    let Json(spec) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
-    let created = with_balancer(&s, move |b| Ok(b.add_backend(&vip, spec)?)).await?;
+async fn register_into(
+    s: &ApiState,
+    service: String,
+    body: JsonBody<Registration>,
+) -> Result<Response, ApiError> {
+    let Json(reg) = body.map_err(|e| bad_request(e.body_text()))?;
+    let (instance, ttl) = reg.into_instance()?;
+    let started = Instant::now();
+    let created = with_control(s, move |c| {
+        let created = c
+            .store
+            .register(&service, instance, ttl, SystemTime::now())?;
+        commit(c, started)?;
+        Ok(created)
+    })
+    .await?;
     let code = if created {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    Ok((code, Json(json!({ "created": created }))))
+    Ok((code, Json(json!({ "created": created }))).into_response())
+}
+
+async fn add_backend(
+    State(s): State<ApiState>,
+    Path(vip): Path<String>,
+    body: JsonBody<Registration>,
+) -> Result<Response, ApiError> {
+    let service = with_control(&s, move |c| service_of(c, &vip)).await?;
+    register_into(&s, service, body).await
+}
+
+async fn register(
+    State(s): State<ApiState>,
+    Path(service): Path<String>,
+    body: JsonBody<Registration>,
+) -> Result<Response, ApiError> {
+    if !valid_name(&service) {
+        return Err(bad_request(format!(
+            "{service:?}: service names are [A-Za-z0-9_.-]"
+        )));
+    }
+    register_into(&s, service, body).await
+}
+
+/// Removes an instance: an API registration is deleted; an instance another provider reports is
+/// masked (persisted) until it is registered again through the API.
+async fn remove_from(
+    s: &ApiState,
+    service: Option<String>,
+    vip: Option<String>,
+    backend: String,
+) -> Result<StatusCode, ApiError> {
+    let (addr, port) = parse_backend(&backend)?;
+    let started = Instant::now();
+    with_control(s, move |c| {
+        let service = match (service, vip) {
+            (Some(svc), _) => svc,
+            (None, Some(v)) => service_of(c, &v)?,
+            (None, None) => return Err(bad_request("no service".into())),
+        };
+        let key = find_instance(c, &service, addr, port)?;
+        let elsewhere = provided_by_others(c, &service, &key);
+        c.store.remove(&service, key, elsewhere)?;
+        commit(c, started)
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Whether a provider other than the API store reports this instance (then removing it through
+/// the API must mask it, or it would come straight back).
+fn provided_by_others(c: &Control, service: &str, key: &InstanceKey) -> bool {
+    c.registry
+        .merged_without("api")
+        .get(service)
+        .is_some_and(|m| m.contains_key(key))
 }
 
 async fn remove_backend(
     State(s): State<ApiState>,
     Path((vip, backend)): Path<(String, String)>,
-) -> Result<impl IntoResponse, ApiError> {
-    let (addr, port) = parse_backend(&backend)?;
-    with_balancer(&s, move |b| Ok(b.remove_backend(&vip, addr, port)?)).await?;
-    Ok(StatusCode::NO_CONTENT)
+) -> Result<StatusCode, ApiError> {
+    remove_from(&s, None, Some(vip), backend).await
+}
+
+async fn deregister(
+    State(s): State<ApiState>,
+    Path((service, instance)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    remove_from(&s, Some(service), None, instance).await
 }
 
 async fn drain_backend(
     State(s): State<ApiState>,
     Path((vip, backend)): Path<(String, String)>,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<StatusCode, ApiError> {
     let (addr, port) = parse_backend(&backend)?;
-    with_balancer(&s, move |b| Ok(b.drain_backend(&vip, addr, port)?)).await?;
+    let started = Instant::now();
+    with_control(&s, move |c| {
+        let service = service_of(c, &vip)?;
+        let key = find_instance(c, &service, addr, port)?;
+        c.store.drain(&service, key)?;
+        commit(c, started)
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
+async fn list_services(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
+    let health = s.health.lock().map(|h| h.clone()).unwrap_or_default();
+    let services = with_control(&s, move |c| {
+        let merged = c.registry.merged();
+        let mut out = serde_json::Map::new();
+        for (name, instances) in merged {
+            let list: Vec<serde_json::Value> = instances
+                .values()
+                .map(|i| {
+                    let key = i.key();
+                    let health: BTreeMap<String, bool> = health
+                        .iter()
+                        .filter(|((_, k), _)| *k == key)
+                        .map(|((v, _), h)| (v.clone(), h.up))
+                        .collect();
+                    json!({
+                        "instance": i,
+                        "override": c.store.override_of(&name, &key),
+                        "health_up": health,
+                    })
+                })
+                .collect();
+            out.insert(name, json!(list));
+        }
+        Ok(out)
+    })
+    .await?;
+    Ok(Json(json!({ "services": services })))
+}
+
+async fn status(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
+    let (providers, apply) =
+        with_control(&s, |c| Ok((c.registry.status(), c.stats.clone()))).await?;
+    Ok(Json(json!({ "providers": providers, "apply": apply })))
+}
+
 async fn stats(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
-    let (reasons, flows) = with_balancer(&s, |b| {
-        let dp = b.dataplane();
+    let (reasons, flows) = with_control(&s, |c| {
+        let dp = c.balancer.dataplane();
         Ok((dp.reason_counters()?, dp.flow_count()))
     })
     .await?;
@@ -190,7 +397,7 @@ async fn stats(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError>
 }
 
 async fn clear_flows(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
-    let n = with_balancer(&s, |b| Ok(b.clear_flows()?)).await?;
+    let n = with_control(&s, |c| Ok(c.balancer.clear_flows()?)).await?;
     Ok(Json(json!({ "cleared": n })))
 }
 

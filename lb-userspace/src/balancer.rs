@@ -6,8 +6,8 @@
 //! clearing its `USABLE` flag, so no new flow is ever sent to a backend that is going away.
 
 use std::{
-    collections::{BTreeMap, VecDeque},
-    net::{IpAddr, SocketAddr},
+    collections::{BTreeMap, BTreeSet, VecDeque},
+    net::IpAddr,
     time::Instant,
 };
 
@@ -17,10 +17,11 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::{
-    config::{BackendSpec, Mac, Mode, Protocol, VipSpec},
+    config::{Mac, Mode, Protocol, VipSpec},
     dataplane::Dataplane,
     maglev::{Member, Table},
     neighbor,
+    registry::InstanceKey,
 };
 
 /// A VIP as the agent holds it.
@@ -29,21 +30,38 @@ struct Vip {
     id: u32,
     /// The live half of the ring (mirrors `VipMeta::ring_slot`).
     slot: u8,
-    backends: Vec<BackendState>,
+    backends: BTreeMap<InstanceKey, BackendState>,
+}
+
+/// What the control loop wants for one backend of a VIP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Desired {
+    pub key: InstanceKey,
+    pub weight: u32,
+    pub mac: Option<Mac>,
+    pub state: BackendMode,
+}
+
+/// A backend's administrative/health state as the data path must see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendMode {
+    /// In the Maglev table; its flows stay.
+    Active,
+    /// Out of the table; its tracked flows stay (graceful removal).
+    Draining,
+    /// Out of the table and its flows are re-picked (failed health checks).
+    Down,
 }
 
 struct BackendState {
-    spec: BackendSpec,
     id: u32,
-    draining: bool,
+    weight: u32,
+    state: BackendMode,
     /// DSR: the MAC in use (configured or resolved); `None` until the neighbour is known.
     mac: Option<Mac>,
-}
-
-impl BackendState {
-    fn identity(&self) -> String {
-        SocketAddr::new(self.spec.address, self.spec.port).to_string()
-    }
+    /// The MAC came from the registry, not from the neighbour table.
+    mac_given: bool,
 }
 
 /// Ids handed out in FIFO order of release, so a freed backend id is reused as late as possible:
@@ -53,9 +71,9 @@ struct IdPool {
 }
 
 impl IdPool {
-    fn new(range: std::ops::Range<u32>) -> Self {
+    fn new(range: std::ops::Range<u32>, taken: &BTreeSet<u32>) -> Self {
         IdPool {
-            free: range.collect(),
+            free: range.filter(|i| !taken.contains(i)).collect(),
         }
     }
     fn take(&mut self) -> Option<u32> {
@@ -74,6 +92,7 @@ pub struct VipView {
     pub port: u16,
     pub protocol: Protocol,
     pub mode: Mode,
+    pub service: String,
     pub id: u32,
     pub counters: CountersView,
     pub backends: Vec<BackendView>,
@@ -84,7 +103,7 @@ pub struct BackendView {
     pub address: IpAddr,
     pub port: u16,
     pub weight: u32,
-    pub state: &'static str,
+    pub state: BackendMode,
     pub id: u32,
     pub mac: Option<Mac>,
     /// Maglev slots this backend owns in the live table.
@@ -109,25 +128,16 @@ impl From<Counters> for CountersView {
     }
 }
 
-/// Why an API change was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum ChangeError {
-    #[error("no VIP named {0:?}")]
-    NoSuchVip(String),
-    #[error("VIP {vip:?} has no backend {backend}")]
-    NoSuchBackend { vip: String, backend: String },
-    #[error("{0}")]
-    Invalid(String),
-    #[error(transparent)]
-    Dataplane(#[from] anyhow::Error),
-}
-
 pub struct Balancer {
     dp: Dataplane,
     vips: BTreeMap<String, Vip>,
     vip_ids: IdPool,
     backend_ids: IdPool,
-    /// Slot counts of each VIP's live table, by backend id (for the API).
+    /// Backend ids a previous agent left in BACKENDS, by (vip id, instance): claimed by the first
+    /// applies so tracked flows keep their backend across a restart; the rest are released by
+    /// [`Balancer::finish_adoption`].
+    adoptable: BTreeMap<(u32, InstanceKey), u32>,
+    /// Slot counts of each backend in its VIP's live table (for the API).
     slot_counts: BTreeMap<u32, u32>,
 }
 
@@ -152,87 +162,233 @@ pub fn addr_words(addr: IpAddr) -> [u32; 4] {
     }
 }
 
+fn words_addr(w: [u32; 4], family: u8) -> Option<IpAddr> {
+    match family {
+        family::V4 => Some(IpAddr::from(w[0].to_ne_bytes())),
+        family::V6 => {
+            let mut o = [0u8; 16];
+            for i in 0..4 {
+                o[i * 4..i * 4 + 4].copy_from_slice(&w[i].to_ne_bytes());
+            }
+            Some(IpAddr::from(o))
+        }
+        _ => None,
+    }
+}
+
 impl Balancer {
-    /// Takes over the dataplane and programs it from `vips`. Ids are assigned in config order, so
-    /// an agent restarted with the same config assigns the same ids and tracked flows stay valid.
-    pub fn new(dp: Dataplane, vips: &[VipSpec]) -> Result<Self> {
+    /// Takes over the dataplane: adopts the VIP and backend ids a previous agent left in the
+    /// pinned maps (so its tracked flows stay valid), removes VIPs this config no longer has, and
+    /// creates the rest with no backends; [`Balancer::apply`] fills them.
+    pub fn new(mut dp: Dataplane, vips: &[VipSpec]) -> Result<Self> {
         let limits = dp.limits().clone();
-        let mut b = Balancer {
-            dp,
-            vips: BTreeMap::new(),
-            vip_ids: IdPool::new(0..limits.max_vips),
-            backend_ids: IdPool::new(1..limits.max_backends),
-            slot_counts: BTreeMap::new(),
-        };
-        // VIPs a previous agent left that this config does not have stop being balanced.
+        let existing = dp.vip_entries()?;
         let wanted: Vec<VipKey> = vips.iter().map(vip_key).collect();
-        for (key, _) in b.dp.vip_entries()? {
-            if !wanted.contains(&key) {
-                b.dp.remove_vip(&key)?;
+        let mut vip_taken = BTreeSet::new();
+        for (key, meta) in &existing {
+            if wanted.contains(key) {
+                vip_taken.insert(meta.id);
+            } else {
+                dp.remove_vip(key)?;
             }
         }
-        for spec in vips {
-            b.add_vip(spec.clone())?;
+        let mut adoptable = BTreeMap::new();
+        let mut backend_taken = BTreeSet::new();
+        for (id, b) in dp.backend_entries()? {
+            let Some(address) = words_addr(b.addr, b.family) else {
+                continue;
+            };
+            if b.flags == 0 || !vip_taken.contains(&b.vip_id) {
+                continue;
+            }
+            let key = InstanceKey {
+                address,
+                port: u16::from_be(b.port),
+            };
+            adoptable.insert((b.vip_id, key), id);
+            backend_taken.insert(id);
         }
-        Ok(b)
+        let mut bal = Balancer {
+            dp,
+            vips: BTreeMap::new(),
+            vip_ids: IdPool::new(0..limits.max_vips, &vip_taken),
+            backend_ids: IdPool::new(1..limits.max_backends, &backend_taken),
+            adoptable,
+            slot_counts: BTreeMap::new(),
+        };
+        for spec in vips {
+            let adopted = existing
+                .iter()
+                .find(|(k, _)| *k == vip_key(spec))
+                .map(|(_, m)| *m);
+            bal.add_vip(spec.clone(), adopted)?;
+        }
+        if !bal.adoptable.is_empty() {
+            info!(
+                backends = bal.adoptable.len(),
+                "found backends of a previous agent in the pinned maps"
+            );
+        }
+        Ok(bal)
     }
 
     pub fn dataplane(&mut self) -> &mut Dataplane {
         &mut self.dp
     }
 
-    fn add_vip(&mut self, spec: VipSpec) -> Result<()> {
+    fn add_vip(&mut self, spec: VipSpec, adopted: Option<VipMeta>) -> Result<()> {
         if self.vips.contains_key(&spec.name) {
             bail!("VIP {:?} exists", spec.name);
         }
-        let id = self
-            .vip_ids
-            .take()
-            .ok_or_else(|| anyhow!("max_vips reached"))?;
-        let mut vip = Vip {
-            spec: spec.clone(),
-            id,
-            slot: 1,
-            backends: Vec::new(),
+        let (id, slot) = match adopted {
+            Some(m) => (m.id, m.ring_slot & 1),
+            None => (
+                self.vip_ids
+                    .take()
+                    .ok_or_else(|| anyhow!("max_vips reached"))?,
+                1,
+            ),
         };
-        // Start from whatever the live half holds, so the first rebuild writes only differences.
-        if let Some((_, meta)) = self
-            .dp
-            .vip_entries()?
-            .into_iter()
-            .find(|(k, _)| *k == vip_key(&spec))
-        {
-            vip.slot = meta.ring_slot & 1;
+        let name = spec.name.clone();
+        self.vips.insert(
+            name.clone(),
+            Vip {
+                spec,
+                id,
+                slot,
+                backends: BTreeMap::new(),
+            },
+        );
+        if adopted.is_none() {
+            // A new VIP starts with an empty table (every slot "none") until its backends arrive.
+            self.rebuild(&name)?;
         }
-        for b in &spec.backends {
-            let bid = self
-                .backend_ids
-                .take()
-                .ok_or_else(|| anyhow!("max_backends reached"))?;
-            vip.backends.push(BackendState {
-                spec: b.clone(),
-                id: bid,
-                draining: false,
-                mac: b.mac,
-            });
+        Ok(())
+    }
+
+    /// Releases adoptable ids no apply claimed: those backends are gone from every source.
+    pub fn finish_adoption(&mut self) -> Result<()> {
+        for (_, id) in std::mem::take(&mut self.adoptable) {
+            self.dp.set_backend(id, &Backend::default())?;
+            self.backend_ids.give_back(id);
         }
-        for b in &mut vip.backends {
-            if spec.mode == Mode::Dsr && b.mac.is_none() {
-                b.mac = neighbor::resolve(b.spec.address);
-                if b.mac.is_none() {
-                    warn!(vip = spec.name, backend = %b.spec.address, "MAC not resolved yet; will retry");
+        Ok(())
+    }
+
+    pub fn vip_names(&self) -> Vec<String> {
+        self.vips.keys().cloned().collect()
+    }
+
+    /// Brings a VIP's backends to `desired`: new backends get ids (adopted when a previous agent
+    /// had them), changed ones are updated, missing ones removed — after the new table is live.
+    /// The table is rebuilt only when the set of active backends or their weights changed.
+    /// Returns the number of map writes.
+    pub fn apply(&mut self, vip_name: &str, desired: &[Desired]) -> Result<usize> {
+        let vip = self
+            .vips
+            .get_mut(vip_name)
+            .ok_or_else(|| anyhow!("no VIP {vip_name}"))?;
+        let (vip_id, mode) = (vip.id, vip.spec.mode);
+        let mut writes = 0;
+        let mut table_changed = false;
+        let want: BTreeMap<InstanceKey, &Desired> = desired.iter().map(|d| (d.key, d)).collect();
+        let gone: Vec<InstanceKey> = vip
+            .backends
+            .keys()
+            .filter(|k| !want.contains_key(k))
+            .copied()
+            .collect();
+        for k in &gone {
+            table_changed |= vip
+                .backends
+                .get(k)
+                .is_some_and(|b| b.state == BackendMode::Active);
+        }
+        for (key, d) in &want {
+            let mac_given = d.mac.is_some();
+            match vip.backends.get_mut(key) {
+                Some(b) => {
+                    let was_active = b.state == BackendMode::Active;
+                    let now_active = d.state == BackendMode::Active;
+                    if was_active != now_active || (now_active && b.weight != d.weight) {
+                        table_changed = true;
+                    }
+                    let mac = if mac_given {
+                        d.mac
+                    } else if b.mac_given {
+                        None
+                    } else {
+                        b.mac
+                    };
+                    if mode == Mode::Dsr && b.mac.is_some() != mac.is_some() {
+                        table_changed = true;
+                    }
+                    if b.state != d.state || b.mac != mac {
+                        b.state = d.state;
+                        b.mac = mac;
+                        b.mac_given = mac_given;
+                        let entry = backend_entry(key, vip_id, b.mac, b.state);
+                        self.dp.set_backend(b.id, &entry)?;
+                        writes += 1;
+                    }
+                    b.weight = d.weight;
+                }
+                None => {
+                    let id = match self.adoptable.remove(&(vip_id, *key)) {
+                        Some(id) => id,
+                        None => {
+                            let id = self
+                                .backend_ids
+                                .take()
+                                .ok_or_else(|| anyhow!("max_backends reached"))?;
+                            self.dp.reset_backend_counters(id)?;
+                            id
+                        }
+                    };
+                    let mac = match (mode, d.mac) {
+                        (Mode::Dsr, None) => {
+                            let m = neighbor::resolve(key.address);
+                            if m.is_none() {
+                                warn!(vip = vip_name, backend = %key, "MAC not resolved yet; will retry");
+                            }
+                            m
+                        }
+                        (_, m) => m,
+                    };
+                    self.dp
+                        .set_backend(id, &backend_entry(key, vip_id, mac, d.state))?;
+                    writes += 1;
+                    vip.backends.insert(
+                        *key,
+                        BackendState {
+                            id,
+                            weight: d.weight,
+                            state: d.state,
+                            mac,
+                            mac_given,
+                        },
+                    );
+                    table_changed |= d.state == BackendMode::Active;
                 }
             }
-            self.dp
-                .set_backend(b.id, &backend_entry(&b.spec, b.mac, false))?;
-            self.dp.reset_backend_counters(b.id)?;
         }
-        self.vips.insert(spec.name.clone(), vip);
-        self.rebuild(&spec.name)
+        let removed: Vec<BackendState> =
+            gone.iter().filter_map(|k| vip.backends.remove(k)).collect();
+        if table_changed || !removed.is_empty() {
+            writes += self.rebuild(vip_name)?;
+        }
+        // Only now that no table points at them: release their flows and ids.
+        for b in removed {
+            self.dp.set_backend(b.id, &Backend::default())?;
+            self.slot_counts.remove(&b.id);
+            self.backend_ids.give_back(b.id);
+            writes += 1;
+        }
+        Ok(writes)
     }
 
     /// Builds the VIP's table from its active backends and publishes it (write spare, flip).
-    fn rebuild(&mut self, name: &str) -> Result<()> {
+    fn rebuild(&mut self, name: &str) -> Result<usize> {
         let started = Instant::now();
         let ring_size = self.dp.limits().ring_size;
         let vip = self
@@ -242,11 +398,16 @@ impl Balancer {
         let mut active: Vec<(String, u32, u32)> = vip
             .backends
             .iter()
-            .filter(|b| !b.draining && b.spec.weight > 0)
-            .map(|b| (b.identity(), b.spec.weight, b.id))
+            // A DSR backend without a MAC cannot be forwarded to: it joins when resolved.
+            .filter(|(_, b)| b.state == BackendMode::Active && b.weight > 0)
+            .filter(|(_, b)| vip.spec.mode != Mode::Dsr || b.mac.is_some())
+            .map(|(k, b)| (k.to_string(), b.weight, b.id))
             .collect();
         // The table depends on member order: sort by identity so every node agrees.
         active.sort();
+        for b in vip.backends.values() {
+            self.slot_counts.insert(b.id, 0);
+        }
         let ids: Vec<u32> = if active.is_empty() {
             vec![lb_common::BACKEND_NONE; ring_size as usize]
         } else {
@@ -268,11 +429,6 @@ impl Balancer {
                 .map(|&m| active[m as usize].2)
                 .collect()
         };
-        for b in &vip.backends {
-            if b.draining || b.spec.weight == 0 {
-                self.slot_counts.insert(b.id, 0);
-            }
-        }
         let spare = vip.slot ^ 1;
         let writes = self.dp.write_ring(vip.id, spare, &ids)?;
         let meta = VipMeta {
@@ -290,124 +446,23 @@ impl Balancer {
             elapsed_us = started.elapsed().as_micros() as u64,
             "published Maglev table"
         );
-        Ok(())
-    }
-
-    fn vip_mut(&mut self, name: &str) -> Result<&mut Vip, ChangeError> {
-        self.vips
-            .get_mut(name)
-            .ok_or_else(|| ChangeError::NoSuchVip(name.into()))
-    }
-
-    fn find(vip: &Vip, addr: IpAddr, port: Option<u16>) -> Option<usize> {
-        vip.backends
-            .iter()
-            .position(|b| b.spec.address == addr && port.is_none_or(|p| p == b.spec.port))
-    }
-
-    /// Adds a backend, or updates the weight of an existing one and takes it out of draining.
-    pub fn add_backend(&mut self, vip_name: &str, spec: BackendSpec) -> Result<bool, ChangeError> {
-        if spec.weight > 1000 {
-            return Err(ChangeError::Invalid("weight must be 0..=1000".into()));
-        }
-        let vip = self.vip_mut(vip_name)?;
-        let mode = vip.spec.mode;
-        if mode == Mode::Nat && spec.address.is_ipv4() != vip.spec.address.is_ipv4() {
-            return Err(ChangeError::Invalid(
-                "NAT backends must have the VIP's address family".into(),
-            ));
-        }
-        let created = match Self::find(vip, spec.address, Some(spec.port)) {
-            Some(i) => {
-                let b = &mut vip.backends[i];
-                b.spec.weight = spec.weight;
-                b.draining = false;
-                if spec.mac.is_some() {
-                    b.mac = spec.mac;
-                }
-                let (id, entry) = (b.id, backend_entry(&b.spec, b.mac, false));
-                self.dp.set_backend(id, &entry)?;
-                false
-            }
-            None => {
-                let id = self
-                    .backend_ids
-                    .take()
-                    .ok_or_else(|| ChangeError::Invalid("max_backends reached".into()))?;
-                let mac = match (mode, spec.mac) {
-                    (Mode::Dsr, None) => neighbor::resolve(spec.address),
-                    (_, m) => m,
-                };
-                self.dp.reset_backend_counters(id)?;
-                self.dp.set_backend(id, &backend_entry(&spec, mac, false))?;
-                let vip = self.vip_mut(vip_name)?;
-                vip.backends.push(BackendState {
-                    spec,
-                    id,
-                    draining: false,
-                    mac,
-                });
-                true
-            }
-        };
-        self.rebuild(vip_name)?;
-        Ok(created)
-    }
-
-    /// Removes a backend: out of the table first, then its flows are released (conntrack re-picks
-    /// them on their next packet).
-    pub fn remove_backend(
-        &mut self,
-        vip_name: &str,
-        addr: IpAddr,
-        port: Option<u16>,
-    ) -> Result<(), ChangeError> {
-        let vip = self.vip_mut(vip_name)?;
-        let i = Self::find(vip, addr, port).ok_or_else(|| ChangeError::NoSuchBackend {
-            vip: vip_name.into(),
-            backend: addr.to_string(),
-        })?;
-        let gone = vip.backends.remove(i);
-        self.rebuild(vip_name)?;
-        self.dp.set_backend(gone.id, &Backend::default())?;
-        self.slot_counts.remove(&gone.id);
-        self.backend_ids.give_back(gone.id);
-        info!(vip = vip_name, backend = %gone.identity(), "backend removed");
-        Ok(())
-    }
-
-    /// Drains a backend: no new flows, tracked ones stay until they end.
-    pub fn drain_backend(
-        &mut self,
-        vip_name: &str,
-        addr: IpAddr,
-        port: Option<u16>,
-    ) -> Result<(), ChangeError> {
-        let vip = self.vip_mut(vip_name)?;
-        let i = Self::find(vip, addr, port).ok_or_else(|| ChangeError::NoSuchBackend {
-            vip: vip_name.into(),
-            backend: addr.to_string(),
-        })?;
-        let b = &mut vip.backends[i];
-        b.draining = true;
-        let (id, entry) = (b.id, backend_entry(&b.spec, b.mac, true));
-        self.rebuild(vip_name)?;
-        self.dp.set_backend(id, &entry)?;
-        Ok(())
+        Ok(writes + 1)
     }
 
     /// Retries MAC resolution for DSR backends that have none (the neighbour may not have been
     /// reachable when it was added). Returns how many were resolved.
     pub fn refresh_neighbors(&mut self) -> Result<usize> {
         let mut updates = Vec::new();
-        for vip in self.vips.values_mut() {
+        let mut rebuild = BTreeSet::new();
+        for (name, vip) in self.vips.iter_mut() {
             if vip.spec.mode != Mode::Dsr {
                 continue;
             }
-            for b in vip.backends.iter_mut().filter(|b| b.mac.is_none()) {
-                if let Some(mac) = neighbor::resolve(b.spec.address) {
+            for (key, b) in vip.backends.iter_mut().filter(|(_, b)| b.mac.is_none()) {
+                if let Some(mac) = neighbor::resolve(key.address) {
                     b.mac = Some(mac);
-                    updates.push((b.id, backend_entry(&b.spec, b.mac, b.draining)));
+                    updates.push((b.id, backend_entry(key, vip.id, b.mac, b.state)));
+                    rebuild.insert(name.clone());
                 }
             }
         }
@@ -415,6 +470,9 @@ impl Balancer {
             self.dp
                 .set_backend(*id, entry)
                 .context("updating a resolved MAC")?;
+        }
+        for name in rebuild {
+            self.rebuild(&name)?;
         }
         Ok(updates.len())
     }
@@ -430,12 +488,12 @@ impl Balancer {
                 let backends = v
                     .backends
                     .iter()
-                    .map(|b| {
+                    .map(|(k, b)| {
                         Ok(BackendView {
-                            address: b.spec.address,
-                            port: b.spec.port,
-                            weight: b.spec.weight,
-                            state: if b.draining { "draining" } else { "active" },
+                            address: k.address,
+                            port: k.port,
+                            weight: b.weight,
+                            state: b.state,
                             id: b.id,
                             mac: b.mac,
                             slots: self.slot_counts.get(&b.id).copied().unwrap_or(0),
@@ -449,6 +507,7 @@ impl Balancer {
                     port: v.spec.port,
                     protocol: v.spec.protocol,
                     mode: v.spec.mode,
+                    service: v.spec.service.clone(),
                     id: v.id,
                     counters: self.dp.vip_counters(v.id)?.into(),
                     backends,
@@ -458,21 +517,23 @@ impl Balancer {
     }
 }
 
-fn backend_entry(spec: &BackendSpec, mac: Option<Mac>, draining: bool) -> Backend {
-    let mut flags = backend_flags::USABLE;
-    if draining {
-        flags |= backend_flags::DRAINING;
-    }
+fn backend_entry(key: &InstanceKey, vip_id: u32, mac: Option<Mac>, state: BackendMode) -> Backend {
+    let flags = match state {
+        BackendMode::Active => backend_flags::USABLE,
+        BackendMode::Draining => backend_flags::USABLE | backend_flags::DRAINING,
+        BackendMode::Down => 0,
+    };
     Backend {
-        addr: addr_words(spec.address),
-        port: spec.port.to_be(),
+        addr: addr_words(key.address),
+        port: key.port.to_be(),
         flags,
-        family: if spec.address.is_ipv4() {
+        family: if key.address.is_ipv4() {
             family::V4
         } else {
             family::V6
         },
         mac: mac.unwrap_or_default().0,
         _pad: [0; 2],
+        vip_id,
     }
 }

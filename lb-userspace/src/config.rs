@@ -11,7 +11,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use serde::Deserialize;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 use crate::dataplane::{AttachMode, Limits};
@@ -54,7 +56,95 @@ struct RawConfig {
     #[serde(default)]
     api: RawApi,
     #[serde(default)]
+    providers: RawProviders,
+    #[serde(default)]
     vip: Vec<Spanned<RawVip>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProviders {
+    #[serde(default)]
+    file: Vec<Spanned<RawFileProvider>>,
+    #[serde(default)]
+    redis: Option<RawRedis>,
+    #[serde(default)]
+    etcd: Option<RawEtcd>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFileProvider {
+    path: PathBuf,
+    #[serde(default = "d_debounce")]
+    debounce_ms: u64,
+}
+
+fn d_debounce() -> u64 {
+    200
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRedis {
+    url: Spanned<String>,
+    #[serde(default = "d_prefix")]
+    prefix: String,
+    #[serde(default = "d_resync")]
+    resync_secs: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEtcd {
+    endpoints: Vec<String>,
+    #[serde(default = "d_prefix")]
+    prefix: String,
+}
+
+fn d_prefix() -> String {
+    "lb/".into()
+}
+fn d_resync() -> u64 {
+    30
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    #[serde(default = "d_check")]
+    check: Spanned<String>,
+    #[serde(default = "d_interval")]
+    interval_ms: u64,
+    #[serde(default = "d_timeout")]
+    timeout_ms: u64,
+    #[serde(default = "d_rise")]
+    rise: u32,
+    #[serde(default = "d_fall")]
+    fall: u32,
+    #[serde(default = "d_path")]
+    path: String,
+    #[serde(default)]
+    port: u16,
+}
+
+fn d_check() -> Spanned<String> {
+    Spanned::new(0..0, "tcp".into())
+}
+fn d_interval() -> u64 {
+    1000
+}
+fn d_timeout() -> u64 {
+    500
+}
+fn d_rise() -> u32 {
+    2
+}
+fn d_fall() -> u32 {
+    3
+}
+fn d_path() -> String {
+    "/".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -177,6 +267,11 @@ struct RawVip {
     protocol: Spanned<String>,
     #[serde(default = "d_mode")]
     mode: Spanned<String>,
+    /// The registry service whose instances are this VIP's backends (default: the VIP's name).
+    #[serde(default)]
+    service: Option<Spanned<String>>,
+    #[serde(default)]
+    health: Option<Spanned<RawHealth>>,
     #[serde(default)]
     backend: Vec<Spanned<RawBackend>>,
 }
@@ -217,6 +312,7 @@ pub struct Config {
     pub limits: Limits,
     pub api_listen: SocketAddr,
     pub api_token: Option<String>,
+    pub providers: ProvidersSpec,
     pub vips: Vec<VipSpec>,
 }
 
@@ -262,7 +358,60 @@ pub struct VipSpec {
     pub port: u16,
     pub protocol: Protocol,
     pub mode: Mode,
+    /// Registry service that fills this VIP.
+    pub service: String,
+    /// Inline backends: the `config` provider's instances of `service`.
     pub backends: Vec<BackendSpec>,
+    pub health: Option<HealthSpec>,
+}
+
+/// Active health checking of a VIP's backends.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HealthSpec {
+    pub check: CheckKind,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive successes that bring a down backend back.
+    pub rise: u32,
+    /// Consecutive failures that take an up backend out.
+    pub fall: u32,
+    /// HTTP: the path to GET; 2xx/3xx is healthy.
+    pub path: String,
+    /// 0: the backend's port, else the VIP's.
+    pub port: u16,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    Tcp,
+    Http,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProvidersSpec {
+    pub files: Vec<FileProviderSpec>,
+    pub redis: Option<RedisSpec>,
+    pub etcd: Option<EtcdSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileProviderSpec {
+    pub path: PathBuf,
+    pub debounce: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RedisSpec {
+    pub url: String,
+    pub prefix: String,
+    pub resync: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EtcdSpec {
+    pub endpoints: Vec<String>,
+    pub prefix: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -351,6 +500,15 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         }
     })?;
     validate(path, text, raw)
+}
+
+/// Names of VIPs and services: they appear in API paths and store keys.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -451,11 +609,7 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
     for (i, v) in raw.vip.iter().enumerate() {
         let v = v.get_ref();
         let name = v.name.get_ref().clone();
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
+        if !valid_name(&name) {
             return Err(err(
                 v.name.span(),
                 format!("vip[{i}].name"),
@@ -561,16 +715,112 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
             }
             backends.push(spec);
         }
+        let service = v
+            .service
+            .as_ref()
+            .map(|s| s.get_ref().clone())
+            .unwrap_or_else(|| name.clone());
+        if let Some(s) = &v.service {
+            if !valid_name(s.get_ref()) {
+                return Err(err(
+                    s.span(),
+                    format!("vip[{i}].service"),
+                    format!("{:?}: must be non-empty [A-Za-z0-9_.-]", s.get_ref()),
+                ));
+            }
+        }
+        let health = match &v.health {
+            None => None,
+            Some(h) => {
+                let span = h.span();
+                let h = h.get_ref();
+                let check = match h.check.get_ref().as_str() {
+                    "tcp" => CheckKind::Tcp,
+                    "http" => CheckKind::Http,
+                    other => {
+                        return Err(err(
+                            h.check.span(),
+                            format!("vip[{i}].health.check"),
+                            format!("{other:?}: expected \"tcp\" or \"http\""),
+                        ))
+                    }
+                };
+                if h.rise == 0
+                    || h.fall == 0
+                    || h.interval_ms < 10
+                    || h.timeout_ms == 0
+                    || h.timeout_ms > h.interval_ms
+                {
+                    return Err(err(
+                        span,
+                        format!("vip[{i}].health"),
+                        "rise and fall must be ≥ 1, interval_ms ≥ 10, 0 < timeout_ms ≤ interval_ms"
+                            .into(),
+                    ));
+                }
+                Some(HealthSpec {
+                    check,
+                    interval: Duration::from_millis(h.interval_ms),
+                    timeout: Duration::from_millis(h.timeout_ms),
+                    rise: h.rise,
+                    fall: h.fall,
+                    path: h.path.clone(),
+                    port: h.port,
+                })
+            }
+        };
         vips.push(VipSpec {
             name,
             address,
             port: v.port,
             protocol,
             mode,
+            service,
             backends,
+            health,
         });
     }
+    let mut files = Vec::new();
+    for (i, f) in raw.providers.file.iter().enumerate() {
+        let f = f.get_ref();
+        if f.path.as_os_str().is_empty() {
+            return Err(err(
+                raw.providers.file[i].span(),
+                format!("providers.file[{i}].path"),
+                "empty path".into(),
+            ));
+        }
+        files.push(FileProviderSpec {
+            path: f.path.clone(),
+            debounce: Duration::from_millis(f.debounce_ms),
+        });
+    }
+    let redis = match &raw.providers.redis {
+        Some(r) => {
+            if !r.url.get_ref().starts_with("redis://") && !r.url.get_ref().starts_with("unix://") {
+                return Err(err(
+                    r.url.span(),
+                    "providers.redis.url".into(),
+                    format!(
+                        "{:?}: expected redis://host:port or unix:///path",
+                        r.url.get_ref()
+                    ),
+                ));
+            }
+            Some(RedisSpec {
+                url: r.url.get_ref().clone(),
+                prefix: r.prefix.clone(),
+                resync: Duration::from_secs(r.resync_secs.max(1)),
+            })
+        }
+        None => None,
+    };
+    let etcd = raw.providers.etcd.as_ref().map(|e| EtcdSpec {
+        endpoints: e.endpoints.clone(),
+        prefix: e.prefix.clone(),
+    });
     Ok(Config {
+        providers: ProvidersSpec { files, redis, etcd },
         instance: instance.clone(),
         pin_root: a.pin_root.clone(),
         state_dir: a.state_dir.clone(),

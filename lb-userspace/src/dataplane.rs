@@ -293,6 +293,18 @@ impl Dataplane {
             .with_context(|| format!("updating BACKENDS[{id}]"))
     }
 
+    /// Every BACKENDS entry in use (flags or address set), for adoption after a restart.
+    pub fn backend_entries(&self) -> Result<Vec<(u32, Backend)>> {
+        let mut out = Vec::new();
+        for id in 1..self.backends.len() {
+            let b = self.backends.get(&id, 0).context("reading BACKENDS")?;
+            if b.flags != 0 {
+                out.push((id, b));
+            }
+        }
+        Ok(out)
+    }
+
     /// Writes one half of a VIP's double-buffered table. Only entries that differ from what that
     /// half held are written; the caller flips `ring_slot` afterwards.
     pub fn write_ring(&mut self, vip_id: u32, slot: u8, table: &[u32]) -> Result<usize> {

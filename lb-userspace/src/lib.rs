@@ -1,12 +1,18 @@
-//! The lb agent: configuration → desired L4 state → BPF maps, with an admin API.
+//! The lb agent: sources → registry → desired L4 state → BPF maps, with an admin API.
 //!
-//! Data flow, one module per step: [`config`] (validated file) → [`balancer`] (VIPs, backends,
-//! Maglev tables via [`maglev`]) → [`dataplane`] (the only code touching maps and attachments);
-//! [`api`] changes the balancer at runtime; [`agent`] wires them together for `lb run`.
+//! Data flow, one module per step: [`config`] (validated file) and [`providers`] (file watch, API
+//! store, …) feed the [`registry`]; [`health`] checks backends; [`control`] merges them into the
+//! desired backends of each VIP and hands them to the [`balancer`] (ids, Maglev tables via
+//! [`maglev`]), which drives the [`dataplane`] — the only code touching maps and attachments.
+//! [`api`] reads and changes it at runtime; [`agent`] wires everything for `lb run`.
 pub mod agent;
 pub mod api;
 pub mod balancer;
 pub mod config;
+pub mod control;
 pub mod dataplane;
+pub mod health;
 pub mod maglev;
 pub mod neighbor;
+pub mod providers;
+pub mod registry;

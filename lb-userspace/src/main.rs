@@ -23,6 +23,24 @@ enum Cmd {
         #[arg(long, short, default_value = "lb.toml")]
         config: PathBuf,
     },
+    /// Announce a service instance to the agent's registry (through its admin API).
+    Register {
+        #[arg(long)]
+        service: String,
+        /// The instance's address:port (`[v6]:port` for IPv6).
+        #[arg(long)]
+        addr: std::net::SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
+        /// Expire unless registered again within this many seconds (run it from a timer).
+        #[arg(long)]
+        ttl: Option<u64>,
+        #[arg(long, default_value = "http://127.0.0.1:9090")]
+        api: String,
+        /// Bearer token; defaults to $LB_API_TOKEN.
+        #[arg(long, env = "LB_API_TOKEN", hide_env_values = true)]
+        token: String,
+    },
     /// Detach the program and remove the pinned maps of an instance.
     Detach {
         #[arg(long, short, default_value = "lb.toml")]
@@ -45,6 +63,35 @@ fn main() -> Result<()> {
             let c = lb_userspace::config::load(&config)?;
             println!("{}: ok ({} VIPs)", config.display(), c.vips.len());
             Ok(())
+        }
+        Cmd::Register {
+            service,
+            addr,
+            weight,
+            ttl,
+            api,
+            token,
+        } => {
+            let url = format!(
+                "{}/api/v1/services/{service}/instances",
+                api.trim_end_matches('/')
+            );
+            let body = serde_json::json!({
+                "address": addr.ip(), "port": addr.port(), "weight": weight, "ttl_secs": ttl,
+            });
+            match ureq::post(&url)
+                .set("Authorization", &format!("Bearer {token}"))
+                .send_json(body)
+            {
+                Ok(r) => {
+                    println!("registered {addr} in {service} ({})", r.status());
+                    Ok(())
+                }
+                Err(ureq::Error::Status(code, r)) => {
+                    anyhow::bail!("{url}: {code} {}", r.into_string().unwrap_or_default())
+                }
+                Err(e) => anyhow::bail!("{url}: {e}"),
+            }
         }
         Cmd::Detach { config } => {
             let c = lb_userspace::config::load(&config)?;

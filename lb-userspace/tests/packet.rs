@@ -18,9 +18,10 @@ use etherparse::{
 };
 use lb_common::Reason;
 use lb_userspace::{
-    balancer::Balancer,
+    balancer::{BackendMode, Balancer, Desired},
     config::{BackendSpec, Mac, Mode, Protocol, VipSpec},
     dataplane::{self, Dataplane, Limits},
+    registry::InstanceKey,
 };
 
 const XDP_DROP: u32 = 1;
@@ -46,6 +47,7 @@ const NAT_BACKEND: [u8; 4] = [10, 1, 0, 5];
 const UNRESOLVED_BACKEND: [u8; 4] = [10, 1, 0, 6];
 const NONEIGH_VIP: [u8; 4] = [10, 0, 0, 106];
 const NAT_UDP_VIP: [u8; 4] = [10, 0, 0, 107];
+const LOCAL_VIP: [u8; 4] = [10, 0, 0, 108];
 const CLIENT6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 const DSR_VIP6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0];
 const NAT_VIP6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1];
@@ -80,8 +82,30 @@ fn vip(
         port,
         protocol,
         mode,
+        service: name.into(),
         backends,
+        health: None,
     }
+}
+
+/// A VIP's configured backends as the control loop would hand them to the balancer.
+fn desired(spec: &VipSpec, state: impl Fn(&BackendSpec) -> Option<BackendMode>) -> Vec<Desired> {
+    spec.backends
+        .iter()
+        .filter_map(|b| {
+            let state = state(b)?;
+            let key = InstanceKey {
+                address: b.address,
+                port: b.port,
+            };
+            Some(Desired {
+                key,
+                weight: b.weight,
+                mac: b.mac,
+                state,
+            })
+        })
+        .collect()
 }
 
 fn fixture_vips() -> Vec<VipSpec> {
@@ -119,6 +143,7 @@ fn fixture_vips() -> Vec<VipSpec> {
             Nat,
             vec![backend(ip4(NAT_BACKEND), 5300, None)],
         ),
+        vip("local", ip4(LOCAL_VIP), 443, Tcp, Local, vec![]),
         vip("dsr6", IpAddr::from(DSR_VIP6), 80, Tcp, Dsr, vec![b1]),
         vip(
             "nat6",
@@ -152,7 +177,11 @@ impl Env {
             udp_timeout_secs: 30,
         };
         let dp = Dataplane::open(&pin_root, "t", &limits, false).expect("load program");
-        let balancer = Balancer::new(dp, &fixture_vips()).expect("program maps");
+        let mut balancer = Balancer::new(dp, &fixture_vips()).expect("program maps");
+        for v in fixture_vips() {
+            let all = desired(&v, |_| Some(BackendMode::Active));
+            balancer.apply(&v.name, &all).expect("apply");
+        }
         Env {
             balancer: Some(balancer),
             pin_root,
@@ -327,9 +356,18 @@ fn second_packet_of_a_flow_hits_conntrack() {
         };
         // Draining takes the chosen backend out of the Maglev table: only connection tracking can
         // still send this flow there.
-        env.b()
-            .drain_backend("two", chosen_ip, None)
-            .expect("drain");
+        let two = fixture_vips()
+            .into_iter()
+            .find(|v| v.name == "two")
+            .expect("vip");
+        let drained = desired(&two, |b| {
+            Some(if b.address == chosen_ip {
+                BackendMode::Draining
+            } else {
+                BackendMode::Active
+            })
+        });
+        env.b().apply("two", &drained).expect("drain");
         let ack = tcp4(CLIENT_MAC, LB_MAC, CLIENT, TWO_VIP, 40001, 80, 64, false);
         let (verdict, out) = env.run(&ack, 0);
         assert_eq!(verdict, XDP_TX);
@@ -351,9 +389,10 @@ fn second_packet_of_a_flow_hits_conntrack() {
             );
         }
         // Removing it releases the tracked flow: the next packet is re-picked.
-        env.b()
-            .remove_backend("two", chosen_ip, None)
-            .expect("remove");
+        let removed = desired(&two, |b| {
+            (b.address != chosen_ip).then_some(BackendMode::Active)
+        });
+        env.b().apply("two", &removed).expect("remove");
         let (_, out) = env.run(&ack, 0);
         assert_ne!(out[0..6], chosen);
         let views = env.b().list().expect("list");
@@ -525,6 +564,49 @@ fn fragments_follow_addresses_through_a_wildcard_vip() {
         let f = fragment4(UDP_VIP, false, 2, &[9u8; 8]);
         assert_eq!(env.run(&f, 0), (XDP_PASS, f.clone()));
         assert_eq!(env.reason(Reason::PassFragment), 1);
+    });
+}
+
+#[test]
+fn local_vip_passes_to_the_host() {
+    in_netns(|| {
+        let mut env = Env::new();
+        let f = tcp4(CLIENT_MAC, LB_MAC, CLIENT, LOCAL_VIP, 40000, 443, 64, true);
+        assert_eq!(
+            env.run(&f, 0),
+            (XDP_PASS, f.clone()),
+            "local VIPs have no backends and must not drop"
+        );
+        assert_eq!(env.reason(Reason::PassLocal), 1);
+    });
+}
+
+#[test]
+fn nat_expiring_ttl_creates_no_flow() {
+    in_netns(|| {
+        let (c0, b0) = nat_topology();
+        let mut env = Env::new();
+        let dying = tcp4(CLIENT_MAC, LB_MAC, CLIENT, NAT_VIP, 40100, 80, 1, true);
+        assert_eq!(
+            env.run(&dying, c0),
+            (XDP_PASS, dying.clone()),
+            "the kernel answers Time Exceeded"
+        );
+        assert_eq!(env.reason(Reason::PassTtl), 1);
+        // The same flow with a live TTL is then created whole: its reply is translated back.
+        let syn = tcp4(CLIENT_MAC, LB_MAC, CLIENT, NAT_VIP, 40100, 80, 64, true);
+        assert_eq!(env.run(&syn, c0).0, XDP_REDIRECT);
+        let reply = tcp4(
+            BACKEND_MAC,
+            LB_B0_MAC,
+            NAT_BACKEND,
+            CLIENT,
+            8080,
+            40100,
+            64,
+            false,
+        );
+        assert_eq!(env.run(&reply, b0).0, XDP_REDIRECT);
     });
 }
 

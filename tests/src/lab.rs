@@ -84,6 +84,8 @@ impl Lab {
         let out_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("output")
             .join(name);
+        // A fresh state directory: the API store of an earlier run must not leak into this one.
+        let _ = std::fs::remove_dir_all(&out_dir);
         std::fs::create_dir_all(&out_dir)?;
         let mut lab = Lab {
             name: name.into(),

@@ -1,0 +1,285 @@
+//! The control loop: registry + operator overrides + health → desired backends per VIP → the
+//! balancer's minimal map updates.
+//!
+//! Provider events are coalesced: the loop takes the first event, then everything that arrives
+//! within [`COALESCE`], and applies once. Providers send complete snapshots, so a storm of 1,000
+//! updates a second costs a few applies, never a queue that grows. The time from the oldest event
+//! of a batch to the maps being written is measured and logged (`change_to_map_us`).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::Result;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::{
+    balancer::{BackendMode, Balancer, Desired},
+    config::{Mac, Mode, VipSpec},
+    providers::{store::Override, store::Store, Event, Rank},
+    registry::{Instance, InstanceKey, Registry, Services},
+};
+
+/// How long the loop keeps collecting events after the first one before applying.
+pub const COALESCE: Duration = Duration::from_millis(10);
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ApplyStats {
+    pub applies: u64,
+    pub events: u64,
+    pub map_writes: u64,
+    pub last_change_to_map_us: u64,
+    pub max_change_to_map_us: u64,
+    pub generation: u64,
+}
+
+pub struct Control {
+    pub balancer: Balancer,
+    pub registry: Registry,
+    pub store: Store,
+    pub vips: Vec<VipSpec>,
+    down: BTreeSet<(String, InstanceKey)>,
+    pub stats: ApplyStats,
+    adopted: bool,
+}
+
+/// The config file's inline backends, as the `config` provider's snapshot.
+fn config_services(vips: &[VipSpec]) -> Services {
+    let mut out = Services::new();
+    for v in vips {
+        let svc = out.entry(v.service.clone()).or_default();
+        for b in &v.backends {
+            let mut metadata = BTreeMap::new();
+            if let Some(mac) = b.mac {
+                metadata.insert("mac".to_string(), mac.to_string());
+            }
+            let i = Instance {
+                address: b.address,
+                port: b.port,
+                weight: b.weight,
+                zone: None,
+                metadata,
+            };
+            svc.insert(i.key(), i);
+        }
+    }
+    out
+}
+
+impl Control {
+    pub fn new(balancer: Balancer, store: Store, vips: Vec<VipSpec>) -> Control {
+        let mut registry = Registry::default();
+        let now = SystemTime::now();
+        registry.update("config", Rank::CONFIG, config_services(&vips), now);
+        registry.update("api", Rank::API, store.snapshot(now), now);
+        Control {
+            balancer,
+            registry,
+            store,
+            vips,
+            down: BTreeSet::new(),
+            stats: ApplyStats::default(),
+            adopted: false,
+        }
+    }
+
+    pub fn vip(&self, name: &str) -> Option<&VipSpec> {
+        self.vips.iter().find(|v| v.name == name)
+    }
+
+    /// Folds one event into the registry / health state.
+    pub fn handle(&mut self, ev: Event) {
+        self.stats.events += 1;
+        match ev {
+            Event::Snapshot {
+                provider,
+                rank,
+                services,
+                ..
+            } => {
+                self.registry
+                    .update(&provider, rank, services, SystemTime::now());
+            }
+            Event::Error {
+                provider,
+                rank,
+                error,
+            } => {
+                warn!(provider, "provider error: {error}");
+                self.registry.fail(&provider, rank, error);
+            }
+            Event::Health { vip, key, up, .. } => {
+                if up {
+                    self.down.remove(&(vip, key));
+                } else {
+                    self.down.insert((vip, key));
+                }
+            }
+            Event::StoreChanged { .. } => self.refresh_store(),
+        }
+    }
+
+    /// Re-reads the API store into the registry (after an API change or an expiry).
+    pub fn refresh_store(&mut self) {
+        let now = SystemTime::now();
+        self.registry
+            .update("api", Rank::API, self.store.snapshot(now), now);
+    }
+
+    /// Instances of a service, after operator removals.
+    pub fn instances(&self, service: &str) -> Vec<Instance> {
+        let merged = self.registry.merged();
+        merged
+            .get(service)
+            .map(|m| {
+                m.values()
+                    .filter(|i| {
+                        self.store.override_of(service, &i.key()) != Some(Override::Removed)
+                    })
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// What every VIP's backends should be now.
+    pub fn desired(&self) -> BTreeMap<String, Vec<Desired>> {
+        let merged = self.registry.merged();
+        let mut out = BTreeMap::new();
+        for v in &self.vips {
+            let list = merged
+                .get(&v.service)
+                .map(|m| {
+                    m.values()
+                        .filter_map(|i| {
+                            let key = i.key();
+                            let state = match self.store.override_of(&v.service, &key) {
+                                Some(Override::Removed) => return None,
+                                Some(Override::Drained) => BackendMode::Draining,
+                                None if self.down.contains(&(v.name.clone(), key)) => {
+                                    BackendMode::Down
+                                }
+                                None => BackendMode::Active,
+                            };
+                            let mac = i.metadata.get("mac").and_then(|m| m.parse::<Mac>().ok());
+                            Some(Desired {
+                                key,
+                                weight: i.weight,
+                                mac,
+                                state,
+                            })
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.insert(v.name.clone(), list);
+        }
+        out
+    }
+
+    /// Applies the desired state; `since` is when the oldest change in this batch happened.
+    pub fn apply(&mut self, since: Instant) -> Result<usize> {
+        let mut writes = 0;
+        for (vip, desired) in self.desired() {
+            writes += self.balancer.apply(&vip, &desired)?;
+        }
+        if !self.adopted {
+            self.balancer.finish_adoption()?;
+            self.adopted = true;
+        }
+        let us = since.elapsed().as_micros() as u64;
+        self.stats.applies += 1;
+        self.stats.map_writes += writes as u64;
+        self.stats.generation = self.registry.generation;
+        if writes > 0 {
+            self.stats.last_change_to_map_us = us;
+            self.stats.max_change_to_map_us = self.stats.max_change_to_map_us.max(us);
+            info!(change_to_map_us = us, map_writes = writes, "applied");
+        }
+        Ok(writes)
+    }
+
+    /// Where to probe each backend of `vip`: the health port, else the backend's, else the VIP's.
+    pub fn health_targets(&self, vip: &str) -> Vec<(InstanceKey, SocketAddr)> {
+        let Some(v) = self.vip(vip) else {
+            return Vec::new();
+        };
+        let hport = v.health.as_ref().map(|h| h.port).unwrap_or(0);
+        self.instances(&v.service)
+            .into_iter()
+            .map(|i| {
+                let port = if hport != 0 {
+                    hport
+                } else if i.port != 0 && v.mode == Mode::Nat {
+                    i.port
+                } else {
+                    v.port
+                };
+                (i.key(), SocketAddr::new(i.address, port))
+            })
+            .collect()
+    }
+}
+
+/// Runs the loop until the event channel closes.
+pub async fn run(control: Arc<Mutex<Control>>, mut rx: mpsc::Receiver<Event>) {
+    let mut expiry = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let mut batch = Vec::new();
+        let since;
+        tokio::select! {
+            ev = rx.recv() => match ev {
+                Some(ev) => { since = Instant::now(); batch.push(ev); }
+                None => return,
+            },
+            _ = expiry.tick() => {
+                since = Instant::now();
+                let c = control.clone();
+                let expired = tokio::task::spawn_blocking(move || {
+                    c.lock().ok().map(|mut c| c.store.expire(SystemTime::now()))
+                }).await;
+                match expired {
+                    Ok(Some(Ok(true))) => batch.push(Event::StoreChanged { at: since }),
+                    Ok(Some(Err(e))) => warn!("API store: {e:#}"),
+                    _ => {}
+                }
+                if batch.is_empty() { continue; }
+            }
+        }
+        let deadline = tokio::time::Instant::now() + COALESCE;
+        while let Ok(Some(ev)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+            batch.push(ev);
+        }
+        let oldest = batch
+            .iter()
+            .filter_map(|e| match e {
+                Event::Snapshot { at, .. }
+                | Event::Health { at, .. }
+                | Event::StoreChanged { at } => Some(*at),
+                Event::Error { .. } => None,
+            })
+            .min()
+            .unwrap_or(since);
+        let c = control.clone();
+        let r = tokio::task::spawn_blocking(move || -> Result<usize> {
+            let mut c = c
+                .lock()
+                .map_err(|_| anyhow::anyhow!("control state poisoned"))?;
+            for ev in batch {
+                c.handle(ev);
+            }
+            c.apply(oldest)
+        })
+        .await;
+        match r {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => warn!("apply failed: {e:#}"),
+            Err(e) => warn!("apply task: {e}"),
+        }
+    }
+}

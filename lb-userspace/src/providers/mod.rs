@@ -1,0 +1,50 @@
+//! Providers turn a source into registry snapshots, sent to the control loop as [`Event`]s.
+//!
+//! Each provider owns its source and reports *complete* snapshots (never deltas), so a lost or
+//! repeated event cannot leave the registry inconsistent; a provider that fails reports an error
+//! and the registry keeps its last good snapshot.
+
+use std::time::Instant;
+
+use crate::registry::{InstanceKey, Services};
+
+pub mod file;
+pub mod store;
+
+/// Precedence when two providers report the same instance: higher wins.
+pub struct Rank;
+
+impl Rank {
+    pub const CONFIG: u8 = 0;
+    pub const FILE: u8 = 1;
+    pub const REDIS: u8 = 2;
+    pub const ETCD: u8 = 3;
+    /// An operator's API change outranks every discovered source.
+    pub const API: u8 = 4;
+}
+
+/// What reaches the control loop. `at` is when the source changed: the loop measures the time from
+/// there to the maps.
+#[derive(Debug)]
+pub enum Event {
+    Snapshot {
+        provider: String,
+        rank: u8,
+        services: Services,
+        at: Instant,
+    },
+    Error {
+        provider: String,
+        rank: u8,
+        error: String,
+    },
+    /// A health check verdict changed.
+    Health {
+        vip: String,
+        key: InstanceKey,
+        up: bool,
+        at: Instant,
+    },
+    /// The API store changed (it is read directly by the loop).
+    StoreChanged { at: Instant },
+}
