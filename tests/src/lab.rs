@@ -66,6 +66,7 @@ pub struct Lab {
     pub out_dir: PathBuf,
     pub pin_root: PathBuf,
     agent: Option<Child>,
+    agent_runs: u32,
     pass: Vec<Ebpf>,
 }
 
@@ -99,6 +100,7 @@ impl Lab {
             pin_root: PathBuf::from(format!("/sys/fs/bpf/{p}-{}", std::process::id())),
             out_dir,
             agent: None,
+            agent_runs: 0,
             pass: Vec::new(),
         };
         for i in 0..backends {
@@ -210,21 +212,47 @@ impl Lab {
         SocketAddr::new(ip, VIP_PORT)
     }
 
-    /// Starts a server named `b<i>` in every backend namespace.
-    pub fn start_servers(&mut self) -> Result<()> {
-        let port = match self.mode {
+    fn server_port(&self) -> u16 {
+        match self.mode {
             Mode::Dsr => VIP_PORT,
             Mode::Nat => NAT_PORT,
-        };
-        for (i, b) in self.backends.iter().enumerate() {
-            self.servers.push(Server::start(b, &format!("b{i}"), port)?);
         }
+    }
+
+    /// Starts a server named `b<i>` in every backend namespace.
+    pub fn start_servers(&mut self) -> Result<()> {
+        for (i, b) in self.backends.iter().enumerate() {
+            self.servers
+                .push(Server::start(b, &format!("b{i}"), self.server_port())?);
+        }
+        Ok(())
+    }
+
+    /// Stops backend `i`'s server (its listener closes: connects are refused).
+    pub fn stop_server(&mut self, i: usize) {
+        self.servers[i].stop();
+    }
+
+    /// Starts backend `i`'s server again.
+    pub fn restart_server(&mut self, i: usize) -> Result<()> {
+        self.servers[i] = Server::start(&self.backends[i], &format!("b{i}"), self.server_port())?;
         Ok(())
     }
 
     /// Writes the agent's config with the first `n` backends at `weights`, starts `lb run` in the
     /// balancer namespace and waits for its API.
     pub fn start_agent(&mut self, weights: &[u32]) -> Result<()> {
+        self.start_agent_with(weights, "", &lb_bin())
+    }
+
+    /// Like [`Lab::start_agent`], with `extra` appended to the config (a `[vip.health]` table for
+    /// the VIP, more VIPs) and a given `lb` binary.
+    pub fn start_agent_with(
+        &mut self,
+        weights: &[u32],
+        extra: &str,
+        bin: &std::path::Path,
+    ) -> Result<()> {
         let mut cfg = format!(
             "[agent]\ninstance = \"t\"\npin_root = \"{}\"\nstate_dir = \"{}\"\ninterfaces = [{}]\nxdp_mode = \"native\"\n\n\
              [dataplane]\nmax_vips = 4\nmax_backends = 256\n\n[api]\nlisten = \"{API}\"\ntoken = \"{TOKEN}\"\n\n\
@@ -242,19 +270,22 @@ impl Lab {
                 self.backend_port()
             );
         }
+        cfg += extra;
         let cfg_path = self.out_dir.join("lb.toml");
         std::fs::write(&cfg_path, cfg)?;
-        let log = std::fs::File::create(self.out_dir.join("agent.log"))?;
+        self.agent_runs += 1;
+        let log =
+            std::fs::File::create(self.out_dir.join(format!("agent-{}.log", self.agent_runs)))?;
         let child = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", self.lb.name))
-            .arg(lb_bin())
+            .arg(bin)
             .args(["run", "--config"])
             .arg(&cfg_path)
             .env("RUST_LOG", "info")
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log))
             .spawn()
-            .with_context(|| format!("starting {}", lb_bin().display()))?;
+            .with_context(|| format!("starting {}", bin.display()))?;
         self.agent = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -263,16 +294,13 @@ impl Lab {
             }
             if let Some(c) = self.agent.as_mut() {
                 if let Some(st) = c.try_wait()? {
-                    bail!(
-                        "agent exited ({st}); see {}",
-                        self.out_dir.join("agent.log").display()
-                    );
+                    bail!("agent exited ({st}); see {}", self.out_dir.display());
                 }
             }
             if Instant::now() > deadline {
                 bail!(
                     "agent API not up after 20 s; see {}",
-                    self.out_dir.join("agent.log").display()
+                    self.out_dir.display()
                 );
             }
             std::thread::sleep(Duration::from_millis(100));

@@ -43,6 +43,14 @@ impl Server {
         })
     }
 
+    /// Closes the listener (new connections are refused); served connections go on.
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+
     /// Connections accepted so far: the server's own count, to compare with the balancer's.
     pub fn accepted(&self) -> u64 {
         self.accepted.load(Ordering::SeqCst)
@@ -50,6 +58,52 @@ impl Server {
 }
 
 impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Counts UDP datagrams by sequence number (the first 8 bytes, big-endian): what a loss test
+/// compares with what was sent.
+pub struct UdpSink {
+    stop: Arc<AtomicBool>,
+    seen: Arc<std::sync::Mutex<std::collections::BTreeSet<u64>>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl UdpSink {
+    pub fn start(ns: &Netns, bind: SocketAddr) -> Result<UdpSink> {
+        let sock = ns.run(move || std::net::UdpSocket::bind(bind))??;
+        sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen: Arc<std::sync::Mutex<std::collections::BTreeSet<u64>>> = Default::default();
+        let (s, n) = (stop.clone(), seen.clone());
+        let handle = std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            while !s.load(Ordering::SeqCst) {
+                if let Ok(len) = sock.recv(&mut buf) {
+                    if len >= 8 {
+                        let seq = u64::from_be_bytes(buf[..8].try_into().unwrap_or([0; 8]));
+                        if let Ok(mut set) = n.lock() {
+                            set.insert(seq);
+                        }
+                    }
+                }
+            }
+        });
+        Ok(UdpSink {
+            stop,
+            seen,
+            handle: Some(handle),
+        })
+    }
+
+    pub fn seen(&self) -> std::collections::BTreeSet<u64> {
+        self.seen.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for UdpSink {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(h) = self.handle.take() {

@@ -4,7 +4,8 @@
 //! replace files by renaming over them, which a watch on the file's inode would miss. Events are
 //! debounced, then every matching file is re-read. Each file keeps its last good content: a
 //! half-written or invalid file is rejected with file, line and reason, and changes nothing — not
-//! even its own earlier contribution — until it parses again; a deleted file's instances go.
+//! even its own earlier contribution — until it parses again; a deleted file's instances go. An
+//! empty file counts as one being rewritten (its last good content stays).
 //!
 //! Format (TOML; YAML has the same shape, `services`/`instances` also accepted):
 //! ```toml
@@ -198,6 +199,15 @@ impl FileSource {
         self.good.retain(|p, _| files.contains(p));
         for f in files {
             match std::fs::read_to_string(&f) {
+                // A zero-length file is almost always one being rewritten (truncate, then write):
+                // keep its last good content. Delete the file, or write `service = []`, to empty it.
+                Ok(text) if text.trim().is_empty() && self.good.contains_key(&f) => {
+                    errors.push(FileError {
+                        file: f,
+                        line: 0,
+                        reason: "empty: keeping its last good content".into(),
+                    })
+                }
                 Ok(text) => match parse(&f, &text) {
                     Ok(s) => {
                         self.good.insert(f, s);
@@ -233,8 +243,11 @@ pub async fn run(spec: FileProviderSpec, events: mpsc::Sender<Event>) -> Result<
     let mut source = FileSource::new(&spec.path);
     let (tx, mut rx) = mpsc::unbounded_channel::<Instant>();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if res.is_ok() {
-            let _ = tx.send(Instant::now());
+        // Our own reads raise open/close (access) events: reacting to them would reload forever.
+        if let Ok(ev) = res {
+            if !matches!(ev.kind, notify::EventKind::Access(_)) {
+                let _ = tx.send(Instant::now());
+            }
         }
     })
     .context("creating the file watcher")?;

@@ -1,0 +1,241 @@
+//! End to end for the control plane: health checks taking a dead backend out and back, and an
+//! agent restart (with another binary) under steady TCP and UDP traffic losing nothing.
+//! Run one at a time (`--test-threads=1`).
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Result};
+use lb_tests::{
+    lab::{lb_bin, Lab, Mode, VIP4},
+    server::{who, Conn, UdpSink},
+};
+
+/// Polls the API until backend `addr` of the VIP is in `state`; returns how long it took.
+fn wait_state(lab: &Lab, addr: &str, state: &str, limit: Duration) -> Result<Duration> {
+    let t0 = Instant::now();
+    while t0.elapsed() < limit {
+        let v = lab.vip_state()?;
+        let found = v["backends"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|b| b["address"].as_str() == Some(addr) && b["state"].as_str() == Some(state));
+        if found {
+            return Ok(t0.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("{addr} not {state} within {limit:?}")
+}
+
+const INTERVAL_MS: u64 = 200;
+const FALL: u64 = 2;
+const RISE: u64 = 2;
+
+#[test]
+fn health_checks_take_a_dead_backend_out_and_bring_it_back() -> Result<()> {
+    let mut lab = Lab::new("lbt", "hc", Mode::Dsr, 3, false)?;
+    lab.start_servers()?;
+    let health = format!("\n[vip.health]\ncheck = \"tcp\"\ninterval_ms = {INTERVAL_MS}\ntimeout_ms = 100\nfall = {FALL}\nrise = {RISE}\n");
+    lab.start_agent_with(&[1, 1, 1], &health, &lb_bin())?;
+    lab.assert_native()?;
+    let vip = lab.vip();
+    let mut conns = lab
+        .client
+        .run(move || (0..30).map(|_| Conn::open(vip)).collect::<Result<Vec<_>>>())??;
+    let others: Vec<usize> = (0..conns.len())
+        .filter(|&i| conns[i].backend != "b1")
+        .collect();
+
+    lab.stop_server(1);
+    let dead = lab.backend_addr(1, false).to_string();
+    let limit = Duration::from_millis(3 * INTERVAL_MS * FALL);
+    let took = wait_state(&lab, &dead, "down", limit + Duration::from_secs(2))?;
+    println!(
+        "hc: b1 marked down {took:?} after its server stopped (interval × fall = {} ms)",
+        INTERVAL_MS * FALL
+    );
+    ensure!(
+        took <= limit,
+        "took {took:?}, more than 3 × interval × fall = {limit:?}"
+    );
+    for &i in &others {
+        conns[i]
+            .echo("still-here")
+            .map_err(|e| anyhow::anyhow!("connection {i} on {}: {e}", conns[i].backend))?;
+    }
+    let (t, failed) = tally(&lab, 100)?;
+    ensure!(
+        failed == 0 && !t.contains_key("b1"),
+        "after b1 went down: {t:?}, {failed} failed"
+    );
+
+    lab.restart_server(1)?;
+    let limit = Duration::from_millis(3 * INTERVAL_MS * RISE);
+    let took = wait_state(&lab, &dead, "active", limit + Duration::from_secs(2))?;
+    println!(
+        "hc: b1 back {took:?} after its server restarted (interval × rise = {} ms)",
+        INTERVAL_MS * RISE
+    );
+    ensure!(
+        took <= limit,
+        "took {took:?} to come back, more than {limit:?}"
+    );
+    let (t, failed) = tally(&lab, 100)?;
+    ensure!(
+        failed == 0 && t.contains_key("b1"),
+        "after b1 came back: {t:?}, {failed} failed"
+    );
+    for &i in &others {
+        conns[i].echo("still-here-2")?;
+    }
+    Ok(())
+}
+
+fn tally(lab: &Lab, n: usize) -> Result<(std::collections::BTreeMap<String, usize>, usize)> {
+    let vip = lab.vip();
+    lab.client.run(move || {
+        let mut t = std::collections::BTreeMap::new();
+        let mut failed = 0;
+        for _ in 0..n {
+            match who(vip) {
+                Ok(b) => *t.entry(b).or_insert(0) += 1,
+                Err(_) => failed += 1,
+            }
+        }
+        (t, failed)
+    })
+}
+
+const UDP_PORT: u16 = 5353;
+
+/// Restart under load: new TCP connections opened throughout, long-lived ones used throughout, and
+/// a paced UDP stream; the agent is stopped (SIGTERM), then a second binary starts on the same
+/// pinned maps and swaps its program into the pinned link. Nothing may fail or be lost.
+#[test]
+fn agent_restart_loses_no_request_and_no_datagram() -> Result<()> {
+    let mut lab = Lab::new("lbt", "rst", Mode::Dsr, 3, false)?;
+    lab.start_servers()?;
+    let sinks: Vec<UdpSink> = lab
+        .backends
+        .iter()
+        .map(|b| UdpSink::start(b, SocketAddr::new(VIP4.parse().expect("static"), UDP_PORT)))
+        .collect::<Result<_>>()?;
+    let mut udp_vip = format!(
+        "\n[[vip]]\nname = \"dns\"\naddress = \"{VIP4}\"\nport = {UDP_PORT}\nprotocol = \"udp\"\nmode = \"dsr\"\n"
+    );
+    for i in 0..3 {
+        udp_vip += &format!(
+            "\n[[vip.backend]]\naddress = \"{}\"\n",
+            lab.backend_addr(i, false)
+        );
+    }
+    lab.start_agent_with(&[1, 1, 1], &udp_vip, &lb_bin())?;
+    lab.assert_native()?;
+    let prog_before = xdp_prog_id(&lab)?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (requests, tcp_failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let vip = lab.vip();
+    let tcp = {
+        let (stop, requests, failed) = (stop.clone(), requests.clone(), tcp_failed.clone());
+        lab.client.spawn(move || -> Result<()> {
+            let mut long: Vec<Conn> = (0..20).map(|_| Conn::open(vip)).collect::<Result<_>>()?;
+            let mut n = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                for (i, c) in long.iter_mut().enumerate() {
+                    if c.echo(&format!("{n}-{i}")).is_err() {
+                        failed.fetch_add(1, Ordering::SeqCst);
+                    }
+                    requests.fetch_add(1, Ordering::SeqCst);
+                }
+                for _ in 0..10 {
+                    if who(vip).is_err() {
+                        failed.fetch_add(1, Ordering::SeqCst);
+                    }
+                    requests.fetch_add(1, Ordering::SeqCst);
+                }
+                n += 1;
+            }
+            Ok(())
+        })
+    };
+    let udp_sent = Arc::new(AtomicU64::new(0));
+    let udp = {
+        let (stop, sent) = (stop.clone(), udp_sent.clone());
+        let target = SocketAddr::new(VIP4.parse().expect("static"), UDP_PORT);
+        lab.client.spawn(move || -> Result<()> {
+            // Four sockets: four flows, spread over the backends.
+            let socks: Vec<std::net::UdpSocket> = (0..4)
+                .map(|_| std::net::UdpSocket::bind("0.0.0.0:0"))
+                .collect::<Result<_, _>>()?;
+            let mut seq = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let s = &socks[(seq % 4) as usize];
+                s.send_to(&seq.to_be_bytes(), target)?;
+                seq += 1;
+                sent.store(seq, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Ok(())
+        })
+    };
+
+    std::thread::sleep(Duration::from_millis(700));
+    lab.stop_agent()?;
+    // No agent at all for a while: the pinned program forwards on its own.
+    std::thread::sleep(Duration::from_millis(700));
+    let other_bin = lab.out_dir.join("lb-second-binary");
+    std::fs::copy(lb_bin(), &other_bin)?;
+    lab.start_agent_with(&[1, 1, 1], &udp_vip, &other_bin)?;
+    std::thread::sleep(Duration::from_millis(700));
+    stop.store(true, Ordering::SeqCst);
+    tcp.join()
+        .map_err(|_| anyhow::anyhow!("tcp client panicked"))???;
+    udp.join()
+        .map_err(|_| anyhow::anyhow!("udp client panicked"))???;
+    std::thread::sleep(Duration::from_millis(300));
+
+    let prog_after = xdp_prog_id(&lab)?;
+    let sent = udp_sent.load(Ordering::SeqCst);
+    let mut seen = std::collections::BTreeSet::new();
+    for s in &sinks {
+        seen.extend(s.seen());
+    }
+    let lost = (0..sent).filter(|q| !seen.contains(q)).count();
+    let (reqs, failed) = (
+        requests.load(Ordering::SeqCst),
+        tcp_failed.load(Ordering::SeqCst),
+    );
+    println!("restart: {reqs} TCP requests, {failed} failed; {sent} datagrams, {lost} lost; program id {prog_before} → {prog_after}");
+    ensure!(
+        failed == 0,
+        "{failed} of {reqs} TCP requests failed across the restart"
+    );
+    ensure!(
+        lost == 0,
+        "{lost} of {sent} datagrams lost across the restart"
+    );
+    ensure!(
+        prog_before != prog_after,
+        "the new agent did not replace the program"
+    );
+    Ok(())
+}
+
+/// The id of the XDP program on the balancer's eth0.
+fn xdp_prog_id(lab: &Lab) -> Result<u64> {
+    let out = lab.lb.exec("ip -d link show eth0")?;
+    out.split("prog/xdp id ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|id| id.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no XDP program on eth0: {out}"))
+}
