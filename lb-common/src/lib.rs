@@ -26,6 +26,9 @@ pub mod mode {
     pub const NAT: u8 = 2;
     /// Served on this host (the L7 proxy): `XDP_PASS`.
     pub const LOCAL: u8 = 3;
+    /// IP-in-IP (IPv4 or IPv6 outer header, the backend's family) to a backend that decapsulates
+    /// (`lb decap`); the backend answers the client directly, as in DSR.
+    pub const IPIP: u8 = 4;
 }
 
 /// `Backend::flags`.
@@ -175,10 +178,14 @@ pub enum Reason {
     DropNoRoute = 14,
     /// DSR backend without a MAC, or a family that does not match the VIP.
     DropBadBackend = 15,
+    /// IP-in-IP: encapsulated and sent back out of the ingress interface.
+    TxIpip = 16,
+    /// ICMP "fragmentation needed" / "packet too big" about a VIP flow, sent to the flow's backend.
+    IcmpToBackend = 17,
 }
 
 /// Number of [`Reason`] values: the size of `STATS_REASON`.
-pub const REASON_COUNT: u32 = 16;
+pub const REASON_COUNT: u32 = 18;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -198,6 +205,8 @@ impl Reason {
         Reason::DropBadMaps,
         Reason::DropNoRoute,
         Reason::DropBadBackend,
+        Reason::TxIpip,
+        Reason::IcmpToBackend,
     ];
 
     /// Stable snake_case name, used in the API and in metrics labels.
@@ -219,6 +228,8 @@ impl Reason {
             Reason::DropBadMaps => "drop_bad_maps",
             Reason::DropNoRoute => "drop_no_route",
             Reason::DropBadBackend => "drop_bad_backend",
+            Reason::TxIpip => "tx_ipip",
+            Reason::IcmpToBackend => "icmp_to_backend",
         }
     }
 }

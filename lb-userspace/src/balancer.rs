@@ -320,7 +320,7 @@ impl Balancer {
                     } else {
                         b.mac
                     };
-                    if mode == Mode::Dsr && b.mac.is_some() != mac.is_some() {
+                    if mode.needs_mac() && b.mac.is_some() != mac.is_some() {
                         table_changed = true;
                     }
                     if b.state != d.state || b.mac != mac {
@@ -345,8 +345,8 @@ impl Balancer {
                             id
                         }
                     };
-                    let mac = match (mode, d.mac) {
-                        (Mode::Dsr, None) => {
+                    let mac = match (mode.needs_mac(), d.mac) {
+                        (true, None) => {
                             let m = neighbor::resolve(key.address);
                             if m.is_none() {
                                 warn!(vip = vip_name, backend = %key, "MAC not resolved yet; will retry");
@@ -400,7 +400,7 @@ impl Balancer {
             .iter()
             // A DSR backend without a MAC cannot be forwarded to: it joins when resolved.
             .filter(|(_, b)| b.state == BackendMode::Active && b.weight > 0)
-            .filter(|(_, b)| vip.spec.mode != Mode::Dsr || b.mac.is_some())
+            .filter(|(_, b)| !vip.spec.mode.needs_mac() || b.mac.is_some())
             .map(|(k, b)| (k.to_string(), b.weight, b.id))
             .collect();
         // The table depends on member order: sort by identity so every node agrees.
@@ -455,7 +455,7 @@ impl Balancer {
         let mut updates = Vec::new();
         let mut rebuild = BTreeSet::new();
         for (name, vip) in self.vips.iter_mut() {
-            if vip.spec.mode != Mode::Dsr {
+            if !vip.spec.mode.needs_mac() {
                 continue;
             }
             for (key, b) in vip.backends.iter_mut().filter(|(_, b)| b.mac.is_none()) {

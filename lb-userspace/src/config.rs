@@ -204,6 +204,17 @@ struct RawDataplane {
     max_flows: Spanned<u32>,
     #[serde(default = "d_udp_timeout")]
     udp_timeout_secs: u64,
+    #[serde(default = "d_ipip4")]
+    ipip_source_v4: std::net::Ipv4Addr,
+    #[serde(default = "d_ipip6")]
+    ipip_source_v6: std::net::Ipv6Addr,
+}
+
+fn d_ipip4() -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::new(172, 16, 0, 0)
+}
+fn d_ipip6() -> std::net::Ipv6Addr {
+    std::net::Ipv6Addr::new(0xfd00, 0xffff, 0, 0, 0, 0, 0, 0)
 }
 
 impl Default for RawDataplane {
@@ -214,6 +225,8 @@ impl Default for RawDataplane {
             ring_size: d_ring_size(),
             max_flows: d_max_flows(),
             udp_timeout_secs: d_udp_timeout(),
+            ipip_source_v4: d_ipip4(),
+            ipip_source_v6: d_ipip6(),
         }
     }
 }
@@ -338,14 +351,21 @@ pub enum Mode {
     Dsr,
     Nat,
     Local,
+    Ipip,
 }
 
 impl Mode {
+    /// DSR and IP-in-IP put the backend's (or its next hop's) MAC on the frame.
+    pub fn needs_mac(self) -> bool {
+        matches!(self, Mode::Dsr | Mode::Ipip)
+    }
+
     pub fn number(self) -> u8 {
         match self {
             Mode::Dsr => lb_common::mode::DSR,
             Mode::Nat => lb_common::mode::NAT,
             Mode::Local => lb_common::mode::LOCAL,
+            Mode::Ipip => lb_common::mode::IPIP,
         }
     }
 }
@@ -645,11 +665,12 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
             "dsr" => Mode::Dsr,
             "nat" => Mode::Nat,
             "local" => Mode::Local,
+            "ipip" => Mode::Ipip,
             other => {
                 return Err(err(
                     v.mode.span(),
                     format!("vip[{i}].mode"),
-                    format!("{other:?}: expected \"dsr\", \"nat\" or \"local\""),
+                    format!("{other:?}: expected \"dsr\", \"nat\", \"ipip\" or \"local\""),
                 ))
             }
         };
@@ -833,6 +854,8 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
             ring_size: ring,
             max_flows: *d.max_flows.get_ref(),
             udp_timeout_secs: d.udp_timeout_secs,
+            ipip_source_v4: d.ipip_source_v4,
+            ipip_source_v6: d.ipip_source_v6,
         },
         api_listen,
         api_token: raw.api.token.clone(),

@@ -26,6 +26,8 @@ use tracing::{info, warn};
 
 /// The balancer's object file, built by build.rs from lb-ebpf.
 pub static LB_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
+/// Strips the balancer's IP-in-IP header on an `ipip` backend (`lb decap`).
+pub static DECAP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-decap"));
 /// A program that only returns `XDP_PASS`: veth peers need one for `XDP_TX` frames to arrive.
 pub static PASS_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-pass"));
 
@@ -38,6 +40,9 @@ pub struct Limits {
     pub ring_size: u32,
     pub max_flows: u32,
     pub udp_timeout_secs: u64,
+    /// `ipip` outer source prefixes (a /16 and a /96): not map sizes, set per program load.
+    pub ipip_source_v4: std::net::Ipv4Addr,
+    pub ipip_source_v6: std::net::Ipv6Addr,
 }
 
 /// How to attach to an interface.
@@ -127,6 +132,16 @@ impl Dataplane {
             .map_max_entries("NAT_REVERSE", limits.max_flows)
             .override_global("RING_SIZE", &limits.ring_size, true)
             .override_global("UDP_TIMEOUT_NS", &udp_ns, true)
+            .override_global(
+                "IPIP_SRC_V4",
+                &u32::from_ne_bytes(limits.ipip_source_v4.octets()),
+                true,
+            )
+            .override_global(
+                "IPIP_SRC_V6",
+                &crate::balancer::addr_words(limits.ipip_source_v6.into()),
+                true,
+            )
             .override_global("AYA_LOG_LEVEL", &log_level, false)
             .load(LB_OBJECT)
             .context("loading the XDP object (is BPF available on this kernel?)")?;
@@ -399,6 +414,35 @@ impl Dataplane {
         }
         Ok(out)
     }
+}
+
+/// Attaches the decapsulation program to `iface`; it stays attached while the returned handle
+/// lives (`lb decap` holds it until a signal).
+pub fn attach_decap(iface: &str, mode: AttachMode) -> Result<Ebpf> {
+    ensure_bpffs()?;
+    let mut ebpf = Ebpf::load(DECAP_OBJECT).context("loading the decap program")?;
+    let prog: &mut Xdp = ebpf
+        .program_mut("lb_decap")
+        .ok_or_else(|| anyhow!("lb_decap missing"))?
+        .try_into()?;
+    prog.load()
+        .context("the verifier rejected the decap program")?;
+    let attempts: &[XdpMode] = match mode {
+        AttachMode::Auto => &[XdpMode::Driver, XdpMode::Skb],
+        AttachMode::Native => &[XdpMode::Driver],
+        AttachMode::Generic => &[XdpMode::Skb],
+    };
+    let mut last = None;
+    for m in attempts {
+        match prog.attach(iface, *m) {
+            Ok(_) => return Ok(ebpf),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(anyhow!(
+        "attaching decap to {iface}: {}",
+        last.map(|e| e.to_string()).unwrap_or_default()
+    ))
 }
 
 /// Removes an instance's pinned links (detaching the program) and maps.

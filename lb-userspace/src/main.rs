@@ -41,11 +41,25 @@ enum Cmd {
         #[arg(long, env = "LB_API_TOKEN", hide_env_values = true)]
         token: String,
     },
+    /// On an `ipip` backend: strip the balancer's outer header on IFACE until stopped (SIGTERM).
+    Decap {
+        #[arg(long)]
+        iface: String,
+        #[arg(long, value_enum, default_value = "auto")]
+        mode: XdpModeArg,
+    },
     /// Detach the program and remove the pinned maps of an instance.
     Detach {
         #[arg(long, short, default_value = "lb.toml")]
         config: PathBuf,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum XdpModeArg {
+    Auto,
+    Native,
+    Generic,
 }
 
 fn main() -> Result<()> {
@@ -92,6 +106,26 @@ fn main() -> Result<()> {
                 }
                 Err(e) => anyhow::bail!("{url}: {e}"),
             }
+        }
+        Cmd::Decap { iface, mode } => {
+            use lb_userspace::dataplane::AttachMode;
+            let mode = match mode {
+                XdpModeArg::Auto => AttachMode::Auto,
+                XdpModeArg::Native => AttachMode::Native,
+                XdpModeArg::Generic => AttachMode::Generic,
+            };
+            let _attached = lb_userspace::dataplane::attach_decap(&iface, mode)?;
+            tracing::info!(iface, "decapsulating IP-in-IP until SIGTERM/SIGINT");
+            tokio::runtime::Runtime::new()?.block_on(async {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+                anyhow::Ok(())
+            })?;
+            Ok(())
         }
         Cmd::Detach { config } => {
             let c = lb_userspace::config::load(&config)?;

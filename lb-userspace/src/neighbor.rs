@@ -12,8 +12,29 @@ use std::{
 
 use crate::config::Mac;
 
-/// Resolves `addr`'s MAC, waiting up to one second for ARP/NDP to answer.
+/// Resolves the MAC frames for `addr` must carry: its own when it is on a local segment, its
+/// gateway's when it is routed. Waits up to one second for ARP/NDP to answer.
 pub fn resolve(addr: IpAddr) -> Option<Mac> {
+    let hop = next_hop(addr).unwrap_or(addr);
+    resolve_neighbor(hop)
+}
+
+/// The gateway `ip route get` names for `addr`, if it is routed.
+fn next_hop(addr: IpAddr) -> Option<IpAddr> {
+    let out = Command::new("ip")
+        .args(["route", "get", &addr.to_string()])
+        .output()
+        .ok()?;
+    parse_via(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn parse_via(out: &str) -> Option<IpAddr> {
+    let mut words = out.split_whitespace();
+    words.find(|w| *w == "via")?;
+    words.next()?.parse().ok()
+}
+
+fn resolve_neighbor(addr: IpAddr) -> Option<Mac> {
     if let Some(mac) = lookup(addr) {
         return Some(mac);
     }
@@ -68,5 +89,10 @@ mod tests {
         assert_eq!(mac, Some(Mac([2, 0, 0, 0, 0, 5])));
         assert_eq!(parse_neigh("10.0.0.5 dev eth0 FAILED\n"), None);
         assert_eq!(parse_neigh(""), None);
+        assert_eq!(
+            parse_via("10.9.0.1 via 10.0.0.254 dev eth0 src 10.0.0.2 uid 0"),
+            "10.0.0.254".parse().ok()
+        );
+        assert_eq!(parse_via("10.0.0.5 dev eth0 src 10.0.0.2 uid 0"), None);
     }
 }

@@ -48,6 +48,10 @@ const UNRESOLVED_BACKEND: [u8; 4] = [10, 1, 0, 6];
 const NONEIGH_VIP: [u8; 4] = [10, 0, 0, 106];
 const NAT_UDP_VIP: [u8; 4] = [10, 0, 0, 107];
 const LOCAL_VIP: [u8; 4] = [10, 0, 0, 108];
+const IPIP_VIP: [u8; 4] = [10, 0, 0, 109];
+const IPIP_BACKEND: [u8; 4] = [10, 0, 1, 1];
+const IPIP_VIP6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 2];
+const IPIP_BACKEND6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x11, 1];
 const CLIENT6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 const DSR_VIP6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0];
 const NAT_VIP6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1];
@@ -144,6 +148,22 @@ fn fixture_vips() -> Vec<VipSpec> {
             vec![backend(ip4(NAT_BACKEND), 5300, None)],
         ),
         vip("local", ip4(LOCAL_VIP), 443, Tcp, Local, vec![]),
+        vip(
+            "ipip",
+            ip4(IPIP_VIP),
+            80,
+            Tcp,
+            Ipip,
+            vec![backend(ip4(IPIP_BACKEND), 0, Some(BACKEND_MAC))],
+        ),
+        vip(
+            "ipip6",
+            IpAddr::from(IPIP_VIP6),
+            80,
+            Tcp,
+            Ipip,
+            vec![backend(IpAddr::from(IPIP_BACKEND6), 0, Some(BACKEND_MAC))],
+        ),
         vip("dsr6", IpAddr::from(DSR_VIP6), 80, Tcp, Dsr, vec![b1]),
         vip(
             "nat6",
@@ -175,6 +195,8 @@ impl Env {
             ring_size: 1021,
             max_flows: 4096,
             udp_timeout_secs: 30,
+            ipip_source_v4: "172.16.0.0".parse().expect("static"),
+            ipip_source_v6: "fd00:ffff::".parse().expect("static"),
         };
         let dp = Dataplane::open(&pin_root, "t", &limits, false).expect("load program");
         let mut balancer = Balancer::new(dp, &fixture_vips()).expect("program maps");
@@ -752,5 +774,109 @@ fn nat_udp_checksum_is_updated() {
             out,
             udp4(LB_B0_MAC, BACKEND_MAC, CLIENT, NAT_BACKEND, 5353, 5300, 63)
         );
+    });
+}
+
+/// The outer source the program must choose: the configured prefix with the flow hash in the low
+/// bits (the specified rule; the hash function is lb-common's, shared with the kernel).
+fn flow_hash_of(src: &[u8], dst: &[u8], sport: u16, dport: u16) -> u32 {
+    let words = |a: &[u8]| {
+        let mut w = [0u32; 4];
+        for (i, c) in a.chunks(4).enumerate() {
+            w[i] = u32::from_ne_bytes([c[0], c[1], c[2], c[3]]);
+        }
+        w
+    };
+    let key = lb_common::FlowKey {
+        src: words(src),
+        dst: words(dst),
+        sport: sport.to_be(),
+        dport: dport.to_be(),
+        proto: lb_common::proto::TCP,
+        _pad: [0; 3],
+    };
+    lb_common::hash::flow_hash(&key)
+}
+
+/// Runs the decap program (what `lb decap` attaches on a backend) once on `frame`.
+fn decap(frame: &[u8]) -> (u32, Vec<u8>) {
+    use aya::programs::{TestRun as _, TestRunOptions, Xdp};
+    let mut ebpf = aya::Ebpf::load(dataplane::DECAP_OBJECT).expect("load decap");
+    let prog: &mut Xdp = ebpf
+        .program_mut("lb_decap")
+        .expect("lb_decap")
+        .try_into()
+        .expect("xdp");
+    prog.load().expect("verifier");
+    let mut out = vec![0u8; frame.len() + 64];
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(frame);
+    opts.data_out = Some(&mut out);
+    let r = prog.test_run(opts).expect("test run");
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out)
+}
+
+#[test]
+fn ipip_v4_encapsulates_and_decap_restores_the_original() {
+    in_netns(|| {
+        let mut env = Env::new();
+        let syn = tcp4(CLIENT_MAC, LB_MAC, CLIENT, IPIP_VIP, 40000, 80, 64, true);
+        let (verdict, out) = env.run(&syn, 0);
+        assert_eq!(verdict, XDP_TX);
+        let h = flow_hash_of(&CLIENT, &IPIP_VIP, 40000, 80);
+        let inner = &syn[14..];
+        let mut outer = Ipv4Header::new(
+            inner.len() as u16,
+            64,
+            IpNumber::IPV4,
+            [172, 16, (h >> 8) as u8, h as u8],
+            IPIP_BACKEND,
+        )
+        .expect("outer");
+        outer.dont_fragment = true; // copied from the inner SYN's DF
+        outer.header_checksum = outer.calc_header_checksum();
+        let mut want = with_macs(&syn[..14], LB_MAC, BACKEND_MAC);
+        outer.write(&mut want).expect("outer header"); // etherparse computes the header checksum
+        want.extend_from_slice(inner);
+        assert_eq!(out, want);
+        assert_eq!(env.reason(Reason::TxIpip), 1);
+        // On the backend, the decap program gives the stack the client's packet back.
+        let (verdict, plain) = decap(&out);
+        assert_eq!(verdict, XDP_PASS);
+        assert_eq!(plain, with_macs(&syn, LB_MAC, BACKEND_MAC));
+        // Frames that are not IP-in-IP pass the decap program untouched.
+        assert_eq!(decap(&syn), (XDP_PASS, syn.clone()));
+    });
+}
+
+#[test]
+fn ipip_v6_encapsulates_with_flow_label_entropy() {
+    in_netns(|| {
+        let mut env = Env::new();
+        let syn = tcp6(CLIENT_MAC, LB_MAC, CLIENT6, IPIP_VIP6, 40000, 80, 64);
+        let (verdict, out) = env.run(&syn, 0);
+        assert_eq!(verdict, XDP_TX);
+        let h = flow_hash_of(&CLIENT6, &IPIP_VIP6, 40000, 80);
+        let inner = &syn[14..];
+        let mut src = [0u8; 16];
+        src[..4].copy_from_slice(&[0xfd, 0x00, 0xff, 0xff]);
+        src[12..].copy_from_slice(&h.to_ne_bytes());
+        let outer = etherparse::Ipv6Header {
+            traffic_class: 0,
+            flow_label: etherparse::Ipv6FlowLabel::try_new(h & 0xfffff).expect("label"),
+            payload_length: inner.len() as u16,
+            next_header: IpNumber::IPV6,
+            hop_limit: 64,
+            source: src,
+            destination: IPIP_BACKEND6,
+        };
+        let mut want = with_macs(&syn[..14], LB_MAC, BACKEND_MAC);
+        outer.write(&mut want).expect("outer header");
+        want.extend_from_slice(inner);
+        assert_eq!(out, want);
+        let (verdict, plain) = decap(&out);
+        assert_eq!(verdict, XDP_PASS);
+        assert_eq!(plain, with_macs(&syn, LB_MAC, BACKEND_MAC));
     });
 }

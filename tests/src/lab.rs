@@ -35,6 +35,8 @@ use crate::{
 pub enum Mode {
     Dsr,
     Nat,
+    /// DSR's topology; the balancer encapsulates and the backends run `lb decap`.
+    Ipip,
 }
 
 impl Mode {
@@ -42,6 +44,7 @@ impl Mode {
         match self {
             Mode::Dsr => "dsr",
             Mode::Nat => "nat",
+            Mode::Ipip => "ipip",
         }
     }
 }
@@ -67,6 +70,8 @@ pub struct Lab {
     pub pin_root: PathBuf,
     agent: Option<Child>,
     agent_runs: u32,
+    /// `lb decap` processes on the backends.
+    helpers: Vec<Child>,
     pass: Vec<Ebpf>,
 }
 
@@ -101,6 +106,7 @@ impl Lab {
             out_dir,
             agent: None,
             agent_runs: 0,
+            helpers: Vec::new(),
             pass: Vec::new(),
         };
         for i in 0..backends {
@@ -138,7 +144,7 @@ impl Lab {
         self.lb
             .exec("ip addr add 10.0.0.2/24 dev eth0 && ip -6 addr add fd00::2/64 dev eth0 nodad")?;
         match self.mode {
-            Mode::Dsr => {
+            Mode::Dsr | Mode::Ipip => {
                 for (i, b) in self.backends.iter().enumerate() {
                     self.plug(b, "eth0", &format!("b{i}"), "br0")?;
                     b.exec(&format!(
@@ -190,8 +196,8 @@ impl Lab {
     /// The backend's address as the balancer reaches it.
     pub fn backend_addr(&self, i: usize, v6: bool) -> IpAddr {
         let s = match (self.mode, v6) {
-            (Mode::Dsr, false) => format!("10.0.0.{}", 11 + i),
-            (Mode::Dsr, true) => format!("fd00::{}", 11 + i),
+            (Mode::Dsr | Mode::Ipip, false) => format!("10.0.0.{}", 11 + i),
+            (Mode::Dsr | Mode::Ipip, true) => format!("fd00::{}", 11 + i),
             (Mode::Nat, false) => format!("10.1.0.{}", 11 + i),
             (Mode::Nat, true) => format!("fd01::{}", 11 + i),
         };
@@ -200,7 +206,7 @@ impl Lab {
 
     pub fn backend_port(&self) -> u16 {
         match self.mode {
-            Mode::Dsr => 0,
+            Mode::Dsr | Mode::Ipip => 0,
             Mode::Nat => NAT_PORT,
         }
     }
@@ -214,9 +220,34 @@ impl Lab {
 
     fn server_port(&self) -> u16 {
         match self.mode {
-            Mode::Dsr => VIP_PORT,
+            Mode::Dsr | Mode::Ipip => VIP_PORT,
             Mode::Nat => NAT_PORT,
         }
+    }
+
+    /// Runs `lb decap` (native) on every backend's eth0 until the lab is dropped.
+    pub fn start_decap(&mut self) -> Result<()> {
+        for (i, b) in self.backends.iter().enumerate() {
+            let log = std::fs::File::create(self.out_dir.join(format!("decap-b{i}.log")))?;
+            let child = Command::new("nsenter")
+                .arg(format!("--net=/run/netns/{}", b.name))
+                .arg(lb_bin())
+                .args(["decap", "--iface", "eth0", "--mode", "native"])
+                .stdout(Stdio::from(log.try_clone()?))
+                .stderr(Stdio::from(log))
+                .spawn()?;
+            self.helpers.push(child);
+        }
+        for b in &self.backends {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !b.exec("ip -d link show eth0")?.contains("prog/xdp") {
+                if Instant::now() > deadline {
+                    bail!("lb decap did not attach in {}", b.name);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
     }
 
     /// Starts a server named `b<i>` in every backend namespace.
@@ -403,6 +434,10 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         let _ = self.stop_agent();
+        for mut h in self.helpers.drain(..) {
+            let _ = h.kill();
+            let _ = h.wait();
+        }
         self.servers.clear();
         let _ = std::fs::remove_dir_all(&self.pin_root);
         self.pass.clear();

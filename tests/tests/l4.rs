@@ -312,3 +312,46 @@ fn maglev_alone_keeps_unaffected_flows_after_conntrack_clear() -> Result<()> {
     new_connections_reach(&lab)?;
     Ok(())
 }
+
+/// (ipip) Encapsulated to backends that run `lb decap`: balanced, every connection works, and the
+/// servers' counts equal the program's, over IPv4 and IPv6 outer headers.
+fn ipip(name: &str, ipv6: bool) -> Result<()> {
+    let mut lab = Lab::new("lbt", name, Mode::Ipip, 3, ipv6)?;
+    lab.start_servers()?;
+    lab.start_decap()?;
+    lab.start_agent(&[1, 1, 1])?;
+    lab.assert_native()?;
+    let (t, failed) = tally(&lab, 300)?;
+    println!("{name}: {t:?}, {failed} failed");
+    ensure!(failed == 0, "{failed} connections failed");
+    ensure!(
+        t.len() == 3 && t.values().all(|c| *c >= 60),
+        "uneven: {t:?}"
+    );
+    let counters = lab.backend_new_flows()?;
+    for (i, s) in lab.servers.iter().enumerate() {
+        let addr = lab.backend_addr(i, ipv6);
+        let c = counters
+            .iter()
+            .find(|(a, _)| *a == addr)
+            .map(|(_, c)| *c)
+            .unwrap_or(0);
+        ensure!(
+            s.accepted() == c,
+            "{}: accepted {}, counted {c}",
+            s.name,
+            s.accepted()
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn ipip_v4_to_decapsulating_backends() -> Result<()> {
+    ipip("ipip4", false)
+}
+
+#[test]
+fn ipip_v6_to_decapsulating_backends() -> Result<()> {
+    ipip("ipip6", true)
+}
