@@ -221,7 +221,8 @@ async fn api_call(
             Err(ureq::Error::Status(code, r)) => {
                 Ok(Err((code, r.into_string().unwrap_or_default())))
             }
-            Err(e) => Err(anyhow!("{method} {url}: {e}")),
+            // ureq names the URL itself.
+            Err(e) => Err(anyhow!("{method} {e}")),
         }
     })
     .await?

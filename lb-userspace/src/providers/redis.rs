@@ -37,7 +37,7 @@
 
 use std::{collections::BTreeSet, time::Duration, time::Instant};
 
-use anyhow::{anyhow, bail, Context as _, Result};
+use anyhow::{anyhow, bail, Result};
 use futures_util::StreamExt as _;
 use redis::{aio::MultiplexedConnection, AsyncConnectionConfig, Client};
 use tokio::{sync::mpsc, time::timeout};
@@ -78,7 +78,13 @@ async fn connect(client: &Client) -> Result<MultiplexedConnection> {
     )
     .await
     .map_err(|_| anyhow!("connecting to Redis: timed out"))?
-    .context("connecting to Redis")
+    .map_err(failed("connecting to Redis"))
+}
+
+/// A Redis error with what failed. (Its Display already includes its I/O cause, which anyhow's
+/// chain would print a second time.)
+fn failed(what: impl std::fmt::Display) -> impl FnOnce(redis::RedisError) -> anyhow::Error {
+    move |e| anyhow!("{what}: {e}")
 }
 
 /// Escapes Redis glob metacharacters, so a prefix is matched literally.
@@ -162,7 +168,7 @@ async fn read_all(
             .arg(SCAN_COUNT)
             .query_async(con)
             .await
-            .context("SCAN")?;
+            .map_err(failed("SCAN"))?;
         keys.extend(batch);
         if next == 0 {
             break;
@@ -177,7 +183,7 @@ async fn read_all(
         for k in chunk {
             cmd.arg(k.as_slice());
         }
-        let values: Vec<Option<Vec<u8>>> = cmd.query_async(con).await.context("MGET")?;
+        let values: Vec<Option<Vec<u8>>> = cmd.query_async(con).await.map_err(failed("MGET"))?;
         if values.len() != chunk.len() {
             bail!(
                 "MGET answered {} values for {} keys",
@@ -202,7 +208,7 @@ async fn read_all(
             .arg(k.as_slice())
             .query_async(con)
             .await
-            .context("TYPE")?;
+            .map_err(failed("TYPE"))?;
         if kind != "none" {
             errors.push(KeyError {
                 key: String::from_utf8_lossy(&k).into_owned(),
@@ -233,11 +239,11 @@ async fn session(
     let mut pubsub = timeout(CONNECT_TIMEOUT, client.get_async_pubsub())
         .await
         .map_err(|_| anyhow!("pub/sub connection: timed out"))?
-        .context("pub/sub connection")?;
+        .map_err(failed("pub/sub connection"))?;
     timeout(IO_TIMEOUT, pubsub.psubscribe(channel))
         .await
         .map_err(|_| anyhow!("PSUBSCRIBE: timed out"))?
-        .context("PSUBSCRIBE")?;
+        .map_err(failed("PSUBSCRIBE"))?;
     let mut messages = pubsub.into_on_message();
     let at = Instant::now();
     let (services, errors) = read_all(&mut con, &spec.prefix).await?;
@@ -333,7 +339,7 @@ pub async fn register(
     }
     cmd.query_async::<()>(&mut con)
         .await
-        .with_context(|| format!("SET {key}"))
+        .map_err(failed(format!("SET {key}")))
 }
 
 /// Deletes an instance's key. Returns whether there was one.
@@ -344,7 +350,7 @@ pub async fn deregister(spec: &RedisSpec, service: &str, key: InstanceKey) -> Re
         .arg(&key)
         .query_async(&mut con)
         .await
-        .with_context(|| format!("DEL {key}"))?;
+        .map_err(failed(format!("DEL {key}")))?;
     Ok(n > 0)
 }
 
