@@ -20,7 +20,7 @@ use std::{fmt, net::SocketAddr, time::Duration, time::Instant};
 
 use anyhow::{bail, Result};
 use tokio::sync::mpsc;
-use tracing::warn;
+use tracing::debug;
 
 use super::Event;
 use crate::{
@@ -157,7 +157,8 @@ pub async fn report(
         return false;
     }
     for e in errors {
-        warn!(provider, "rejected: {e}");
+        // The control loop logs every error event (as a warning); this is for tracing providers.
+        debug!(provider, "rejected: {e}");
         let ev = Event::Error {
             provider: provider.to_string(),
             rank,
