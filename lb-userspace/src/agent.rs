@@ -127,6 +127,9 @@ pub async fn run(config_path: &Path) -> Result<()> {
             .join(format!("api-store-{}.json", cfg.instance)),
     )?;
     let started = Instant::now();
+    // Redis and etcd are read once before the first apply too (bounded: an unreachable store
+    // only delays its instances until its provider connects).
+    let kv_first = initial_kv_reads(&cfg).await;
     let control = tokio::task::block_in_place(|| -> Result<Control> {
         let dp = Dataplane::open(&cfg.pin_root, &cfg.instance, &cfg.limits, cfg.debug)?;
         info!(pins = %dp.pin_dir().display(), "maps ready");
@@ -149,6 +152,22 @@ pub async fn run(config_path: &Path) -> Result<()> {
                 c.registry.fail(&name, providers::Rank::FILE, e.to_string());
             }
         }
+        for (name, rank, read) in kv_first {
+            match read {
+                Ok((services, errors)) => {
+                    c.registry
+                        .update(name, rank, services, std::time::SystemTime::now());
+                    for e in errors {
+                        warn!(provider = name, "rejected: {e}");
+                        c.registry.fail(name, rank, format!("rejected {e}"));
+                    }
+                }
+                Err(e) => {
+                    warn!(provider = name, "first read: {e:#}");
+                    c.registry.fail(name, rank, format!("{e:#}"));
+                }
+            }
+        }
         c.apply(started)?;
         for iface in &cfg.interfaces {
             c.balancer.dataplane().attach(iface, cfg.xdp_mode)?;
@@ -163,6 +182,22 @@ pub async fn run(config_path: &Path) -> Result<()> {
         tasks.push(tokio::spawn(async move {
             if let Err(e) = providers::file::run(f, events).await {
                 warn!("file provider stopped: {e:#}");
+            }
+        }));
+    }
+    if let Some(spec) = cfg.providers.redis.clone() {
+        let events = events.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = providers::redis::run(spec, events).await {
+                warn!("redis provider stopped: {e:#}");
+            }
+        }));
+    }
+    if let Some(spec) = cfg.providers.etcd.clone() {
+        let events = events.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = providers::etcd::run(spec, events).await {
+                warn!("etcd provider stopped: {e:#}");
             }
         }));
     }
@@ -215,6 +250,39 @@ pub async fn run(config_path: &Path) -> Result<()> {
     }
     info!("agent stopped; the pinned program keeps forwarding (`lb detach` removes it)");
     Ok(())
+}
+
+type KvRead = Result<(crate::registry::Services, Vec<providers::kv::KeyError>)>;
+
+/// The first read of each configured key-value provider, both at once, each bounded.
+async fn initial_kv_reads(cfg: &Config) -> Vec<(&'static str, u8, KvRead)> {
+    async fn bounded(f: impl std::future::Future<Output = KvRead>) -> KvRead {
+        const FIRST_READ: Duration = Duration::from_secs(3);
+        tokio::time::timeout(FIRST_READ, f)
+            .await
+            .unwrap_or_else(|_| Err(anyhow!("timed out after {FIRST_READ:?}")))
+    }
+    let redis = async {
+        match &cfg.providers.redis {
+            Some(spec) => Some(bounded(providers::redis::read_once(spec)).await),
+            None => None,
+        }
+    };
+    let etcd = async {
+        match &cfg.providers.etcd {
+            Some(spec) => Some(bounded(providers::etcd::read_once(spec)).await),
+            None => None,
+        }
+    };
+    let (redis, etcd) = tokio::join!(redis, etcd);
+    let mut out = Vec::new();
+    if let Some(r) = redis {
+        out.push((providers::redis::NAME, providers::Rank::REDIS, r));
+    }
+    if let Some(r) = etcd {
+        out.push((providers::etcd::NAME, providers::Rank::ETCD, r));
+    }
+    out
 }
 
 /// DSR backends whose MAC was unknown join their table once the neighbour answers.

@@ -1,7 +1,13 @@
-use std::path::PathBuf;
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use anyhow::Result;
-use clap::{Parser, Subcommand};
+use anyhow::{anyhow, bail, Context as _, Result};
+use clap::{Args, Parser, Subcommand};
+use lb_userspace::{
+    config::{self, EtcdSpec, Mac, RedisSpec},
+    providers::{etcd, redis},
+    registry::{Instance, InstanceKey},
+};
+use tracing::warn;
 
 /// lb: an eBPF (XDP) L4 load balancer with Maglev hashing and connection tracking.
 #[derive(Parser)]
@@ -23,23 +29,40 @@ enum Cmd {
         #[arg(long, short, default_value = "lb.toml")]
         config: PathBuf,
     },
-    /// Announce a service instance to the agent's registry (through its admin API).
+    /// Announce a service instance: into etcd if the config has [providers.etcd], else Redis if it
+    /// has [providers.redis], else (or when the config file does not exist) the admin API.
     Register {
         #[arg(long)]
         service: String,
         /// The instance's address:port (`[v6]:port` for IPv6).
         #[arg(long)]
-        addr: std::net::SocketAddr,
+        addr: SocketAddr,
         #[arg(long, default_value_t = 1)]
         weight: u32,
-        /// Expire unless registered again within this many seconds (run it from a timer).
+        #[arg(long)]
+        zone: Option<String>,
+        /// DSR: the instance's MAC, when the balancer cannot resolve it.
+        #[arg(long)]
+        mac: Option<Mac>,
+        /// Expire unless refreshed within this many seconds: re-run the command from a timer, or
+        /// add --keep-alive (Redis: key TTL; etcd: a lease, at least ~2 s; API: store expiry).
         #[arg(long)]
         ttl: Option<u64>,
-        #[arg(long, default_value = "http://127.0.0.1:9090")]
-        api: String,
-        /// Bearer token; defaults to $LB_API_TOKEN.
-        #[arg(long, env = "LB_API_TOKEN", hide_env_values = true)]
-        token: String,
+        /// Stay in the foreground refreshing the registration every ttl/3 until SIGINT/SIGTERM,
+        /// then deregister.
+        #[arg(long, requires = "ttl")]
+        keep_alive: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Withdraw a service instance (from where `register` would put it).
+    Deregister {
+        #[arg(long)]
+        service: String,
+        #[arg(long)]
+        addr: SocketAddr,
+        #[command(flatten)]
+        target: Target,
     },
     /// On an `ipip` backend: strip the balancer's outer header on IFACE until stopped (SIGTERM).
     Decap {
@@ -82,30 +105,46 @@ fn main() -> Result<()> {
             service,
             addr,
             weight,
+            zone,
+            mac,
             ttl,
-            api,
-            token,
+            keep_alive,
+            target,
         } => {
-            let url = format!(
-                "{}/api/v1/services/{service}/instances",
-                api.trim_end_matches('/')
-            );
-            let body = serde_json::json!({
-                "address": addr.ip(), "port": addr.port(), "weight": weight, "ttl_secs": ttl,
-            });
-            match ureq::post(&url)
-                .set("Authorization", &format!("Bearer {token}"))
-                .send_json(body)
-            {
-                Ok(r) => {
-                    println!("registered {addr} in {service} ({})", r.status());
-                    Ok(())
-                }
-                Err(ureq::Error::Status(code, r)) => {
-                    anyhow::bail!("{url}: {code} {}", r.into_string().unwrap_or_default())
-                }
-                Err(e) => anyhow::bail!("{url}: {e}"),
+            let mut metadata = std::collections::BTreeMap::new();
+            if let Some(mac) = mac {
+                metadata.insert("mac".to_string(), mac.to_string());
             }
+            let instance = Instance {
+                address: addr.ip(),
+                port: addr.port(),
+                weight,
+                zone,
+                metadata,
+            };
+            let dest = destination(target)?;
+            let ttl = ttl.map(Duration::from_secs);
+            tokio::runtime::Runtime::new()?
+                .block_on(register(&dest, &service, &instance, ttl, keep_alive))
+        }
+        Cmd::Deregister {
+            service,
+            addr,
+            target,
+        } => {
+            let dest = destination(target)?;
+            let key = InstanceKey {
+                address: addr.ip(),
+                port: addr.port(),
+            };
+            let found =
+                tokio::runtime::Runtime::new()?.block_on(deregister(&dest, &service, key))?;
+            if found {
+                println!("deregistered {addr} from {service} ({dest})");
+            } else {
+                println!("{addr} was not registered in {service} ({dest})");
+            }
+            Ok(())
         }
         Cmd::Decap { iface, mode } => {
             use lb_userspace::dataplane::AttachMode;
@@ -141,4 +180,186 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Where `register` / `deregister` go, and how to reach the admin API otherwise.
+#[derive(Args)]
+struct Target {
+    /// The agent's config, read only to find [providers.etcd] / [providers.redis].
+    #[arg(long, short, default_value = "lb.toml")]
+    config: PathBuf,
+    /// The admin API, when the config has neither provider (or does not exist).
+    #[arg(long, default_value = "http://127.0.0.1:9090")]
+    api: String,
+    /// The admin API's bearer token; defaults to $LB_API_TOKEN.
+    #[arg(long, env = "LB_API_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+enum Dest {
+    Etcd(EtcdSpec),
+    Redis(RedisSpec),
+    Api { api: String, token: String },
+}
+
+impl std::fmt::Display for Dest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Dest::Etcd(s) => write!(f, "etcd {}", s.endpoints.join(",")),
+            Dest::Redis(_) => write!(f, "redis"),
+            Dest::Api { api, .. } => write!(f, "admin API {api}"),
+        }
+    }
+}
+
+fn destination(t: Target) -> Result<Dest> {
+    match std::fs::metadata(&t.config) {
+        Ok(_) => {
+            let c = config::load(&t.config)?;
+            if let Some(e) = c.providers.etcd {
+                return Ok(Dest::Etcd(e));
+            }
+            if let Some(r) = c.providers.redis {
+                return Ok(Dest::Redis(r));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", t.config.display())),
+    }
+    let token = t.token.filter(|t| !t.is_empty()).ok_or_else(|| {
+        anyhow!(
+            "no [providers.etcd] or [providers.redis] in {}: the admin API needs --token or \
+             $LB_API_TOKEN",
+            t.config.display()
+        )
+    })?;
+    Ok(Dest::Api { api: t.api, token })
+}
+
+/// One admin API request (blocking, off the runtime): its status, or `Err((status, answer))`.
+async fn api_call(
+    method: &'static str,
+    url: String,
+    token: &str,
+    body: Option<serde_json::Value>,
+) -> Result<Result<u16, (u16, String)>> {
+    let auth = format!("Bearer {token}");
+    tokio::task::spawn_blocking(move || {
+        let req = ureq::request(method, &url).set("Authorization", &auth);
+        let r = match body {
+            Some(b) => req.send_json(b),
+            None => req.call(),
+        };
+        match r {
+            Ok(r) => Ok(Ok(r.status())),
+            Err(ureq::Error::Status(code, r)) => {
+                Ok(Err((code, r.into_string().unwrap_or_default())))
+            }
+            // ureq names the URL itself.
+            Err(e) => Err(anyhow!("{method} {e}")),
+        }
+    })
+    .await?
+}
+
+/// One registration. Returns the etcd lease it made, if any.
+async fn register_once(
+    dest: &Dest,
+    service: &str,
+    instance: &Instance,
+    ttl: Option<Duration>,
+) -> Result<Option<i64>> {
+    match dest {
+        Dest::Etcd(spec) => etcd::register(spec, service, instance, ttl).await,
+        Dest::Redis(spec) => redis::register(spec, service, instance, ttl)
+            .await
+            .map(|()| None),
+        Dest::Api { api, token } => {
+            let url = format!(
+                "{}/api/v1/services/{service}/instances",
+                api.trim_end_matches('/')
+            );
+            let body = serde_json::json!({
+                "address": instance.address, "port": instance.port, "weight": instance.weight,
+                "zone": instance.zone, "metadata": instance.metadata,
+                "ttl_secs": ttl.map(|t| t.as_secs().max(1)),
+            });
+            match api_call("POST", url.clone(), token, Some(body)).await? {
+                Ok(_) => Ok(None),
+                Err((code, answer)) => bail!("POST {url}: {code} {answer}"),
+            }
+        }
+    }
+}
+
+async fn deregister(dest: &Dest, service: &str, key: InstanceKey) -> Result<bool> {
+    match dest {
+        Dest::Etcd(spec) => etcd::deregister(spec, service, key).await,
+        Dest::Redis(spec) => redis::deregister(spec, service, key).await,
+        Dest::Api { api, token } => {
+            // `[v6]:port` in a path: the brackets are percent-encoded.
+            let addr = key.to_string().replace('[', "%5B").replace(']', "%5D");
+            let url = format!(
+                "{}/api/v1/services/{service}/instances/{addr}",
+                api.trim_end_matches('/')
+            );
+            match api_call("DELETE", url.clone(), token, None).await? {
+                Ok(_) => Ok(true),
+                Err((404, _)) => Ok(false),
+                Err((code, answer)) => bail!("DELETE {url}: {code} {answer}"),
+            }
+        }
+    }
+}
+
+/// `lb register`: once, or (`--keep-alive`) refreshing every ttl/3 until a signal, then
+/// deregistering.
+async fn register(
+    dest: &Dest,
+    service: &str,
+    instance: &Instance,
+    ttl: Option<Duration>,
+    keep_alive: bool,
+) -> Result<()> {
+    let addr = instance.key();
+    let mut lease = register_once(dest, service, instance, ttl).await?;
+    match lease {
+        Some(id) => println!("registered {addr} in {service} ({dest}, lease {id:x})"),
+        None => println!("registered {addr} in {service} ({dest})"),
+    }
+    let Some(ttl) = ttl.filter(|_| keep_alive) else {
+        return Ok(());
+    };
+    let period = (ttl / 3).max(Duration::from_millis(500));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+        }
+        let refreshed = match (dest, lease) {
+            (Dest::Etcd(spec), Some(id)) => match etcd::keep_alive(spec, id).await {
+                Ok(true) => Ok(()),
+                Ok(false) => {
+                    warn!("lease {id:x} is gone; registering again");
+                    register_once(dest, service, instance, Some(ttl))
+                        .await
+                        .map(|l| lease = l)
+                }
+                Err(e) => Err(e),
+            },
+            _ => register_once(dest, service, instance, Some(ttl))
+                .await
+                .map(|l| lease = l),
+        };
+        if let Err(e) = refreshed {
+            warn!("refreshing {addr} in {service}: {e:#}; retrying in {period:?}");
+        }
+    }
+    match deregister(dest, service, addr).await {
+        Ok(_) => println!("deregistered {addr} from {service} ({dest})"),
+        Err(e) => warn!("deregistering {addr} from {service}: {e:#} (it expires with its TTL)"),
+    }
+    Ok(())
 }

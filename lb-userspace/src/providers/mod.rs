@@ -8,7 +8,10 @@ use std::time::Instant;
 
 use crate::registry::{InstanceKey, Services};
 
+pub mod etcd;
 pub mod file;
+pub mod kv;
+pub mod redis;
 pub mod store;
 
 /// Precedence when two providers report the same instance: higher wins.
