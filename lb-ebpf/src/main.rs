@@ -263,8 +263,9 @@ struct Pick {
 ///
 /// A tracked flow stays on its backend while the backend is usable (up or draining), so adding or
 /// removing other backends never moves it; a flow whose backend was removed is re-picked here.
+/// `track` false only looks (ICMP errors about a flow must not create or refresh it).
 #[inline(always)]
-fn pick_backend(vip: &VipMeta, key: &FlowKey, udp: bool) -> Result<Pick, Reason> {
+fn pick_backend(vip: &VipMeta, key: &FlowKey, udp: bool, track: bool) -> Result<Pick, Reason> {
     let now = unsafe { bpf_ktime_get_ns() };
     if let Some(flow) = FLOWS.get_ptr_mut(key) {
         // SAFETY: LRU value pointer; a concurrent update replaces the whole 16 bytes at worst.
@@ -278,7 +279,7 @@ fn pick_backend(vip: &VipMeta, key: &FlowKey, udp: bool) -> Result<Pick, Reason>
                 && b.vip_id == vip.id
                 && fresh
             {
-                if udp {
+                if udp && track {
                     unsafe { (*flow).last_seen_ns = now };
                 }
                 return Ok(Pick {
@@ -317,7 +318,9 @@ fn pick_backend(vip: &VipMeta, key: &FlowKey, udp: bool) -> Result<Pick, Reason>
         last_seen_ns: now,
     };
     // A full LRU evicts; a failed insert only costs a Maglev lookup on the next packet.
-    let _ = FLOWS.insert(key, &flow, 0);
+    if track {
+        let _ = FLOWS.insert(key, &flow, 0);
+    }
     Ok(Pick {
         id,
         backend: *b,
@@ -551,6 +554,262 @@ unsafe fn ipv4_header_checksum(ip: *const Ipv4Hdr) -> u16 {
     !csum::fold(sum)
 }
 
+// ---------------------------------------------------------------- ICMP "too big"
+
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMPV6: u8 = 58;
+
+#[repr(C)]
+struct IcmpHdr {
+    kind: u8,
+    code: u8,
+    check: u16,
+    rest: u32,
+}
+
+/// The flow an ICMP error quotes, seen from the client (the quoted packet went VIP → client), its
+/// VIP and its backend, looked up without creating or refreshing a flow. Hashing the quoted header
+/// this way gives the same backend Maglev gives the flow itself.
+#[inline(always)]
+fn quoted_flow(
+    inner_src: [u32; 4],
+    inner_dst: [u32; 4],
+    ports: *const Ports,
+    l4_proto: u8,
+) -> Result<(FlowKey, VipMeta, Pick), Verdict> {
+    // SAFETY: the caller checked `ports` is inside the frame.
+    let (sport, dport) = unsafe { ((*ports).sport, (*ports).dport) };
+    let key = FlowKey {
+        src: inner_dst,
+        dst: inner_src,
+        sport: dport,
+        dport: sport,
+        proto: l4_proto,
+        _pad: [0; 3],
+    };
+    let Some(vip) = find_vip(key.dst, key.dport, l4_proto) else {
+        return Err((PASS, Reason::PassNotVip));
+    };
+    if vip.mode == mode::LOCAL {
+        return Err((PASS, Reason::PassLocal));
+    }
+    match pick_backend(&vip, &key, l4_proto == proto::UDP, false) {
+        Ok(p) => Ok((key, vip, p)),
+        Err(r) => Err(drop_for(r)),
+    }
+}
+
+/// Tags a successful forward of an ICMP error with its own reason.
+#[inline(always)]
+fn as_icmp(v: Verdict) -> Verdict {
+    match v.0 {
+        xdp_action::XDP_TX | xdp_action::XDP_REDIRECT => (v.0, Reason::IcmpToBackend),
+        _ => v,
+    }
+}
+
+/// ICMP "fragmentation needed" about a VIP flow goes where the flow goes, in every mode: the
+/// backend that owns the connection is the one whose path MTU must shrink.
+#[inline(always)]
+fn icmp_v4(ctx: &XdpContext, l3: usize, ip: *mut Ipv4Hdr, icmp_off: usize) -> Verdict {
+    let Some(icmp) = ptr_at::<IcmpHdr>(ctx, icmp_off) else {
+        return (PASS, Reason::PassTruncated);
+    };
+    // SAFETY (header reads below): bounds checked by ptr_at.
+    if unsafe { (*icmp).kind != 3 || (*icmp).code != 4 } {
+        return (PASS, Reason::PassNotL4);
+    }
+    let inner_l3 = icmp_off + size_of::<IcmpHdr>();
+    let Some(inner) = ptr_at::<Ipv4Hdr>(ctx, inner_l3) else {
+        return (PASS, Reason::PassTruncated);
+    };
+    let inner_ihl = (unsafe { (*inner).ver_ihl } & 0x0f) as usize;
+    let inner_proto = unsafe { (*inner).proto };
+    if inner_ihl < 5 || (inner_proto != proto::TCP && inner_proto != proto::UDP) {
+        return (PASS, Reason::PassNotL4);
+    }
+    // RFC 792 quotes at least 8 bytes past the header: the ports are there.
+    let Some(ports) = ptr_at::<Ports>(ctx, inner_l3 + inner_ihl * 4) else {
+        return (PASS, Reason::PassTruncated);
+    };
+    let (isrc, idst) = unsafe { ((*inner).saddr, (*inner).daddr) };
+    let (key, vip, pick) = match quoted_flow([isrc, 0, 0, 0], [idst, 0, 0, 0], ports, inner_proto) {
+        Ok(x) => x,
+        Err(v) => return v,
+    };
+    match vip.mode {
+        mode::DSR => as_icmp(forward_dsr(ctx, &pick.backend)),
+        mode::IPIP => {
+            let (tos, len, frag) =
+                unsafe { ((*ip).tos, u16::from_be((*ip).tot_len), (*ip).frag_off) };
+            let df = u16::from_be(frag) & 0x4000 != 0;
+            as_icmp(encap(
+                ctx,
+                l3,
+                true,
+                len,
+                tos,
+                df,
+                &pick.backend,
+                flow_hash(&key),
+            ))
+        }
+        mode::NAT => as_icmp(nat_icmp_v4(ctx, ip, icmp, inner, ports, &pick.backend)),
+        _ => (PASS, Reason::PassLocal),
+    }
+}
+
+/// NAT: the error was addressed to the VIP and quotes the VIP as the source; the backend must see
+/// its own address and port in both places. Patches the outer header (destination, TTL), the
+/// quoted header (source, its checksum) and the ICMP checksum, which covers the quoted bytes.
+#[inline(always)]
+fn nat_icmp_v4(
+    ctx: &XdpContext,
+    ip: *mut Ipv4Hdr,
+    icmp: *mut IcmpHdr,
+    inner: *mut Ipv4Hdr,
+    ports: *mut Ports,
+    b: &Backend,
+) -> Verdict {
+    if b.family != lb_common::family::V4 {
+        return drop_for(Reason::DropBadBackend);
+    }
+    // SAFETY: every pointer was bounds-checked by the caller.
+    unsafe {
+        if (*ip).ttl <= 1 {
+            return (PASS, Reason::PassTtl);
+        }
+        let new_addr = b.addr[0];
+        let old_isrc = (*inner).saddr;
+        let old_isport = (*ports).sport;
+        let new_port = if b.port != 0 { b.port } else { old_isport };
+        let old_icheck = (*inner).check;
+        let new_icheck = csum::apply(old_icheck, csum::diff32(0, old_isrc, new_addr));
+        (*inner).saddr = new_addr;
+        (*inner).check = new_icheck;
+        (*ports).sport = new_port;
+        let mut acc = csum::diff32(0, old_isrc, new_addr);
+        acc = csum::diff16(acc, old_isport, new_port);
+        acc = csum::diff16(acc, old_icheck, new_icheck);
+        (*icmp).check = csum::apply((*icmp).check, acc);
+        let old_daddr = (*ip).daddr;
+        let ttl_word = ip as *mut u8 as usize + 8;
+        let old_ttl_word = *(ttl_word as *const u16);
+        (*ip).ttl -= 1;
+        let new_ttl_word = *(ttl_word as *const u16);
+        (*ip).daddr = new_addr;
+        (*ip).check = csum::apply(
+            (*ip).check,
+            csum::diff16(
+                csum::diff32(0, old_daddr, new_addr),
+                old_ttl_word,
+                new_ttl_word,
+            ),
+        );
+        let params = &mut fib_params_v4(
+            IPPROTO_ICMP,
+            u16::from_be((*ip).tot_len),
+            (*ip).saddr,
+            new_addr,
+        );
+        fib_forward(ctx, params, Reason::RedirectNat)
+    }
+}
+
+/// ICMPv6 "packet too big" about a VIP flow: as [`icmp_v4`].
+#[inline(always)]
+fn icmp_v6(ctx: &XdpContext, l3: usize, ip: *mut Ipv6Hdr) -> Verdict {
+    let icmp_off = l3 + size_of::<Ipv6Hdr>();
+    let Some(icmp) = ptr_at::<IcmpHdr>(ctx, icmp_off) else {
+        return (PASS, Reason::PassTruncated);
+    };
+    // SAFETY (header reads below): bounds checked by ptr_at.
+    if unsafe { (*icmp).kind } != 2 {
+        return (PASS, Reason::PassNotL4);
+    }
+    let inner_l3 = icmp_off + size_of::<IcmpHdr>();
+    let Some(inner) = ptr_at::<Ipv6Hdr>(ctx, inner_l3) else {
+        return (PASS, Reason::PassTruncated);
+    };
+    let inner_proto = unsafe { (*inner).next_hdr };
+    if inner_proto != proto::TCP && inner_proto != proto::UDP {
+        return (PASS, Reason::PassNotL4);
+    }
+    let Some(ports) = ptr_at::<Ports>(ctx, inner_l3 + size_of::<Ipv6Hdr>()) else {
+        return (PASS, Reason::PassTruncated);
+    };
+    let (isrc, idst) = unsafe { ((*inner).saddr, (*inner).daddr) };
+    let (key, vip, pick) = match quoted_flow(isrc, idst, ports, inner_proto) {
+        Ok(x) => x,
+        Err(v) => return v,
+    };
+    match vip.mode {
+        mode::DSR => as_icmp(forward_dsr(ctx, &pick.backend)),
+        mode::IPIP => {
+            let (vtf, plen) = unsafe {
+                (
+                    u32::from_be((*ip).ver_tc_flow),
+                    u16::from_be((*ip).payload_len),
+                )
+            };
+            let len = plen.wrapping_add(size_of::<Ipv6Hdr>() as u16);
+            as_icmp(encap(
+                ctx,
+                l3,
+                false,
+                len,
+                (vtf >> 20) as u8,
+                true,
+                &pick.backend,
+                flow_hash(&key),
+            ))
+        }
+        mode::NAT => as_icmp(nat_icmp_v6(ctx, ip, icmp, inner, ports, &pick.backend)),
+        _ => (PASS, Reason::PassLocal),
+    }
+}
+
+/// NAT twin of [`nat_icmp_v4`] for ICMPv6, whose checksum also covers the outer addresses.
+#[inline(always)]
+fn nat_icmp_v6(
+    ctx: &XdpContext,
+    ip: *mut Ipv6Hdr,
+    icmp: *mut IcmpHdr,
+    inner: *mut Ipv6Hdr,
+    ports: *mut Ports,
+    b: &Backend,
+) -> Verdict {
+    if b.family != lb_common::family::V6 {
+        return drop_for(Reason::DropBadBackend);
+    }
+    // SAFETY: every pointer was bounds-checked by the caller.
+    unsafe {
+        if (*ip).hop_limit <= 1 {
+            return (PASS, Reason::PassTtl);
+        }
+        let new_addr = b.addr;
+        let old_isrc = (*inner).saddr;
+        let old_dst = (*ip).daddr;
+        let old_isport = (*ports).sport;
+        let new_port = if b.port != 0 { b.port } else { old_isport };
+        (*inner).saddr = new_addr;
+        (*ports).sport = new_port;
+        (*ip).daddr = new_addr;
+        (*ip).hop_limit -= 1;
+        let mut acc = csum::diff16(0, old_isport, new_port);
+        let mut i = 0;
+        while i < 4 {
+            acc = csum::diff32(acc, old_isrc[i], new_addr[i]);
+            acc = csum::diff32(acc, old_dst[i], new_addr[i]);
+            i += 1;
+        }
+        (*icmp).check = csum::apply((*icmp).check, acc);
+        let tot = u16::from_be((*ip).payload_len).wrapping_add(size_of::<Ipv6Hdr>() as u16);
+        let params = &mut fib_params_v6(IPPROTO_ICMPV6, tot, (*ip).saddr, new_addr);
+        fib_forward(ctx, params, Reason::RedirectNat)
+    }
+}
+
 // ---------------------------------------------------------------- IPv4
 
 #[inline(always)]
@@ -564,6 +823,9 @@ fn process_v4(ctx: &XdpContext, l3: usize) -> Verdict {
         return (PASS, Reason::PassTruncated);
     }
     let l4_proto = unsafe { (*ip).proto };
+    if l4_proto == IPPROTO_ICMP {
+        return icmp_v4(ctx, l3, ip, l3 + ihl * 4);
+    }
     if l4_proto != proto::TCP && l4_proto != proto::UDP {
         return (PASS, Reason::PassNotL4);
     }
@@ -600,7 +862,7 @@ fn process_v4(ctx: &XdpContext, l3: usize) -> Verdict {
     if vip.mode == mode::NAT && unsafe { (*ip).ttl } <= 1 {
         return (PASS, Reason::PassTtl);
     }
-    let pick = match pick_backend(&vip, &key, l4.udp) {
+    let pick = match pick_backend(&vip, &key, l4.udp, true) {
         Ok(p) => p,
         Err(reason) => return drop_for(reason),
     };
@@ -636,7 +898,7 @@ fn account(ctx: &XdpContext, vip: &VipMeta, pick: &Pick) {
 fn steer_fragment(ctx: &XdpContext, vip: &VipMeta, key: &FlowKey) -> Verdict {
     match vip.mode {
         mode::DSR => {
-            let pick = match pick_backend(vip, key, true) {
+            let pick = match pick_backend(vip, key, true, true) {
                 Ok(p) => p,
                 Err(reason) => return drop_for(reason),
             };
@@ -768,6 +1030,9 @@ fn process_v6(ctx: &XdpContext, l3: usize) -> Verdict {
     };
     // SAFETY (header reads below): ptr_at checked the bounds.
     let next = unsafe { (*ip).next_hdr };
+    if next == IPPROTO_ICMPV6 {
+        return icmp_v6(ctx, l3, ip);
+    }
     // Extension headers (fragments included) are not parsed: the stack gets them.
     if next != proto::TCP && next != proto::UDP {
         return (PASS, Reason::PassNotL4);
@@ -795,7 +1060,7 @@ fn process_v6(ctx: &XdpContext, l3: usize) -> Verdict {
     if vip.mode == mode::NAT && unsafe { (*ip).hop_limit } <= 1 {
         return (PASS, Reason::PassTtl);
     }
-    let pick = match pick_backend(&vip, &key, l4.udp) {
+    let pick = match pick_backend(&vip, &key, l4.udp, true) {
         Ok(p) => p,
         Err(reason) => return drop_for(reason),
     };

@@ -880,3 +880,216 @@ fn ipip_v6_encapsulates_with_flow_label_entropy() {
         assert_eq!(plain, with_macs(&syn, LB_MAC, BACKEND_MAC));
     });
 }
+
+// ------------------------------------------------------------------ ICMP "too big"
+
+const ROUTER: [u8; 4] = [10, 0, 0, 254];
+const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
+const ROUTER6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xfe];
+
+/// What an ICMP error quotes: the IP header of a reply (`src` → client) and 8 bytes of its TCP
+/// header, as RFC 792 requires.
+fn quoted_v4(src: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+    let reply = tcp4(
+        BACKEND_MAC,
+        CLIENT_MAC,
+        src,
+        CLIENT,
+        sport,
+        dport,
+        64,
+        false,
+    );
+    reply[14..14 + 20 + 8].to_vec()
+}
+
+/// "Fragmentation needed" from a router on the path to the client, about a packet from `src`.
+fn frag_needed(to: [u8; 4], quoted: &[u8]) -> Vec<u8> {
+    use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Type};
+    let mut f = Vec::new();
+    PacketBuilder::ethernet2(ROUTER_MAC, LB_MAC)
+        .ipv4(ROUTER, to, 64)
+        .icmpv4(Icmpv4Type::DestinationUnreachable(
+            DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 },
+        ))
+        .write(&mut f, quoted)
+        .expect("icmp frame");
+    f
+}
+
+#[test]
+fn icmp_frag_needed_reaches_the_backend_that_owns_the_flow() {
+    in_netns(|| {
+        let mut env = Env::new();
+        for port in 42000..42010u16 {
+            // The flow exists (tracked): the error goes where its packets go.
+            let (_, out) = env.run(
+                &tcp4(CLIENT_MAC, LB_MAC, CLIENT, TWO_VIP, port, 80, 64, true),
+                0,
+            );
+            let owner: [u8; 6] = out[0..6].try_into().expect("mac");
+            let icmp = frag_needed(TWO_VIP, &quoted_v4(TWO_VIP, 80, port));
+            let (verdict, out) = env.run(&icmp, 0);
+            assert_eq!(verdict, XDP_TX);
+            assert_eq!(
+                out,
+                with_macs(&icmp, LB_MAC, owner),
+                "port {port}: only the MACs change"
+            );
+        }
+        // An untracked flow (e.g. after a restart): Maglev on the quoted header picks the backend
+        // the flow's own packets get — and the error creates no flow.
+        for port in 42100..42110u16 {
+            let icmp = frag_needed(TWO_VIP, &quoted_v4(TWO_VIP, 80, port));
+            let (_, out) = env.run(&icmp, 0);
+            let (_, syn_out) = env.run(
+                &tcp4(CLIENT_MAC, LB_MAC, CLIENT, TWO_VIP, port, 80, 64, true),
+                0,
+            );
+            assert_eq!(out[0..6], syn_out[0..6], "port {port}");
+        }
+        assert_eq!(env.reason(Reason::IcmpToBackend), 20);
+        let v = env
+            .b()
+            .list()
+            .expect("list")
+            .into_iter()
+            .find(|v| v.name == "two")
+            .expect("vip");
+        assert_eq!(v.counters.new_flows, 20, "ICMP errors create no flows");
+        // Other ICMP (an echo request to the VIP) is the stack's.
+        let mut ping = Vec::new();
+        PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+            .ipv4(CLIENT, TWO_VIP, 64)
+            .icmpv4_echo_request(1, 1)
+            .write(&mut ping, b"ping")
+            .expect("ping");
+        assert_eq!(env.run(&ping, 0), (XDP_PASS, ping.clone()));
+    });
+}
+
+#[test]
+fn icmp_frag_needed_is_encapsulated_to_an_ipip_backend() {
+    in_netns(|| {
+        let mut env = Env::new();
+        let icmp = frag_needed(IPIP_VIP, &quoted_v4(IPIP_VIP, 80, 40000));
+        let (verdict, out) = env.run(&icmp, 0);
+        assert_eq!(verdict, XDP_TX);
+        // Same outer source as the flow's own packets (hash of the client-side 5-tuple).
+        let h = flow_hash_of(&CLIENT, &IPIP_VIP, 40000, 80);
+        let inner = &icmp[14..];
+        let outer = Ipv4Header::new(
+            inner.len() as u16,
+            64,
+            IpNumber::IPV4,
+            [172, 16, (h >> 8) as u8, h as u8],
+            IPIP_BACKEND,
+        )
+        .expect("outer");
+        assert!(
+            outer.dont_fragment && icmp[14 + 6] & 0x40 != 0,
+            "DF is copied from the ICMP packet's"
+        );
+        let mut want = with_macs(&icmp[..14], LB_MAC, BACKEND_MAC);
+        outer.write(&mut want).expect("outer");
+        want.extend_from_slice(inner);
+        assert_eq!(out, want);
+    });
+}
+
+#[test]
+fn icmp_frag_needed_for_a_nat_flow_is_translated_for_the_backend() {
+    in_netns(|| {
+        let (c0, _) = nat_topology();
+        let mut env = Env::new();
+        env.run(
+            &tcp4(CLIENT_MAC, LB_MAC, CLIENT, NAT_VIP, 40000, 80, 64, true),
+            c0,
+        );
+        // The router saw the reply as NAT_VIP:80 → client; the backend sent NAT_BACKEND:8080.
+        let icmp = frag_needed(NAT_VIP, &quoted_v4(NAT_VIP, 80, 40000));
+        let (verdict, out) = env.run(&icmp, c0);
+        assert_eq!(verdict, XDP_REDIRECT);
+        // Built from scratch by etherparse: the quoted header with its own checksum, the ICMP
+        // checksum over it, the outer header with TTL 63.
+        use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Type};
+        let mut want = Vec::new();
+        PacketBuilder::ethernet2(LB_B0_MAC, BACKEND_MAC)
+            .ipv4(ROUTER, NAT_BACKEND, 63)
+            .icmpv4(Icmpv4Type::DestinationUnreachable(
+                DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 },
+            ))
+            .write(&mut want, &quoted_v4(NAT_BACKEND, 8080, 40000))
+            .expect("expected frame");
+        assert_eq!(out, want);
+        assert_eq!(env.reason(Reason::IcmpToBackend), 1);
+    });
+}
+
+#[allow(clippy::too_many_arguments)] // every argument is a header field the fixture sets
+fn packet_too_big(
+    to: [u8; 16],
+    quoted_src: [u8; 16],
+    sport: u16,
+    dport: u16,
+    mac_dst: [u8; 6],
+    mac_src: [u8; 6],
+    hops: u8,
+    from: [u8; 16],
+) -> Vec<u8> {
+    use etherparse::Icmpv6Type;
+    let reply = tcp6(
+        BACKEND_MAC,
+        CLIENT_MAC,
+        quoted_src,
+        CLIENT6,
+        sport,
+        dport,
+        64,
+    );
+    let quoted = &reply[14..14 + 40 + 8];
+    let mut f = Vec::new();
+    PacketBuilder::ethernet2(mac_src, mac_dst)
+        .ipv6(from, to, hops)
+        .icmpv6(Icmpv6Type::PacketTooBig { mtu: 1280 })
+        .write(&mut f, quoted)
+        .expect("icmpv6 frame");
+    f
+}
+
+#[test]
+fn icmpv6_packet_too_big_reaches_dsr_and_nat_backends() {
+    in_netns(|| {
+        let (c0, _) = nat_topology();
+        let mut env = Env::new();
+        // DSR: unchanged but for the MACs.
+        let ptb = packet_too_big(
+            DSR_VIP6, DSR_VIP6, 80, 40000, LB_MAC, ROUTER_MAC, 64, ROUTER6,
+        );
+        let (verdict, out) = env.run(&ptb, 0);
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(out, with_macs(&ptb, LB_MAC, BACKEND_MAC));
+        // NAT: destination and quoted source become the backend's; etherparse recomputes the
+        // ICMPv6 checksum (pseudo-header included) from scratch.
+        env.run(
+            &tcp6(CLIENT_MAC, LB_MAC, CLIENT6, NAT_VIP6, 40000, 80, 64),
+            c0,
+        );
+        let ptb = packet_too_big(
+            NAT_VIP6, NAT_VIP6, 80, 40000, LB_MAC, ROUTER_MAC, 64, ROUTER6,
+        );
+        let (verdict, out) = env.run(&ptb, c0);
+        assert_eq!(verdict, XDP_REDIRECT);
+        let want = packet_too_big(
+            NAT_BACKEND6,
+            NAT_BACKEND6,
+            8080,
+            40000,
+            BACKEND_MAC,
+            LB_B0_MAC,
+            63,
+            ROUTER6,
+        );
+        assert_eq!(out, want);
+    });
+}
