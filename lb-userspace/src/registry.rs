@@ -90,6 +90,16 @@ fn unix(t: SystemTime) -> u64 {
 }
 
 impl Registry {
+    fn source(&mut self, provider: &str, rank: u8) -> &mut Source {
+        self.sources
+            .entry(provider.to_string())
+            .or_insert_with(|| Source {
+                rank,
+                services: Services::new(),
+                status: ProviderStatus::default(),
+            })
+    }
+
     /// Replaces a provider's snapshot. Returns whether the merged view may have changed.
     pub fn update(
         &mut self,
@@ -98,14 +108,7 @@ impl Registry {
         services: Services,
         now: SystemTime,
     ) -> bool {
-        let src = self
-            .sources
-            .entry(provider.to_string())
-            .or_insert_with(|| Source {
-                rank,
-                services: Services::new(),
-                status: ProviderStatus::default(),
-            });
+        let src = self.source(provider, rank);
         src.rank = rank;
         src.status.last_success_unix = Some(unix(now));
         src.status.last_error = None;
@@ -121,14 +124,7 @@ impl Registry {
 
     /// Records a provider failure; its last good snapshot stays.
     pub fn fail(&mut self, provider: &str, rank: u8, error: String) {
-        let src = self
-            .sources
-            .entry(provider.to_string())
-            .or_insert_with(|| Source {
-                rank,
-                services: Services::new(),
-                status: ProviderStatus::default(),
-            });
+        let src = self.source(provider, rank);
         src.status.last_error = Some(error);
         src.status.errors += 1;
     }

@@ -85,7 +85,12 @@ fn a_thousand_updates_in_a_second_are_coalesced() {
         let mut tick = tokio::time::interval(Duration::from_millis(1));
         for i in 0..n {
             tick.tick().await;
-            let ev = Event::Snapshot { provider: "storm".into(), rank: 2, services: snapshot(i), at: Instant::now() };
+            let ev = Event::Snapshot {
+                provider: "storm".into(),
+                rank: 2,
+                services: snapshot(i),
+                at: Instant::now(),
+            };
             tx.send(ev).await.expect("loop alive");
         }
         // Let the last batch land (bounded).
@@ -107,11 +112,22 @@ fn a_thousand_updates_in_a_second_are_coalesced() {
         c.stats.events, c.stats.applies, c.stats.map_writes, c.stats.last_change_to_map_us, c.stats.max_change_to_map_us
     );
     assert_eq!(c.stats.events, n as u64, "every event was taken");
-    assert!(c.stats.applies < n as u64 / 5, "{} applies for {n} events: not coalesced", c.stats.applies);
-    assert!(elapsed < Duration::from_secs(10), "the storm took {elapsed:?} to drain");
+    assert!(
+        c.stats.applies < n as u64 / 5,
+        "{} applies for {n} events: not coalesced",
+        c.stats.applies
+    );
+    assert!(
+        elapsed < Duration::from_secs(10),
+        "the storm took {elapsed:?} to drain"
+    );
     // The last snapshot won.
     let views = c.balancer.list().expect("list");
-    let first = views[0].backends.iter().find(|b| b.address.to_string() == "10.9.0.1").expect("backend");
+    let first = views[0]
+        .backends
+        .iter()
+        .find(|b| b.address.to_string() == "10.9.0.1")
+        .expect("backend");
     assert_eq!(first.weight, 1 + (n - 1) % 50);
     assert_eq!(views[0].backends.len(), 8);
 }

@@ -189,6 +189,16 @@ fn agent_restart_loses_no_request_and_no_datagram() -> Result<()> {
     };
 
     std::thread::sleep(Duration::from_millis(700));
+    // A second agent on the same interface is refused, and the running one is not disturbed.
+    let second = lab.lb.exec(&format!(
+        "{} run --config {} 2>&1; echo exit=$?",
+        lb_bin().display(),
+        lab.out_dir.join("lb.toml").display()
+    ))?;
+    ensure!(
+        second.contains("another lb agent") && !second.contains("exit=0"),
+        "second agent: {second}"
+    );
     lab.stop_agent()?;
     // No agent at all for a while: the pinned program forwards on its own.
     std::thread::sleep(Duration::from_millis(700));

@@ -51,26 +51,7 @@ fn weighted_shares(name: &str, mode: Mode, ipv6: bool) -> Result<Lab> {
             "{backend}: {got:.1}% of connections, want {want}% ± 4"
         );
     }
-    let counters = lab.backend_new_flows()?;
-    for (i, server) in lab.servers.iter().enumerate() {
-        let addr = lab.backend_addr(i, ipv6);
-        let counted = counters
-            .iter()
-            .find(|(a, _)| *a == addr)
-            .map(|(_, c)| *c)
-            .unwrap_or(0);
-        println!(
-            "{name}: {} accepted {}, program counted {counted} new flows",
-            server.name,
-            server.accepted()
-        );
-        ensure!(
-            server.accepted() == counted,
-            "{}: server accepted {}, program counted {counted}",
-            server.name,
-            server.accepted()
-        );
-    }
+    counters_match_servers(&lab, ipv6)?;
     Ok(lab)
 }
 
@@ -103,35 +84,55 @@ fn nat_weighted_shares_and_counters_match_servers() -> Result<()> {
     weighted_shares("wnat", Mode::Nat, false).map(drop)
 }
 
-#[test]
-fn ipv6_nat_balances_and_counts() -> Result<()> {
-    let mut lab = Lab::new("lbt", "v6nat", Mode::Nat, 3, true)?;
-    lab.start_servers()?;
-    lab.start_agent(&[1, 1, 1])?;
-    lab.assert_native()?;
-    let (t, failed) = tally(&lab, 300)?;
-    println!("v6nat: {t:?}, {failed} failed");
-    ensure!(failed == 0, "{failed} IPv6 connections failed");
-    ensure!(
-        t.len() == 3 && t.values().all(|c| *c >= 60),
-        "uneven: {t:?}"
-    );
+/// Each server's own accept count equals the program's new-flow counter for its backend.
+fn counters_match_servers(lab: &Lab, v6: bool) -> Result<()> {
     let counters = lab.backend_new_flows()?;
     for (i, s) in lab.servers.iter().enumerate() {
-        let addr = lab.backend_addr(i, true);
+        let addr = lab.backend_addr(i, v6);
         let c = counters
             .iter()
             .find(|(a, _)| *a == addr)
             .map(|(_, c)| *c)
             .unwrap_or(0);
+        println!(
+            "{}: {} accepted {}, program counted {c} new flows",
+            lab.name,
+            s.name,
+            s.accepted()
+        );
         ensure!(
             s.accepted() == c,
-            "{}: accepted {}, counted {c}",
+            "{}: server accepted {}, program counted {c}",
             s.name,
             s.accepted()
         );
     }
     Ok(())
+}
+
+/// Three equal backends in `mode`: 300 connections all succeed, spread over all three, and the
+/// counters agree with the servers. ipip backends run `lb decap`.
+fn balanced_and_counted(name: &str, mode: Mode, ipv6: bool) -> Result<()> {
+    let mut lab = Lab::new("lbt", name, mode, 3, ipv6)?;
+    lab.start_servers()?;
+    if mode == Mode::Ipip {
+        lab.start_decap()?;
+    }
+    lab.start_agent(&[1, 1, 1])?;
+    lab.assert_native()?;
+    let (t, failed) = tally(&lab, 300)?;
+    println!("{name}: {t:?}, {failed} failed");
+    ensure!(failed == 0, "{failed} connections failed");
+    ensure!(
+        t.len() == 3 && t.values().all(|c| *c >= 60),
+        "uneven: {t:?}"
+    );
+    counters_match_servers(&lab, ipv6)
+}
+
+#[test]
+fn ipv6_nat_balances_and_counts() -> Result<()> {
+    balanced_and_counted("v6nat", Mode::Nat, true)
 }
 
 /// Opens `n` long-lived connections from the client namespace.
@@ -313,45 +314,13 @@ fn maglev_alone_keeps_unaffected_flows_after_conntrack_clear() -> Result<()> {
     Ok(())
 }
 
-/// (ipip) Encapsulated to backends that run `lb decap`: balanced, every connection works, and the
-/// servers' counts equal the program's, over IPv4 and IPv6 outer headers.
-fn ipip(name: &str, ipv6: bool) -> Result<()> {
-    let mut lab = Lab::new("lbt", name, Mode::Ipip, 3, ipv6)?;
-    lab.start_servers()?;
-    lab.start_decap()?;
-    lab.start_agent(&[1, 1, 1])?;
-    lab.assert_native()?;
-    let (t, failed) = tally(&lab, 300)?;
-    println!("{name}: {t:?}, {failed} failed");
-    ensure!(failed == 0, "{failed} connections failed");
-    ensure!(
-        t.len() == 3 && t.values().all(|c| *c >= 60),
-        "uneven: {t:?}"
-    );
-    let counters = lab.backend_new_flows()?;
-    for (i, s) in lab.servers.iter().enumerate() {
-        let addr = lab.backend_addr(i, ipv6);
-        let c = counters
-            .iter()
-            .find(|(a, _)| *a == addr)
-            .map(|(_, c)| *c)
-            .unwrap_or(0);
-        ensure!(
-            s.accepted() == c,
-            "{}: accepted {}, counted {c}",
-            s.name,
-            s.accepted()
-        );
-    }
-    Ok(())
-}
-
+/// (ipip) Encapsulated to backends that run `lb decap`, over IPv4 and IPv6 outer headers.
 #[test]
 fn ipip_v4_to_decapsulating_backends() -> Result<()> {
-    ipip("ipip4", false)
+    balanced_and_counted("ipip4", Mode::Ipip, false)
 }
 
 #[test]
 fn ipip_v6_to_decapsulating_backends() -> Result<()> {
-    ipip("ipip6", true)
+    balanced_and_counted("ipip6", Mode::Ipip, true)
 }
