@@ -70,6 +70,8 @@ pub struct Dataplane {
     stats_reason: PerCpuArray<MapData, u64>,
     /// What each (vip id, slot) half of RINGS holds, so a rebuild writes only the slots that change.
     written: StdHashMap<(u32, u8), Vec<u32>>,
+    /// RINGS was created by this load (not adopted from pins): every half is known to be zeros.
+    fresh_rings: bool,
 }
 
 /// `<pin_root>/<instance>/v<LAYOUT_VERSION>`.
@@ -121,6 +123,7 @@ impl Dataplane {
             .map_err(|_| anyhow!("2 × max_vips × ring_size = {rings} is too large"))?;
         let udp_ns = limits.udp_timeout_secs.saturating_mul(1_000_000_000);
         let log_level: u8 = if debug { 0xff } else { 0 };
+        let fresh_rings = !dir.join("RINGS").exists();
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&dir)
             .map_max_entries("VIPS", limits.max_vips)
@@ -172,6 +175,7 @@ impl Dataplane {
             dir,
             limits: limits.clone(),
             written: StdHashMap::new(),
+            fresh_rings,
         };
         if dp.backends.len() != limits.max_backends || dp.stats_vip.len() != limits.max_vips {
             bail!(
@@ -328,7 +332,10 @@ impl Dataplane {
             bail!("table has {} entries, ring size is {m}", table.len());
         }
         let base = (vip_id as usize * 2 + (slot & 1) as usize) * m;
-        let old = self.written.remove(&(vip_id, slot & 1));
+        let old = self
+            .written
+            .remove(&(vip_id, slot & 1))
+            .or_else(|| self.fresh_rings.then(|| vec![0; m]));
         let mut writes = 0;
         for (i, &id) in table.iter().enumerate() {
             let same = old.as_ref().is_some_and(|o| o[i] == id);
