@@ -174,6 +174,25 @@ pub async fn run(config_path: &Path) -> Result<()> {
         }
         Ok(c)
     })?;
+    let mut control = control;
+    let mut proxy_tasks = Vec::new();
+    if !cfg.entrypoints.is_empty() {
+        let proxy = crate::proxy::Proxy::new(
+            cfg.entrypoints.clone(),
+            cfg.routers.clone(),
+            &Default::default(),
+        );
+        let proxy = Arc::new(proxy);
+        proxy.update_services(&control.proxy_services(&proxy.service_names()));
+        control.proxy = Some(proxy.clone());
+        for ep in &cfg.entrypoints {
+            let listener = tokio::net::TcpListener::bind(ep.address)
+                .await
+                .with_context(|| format!("entrypoint {}: binding {}", ep.name, ep.address))?;
+            info!(entrypoint = ep.name, address = %ep.address, "proxy listening");
+            proxy_tasks.push(tokio::spawn(proxy.clone().serve(ep.name.clone(), listener)));
+        }
+    }
     let control = Arc::new(Mutex::new(control));
     let (events, rx) = mpsc::channel(1024);
     let mut tasks = vec![tokio::spawn(control::run(control.clone(), rx))];
@@ -245,7 +264,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await?;
-    for t in tasks {
+    for t in tasks.into_iter().chain(proxy_tasks) {
         t.abort();
     }
     info!("agent stopped; the pinned program keeps forwarding (`lb detach` removes it)");

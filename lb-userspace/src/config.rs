@@ -59,6 +59,29 @@ struct RawConfig {
     providers: RawProviders,
     #[serde(default)]
     vip: Vec<Spanned<RawVip>>,
+    #[serde(default)]
+    entrypoint: Vec<Spanned<RawEntryPoint>>,
+    #[serde(default)]
+    router: Vec<Spanned<RawRouter>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEntryPoint {
+    name: Spanned<String>,
+    address: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRouter {
+    name: Spanned<String>,
+    rule: Spanned<String>,
+    service: Spanned<String>,
+    #[serde(default)]
+    entrypoints: Vec<String>,
+    #[serde(default)]
+    priority: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -327,6 +350,9 @@ pub struct Config {
     pub api_token: Option<String>,
     pub providers: ProvidersSpec,
     pub vips: Vec<VipSpec>,
+    /// L7: listeners and routers (empty: no proxy).
+    pub entrypoints: Vec<crate::proxy::EntryPointSpec>,
+    pub routers: Vec<crate::proxy::RouterSpec>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -840,7 +866,68 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
         endpoints: e.endpoints.clone(),
         prefix: e.prefix.clone(),
     });
+    let mut entrypoints: Vec<crate::proxy::EntryPointSpec> = Vec::new();
+    for (i, e) in raw.entrypoint.iter().enumerate() {
+        let e = e.get_ref();
+        let name = e.name.get_ref().clone();
+        if !valid_name(&name) || entrypoints.iter().any(|x| x.name == name) {
+            return Err(err(
+                e.name.span(),
+                format!("entrypoint[{i}].name"),
+                format!("{name:?}: must be unique [A-Za-z0-9_.-]"),
+            ));
+        }
+        let address: SocketAddr = e.address.get_ref().parse().map_err(|_| {
+            err(
+                e.address.span(),
+                format!("entrypoint[{i}].address"),
+                format!("{:?} is not an address:port", e.address.get_ref()),
+            )
+        })?;
+        entrypoints.push(crate::proxy::EntryPointSpec { name, address });
+    }
+    let mut routers: Vec<crate::proxy::RouterSpec> = Vec::new();
+    for (i, r) in raw.router.iter().enumerate() {
+        let r = r.get_ref();
+        let name = r.name.get_ref().clone();
+        if !valid_name(&name) || routers.iter().any(|x| x.name == name) {
+            return Err(err(
+                r.name.span(),
+                format!("router[{i}].name"),
+                format!("{name:?}: must be unique [A-Za-z0-9_.-]"),
+            ));
+        }
+        let text = r.rule.get_ref().clone();
+        let rule = crate::proxy::rule::Rule::parse(&text)
+            .map_err(|e| err(r.rule.span(), format!("router[{i}].rule"), e.to_string()))?;
+        if !valid_name(r.service.get_ref()) {
+            return Err(err(
+                r.service.span(),
+                format!("router[{i}].service"),
+                "must be [A-Za-z0-9_.-]".into(),
+            ));
+        }
+        for ep in &r.entrypoints {
+            if !entrypoints.iter().any(|e| &e.name == ep) {
+                return Err(err(
+                    r.name.span(),
+                    format!("router[{i}].entrypoints"),
+                    format!("no entrypoint named {ep:?}"),
+                ));
+            }
+        }
+        routers.push(crate::proxy::RouterSpec {
+            name,
+            entrypoints: r.entrypoints.clone(),
+            rule,
+            rule_text: text,
+            priority: r.priority,
+            service: r.service.get_ref().clone(),
+        });
+    }
     Ok(Config {
+        entrypoints,
+        routers,
         providers: ProvidersSpec { files, redis, etcd },
         instance: instance.clone(),
         pin_root: a.pin_root.clone(),
@@ -940,6 +1027,19 @@ address = "10.0.1.2"
         assert_eq!(e.field, "vip[1].name");
         let e = parse_err(&GOOD.replace("10.0.1.2", "10.0.1.1\"\nport = 8080\n#\""));
         assert!(e.reason.contains("duplicate backend"), "{e}");
+    }
+
+    #[test]
+    fn router_rule_errors_name_line_and_column() {
+        let text = format!("{GOOD}\n[[entrypoint]]\nname = \"web\"\naddress = \"0.0.0.0:8080\"\n\n[[router]]\nname = \"r\"\nservice = \"web\"\nrule = \"Host(`a`) && Pth(`/`)\"\n");
+        let e = parse_err(&text);
+        assert_eq!(e.field, "router[0].rule");
+        assert!(
+            e.reason.contains("column 14") && e.reason.contains("unknown matcher"),
+            "{e}"
+        );
+        let want = text[..text.find("rule =").unwrap()].matches('\n').count() + 1;
+        assert_eq!(e.line, want, "{e}");
     }
 
     #[test]

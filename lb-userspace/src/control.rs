@@ -46,6 +46,8 @@ pub struct Control {
     down: BTreeSet<(String, InstanceKey)>,
     pub stats: ApplyStats,
     adopted: bool,
+    /// The L7 proxy, whose upstream pools follow the registry too.
+    pub proxy: Option<Arc<crate::proxy::Proxy>>,
 }
 
 /// The config file's inline backends, as the `config` provider's snapshot.
@@ -85,6 +87,7 @@ impl Control {
             down: BTreeSet::new(),
             stats: ApplyStats::default(),
             adopted: false,
+            proxy: None,
         }
     }
 
@@ -182,8 +185,26 @@ impl Control {
         out
     }
 
+    /// The proxy's services: registry instances minus operator removals and drains.
+    pub fn proxy_services(&self, names: &[String]) -> Services {
+        let mut out = Services::new();
+        for name in names {
+            let list = self
+                .instances(name)
+                .into_iter()
+                .filter(|i| self.store.override_of(name, &i.key()) != Some(Override::Drained))
+                .map(|i| (i.key(), i))
+                .collect();
+            out.insert(name.clone(), list);
+        }
+        out
+    }
+
     /// Applies the desired state; `since` is when the oldest change in this batch happened.
     pub fn apply(&mut self, since: Instant) -> Result<usize> {
+        if let Some(p) = &self.proxy {
+            p.update_services(&self.proxy_services(&p.service_names()));
+        }
         let mut writes = 0;
         for (vip, desired) in self.desired() {
             writes += self.balancer.apply(&vip, &desired)?;

@@ -15,4 +15,5 @@ pub mod health;
 pub mod maglev;
 pub mod neighbor;
 pub mod providers;
+pub mod proxy;
 pub mod registry;

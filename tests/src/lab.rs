@@ -37,6 +37,9 @@ pub enum Mode {
     Nat,
     /// DSR's topology; the balancer encapsulates and the backends run `lb decap`.
     Ipip,
+    /// The VIP is the balancer's own (on its `lo`): XDP passes it to the L7 proxy, whose upstreams
+    /// are the backends.
+    Local,
 }
 
 impl Mode {
@@ -45,6 +48,7 @@ impl Mode {
             Mode::Dsr => "dsr",
             Mode::Nat => "nat",
             Mode::Ipip => "ipip",
+            Mode::Local => "local",
         }
     }
 }
@@ -144,7 +148,12 @@ impl Lab {
         self.lb
             .exec("ip addr add 10.0.0.2/24 dev eth0 && ip -6 addr add fd00::2/64 dev eth0 nodad")?;
         match self.mode {
-            Mode::Dsr | Mode::Ipip => {
+            Mode::Dsr | Mode::Ipip | Mode::Local => {
+                if self.mode == Mode::Local {
+                    self.lb.exec(&format!(
+                        "ip addr add {VIP4}/32 dev lo && ip -6 addr add {VIP6}/128 dev lo nodad"
+                    ))?;
+                }
                 for (i, b) in self.backends.iter().enumerate() {
                     self.plug(b, "eth0", &format!("b{i}"), "br0")?;
                     b.exec(&format!(
@@ -196,8 +205,8 @@ impl Lab {
     /// The backend's address as the balancer reaches it.
     pub fn backend_addr(&self, i: usize, v6: bool) -> IpAddr {
         let s = match (self.mode, v6) {
-            (Mode::Dsr | Mode::Ipip, false) => format!("10.0.0.{}", 11 + i),
-            (Mode::Dsr | Mode::Ipip, true) => format!("fd00::{}", 11 + i),
+            (Mode::Dsr | Mode::Ipip | Mode::Local, false) => format!("10.0.0.{}", 11 + i),
+            (Mode::Dsr | Mode::Ipip | Mode::Local, true) => format!("fd00::{}", 11 + i),
             (Mode::Nat, false) => format!("10.1.0.{}", 11 + i),
             (Mode::Nat, true) => format!("fd01::{}", 11 + i),
         };
@@ -208,6 +217,8 @@ impl Lab {
         match self.mode {
             Mode::Dsr | Mode::Ipip => 0,
             Mode::Nat => NAT_PORT,
+            // The proxy's upstreams: the servers' own port.
+            Mode::Local => VIP_PORT,
         }
     }
 
@@ -220,7 +231,7 @@ impl Lab {
 
     fn server_port(&self) -> u16 {
         match self.mode {
-            Mode::Dsr | Mode::Ipip => VIP_PORT,
+            Mode::Dsr | Mode::Ipip | Mode::Local => VIP_PORT,
             Mode::Nat => NAT_PORT,
         }
     }

@@ -1,0 +1,346 @@
+//! The proxy with real upstream servers on loopback and a real hyper client: routing, priorities,
+//! balancing, error answers, forwarded headers, h2c, and table swaps under load.
+
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response};
+use hyper_util::{
+    client::legacy::Client,
+    rt::{TokioExecutor, TokioIo},
+};
+use lb_userspace::{
+    proxy::{rule::Rule, EntryPointSpec, Proxy, RouterSpec},
+    registry::{Instance, Services},
+};
+use tokio::net::TcpListener;
+
+/// An upstream that answers `<name> <path> xff=<X-Forwarded-For> host=<Host> secret=<X-Secret>`.
+async fn upstream(name: &'static str) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: Request<hyper::body::Incoming>| async move {
+                        let h = |k: &str| {
+                            req.headers()
+                                .get(k)
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("-")
+                                .to_string()
+                        };
+                        let body = format!(
+                            "{name} {} xff={} host={} secret={}",
+                            req.uri().path(),
+                            h("x-forwarded-for"),
+                            h("host"),
+                            h("x-secret")
+                        );
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+                    },
+                );
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn services(list: &[(&str, &[(SocketAddr, u32)])]) -> Services {
+    let mut s = Services::new();
+    for (name, ups) in list {
+        let m = ups
+            .iter()
+            .map(|(a, w)| {
+                let i = Instance {
+                    address: a.ip(),
+                    port: a.port(),
+                    weight: *w,
+                    zone: None,
+                    metadata: BTreeMap::new(),
+                };
+                (i.key(), i)
+            })
+            .collect();
+        s.insert(name.to_string(), m);
+    }
+    s
+}
+
+fn router(name: &str, rule: &str, service: &str, priority: Option<i64>) -> RouterSpec {
+    RouterSpec {
+        name: name.into(),
+        entrypoints: vec![],
+        rule: Rule::parse(rule).expect("rule"),
+        rule_text: rule.into(),
+        priority,
+        service: service.into(),
+    }
+}
+
+async fn start(routers: Vec<RouterSpec>, svcs: &Services) -> (Arc<Proxy>, SocketAddr) {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let proxy = Arc::new(Proxy::new(
+        vec![EntryPointSpec {
+            name: "web".into(),
+            address: addr,
+        }],
+        routers,
+        svcs,
+    ));
+    tokio::spawn(proxy.clone().serve("web".into(), l));
+    (proxy, addr)
+}
+
+type C = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+async fn get(
+    c: &C,
+    proxy: SocketAddr,
+    host: &str,
+    path: &str,
+    extra: &[(&str, &str)],
+) -> (u16, String) {
+    let mut b = Request::get(format!("http://{proxy}{path}")).header("host", host);
+    for (k, v) in extra {
+        b = b.header(*k, *v);
+    }
+    let resp = c
+        .request(b.body(Full::new(Bytes::new())).expect("request"))
+        .await
+        .expect("response");
+    let code = resp.status().as_u16();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (code, String::from_utf8_lossy(&body).into_owned())
+}
+
+fn client() -> C {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_by_rule_and_priority_and_answers_errors() {
+    let (a, b, api2) = (
+        upstream("a").await,
+        upstream("b").await,
+        upstream("api2").await,
+    );
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    }; // closed again: connections are refused
+    let svcs = services(&[
+        ("site", &[(a, 1)]),
+        ("api", &[(b, 1)]),
+        ("api2", &[(api2, 1)]),
+        ("dead", &[(dead, 1)]),
+        ("empty", &[]),
+    ]);
+    let routers = vec![
+        router("site", "Host(`example.com`)", "site", None),
+        router(
+            "api",
+            "Host(`example.com`) && PathPrefix(`/api`)",
+            "api",
+            None,
+        ),
+        router(
+            "api2",
+            "Host(`example.com`) && PathPrefix(`/api/v2`)",
+            "api2",
+            None,
+        ),
+        router("low", "PathPrefix(`/forced`)", "api2", Some(1)),
+        router("dead", "Host(`dead.test`)", "dead", None),
+        router("empty", "Host(`empty.test`)", "empty", None),
+    ];
+    let (_p, addr) = start(routers, &svcs).await;
+    let c = client();
+    assert!(
+        get(&c, addr, "example.com", "/", &[])
+            .await
+            .1
+            .starts_with("a /"),
+        "Host"
+    );
+    assert!(
+        get(&c, addr, "example.com", "/api/x", &[])
+            .await
+            .1
+            .starts_with("b /api/x"),
+        "longer rule wins"
+    );
+    assert!(
+        get(&c, addr, "example.com", "/api/v2/x", &[])
+            .await
+            .1
+            .starts_with("api2 "),
+        "longest rule wins"
+    );
+    // An explicit low priority loses to the Host rule although it matches too.
+    assert!(
+        get(&c, addr, "example.com", "/forced", &[])
+            .await
+            .1
+            .starts_with("a "),
+        "priority"
+    );
+    assert_eq!(get(&c, addr, "other.test", "/", &[]).await.0, 404);
+    assert_eq!(get(&c, addr, "empty.test", "/", &[]).await.0, 503);
+    assert_eq!(get(&c, addr, "dead.test", "/", &[]).await.0, 502);
+    // Forwarded headers; the Host is kept; a header named in Connection does not cross the proxy.
+    let (_, body) = get(
+        &c,
+        addr,
+        "example.com",
+        "/",
+        &[("connection", "x-secret"), ("x-secret", "1")],
+    )
+    .await;
+    assert!(
+        body.contains("xff=127.0.0.1")
+            && body.contains("host=example.com")
+            && body.contains("secret=-"),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn balances_by_weight_and_speaks_h2c() {
+    let (x, y, z) = (
+        upstream("x").await,
+        upstream("y").await,
+        upstream("z").await,
+    );
+    let svcs = services(&[("eq", &[(x, 1), (y, 1), (z, 1)]), ("w", &[(x, 1), (y, 2)])]);
+    let (_p, addr) = start(
+        vec![
+            router("eq", "PathPrefix(`/eq`)", "eq", None),
+            router("w", "PathPrefix(`/w`)", "w", None),
+        ],
+        &svcs,
+    )
+    .await;
+    let c = client();
+    let mut count: BTreeMap<String, usize> = BTreeMap::new();
+    for _ in 0..300 {
+        let (_, body) = get(&c, addr, "t", "/eq", &[]).await;
+        *count
+            .entry(body.split(' ').next().unwrap_or("").to_string())
+            .or_insert(0) += 1;
+    }
+    assert_eq!(
+        count.values().copied().collect::<Vec<_>>(),
+        vec![100, 100, 100],
+        "{count:?}"
+    );
+    let mut count: BTreeMap<String, usize> = BTreeMap::new();
+    for _ in 0..300 {
+        let (_, body) = get(&c, addr, "t", "/w", &[]).await;
+        *count
+            .entry(body.split(' ').next().unwrap_or("").to_string())
+            .or_insert(0) += 1;
+    }
+    assert_eq!((count["x"], count["y"]), (100, 200), "weights 1:2");
+    // HTTP/2 with prior knowledge (h2c) on the same entry point.
+    let h2: C = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let req = Request::get(format!("http://{addr}/eq"))
+        .body(Full::new(Bytes::new()))
+        .expect("req");
+    let resp = h2.request(req).await.expect("h2c response");
+    assert_eq!(resp.version(), hyper::Version::HTTP_2);
+    assert_eq!(resp.status(), 200);
+}
+
+/// Upstream changes swap the whole table while 10,000 requests run on 8 connections: none fails,
+/// and the new upstream takes traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn table_swaps_under_load_lose_no_request() {
+    let (x, y) = (upstream("x").await, upstream("y").await);
+    let (proxy, addr) = start(
+        vec![router("all", "PathPrefix(`/`)", "s", None)],
+        &services(&[("s", &[(x, 1)])]),
+    )
+    .await;
+    let (done, failed, seen_y) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for _ in 0..8 {
+        let (done, failed, seen_y) = (done.clone(), failed.clone(), seen_y.clone());
+        workers.push(tokio::spawn(async move {
+            let c = client();
+            for _ in 0..1250 {
+                let req = Request::get(format!("http://{addr}/"))
+                    .body(Full::new(Bytes::new()))
+                    .expect("req");
+                match c.request(req).await {
+                    Ok(r) if r.status() == 200 => {
+                        let body = r
+                            .into_body()
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
+                        if body.starts_with(b"y") {
+                            seen_y.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                    _ => {
+                        failed.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+    }
+    let swapper = {
+        let (proxy, stop) = (proxy.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let ups: &[(SocketAddr, u32)] = if n.is_multiple_of(2) {
+                    &[(x, 1), (y, 1)]
+                } else {
+                    &[(y, 1)]
+                };
+                proxy.update_services(&services(&[("s", ups)]));
+                n += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+            n
+        })
+    };
+    for w in workers {
+        w.await.expect("worker");
+    }
+    stop.store(true, Ordering::SeqCst);
+    let swaps = swapper.await.expect("swapper");
+    let (done, failed) = (done.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
+    println!("proxy: {done} requests during {swaps} table swaps, {failed} failed, {} to the new upstream", seen_y.load(Ordering::SeqCst));
+    assert_eq!(done, 10_000);
+    assert_eq!(failed, 0);
+    assert!(swaps > 10 && seen_y.load(Ordering::SeqCst) > 0);
+}
