@@ -180,6 +180,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         let proxy = crate::proxy::Proxy::new(
             cfg.entrypoints.clone(),
             cfg.routers.clone(),
+            cfg.http_services.clone(),
             &Default::default(),
         );
         let proxy = Arc::new(proxy);

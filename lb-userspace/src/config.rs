@@ -63,6 +63,30 @@ struct RawConfig {
     entrypoint: Vec<Spanned<RawEntryPoint>>,
     #[serde(default)]
     router: Vec<Spanned<RawRouter>>,
+    #[serde(default)]
+    http_service: Vec<Spanned<RawHttpService>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttpService {
+    name: Spanned<String>,
+    #[serde(default = "d_algorithm")]
+    algorithm: crate::proxy::balance::Algorithm,
+    #[serde(default = "d_passive_failures")]
+    passive_failures: u32,
+    #[serde(default = "d_passive_backoff")]
+    passive_backoff_secs: u64,
+}
+
+fn d_algorithm() -> crate::proxy::balance::Algorithm {
+    crate::proxy::balance::Algorithm::WeightedRoundRobin
+}
+fn d_passive_failures() -> u32 {
+    3
+}
+fn d_passive_backoff() -> u64 {
+    10
 }
 
 #[derive(Debug, Deserialize)]
@@ -353,6 +377,8 @@ pub struct Config {
     /// L7: listeners and routers (empty: no proxy).
     pub entrypoints: Vec<crate::proxy::EntryPointSpec>,
     pub routers: Vec<crate::proxy::RouterSpec>,
+    /// L7 balancing per registry service (default: smooth WRR, passive health 3 × / 10 s).
+    pub http_services: std::collections::HashMap<String, crate::proxy::ServiceSpec>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -925,7 +951,38 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
             service: r.service.get_ref().clone(),
         });
     }
+    let mut http_services = std::collections::HashMap::new();
+    for (i, h) in raw.http_service.iter().enumerate() {
+        let h = h.get_ref();
+        let name = h.name.get_ref().clone();
+        if !valid_name(&name) || http_services.contains_key(&name) {
+            return Err(err(
+                h.name.span(),
+                format!("http_service[{i}].name"),
+                format!("{name:?}: must be unique [A-Za-z0-9_.-]"),
+            ));
+        }
+        if h.passive_failures == 0 {
+            return Err(err(
+                h.name.span(),
+                format!("http_service[{i}].passive_failures"),
+                "must be ≥ 1".into(),
+            ));
+        }
+        let passive = crate::proxy::balance::Passive {
+            failures: h.passive_failures,
+            backoff: Duration::from_secs(h.passive_backoff_secs.max(1)),
+        };
+        http_services.insert(
+            name,
+            crate::proxy::ServiceSpec {
+                algorithm: h.algorithm,
+                passive,
+            },
+        );
+    }
     Ok(Config {
+        http_services,
         entrypoints,
         routers,
         providers: ProvidersSpec { files, redis, etcd },

@@ -2,7 +2,7 @@
 //! balancing, error answers, forwarded headers, h2c, and table swaps under load.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     convert::Infallible,
     net::SocketAddr,
     sync::{
@@ -19,7 +19,11 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo},
 };
 use lb_userspace::{
-    proxy::{rule::Rule, EntryPointSpec, Proxy, RouterSpec},
+    proxy::{
+        balance::{Algorithm, Passive},
+        rule::Rule,
+        EntryPointSpec, Proxy, RouterSpec, ServiceSpec,
+    },
     registry::{Instance, Services},
 };
 use tokio::net::TcpListener;
@@ -95,16 +99,21 @@ fn router(name: &str, rule: &str, service: &str, priority: Option<i64>) -> Route
 }
 
 async fn start(routers: Vec<RouterSpec>, svcs: &Services) -> (Arc<Proxy>, SocketAddr) {
+    start_with(routers, svcs, HashMap::new()).await
+}
+
+async fn start_with(
+    routers: Vec<RouterSpec>,
+    svcs: &Services,
+    specs: HashMap<String, ServiceSpec>,
+) -> (Arc<Proxy>, SocketAddr) {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
-    let proxy = Arc::new(Proxy::new(
-        vec![EntryPointSpec {
-            name: "web".into(),
-            address: addr,
-        }],
-        routers,
-        svcs,
-    ));
+    let ep = EntryPointSpec {
+        name: "web".into(),
+        address: addr,
+    };
+    let proxy = Arc::new(Proxy::new(vec![ep], routers, specs, svcs));
     tokio::spawn(proxy.clone().serve("web".into(), l));
     (proxy, addr)
 }
@@ -343,4 +352,189 @@ async fn table_swaps_under_load_lose_no_request() {
     assert_eq!(done, 10_000);
     assert_eq!(failed, 0);
     assert!(swaps > 10 && seen_y.load(Ordering::SeqCst) > 0);
+}
+
+/// An upstream whose answers are 500 while `failing` is set.
+async fn flaky(name: &'static str, failing: Arc<AtomicBool>) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            let failing = failing.clone();
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
+                        let fail = failing.load(Ordering::SeqCst);
+                        async move {
+                            let mut r = Response::new(Full::new(Bytes::from(name)));
+                            if fail {
+                                *r.status_mut() = hyper::StatusCode::INTERNAL_SERVER_ERROR;
+                            }
+                            Ok::<_, Infallible>(r)
+                        }
+                    });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passive_health_ejects_a_failing_upstream_and_lets_it_back() {
+    let failing = Arc::new(AtomicBool::new(true));
+    let (bad, good) = (flaky("bad", failing.clone()).await, upstream("good").await);
+    let spec = ServiceSpec {
+        algorithm: Algorithm::WeightedRoundRobin,
+        passive: Passive {
+            failures: 3,
+            backoff: std::time::Duration::from_millis(400),
+        },
+    };
+    let (_p, addr) = start_with(
+        vec![router("all", "PathPrefix(`/`)", "s", None)],
+        &services(&[("s", &[(bad, 1), (good, 1)])]),
+        HashMap::from([("s".to_string(), spec)]),
+    )
+    .await;
+    let c = client();
+    let mut errors = 0;
+    for _ in 0..6 {
+        if get(&c, addr, "t", "/", &[]).await.0 == 500 {
+            errors += 1;
+        }
+    }
+    assert_eq!(
+        errors, 3,
+        "round robin sends every other request to the failing one until it is ejected"
+    );
+    for _ in 0..20 {
+        let (code, body) = get(&c, addr, "t", "/", &[]).await;
+        assert_eq!(
+            (code, body.starts_with("good")),
+            (200, true),
+            "ejected: only the healthy upstream answers"
+        );
+    }
+    failing.store(false, Ordering::SeqCst);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let mut back = 0;
+    for _ in 0..10 {
+        if get(&c, addr, "t", "/", &[]).await.1 == "bad" {
+            back += 1;
+        }
+    }
+    assert_eq!(back, 5, "after the back-off it takes its share again");
+}
+
+/// A slow upstream gets fewer requests under least-requests and P2C than its fast peers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_requests_and_p2c_steer_around_a_slow_upstream() {
+    async fn slow_upstream() -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        tokio::spawn(async move {
+            loop {
+                let Ok((s, _)) = l.accept().await else {
+                    continue;
+                };
+                tokio::spawn(async move {
+                    let svc =
+                        hyper::service::service_fn(|_req: Request<hyper::body::Incoming>| async {
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("slow"))))
+                        });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+    for algorithm in [Algorithm::LeastRequests, Algorithm::P2c] {
+        let (slow, f1, f2) = (
+            slow_upstream().await,
+            upstream("fast1").await,
+            upstream("fast2").await,
+        );
+        let spec = ServiceSpec {
+            algorithm,
+            passive: Passive::default(),
+        };
+        let (_p, addr) = start_with(
+            vec![router("all", "PathPrefix(`/`)", "s", None)],
+            &services(&[("s", &[(slow, 1), (f1, 1), (f2, 1)])]),
+            HashMap::from([("s".to_string(), spec)]),
+        )
+        .await;
+        let slow_count = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let slow_count = slow_count.clone();
+            tasks.push(tokio::spawn(async move {
+                let c = client();
+                for _ in 0..50 {
+                    if get(&c, addr, "t", "/", &[]).await.1 == "slow" {
+                        slow_count.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.expect("client");
+        }
+        let n = slow_count.load(Ordering::SeqCst);
+        println!("proxy: {algorithm:?}: the slow upstream got {n} of 400 requests");
+        assert!(
+            n < 400 / 6,
+            "{algorithm:?}: slow upstream got {n} of 400 (a fair share would be 133)"
+        );
+    }
+}
+
+/// A real WebSocket session (tokio-tungstenite on both ends) through the proxy's Upgrade tunnel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_echo_through_the_proxy() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let ws_addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else {
+                    return;
+                };
+                while let Some(Ok(m)) = ws.next().await {
+                    if m.is_text() || m.is_binary() {
+                        let _ = ws.send(m).await;
+                    }
+                }
+            });
+        }
+    });
+    let (_p, addr) = start(
+        vec![router("ws", "PathPrefix(`/ws`)", "ws", None)],
+        &services(&[("ws", &[(ws_addr, 1)])]),
+    )
+    .await;
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut ws, resp) = tokio_tungstenite::client_async(format!("ws://{addr}/ws"), stream)
+        .await
+        .expect("handshake through the proxy");
+    assert_eq!(resp.status(), 101);
+    for i in 0..20 {
+        ws.send(Message::text(format!("hello {i}")))
+            .await
+            .expect("send");
+        let back = ws.next().await.expect("frame").expect("ok");
+        assert_eq!(back, Message::text(format!("hello {i}")));
+    }
+    ws.close(None).await.expect("close");
 }

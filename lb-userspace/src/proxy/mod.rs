@@ -7,13 +7,15 @@
 //! headers dropped, `X-Forwarded-*` added) → answer. The routing table is an immutable value
 //! swapped atomically ([`ArcSwap`]): a request in flight finishes on the table it started with.
 
+pub mod balance;
 pub mod rule;
 
 use std::{
     collections::HashMap,
     convert::Infallible,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex},
+    sync::{atomic::Ordering, Arc},
+    time::Instant,
 };
 
 use arc_swap::ArcSwap;
@@ -32,6 +34,7 @@ use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
 use crate::registry::Services;
+use balance::{Algorithm, Passive, Pool, Upstream};
 use rule::{RequestView, Rule};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -75,49 +78,19 @@ pub struct EntryPointSpec {
     pub address: SocketAddr,
 }
 
-/// Smooth weighted round robin (nginx's): each pick adds every upstream's weight to its current
-/// value and takes the largest, which then loses the total. Equal weights degrade to plain round
-/// robin; unequal ones interleave instead of bursting.
-pub struct Pool {
-    upstreams: Vec<(SocketAddr, i64)>,
-    current: Mutex<Vec<i64>>,
+/// How a service's upstreams are balanced and passively checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceSpec {
+    pub algorithm: Algorithm,
+    pub passive: Passive,
 }
 
-impl Pool {
-    pub fn new(upstreams: Vec<(SocketAddr, u32)>) -> Pool {
-        let upstreams: Vec<(SocketAddr, i64)> = upstreams
-            .into_iter()
-            .filter(|(_, w)| *w > 0)
-            .map(|(a, w)| (a, w as i64))
-            .collect();
-        let n = upstreams.len();
-        Pool {
-            upstreams,
-            current: Mutex::new(vec![0; n]),
+impl Default for ServiceSpec {
+    fn default() -> Self {
+        ServiceSpec {
+            algorithm: Algorithm::WeightedRoundRobin,
+            passive: Passive::default(),
         }
-    }
-
-    pub fn pick(&self) -> Option<SocketAddr> {
-        let total: i64 = self.upstreams.iter().map(|u| u.1).sum();
-        let mut cur = self.current.lock().ok()?;
-        let mut best: Option<usize> = None;
-        for (i, (_, w)) in self.upstreams.iter().enumerate() {
-            cur[i] += w;
-            if best.is_none_or(|b| cur[i] > cur[b]) {
-                best = Some(i);
-            }
-        }
-        let b = best?;
-        cur[b] -= total;
-        Some(self.upstreams[b].0)
-    }
-
-    pub fn len(&self) -> usize {
-        self.upstreams.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.upstreams.is_empty()
     }
 }
 
@@ -129,11 +102,17 @@ struct Route {
 /// Routes per entry point (highest priority first) and a pool per service.
 pub struct Table {
     routes: HashMap<String, Vec<Arc<Route>>>,
-    pools: HashMap<String, Arc<Pool>>,
+    pools: HashMap<String, (Arc<Pool>, Passive)>,
 }
 
 impl Table {
-    fn build(entrypoints: &[EntryPointSpec], routers: &[RouterSpec], services: &Services) -> Table {
+    fn build(
+        entrypoints: &[EntryPointSpec],
+        routers: &[RouterSpec],
+        specs: &HashMap<String, ServiceSpec>,
+        services: &Services,
+        upstream: &mut dyn FnMut(SocketAddr) -> Arc<Upstream>,
+    ) -> Table {
         let mut routes: HashMap<String, Vec<Arc<Route>>> = HashMap::new();
         for r in routers {
             let route = Arc::new(Route {
@@ -159,17 +138,22 @@ impl Table {
         }
         let mut pools = HashMap::new();
         for r in routers {
-            let instances: Vec<(SocketAddr, u32)> = services
+            if pools.contains_key(&r.service) {
+                continue;
+            }
+            let members: Vec<(Arc<Upstream>, u32)> = services
                 .get(&r.service)
                 .map(|m| {
                     m.values()
-                        .map(|i| (SocketAddr::new(i.address, i.port), i.weight))
+                        .map(|i| (upstream(SocketAddr::new(i.address, i.port)), i.weight))
                         .collect()
                 })
                 .unwrap_or_default();
-            pools
-                .entry(r.service.clone())
-                .or_insert_with(|| Arc::new(Pool::new(instances)));
+            let spec = specs.get(&r.service).copied().unwrap_or_default();
+            pools.insert(
+                r.service.clone(),
+                (Arc::new(Pool::new(spec.algorithm, members)), spec.passive),
+            );
         }
         Table { routes, pools }
     }
@@ -178,7 +162,10 @@ impl Table {
 pub struct Proxy {
     entrypoints: Vec<EntryPointSpec>,
     routers: Vec<RouterSpec>,
+    specs: HashMap<String, ServiceSpec>,
     table: ArcSwap<Table>,
+    /// Per-upstream state by address: it survives table swaps.
+    upstreams: std::sync::Mutex<HashMap<SocketAddr, Arc<Upstream>>>,
     client: Client<HttpConnector, Incoming>,
 }
 
@@ -227,29 +214,54 @@ impl Proxy {
     pub fn new(
         entrypoints: Vec<EntryPointSpec>,
         routers: Vec<RouterSpec>,
+        specs: HashMap<String, ServiceSpec>,
         services: &Services,
     ) -> Proxy {
-        let table = Table::build(&entrypoints, &routers, services);
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(64)
             .build(connector);
-        Proxy {
+        let empty = Table {
+            routes: HashMap::new(),
+            pools: HashMap::new(),
+        };
+        let proxy = Proxy {
             entrypoints,
             routers,
-            table: ArcSwap::from_pointee(table),
+            specs,
+            table: ArcSwap::from_pointee(empty),
+            upstreams: std::sync::Mutex::new(HashMap::new()),
             client,
-        }
+        };
+        proxy.update_services(services);
+        proxy
     }
 
-    /// New upstreams from the registry: a new table, swapped in whole.
+    /// New upstreams from the registry: a new table, swapped in whole. Upstream state is kept
+    /// for addresses that stay, dropped for those that left.
     pub fn update_services(&self, services: &Services) {
-        self.table.store(Arc::new(Table::build(
+        let Ok(mut known) = self.upstreams.lock() else {
+            return;
+        };
+        let mut keep: HashMap<SocketAddr, Arc<Upstream>> = HashMap::new();
+        let mut get = |addr: SocketAddr| {
+            let u = known
+                .get(&addr)
+                .cloned()
+                .unwrap_or_else(|| Arc::new(Upstream::new(addr)));
+            keep.insert(addr, u.clone());
+            u
+        };
+        let table = Table::build(
             &self.entrypoints,
             &self.routers,
+            &self.specs,
             services,
-        )));
+            &mut get,
+        );
+        *known = keep;
+        self.table.store(Arc::new(table));
     }
 
     /// The registry services the routers send to.
@@ -282,7 +294,10 @@ impl Proxy {
                     async move { Ok::<_, Infallible>(proxy.handle(&ep, peer.ip(), req).await) }
                 });
                 let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
+                if let Err(e) = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                    .await
+                {
                     debug!("connection from {peer}: {e}");
                 }
             });
@@ -298,18 +313,7 @@ impl Proxy {
     ) -> Response<Body> {
         // Route.
         let table = self.table.load_full();
-        let host = req
-            .uri()
-            .host()
-            .map(str::to_string)
-            .or_else(|| {
-                req.headers()
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(|h| h.rsplit_once(':').map_or(h, |(a, _)| a).to_string())
-            })
-            .unwrap_or_default()
-            .to_ascii_lowercase();
+        let host = request_host(&req);
         let view = RequestView {
             host: &host,
             path: req.uri().path(),
@@ -326,7 +330,14 @@ impl Proxy {
             return text(StatusCode::NOT_FOUND, "no router matches");
         };
         // Pick an upstream.
-        let Some(upstream) = table.pools.get(&route.spec.service).and_then(|p| p.pick()) else {
+        let Some((pool, passive)) = table.pools.get(&route.spec.service) else {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no upstream for this service",
+            );
+        };
+        let started = Instant::now();
+        let Some(upstream) = pool.pick(started, &mut || rand::random::<u64>()) else {
             return text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no upstream for this service",
@@ -338,15 +349,26 @@ impl Proxy {
             .path_and_query()
             .map(|p| p.as_str().to_string())
             .unwrap_or_else(|| "/".into());
-        let uri: Uri = match format!("http://{upstream}{path}").parse() {
+        let uri: Uri = match format!("http://{}{path}", upstream.addr).parse() {
             Ok(u) => u,
             Err(_) => return text(StatusCode::BAD_REQUEST, "bad request target"),
         };
+        // An `Upgrade` (WebSocket, …) keeps its Connection/Upgrade headers and becomes a tunnel.
+        let upgrade = req
+            .headers()
+            .get(header::UPGRADE)
+            .cloned()
+            .filter(|_| req.version() == hyper::Version::HTTP_11);
+        let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let original_host = req.headers().get(header::HOST).cloned();
         *req.uri_mut() = uri;
         *req.version_mut() = hyper::Version::HTTP_11;
         let h = req.headers_mut();
         strip_hop_by_hop(h);
+        if let Some(u) = &upgrade {
+            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            h.insert(header::UPGRADE, u.clone());
+        }
         let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
             Some(prev) => format!("{prev}, {client_ip}"),
             None => client_ip.to_string(),
@@ -359,39 +381,72 @@ impl Proxy {
             h.insert("x-forwarded-host", host.clone());
             h.insert(header::HOST, host);
         }
-        match self.client.request(req).await {
-            Ok(resp) => {
+        upstream.in_flight.fetch_add(1, Ordering::Relaxed);
+        let result = self.client.request(req).await;
+        upstream.in_flight.fetch_sub(1, Ordering::Relaxed);
+        match result {
+            Ok(mut resp) => {
+                upstream.record(
+                    resp.status().as_u16() < 500,
+                    started.elapsed(),
+                    passive,
+                    Instant::now(),
+                );
+                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    if let Some(client_side) = client_upgrade {
+                        let upstream_side = hyper::upgrade::on(&mut resp);
+                        tokio::spawn(tunnel(client_side, upstream_side));
+                        let (parts, _) = resp.into_parts();
+                        return Response::from_parts(
+                            parts,
+                            http_body_util::Empty::new()
+                                .map_err(|never| match never {})
+                                .boxed(),
+                        );
+                    }
+                }
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 Response::from_parts(parts, body.boxed())
             }
             Err(e) => {
-                warn!(router = route.spec.name, %upstream, "upstream: {e}");
+                upstream.record(false, started.elapsed(), passive, Instant::now());
+                warn!(router = route.spec.name, upstream = %upstream.addr, "upstream: {e}");
                 text(StatusCode::BAD_GATEWAY, "upstream unreachable")
             }
         }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// The request's host, without port, lowercase: from the URI (HTTP/2, absolute form) or `Host`.
+fn request_host(req: &Request<Incoming>) -> String {
+    req.uri()
+        .host()
+        .map(str::to_string)
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(|h| {
+                    h.rsplit_once(':')
+                        .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
+                        .map_or(h, |(a, _)| a)
+                        .to_string()
+                })
+        })
+        .unwrap_or_default()
+        .to_ascii_lowercase()
+}
 
-    #[test]
-    fn smooth_weighted_round_robin_interleaves_by_weight() {
-        let a: SocketAddr = "10.0.0.1:80".parse().unwrap();
-        let b: SocketAddr = "10.0.0.2:80".parse().unwrap();
-        let c: SocketAddr = "10.0.0.3:80".parse().unwrap();
-        let p = Pool::new(vec![(a, 5), (b, 1), (c, 1)]);
-        let seq: Vec<SocketAddr> = (0..7).map(|_| p.pick().unwrap()).collect();
-        // nginx's documented sequence for 5:1:1.
-        assert_eq!(seq, vec![a, a, b, a, c, a, a]);
-        let eq = Pool::new(vec![(a, 1), (b, 1), (c, 1)]);
-        let seq: Vec<SocketAddr> = (0..6).map(|_| eq.pick().unwrap()).collect();
-        assert_eq!(seq, vec![a, b, c, a, b, c]);
-        assert!(
-            Pool::new(vec![(a, 0)]).pick().is_none(),
-            "weight 0 gets nothing"
-        );
+/// Joins an upgraded client connection to the upgraded upstream connection, bytes both ways,
+/// until either side closes.
+async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (Ok(c), Ok(u)) = (client.await, upstream.await) else {
+        debug!("upgrade failed on one side");
+        return;
+    };
+    let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
+    if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
+        debug!("tunnel closed: {e}");
     }
 }

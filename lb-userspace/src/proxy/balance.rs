@@ -1,0 +1,399 @@
+//! Upstream pools: which instance of a service gets a request, and passive health.
+//!
+//! Per-upstream state ([`Upstream`]: requests in flight, latency EWMA, consecutive failures,
+//! ejection) outlives routing-table swaps — it is keyed by address in the proxy — so a registry
+//! change neither forgets an ejection nor resets least-requests accounting. Time and randomness
+//! come in as arguments where a decision depends on them, so the logic is tested exactly.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU32, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+/// How a pool picks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    /// Smooth weighted round robin (nginx's): strict rotation for equal weights, interleaved
+    /// otherwise.
+    #[serde(alias = "wrr", alias = "round_robin")]
+    WeightedRoundRobin,
+    /// Uniform over the weights.
+    Random,
+    /// Fewest requests in flight (weighted: in-flight / weight), ties by rotation.
+    LeastRequests,
+    /// Power of two choices: two random candidates, the lower `latency EWMA × (in flight + 1)`.
+    P2c,
+}
+
+/// Passive health: consecutive failures (connect errors, 5xx) eject an upstream for a back-off
+/// that doubles with each ejection in a row, up to 16×.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Passive {
+    pub failures: u32,
+    pub backoff: Duration,
+}
+
+impl Default for Passive {
+    fn default() -> Self {
+        Passive {
+            failures: 3,
+            backoff: Duration::from_secs(10),
+        }
+    }
+}
+
+/// One upstream's live state.
+#[derive(Debug)]
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub in_flight: AtomicU64,
+    /// Latency EWMA in microseconds (0: no sample yet).
+    ewma_us: AtomicU64,
+    failures: AtomicU32,
+    ejection: Mutex<Ejection>,
+}
+
+#[derive(Debug, Default)]
+struct Ejection {
+    until: Option<Instant>,
+    /// Ejections in a row (reset by a success after coming back).
+    streak: u32,
+}
+
+impl Upstream {
+    pub fn new(addr: SocketAddr) -> Upstream {
+        Upstream {
+            addr,
+            in_flight: AtomicU64::new(0),
+            ewma_us: AtomicU64::new(0),
+            failures: AtomicU32::new(0),
+            ejection: Mutex::new(Ejection::default()),
+        }
+    }
+
+    pub fn ejected(&self, now: Instant) -> bool {
+        self.ejection
+            .lock()
+            .map(|e| e.until.is_some_and(|u| now < u))
+            .unwrap_or(false)
+    }
+
+    /// Records a request's outcome (`ok`: answered below 500) and its latency.
+    pub fn record(&self, ok: bool, latency: Duration, passive: &Passive, now: Instant) {
+        let sample = latency.as_micros().min(u64::MAX as u128) as u64;
+        let old = self.ewma_us.load(Ordering::Relaxed);
+        // α = 1/8, as in TCP's SRTT: recent enough, not jumpy.
+        let new = if old == 0 {
+            sample
+        } else {
+            old - old / 8 + sample / 8
+        };
+        self.ewma_us.store(new.max(1), Ordering::Relaxed);
+        if ok {
+            self.failures.store(0, Ordering::Relaxed);
+            if let Ok(mut e) = self.ejection.lock() {
+                if e.until.is_none_or(|u| now >= u) {
+                    e.until = None;
+                    e.streak = 0;
+                }
+            }
+            return;
+        }
+        let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= passive.failures {
+            self.failures.store(0, Ordering::Relaxed);
+            if let Ok(mut e) = self.ejection.lock() {
+                let factor = 1u32 << e.streak.min(4);
+                e.until = Some(now + passive.backoff * factor);
+                e.streak += 1;
+                tracing::warn!(upstream = %self.addr, seconds = (passive.backoff * factor).as_secs(), "ejected after consecutive failures");
+            }
+        }
+    }
+
+    fn score(&self) -> u64 {
+        let ewma = self.ewma_us.load(Ordering::Relaxed).max(1);
+        ewma.saturating_mul(self.in_flight.load(Ordering::Relaxed) + 1)
+    }
+}
+
+/// A service's upstreams as one routing table sees them.
+pub struct Pool {
+    pub algorithm: Algorithm,
+    members: Vec<(Arc<Upstream>, i64)>,
+    /// Smooth WRR's current weights.
+    current: Mutex<Vec<i64>>,
+    /// Where least-requests starts looking, so ties rotate.
+    cursor: std::sync::atomic::AtomicUsize,
+}
+
+impl Pool {
+    pub fn new(algorithm: Algorithm, members: Vec<(Arc<Upstream>, u32)>) -> Pool {
+        let members: Vec<(Arc<Upstream>, i64)> = members
+            .into_iter()
+            .filter(|(_, w)| *w > 0)
+            .map(|(u, w)| (u, w as i64))
+            .collect();
+        let n = members.len();
+        Pool {
+            algorithm,
+            members,
+            current: Mutex::new(vec![0; n]),
+            cursor: Default::default(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// Picks an upstream. Ejected ones are skipped while any other is available (if all are
+    /// ejected, they are all candidates: answering beats refusing). `rand` gives uniform u64s.
+    pub fn pick(&self, now: Instant, rand: &mut impl FnMut() -> u64) -> Option<Arc<Upstream>> {
+        let healthy: Vec<usize> = (0..self.members.len())
+            .filter(|&i| !self.members[i].0.ejected(now))
+            .collect();
+        let cands: Vec<usize> = if healthy.is_empty() {
+            (0..self.members.len()).collect()
+        } else {
+            healthy
+        };
+        if cands.is_empty() {
+            return None;
+        }
+        let i = match self.algorithm {
+            Algorithm::WeightedRoundRobin => self.smooth(&cands)?,
+            Algorithm::Random => {
+                let total: i64 = cands.iter().map(|&i| self.members[i].1).sum();
+                let mut r = (rand() % total as u64) as i64;
+                let mut pick = cands[0];
+                for &i in &cands {
+                    if r < self.members[i].1 {
+                        pick = i;
+                        break;
+                    }
+                    r -= self.members[i].1;
+                }
+                pick
+            }
+            Algorithm::LeastRequests => {
+                // in_flight / weight, compared without division; the rotation breaks ties.
+                let start = self.cursor.fetch_add(1, Ordering::Relaxed) as i64;
+                let n = cands.len();
+                let mut best = cands[(start.rem_euclid(n as i64)) as usize];
+                for k in 0..n {
+                    let i = cands[(start.rem_euclid(n as i64) as usize + k) % n];
+                    let (a, wa) = (
+                        self.members[i].0.in_flight.load(Ordering::Relaxed) as i128,
+                        self.members[i].1 as i128,
+                    );
+                    let (b, wb) = (
+                        self.members[best].0.in_flight.load(Ordering::Relaxed) as i128,
+                        self.members[best].1 as i128,
+                    );
+                    if a * wb < b * wa {
+                        best = i;
+                    }
+                }
+                best
+            }
+            Algorithm::P2c => {
+                let n = cands.len();
+                let a = cands[(rand() % n as u64) as usize];
+                let mut b = cands[(rand() % n as u64) as usize];
+                if n > 1 && a == b {
+                    b = cands[(cands.iter().position(|&x| x == a).unwrap_or(0) + 1) % n];
+                }
+                if self.members[b].0.score() < self.members[a].0.score() {
+                    b
+                } else {
+                    a
+                }
+            }
+        };
+        Some(self.members[i].0.clone())
+    }
+
+    fn smooth(&self, cands: &[usize]) -> Option<usize> {
+        let total: i64 = cands.iter().map(|&i| self.members[i].1).sum();
+        let mut cur = self.current.lock().ok()?;
+        let mut best: Option<usize> = None;
+        for &i in cands {
+            cur[i] += self.members[i].1;
+            if best.is_none_or(|b| cur[i] > cur[b]) {
+                best = Some(i);
+            }
+        }
+        let b = best?;
+        cur[b] -= total;
+        Some(b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ups(n: usize) -> Vec<Arc<Upstream>> {
+        (0..n)
+            .map(|i| {
+                Arc::new(Upstream::new(SocketAddr::from((
+                    [10, 0, 0, 1 + i as u8],
+                    80,
+                ))))
+            })
+            .collect()
+    }
+
+    /// xorshift: a fixed, reproducible stream.
+    fn rng(seed: u64) -> impl FnMut() -> u64 {
+        let mut x = seed;
+        move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        }
+    }
+
+    fn tally(p: &Pool, n: usize, now: Instant, r: &mut impl FnMut() -> u64) -> Vec<usize> {
+        let mut t = vec![0; p.len()];
+        for _ in 0..n {
+            let u = p.pick(now, r).unwrap();
+            let i = p
+                .members
+                .iter()
+                .position(|(m, _)| Arc::ptr_eq(m, &u))
+                .unwrap();
+            t[i] += 1;
+        }
+        t
+    }
+
+    #[test]
+    fn smooth_weighted_round_robin_interleaves_by_weight() {
+        let u = ups(3);
+        let p = Pool::new(
+            Algorithm::WeightedRoundRobin,
+            vec![(u[0].clone(), 5), (u[1].clone(), 1), (u[2].clone(), 1)],
+        );
+        let now = Instant::now();
+        let seq: Vec<u8> = (0..7)
+            .map(|_| {
+                p.pick(now, &mut rng(1))
+                    .unwrap()
+                    .addr
+                    .ip()
+                    .to_string()
+                    .as_bytes()[7]
+                    - b'0'
+            })
+            .collect();
+        assert_eq!(
+            seq,
+            vec![1, 1, 2, 1, 3, 1, 1],
+            "nginx's documented sequence for 5:1:1"
+        );
+        assert!(
+            Pool::new(Algorithm::WeightedRoundRobin, vec![(u[0].clone(), 0)])
+                .pick(now, &mut rng(1))
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn random_follows_weights() {
+        let u = ups(2);
+        let p = Pool::new(
+            Algorithm::Random,
+            vec![(u[0].clone(), 1), (u[1].clone(), 3)],
+        );
+        let t = tally(&p, 40_000, Instant::now(), &mut rng(7));
+        let share = t[1] as f64 / 40_000.0;
+        assert!((share - 0.75).abs() < 0.01, "{t:?}");
+    }
+
+    #[test]
+    fn least_requests_prefers_the_idle_and_rotates_ties() {
+        let u = ups(3);
+        let p = Pool::new(
+            Algorithm::LeastRequests,
+            u.iter().map(|x| (x.clone(), 1)).collect(),
+        );
+        let now = Instant::now();
+        u[0].in_flight.store(5, Ordering::Relaxed);
+        u[1].in_flight.store(1, Ordering::Relaxed);
+        u[2].in_flight.store(3, Ordering::Relaxed);
+        assert_eq!(p.pick(now, &mut rng(1)).unwrap().addr, u[1].addr);
+        for x in &u {
+            x.in_flight.store(0, Ordering::Relaxed);
+        }
+        let t = tally(&p, 300, now, &mut rng(1));
+        assert_eq!(t, vec![100, 100, 100], "ties rotate");
+    }
+
+    #[test]
+    fn p2c_avoids_the_slow_and_the_busy() {
+        let u = ups(4);
+        let p = Pool::new(Algorithm::P2c, u.iter().map(|x| (x.clone(), 1)).collect());
+        let now = Instant::now();
+        let passive = Passive::default();
+        for (i, x) in u.iter().enumerate() {
+            let ms = if i == 0 { 50 } else { 5 };
+            x.record(true, Duration::from_millis(ms), &passive, now);
+        }
+        let t = tally(&p, 10_000, now, &mut rng(3));
+        // The slow one only wins when both random picks are it: about 1/16 of the time.
+        assert!(t[0] < 1_000, "{t:?}");
+        assert!(t[1..].iter().all(|&n| n > 2_500), "{t:?}");
+    }
+
+    #[test]
+    fn consecutive_failures_eject_and_back_off_doubles() {
+        let u = ups(2);
+        let p = Pool::new(
+            Algorithm::WeightedRoundRobin,
+            u.iter().map(|x| (x.clone(), 1)).collect(),
+        );
+        let passive = Passive {
+            failures: 3,
+            backoff: Duration::from_secs(10),
+        };
+        let t0 = Instant::now();
+        for _ in 0..2 {
+            u[0].record(false, Duration::from_millis(1), &passive, t0);
+        }
+        assert!(!u[0].ejected(t0), "two failures are not enough");
+        u[0].record(false, Duration::from_millis(1), &passive, t0);
+        assert!(u[0].ejected(t0));
+        assert_eq!(
+            tally(&p, 10, t0, &mut rng(1)),
+            vec![0, 10],
+            "an ejected upstream gets nothing"
+        );
+        let t1 = t0 + Duration::from_secs(11);
+        assert!(!u[0].ejected(t1), "back after the back-off");
+        // Failing again at once: ejected for twice as long.
+        for _ in 0..3 {
+            u[0].record(false, Duration::from_millis(1), &passive, t1);
+        }
+        assert!(
+            u[0].ejected(t1 + Duration::from_secs(19))
+                && !u[0].ejected(t1 + Duration::from_secs(21))
+        );
+        // All ejected: still answered.
+        for _ in 0..3 {
+            u[1].record(false, Duration::from_millis(1), &passive, t1);
+        }
+        assert!(p.pick(t1, &mut rng(1)).is_some());
+    }
+}
