@@ -186,12 +186,23 @@ pub async fn run(config_path: &Path) -> Result<()> {
         let proxy = Arc::new(proxy);
         proxy.update_services(&control.proxy_services(&proxy.service_names()));
         control.proxy = Some(proxy.clone());
+        let certs = Arc::new(crate::proxy::tls::Certs::load(&cfg.certificates)?);
         for ep in &cfg.entrypoints {
+            let tls = match ep.tls {
+                true => Some(tokio_rustls::TlsAcceptor::from(
+                    crate::proxy::tls::server_config(certs.clone(), ep.client_ca_file.as_deref())?,
+                )),
+                false => None,
+            };
             let listener = tokio::net::TcpListener::bind(ep.address)
                 .await
                 .with_context(|| format!("entrypoint {}: binding {}", ep.name, ep.address))?;
-            info!(entrypoint = ep.name, address = %ep.address, "proxy listening");
-            proxy_tasks.push(tokio::spawn(proxy.clone().serve(ep.name.clone(), listener)));
+            info!(entrypoint = ep.name, address = %ep.address, tls = ep.tls, "proxy listening");
+            proxy_tasks.push(tokio::spawn(proxy.clone().serve(
+                ep.name.clone(),
+                listener,
+                tls,
+            )));
         }
     }
     let control = Arc::new(Mutex::new(control));

@@ -65,6 +65,8 @@ struct RawConfig {
     router: Vec<Spanned<RawRouter>>,
     #[serde(default)]
     http_service: Vec<Spanned<RawHttpService>>,
+    #[serde(default)]
+    certificate: Vec<Spanned<RawCertificate>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -94,6 +96,19 @@ fn d_passive_backoff() -> u64 {
 struct RawEntryPoint {
     name: Spanned<String>,
     address: Spanned<String>,
+    #[serde(default)]
+    tls: bool,
+    #[serde(default)]
+    client_ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCertificate {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    #[serde(default)]
+    default: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -379,6 +394,8 @@ pub struct Config {
     pub routers: Vec<crate::proxy::RouterSpec>,
     /// L7 balancing per registry service (default: smooth WRR, passive health 3 × / 10 s).
     pub http_services: std::collections::HashMap<String, crate::proxy::ServiceSpec>,
+    /// TLS certificates for the entry points with `tls = true` (chosen by SNI).
+    pub certificates: Vec<crate::proxy::tls::CertSpec>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -910,7 +927,19 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
                 format!("{:?} is not an address:port", e.address.get_ref()),
             )
         })?;
-        entrypoints.push(crate::proxy::EntryPointSpec { name, address });
+        if e.client_ca_file.is_some() && !e.tls {
+            return Err(err(
+                e.name.span(),
+                format!("entrypoint[{i}].client_ca_file"),
+                "needs tls = true".into(),
+            ));
+        }
+        entrypoints.push(crate::proxy::EntryPointSpec {
+            name,
+            address,
+            tls: e.tls,
+            client_ca_file: e.client_ca_file.clone(),
+        });
     }
     let mut routers: Vec<crate::proxy::RouterSpec> = Vec::new();
     for (i, r) in raw.router.iter().enumerate() {
@@ -981,7 +1010,36 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
             },
         );
     }
+    let certificates: Vec<crate::proxy::tls::CertSpec> = raw
+        .certificate
+        .iter()
+        .map(|c| {
+            let c = c.get_ref();
+            crate::proxy::tls::CertSpec {
+                cert_file: c.cert_file.clone(),
+                key_file: c.key_file.clone(),
+                default: c.default,
+            }
+        })
+        .collect();
+    if certificates.iter().filter(|c| c.default).count() > 1 {
+        return Err(err(
+            0..0,
+            "certificate".into(),
+            "more than one certificate has default = true".into(),
+        ));
+    }
+    if let Some(e) = raw.entrypoint.iter().find(|e| e.get_ref().tls) {
+        if certificates.is_empty() {
+            return Err(err(
+                e.span(),
+                "entrypoint".into(),
+                "tls = true needs at least one [[certificate]]".into(),
+            ));
+        }
+    }
     Ok(Config {
+        certificates,
         http_services,
         entrypoints,
         routers,

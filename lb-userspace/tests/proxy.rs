@@ -112,9 +112,11 @@ async fn start_with(
     let ep = EntryPointSpec {
         name: "web".into(),
         address: addr,
+        tls: false,
+        client_ca_file: None,
     };
     let proxy = Arc::new(Proxy::new(vec![ep], routers, specs, svcs));
-    tokio::spawn(proxy.clone().serve("web".into(), l));
+    tokio::spawn(proxy.clone().serve("web".into(), l, None));
     (proxy, addr)
 }
 

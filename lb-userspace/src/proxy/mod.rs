@@ -9,6 +9,7 @@
 
 pub mod balance;
 pub mod rule;
+pub mod tls;
 
 use std::{
     collections::HashMap,
@@ -76,6 +77,10 @@ impl Eq for RouterSpec {}
 pub struct EntryPointSpec {
     pub name: String,
     pub address: SocketAddr,
+    /// Terminate TLS here (certificates from `[[certificate]]`).
+    pub tls: bool,
+    /// mTLS: clients must present a certificate signed by this CA.
+    pub client_ca_file: Option<std::path::PathBuf>,
 }
 
 /// How a service's upstreams are balanced and passively checked.
@@ -276,8 +281,14 @@ impl Proxy {
         &self.entrypoints
     }
 
-    /// Serves one entry point on `listener` until the task is dropped.
-    pub async fn serve(self: Arc<Self>, entrypoint: String, listener: TcpListener) {
+    /// Serves one entry point on `listener` until the task is dropped; with `tls`, every
+    /// connection is a TLS handshake first (ALPN picks h2 or HTTP/1.1).
+    pub async fn serve(
+        self: Arc<Self>,
+        entrypoint: String,
+        listener: TcpListener,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) {
         loop {
             let (stream, peer) = match listener.accept().await {
                 Ok(x) => x,
@@ -287,17 +298,33 @@ impl Proxy {
                 }
             };
             let _ = stream.set_nodelay(true);
-            let (proxy, ep) = (self.clone(), entrypoint.clone());
+            let (proxy, ep, tls) = (self.clone(), entrypoint.clone(), tls.clone());
             tokio::spawn(async move {
+                let scheme = if tls.is_some() { "https" } else { "http" };
                 let svc = hyper::service::service_fn(move |req| {
                     let (proxy, ep) = (proxy.clone(), ep.clone());
-                    async move { Ok::<_, Infallible>(proxy.handle(&ep, peer.ip(), req).await) }
+                    async move { Ok::<_, Infallible>(proxy.handle(&ep, peer.ip(), scheme, req).await) }
                 });
                 let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                if let Err(e) = builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                    .await
-                {
+                let served = match tls {
+                    Some(acceptor) => match acceptor.accept(stream).await {
+                        Ok(s) => {
+                            builder
+                                .serve_connection_with_upgrades(TokioIo::new(s), svc)
+                                .await
+                        }
+                        Err(e) => {
+                            debug!("TLS handshake from {peer}: {e}");
+                            return;
+                        }
+                    },
+                    None => {
+                        builder
+                            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                            .await
+                    }
+                };
+                if let Err(e) = served {
                     debug!("connection from {peer}: {e}");
                 }
             });
@@ -309,6 +336,7 @@ impl Proxy {
         &self,
         entrypoint: &str,
         client_ip: IpAddr,
+        scheme: &'static str,
         mut req: Request<Incoming>,
     ) -> Response<Body> {
         // Route.
@@ -376,7 +404,7 @@ impl Proxy {
         if let Ok(v) = HeaderValue::from_str(&xff) {
             h.insert("x-forwarded-for", v);
         }
-        h.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+        h.insert("x-forwarded-proto", HeaderValue::from_static(scheme));
         if let Some(host) = original_host {
             h.insert("x-forwarded-host", host.clone());
             h.insert(header::HOST, host);

@@ -1,0 +1,285 @@
+//! TLS entry points with real handshakes: HTTP/2 over TLS through ALPN, SNI choosing the
+//! certificate, the default certificate, and mTLS refusing a client without a certificate.
+//! Certificates are made by rcgen for the test (a CA, two servers, a client).
+
+use std::{collections::BTreeMap, convert::Infallible, net::SocketAddr, path::PathBuf, sync::Arc};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use lb_userspace::{
+    proxy::{
+        rule::Rule,
+        tls::{server_config, CertSpec, Certs},
+        EntryPointSpec, Proxy, RouterSpec,
+    },
+    registry::{Instance, Services},
+};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::net::{TcpListener, TcpStream};
+
+struct Pki {
+    dir: PathBuf,
+    ca_der: CertificateDer<'static>,
+    a_der: CertificateDer<'static>,
+    b_der: CertificateDer<'static>,
+    client: (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn pki(tag: &str) -> Pki {
+    let dir = std::env::temp_dir().join(format!("lb-tls-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf = |names: &[&str], file: &str| {
+        let key = KeyPair::generate().unwrap();
+        let params =
+            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+        std::fs::write(dir.join(format!("{file}.crt")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{file}.key")), key.serialize_pem()).unwrap();
+        (cert, key)
+    };
+    let (a, _) = leaf(&["a.test"], "a");
+    let (b, _) = leaf(&["*.b.test"], "b");
+    let (c, ckey) = leaf(&["client"], "client");
+    std::fs::write(dir.join("ca.crt"), ca.pem()).unwrap();
+    Pki {
+        ca_der: ca.der().clone(),
+        a_der: a.der().clone(),
+        b_der: b.der().clone(),
+        client: (
+            vec![c.der().clone()],
+            PrivateKeyDer::try_from(ckey.serialize_der()).unwrap(),
+        ),
+        dir,
+    }
+}
+
+async fn upstream() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                        let proto = req
+                            .headers()
+                            .get("x-forwarded-proto")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("-")
+                            .to_string();
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!(
+                            "ok proto={proto}"
+                        )))))
+                    });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+async fn tls_proxy(p: &Pki, mtls: bool) -> SocketAddr {
+    let up = upstream().await;
+    let mut services = Services::new();
+    let i = Instance {
+        address: up.ip(),
+        port: up.port(),
+        weight: 1,
+        zone: None,
+        metadata: BTreeMap::new(),
+    };
+    services.insert("s".into(), BTreeMap::from([(i.key(), i)]));
+    let certs = Certs::load(&[
+        CertSpec {
+            cert_file: p.dir.join("a.crt"),
+            key_file: p.dir.join("a.key"),
+            default: false,
+        },
+        CertSpec {
+            cert_file: p.dir.join("b.crt"),
+            key_file: p.dir.join("b.key"),
+            default: true,
+        },
+    ])
+    .expect("certificates");
+    let ca = p.dir.join("ca.crt");
+    let config = server_config(Arc::new(certs), mtls.then_some(ca.as_path())).expect("tls config");
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let router = RouterSpec {
+        name: "all".into(),
+        entrypoints: vec![],
+        rule: Rule::parse("PathPrefix(`/`)").unwrap(),
+        rule_text: "PathPrefix(`/`)".into(),
+        priority: None,
+        service: "s".into(),
+    };
+    let ep = EntryPointSpec {
+        name: "websecure".into(),
+        address: addr,
+        tls: true,
+        client_ca_file: None,
+    };
+    let proxy = Arc::new(Proxy::new(
+        vec![ep],
+        vec![router],
+        Default::default(),
+        &services,
+    ));
+    tokio::spawn(proxy.serve(
+        "websecure".into(),
+        l,
+        Some(tokio_rustls::TlsAcceptor::from(config)),
+    ));
+    addr
+}
+
+/// A TLS connection as a client with `sni`, offering `alpn`, optionally with a client cert.
+async fn connect(
+    p: &Pki,
+    addr: SocketAddr,
+    sni: &str,
+    alpn: &[&[u8]],
+    client_cert: bool,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(p.ca_der.clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let mut config = if client_cert {
+        builder
+            .with_client_auth_cert(p.client.0.clone(), p.client.1.clone_key())
+            .unwrap()
+    } else {
+        builder.with_no_client_auth()
+    };
+    config.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    let tcp = TcpStream::connect(addr).await?;
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from(sni.to_string()).unwrap(), tcp)
+        .await
+}
+
+async fn h2_get(
+    stream: tokio_rustls::client::TlsStream<TcpStream>,
+) -> Result<(u16, String), hyper::Error> {
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let resp = send
+        .send_request(
+            Request::get("https://a.test/")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await?;
+    let code = resp.status().as_u16();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok((code, String::from_utf8_lossy(&body).into_owned()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_over_tls_with_alpn_and_sni() {
+    let p = pki("sni");
+    let addr = tls_proxy(&p, false).await;
+    // ALPN h2, SNI a.test: a's certificate, an HTTP/2 exchange, X-Forwarded-Proto https.
+    let s = connect(&p, addr, "a.test", &[b"h2", b"http/1.1"], false)
+        .await
+        .expect("handshake");
+    assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    assert_eq!(s.get_ref().1.peer_certificates().unwrap()[0], p.a_der);
+    assert_eq!(
+        h2_get(s).await.expect("h2 request"),
+        (200, "ok proto=https".into())
+    );
+    // A wildcard certificate serves its subdomains.
+    let s = connect(&p, addr, "x.b.test", &[b"http/1.1"], false)
+        .await
+        .expect("handshake");
+    assert_eq!(s.get_ref().1.peer_certificates().unwrap()[0], p.b_der);
+    assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    // An unknown name gets the default certificate (b), which the client then rejects for the
+    // name: the handshake fails on the client's side, as it must.
+    assert!(connect(&p, addr, "unknown.test", &[b"h2"], false)
+        .await
+        .is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_refuses_a_client_without_a_certificate() {
+    let p = pki("mtls");
+    let addr = tls_proxy(&p, true).await;
+    // Without a client certificate: the handshake (TLS 1.2) or the first exchange (TLS 1.3,
+    // where the server's verdict arrives after the client's Finished) fails.
+    let refused = match connect(&p, addr, "a.test", &[b"h2"], false).await {
+        Err(_) => true,
+        Ok(s) => h2_get(s).await.is_err(),
+    };
+    assert!(refused, "a client without a certificate got an answer");
+    let s = connect(&p, addr, "a.test", &[b"h2"], true)
+        .await
+        .expect("handshake with a client certificate");
+    assert_eq!(h2_get(s).await.expect("request").0, 200);
+}
+
+#[test]
+fn sni_choice_and_the_default_certificate() {
+    let p = pki("default");
+    let load = |default_b: bool| {
+        Certs::load(&[
+            CertSpec {
+                cert_file: p.dir.join("a.crt"),
+                key_file: p.dir.join("a.key"),
+                default: !default_b,
+            },
+            CertSpec {
+                cert_file: p.dir.join("b.crt"),
+                key_file: p.dir.join("b.key"),
+                default: default_b,
+            },
+        ])
+        .expect("certificates")
+    };
+    let certs = load(true);
+    let leaf = |n: Option<&str>| certs.for_name(n).map(|k| k.cert[0].clone());
+    assert_eq!(leaf(Some("a.test")), Some(p.a_der.clone()));
+    assert_eq!(leaf(Some("deep.b.test")), Some(p.b_der.clone()), "wildcard");
+    assert_eq!(
+        leaf(Some("unknown.test")),
+        Some(p.b_der.clone()),
+        "unknown name: the default"
+    );
+    assert_eq!(leaf(None), Some(p.b_der.clone()), "no SNI: the default");
+    assert_eq!(
+        load(false)
+            .for_name(Some("unknown.test"))
+            .map(|k| k.cert[0].clone()),
+        Some(p.a_der.clone())
+    );
+    // A key that does not belong to the certificate is refused at load time.
+    let bad = Certs::load(&[CertSpec {
+        cert_file: p.dir.join("a.crt"),
+        key_file: p.dir.join("b.key"),
+        default: false,
+    }]);
+    assert!(bad.is_err());
+}
