@@ -181,6 +181,14 @@ pub async fn run(config_path: &Path) -> Result<()> {
             cfg.entrypoints.clone(),
             cfg.routers.clone(),
             cfg.http_services.clone(),
+            cfg.middlewares
+                .iter()
+                .map(|(n, m)| {
+                    m.build()
+                        .map(|b| (n.clone(), b))
+                        .map_err(|e| anyhow!("middleware {n}: {e}"))
+                })
+                .collect::<Result<_>>()?,
             &Default::default(),
         );
         let proxy = Arc::new(proxy);

@@ -67,6 +67,8 @@ struct RawConfig {
     http_service: Vec<Spanned<RawHttpService>>,
     #[serde(default)]
     certificate: Vec<Spanned<RawCertificate>>,
+    #[serde(default)]
+    middleware: Vec<Spanned<RawMiddleware>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -121,6 +123,16 @@ struct RawRouter {
     entrypoints: Vec<String>,
     #[serde(default)]
     priority: Option<i64>,
+    #[serde(default)]
+    middlewares: Vec<String>,
+}
+
+/// `[[middleware]]`: a name and exactly one kind (`strip_prefix = { … }`, …).
+#[derive(Debug, Deserialize)]
+struct RawMiddleware {
+    name: Spanned<String>,
+    #[serde(flatten)]
+    kind: crate::proxy::middleware::MiddlewareConfig,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -376,7 +388,7 @@ fn d_weight() -> Spanned<u32> {
 
 // ------------------------------------------------------------------ the validated config
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     pub instance: String,
     pub pin_root: PathBuf,
@@ -396,6 +408,8 @@ pub struct Config {
     pub http_services: std::collections::HashMap<String, crate::proxy::ServiceSpec>,
     /// TLS certificates for the entry points with `tls = true` (chosen by SNI).
     pub certificates: Vec<crate::proxy::tls::CertSpec>,
+    /// Middlewares by name (validated: each builds).
+    pub middlewares: Vec<(String, crate::proxy::middleware::MiddlewareConfig)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -941,6 +955,23 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
             client_ca_file: e.client_ca_file.clone(),
         });
     }
+    let mut middlewares: Vec<(String, crate::proxy::middleware::MiddlewareConfig)> = Vec::new();
+    for (i, m) in raw.middleware.iter().enumerate() {
+        let span = m.span();
+        let m = m.get_ref();
+        let name = m.name.get_ref().clone();
+        if !valid_name(&name) || middlewares.iter().any(|(n, _)| *n == name) {
+            return Err(err(
+                m.name.span(),
+                format!("middleware[{i}].name"),
+                format!("{name:?}: must be unique [A-Za-z0-9_.-]"),
+            ));
+        }
+        if let Err(e) = m.kind.build() {
+            return Err(err(span, format!("middleware[{i}] ({name})"), e));
+        }
+        middlewares.push((name, m.kind.clone()));
+    }
     let mut routers: Vec<crate::proxy::RouterSpec> = Vec::new();
     for (i, r) in raw.router.iter().enumerate() {
         let r = r.get_ref();
@@ -962,6 +993,15 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
                 "must be [A-Za-z0-9_.-]".into(),
             ));
         }
+        for mw in &r.middlewares {
+            if !middlewares.iter().any(|(n, _)| n == mw) {
+                return Err(err(
+                    r.name.span(),
+                    format!("router[{i}].middlewares"),
+                    format!("no middleware named {mw:?}"),
+                ));
+            }
+        }
         for ep in &r.entrypoints {
             if !entrypoints.iter().any(|e| &e.name == ep) {
                 return Err(err(
@@ -978,6 +1018,7 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
             rule_text: text,
             priority: r.priority,
             service: r.service.get_ref().clone(),
+            middlewares: r.middlewares.clone(),
         });
     }
     let mut http_services = std::collections::HashMap::new();
@@ -1039,6 +1080,7 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
         }
     }
     Ok(Config {
+        middlewares,
         certificates,
         http_services,
         entrypoints,
@@ -1155,6 +1197,25 @@ address = "10.0.1.2"
         );
         let want = text[..text.find("rule =").unwrap()].matches('\n').count() + 1;
         assert_eq!(e.line, want, "{e}");
+    }
+
+    #[test]
+    fn middlewares_parse_and_bad_ones_are_named() {
+        let base = format!("{GOOD}\n[[entrypoint]]\nname = \"web\"\naddress = \"0.0.0.0:8080\"\n");
+        let ok = format!("{base}\n[[middleware]]\nname = \"strip\"\nstrip_prefix = {{ prefixes = [\"/api\"] }}\n\n[[router]]\nname = \"r\"\nservice = \"web\"\nrule = \"PathPrefix(`/api`)\"\nmiddlewares = [\"strip\"]\n");
+        let c = parse(Path::new("lb.toml"), &ok).expect("valid");
+        assert_eq!(c.middlewares.len(), 1);
+        assert_eq!(c.routers[0].middlewares, vec!["strip".to_string()]);
+        let plain = format!("{base}\n[[middleware]]\nname = \"auth\"\nbasic_auth = {{ users = [\"alice:secret\"] }}\n");
+        let e = parse_err(&plain);
+        assert!(
+            e.field.contains("middleware[0]") && e.reason.contains("plain text"),
+            "{e}"
+        );
+        let missing = ok.replace("middlewares = [\"strip\"]", "middlewares = [\"nope\"]");
+        assert!(parse_err(&missing).reason.contains("no middleware named"));
+        let unknown = ok.replace("strip_prefix = ", "strip_prefixes = ");
+        assert!(parse_err(&unknown).line > 0);
     }
 
     #[test]

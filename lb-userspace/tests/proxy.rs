@@ -21,6 +21,7 @@ use hyper_util::{
 use lb_userspace::{
     proxy::{
         balance::{Algorithm, Passive},
+        middleware::{Middleware, MiddlewareConfig},
         rule::Rule,
         EntryPointSpec, Proxy, RouterSpec, ServiceSpec,
     },
@@ -95,6 +96,7 @@ fn router(name: &str, rule: &str, service: &str, priority: Option<i64>) -> Route
         rule_text: rule.into(),
         priority,
         service: service.into(),
+        middlewares: vec![],
     }
 }
 
@@ -107,6 +109,15 @@ async fn start_with(
     svcs: &Services,
     specs: HashMap<String, ServiceSpec>,
 ) -> (Arc<Proxy>, SocketAddr) {
+    start_full(routers, svcs, specs, HashMap::new()).await
+}
+
+async fn start_full(
+    routers: Vec<RouterSpec>,
+    svcs: &Services,
+    specs: HashMap<String, ServiceSpec>,
+    mws: HashMap<String, Arc<dyn Middleware>>,
+) -> (Arc<Proxy>, SocketAddr) {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
     let ep = EntryPointSpec {
@@ -115,7 +126,7 @@ async fn start_with(
         tls: false,
         client_ca_file: None,
     };
-    let proxy = Arc::new(Proxy::new(vec![ep], routers, specs, svcs));
+    let proxy = Arc::new(Proxy::new(vec![ep], routers, specs, mws, svcs));
     tokio::spawn(proxy.clone().serve("web".into(), l, None));
     (proxy, addr)
 }
@@ -539,4 +550,196 @@ async fn websocket_echo_through_the_proxy() {
         assert_eq!(back, Message::text(format!("hello {i}")));
     }
     ws.close(None).await.expect("close");
+}
+
+fn mw(kind: MiddlewareConfig) -> Arc<dyn Middleware> {
+    kind.build().expect("middleware")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn middlewares_in_a_chain() {
+    let up = upstream("u").await;
+    let hash = bcrypt::hash("s3cret", 4).expect("hash");
+    let mws: HashMap<String, Arc<dyn Middleware>> = HashMap::from([
+        (
+            "local".to_string(),
+            mw(MiddlewareConfig::IpAllowList {
+                source_range: vec!["127.0.0.0/8".into()],
+            }),
+        ),
+        (
+            "tenants".to_string(),
+            mw(MiddlewareConfig::IpAllowList {
+                source_range: vec!["10.0.0.0/8".into()],
+            }),
+        ),
+        (
+            "strip".to_string(),
+            mw(MiddlewareConfig::StripPrefix {
+                prefixes: vec!["/api".into()],
+            }),
+        ),
+        (
+            "v1".to_string(),
+            mw(MiddlewareConfig::AddPrefix {
+                prefix: "/v1".into(),
+            }),
+        ),
+        (
+            "hdrs".to_string(),
+            mw(MiddlewareConfig::Headers {
+                request_set: HashMap::from([("x-secret".to_string(), "from-lb".to_string())]),
+                request_remove: vec![],
+                response_set: HashMap::from([("x-frame-options".to_string(), "DENY".to_string())]),
+                response_remove: vec![],
+            }),
+        ),
+        (
+            "auth".to_string(),
+            mw(MiddlewareConfig::BasicAuth {
+                users: vec![format!("alice:{hash}")],
+                realm: "test".into(),
+            }),
+        ),
+        (
+            "https".to_string(),
+            mw(MiddlewareConfig::RedirectScheme {
+                scheme: "https".into(),
+                permanent: true,
+            }),
+        ),
+        (
+            "limit".to_string(),
+            mw(MiddlewareConfig::RateLimit {
+                average: 0.5,
+                burst: 2.0,
+            }),
+        ),
+    ]);
+    let mut api = router("api", "PathPrefix(`/api`)", "s", None);
+    api.middlewares = ["local", "auth", "strip", "v1", "hdrs"]
+        .map(String::from)
+        .to_vec();
+    let mut closed = router("closed", "PathPrefix(`/closed`)", "s", None);
+    closed.middlewares = vec!["tenants".into()];
+    let mut secure = router("secure", "PathPrefix(`/login`)", "s", None);
+    secure.middlewares = vec!["https".into()];
+    let mut limited = router("limited", "PathPrefix(`/limited`)", "s", None);
+    limited.middlewares = vec!["limit".into()];
+    let (_p, addr) = start_full(
+        vec![api, closed, secure, limited],
+        &services(&[("s", &[(up, 1)])]),
+        HashMap::new(),
+        mws,
+    )
+    .await;
+    let c = client();
+
+    // BasicAuth: no credentials, wrong ones, right ones (and the password never reaches upstream).
+    let (code, _) = get(&c, addr, "t", "/api/users", &[]).await;
+    assert_eq!(code, 401);
+    use base64::Engine as _;
+    let bad = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("alice:nope")
+    );
+    assert_eq!(
+        get(&c, addr, "t", "/api/users", &[("authorization", &bad)])
+            .await
+            .0,
+        401
+    );
+    let good = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("alice:s3cret")
+    );
+    let req = Request::get(format!("http://{addr}/api/users?x=1"))
+        .header("host", "t")
+        .header("authorization", &good)
+        .body(Full::new(Bytes::new()))
+        .expect("req");
+    let resp = c.request(req).await.expect("resp");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers().get("x-frame-options").map(|v| v.as_bytes()),
+        Some(&b"DENY"[..]),
+        "response header set"
+    );
+    let body = String::from_utf8_lossy(&resp.into_body().collect().await.expect("body").to_bytes())
+        .into_owned();
+    // StripPrefix then AddPrefix: /api/users → /users → /v1/users; Headers set X-Secret.
+    assert!(
+        body.starts_with("u /v1/users ") && body.contains("secret=from-lb"),
+        "{body}"
+    );
+
+    assert_eq!(
+        get(&c, addr, "t", "/closed", &[]).await.0,
+        403,
+        "IP allow list"
+    );
+    let req = Request::get(format!("http://{addr}/login?next=/"))
+        .header("host", "shop.test")
+        .body(Full::new(Bytes::new()))
+        .expect("req");
+    let resp = c.request(req).await.expect("resp");
+    assert_eq!(resp.status(), 301);
+    assert_eq!(
+        resp.headers().get("location").map(|v| v.as_bytes()),
+        Some(&b"https://shop.test/login?next=/"[..])
+    );
+    let codes: Vec<u16> = {
+        let mut v = Vec::new();
+        for _ in 0..4 {
+            v.push(get(&c, addr, "t", "/limited", &[]).await.0);
+        }
+        v
+    };
+    assert_eq!(codes, vec![200, 200, 429, 429], "burst 2, then limited");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_limit_refuses_the_excess() {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let slow = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(|_req: Request<hyper::body::Incoming>| async {
+                        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("slow"))))
+                    });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    let mws: HashMap<String, Arc<dyn Middleware>> = HashMap::from([(
+        "one".to_string(),
+        mw(MiddlewareConfig::InFlightReq { amount: 1 }),
+    )]);
+    let mut r = router("r", "PathPrefix(`/`)", "s", None);
+    r.middlewares = vec!["one".into()];
+    let (_p, addr) = start_full(
+        vec![r],
+        &services(&[("s", &[(slow, 1)])]),
+        HashMap::new(),
+        mws,
+    )
+    .await;
+    let first = tokio::spawn(async move { get(&client(), addr, "t", "/", &[]).await.0 });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert_eq!(
+        get(&client(), addr, "t", "/", &[]).await.0,
+        429,
+        "second while the first is in flight"
+    );
+    assert_eq!(first.await.expect("first"), 200);
+    assert_eq!(
+        get(&client(), addr, "t", "/", &[]).await.0,
+        200,
+        "the slot is free again"
+    );
 }

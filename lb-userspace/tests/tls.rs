@@ -129,6 +129,7 @@ async fn tls_proxy(p: &Pki, mtls: bool) -> SocketAddr {
         rule_text: "PathPrefix(`/`)".into(),
         priority: None,
         service: "s".into(),
+        middlewares: vec![],
     };
     let ep = EntryPointSpec {
         name: "websecure".into(),
@@ -139,6 +140,7 @@ async fn tls_proxy(p: &Pki, mtls: bool) -> SocketAddr {
     let proxy = Arc::new(Proxy::new(
         vec![ep],
         vec![router],
+        Default::default(),
         Default::default(),
         &services,
     ));

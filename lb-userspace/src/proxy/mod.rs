@@ -8,6 +8,7 @@
 //! swapped atomically ([`ArcSwap`]): a request in flight finishes on the table it started with.
 
 pub mod balance;
+pub mod middleware;
 pub mod rule;
 pub mod tls;
 
@@ -50,6 +51,8 @@ pub struct RouterSpec {
     pub rule_text: String,
     pub priority: Option<i64>,
     pub service: String,
+    /// Names of `[[middleware]]`s, run in this order.
+    pub middlewares: Vec<String>,
 }
 
 /// Equal when configured the same (the compiled rule follows from its text).
@@ -102,6 +105,7 @@ impl Default for ServiceSpec {
 struct Route {
     spec: RouterSpec,
     priority: i64,
+    chain: Vec<Arc<dyn middleware::Middleware>>,
 }
 
 /// Routes per entry point (highest priority first) and a pool per service.
@@ -115,14 +119,21 @@ impl Table {
         entrypoints: &[EntryPointSpec],
         routers: &[RouterSpec],
         specs: &HashMap<String, ServiceSpec>,
+        middlewares: &HashMap<String, Arc<dyn middleware::Middleware>>,
         services: &Services,
         upstream: &mut dyn FnMut(SocketAddr) -> Arc<Upstream>,
     ) -> Table {
         let mut routes: HashMap<String, Vec<Arc<Route>>> = HashMap::new();
         for r in routers {
+            let chain = r
+                .middlewares
+                .iter()
+                .filter_map(|m| middlewares.get(m).cloned())
+                .collect();
             let route = Arc::new(Route {
                 spec: r.clone(),
                 priority: r.priority.unwrap_or(r.rule.default_priority),
+                chain,
             });
             for ep in entrypoints {
                 if r.entrypoints.is_empty() || r.entrypoints.contains(&ep.name) {
@@ -168,6 +179,7 @@ pub struct Proxy {
     entrypoints: Vec<EntryPointSpec>,
     routers: Vec<RouterSpec>,
     specs: HashMap<String, ServiceSpec>,
+    middlewares: HashMap<String, Arc<dyn middleware::Middleware>>,
     table: ArcSwap<Table>,
     /// Per-upstream state by address: it survives table swaps.
     upstreams: std::sync::Mutex<HashMap<SocketAddr, Arc<Upstream>>>,
@@ -220,6 +232,7 @@ impl Proxy {
         entrypoints: Vec<EntryPointSpec>,
         routers: Vec<RouterSpec>,
         specs: HashMap<String, ServiceSpec>,
+        middlewares: HashMap<String, Arc<dyn middleware::Middleware>>,
         services: &Services,
     ) -> Proxy {
         let mut connector = HttpConnector::new();
@@ -235,6 +248,7 @@ impl Proxy {
             entrypoints,
             routers,
             specs,
+            middlewares,
             table: ArcSwap::from_pointee(empty),
             upstreams: std::sync::Mutex::new(HashMap::new()),
             client,
@@ -262,6 +276,7 @@ impl Proxy {
             &self.entrypoints,
             &self.routers,
             &self.specs,
+            &self.middlewares,
             services,
             &mut get,
         );
@@ -357,6 +372,38 @@ impl Proxy {
         else {
             return text(StatusCode::NOT_FOUND, "no router matches");
         };
+        // Middlewares, in order; one may answer instead of the upstream.
+        let mut ctx = middleware::Ctx {
+            client_ip,
+            scheme,
+            host: host.clone(),
+            now: Instant::now(),
+            guards: Vec::new(),
+        };
+        for (i, m) in route.chain.iter().enumerate() {
+            if let Some(mut early) = m.request(&mut ctx, &mut req) {
+                for earlier in route.chain[..i].iter().rev() {
+                    earlier.response(&ctx, &mut early);
+                }
+                return early;
+            }
+        }
+        let mut resp = self.forward(route, &table, client_ip, scheme, req).await;
+        for m in route.chain.iter().rev() {
+            m.response(&ctx, &mut resp);
+        }
+        resp
+    }
+
+    /// Picks an upstream of the route's service and forwards the request to it.
+    async fn forward(
+        &self,
+        route: &Route,
+        table: &Table,
+        client_ip: IpAddr,
+        scheme: &'static str,
+        mut req: Request<Incoming>,
+    ) -> Response<Body> {
         // Pick an upstream.
         let Some((pool, passive)) = table.pools.get(&route.spec.service) else {
             return text(
