@@ -24,6 +24,7 @@ use tracing::{info, warn};
 use crate::{
     api::{self, ApiState},
     balancer::Balancer,
+    config::VipSpec,
     config::{self, Config},
     control::{self, Control},
     dataplane::Dataplane,
@@ -175,44 +176,18 @@ pub async fn run(config_path: &Path) -> Result<()> {
         Ok(c)
     })?;
     let mut control = control;
-    let mut proxy_tasks = Vec::new();
-    if !cfg.entrypoints.is_empty() {
-        let proxy = crate::proxy::Proxy::new(
-            cfg.entrypoints.clone(),
-            cfg.routers.clone(),
-            cfg.http_services.clone(),
-            cfg.middlewares
-                .iter()
-                .map(|(n, m)| {
-                    m.build()
-                        .map(|b| (n.clone(), b))
-                        .map_err(|e| anyhow!("middleware {n}: {e}"))
-                })
-                .collect::<Result<_>>()?,
-            &Default::default(),
-        );
-        let proxy = Arc::new(proxy);
-        proxy.update_services(&control.proxy_services(&proxy.service_names()));
-        control.proxy = Some(proxy.clone());
-        let certs = Arc::new(crate::proxy::tls::Certs::load(&cfg.certificates)?);
-        for ep in &cfg.entrypoints {
-            let tls = match ep.tls {
-                true => Some(tokio_rustls::TlsAcceptor::from(
-                    crate::proxy::tls::server_config(certs.clone(), ep.client_ca_file.as_deref())?,
-                )),
-                false => None,
-            };
-            let listener = tokio::net::TcpListener::bind(ep.address)
-                .await
-                .with_context(|| format!("entrypoint {}: binding {}", ep.name, ep.address))?;
-            info!(entrypoint = ep.name, address = %ep.address, tls = ep.tls, "proxy listening");
-            proxy_tasks.push(tokio::spawn(proxy.clone().serve(
-                ep.name.clone(),
-                listener,
-                tls,
-            )));
-        }
-    }
+    // The proxy always exists (it may have no entry point yet): a reload can add some.
+    let proxy = Arc::new(crate::proxy::Proxy::new(
+        cfg.entrypoints.clone(),
+        cfg.routers.clone(),
+        cfg.http_services.clone(),
+        build_middlewares(&cfg)?,
+        &Default::default(),
+    ));
+    proxy.update_services(&control.proxy_services(&proxy.service_names()));
+    control.proxy = Some(proxy.clone());
+    let mut listeners = Listeners::default();
+    listeners.reconcile(&proxy, &cfg).await?;
     let control = Arc::new(Mutex::new(control));
     let (events, rx) = mpsc::channel(1024);
     let mut tasks = vec![tokio::spawn(control::run(control.clone(), rx))];
@@ -262,6 +237,13 @@ pub async fn run(config_path: &Path) -> Result<()> {
         )));
     }
     tasks.push(tokio::spawn(refresh_neighbors(control.clone())));
+    tasks.push(tokio::spawn(watch_config(
+        config_path.to_path_buf(),
+        cfg.clone(),
+        control.clone(),
+        proxy,
+        listeners,
+    )));
 
     let listener = tokio::net::TcpListener::bind(cfg.api_listen)
         .await
@@ -284,7 +266,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await?;
-    for t in tasks.into_iter().chain(proxy_tasks) {
+    for t in tasks {
         t.abort();
     }
     info!("agent stopped; the pinned program keeps forwarding (`lb detach` removes it)");
@@ -339,4 +321,192 @@ async fn refresh_neighbors(control: Arc<Mutex<Control>>) {
             warn!("neighbour refresh: {e:#}");
         }
     }
+}
+
+fn build_middlewares(
+    cfg: &Config,
+) -> Result<std::collections::HashMap<String, Arc<dyn crate::proxy::middleware::Middleware>>> {
+    cfg.middlewares
+        .iter()
+        .map(|(n, m)| {
+            m.build()
+                .map(|b| (n.clone(), b))
+                .map_err(|e| anyhow!("middleware {n}: {e}"))
+        })
+        .collect()
+}
+
+/// The proxy's open listeners, by entry point. A changed entry point is closed and reopened; a
+/// removed one stops accepting (connections in progress finish); TLS configurations are swapped
+/// in place, so certificates reload without closing anything.
+#[derive(Default)]
+struct Listeners {
+    open: std::collections::HashMap<
+        String,
+        (
+            crate::proxy::EntryPointSpec,
+            tokio::task::JoinHandle<()>,
+            Option<crate::proxy::TlsConfig>,
+        ),
+    >,
+}
+
+impl Listeners {
+    async fn reconcile(&mut self, proxy: &Arc<crate::proxy::Proxy>, cfg: &Config) -> Result<()> {
+        let certs = Arc::new(crate::proxy::tls::Certs::load(&cfg.certificates)?);
+        let gone: Vec<String> = self
+            .open
+            .iter()
+            .filter(|(_, (spec, _, _))| !cfg.entrypoints.contains(spec))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in gone {
+            if let Some((spec, task, _)) = self.open.remove(&name) {
+                task.abort();
+                let _ = task.await;
+                info!(entrypoint = name, address = %spec.address, "entry point closed");
+            }
+        }
+        for ep in &cfg.entrypoints {
+            let tls = match ep.tls {
+                true => Some(crate::proxy::tls::server_config(
+                    certs.clone(),
+                    ep.client_ca_file.as_deref(),
+                )?),
+                false => None,
+            };
+            if let Some((_, _, current)) = self.open.get(&ep.name) {
+                if let (Some(cur), Some(new)) = (current, tls) {
+                    cur.store(new);
+                }
+                continue;
+            }
+            let listener = tokio::net::TcpListener::bind(ep.address)
+                .await
+                .with_context(|| format!("entrypoint {}: binding {}", ep.name, ep.address))?;
+            let tls = tls.map(|t| Arc::new(arc_swap::ArcSwap::new(t)));
+            info!(entrypoint = ep.name, address = %ep.address, tls = ep.tls, "proxy listening");
+            let task = tokio::spawn(proxy.clone().serve(ep.name.clone(), listener, tls.clone()));
+            self.open.insert(ep.name.clone(), (ep.clone(), task, tls));
+        }
+        Ok(())
+    }
+}
+
+/// Watches the config file (its directory, so atomic renames count) and applies what can change
+/// at runtime: the proxy's entry points, routers, middlewares, balancing and certificates, and the
+/// VIPs' inline backends. A file that does not validate is rejected with file, line and field,
+/// and the last good configuration stays in force. VIP addresses, modes and health checks, and
+/// the dataplane's sizes, need a restart (said in the log).
+async fn watch_config(
+    path: std::path::PathBuf,
+    mut current: Config,
+    control: Arc<Mutex<Control>>,
+    proxy: Arc<crate::proxy::Proxy>,
+    mut listeners: Listeners,
+) {
+    use notify::Watcher as _;
+    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+    let file = path.file_name().map(|f| f.to_os_string());
+    let watched = file.clone();
+    let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(ev) = res {
+            let ours = ev
+                .paths
+                .iter()
+                .any(|p| p.file_name().map(|f| f.to_os_string()) == watched);
+            if ours && !matches!(ev.kind, notify::EventKind::Access(_)) {
+                let _ = tx.send(());
+            }
+        }
+    });
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let mut watcher = match watcher {
+        Ok(w) => w,
+        Err(e) => return warn!("config watch unavailable: {e}"),
+    };
+    if let Err(e) = watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
+        return warn!("config watch unavailable on {}: {e}", dir.display());
+    }
+    while rx.recv().await.is_some() {
+        // Debounce: editors write in several steps.
+        while tokio::time::timeout(Duration::from_millis(200), rx.recv())
+            .await
+            .is_ok_and(|x| x.is_some())
+        {}
+        let started = Instant::now();
+        let new = match config::load(&path) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!("config rejected, the last good one stays: {e}");
+                if let Ok(mut c) = control.lock() {
+                    c.stats.last_config_error = Some(e.to_string());
+                }
+                continue;
+            }
+        };
+        if new
+            .vips
+            .iter()
+            .map(|v| {
+                (
+                    &v.name, v.address, v.port, v.protocol, v.mode, &v.service, &v.health,
+                )
+            })
+            .ne(current.vips.iter().map(|v| {
+                (
+                    &v.name, v.address, v.port, v.protocol, v.mode, &v.service, &v.health,
+                )
+            }))
+            || new.limits != current.limits
+            || new.interfaces != current.interfaces
+        {
+            warn!("VIP definitions, interfaces or dataplane sizes changed: they take effect at the next restart");
+        }
+        let middlewares = match build_middlewares(&new) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!("config rejected: {e:#}");
+                continue;
+            }
+        };
+        proxy.reconfigure(crate::proxy::L7Config {
+            entrypoints: new.entrypoints.clone(),
+            routers: new.routers.clone(),
+            specs: new.http_services.clone(),
+            middlewares,
+        });
+        if let Err(e) = listeners.reconcile(&proxy, &new).await {
+            warn!("entry points: {e:#}");
+        }
+        // Inline backends of the VIPs this agent runs.
+        let c = control.clone();
+        let vips = new.vips.clone();
+        let r = tokio::task::spawn_blocking(move || -> Result<()> {
+            let mut c = c.lock().map_err(|_| anyhow!("control state poisoned"))?;
+            let known: Vec<VipSpec> = vips
+                .into_iter()
+                .filter(|v| c.vips.iter().any(|o| o.name == v.name))
+                .collect();
+            c.set_config_backends(&known);
+            c.stats.last_config_error = None;
+            c.apply(started)?;
+            Ok(())
+        })
+        .await;
+        match r {
+            Ok(Ok(())) => info!(
+                reload_us = started.elapsed().as_micros() as u64,
+                "config reloaded"
+            ),
+            Ok(Err(e)) => warn!("config reload: {e:#}"),
+            Err(e) => warn!("config reload: {e}"),
+        }
+        current = new;
+    }
+    drop(watcher);
 }

@@ -36,6 +36,8 @@ pub struct ApplyStats {
     pub last_change_to_map_us: u64,
     pub max_change_to_map_us: u64,
     pub generation: u64,
+    /// Why the last config file reload was rejected (cleared by a good one).
+    pub last_config_error: Option<String>,
 }
 
 pub struct Control {
@@ -125,6 +127,16 @@ impl Control {
             }
             Event::StoreChanged { .. } => self.refresh_store(),
         }
+    }
+
+    /// New inline backends from a reloaded config file (the `config` provider's snapshot).
+    pub fn set_config_backends(&mut self, vips: &[VipSpec]) {
+        self.registry.update(
+            "config",
+            Rank::CONFIG,
+            config_services(vips),
+            SystemTime::now(),
+        );
     }
 
     /// Re-reads the API store into the registry (after an API change or an expiry).

@@ -147,7 +147,7 @@ async fn tls_proxy(p: &Pki, mtls: bool) -> SocketAddr {
     tokio::spawn(proxy.serve(
         "websecure".into(),
         l,
-        Some(tokio_rustls::TlsAcceptor::from(config)),
+        Some(Arc::new(arc_swap::ArcSwap::new(config))),
     ));
     addr
 }

@@ -289,12 +289,9 @@ impl Lab {
 
     /// Like [`Lab::start_agent`], with `extra` appended to the config (a `[vip.health]` table for
     /// the VIP, more VIPs) and a given `lb` binary.
-    pub fn start_agent_with(
-        &mut self,
-        weights: &[u32],
-        extra: &str,
-        bin: &std::path::Path,
-    ) -> Result<()> {
+    /// The agent's config for this lab: the VIP with the first `weights.len()` backends, then
+    /// `extra` (more tables: a `[vip.health]`, more VIPs, entry points, routers).
+    pub fn config_text(&self, weights: &[u32], extra: &str) -> String {
         let mut cfg = format!(
             "[agent]\ninstance = \"t\"\npin_root = \"{}\"\nstate_dir = \"{}\"\ninterfaces = [{}]\nxdp_mode = \"native\"\n\n\
              [dataplane]\nmax_vips = 4\nmax_backends = 256\n\n[api]\nlisten = \"{API}\"\ntoken = \"{TOKEN}\"\n\n\
@@ -313,6 +310,24 @@ impl Lab {
             );
         }
         cfg += extra;
+        cfg
+    }
+
+    /// Replaces the running agent's config file atomically (write, then rename), as deploy tools do.
+    pub fn update_config(&self, text: &str) -> Result<()> {
+        let tmp = self.out_dir.join(".lb.toml.tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, self.out_dir.join("lb.toml"))?;
+        Ok(())
+    }
+
+    pub fn start_agent_with(
+        &mut self,
+        weights: &[u32],
+        extra: &str,
+        bin: &std::path::Path,
+    ) -> Result<()> {
+        let cfg = self.config_text(weights, extra);
         let cfg_path = self.out_dir.join("lb.toml");
         std::fs::write(&cfg_path, cfg)?;
         self.agent_runs += 1;

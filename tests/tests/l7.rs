@@ -57,3 +57,111 @@ fn local_vip_reaches_the_proxy_through_xdp() -> Result<()> {
     );
     Ok(())
 }
+
+/// A config reload during 10,000 requests: a router and a middleware added, an entry point opened
+/// then closed, an invalid file rejected in between. No request fails; every change takes effect.
+#[test]
+fn config_reloads_under_load_lose_no_request() -> Result<()> {
+    use std::{
+        net::SocketAddr,
+        sync::{
+            atomic::{AtomicU64, Ordering},
+            Arc,
+        },
+        time::{Duration, Instant},
+    };
+    let mut lab = Lab::new("lbt", "reload", Mode::Local, 3, false)?;
+    lab.start_servers()?;
+    let base = "\n[[entrypoint]]\nname = \"web\"\naddress = \"0.0.0.0:80\"\n\n\
+                [[router]]\nname = \"all\"\nrule = \"PathPrefix(`/`)\"\nservice = \"web\"\n";
+    lab.start_agent_with(&[1, 1, 1], base, &lb_bin())?;
+    let vip = lab.vip();
+    let alt: SocketAddr = SocketAddr::new(vip.ip(), 8081);
+    let (done, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let (done, failed) = (done.clone(), failed.clone());
+        workers.push(lab.client.spawn(move || {
+            for _ in 0..2500 {
+                match http(vip, "GET", "/", None, None) {
+                    Ok((200, _)) => {}
+                    _ => {
+                        failed.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+    }
+    let get = |addr: SocketAddr, path: &'static str| {
+        lab.client.run(move || {
+            http(addr, "GET", path, None, None)
+                .map(|r| r.0)
+                .unwrap_or(0)
+        })
+    };
+    let wait_until = |what: &str, f: &dyn Fn() -> bool| -> Result<()> {
+        let t0 = Instant::now();
+        while !f() {
+            ensure!(
+                t0.elapsed() < Duration::from_secs(10),
+                "{what}: not in effect after 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    };
+    let progress = |n: u64| {
+        let t0 = Instant::now();
+        while done.load(Ordering::SeqCst) < n && t0.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    ensure!(get(vip, "/admin")? == 200);
+    progress(1000);
+    // 1. A router for /admin behind an allow list the client is not in, and a second entry point.
+    let step1 = format!(
+        "{base}\n[[middleware]]\nname = \"office\"\nip_allow_list = {{ source_range = [\"192.0.2.0/24\"] }}\n\n\
+         [[router]]\nname = \"admin\"\nrule = \"PathPrefix(`/admin`)\"\nservice = \"web\"\nmiddlewares = [\"office\"]\n\n\
+         [[entrypoint]]\nname = \"alt\"\naddress = \"0.0.0.0:8081\"\n"
+    );
+    lab.update_config(&lab.config_text(&[1, 1, 1], &step1))?;
+    wait_until("the admin router", &|| {
+        get(vip, "/admin").is_ok_and(|c| c == 403)
+    })?;
+    wait_until("the new entry point", &|| {
+        get(alt, "/").is_ok_and(|c| c == 200)
+    })?;
+    progress(4000);
+    // 2. An invalid file: rejected, the last good config stays.
+    lab.update_config(&lab.config_text(
+        &[1, 1, 1],
+        &step1.replace("PathPrefix(`/admin`)", "PathPrefx(`/admin`)"),
+    ))?;
+    std::thread::sleep(Duration::from_millis(600));
+    ensure!(
+        get(vip, "/admin")? == 403,
+        "a rejected file changed the routing"
+    );
+    let (_, status) = lab.api("GET", "/api/v1/status", None)?;
+    ensure!(
+        status.contains("unknown matcher"),
+        "status does not show the rejected file: {status}"
+    );
+    progress(7000);
+    // 3. Back to the base: the router and the entry point go.
+    lab.update_config(&lab.config_text(&[1, 1, 1], base))?;
+    wait_until("the admin router's removal", &|| {
+        get(vip, "/admin").is_ok_and(|c| c == 200)
+    })?;
+    wait_until("the entry point's removal", &|| {
+        get(alt, "/").is_ok_and(|c| c == 0)
+    })?;
+    for w in workers {
+        w.join().map_err(|_| anyhow::anyhow!("client panicked"))??;
+    }
+    let (n, f) = (done.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
+    println!("reload: {n} requests across 3 reloads (one rejected), {f} failed");
+    ensure!(n == 10_000 && f == 0, "{f} of {n} requests failed");
+    Ok(())
+}

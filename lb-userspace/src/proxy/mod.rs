@@ -41,6 +41,9 @@ use rule::{RequestView, Rule};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
+/// A TLS entry point's server configuration, replaceable while it listens.
+pub type TlsConfig = Arc<ArcSwap<rustls::ServerConfig>>;
+
 /// A router as configured.
 #[derive(Debug, Clone)]
 pub struct RouterSpec {
@@ -175,11 +178,18 @@ impl Table {
     }
 }
 
+/// The proxy's own configuration: what a config reload replaces.
+pub struct L7Config {
+    pub entrypoints: Vec<EntryPointSpec>,
+    pub routers: Vec<RouterSpec>,
+    pub specs: HashMap<String, ServiceSpec>,
+    pub middlewares: HashMap<String, Arc<dyn middleware::Middleware>>,
+}
+
 pub struct Proxy {
-    entrypoints: Vec<EntryPointSpec>,
-    routers: Vec<RouterSpec>,
-    specs: HashMap<String, ServiceSpec>,
-    middlewares: HashMap<String, Arc<dyn middleware::Middleware>>,
+    conf: std::sync::Mutex<Arc<L7Config>>,
+    /// The registry's last word, to rebuild the table when the configuration changes.
+    services: std::sync::Mutex<Services>,
     table: ArcSwap<Table>,
     /// Per-upstream state by address: it survives table swaps.
     upstreams: std::sync::Mutex<HashMap<SocketAddr, Arc<Upstream>>>,
@@ -245,10 +255,13 @@ impl Proxy {
             pools: HashMap::new(),
         };
         let proxy = Proxy {
-            entrypoints,
-            routers,
-            specs,
-            middlewares,
+            conf: std::sync::Mutex::new(Arc::new(L7Config {
+                entrypoints,
+                routers,
+                specs,
+                middlewares,
+            })),
+            services: std::sync::Mutex::new(Services::new()),
             table: ArcSwap::from_pointee(empty),
             upstreams: std::sync::Mutex::new(HashMap::new()),
             client,
@@ -257,9 +270,35 @@ impl Proxy {
         proxy
     }
 
+    fn conf(&self) -> Arc<L7Config> {
+        self.conf
+            .lock()
+            .map(|c| c.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
     /// New upstreams from the registry: a new table, swapped in whole. Upstream state is kept
     /// for addresses that stay, dropped for those that left.
     pub fn update_services(&self, services: &Services) {
+        if let Ok(mut s) = self.services.lock() {
+            *s = services.clone();
+        }
+        self.rebuild();
+    }
+
+    /// A reloaded configuration: routers, middlewares and balancing settings change for the
+    /// next request; requests in flight finish on the table they started with. (Listeners are
+    /// the caller's to open and close.)
+    pub fn reconfigure(&self, conf: L7Config) {
+        if let Ok(mut c) = self.conf.lock() {
+            *c = Arc::new(conf);
+        }
+        self.rebuild();
+    }
+
+    fn rebuild(&self) {
+        let conf = self.conf();
+        let services = self.services.lock().map(|s| s.clone()).unwrap_or_default();
         let Ok(mut known) = self.upstreams.lock() else {
             return;
         };
@@ -273,11 +312,11 @@ impl Proxy {
             u
         };
         let table = Table::build(
-            &self.entrypoints,
-            &self.routers,
-            &self.specs,
-            &self.middlewares,
-            services,
+            &conf.entrypoints,
+            &conf.routers,
+            &conf.specs,
+            &conf.middlewares,
+            &services,
             &mut get,
         );
         *known = keep;
@@ -286,14 +325,19 @@ impl Proxy {
 
     /// The registry services the routers send to.
     pub fn service_names(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.routers.iter().map(|r| r.service.clone()).collect();
+        let mut v: Vec<String> = self
+            .conf()
+            .routers
+            .iter()
+            .map(|r| r.service.clone())
+            .collect();
         v.sort();
         v.dedup();
         v
     }
 
-    pub fn entrypoints(&self) -> &[EntryPointSpec] {
-        &self.entrypoints
+    pub fn entrypoints(&self) -> Vec<EntryPointSpec> {
+        self.conf().entrypoints.clone()
     }
 
     /// Serves one entry point on `listener` until the task is dropped; with `tls`, every
@@ -302,7 +346,7 @@ impl Proxy {
         self: Arc<Self>,
         entrypoint: String,
         listener: TcpListener,
-        tls: Option<tokio_rustls::TlsAcceptor>,
+        tls: Option<TlsConfig>,
     ) {
         loop {
             let (stream, peer) = match listener.accept().await {
@@ -322,7 +366,11 @@ impl Proxy {
                 });
                 let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                 let served = match tls {
-                    Some(acceptor) => match acceptor.accept(stream).await {
+                    // The configuration in force when the client connects (certificates reload).
+                    Some(config) => match tokio_rustls::TlsAcceptor::from(config.load_full())
+                        .accept(stream)
+                        .await
+                    {
                         Ok(s) => {
                             builder
                                 .serve_connection_with_upgrades(TokioIo::new(s), svc)
