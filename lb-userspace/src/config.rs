@@ -81,6 +81,12 @@ struct RawHttpService {
     passive_failures: u32,
     #[serde(default = "d_passive_backoff")]
     passive_backoff_secs: u64,
+    #[serde(default)]
+    retries: u32,
+    #[serde(default)]
+    request_timeout_ms: u64,
+    #[serde(default)]
+    sticky_cookie: Option<String>,
 }
 
 fn d_algorithm() -> crate::proxy::balance::Algorithm {
@@ -1043,11 +1049,27 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
             failures: h.passive_failures,
             backoff: Duration::from_secs(h.passive_backoff_secs.max(1)),
         };
+        if h.sticky_cookie.as_deref().is_some_and(|c| {
+            c.is_empty()
+                || !c
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || "-_".contains(ch))
+        }) {
+            return Err(err(
+                h.name.span(),
+                format!("http_service[{i}].sticky_cookie"),
+                "cookie names are [A-Za-z0-9_-]".into(),
+            ));
+        }
         http_services.insert(
             name,
             crate::proxy::ServiceSpec {
                 algorithm: h.algorithm,
                 passive,
+                retries: h.retries.min(10),
+                request_timeout: (h.request_timeout_ms > 0)
+                    .then(|| Duration::from_millis(h.request_timeout_ms)),
+                sticky_cookie: h.sticky_cookie.clone(),
             },
         );
     }

@@ -49,11 +49,12 @@ async fn upstream(name: &'static str) -> SocketAddr {
                                 .to_string()
                         };
                         let body = format!(
-                            "{name} {} xff={} host={} secret={}",
+                            "{name} {} xff={} host={} secret={} rid={}",
                             req.uri().path(),
                             h("x-forwarded-for"),
                             h("host"),
-                            h("x-secret")
+                            h("x-secret"),
+                            h("x-request-id")
                         );
                         Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
                     },
@@ -408,6 +409,7 @@ async fn passive_health_ejects_a_failing_upstream_and_lets_it_back() {
             failures: 3,
             backoff: std::time::Duration::from_millis(400),
         },
+        ..Default::default()
     };
     let (_p, addr) = start_with(
         vec![router("all", "PathPrefix(`/`)", "s", None)],
@@ -479,6 +481,7 @@ async fn least_requests_and_p2c_steer_around_a_slow_upstream() {
         let spec = ServiceSpec {
             algorithm,
             passive: Passive::default(),
+            ..Default::default()
         };
         let (_p, addr) = start_with(
             vec![router("all", "PathPrefix(`/`)", "s", None)],
@@ -741,5 +744,152 @@ async fn in_flight_limit_refuses_the_excess() {
         get(&client(), addr, "t", "/", &[]).await.0,
         200,
         "the slot is free again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_timeouts_sticky_sessions_and_request_ids() {
+    let live = upstream("live").await;
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let slow = {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let svc =
+                        hyper::service::service_fn(|_req: Request<hyper::body::Incoming>| async {
+                            tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("slow"))))
+                        });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        addr
+    };
+    let (a, b, c) = (
+        upstream("a").await,
+        upstream("b").await,
+        upstream("c").await,
+    );
+    let no_passive = Passive {
+        failures: 1000,
+        backoff: std::time::Duration::from_secs(1),
+    };
+    let specs = HashMap::from([
+        (
+            "retry".to_string(),
+            ServiceSpec {
+                retries: 1,
+                passive: no_passive,
+                ..Default::default()
+            },
+        ),
+        (
+            "noretry".to_string(),
+            ServiceSpec {
+                passive: no_passive,
+                ..Default::default()
+            },
+        ),
+        (
+            "timed".to_string(),
+            ServiceSpec {
+                request_timeout: Some(std::time::Duration::from_millis(100)),
+                ..Default::default()
+            },
+        ),
+        (
+            "sticky".to_string(),
+            ServiceSpec {
+                sticky_cookie: Some("lb_s".into()),
+                ..Default::default()
+            },
+        ),
+    ]);
+    let routers = vec![
+        router("retry", "PathPrefix(`/retry`)", "retry", None),
+        router("noretry", "PathPrefix(`/noretry`)", "noretry", None),
+        router("timed", "PathPrefix(`/timed`)", "timed", None),
+        router("sticky", "PathPrefix(`/sticky`)", "sticky", None),
+    ];
+    let svcs = services(&[
+        ("retry", &[(dead, 1), (live, 1)]),
+        ("noretry", &[(dead, 1), (live, 1)]),
+        ("timed", &[(slow, 1)]),
+        ("sticky", &[(a, 1), (b, 1), (c, 1)]),
+    ]);
+    let (_p, addr) = start_with(routers, &svcs, specs).await;
+    let cl = client();
+    // Round robin sends every first attempt to the dead upstream (the retry takes the live one's
+    // turn): the first 10 are all saved by a retry, from the budget's reserve of 10 …
+    for i in 0..10 {
+        assert_eq!(
+            get(&cl, addr, "t", "/retry", &[]).await.0,
+            200,
+            "request {i} was not retried"
+        );
+    }
+    // … then the budget (0.2 a request) runs dry and failures come through: retries cannot
+    // multiply the load on a failing service. (Without a budget all 30 would be saved; without
+    // retries, 15 would fail.)
+    let mut failed_after = 0;
+    for _ in 0..30 {
+        if get(&cl, addr, "t", "/retry", &[]).await.0 == 502 {
+            failed_after += 1;
+        }
+    }
+    assert!(
+        (5..15).contains(&failed_after),
+        "{failed_after} of 30 failed once the budget's reserve was spent"
+    );
+    let mut failed = 0;
+    for _ in 0..20 {
+        if get(&cl, addr, "t", "/noretry", &[]).await.0 == 502 {
+            failed += 1;
+        }
+    }
+    assert_eq!(
+        failed, 10,
+        "without retries, round robin sends half to the dead upstream"
+    );
+    assert_eq!(get(&cl, addr, "t", "/timed", &[]).await.0, 504);
+    // Sticky: the first answer sets the cookie; with it, every request lands on the same upstream.
+    let req = Request::get(format!("http://{addr}/sticky"))
+        .header("host", "t")
+        .body(Full::new(Bytes::new()))
+        .expect("req");
+    let resp = cl.request(req).await.expect("resp");
+    let set = resp
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .expect("set-cookie")
+        .to_string();
+    let first =
+        String::from_utf8_lossy(&resp.into_body().collect().await.expect("body").to_bytes())
+            .split(' ')
+            .next()
+            .unwrap_or("")
+            .to_string();
+    let cookie = set.split(';').next().unwrap_or("").to_string();
+    for _ in 0..20 {
+        let (_, body) = get(&cl, addr, "t", "/sticky", &[("cookie", &cookie)]).await;
+        assert!(body.starts_with(&first), "sticky to {first}, got {body}");
+    }
+    // Every forwarded request carries a request id (generated when the client sent none).
+    let (_, body) = get(&cl, addr, "t", "/sticky", &[]).await;
+    let rid = body.split("rid=").nth(1).unwrap_or("-").trim().to_string();
+    assert_eq!(rid.len(), 32, "{body}");
+    let (_, body) = get(&cl, addr, "t", "/sticky", &[("x-request-id", "abc-123")]).await;
+    assert!(
+        body.ends_with("rid=abc-123"),
+        "a client's id is kept: {body}"
     );
 }

@@ -122,9 +122,43 @@ impl Upstream {
     }
 }
 
+/// Retries may add at most ~20% to a service's load (plus a small reserve): every request deposits
+/// 0.2, every retry withdraws 1. Under an outage this stops retries from multiplying traffic.
+#[derive(Debug)]
+pub struct RetryBudget {
+    tokens: Mutex<f64>,
+}
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        RetryBudget {
+            tokens: Mutex::new(10.0),
+        }
+    }
+}
+
+impl RetryBudget {
+    pub fn deposit(&self) {
+        if let Ok(mut t) = self.tokens.lock() {
+            *t = (*t + 0.2).min(100.0);
+        }
+    }
+
+    pub fn withdraw(&self) -> bool {
+        match self.tokens.lock() {
+            Ok(mut t) if *t >= 1.0 => {
+                *t -= 1.0;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
 /// A service's upstreams as one routing table sees them.
 pub struct Pool {
     pub algorithm: Algorithm,
+    pub budget: RetryBudget,
     members: Vec<(Arc<Upstream>, i64)>,
     /// Smooth WRR's current weights.
     current: Mutex<Vec<i64>>,
@@ -143,6 +177,7 @@ impl Pool {
         Pool {
             algorithm,
             members,
+            budget: RetryBudget::default(),
             current: Mutex::new(vec![0; n]),
             cursor: Default::default(),
         }
@@ -150,6 +185,17 @@ impl Pool {
 
     pub fn len(&self) -> usize {
         self.members.len()
+    }
+
+    /// The upstream a sticky cookie names, if it is still in the pool and not ejected.
+    pub fn by_key(&self, key: u64, now: Instant) -> Option<Arc<Upstream>> {
+        self.members
+            .iter()
+            .map(|(u, _)| u)
+            .find(|u| {
+                xxhash_rust::xxh3::xxh3_64(u.addr.to_string().as_bytes()) == key && !u.ejected(now)
+            })
+            .cloned()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -89,11 +89,17 @@ pub struct EntryPointSpec {
     pub client_ca_file: Option<std::path::PathBuf>,
 }
 
-/// How a service's upstreams are balanced and passively checked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a service's upstreams are balanced, checked, retried and timed.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceSpec {
     pub algorithm: Algorithm,
     pub passive: Passive,
+    /// Extra attempts on other upstreams for a replayable request that got no answer.
+    pub retries: u32,
+    /// No answer within this: 504 (and a failure for passive health).
+    pub request_timeout: Option<std::time::Duration>,
+    /// Sticky sessions: the cookie that pins a client to its upstream.
+    pub sticky_cookie: Option<String>,
 }
 
 impl Default for ServiceSpec {
@@ -101,6 +107,9 @@ impl Default for ServiceSpec {
         ServiceSpec {
             algorithm: Algorithm::WeightedRoundRobin,
             passive: Passive::default(),
+            retries: 0,
+            request_timeout: None,
+            sticky_cookie: None,
         }
     }
 }
@@ -114,7 +123,7 @@ struct Route {
 /// Routes per entry point (highest priority first) and a pool per service.
 pub struct Table {
     routes: HashMap<String, Vec<Arc<Route>>>,
-    pools: HashMap<String, (Arc<Pool>, Passive)>,
+    pools: HashMap<String, (Arc<Pool>, ServiceSpec)>,
 }
 
 impl Table {
@@ -168,10 +177,10 @@ impl Table {
                         .collect()
                 })
                 .unwrap_or_default();
-            let spec = specs.get(&r.service).copied().unwrap_or_default();
+            let spec = specs.get(&r.service).cloned().unwrap_or_default();
             pools.insert(
                 r.service.clone(),
-                (Arc::new(Pool::new(spec.algorithm, members)), spec.passive),
+                (Arc::new(Pool::new(spec.algorithm, members)), spec),
             );
         }
         Table { routes, pools }
@@ -193,7 +202,7 @@ pub struct Proxy {
     table: ArcSwap<Table>,
     /// Per-upstream state by address: it survives table swaps.
     upstreams: std::sync::Mutex<HashMap<SocketAddr, Arc<Upstream>>>,
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpConnector, Body>,
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1): they describe one connection and never cross a proxy.
@@ -247,6 +256,7 @@ impl Proxy {
     ) -> Proxy {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(std::time::Duration::from_secs(5)));
         let client = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(64)
             .build(connector);
@@ -443,7 +453,9 @@ impl Proxy {
         resp
     }
 
-    /// Picks an upstream of the route's service and forwards the request to it.
+    /// Picks an upstream of the route's service and forwards the request to it, retrying on
+    /// another upstream when the request can be replayed (no body) and the attempt failed before
+    /// any answer (connection refused, reset, timeout), within the service's retry budget.
     async fn forward(
         &self,
         route: &Route,
@@ -452,29 +464,11 @@ impl Proxy {
         scheme: &'static str,
         mut req: Request<Incoming>,
     ) -> Response<Body> {
-        // Pick an upstream.
-        let Some((pool, passive)) = table.pools.get(&route.spec.service) else {
+        let Some((pool, spec)) = table.pools.get(&route.spec.service) else {
             return text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no upstream for this service",
             );
-        };
-        let started = Instant::now();
-        let Some(upstream) = pool.pick(started, &mut || rand::random::<u64>()) else {
-            return text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no upstream for this service",
-            );
-        };
-        // Forward.
-        let path = req
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str().to_string())
-            .unwrap_or_else(|| "/".into());
-        let uri: Uri = match format!("http://{}{path}", upstream.addr).parse() {
-            Ok(u) => u,
-            Err(_) => return text(StatusCode::BAD_REQUEST, "bad request target"),
         };
         // An `Upgrade` (WebSocket, …) keeps its Connection/Upgrade headers and becomes a tunnel.
         let upgrade = req
@@ -483,60 +477,176 @@ impl Proxy {
             .cloned()
             .filter(|_| req.version() == hyper::Version::HTTP_11);
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
-        let original_host = req.headers().get(header::HOST).cloned();
-        *req.uri_mut() = uri;
-        *req.version_mut() = hyper::Version::HTTP_11;
-        let h = req.headers_mut();
-        strip_hop_by_hop(h);
-        if let Some(u) = &upgrade {
-            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            h.insert(header::UPGRADE, u.clone());
-        }
-        let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-            Some(prev) => format!("{prev}, {client_ip}"),
-            None => client_ip.to_string(),
-        };
-        if let Ok(v) = HeaderValue::from_str(&xff) {
-            h.insert("x-forwarded-for", v);
-        }
-        h.insert("x-forwarded-proto", HeaderValue::from_static(scheme));
-        if let Some(host) = original_host {
-            h.insert("x-forwarded-host", host.clone());
-            h.insert(header::HOST, host);
-        }
-        upstream.in_flight.fetch_add(1, Ordering::Relaxed);
-        let result = self.client.request(req).await;
-        upstream.in_flight.fetch_sub(1, Ordering::Relaxed);
-        match result {
-            Ok(mut resp) => {
-                upstream.record(
-                    resp.status().as_u16() < 500,
-                    started.elapsed(),
-                    passive,
-                    Instant::now(),
+        let sticky = spec
+            .sticky_cookie
+            .as_deref()
+            .and_then(|name| cookie(req.headers(), name));
+        prepare_headers(&mut req, client_ip, scheme, upgrade.as_ref());
+        let (parts, body) = req.into_parts();
+        // Replayable: no body (nothing was read from the client that could not be sent again).
+        let replayable = upgrade.is_none()
+            && !parts.headers.contains_key(header::TRANSFER_ENCODING)
+            && parts
+                .headers
+                .get(header::CONTENT_LENGTH)
+                .is_none_or(|v| v.as_bytes() == b"0");
+        let mut body = Some(body.boxed());
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        pool.budget.deposit();
+        loop {
+            let now = Instant::now();
+            let sticky_hit = if tried.is_empty() {
+                sticky.and_then(|k| pool.by_key(k, now))
+            } else {
+                None
+            };
+            let picked = sticky_hit.clone().or_else(|| {
+                // Prefer an upstream this request has not failed on yet.
+                (0..4)
+                    .filter_map(|_| pool.pick(now, &mut || rand::random::<u64>()))
+                    .find(|u| !tried.contains(&u.addr))
+            });
+            let Some(upstream) = picked.or_else(|| pool.pick(now, &mut || rand::random::<u64>()))
+            else {
+                return text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no upstream for this service",
                 );
-                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                    if let Some(client_side) = client_upgrade {
-                        let upstream_side = hyper::upgrade::on(&mut resp);
-                        tokio::spawn(tunnel(client_side, upstream_side));
-                        let (parts, _) = resp.into_parts();
-                        return Response::from_parts(
-                            parts,
-                            http_body_util::Empty::new()
-                                .map_err(|never| match never {})
-                                .boxed(),
-                        );
+            };
+            let pq = parts
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/");
+            let Ok(uri) = format!("http://{}{pq}", upstream.addr).parse::<Uri>() else {
+                return text(StatusCode::BAD_REQUEST, "bad request target");
+            };
+            let mut attempt = Request::from_parts(
+                parts.clone(),
+                match body.take() {
+                    Some(b) => b,
+                    None => http_body_util::Empty::new()
+                        .map_err(|never| match never {})
+                        .boxed(),
+                },
+            );
+            *attempt.uri_mut() = uri;
+            *attempt.version_mut() = hyper::Version::HTTP_11;
+            let started = Instant::now();
+            upstream.in_flight.fetch_add(1, Ordering::Relaxed);
+            let sent = self.client.request(attempt);
+            let result: Result<Result<Response<Incoming>, _>, ()> = match spec.request_timeout {
+                Some(t) => tokio::time::timeout(t, sent).await.map_err(|_| ()),
+                None => Ok(sent.await),
+            };
+            upstream.in_flight.fetch_sub(1, Ordering::Relaxed);
+            let error = match result {
+                Ok(Ok(mut resp)) => {
+                    upstream.record(
+                        resp.status().as_u16() < 500,
+                        started.elapsed(),
+                        &spec.passive,
+                        Instant::now(),
+                    );
+                    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                        if let Some(client_side) = client_upgrade {
+                            let upstream_side = hyper::upgrade::on(&mut resp);
+                            tokio::spawn(tunnel(client_side, upstream_side));
+                            let (parts, _) = resp.into_parts();
+                            return Response::from_parts(
+                                parts,
+                                http_body_util::Empty::new()
+                                    .map_err(|never| match never {})
+                                    .boxed(),
+                            );
+                        }
                     }
+                    let (mut rparts, rbody) = resp.into_parts();
+                    strip_hop_by_hop(&mut rparts.headers);
+                    if let Some(name) = &spec.sticky_cookie {
+                        let key = upstream_key(upstream.addr);
+                        if sticky != Some(key) {
+                            if let Ok(v) = HeaderValue::from_str(&format!(
+                                "{name}={key:016x}; Path=/; HttpOnly; SameSite=Lax"
+                            )) {
+                                rparts.headers.append(header::SET_COOKIE, v);
+                            }
+                        }
+                    }
+                    return Response::from_parts(rparts, rbody.boxed());
                 }
-                let (mut parts, body) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, body.boxed())
+                Ok(Err(e)) => Some(e),
+                Err(_) => None,
+            };
+            upstream.record(false, started.elapsed(), &spec.passive, Instant::now());
+            tried.push(upstream.addr);
+            let timed_out = error.is_none();
+            match &error {
+                Some(e) => {
+                    warn!(router = route.spec.name, upstream = %upstream.addr, "upstream: {e}")
+                }
+                None => {
+                    warn!(router = route.spec.name, upstream = %upstream.addr, "upstream: timed out")
+                }
             }
-            Err(e) => {
-                upstream.record(false, started.elapsed(), passive, Instant::now());
-                warn!(router = route.spec.name, upstream = %upstream.addr, "upstream: {e}");
+            if replayable && tried.len() <= spec.retries as usize && pool.budget.withdraw() {
+                continue;
+            }
+            return if timed_out {
+                text(StatusCode::GATEWAY_TIMEOUT, "upstream timed out")
+            } else {
                 text(StatusCode::BAD_GATEWAY, "upstream unreachable")
-            }
+            };
+        }
+    }
+}
+
+/// A stable, opaque id for an upstream in a sticky cookie (not its address).
+fn upstream_key(addr: SocketAddr) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(addr.to_string().as_bytes())
+}
+
+/// The value of cookie `name`, parsed as a sticky key.
+fn cookie(h: &hyper::HeaderMap, name: &str) -> Option<u64> {
+    h.get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .and_then(|(_, v)| u64::from_str_radix(v, 16).ok())
+}
+
+/// Headers for the upstream: hop-by-hop ones removed (an upgrade keeps its own), the forwarding
+/// trail (`X-Forwarded-For/-Proto/-Host`) added, `Host` kept, a request id if there is none.
+fn prepare_headers(
+    req: &mut Request<Incoming>,
+    client_ip: IpAddr,
+    scheme: &'static str,
+    upgrade: Option<&HeaderValue>,
+) {
+    let original_host = req.headers().get(header::HOST).cloned();
+    let h = req.headers_mut();
+    strip_hop_by_hop(h);
+    if let Some(u) = upgrade {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, u.clone());
+    }
+    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {client_ip}"),
+        None => client_ip.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        h.insert("x-forwarded-for", v);
+    }
+    h.insert("x-forwarded-proto", HeaderValue::from_static(scheme));
+    if let Some(host) = original_host {
+        h.insert("x-forwarded-host", host.clone());
+        h.insert(header::HOST, host);
+    }
+    if !h.contains_key("x-request-id") {
+        if let Ok(v) = HeaderValue::from_str(&format!("{:032x}", rand::random::<u128>())) {
+            h.insert("x-request-id", v);
         }
     }
 }
