@@ -108,6 +108,8 @@ struct RawEntryPoint {
     tls: bool,
     #[serde(default)]
     client_ca_file: Option<PathBuf>,
+    #[serde(default)]
+    forwarded_trusted_ips: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -954,11 +956,26 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
                 "needs tls = true".into(),
             ));
         }
+        let mut trusted_ips = Vec::new();
+        for t in &e.forwarded_trusted_ips {
+            let net = t
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| t.parse::<IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    err(
+                        e.name.span(),
+                        format!("entrypoint[{i}].forwarded_trusted_ips"),
+                        format!("{t:?} is not an address or CIDR"),
+                    )
+                })?;
+            trusted_ips.push(net);
+        }
         entrypoints.push(crate::proxy::EntryPointSpec {
             name,
             address,
             tls: e.tls,
             client_ca_file: e.client_ca_file.clone(),
+            trusted_ips,
         });
     }
     let mut middlewares: Vec<(String, crate::proxy::middleware::MiddlewareConfig)> = Vec::new();

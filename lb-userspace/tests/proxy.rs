@@ -126,6 +126,7 @@ async fn start_full(
         address: addr,
         tls: false,
         client_ca_file: None,
+        trusted_ips: vec![],
     };
     let proxy = Arc::new(Proxy::new(vec![ep], routers, specs, mws, svcs));
     tokio::spawn(proxy.clone().serve("web".into(), l, None));
@@ -892,4 +893,63 @@ async fn retries_timeouts_sticky_sessions_and_request_ids() {
         body.ends_with("rid=abc-123"),
         "a client's id is kept: {body}"
     );
+}
+
+async fn start_trusting(routers: Vec<RouterSpec>, svcs: &Services, trusted: &[&str]) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let ep = EntryPointSpec {
+        name: "web".into(),
+        address: addr,
+        tls: false,
+        client_ca_file: None,
+        trusted_ips: trusted.iter().map(|t| t.parse().expect("cidr")).collect(),
+    };
+    let proxy = Arc::new(Proxy::new(
+        vec![ep],
+        routers,
+        HashMap::new(),
+        HashMap::new(),
+        svcs,
+    ));
+    tokio::spawn(proxy.serve("web".into(), l, None));
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_headers_are_believed_only_from_trusted_proxies_and_headers_are_bounded() {
+    let up = upstream("u").await;
+    let svcs = services(&[("s", &[(up, 1)])]);
+    let untrusting =
+        start_trusting(vec![router("r", "PathPrefix(`/`)", "s", None)], &svcs, &[]).await;
+    let trusting = start_trusting(
+        vec![router("r", "PathPrefix(`/`)", "s", None)],
+        &svcs,
+        &["127.0.0.0/8"],
+    )
+    .await;
+    let c = client();
+    let spoof = [("x-forwarded-for", "6.6.6.6")];
+    let (_, body) = get(&c, untrusting, "t", "/", &spoof).await;
+    assert!(
+        body.contains("xff=127.0.0.1 "),
+        "an untrusted client's X-Forwarded-For is replaced: {body}"
+    );
+    let (_, body) = get(&c, trusting, "t", "/", &spoof).await;
+    assert!(
+        body.contains("xff=6.6.6.6, 127.0.0.1 "),
+        "a trusted proxy's is extended: {body}"
+    );
+    // 100 KiB of headers: refused (431) rather than buffered.
+    let big = "x".repeat(100 * 1024);
+    let req = Request::get(format!("http://{untrusting}/"))
+        .header("host", "t")
+        .header("x-big", big.as_str())
+        .body(Full::new(Bytes::new()))
+        .expect("req");
+    let r = c
+        .request(req)
+        .await
+        .expect("an answer, not a dropped connection");
+    assert_eq!(r.status(), 431);
 }

@@ -136,6 +136,7 @@ async fn tls_proxy(p: &Pki, mtls: bool) -> SocketAddr {
         address: addr,
         tls: true,
         client_ca_file: None,
+        trusted_ips: vec![],
     };
     let proxy = Arc::new(Proxy::new(
         vec![ep],

@@ -87,6 +87,9 @@ pub struct EntryPointSpec {
     pub tls: bool,
     /// mTLS: clients must present a certificate signed by this CA.
     pub client_ca_file: Option<std::path::PathBuf>,
+    /// Clients whose `X-Forwarded-*` / `Forwarded` headers are believed (other proxies). From
+    /// anyone else those headers are replaced, never extended: a client cannot forge its origin.
+    pub trusted_ips: Vec<ipnet::IpNet>,
 }
 
 /// How a service's upstreams are balanced, checked, retried and timed.
@@ -204,6 +207,9 @@ pub struct Proxy {
     upstreams: std::sync::Mutex<HashMap<SocketAddr, Arc<Upstream>>>,
     client: Client<HttpConnector, Body>,
 }
+
+/// The most header bytes a request may carry (HTTP/1 read buffer, HTTP/2 header list).
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1): they describe one connection and never cross a proxy.
 const HOP_BY_HOP: [&str; 8] = [
@@ -368,13 +374,34 @@ impl Proxy {
             };
             let _ = stream.set_nodelay(true);
             let (proxy, ep, tls) = (self.clone(), entrypoint.clone(), tls.clone());
+            let trusted = self
+                .conf()
+                .entrypoints
+                .iter()
+                .find(|e| e.name == entrypoint)
+                .is_some_and(|e| e.trusted_ips.iter().any(|n| n.contains(&peer.ip())));
             tokio::spawn(async move {
                 let scheme = if tls.is_some() { "https" } else { "http" };
                 let svc = hyper::service::service_fn(move |req| {
                     let (proxy, ep) = (proxy.clone(), ep.clone());
-                    async move { Ok::<_, Infallible>(proxy.handle(&ep, peer.ip(), scheme, req).await) }
+                    async move {
+                        Ok::<_, Infallible>(
+                            proxy.handle(&ep, peer.ip(), scheme, trusted, req).await,
+                        )
+                    }
                 });
-                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let mut builder =
+                    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                // Bounded headers (hyper also caps their count at 100 and refuses conflicting
+                // Content-Length / Transfer-Encoding), and a slow client must send them in time.
+                builder
+                    .http1()
+                    .max_buf_size(MAX_HEADER_BYTES)
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(std::time::Duration::from_secs(30));
+                builder
+                    .http2()
+                    .max_header_list_size(MAX_HEADER_BYTES as u32);
                 let served = match tls {
                     // The configuration in force when the client connects (certificates reload).
                     Some(config) => match tokio_rustls::TlsAcceptor::from(config.load_full())
@@ -410,8 +437,21 @@ impl Proxy {
         entrypoint: &str,
         client_ip: IpAddr,
         scheme: &'static str,
+        trusted: bool,
         mut req: Request<Incoming>,
     ) -> Response<Body> {
+        // Limits: however the connection buffered them, headers beyond the bound are refused.
+        let header_bytes: usize = req
+            .headers()
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum();
+        if header_bytes > MAX_HEADER_BYTES {
+            return text(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "request headers too large",
+            );
+        }
         // Route.
         let table = self.table.load_full();
         let host = request_host(&req);
@@ -446,7 +486,9 @@ impl Proxy {
                 return early;
             }
         }
-        let mut resp = self.forward(route, &table, client_ip, scheme, req).await;
+        let mut resp = self
+            .forward(route, &table, client_ip, scheme, trusted, req)
+            .await;
         for m in route.chain.iter().rev() {
             m.response(&ctx, &mut resp);
         }
@@ -462,6 +504,7 @@ impl Proxy {
         table: &Table,
         client_ip: IpAddr,
         scheme: &'static str,
+        trusted: bool,
         mut req: Request<Incoming>,
     ) -> Response<Body> {
         let Some((pool, spec)) = table.pools.get(&route.spec.service) else {
@@ -481,7 +524,7 @@ impl Proxy {
             .sticky_cookie
             .as_deref()
             .and_then(|name| cookie(req.headers(), name));
-        prepare_headers(&mut req, client_ip, scheme, upgrade.as_ref());
+        prepare_headers(&mut req, client_ip, scheme, trusted, upgrade.as_ref());
         let (parts, body) = req.into_parts();
         // Replayable: no body (nothing was read from the client that could not be sent again).
         let replayable = upgrade.is_none()
@@ -623,11 +666,42 @@ fn prepare_headers(
     req: &mut Request<Incoming>,
     client_ip: IpAddr,
     scheme: &'static str,
+    trusted: bool,
     upgrade: Option<&HeaderValue>,
 ) {
     let original_host = req.headers().get(header::HOST).cloned();
     let h = req.headers_mut();
     strip_hop_by_hop(h);
+    if !trusted {
+        for name in [
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x-forwarded-host",
+            "x-forwarded-port",
+            "x-real-ip",
+            "forwarded",
+        ] {
+            h.remove(name);
+        }
+    }
+    // RFC 7239: quoted IPv6, the host as the client asked for it.
+    let node = match client_ip {
+        IpAddr::V4(a) => a.to_string(),
+        IpAddr::V6(a) => format!("\"[{a}]\""),
+    };
+    let host_part = original_host
+        .as_ref()
+        .and_then(|v| v.to_str().ok())
+        .map(|v| format!(";host=\"{v}\""))
+        .unwrap_or_default();
+    let fwd = format!("for={node};proto={scheme}{host_part}");
+    let fwd = match h.get("forwarded").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {fwd}"),
+        None => fwd,
+    };
+    if let Ok(v) = HeaderValue::from_str(&fwd) {
+        h.insert("forwarded", v);
+    }
     if let Some(u) = upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         h.insert(header::UPGRADE, u.clone());
