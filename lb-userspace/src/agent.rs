@@ -353,7 +353,11 @@ struct Listeners {
 
 impl Listeners {
     async fn reconcile(&mut self, proxy: &Arc<crate::proxy::Proxy>, cfg: &Config) -> Result<()> {
-        let certs = Arc::new(crate::proxy::tls::Certs::load(&cfg.certificates)?);
+        let mut certs = crate::proxy::tls::Certs::load(&cfg.certificates)?;
+        if cfg.tls_dev_ca {
+            certs = certs.with_dev_ca(crate::proxy::tls::DevCa::open(&cfg.state_dir)?);
+        }
+        let certs = Arc::new(certs);
         let gone: Vec<String> = self
             .open
             .iter()

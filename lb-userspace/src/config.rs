@@ -69,6 +69,16 @@ struct RawConfig {
     certificate: Vec<Spanned<RawCertificate>>,
     #[serde(default)]
     middleware: Vec<Spanned<RawMiddleware>>,
+    #[serde(default)]
+    tls: RawTls,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    /// Issue certificates for unknown names from a development CA in the state directory.
+    #[serde(default)]
+    dev_ca: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -416,6 +426,8 @@ pub struct Config {
     pub http_services: std::collections::HashMap<String, crate::proxy::ServiceSpec>,
     /// TLS certificates for the entry points with `tls = true` (chosen by SNI).
     pub certificates: Vec<crate::proxy::tls::CertSpec>,
+    /// `[tls] dev_ca`: a development CA issues certificates for names no certificate covers.
+    pub tls_dev_ca: bool,
     /// Middlewares by name (validated: each builds).
     pub middlewares: Vec<(String, crate::proxy::middleware::MiddlewareConfig)>,
 }
@@ -1110,15 +1122,16 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
         ));
     }
     if let Some(e) = raw.entrypoint.iter().find(|e| e.get_ref().tls) {
-        if certificates.is_empty() {
+        if certificates.is_empty() && !raw.tls.dev_ca {
             return Err(err(
                 e.span(),
                 "entrypoint".into(),
-                "tls = true needs at least one [[certificate]]".into(),
+                "tls = true needs at least one [[certificate]] (or [tls] dev_ca = true)".into(),
             ));
         }
     }
     Ok(Config {
+        tls_dev_ca: raw.tls.dev_ca,
         middlewares,
         certificates,
         http_services,

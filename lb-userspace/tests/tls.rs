@@ -17,7 +17,7 @@ use lb_userspace::{
     registry::{Instance, Services},
 };
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName};
 use tokio::net::{TcpListener, TcpStream};
 
 struct Pki {
@@ -285,4 +285,57 @@ fn sni_choice_and_the_default_certificate() {
         default: false,
     }]);
     assert!(bad.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn development_ca_issues_certificates_that_survive_a_restart() {
+    use lb_userspace::proxy::tls::DevCa;
+    let p = pki("devca");
+    let state = p.dir.join("state");
+    let certs = Certs::load(&[CertSpec {
+        cert_file: p.dir.join("a.crt"),
+        key_file: p.dir.join("a.key"),
+        default: false,
+    }])
+    .expect("certs")
+    .with_dev_ca(DevCa::open(&state).expect("dev CA"));
+    // A configured certificate still wins for its name.
+    assert_eq!(
+        certs.for_name(Some("a.test")).map(|k| k.cert[0].clone()),
+        Some(p.a_der.clone())
+    );
+    // Any other name gets a certificate from the dev CA that a client trusting dev-ca.crt accepts.
+    let trust = |name: &str, certs: &Certs| {
+        let key = certs.for_name(Some(name)).expect("issued");
+        let ca_pem = std::fs::read(state.join("dev-ca.crt")).expect("dev-ca.crt");
+        let ca = rustls::pki_types::CertificateDer::pem_slice_iter(&ca_pem)
+            .next()
+            .expect("pem")
+            .expect("der");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca).expect("root");
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .expect("verifier");
+        use rustls::client::danger::ServerCertVerifier as _;
+        verifier
+            .verify_server_cert(
+                &key.cert[0],
+                &key.cert[1..],
+                &ServerName::try_from(name.to_string()).expect("name"),
+                &[],
+                rustls::pki_types::UnixTime::now(),
+            )
+            .map(|_| ())
+    };
+    trust("dev.example", &certs)
+        .expect("a certificate for dev.example, trusted through dev-ca.crt");
+    // A restarted agent reuses the CA: new certificates chain to the same dev-ca.crt.
+    let again = Certs::load(&[])
+        .expect("certs")
+        .with_dev_ca(DevCa::open(&state).expect("dev CA again"));
+    trust("other.example", &again).expect("still trusted after a restart");
 }

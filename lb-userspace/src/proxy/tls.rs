@@ -33,6 +33,88 @@ struct Entry {
 pub struct Certs {
     entries: Vec<Entry>,
     default: Option<Arc<CertifiedKey>>,
+    dev_ca: Option<DevCa>,
+}
+
+/// A development CA (`[tls] dev_ca = true`): certificates for any name a client asks for, signed
+/// by a CA kept in the state directory (`dev-ca.crt`, `dev-ca.key`) so developers trust it once.
+/// Never for production: it signs whatever name arrives.
+pub struct DevCa {
+    issuer: rcgen::Certificate,
+    key: rcgen::KeyPair,
+    issued: std::sync::Mutex<std::collections::HashMap<String, Arc<CertifiedKey>>>,
+}
+
+fn dev_ca_params() -> Result<rcgen::CertificateParams> {
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, "lb development CA");
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    Ok(p)
+}
+
+impl DevCa {
+    /// Loads the CA from `dir`, or creates it there.
+    pub fn open(dir: &Path) -> Result<DevCa> {
+        let (crt, keyf) = (dir.join("dev-ca.crt"), dir.join("dev-ca.key"));
+        let key = match std::fs::read_to_string(&keyf) {
+            Ok(pem) => {
+                rcgen::KeyPair::from_pem(&pem).with_context(|| format!("{}", keyf.display()))?
+            }
+            Err(_) => {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+                let key = rcgen::KeyPair::generate()?;
+                use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .write(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&keyf)?;
+                f.write_all(key.serialize_pem().as_bytes())?;
+                key
+            }
+        };
+        // Same name and key every time: certificates issued after a restart chain to the
+        // dev-ca.crt a developer already trusts.
+        let issuer = dev_ca_params()?.self_signed(&key)?;
+        if !crt.exists() {
+            std::fs::write(&crt, issuer.pem())
+                .with_context(|| format!("writing {}", crt.display()))?;
+        }
+        Ok(DevCa {
+            issuer,
+            key,
+            issued: Default::default(),
+        })
+    }
+
+    fn issue(&self, name: &str) -> Option<Arc<CertifiedKey>> {
+        if let Some(k) = self.issued.lock().ok()?.get(name) {
+            return Some(k.clone());
+        }
+        let leaf_key = rcgen::KeyPair::generate().ok()?;
+        let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).ok()?;
+        params.not_after = rcgen::date_time_ymd(2099, 1, 1);
+        let cert = params.signed_by(&leaf_key, &self.issuer, &self.key).ok()?;
+        let der = PrivateKeyDer::try_from(leaf_key.serialize_der()).ok()?;
+        let signer = any_supported_type(&der).ok()?;
+        let certified = Arc::new(CertifiedKey::new(
+            vec![cert.der().clone(), self.issuer.der().clone()],
+            signer,
+        ));
+        self.issued
+            .lock()
+            .ok()?
+            .insert(name.to_string(), certified.clone());
+        tracing::info!(name, "issued a development certificate");
+        Some(certified)
+    }
 }
 
 impl fmt::Debug for Certs {
@@ -54,6 +136,12 @@ fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
 }
 
 impl Certs {
+    /// With a development CA: names no configured certificate covers get one from it.
+    pub fn with_dev_ca(mut self, ca: DevCa) -> Certs {
+        self.dev_ca = Some(ca);
+        self
+    }
+
     pub fn load(specs: &[CertSpec]) -> Result<Certs> {
         let mut entries = Vec::new();
         let mut default = None;
@@ -81,7 +169,11 @@ impl Certs {
                 key: certified,
             });
         }
-        Ok(Certs { entries, default })
+        Ok(Certs {
+            entries,
+            default,
+            dev_ca: None,
+        })
     }
 
     /// The certificate for `name`: the first valid for it, else the default.
@@ -94,6 +186,9 @@ impl Certs {
                 if cert.verify_is_valid_for_subject_name(&n).is_ok() {
                     return Some(e.key.clone());
                 }
+            }
+            if let (Some(ca), Some(name)) = (&self.dev_ca, name) {
+                return ca.issue(&name.to_ascii_lowercase());
             }
         }
         self.default.clone()
