@@ -1271,6 +1271,17 @@ address = "10.0.1.2"
     }
 
     #[test]
+    fn the_example_config_is_valid() {
+        let text = include_str!("../../examples/lb.toml");
+        let c = parse(Path::new("examples/lb.toml"), text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            (c.vips.len(), c.routers.len(), c.middlewares.len()),
+            (1, 1, 2)
+        );
+        assert!(c.vips[0].health.is_some());
+    }
+
+    #[test]
     fn nat_family_mismatch_rejected() {
         let e = parse_err(&GOOD.replace("10.0.1.2", "fd00::2"));
         assert!(e.reason.contains("address family"), "{e}");
