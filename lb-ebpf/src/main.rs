@@ -257,6 +257,15 @@ struct Pick {
     id: u32,
     backend: Backend,
     new_flow: bool,
+    /// The flow hash, when Maglev needed it (a miss): ipip reuses it for the outer source.
+    hash: Option<u32>,
+}
+
+impl Pick {
+    #[inline(always)]
+    fn flow_hash(&self, key: &FlowKey) -> u32 {
+        self.hash.unwrap_or_else(|| flow_hash(key))
+    }
 }
 
 /// Connection tracking, then Maglev on a miss.
@@ -286,6 +295,7 @@ fn pick_backend(vip: &VipMeta, key: &FlowKey, udp: bool, track: bool) -> Result<
                     id,
                     backend: *b,
                     new_flow: false,
+                    hash: None,
                 });
             }
         }
@@ -294,7 +304,8 @@ fn pick_backend(vip: &VipMeta, key: &FlowKey, udp: bool, track: bool) -> Result<
     if m == 0 {
         return Err(Reason::DropBadMaps);
     }
-    let slot = (flow_hash(key) % m) as u64;
+    let hash = flow_hash(key);
+    let slot = (hash % m) as u64;
     let base = ((vip.id as u64) * 2 + (vip.ring_slot & 1) as u64) * m as u64;
     let index = base + slot;
     if index > u32::MAX as u64 {
@@ -325,6 +336,7 @@ fn pick_backend(vip: &VipMeta, key: &FlowKey, udp: bool, track: bool) -> Result<
         id,
         backend: *b,
         new_flow: true,
+        hash: Some(hash),
     })
 }
 
@@ -651,7 +663,7 @@ fn icmp_v4(ctx: &XdpContext, l3: usize, ip: *mut Ipv4Hdr, icmp_off: usize) -> Ve
                 tos,
                 df,
                 &pick.backend,
-                flow_hash(&key),
+                pick.flow_hash(&key),
             ))
         }
         mode::NAT => as_icmp(nat_icmp_v4(ctx, ip, icmp, inner, ports, &pick.backend)),
@@ -761,7 +773,7 @@ fn icmp_v6(ctx: &XdpContext, l3: usize, ip: *mut Ipv6Hdr) -> Verdict {
                 (vtf >> 20) as u8,
                 true,
                 &pick.backend,
-                flow_hash(&key),
+                pick.flow_hash(&key),
             ))
         }
         mode::NAT => as_icmp(nat_icmp_v6(ctx, ip, icmp, inner, ports, &pick.backend)),
@@ -874,7 +886,16 @@ fn process_v4(ctx: &XdpContext, l3: usize) -> Verdict {
             let (tos, len, frag) =
                 unsafe { ((*ip).tos, u16::from_be((*ip).tot_len), (*ip).frag_off) };
             let df = u16::from_be(frag) & 0x4000 != 0;
-            encap(ctx, l3, true, len, tos, df, &pick.backend, flow_hash(&key))
+            encap(
+                ctx,
+                l3,
+                true,
+                len,
+                tos,
+                df,
+                &pick.backend,
+                pick.flow_hash(&key),
+            )
         }
         _ => (PASS, Reason::PassLocal),
     }
@@ -1084,7 +1105,7 @@ fn process_v6(ctx: &XdpContext, l3: usize) -> Verdict {
                 (vtf >> 20) as u8,
                 true,
                 &pick.backend,
-                flow_hash(&key),
+                pick.flow_hash(&key),
             )
         }
         _ => (PASS, Reason::PassLocal),

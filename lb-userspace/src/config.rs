@@ -537,21 +537,14 @@ pub struct EtcdSpec {
     pub prefix: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendSpec {
     pub address: IpAddr,
     /// NAT: the backend's port; 0 keeps the VIP's port. Ignored in DSR.
-    #[serde(default)]
     pub port: u16,
-    #[serde(default = "one")]
     pub weight: u32,
     /// DSR: the backend's MAC; resolved from the neighbour table when absent.
-    #[serde(default)]
     pub mac: Option<Mac>,
-}
-
-fn one() -> u32 {
-    1
 }
 
 /// An Ethernet address, written `aa:bb:cc:dd:ee:ff`.

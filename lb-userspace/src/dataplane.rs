@@ -350,21 +350,6 @@ impl Dataplane {
         Ok(writes)
     }
 
-    /// Reads one half of a VIP's table back from the map (reconciling after a restart).
-    pub fn read_ring(&mut self, vip_id: u32, slot: u8) -> Result<Vec<u32>> {
-        let m = self.limits.ring_size as usize;
-        let base = (vip_id as usize * 2 + (slot & 1) as usize) * m;
-        let table = (0..m)
-            .map(|i| {
-                self.rings
-                    .get(&((base + i) as u32), 0)
-                    .context("reading RINGS")
-            })
-            .collect::<Result<Vec<_>>>()?;
-        self.written.insert((vip_id, slot & 1), table.clone());
-        Ok(table)
-    }
-
     /// Empties connection tracking (and the NAT reverse entries): every flow is re-picked by
     /// Maglev on its next packet. An operator tool, and how tests show Maglev's own stability.
     pub fn clear_flows(&mut self) -> Result<usize> {

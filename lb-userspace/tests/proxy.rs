@@ -29,36 +29,22 @@ use lb_userspace::{
 };
 use tokio::net::TcpListener;
 
-/// An upstream that answers `<name> <path> xff=<X-Forwarded-For> host=<Host> secret=<X-Secret>`.
-async fn upstream(name: &'static str) -> SocketAddr {
+/// Serves HTTP/1.1 and h2c on a loopback port with `handler`, for as long as the test runs.
+async fn serve<F, Fut>(handler: F) -> SocketAddr
+where
+    F: Fn(Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
     tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = l.accept().await else {
-                continue;
-            };
+        while let Ok((s, _)) = l.accept().await {
+            let handler = handler.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(
-                    move |req: Request<hyper::body::Incoming>| async move {
-                        let h = |k: &str| {
-                            req.headers()
-                                .get(k)
-                                .and_then(|v| v.to_str().ok())
-                                .unwrap_or("-")
-                                .to_string()
-                        };
-                        let body = format!(
-                            "{name} {} xff={} host={} secret={} rid={}",
-                            req.uri().path(),
-                            h("x-forwarded-for"),
-                            h("host"),
-                            h("x-secret"),
-                            h("x-request-id")
-                        );
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
-                    },
-                );
+                let svc = hyper::service::service_fn(move |req| {
+                    let handler = handler.clone();
+                    async move { Ok::<_, Infallible>(handler(req).await) }
+                });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(s), svc)
                     .await;
@@ -66,6 +52,44 @@ async fn upstream(name: &'static str) -> SocketAddr {
         }
     });
     addr
+}
+
+/// An upstream that answers `<name> <path> xff=… host=… secret=… rid=…` (the headers it got).
+async fn upstream(name: &'static str) -> SocketAddr {
+    serve(move |req: Request<hyper::body::Incoming>| async move {
+        let h = |k: &str| {
+            req.headers()
+                .get(k)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_string()
+        };
+        let body = format!(
+            "{name} {} xff={} host={} secret={} rid={}",
+            req.uri().path(),
+            h("x-forwarded-for"),
+            h("host"),
+            h("x-secret"),
+            h("x-request-id")
+        );
+        Response::new(Full::new(Bytes::from(body)))
+    })
+    .await
+}
+
+/// An upstream that answers "slow" after `ms` milliseconds.
+async fn slow(ms: u64) -> SocketAddr {
+    serve(move |_req| async move {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        Response::new(Full::new(Bytes::from("slow")))
+    })
+    .await
+}
+
+/// An address where nothing listens: connections are refused.
+fn dead() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr")
 }
 
 fn services(list: &[(&str, &[(SocketAddr, u32)])]) -> Services {
@@ -166,10 +190,7 @@ async fn routes_by_rule_and_priority_and_answers_errors() {
         upstream("b").await,
         upstream("api2").await,
     );
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr")
-    }; // closed again: connections are refused
+    let dead = dead(); // closed again: connections are refused
     let svcs = services(&[
         ("site", &[(a, 1)]),
         ("api", &[(b, 1)]),
@@ -371,33 +392,17 @@ async fn table_swaps_under_load_lose_no_request() {
 
 /// An upstream whose answers are 500 while `failing` is set.
 async fn flaky(name: &'static str, failing: Arc<AtomicBool>) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = l.accept().await else {
-                continue;
-            };
-            let failing = failing.clone();
-            tokio::spawn(async move {
-                let svc =
-                    hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
-                        let fail = failing.load(Ordering::SeqCst);
-                        async move {
-                            let mut r = Response::new(Full::new(Bytes::from(name)));
-                            if fail {
-                                *r.status_mut() = hyper::StatusCode::INTERNAL_SERVER_ERROR;
-                            }
-                            Ok::<_, Infallible>(r)
-                        }
-                    });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
-            });
+    serve(move |_req| {
+        let fail = failing.load(Ordering::SeqCst);
+        async move {
+            let mut r = Response::new(Full::new(Bytes::from(name)));
+            if fail {
+                *r.status_mut() = hyper::StatusCode::INTERNAL_SERVER_ERROR;
+            }
+            r
         }
-    });
-    addr
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -451,31 +456,9 @@ async fn passive_health_ejects_a_failing_upstream_and_lets_it_back() {
 /// A slow upstream gets fewer requests under least-requests and P2C than its fast peers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn least_requests_and_p2c_steer_around_a_slow_upstream() {
-    async fn slow_upstream() -> SocketAddr {
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = l.local_addr().expect("addr");
-        tokio::spawn(async move {
-            loop {
-                let Ok((s, _)) = l.accept().await else {
-                    continue;
-                };
-                tokio::spawn(async move {
-                    let svc =
-                        hyper::service::service_fn(|_req: Request<hyper::body::Incoming>| async {
-                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("slow"))))
-                        });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(s), svc)
-                        .await;
-                });
-            }
-        });
-        addr
-    }
     for algorithm in [Algorithm::LeastRequests, Algorithm::P2c] {
         let (slow, f1, f2) = (
-            slow_upstream().await,
+            slow(50).await,
             upstream("fast1").await,
             upstream("fast2").await,
         );
@@ -704,22 +687,7 @@ async fn middlewares_in_a_chain() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_flight_limit_refuses_the_excess() {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let slow = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let svc =
-                    hyper::service::service_fn(|_req: Request<hyper::body::Incoming>| async {
-                        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("slow"))))
-                    });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
-            });
-        }
-    });
+    let slow = slow(300).await;
     let mws: HashMap<String, Arc<dyn Middleware>> = HashMap::from([(
         "one".to_string(),
         mw(MiddlewareConfig::InFlightReq { amount: 1 }),
@@ -751,29 +719,8 @@ async fn in_flight_limit_refuses_the_excess() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_timeouts_sticky_sessions_and_request_ids() {
     let live = upstream("live").await;
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr")
-    };
-    let slow = {
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = l.local_addr().expect("addr");
-        tokio::spawn(async move {
-            while let Ok((s, _)) = l.accept().await {
-                tokio::spawn(async move {
-                    let svc =
-                        hyper::service::service_fn(|_req: Request<hyper::body::Incoming>| async {
-                            tokio::time::sleep(std::time::Duration::from_millis(400)).await;
-                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("slow"))))
-                        });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(s), svc)
-                        .await;
-                });
-            }
-        });
-        addr
-    };
+    let dead = dead();
+    let slow = slow(400).await;
     let (a, b, c) = (
         upstream("a").await,
         upstream("b").await,

@@ -352,10 +352,6 @@ impl Proxy {
         v
     }
 
-    pub fn entrypoints(&self) -> Vec<EntryPointSpec> {
-        self.conf().entrypoints.clone()
-    }
-
     /// Serves one entry point on `listener` until the task is dropped; with `tls`, every
     /// connection is a TLS handshake first (ALPN picks h2 or HTTP/1.1).
     pub async fn serve(
