@@ -97,6 +97,42 @@ struct RawHttpService {
     request_timeout_ms: u64,
     #[serde(default)]
     sticky_cookie: Option<String>,
+    #[serde(default)]
+    tls: Option<Spanned<RawUpstreamTls>>,
+    #[serde(default)]
+    mirror: Option<Spanned<RawMirror>>,
+}
+
+/// `tls = { … }` of an `[[http_service]]`: TLS to its upstreams.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstreamTls {
+    #[serde(default)]
+    ca_file: Option<PathBuf>,
+    #[serde(default)]
+    cert_file: Option<PathBuf>,
+    #[serde(default)]
+    key_file: Option<PathBuf>,
+    #[serde(default)]
+    server_name: Option<String>,
+}
+
+/// `mirror = { service = "shadow", percent = 10 }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMirror {
+    service: String,
+    #[serde(default = "d_percent")]
+    percent: f64,
+    #[serde(default = "d_mirror_body")]
+    max_body_bytes: usize,
+}
+
+fn d_percent() -> f64 {
+    100.0
+}
+fn d_mirror_body() -> usize {
+    64 * 1024
 }
 
 fn d_algorithm() -> crate::proxy::balance::Algorithm {
@@ -1083,6 +1119,44 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
                 "cookie names are [A-Za-z0-9_-]".into(),
             ));
         }
+        let tls = match &h.tls {
+            None => None,
+            Some(t) => {
+                let r = t.get_ref();
+                let spec = crate::proxy::client::UpstreamTls {
+                    ca_file: r.ca_file.clone(),
+                    cert_file: r.cert_file.clone(),
+                    key_file: r.key_file.clone(),
+                    server_name: r.server_name.clone(),
+                };
+                if let Err(e) = crate::proxy::client::UpstreamClient::check(&spec) {
+                    return Err(err(
+                        t.span(),
+                        format!("http_service[{i}].tls"),
+                        format!("{e:#}"),
+                    ));
+                }
+                Some(spec)
+            }
+        };
+        let mirror = match &h.mirror {
+            None => None,
+            Some(m) => {
+                let r = m.get_ref();
+                if !valid_name(&r.service) || !(0.0..=100.0).contains(&r.percent) {
+                    return Err(err(
+                        m.span(),
+                        format!("http_service[{i}].mirror"),
+                        "expected a service name and a percent in 0..=100".into(),
+                    ));
+                }
+                Some(crate::proxy::Mirror {
+                    service: r.service.clone(),
+                    percent: r.percent,
+                    max_body_bytes: r.max_body_bytes,
+                })
+            }
+        };
         http_services.insert(
             name,
             crate::proxy::ServiceSpec {
@@ -1092,6 +1166,8 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
                 request_timeout: (h.request_timeout_ms > 0)
                     .then(|| Duration::from_millis(h.request_timeout_ms)),
                 sticky_cookie: h.sticky_cookie.clone(),
+                tls,
+                mirror,
             },
         );
     }

@@ -3,7 +3,6 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    convert::Infallible,
     net::SocketAddr,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -14,174 +13,19 @@ use std::{
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response};
-use hyper_util::{
-    client::legacy::Client,
-    rt::{TokioExecutor, TokioIo},
-};
+use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use lb_userspace::{
     proxy::{
         balance::{Algorithm, Passive},
-        middleware::{Middleware, MiddlewareConfig},
-        rule::Rule,
+        middleware::Middleware,
         EntryPointSpec, Proxy, RouterSpec, ServiceSpec,
     },
-    registry::{Instance, Services},
+    registry::Services,
 };
 use tokio::net::TcpListener;
 
-/// Serves HTTP/1.1 and h2c on a loopback port with `handler`, for as long as the test runs.
-async fn serve<F, Fut>(handler: F) -> SocketAddr
-where
-    F: Fn(Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
-{
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            let handler = handler.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| {
-                    let handler = handler.clone();
-                    async move { Ok::<_, Infallible>(handler(req).await) }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
-            });
-        }
-    });
-    addr
-}
-
-/// An upstream that answers `<name> <path> xff=… host=… secret=… rid=…` (the headers it got).
-async fn upstream(name: &'static str) -> SocketAddr {
-    serve(move |req: Request<hyper::body::Incoming>| async move {
-        let h = |k: &str| {
-            req.headers()
-                .get(k)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("-")
-                .to_string()
-        };
-        let body = format!(
-            "{name} {} xff={} host={} secret={} rid={}",
-            req.uri().path(),
-            h("x-forwarded-for"),
-            h("host"),
-            h("x-secret"),
-            h("x-request-id")
-        );
-        Response::new(Full::new(Bytes::from(body)))
-    })
-    .await
-}
-
-/// An upstream that answers "slow" after `ms` milliseconds.
-async fn slow(ms: u64) -> SocketAddr {
-    serve(move |_req| async move {
-        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
-        Response::new(Full::new(Bytes::from("slow")))
-    })
-    .await
-}
-
-/// An address where nothing listens: connections are refused.
-fn dead() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr")
-}
-
-fn services(list: &[(&str, &[(SocketAddr, u32)])]) -> Services {
-    let mut s = Services::new();
-    for (name, ups) in list {
-        let m = ups
-            .iter()
-            .map(|(a, w)| {
-                let i = Instance {
-                    address: a.ip(),
-                    port: a.port(),
-                    weight: *w,
-                    zone: None,
-                    metadata: BTreeMap::new(),
-                };
-                (i.key(), i)
-            })
-            .collect();
-        s.insert(name.to_string(), m);
-    }
-    s
-}
-
-fn router(name: &str, rule: &str, service: &str, priority: Option<i64>) -> RouterSpec {
-    RouterSpec {
-        name: name.into(),
-        entrypoints: vec![],
-        rule: Rule::parse(rule).expect("rule"),
-        rule_text: rule.into(),
-        priority,
-        service: service.into(),
-        middlewares: vec![],
-    }
-}
-
-async fn start(routers: Vec<RouterSpec>, svcs: &Services) -> (Arc<Proxy>, SocketAddr) {
-    start_with(routers, svcs, HashMap::new()).await
-}
-
-async fn start_with(
-    routers: Vec<RouterSpec>,
-    svcs: &Services,
-    specs: HashMap<String, ServiceSpec>,
-) -> (Arc<Proxy>, SocketAddr) {
-    start_full(routers, svcs, specs, HashMap::new()).await
-}
-
-async fn start_full(
-    routers: Vec<RouterSpec>,
-    svcs: &Services,
-    specs: HashMap<String, ServiceSpec>,
-    mws: HashMap<String, Arc<dyn Middleware>>,
-) -> (Arc<Proxy>, SocketAddr) {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    let ep = EntryPointSpec {
-        name: "web".into(),
-        address: addr,
-        tls: false,
-        client_ca_file: None,
-        trusted_ips: vec![],
-    };
-    let proxy = Arc::new(Proxy::new(vec![ep], routers, specs, mws, svcs));
-    tokio::spawn(proxy.clone().serve("web".into(), l, None));
-    (proxy, addr)
-}
-
-type C = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
-
-async fn get(
-    c: &C,
-    proxy: SocketAddr,
-    host: &str,
-    path: &str,
-    extra: &[(&str, &str)],
-) -> (u16, String) {
-    let mut b = Request::get(format!("http://{proxy}{path}")).header("host", host);
-    for (k, v) in extra {
-        b = b.header(*k, *v);
-    }
-    let resp = c
-        .request(b.body(Full::new(Bytes::new())).expect("request"))
-        .await
-        .expect("response");
-    let code = resp.status().as_u16();
-    let body = resp.into_body().collect().await.expect("body").to_bytes();
-    (code, String::from_utf8_lossy(&body).into_owned())
-}
-
-fn client() -> C {
-    Client::builder(TokioExecutor::new()).build_http()
-}
+mod common;
+use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_by_rule_and_priority_and_answers_errors() {
@@ -539,10 +383,6 @@ async fn websocket_echo_through_the_proxy() {
     ws.close(None).await.expect("close");
 }
 
-fn mw(kind: MiddlewareConfig) -> Arc<dyn Middleware> {
-    kind.build().expect("middleware")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn middlewares_in_a_chain() {
     let up = upstream("u").await;
@@ -550,57 +390,36 @@ async fn middlewares_in_a_chain() {
     let mws: HashMap<String, Arc<dyn Middleware>> = HashMap::from([
         (
             "local".to_string(),
-            mw(MiddlewareConfig::IpAllowList {
-                source_range: vec!["127.0.0.0/8".into()],
-            }),
+            mw(r#"ip_allow_list = { source_range = ["127.0.0.0/8"] }"#),
         ),
         (
             "tenants".to_string(),
-            mw(MiddlewareConfig::IpAllowList {
-                source_range: vec!["10.0.0.0/8".into()],
-            }),
+            mw(r#"ip_allow_list = { source_range = ["10.0.0.0/8"] }"#),
         ),
         (
             "strip".to_string(),
-            mw(MiddlewareConfig::StripPrefix {
-                prefixes: vec!["/api".into()],
-            }),
+            mw(r#"strip_prefix = { prefixes = ["/api"] }"#),
         ),
-        (
-            "v1".to_string(),
-            mw(MiddlewareConfig::AddPrefix {
-                prefix: "/v1".into(),
-            }),
-        ),
+        ("v1".to_string(), mw(r#"add_prefix = { prefix = "/v1" }"#)),
         (
             "hdrs".to_string(),
-            mw(MiddlewareConfig::Headers {
-                request_set: HashMap::from([("x-secret".to_string(), "from-lb".to_string())]),
-                request_remove: vec![],
-                response_set: HashMap::from([("x-frame-options".to_string(), "DENY".to_string())]),
-                response_remove: vec![],
-            }),
+            mw(
+                r#"headers = { request_set = { "x-secret" = "from-lb" }, response_set = { "x-frame-options" = "DENY" } }"#,
+            ),
         ),
         (
             "auth".to_string(),
-            mw(MiddlewareConfig::BasicAuth {
-                users: vec![format!("alice:{hash}")],
-                realm: "test".into(),
-            }),
+            mw(&format!(
+                r#"basic_auth = {{ users = ["alice:{hash}"], realm = "test" }}"#
+            )),
         ),
         (
             "https".to_string(),
-            mw(MiddlewareConfig::RedirectScheme {
-                scheme: "https".into(),
-                permanent: true,
-            }),
+            mw(r#"redirect_scheme = { scheme = "https", permanent = true }"#),
         ),
         (
             "limit".to_string(),
-            mw(MiddlewareConfig::RateLimit {
-                average: 0.5,
-                burst: 2.0,
-            }),
+            mw(r#"rate_limit = { average = 0.5, burst = 2.0 }"#),
         ),
     ]);
     let mut api = router("api", "PathPrefix(`/api`)", "s", None);
@@ -688,10 +507,8 @@ async fn middlewares_in_a_chain() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_flight_limit_refuses_the_excess() {
     let slow = slow(300).await;
-    let mws: HashMap<String, Arc<dyn Middleware>> = HashMap::from([(
-        "one".to_string(),
-        mw(MiddlewareConfig::InFlightReq { amount: 1 }),
-    )]);
+    let mws: HashMap<String, Arc<dyn Middleware>> =
+        HashMap::from([("one".to_string(), mw("in_flight_req = { amount = 1 }"))]);
     let mut r = router("r", "PathPrefix(`/`)", "s", None);
     r.middlewares = vec!["one".into()];
     let (_p, addr) = start_full(

@@ -8,6 +8,7 @@
 //! swapped atomically ([`ArcSwap`]): a request in flight finishes on the table it started with.
 
 pub mod balance;
+pub mod client;
 pub mod middleware;
 pub mod rule;
 pub mod tls;
@@ -22,24 +23,25 @@ use std::{
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use http_body_util::{combinators::BoxBody, BodyExt};
 use hyper::{
     body::Incoming,
     header::{self, HeaderName, HeaderValue},
     Request, Response, StatusCode, Uri,
 };
-use hyper_util::{
-    client::legacy::{connect::HttpConnector, Client},
-    rt::{TokioExecutor, TokioIo},
-};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
 use crate::registry::Services;
 use balance::{Algorithm, Passive, Pool, Upstream};
+use client::{UpstreamClient, UpstreamTls};
+use middleware::{Ctx, Flow, UpstreamFailure};
 use rule::{RequestView, Rule};
 
-pub type Body = BoxBody<Bytes, hyper::Error>;
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Bodies in both directions, boxed: middlewares may replace them (buffered, compressed).
+pub type Body = BoxBody<Bytes, BoxError>;
 
 /// A TLS entry point's server configuration, replaceable while it listens.
 pub type TlsConfig = Arc<ArcSwap<rustls::ServerConfig>>;
@@ -103,7 +105,23 @@ pub struct ServiceSpec {
     pub request_timeout: Option<std::time::Duration>,
     /// Sticky sessions: the cookie that pins a client to its upstream.
     pub sticky_cookie: Option<String>,
+    /// TLS to the upstreams (verified; optionally with lb's client certificate).
+    pub tls: Option<UpstreamTls>,
+    /// A copy of a share of the requests goes to another service; its answers are dropped.
+    pub mirror: Option<Mirror>,
 }
+
+/// Shadow traffic: `percent` of requests are also sent to `service` (fire and forget). A
+/// request with a body is mirrored only when the body is at most `max_body_bytes` (it is read
+/// whole to be sent twice).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mirror {
+    pub service: String,
+    pub percent: f64,
+    pub max_body_bytes: usize,
+}
+
+impl Eq for Mirror {}
 
 impl Default for ServiceSpec {
     fn default() -> Self {
@@ -113,6 +131,8 @@ impl Default for ServiceSpec {
             retries: 0,
             request_timeout: None,
             sticky_cookie: None,
+            tls: None,
+            mirror: None,
         }
     }
 }
@@ -123,10 +143,17 @@ struct Route {
     chain: Vec<Arc<dyn middleware::Middleware>>,
 }
 
+/// A service as the table holds it: its upstreams, settings and the client that reaches them.
+struct Svc {
+    pool: Arc<Pool>,
+    spec: ServiceSpec,
+    client: UpstreamClient,
+}
+
 /// Routes per entry point (highest priority first) and a pool per service.
 pub struct Table {
     routes: HashMap<String, Vec<Arc<Route>>>,
-    pools: HashMap<String, (Arc<Pool>, ServiceSpec)>,
+    pools: HashMap<String, Svc>,
 }
 
 impl Table {
@@ -137,6 +164,7 @@ impl Table {
         middlewares: &HashMap<String, Arc<dyn middleware::Middleware>>,
         services: &Services,
         upstream: &mut dyn FnMut(SocketAddr) -> Arc<Upstream>,
+        client: &mut dyn FnMut(Option<&UpstreamTls>) -> Option<UpstreamClient>,
     ) -> Table {
         let mut routes: HashMap<String, Vec<Arc<Route>>> = HashMap::new();
         for r in routers {
@@ -168,22 +196,39 @@ impl Table {
             });
         }
         let mut pools = HashMap::new();
-        for r in routers {
-            if pools.contains_key(&r.service) {
+        let mirrors = specs
+            .values()
+            .filter_map(|s| s.mirror.as_ref().map(|m| m.service.clone()));
+        let wanted: Vec<String> = routers
+            .iter()
+            .map(|r| r.service.clone())
+            .chain(mirrors)
+            .collect();
+        for name in wanted {
+            if pools.contains_key(&name) {
                 continue;
             }
             let members: Vec<(Arc<Upstream>, u32)> = services
-                .get(&r.service)
+                .get(&name)
                 .map(|m| {
                     m.values()
                         .map(|i| (upstream(SocketAddr::new(i.address, i.port)), i.weight))
                         .collect()
                 })
                 .unwrap_or_default();
-            let spec = specs.get(&r.service).cloned().unwrap_or_default();
+            let spec = specs.get(&name).cloned().unwrap_or_default();
+            // A client that cannot be built (its files went bad since the config was checked)
+            // leaves the service without a pool: 503s, logged, until the files are fixed.
+            let Some(client) = client(spec.tls.as_ref()) else {
+                continue;
+            };
             pools.insert(
-                r.service.clone(),
-                (Arc::new(Pool::new(spec.algorithm, members)), spec),
+                name,
+                Svc {
+                    pool: Arc::new(Pool::new(spec.algorithm, members)),
+                    spec,
+                    client,
+                },
             );
         }
         Table { routes, pools }
@@ -205,8 +250,14 @@ pub struct Proxy {
     table: ArcSwap<Table>,
     /// Per-upstream state by address: it survives table swaps.
     upstreams: std::sync::Mutex<HashMap<SocketAddr, Arc<Upstream>>>,
-    client: Client<HttpConnector, Body>,
+    /// One client per TLS setting, kept across rebuilds so pooled connections survive.
+    clients: std::sync::Mutex<HashMap<Option<UpstreamTls>, UpstreamClient>>,
+    /// Mirror copies in flight (bounded: a slow shadow must not pile up tasks).
+    mirroring: Arc<std::sync::atomic::AtomicUsize>,
 }
+
+/// The most mirror copies in flight at once; beyond it copies are skipped.
+const MAX_MIRRORING: usize = 1024;
 
 /// The most header bytes a request may carry (HTTP/1 read buffer, HTTP/2 header list).
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -223,7 +274,7 @@ const HOP_BY_HOP: [&str; 8] = [
     "proxy-authorization",
 ];
 
-fn strip_hop_by_hop(h: &mut hyper::HeaderMap) {
+pub(crate) fn strip_hop_by_hop(h: &mut hyper::HeaderMap) {
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -244,12 +295,7 @@ fn strip_hop_by_hop(h: &mut hyper::HeaderMap) {
 }
 
 fn text(code: StatusCode, msg: &str) -> Response<Body> {
-    let body = Full::new(Bytes::from(format!("{msg}\n")))
-        .map_err(|never| match never {})
-        .boxed();
-    let mut r = Response::new(body);
-    *r.status_mut() = code;
-    r
+    middleware::answer(code, msg)
 }
 
 impl Proxy {
@@ -260,12 +306,6 @@ impl Proxy {
         middlewares: HashMap<String, Arc<dyn middleware::Middleware>>,
         services: &Services,
     ) -> Proxy {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(std::time::Duration::from_secs(5)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(64)
-            .build(connector);
         let empty = Table {
             routes: HashMap::new(),
             pools: HashMap::new(),
@@ -280,7 +320,8 @@ impl Proxy {
             services: std::sync::Mutex::new(Services::new()),
             table: ArcSwap::from_pointee(empty),
             upstreams: std::sync::Mutex::new(HashMap::new()),
-            client,
+            clients: std::sync::Mutex::new(HashMap::new()),
+            mirroring: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         };
         proxy.update_services(services);
         proxy
@@ -327,6 +368,28 @@ impl Proxy {
             keep.insert(addr, u.clone());
             u
         };
+        let Ok(mut clients) = self.clients.lock() else {
+            return;
+        };
+        let mut used: HashMap<Option<UpstreamTls>, UpstreamClient> = HashMap::new();
+        let mut client = |tls: Option<&UpstreamTls>| {
+            let key = tls.cloned();
+            if let Some(c) = used.get(&key).or_else(|| clients.get(&key)) {
+                let c = c.clone();
+                used.insert(key, c.clone());
+                return Some(c);
+            }
+            match UpstreamClient::new(tls) {
+                Ok(c) => {
+                    used.insert(key, c.clone());
+                    Some(c)
+                }
+                Err(e) => {
+                    warn!("upstream TLS: {e:#}");
+                    None
+                }
+            }
+        };
         let table = Table::build(
             &conf.entrypoints,
             &conf.routers,
@@ -334,7 +397,9 @@ impl Proxy {
             &conf.middlewares,
             &services,
             &mut get,
+            &mut client,
         );
+        *clients = used;
         *known = keep;
         self.table.store(Arc::new(table));
     }
@@ -434,7 +499,7 @@ impl Proxy {
         client_ip: IpAddr,
         scheme: &'static str,
         trusted: bool,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
     ) -> Response<Body> {
         // Limits: however the connection buffered them, headers beyond the bound are refused.
         let header_bytes: usize = req
@@ -448,6 +513,20 @@ impl Proxy {
                 "request headers too large",
             );
         }
+        // Smuggling: a message framed two ways could be read differently by the upstream. RFC
+        // 9112 §6.1 lets a server refuse it; it must then close the connection.
+        if req.headers().contains_key(header::TRANSFER_ENCODING)
+            && req.headers().contains_key(header::CONTENT_LENGTH)
+        {
+            let mut r = text(
+                StatusCode::BAD_REQUEST,
+                "both Content-Length and Transfer-Encoding",
+            );
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return r;
+        }
+        let mut req = req.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed());
         // Route.
         let table = self.table.load_full();
         let host = request_host(&req);
@@ -466,49 +545,56 @@ impl Proxy {
         else {
             return text(StatusCode::NOT_FOUND, "no router matches");
         };
-        // Middlewares, in order; one may answer instead of the upstream.
-        let mut ctx = middleware::Ctx {
-            client_ip,
-            scheme,
-            host: host.clone(),
-            now: Instant::now(),
-            guards: Vec::new(),
-        };
+        // Middlewares, in order; one may answer instead of the upstream, and the ones before
+        // it still see that answer on its way back.
+        let mut ctx = Ctx::new(client_ip, scheme, host, Instant::now());
+        let mut answered = None;
         for (i, m) in route.chain.iter().enumerate() {
-            if let Some(mut early) = m.request(&mut ctx, &mut req) {
-                for earlier in route.chain[..i].iter().rev() {
-                    earlier.response(&ctx, &mut early);
-                }
-                return early;
+            let early = match m.request(&mut ctx, &mut req) {
+                Flow::Next => None,
+                Flow::Answer(r) => Some(r),
+                Flow::Wait(f) => f.await,
+            };
+            if let Some(r) = early {
+                answered = Some((i, r));
+                break;
             }
         }
-        let mut resp = self
-            .forward(route, &table, client_ip, scheme, trusted, req)
-            .await;
-        for m in route.chain.iter().rev() {
-            m.response(&ctx, &mut resp);
+        let (ran, mut resp) = match answered {
+            Some(x) => x,
+            None => (
+                route.chain.len(),
+                self.forward(route, &table, &mut ctx, trusted, req).await,
+            ),
+        };
+        for m in route.chain[..ran].iter().rev() {
+            if let Some(f) = m.response(&ctx, &mut resp) {
+                f.await;
+            }
         }
         resp
     }
 
-    /// Picks an upstream of the route's service and forwards the request to it, retrying on
-    /// another upstream when the request can be replayed (no body) and the attempt failed before
-    /// any answer (connection refused, reset, timeout), within the service's retry budget.
+    /// Picks an upstream of the route's service and forwards the request to it. An attempt that
+    /// got no answer is retried on another upstream (within the service's retries, or the
+    /// router's `retry` middleware, and the retry budget) when the request can be sent again:
+    /// its body is empty or buffered, and either the connection was never made or the method
+    /// is idempotent.
     async fn forward(
         &self,
         route: &Route,
         table: &Table,
-        client_ip: IpAddr,
-        scheme: &'static str,
+        ctx: &mut Ctx,
         trusted: bool,
-        mut req: Request<Incoming>,
+        mut req: Request<Body>,
     ) -> Response<Body> {
-        let Some((pool, spec)) = table.pools.get(&route.spec.service) else {
-            return text(
+        let Some(svc) = table.pools.get(&route.spec.service) else {
+            return failure(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no upstream for this service",
             );
         };
+        let (pool, spec) = (&svc.pool, &svc.spec);
         // An `Upgrade` (WebSocket, …) keeps its Connection/Upgrade headers and becomes a tunnel.
         let upgrade = req
             .headers()
@@ -520,19 +606,55 @@ impl Proxy {
             .sticky_cookie
             .as_deref()
             .and_then(|name| cookie(req.headers(), name));
-        prepare_headers(&mut req, client_ip, scheme, trusted, upgrade.as_ref());
+        prepare_headers(
+            &mut req,
+            ctx.client_ip,
+            ctx.scheme,
+            trusted,
+            upgrade.as_ref(),
+        );
         let (parts, body) = req.into_parts();
-        // Replayable: no body (nothing was read from the client that could not be sent again).
-        let replayable = upgrade.is_none()
-            && !parts.headers.contains_key(header::TRANSFER_ENCODING)
+        let bodiless = !parts.headers.contains_key(header::TRANSFER_ENCODING)
             && parts
                 .headers
                 .get(header::CONTENT_LENGTH)
                 .is_none_or(|v| v.as_bytes() == b"0");
-        let mut body = Some(body.boxed());
+        // What can be sent again: nothing, or what a middleware buffered.
+        let mut replay = match (&ctx.replay, bodiless) {
+            (Some(b), _) => Some(b.clone()),
+            (None, true) => Some(Bytes::new()),
+            (None, false) => None,
+        };
+        let mut body = Some(body);
+        if let Some(m) = &spec.mirror {
+            if rand::random::<f64>() * 100.0 < m.percent && upgrade.is_none() {
+                if replay.is_none() {
+                    replay = read_small(&parts.headers, &mut body, m.max_body_bytes).await;
+                }
+                if let (Some(b), Some(shadow)) = (&replay, table.pools.get(&m.service)) {
+                    self.mirror(shadow, &parts, b.clone());
+                }
+            }
+        }
+        let idempotent = matches!(
+            parts.method,
+            hyper::Method::GET
+                | hyper::Method::HEAD
+                | hyper::Method::OPTIONS
+                | hyper::Method::PUT
+                | hyper::Method::DELETE
+                | hyper::Method::TRACE
+        );
+        let attempts = ctx.retry.map_or(spec.retries + 1, |p| p.attempts);
         let mut tried: Vec<SocketAddr> = Vec::new();
         pool.budget.deposit();
         loop {
+            if let Some(p) = ctx.retry {
+                let wait = p.backoff(tried.len() as u32 + 1);
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
+            }
             let now = Instant::now();
             let sticky_hit = if tried.is_empty() {
                 sticky.and_then(|k| pool.by_key(k, now))
@@ -547,33 +669,25 @@ impl Proxy {
             });
             let Some(upstream) = picked.or_else(|| pool.pick(now, &mut || rand::random::<u64>()))
             else {
-                return text(
+                return failure(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "no upstream for this service",
                 );
             };
-            let pq = parts
-                .uri
-                .path_and_query()
-                .map(|p| p.as_str())
-                .unwrap_or("/");
-            let Ok(uri) = format!("http://{}{pq}", upstream.addr).parse::<Uri>() else {
+            let Some(uri) = upstream_uri(&svc.client, upstream.addr, &parts.uri) else {
                 return text(StatusCode::BAD_REQUEST, "bad request target");
             };
-            let mut attempt = Request::from_parts(
-                parts.clone(),
-                match body.take() {
-                    Some(b) => b,
-                    None => http_body_util::Empty::new()
-                        .map_err(|never| match never {})
-                        .boxed(),
-                },
-            );
+            let this_body = match (&replay, body.take()) {
+                (Some(b), _) => middleware::full(b.clone()),
+                (None, Some(b)) => b,
+                (None, None) => middleware::full(Bytes::new()),
+            };
+            let mut attempt = Request::from_parts(parts.clone(), this_body);
             *attempt.uri_mut() = uri;
             *attempt.version_mut() = hyper::Version::HTTP_11;
             let started = Instant::now();
             upstream.in_flight.fetch_add(1, Ordering::Relaxed);
-            let sent = self.client.request(attempt);
+            let sent = svc.client.request(attempt);
             let result: Result<Result<Response<Incoming>, _>, ()> = match spec.request_timeout {
                 Some(t) => tokio::time::timeout(t, sent).await.map_err(|_| ()),
                 None => Ok(sent.await),
@@ -592,12 +706,7 @@ impl Proxy {
                             let upstream_side = hyper::upgrade::on(&mut resp);
                             tokio::spawn(tunnel(client_side, upstream_side));
                             let (parts, _) = resp.into_parts();
-                            return Response::from_parts(
-                                parts,
-                                http_body_util::Empty::new()
-                                    .map_err(|never| match never {})
-                                    .boxed(),
-                            );
+                            return Response::from_parts(parts, middleware::full(Bytes::new()));
                         }
                     }
                     let (mut rparts, rbody) = resp.into_parts();
@@ -612,14 +721,17 @@ impl Proxy {
                             }
                         }
                     }
-                    return Response::from_parts(rparts, rbody.boxed());
+                    return Response::from_parts(
+                        rparts,
+                        rbody.map_err(|e| Box::new(e) as BoxError).boxed(),
+                    );
                 }
                 Ok(Err(e)) => Some(e),
                 Err(_) => None,
             };
             upstream.record(false, started.elapsed(), &spec.passive, Instant::now());
             tried.push(upstream.addr);
-            let timed_out = error.is_none();
+            let never_connected = error.as_ref().is_some_and(|e| e.is_connect());
             match &error {
                 Some(e) => {
                     warn!(router = route.spec.name, upstream = %upstream.addr, "upstream: {e}")
@@ -628,14 +740,86 @@ impl Proxy {
                     warn!(router = route.spec.name, upstream = %upstream.addr, "upstream: timed out")
                 }
             }
-            if replayable && tried.len() <= spec.retries as usize && pool.budget.withdraw() {
+            let again = replay.is_some()
+                && upgrade.is_none()
+                && (never_connected || idempotent)
+                && tried.len() < attempts as usize;
+            if again && pool.budget.withdraw() {
                 continue;
             }
-            return if timed_out {
-                text(StatusCode::GATEWAY_TIMEOUT, "upstream timed out")
-            } else {
-                text(StatusCode::BAD_GATEWAY, "upstream unreachable")
+            return match error {
+                None => failure(StatusCode::GATEWAY_TIMEOUT, "upstream timed out"),
+                Some(_) => failure(StatusCode::BAD_GATEWAY, "upstream unreachable"),
             };
+        }
+    }
+
+    /// Sends a copy to one of the shadow service's upstreams and forgets it.
+    fn mirror(&self, shadow: &Svc, parts: &hyper::http::request::Parts, body: Bytes) {
+        let Some(upstream) = shadow
+            .pool
+            .pick(Instant::now(), &mut || rand::random::<u64>())
+        else {
+            return;
+        };
+        let Some(uri) = upstream_uri(&shadow.client, upstream.addr, &parts.uri) else {
+            return;
+        };
+        if self.mirroring.fetch_add(1, Ordering::Relaxed) >= MAX_MIRRORING {
+            self.mirroring.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        let mut copy = Request::from_parts(parts.clone(), middleware::full(body));
+        *copy.uri_mut() = uri;
+        *copy.version_mut() = hyper::Version::HTTP_11;
+        let (client, count) = (shadow.client.clone(), self.mirroring.clone());
+        tokio::spawn(async move {
+            let sent = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+                if let Ok(resp) = client.request(copy).await {
+                    // Read to the end so the connection goes back to the pool.
+                    let _ = resp.into_body().collect().await;
+                }
+            });
+            let _ = sent.await;
+            count.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+}
+
+/// An answer lb makes because the upstream failed (the circuit breaker counts these).
+fn failure(code: StatusCode, msg: &str) -> Response<Body> {
+    let mut r = text(code, msg);
+    r.extensions_mut().insert(UpstreamFailure);
+    r
+}
+
+/// The request's target on an upstream: its address, the client's scheme, the path and query.
+fn upstream_uri(client: &UpstreamClient, addr: SocketAddr, target: &Uri) -> Option<Uri> {
+    let pq = target.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let scheme = if client.tls { "https" } else { "http" };
+    format!("{scheme}://{addr}{pq}").parse().ok()
+}
+
+/// Reads a body of at most `max` bytes whole (for a mirror); `None` (and the body left as it
+/// was) when it is larger or of unknown length.
+async fn read_small(
+    headers: &hyper::HeaderMap,
+    body: &mut Option<Body>,
+    max: usize,
+) -> Option<Bytes> {
+    let len = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())?;
+    if len > max {
+        return None;
+    }
+    let b = body.take()?;
+    match middleware::read_body(b, max).await {
+        Ok(bytes) => Some(bytes),
+        Err(e) => {
+            debug!("request body: {e:?}");
+            None
         }
     }
 }
@@ -659,7 +843,7 @@ fn cookie(h: &hyper::HeaderMap, name: &str) -> Option<u64> {
 /// Headers for the upstream: hop-by-hop ones removed (an upgrade keeps its own), the forwarding
 /// trail (`X-Forwarded-For/-Proto/-Host`) added, `Host` kept, a request id if there is none.
 fn prepare_headers(
-    req: &mut Request<Incoming>,
+    req: &mut Request<Body>,
     client_ip: IpAddr,
     scheme: &'static str,
     trusted: bool,
@@ -722,7 +906,7 @@ fn prepare_headers(
 }
 
 /// The request's host, without port, lowercase: from the URI (HTTP/2, absolute form) or `Host`.
-fn request_host(req: &Request<Incoming>) -> String {
+fn request_host<B>(req: &Request<B>) -> String {
     req.uri()
         .host()
         .map(str::to_string)

@@ -1,0 +1,136 @@
+//! Connections to upstreams: pooled keep-alive HTTP/1.1 over plain TCP or TLS (rustls).
+//!
+//! With TLS the upstream's certificate is verified against a configured CA (or the system's
+//! roots), optionally under a fixed server name (upstreams are reached by address), and lb can
+//! present its own client certificate: traffic between services is then mutually authenticated
+//! end to end. One client per distinct TLS setting, kept across table swaps so pooled
+//! connections survive reconfiguration.
+//!
+//! ```toml
+//! [[http_service]]
+//! name = "payments"
+//! tls = { ca_file = "/etc/lb/mesh-ca.pem", cert_file = "/etc/lb/lb.pem", key_file = "/etc/lb/lb.key", server_name = "payments.internal" }
+//! ```
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::{anyhow, Context as _, Result};
+use hyper_rustls::{FixedServerNameResolver, HttpsConnector};
+use hyper_util::{
+    client::legacy::{connect::HttpConnector, Client, ResponseFuture},
+    rt::TokioExecutor,
+};
+use rustls::{crypto::ring::default_provider, ClientConfig, RootCertStore};
+use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName};
+
+use super::Body;
+
+/// How lb talks TLS to a service's upstreams.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct UpstreamTls {
+    /// Roots the upstream's certificate must chain to; the system's bundle when absent.
+    pub ca_file: Option<PathBuf>,
+    /// lb's client certificate and key (mTLS), both or neither.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// The name the upstream's certificate must carry (SNI too); the address otherwise.
+    pub server_name: Option<String>,
+}
+
+/// Debian's bundle of system roots.
+const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+fn client_config(tls: &UpstreamTls) -> Result<ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    let ca = tls
+        .ca_file
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(SYSTEM_ROOTS));
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&ca)
+        .with_context(|| format!("{}", ca.display()))?
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("{}", ca.display()))?;
+    let (added, _) = roots.add_parsable_certificates(certs);
+    if added == 0 {
+        return Err(anyhow!("{}: no CA certificate", ca.display()));
+    }
+    let builder = ClientConfig::builder_with_provider(Arc::new(default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_root_certificates(roots);
+    Ok(match (&tls.cert_file, &tls.key_file) {
+        (Some(c), Some(k)) => {
+            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(c)
+                .with_context(|| format!("{}", c.display()))?
+                .collect::<Result<_, _>>()
+                .with_context(|| format!("{}", c.display()))?;
+            let key =
+                PrivateKeyDer::from_pem_file(k).with_context(|| format!("{}", k.display()))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .context("client certificate")?
+        }
+        (None, None) => builder.with_no_client_auth(),
+        _ => return Err(anyhow!("cert_file and key_file go together")),
+    })
+}
+
+/// A pooled client for plain and TLS upstreams.
+#[derive(Clone)]
+pub struct UpstreamClient {
+    inner: Client<HttpsConnector<HttpConnector>, Body>,
+    /// Whether requests go as `https://`.
+    pub tls: bool,
+}
+
+impl UpstreamClient {
+    /// `tls: None`: plain HTTP (an `https://` URI still works, against the system's roots).
+    pub fn new(tls: Option<&UpstreamTls>) -> Result<UpstreamClient> {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(Duration::from_secs(5)));
+        http.enforce_http(false);
+        let config = match tls {
+            Some(t) => client_config(t)?,
+            // No system bundle: plain HTTP still works; an https:// URI then fails to verify.
+            None => client_config(&UpstreamTls::default()).unwrap_or_else(|_| {
+                ClientConfig::builder()
+                    .with_root_certificates(RootCertStore::empty())
+                    .with_no_client_auth()
+            }),
+        };
+        let builder = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(config)
+            .https_or_http();
+        let builder = match tls.and_then(|t| t.server_name.clone()) {
+            Some(name) => {
+                let name = ServerName::try_from(name.clone())
+                    .map_err(|_| anyhow!("server_name {name:?} is not a DNS name or address"))?;
+                builder.with_server_name_resolver(FixedServerNameResolver::new(name))
+            }
+            None => builder,
+        };
+        let connector = builder.enable_http1().wrap_connector(http);
+        let inner = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(64)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(connector);
+        Ok(UpstreamClient {
+            inner,
+            tls: tls.is_some(),
+        })
+    }
+
+    /// Whether the files and names of `tls` make a working client configuration.
+    pub fn check(tls: &UpstreamTls) -> Result<()> {
+        client_config(tls)?;
+        if let Some(name) = &tls.server_name {
+            ServerName::try_from(name.clone())
+                .map_err(|_| anyhow!("server_name {name:?} is not a DNS name or address"))?;
+        }
+        Ok(())
+    }
+
+    pub fn request(&self, req: hyper::Request<Body>) -> ResponseFuture {
+        self.inner.request(req)
+    }
+}

@@ -1,0 +1,469 @@
+//! Who may pass: HTTP Basic against password hashes, API keys against their digests, or an
+//! external service asked per request (ForwardAuth). Secrets are never configured in plain text.
+//!
+//! ```toml
+//! [[middleware]]
+//! name = "staff"
+//! basic_auth = { users = ["alice:$2y$05$…"], realm = "staff", header_field = "X-User" }
+//! [[middleware]]
+//! name = "keys"
+//! api_key = { keys = ["sha256:5e8848…"], header = "X-API-Key", query = "api_key" }
+//! [[middleware]]
+//! name = "sso"
+//! forward_auth = { address = "http://127.0.0.1:9091/verify", auth_response_headers = ["X-User"] }
+//! ```
+//! An API key's digest is `printf %s "$KEY" | sha256sum`.
+
+use std::{collections::HashMap, time::Duration};
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::{
+    header::{self, HeaderName, HeaderValue},
+    Request, Response, StatusCode, Uri,
+};
+use serde::Deserialize;
+
+use super::{answer, full, Ctx, Flow, Middleware, Req};
+use crate::proxy::{client::UpstreamClient, Body, BoxError};
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BasicAuthConfig {
+    /// `user:hash` lines, as htpasswd writes them (bcrypt or argon2).
+    pub users: Vec<String>,
+    #[serde(default = "realm")]
+    pub realm: String,
+    /// Passes the authenticated user's name to the upstream in this header.
+    #[serde(default)]
+    pub header_field: Option<String>,
+}
+
+fn realm() -> String {
+    "lb".into()
+}
+
+impl BasicAuthConfig {
+    pub fn build(&self) -> Result<BasicAuth, String> {
+        let mut auth = BasicAuth::new(&self.users, &self.realm)?;
+        auth.header_field = self
+            .header_field
+            .as_deref()
+            .map(|h| {
+                HeaderName::from_bytes(h.as_bytes()).map_err(|_| format!("{h:?} is not a header"))
+            })
+            .transpose()?;
+        Ok(auth)
+    }
+}
+
+/// HTTP Basic authentication against bcrypt (`$2…`) or argon2 (`$argon2…`) hashes; plain-text
+/// passwords are refused when the configuration is loaded.
+pub struct BasicAuth {
+    /// user → hash.
+    users: HashMap<String, String>,
+    realm: String,
+    header_field: Option<HeaderName>,
+}
+
+impl BasicAuth {
+    pub fn new(users: &[String], realm: &str) -> Result<BasicAuth, String> {
+        let mut map = HashMap::new();
+        for u in users {
+            let (name, hash) = u
+                .split_once(':')
+                .ok_or_else(|| format!("{u:?}: expected user:hash"))?;
+            if !(hash.starts_with("$2") || hash.starts_with("$argon2")) {
+                return Err(format!("user {name:?}: only bcrypt ($2…) or argon2 ($argon2…) hashes are accepted, never plain text"));
+            }
+            map.insert(name.to_string(), hash.to_string());
+        }
+        Ok(BasicAuth {
+            users: map,
+            realm: realm.to_string(),
+            header_field: None,
+        })
+    }
+
+    pub fn verify(&self, user: &str, password: &str) -> bool {
+        let Some(hash) = self.users.get(user) else {
+            return false;
+        };
+        if hash.starts_with("$argon2") {
+            use argon2::{password_hash::PasswordHash, PasswordVerifier as _};
+            return PasswordHash::new(hash).is_ok_and(|h| {
+                argon2::Argon2::default()
+                    .verify_password(password.as_bytes(), &h)
+                    .is_ok()
+            });
+        }
+        bcrypt::verify(password, hash).unwrap_or(false)
+    }
+}
+
+impl Middleware for BasicAuth {
+    fn request<'a>(&'a self, _: &'a mut Ctx, req: &'a mut Req) -> Flow<'a> {
+        use base64::Engine as _;
+        let creds = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Basic "))
+            .and_then(|b| {
+                base64::engine::general_purpose::STANDARD
+                    .decode(b.trim())
+                    .ok()
+            })
+            .and_then(|b| String::from_utf8(b).ok());
+        if let Some((user, pass)) = creds.as_deref().and_then(|c| c.split_once(':')) {
+            if self.verify(user, pass) {
+                // The upstream never sees the password.
+                req.headers_mut().remove(header::AUTHORIZATION);
+                if let (Some(h), Ok(v)) = (&self.header_field, HeaderValue::from_str(user)) {
+                    req.headers_mut().insert(h.clone(), v);
+                }
+                return Flow::Next;
+            }
+        }
+        let mut r = answer(StatusCode::UNAUTHORIZED, "authentication required");
+        if let Ok(v) = HeaderValue::from_str(&format!("Basic realm=\"{}\"", self.realm)) {
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+        }
+        Flow::Answer(r)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// `sha256:<hex>` digests of the accepted keys.
+    pub keys: Vec<String>,
+    /// The header that carries the key.
+    #[serde(default = "api_key_header")]
+    pub header: String,
+    /// Also accepted as this query parameter (removed before forwarding).
+    #[serde(default)]
+    pub query: Option<String>,
+}
+
+fn api_key_header() -> String {
+    "X-API-Key".into()
+}
+
+impl ApiKeyConfig {
+    pub fn build(&self) -> Result<ApiKey, String> {
+        let digests = self
+            .keys
+            .iter()
+            .map(|k| {
+                let hex = k.strip_prefix("sha256:").ok_or_else(|| {
+                    "keys are configured as sha256:<hex digest>, never in plain text".to_string()
+                })?;
+                let bytes = (0..hex.len())
+                    .step_by(2)
+                    .map(|i| {
+                        hex.get(i..i + 2)
+                            .and_then(|b| u8::from_str_radix(b, 16).ok())
+                    })
+                    .collect::<Option<Vec<u8>>>()
+                    .filter(|b| b.len() == 32)
+                    .ok_or_else(|| format!("{k:?}: not 64 hex digits"))?;
+                let mut d = [0u8; 32];
+                d.copy_from_slice(&bytes);
+                Ok(d)
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        if digests.is_empty() {
+            return Err("no keys".into());
+        }
+        Ok(ApiKey {
+            digests,
+            header: HeaderName::from_bytes(self.header.as_bytes())
+                .map_err(|_| format!("{:?} is not a header name", self.header))?,
+            query: self.query.clone(),
+        })
+    }
+}
+
+/// A request passes with a key whose SHA-256 is configured. The key is removed before the
+/// request is forwarded, and digests are compared in constant time.
+pub struct ApiKey {
+    digests: Vec<[u8; 32]>,
+    header: HeaderName,
+    query: Option<String>,
+}
+
+fn same(a: &[u8; 32], b: &[u8]) -> bool {
+    b.len() == 32 && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl ApiKey {
+    fn accepts(&self, key: &str) -> bool {
+        let d = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
+        // Every digest is compared, so the time does not tell which one matched.
+        self.digests
+            .iter()
+            .fold(false, |ok, k| same(k, d.as_ref()) | ok)
+    }
+}
+
+impl Middleware for ApiKey {
+    fn request<'a>(&'a self, _: &'a mut Ctx, req: &'a mut Req) -> Flow<'a> {
+        let from_header = req
+            .headers()
+            .get(&self.header)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let from_query = self.query.as_ref().and_then(|name| {
+            req.uri().query().and_then(|q| {
+                q.split('&')
+                    .filter_map(|kv| kv.split_once('='))
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| v.to_string())
+            })
+        });
+        let ok = from_header.as_deref().is_some_and(|k| self.accepts(k))
+            || from_query.as_deref().is_some_and(|k| self.accepts(k));
+        if !ok {
+            return Flow::Answer(answer(
+                StatusCode::UNAUTHORIZED,
+                "a valid API key is required",
+            ));
+        }
+        req.headers_mut().remove(&self.header);
+        if let (Some(name), Some(q)) = (&self.query, req.uri().query()) {
+            let kept: Vec<&str> = q
+                .split('&')
+                .filter(|kv| kv.split_once('=').map_or(*kv, |(k, _)| k) != name)
+                .collect();
+            let pq = if kept.is_empty() {
+                req.uri().path().to_string()
+            } else {
+                format!("{}?{}", req.uri().path(), kept.join("&"))
+            };
+            let mut parts = req.uri().clone().into_parts();
+            if let Ok(p) = pq.parse() {
+                parts.path_and_query = Some(p);
+                if let Ok(u) = Uri::from_parts(parts) {
+                    *req.uri_mut() = u;
+                }
+            }
+        }
+        Flow::Next
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardAuthConfig {
+    /// The authentication service (`http://` or `https://`).
+    pub address: String,
+    /// Keep the client's `X-Forwarded-*` headers (only when lb sits behind trusted proxies).
+    #[serde(default)]
+    pub trust_forward_header: bool,
+    /// Headers of the auth service's 2xx answer copied onto the request.
+    #[serde(default)]
+    pub auth_response_headers: Vec<String>,
+    /// Request headers sent to the auth service; empty: all of them.
+    #[serde(default)]
+    pub auth_request_headers: Vec<String>,
+    #[serde(default = "auth_timeout")]
+    pub timeout_ms: u64,
+    /// CA for an `https://` address (the system's roots otherwise).
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+fn auth_timeout() -> u64 {
+    5000
+}
+
+impl ForwardAuthConfig {
+    pub fn build(&self) -> Result<ForwardAuth, String> {
+        let uri: Uri = self
+            .address
+            .parse()
+            .map_err(|e| format!("address {:?}: {e}", self.address))?;
+        if !matches!(uri.scheme_str(), Some("http") | Some("https")) || uri.host().is_none() {
+            return Err(format!(
+                "address {:?}: expected http://host[:port]/path or https://…",
+                self.address
+            ));
+        }
+        let names = |list: &[String]| {
+            list.iter()
+                .map(|h| {
+                    HeaderName::from_bytes(h.as_bytes())
+                        .map_err(|_| format!("{h:?} is not a header name"))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let tls = crate::proxy::client::UpstreamTls {
+            ca_file: self.ca_file.clone(),
+            ..Default::default()
+        };
+        Ok(ForwardAuth {
+            uri,
+            trust_forward_header: self.trust_forward_header,
+            response_headers: names(&self.auth_response_headers)?,
+            request_headers: names(&self.auth_request_headers)?,
+            timeout: Duration::from_millis(self.timeout_ms.max(1)),
+            client: UpstreamClient::new(Some(&tls)).map_err(|e| format!("{e:#}"))?,
+        })
+    }
+}
+
+/// Asks an authentication service about each request (a GET with the request's headers and
+/// `X-Forwarded-Method/-Proto/-Host/-Uri/-For`): a 2xx lets it through, with chosen headers of
+/// the answer added; anything else is the answer the client gets. An unreachable service: 502.
+pub struct ForwardAuth {
+    uri: Uri,
+    trust_forward_header: bool,
+    response_headers: Vec<HeaderName>,
+    request_headers: Vec<HeaderName>,
+    timeout: Duration,
+    client: UpstreamClient,
+}
+
+/// The most of the auth service's refusal body passed on to the client.
+const MAX_AUTH_BODY: usize = 64 * 1024;
+
+impl ForwardAuth {
+    fn auth_request(&self, ctx: &Ctx, req: &Req) -> Option<Request<Body>> {
+        let mut b = Request::get(self.uri.clone());
+        let headers = b.headers_mut()?;
+        for (k, v) in req.headers() {
+            let wanted = self.request_headers.is_empty() || self.request_headers.contains(k);
+            let framing = k == header::CONTENT_LENGTH
+                || k == header::TRANSFER_ENCODING
+                || k == header::CONNECTION
+                || k == header::HOST;
+            if wanted && !framing {
+                headers.append(k.clone(), v.clone());
+            }
+        }
+        let forwarded = [
+            ("x-forwarded-method", req.method().as_str().to_string()),
+            ("x-forwarded-proto", ctx.scheme.to_string()),
+            ("x-forwarded-host", ctx.host.clone()),
+            (
+                "x-forwarded-uri",
+                req.uri()
+                    .path_and_query()
+                    .map(|p| p.as_str())
+                    .unwrap_or("/")
+                    .to_string(),
+            ),
+            ("x-forwarded-for", ctx.client_ip.to_string()),
+        ];
+        for (k, v) in forwarded {
+            if self.trust_forward_header && headers.contains_key(k) {
+                continue;
+            }
+            if let Ok(v) = HeaderValue::from_str(&v) {
+                headers.insert(k, v);
+            }
+        }
+        b.body(full(Bytes::new())).ok()
+    }
+
+    async fn check(&self, ctx: &mut Ctx, req: &mut Req) -> Option<Response<Body>> {
+        let Some(auth) = self.auth_request(ctx, req) else {
+            return Some(answer(StatusCode::BAD_REQUEST, "bad request"));
+        };
+        let resp = match tokio::time::timeout(self.timeout, self.client.request(auth)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                tracing::warn!(address = %self.uri, "forward auth: {e}");
+                return Some(answer(
+                    StatusCode::BAD_GATEWAY,
+                    "authentication unavailable",
+                ));
+            }
+            Err(_) => {
+                tracing::warn!(address = %self.uri, "forward auth: timed out");
+                return Some(answer(
+                    StatusCode::BAD_GATEWAY,
+                    "authentication unavailable",
+                ));
+            }
+        };
+        if resp.status().is_success() {
+            for name in &self.response_headers {
+                req.headers_mut().remove(name);
+                for v in resp.headers().get_all(name) {
+                    req.headers_mut().append(name.clone(), v.clone());
+                }
+            }
+            return None;
+        }
+        // The refusal goes to the client as the auth service wrote it (a login redirect, 401
+        // with its challenge, 403), body bounded.
+        let (mut parts, body) = resp.into_parts();
+        crate::proxy::strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(header::CONTENT_LENGTH);
+        let body = super::read_body(
+            body.map_err(|e| Box::new(e) as BoxError).boxed(),
+            MAX_AUTH_BODY,
+        )
+        .await
+        .unwrap_or_default();
+        Some(Response::from_parts(parts, full(body)))
+    }
+}
+
+impl Middleware for ForwardAuth {
+    fn request<'a>(&'a self, ctx: &'a mut Ctx, req: &'a mut Req) -> Flow<'a> {
+        Flow::Wait(Box::pin(self.check(ctx, req)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn basic_auth_accepts_hashes_only() {
+        let hash = bcrypt::hash("s3cret", 4).unwrap();
+        let auth = BasicAuth::new(&[format!("alice:{hash}")], "lb").unwrap();
+        assert!(auth.verify("alice", "s3cret"));
+        assert!(!auth.verify("alice", "wrong"));
+        assert!(!auth.verify("bob", "s3cret"));
+        assert!(
+            BasicAuth::new(&["alice:s3cret".to_string()], "lb").is_err(),
+            "plain text refused"
+        );
+        use argon2::{password_hash::SaltString, PasswordHasher as _};
+        let salt = SaltString::encode_b64(b"0123456789abcdef").unwrap();
+        let a2 = argon2::Argon2::default()
+            .hash_password(b"pw", &salt)
+            .unwrap()
+            .to_string();
+        let auth = BasicAuth::new(&[format!("carol:{a2}")], "lb").unwrap();
+        assert!(auth.verify("carol", "pw") && !auth.verify("carol", "px"));
+    }
+
+    #[test]
+    fn api_keys_are_digests() {
+        // sha256("password")
+        let d = "sha256:5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8";
+        let cfg = ApiKeyConfig {
+            keys: vec![d.into()],
+            header: api_key_header(),
+            query: None,
+        };
+        let k = cfg.build().unwrap();
+        assert!(k.accepts("password"));
+        assert!(!k.accepts("passwore") && !k.accepts(""));
+        let plain = ApiKeyConfig {
+            keys: vec!["password".into()],
+            ..cfg.clone()
+        };
+        assert!(plain.build().is_err(), "plain text refused");
+        let short = ApiKeyConfig {
+            keys: vec!["sha256:5e88".into()],
+            ..cfg
+        };
+        assert!(short.build().is_err());
+    }
+}

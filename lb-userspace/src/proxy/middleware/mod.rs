@@ -1,0 +1,201 @@
+//! Middlewares: steps a router runs on the request before it is forwarded (and on the response
+//! after), configured by name and attached to routers in order.
+//!
+//! Most are synchronous and allocation-free on the request path; the few that must wait (an auth
+//! server, a body to buffer) return a future instead, so the common chain never boxes one. State
+//! that depends on time (rate limits, the circuit breaker) takes the clock as an argument so it
+//! is tested exactly. Configuration, one kind per `[[middleware]]`:
+//!
+//! ```toml
+//! [[middleware]]
+//! name = "api-strip"
+//! strip_prefix = { prefixes = ["/api"] }
+//! ```
+
+pub mod auth;
+pub mod compress;
+pub mod headers;
+pub mod limit;
+pub mod path;
+pub mod resilience;
+
+use std::{future::Future, net::IpAddr, pin::Pin, sync::Arc, time::Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Response, StatusCode, Uri};
+use serde::Deserialize;
+
+use super::Body;
+pub use resilience::RetryPolicy;
+
+/// A request on its way through the chain (its body boxed, so a middleware may replace it).
+pub type Req = hyper::Request<Body>;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What a middleware sees of the request besides the request itself, and what it leaves for
+/// the forwarding step and for the response half of the chain.
+pub struct Ctx {
+    pub client_ip: IpAddr,
+    pub scheme: &'static str,
+    /// Host without port, lowercase.
+    pub host: String,
+    /// When the request arrived (latency for the circuit breaker; the clock for rate limits).
+    pub now: Instant,
+    /// Releases taken on the way (in-flight slots), dropped when the response is done.
+    pub guards: Vec<Box<dyn Send>>,
+    /// Set by `retry`: replaces the service's retry count for this request.
+    pub retry: Option<RetryPolicy>,
+    /// The request body, when a middleware buffered it whole: lets a retry or a mirror send it
+    /// again.
+    pub replay: Option<Bytes>,
+    /// Per-request notes a middleware leaves for its own response half (the client's Origin,
+    /// the negotiated encoding, …).
+    pub notes: hyper::http::Extensions,
+}
+
+impl Ctx {
+    pub fn new(client_ip: IpAddr, scheme: &'static str, host: String, now: Instant) -> Ctx {
+        Ctx {
+            client_ip,
+            scheme,
+            host,
+            now,
+            guards: Vec::new(),
+            retry: None,
+            replay: None,
+            notes: hyper::http::Extensions::new(),
+        }
+    }
+}
+
+/// What a middleware decided about a request.
+pub enum Flow<'a> {
+    /// On to the next step.
+    Next,
+    /// Answered here: the request goes no further (the earlier middlewares still see the answer).
+    Answer(Response<Body>),
+    /// Must wait first; `Some` answers, `None` goes on.
+    Wait(BoxFuture<'a, Option<Response<Body>>>),
+}
+
+pub trait Middleware: Send + Sync {
+    fn request<'a>(&'a self, ctx: &'a mut Ctx, req: &'a mut Req) -> Flow<'a>;
+    /// May change the response on its way back; `Some` when that needs waiting.
+    fn response<'a>(
+        &'a self,
+        _ctx: &'a Ctx,
+        _resp: &'a mut Response<Body>,
+    ) -> Option<BoxFuture<'a, ()>> {
+        None
+    }
+}
+
+/// Marks a response lb made because the upstream could not be reached or did not answer in
+/// time (as opposed to an error status the upstream chose): the circuit breaker's network errors.
+#[derive(Debug, Clone, Copy)]
+pub struct UpstreamFailure;
+
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+pub fn answer(code: StatusCode, msg: &str) -> Response<Body> {
+    let mut r = Response::new(full(format!("{msg}\n")));
+    *r.status_mut() = code;
+    r
+}
+
+/// Why a body could not be read whole.
+#[derive(Debug)]
+pub enum ReadError {
+    TooLarge,
+    Broken(super::BoxError),
+}
+
+/// Reads a body whole, refusing it once it passes `max` bytes.
+pub async fn read_body(mut body: Body, max: usize) -> Result<Bytes, ReadError> {
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(ReadError::Broken)?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > max {
+                return Err(ReadError::TooLarge);
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf.freeze())
+}
+
+/// Replaces the path, keeping the query.
+pub fn set_path(req: &mut Req, path: &str) {
+    let pq = match req.uri().query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
+    let mut parts = req.uri().clone().into_parts();
+    if let Ok(p) = pq.parse() {
+        parts.path_and_query = Some(p);
+        if let Ok(u) = Uri::from_parts(parts) {
+            *req.uri_mut() = u;
+        }
+    }
+}
+
+// ------------------------------------------------------------------ configuration
+
+/// A middleware as configured: the key names the kind (`strip_prefix = { … }`). Configuration
+/// is read rarely and kept small in number, so the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum MiddlewareConfig {
+    StripPrefix(path::StripPrefixConfig),
+    StripPrefixRegex(path::StripPrefixRegexConfig),
+    AddPrefix(path::AddPrefixConfig),
+    ReplacePath(path::ReplacePathConfig),
+    ReplacePathRegex(path::ReplacePathRegexConfig),
+    RedirectScheme(path::RedirectSchemeConfig),
+    RedirectRegex(path::RedirectRegexConfig),
+    Headers(headers::HeadersConfig),
+    BasicAuth(auth::BasicAuthConfig),
+    ApiKey(auth::ApiKeyConfig),
+    ForwardAuth(auth::ForwardAuthConfig),
+    IpAllowList(limit::IpAllowListConfig),
+    RateLimit(limit::RateLimitConfig),
+    InFlightReq(limit::InFlightReqConfig),
+    Buffering(limit::BufferingConfig),
+    Retry(resilience::RetryConfig),
+    CircuitBreaker(resilience::CircuitBreakerConfig),
+    Compress(compress::CompressConfig),
+}
+
+impl MiddlewareConfig {
+    /// Builds the middleware, or says what is wrong with its configuration.
+    pub fn build(&self) -> Result<Arc<dyn Middleware>, String> {
+        Ok(match self {
+            MiddlewareConfig::StripPrefix(c) => Arc::new(c.build()),
+            MiddlewareConfig::StripPrefixRegex(c) => Arc::new(c.build()?),
+            MiddlewareConfig::AddPrefix(c) => Arc::new(c.build()?),
+            MiddlewareConfig::ReplacePath(c) => Arc::new(c.build()?),
+            MiddlewareConfig::ReplacePathRegex(c) => Arc::new(c.build()?),
+            MiddlewareConfig::RedirectScheme(c) => Arc::new(c.build()?),
+            MiddlewareConfig::RedirectRegex(c) => Arc::new(c.build()?),
+            MiddlewareConfig::Headers(c) => Arc::new(c.build()?),
+            MiddlewareConfig::BasicAuth(c) => Arc::new(c.build()?),
+            MiddlewareConfig::ApiKey(c) => Arc::new(c.build()?),
+            MiddlewareConfig::ForwardAuth(c) => Arc::new(c.build()?),
+            MiddlewareConfig::IpAllowList(c) => Arc::new(c.build()?),
+            MiddlewareConfig::RateLimit(c) => Arc::new(c.build()?),
+            MiddlewareConfig::InFlightReq(c) => Arc::new(c.build()?),
+            MiddlewareConfig::Buffering(c) => Arc::new(c.build()?),
+            MiddlewareConfig::Retry(c) => Arc::new(c.build()?),
+            MiddlewareConfig::CircuitBreaker(c) => Arc::new(c.build()?),
+            MiddlewareConfig::Compress(c) => Arc::new(c.build()?),
+        })
+    }
+}
