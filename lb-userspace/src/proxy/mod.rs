@@ -614,11 +614,8 @@ impl Proxy {
             upgrade.as_ref(),
         );
         let (parts, body) = req.into_parts();
-        let bodiless = !parts.headers.contains_key(header::TRANSFER_ENCODING)
-            && parts
-                .headers
-                .get(header::CONTENT_LENGTH)
-                .is_none_or(|v| v.as_bytes() == b"0");
+        // From the body itself: its framing headers are hop-by-hop and already gone.
+        let bodiless = hyper::body::Body::is_end_stream(&body);
         // What can be sent again: nothing, or what a middleware buffered.
         let mut replay = match (&ctx.replay, bodiless) {
             (Some(b), _) => Some(b.clone()),
