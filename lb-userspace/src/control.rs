@@ -126,6 +126,21 @@ impl Control {
                 }
             }
             Event::StoreChanged { .. } => self.refresh_store(),
+            Event::Routing {
+                provider,
+                rank,
+                routing,
+                mut unsupported,
+            } => {
+                let routers = routing.routers.len();
+                if let Some(p) = &self.proxy {
+                    unsupported.extend(p.set_dynamic(&provider, routing));
+                }
+                for u in &unsupported {
+                    warn!(provider, "routing: {u}");
+                }
+                self.registry.routing(&provider, rank, routers, unsupported);
+            }
         }
     }
 
@@ -294,7 +309,7 @@ pub async fn run(control: Arc<Mutex<Control>>, mut rx: mpsc::Receiver<Event>) {
                 Event::Snapshot { at, .. }
                 | Event::Health { at, .. }
                 | Event::StoreChanged { at } => Some(*at),
-                Event::Error { .. } => None,
+                Event::Error { .. } | Event::Routing { .. } => None,
             })
             .min()
             .unwrap_or(since);

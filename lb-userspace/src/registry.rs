@@ -67,6 +67,16 @@ pub struct ProviderStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
     pub errors: u64,
+    /// Routers it brought (a Traefik dynamic configuration).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub routers: usize,
+    /// What it said that lb does not support, by key path.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unsupported: Vec<String>,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 struct Source {
@@ -120,6 +130,13 @@ impl Registry {
             self.generation += 1;
         }
         changed
+    }
+
+    /// Records what a provider's routing brought and what of it lb could not use.
+    pub fn routing(&mut self, provider: &str, rank: u8, routers: usize, unsupported: Vec<String>) {
+        let src = self.source(provider, rank);
+        src.status.routers = routers;
+        src.status.unsupported = unsupported;
     }
 
     /// Records a provider failure; its last good snapshot stays.

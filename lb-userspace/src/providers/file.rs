@@ -7,7 +7,11 @@
 //! even its own earlier contribution — until it parses again; a deleted file's instances go. An
 //! empty file counts as one being rewritten (its last good content stays).
 //!
-//! Format (TOML; YAML has the same shape, `services`/`instances` also accepted):
+//! A file whose top level has `http`, `tcp`, `udp` or `tls` is a Traefik dynamic configuration
+//! (see [`super::traefik`]): its services' servers become instances, and its routers,
+//! middlewares and certificates go to the proxy.
+//!
+//! lb's own format (TOML; YAML has the same shape, `services`/`instances` also accepted):
 //! ```toml
 //! [[service]]
 //! name = "web"
@@ -82,6 +86,45 @@ fn is_services_file(path: &Path) -> bool {
         path.extension().and_then(|e| e.to_str()),
         Some("toml" | "yaml" | "yml")
     )
+}
+
+/// What one file says.
+#[derive(Debug, Default)]
+pub struct Doc {
+    pub services: Services,
+    pub routing: crate::proxy::dynamic::Dynamic,
+    pub unsupported: Vec<String>,
+}
+
+/// Parses one file: a Traefik dynamic configuration, or lb's services document.
+pub fn parse_any(path: &Path, text: &str) -> Result<Doc, FileError> {
+    let generic: Option<serde_json::Value> = if is_yaml(path) {
+        serde_saphyr::from_str(text).ok()
+    } else {
+        toml::from_str(text).ok()
+    };
+    match generic {
+        Some(doc) if super::traefik::is_traefik(&doc) => {
+            let t = super::traefik::translate(&doc).map_err(|e| FileError {
+                file: path.into(),
+                line: super::traefik::line_of(text, &e.path),
+                reason: e.to_string(),
+            })?;
+            Ok(Doc {
+                services: t.services,
+                routing: t.dynamic,
+                unsupported: t
+                    .unsupported
+                    .into_iter()
+                    .map(|u| format!("{}: {u}", path.display()))
+                    .collect(),
+            })
+        }
+        _ => Ok(Doc {
+            services: parse(path, text)?,
+            ..Doc::default()
+        }),
+    }
 }
 
 /// Parses one services document.
@@ -171,7 +214,7 @@ fn files_of(path: &Path) -> Result<Vec<PathBuf>> {
 /// Per-file last good snapshots of one watched path.
 pub struct FileSource {
     path: PathBuf,
-    good: BTreeMap<PathBuf, Services>,
+    good: BTreeMap<PathBuf, Doc>,
 }
 
 impl FileSource {
@@ -184,6 +227,12 @@ impl FileSource {
 
     /// Re-reads every file: returns the merged snapshot and the files rejected this time.
     pub fn reload(&mut self) -> (Services, Vec<FileError>) {
+        let (services, _, errors) = self.reload_all();
+        (services, errors)
+    }
+
+    /// [`FileSource::reload`], with the files' routing (and what of it is unsupported) too.
+    pub fn reload_all(&mut self) -> (Services, Routing, Vec<FileError>) {
         let mut errors = Vec::new();
         let files = match files_of(&self.path) {
             Ok(f) => f,
@@ -193,7 +242,7 @@ impl FileSource {
                     line: 0,
                     reason: format!("{e:#}"),
                 });
-                return (self.merged(), errors);
+                return (self.merged(), self.routing(), errors);
             }
         };
         self.good.retain(|p, _| files.contains(p));
@@ -208,7 +257,7 @@ impl FileSource {
                         reason: "empty: keeping its last good content".into(),
                     })
                 }
-                Ok(text) => match parse(&f, &text) {
+                Ok(text) => match parse_any(&f, &text) {
                     Ok(s) => {
                         self.good.insert(f, s);
                     }
@@ -221,12 +270,41 @@ impl FileSource {
                 }),
             }
         }
-        (self.merged(), errors)
+        (self.merged(), self.routing(), errors)
+    }
+
+    /// Every file's routing together (files in name order; a name defined twice: the first).
+    fn routing(&self) -> Routing {
+        let mut out = Routing::default();
+        for doc in self.good.values() {
+            let r = &doc.routing;
+            for x in &r.routers {
+                if !out.dynamic.routers.iter().any(|o| o.name == x.name) {
+                    out.dynamic.routers.push(x.clone());
+                }
+            }
+            for (n, x) in &r.services {
+                out.dynamic
+                    .services
+                    .entry(n.clone())
+                    .or_insert_with(|| x.clone());
+            }
+            for (n, x) in &r.middlewares {
+                if !out.dynamic.middlewares.iter().any(|(o, _)| o == n) {
+                    out.dynamic.middlewares.push((n.clone(), x.clone()));
+                }
+            }
+            out.dynamic
+                .certificates
+                .extend(r.certificates.iter().cloned());
+            out.unsupported.extend(doc.unsupported.iter().cloned());
+        }
+        out
     }
 
     fn merged(&self) -> Services {
         let mut out = Services::new();
-        for s in self.good.values() {
+        for s in self.good.values().map(|d| &d.services) {
             for (name, inst) in s {
                 out.entry(name.clone())
                     .or_default()
@@ -235,6 +313,13 @@ impl FileSource {
         }
         out
     }
+}
+
+/// The routing of every file of a source.
+#[derive(Debug, Default)]
+pub struct Routing {
+    pub dynamic: crate::proxy::dynamic::Dynamic,
+    pub unsupported: Vec<String>,
 }
 
 /// Runs the provider: initial load, then a reload after each debounced burst of changes.
@@ -280,7 +365,16 @@ pub async fn run(spec: FileProviderSpec, events: mpsc::Sender<Event>) -> Result<
                 Err(_) => break,
             }
         }
-        let (services, errors) = source.reload();
+        let (services, routing, errors) = source.reload_all();
+        events
+            .send(Event::Routing {
+                provider: name.clone(),
+                rank: Rank::FILE,
+                routing: routing.dynamic,
+                unsupported: routing.unsupported,
+            })
+            .await
+            .map_err(|_| anyhow!("control loop gone"))?;
         events
             .send(Event::Snapshot {
                 provider: name.clone(),

@@ -13,6 +13,7 @@ pub mod file;
 pub mod kv;
 pub mod redis;
 pub mod store;
+pub mod traefik;
 
 /// Precedence when two providers report the same instance: higher wins.
 pub struct Rank;
@@ -47,6 +48,14 @@ pub enum Event {
         key: InstanceKey,
         up: bool,
         at: Instant,
+    },
+    /// A provider's routing (Traefik dynamic configuration), replacing what it said before.
+    Routing {
+        provider: String,
+        rank: u8,
+        routing: crate::proxy::dynamic::Dynamic,
+        /// Key paths lb does not support.
+        unsupported: Vec<String>,
     },
     /// The API store changed (it is read directly by the loop).
     StoreChanged { at: Instant },

@@ -9,6 +9,7 @@
 
 pub mod balance;
 pub mod client;
+pub mod dynamic;
 pub mod middleware;
 pub mod rule;
 pub mod tls;
@@ -236,6 +237,7 @@ impl Table {
 }
 
 /// The proxy's own configuration: what a config reload replaces.
+#[derive(Clone)]
 pub struct L7Config {
     pub entrypoints: Vec<EntryPointSpec>,
     pub routers: Vec<RouterSpec>,
@@ -244,7 +246,12 @@ pub struct L7Config {
 }
 
 pub struct Proxy {
+    /// lb.toml's part.
     conf: std::sync::Mutex<Arc<L7Config>>,
+    /// Each provider's part (Traefik dynamic configuration), by provider.
+    dynamic: std::sync::Mutex<std::collections::BTreeMap<String, dynamic::Built>>,
+    /// Both together: what the table is built from.
+    merged: std::sync::Mutex<Arc<L7Config>>,
     /// The registry's last word, to rebuild the table when the configuration changes.
     services: std::sync::Mutex<Services>,
     table: ArcSwap<Table>,
@@ -310,13 +317,16 @@ impl Proxy {
             routes: HashMap::new(),
             pools: HashMap::new(),
         };
+        let conf = Arc::new(L7Config {
+            entrypoints,
+            routers,
+            specs,
+            middlewares,
+        });
         let proxy = Proxy {
-            conf: std::sync::Mutex::new(Arc::new(L7Config {
-                entrypoints,
-                routers,
-                specs,
-                middlewares,
-            })),
+            conf: std::sync::Mutex::new(conf.clone()),
+            dynamic: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+            merged: std::sync::Mutex::new(conf),
             services: std::sync::Mutex::new(Services::new()),
             table: ArcSwap::from_pointee(empty),
             upstreams: std::sync::Mutex::new(HashMap::new()),
@@ -350,11 +360,58 @@ impl Proxy {
         if let Ok(mut c) = self.conf.lock() {
             *c = Arc::new(conf);
         }
+        self.remerge();
         self.rebuild();
     }
 
+    /// A provider's routing, replacing what it said before (empty: it takes everything back).
+    /// Returns what could not be used, for the provider's status.
+    pub fn set_dynamic(&self, provider: &str, part: dynamic::Dynamic) -> Vec<String> {
+        let (built, mut problems) = dynamic::Built::new(part);
+        if let Ok(mut d) = self.dynamic.lock() {
+            d.insert(provider.to_string(), built);
+        }
+        problems.extend(self.remerge());
+        self.rebuild();
+        problems
+    }
+
+    /// Certificates the providers brought.
+    pub fn dynamic_certificates(&self) -> Vec<tls::CertSpec> {
+        self.dynamic
+            .lock()
+            .map(|d| {
+                d.values()
+                    .flat_map(|b| b.dynamic.certificates.iter().cloned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn remerge(&self) -> Vec<String> {
+        let base = self.conf();
+        let Ok(parts) = self.dynamic.lock() else {
+            return Vec::new();
+        };
+        let (merged, problems) = dynamic::merge(&base, &parts);
+        for p in &problems {
+            warn!("routing: {p}");
+        }
+        if let Ok(mut m) = self.merged.lock() {
+            *m = Arc::new(merged);
+        }
+        problems
+    }
+
+    fn merged(&self) -> Arc<L7Config> {
+        self.merged
+            .lock()
+            .map(|c| c.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
     fn rebuild(&self) {
-        let conf = self.conf();
+        let conf = self.merged();
         let services = self.services.lock().map(|s| s.clone()).unwrap_or_default();
         let Ok(mut known) = self.upstreams.lock() else {
             return;
@@ -406,11 +463,16 @@ impl Proxy {
 
     /// The registry services the routers send to.
     pub fn service_names(&self) -> Vec<String> {
-        let mut v: Vec<String> = self
-            .conf()
+        let conf = self.merged();
+        let mirrors = conf
+            .specs
+            .values()
+            .filter_map(|s| s.mirror.as_ref().map(|m| m.service.clone()));
+        let mut v: Vec<String> = conf
             .routers
             .iter()
             .map(|r| r.service.clone())
+            .chain(mirrors)
             .collect();
         v.sort();
         v.dedup();

@@ -1,0 +1,1059 @@
+//! Traefik's dynamic configuration, read as lb's own: `http.routers`, `http.services`,
+//! `http.middlewares`, `http.serversTransports` and `tls.certificates` / `tls.stores`, so a
+//! Traefik user can point lb at what they already have (a file, or Redis / etcd keys under
+//! `traefik/…`).
+//!
+//! Everything lb has is translated; everything else is reported by its key path
+//! (`http.services.api.loadBalancer.healthCheck: not supported`), never silently dropped. A
+//! value lb cannot use (a rule that does not parse, a server URL without an address) is an
+//! error with the key path, and the whole document is rejected, as lb.toml is.
+//!
+//! Differences a Traefik user should know: keys are matched case-insensitively as in Traefik;
+//! `name@provider` references lose their provider suffix (everything here is one provider's);
+//! a server's host name is resolved when the configuration is read; `inFlightReq` limits per
+//! router rather than per source; `tls.options` do not apply (lb's TLS policy is fixed: 1.2+,
+//! modern suites).
+
+use std::{collections::HashMap, net::ToSocketAddrs, path::PathBuf, time::Duration};
+
+use serde_json::{Map, Value};
+
+use crate::{
+    proxy::{
+        balance::{Algorithm, Passive},
+        client::UpstreamTls,
+        dynamic::Dynamic,
+        middleware::{
+            auth::{BasicAuthConfig, ForwardAuthConfig},
+            compress::CompressConfig,
+            headers::{CorsConfig, HeadersConfig},
+            limit::{BufferingConfig, InFlightReqConfig, IpAllowListConfig, RateLimitConfig},
+            path::{
+                AddPrefixConfig, RedirectRegexConfig, RedirectSchemeConfig, ReplacePathConfig,
+                ReplacePathRegexConfig, StripPrefixConfig, StripPrefixRegexConfig,
+            },
+            resilience::{CircuitBreakerConfig, RetryConfig},
+            MiddlewareConfig,
+        },
+        rule::Rule,
+        tls::CertSpec,
+        Mirror, RouterSpec, ServiceSpec,
+    },
+    registry::{Instance, Services},
+};
+
+/// A translated document.
+#[derive(Debug, Default)]
+pub struct Translated {
+    /// Upstream servers, as registry instances by service.
+    pub services: Services,
+    pub dynamic: Dynamic,
+    /// Key paths lb does not support (reported, not fatal).
+    pub unsupported: Vec<String>,
+}
+
+/// A value lb cannot use: where (key path) and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraefikError {
+    pub path: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for TraefikError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.path, self.reason)
+    }
+}
+
+type R<T> = Result<T, TraefikError>;
+
+fn fail<T>(path: &str, reason: impl Into<String>) -> R<T> {
+    Err(TraefikError {
+        path: path.to_string(),
+        reason: reason.into(),
+    })
+}
+
+/// Whether a parsed document is a Traefik dynamic configuration (rather than lb's services file).
+pub fn is_traefik(doc: &Value) -> bool {
+    doc.as_object().is_some_and(|m| {
+        m.keys().any(|k| {
+            matches!(
+                k.to_ascii_lowercase().as_str(),
+                "http" | "tcp" | "udp" | "tls"
+            )
+        })
+    })
+}
+
+/// The line (1-based) where a key path's last key appears, found by looking for each key in
+/// turn after the previous one; 0 when not found. Good enough for TOML and YAML as people write
+/// them, and it lets an error point into the file like lb.toml's do.
+pub fn line_of(text: &str, path: &str) -> usize {
+    let mut at = 0;
+    let mut found = None;
+    for key in path.split('.') {
+        let key = key.split('[').next().unwrap_or(key);
+        if key.is_empty() {
+            continue;
+        }
+        match text[at..].find(key) {
+            Some(i) => {
+                at += i;
+                found = Some(at);
+                at += key.len();
+            }
+            None => return 0,
+        }
+    }
+    found.map_or(0, |i| text[..i].bytes().filter(|b| *b == b'\n').count() + 1)
+}
+
+/// An object's entries by lowercase key; what is not taken is reported as unsupported.
+struct Obj<'a> {
+    path: String,
+    entries: Vec<(String, &'a str, &'a Value)>,
+}
+
+impl<'a> Obj<'a> {
+    fn new(v: &'a Value, path: &str) -> R<Obj<'a>> {
+        let Some(m) = v.as_object() else {
+            return fail(path, "expected a table");
+        };
+        Ok(Obj::of(m, path))
+    }
+
+    fn of(m: &'a Map<String, Value>, path: &str) -> Obj<'a> {
+        Obj {
+            path: path.to_string(),
+            entries: m
+                .iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), k.as_str(), v))
+                .collect(),
+        }
+    }
+
+    fn take(&mut self, key: &str) -> Option<(String, &'a Value)> {
+        let i = self.entries.iter().position(|(k, _, _)| k == key)?;
+        let (_, name, v) = self.entries.remove(i);
+        Some((self.sub(name), v))
+    }
+
+    fn sub(&self, key: &str) -> String {
+        if self.path.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}.{key}", self.path)
+        }
+    }
+
+    fn string(&mut self, key: &str) -> R<Option<String>> {
+        match self.take(key) {
+            None => Ok(None),
+            Some((p, v)) => scalar(v, &p).map(Some),
+        }
+    }
+
+    fn bool(&mut self, key: &str) -> R<Option<bool>> {
+        match self.take(key) {
+            None => Ok(None),
+            Some((p, v)) => match v {
+                Value::Bool(b) => Ok(Some(*b)),
+                Value::String(s) if s.eq_ignore_ascii_case("true") => Ok(Some(true)),
+                Value::String(s) if s.eq_ignore_ascii_case("false") => Ok(Some(false)),
+                _ => fail(&p, "expected true or false"),
+            },
+        }
+    }
+
+    fn number(&mut self, key: &str) -> R<Option<f64>> {
+        match self.take(key) {
+            None => Ok(None),
+            Some((p, v)) => scalar(v, &p)?
+                .parse::<f64>()
+                .map(Some)
+                .or_else(|_| fail(&p, "expected a number")),
+        }
+    }
+
+    fn strings(&mut self, key: &str) -> R<Option<Vec<String>>> {
+        match self.take(key) {
+            None => Ok(None),
+            Some((p, v)) => list(v, &p).map(Some),
+        }
+    }
+
+    fn duration(&mut self, key: &str) -> R<Option<Duration>> {
+        match self.take(key) {
+            None => Ok(None),
+            Some((p, v)) => duration(v, &p).map(Some),
+        }
+    }
+
+    /// Reports every key not taken.
+    fn rest(self, unsupported: &mut Vec<String>) {
+        for (_, name, _) in &self.entries {
+            unsupported.push(format!("{}: not supported", self.sub(name)));
+        }
+    }
+}
+
+/// A scalar as text (numbers and booleans too: KV stores hold everything as strings).
+fn scalar(v: &Value, path: &str) -> R<String> {
+    match v {
+        Value::String(s) => Ok(s.clone()),
+        Value::Number(n) => Ok(n.to_string()),
+        Value::Bool(b) => Ok(b.to_string()),
+        _ => fail(path, "expected a value"),
+    }
+}
+
+/// A list of scalars; a single scalar or a comma-separated string counts as one (KV style).
+fn list(v: &Value, path: &str) -> R<Vec<String>> {
+    match v {
+        Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .map(|(i, x)| scalar(x, &format!("{path}[{i}]")))
+            .collect(),
+        Value::String(s) => Ok(s
+            .split(',')
+            .map(|x| x.trim().to_string())
+            .filter(|x| !x.is_empty())
+            .collect()),
+        _ => fail(path, "expected a list"),
+    }
+}
+
+/// Go's duration syntax (`100ms`, `1m30s`, `2h`), or a bare number of seconds.
+fn duration(v: &Value, path: &str) -> R<Duration> {
+    let s = scalar(v, path)?;
+    if let Ok(secs) = s.parse::<f64>() {
+        if secs >= 0.0 && secs.is_finite() {
+            return Ok(Duration::from_secs_f64(secs));
+        }
+    }
+    let mut total = 0f64;
+    let mut rest = s.as_str();
+    if rest.is_empty() {
+        return fail(path, "expected a duration such as 100ms or 10s");
+    }
+    while !rest.is_empty() {
+        let n_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let n: f64 = match rest[..n_end].parse() {
+            Ok(n) => n,
+            Err(_) => return fail(path, format!("{s:?}: expected a duration such as 100ms")),
+        };
+        rest = &rest[n_end..];
+        let u_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let unit = match &rest[..u_end] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            u => return fail(path, format!("{s:?}: unknown unit {u:?}")),
+        };
+        total += n * unit;
+        rest = &rest[u_end..];
+    }
+    Ok(Duration::from_secs_f64(total))
+}
+
+/// `name@provider` → `name`: here everything is one provider's.
+fn local(name: &str) -> String {
+    name.split('@').next().unwrap_or(name).to_string()
+}
+
+fn check_name(name: &str, path: &str) -> R<()> {
+    if crate::config::valid_name(name) {
+        Ok(())
+    } else {
+        fail(path, format!("{name:?}: names are [A-Za-z0-9_.-]"))
+    }
+}
+
+/// Translates a whole document.
+pub fn translate(doc: &Value) -> R<Translated> {
+    let mut out = Translated::default();
+    let mut top = Obj::new(doc, "")?;
+    let mut transports: HashMap<String, UpstreamTls> = HashMap::new();
+    if let Some((p, http)) = top.take("http") {
+        let mut http = Obj::new(http, &p)?;
+        if let Some((p, st)) = http.take("serverstransports") {
+            transports = servers_transports(st, &p, &mut out.unsupported)?;
+        }
+        let mut chains: HashMap<String, Vec<String>> = HashMap::new();
+        if let Some((p, mws)) = http.take("middlewares") {
+            let m = Obj::new(mws, &p)?;
+            for (_, name, v) in &m.entries {
+                let path = m.sub(name);
+                check_name(name, &path)?;
+                match middleware(v, &path, &mut out.unsupported)? {
+                    Some(Kind::One(cfg)) => out.dynamic.middlewares.push((name.to_string(), cfg)),
+                    Some(Kind::Chain(list)) => {
+                        chains.insert(name.to_string(), list);
+                    }
+                    None => {}
+                }
+            }
+        }
+        if let Some((p, svcs)) = http.take("services") {
+            let m = Obj::new(svcs, &p)?;
+            let mut mirrors = Vec::new();
+            for (_, name, v) in &m.entries {
+                let path = m.sub(name);
+                check_name(name, &path)?;
+                service(name, v, &path, &transports, &mut out, &mut mirrors)?;
+            }
+            // A mirroring service sends to its main service's servers, with copies elsewhere.
+            for (name, main, mirror, path) in mirrors {
+                let Some(instances) = out.services.get(&main).cloned() else {
+                    return fail(
+                        &path,
+                        format!("service {main:?} is not a loadBalancer service here"),
+                    );
+                };
+                let mut spec = out.dynamic.services.get(&main).cloned().unwrap_or_default();
+                spec.mirror = Some(mirror);
+                out.services.insert(name.clone(), instances);
+                out.dynamic.services.insert(name, spec);
+            }
+        }
+        if let Some((p, routers)) = http.take("routers") {
+            let m = Obj::new(routers, &p)?;
+            for (_, name, v) in &m.entries {
+                let path = m.sub(name);
+                check_name(name, &path)?;
+                let r = router(name, v, &path, &chains, &mut out.unsupported)?;
+                out.dynamic.routers.push(r);
+            }
+        }
+        http.rest(&mut out.unsupported);
+    }
+    if let Some((p, tls)) = top.take("tls") {
+        let mut tls = Obj::new(tls, &p)?;
+        if let Some((p, certs)) = tls.take("certificates") {
+            let Value::Array(a) = certs else {
+                return fail(&p, "expected a list");
+            };
+            for (i, c) in a.iter().enumerate() {
+                let cp = format!("{p}[{i}]");
+                let mut c = Obj::new(c, &cp)?;
+                let cert = c.string("certfile")?;
+                let key = c.string("keyfile")?;
+                let _stores = c.take("stores");
+                c.rest(&mut out.unsupported);
+                let (Some(cert), Some(key)) = (cert, key) else {
+                    return fail(&cp, "certFile and keyFile are required");
+                };
+                out.dynamic.certificates.push(CertSpec {
+                    cert_file: PathBuf::from(cert),
+                    key_file: PathBuf::from(key),
+                    default: false,
+                });
+            }
+        }
+        if let Some((p, stores)) = tls.take("stores") {
+            let mut stores = Obj::new(stores, &p)?;
+            if let Some((p, default)) = stores.take("default") {
+                let mut d = Obj::new(default, &p)?;
+                if let Some((p, dc)) = d.take("defaultcertificate") {
+                    let mut dc = Obj::new(dc, &p)?;
+                    let (cert, key) = (dc.string("certfile")?, dc.string("keyfile")?);
+                    dc.rest(&mut out.unsupported);
+                    let (Some(cert), Some(key)) = (cert, key) else {
+                        return fail(&p, "certFile and keyFile are required");
+                    };
+                    out.dynamic.certificates.push(CertSpec {
+                        cert_file: PathBuf::from(cert),
+                        key_file: PathBuf::from(key),
+                        default: true,
+                    });
+                }
+                d.rest(&mut out.unsupported);
+            }
+            stores.rest(&mut out.unsupported);
+        }
+        if let Some((p, _)) = tls.take("options") {
+            out.unsupported.push(format!(
+                "{p}: not supported (lb's TLS policy is fixed: TLS 1.2+, modern cipher suites)"
+            ));
+        }
+        tls.rest(&mut out.unsupported);
+    }
+    top.rest(&mut out.unsupported);
+    Ok(out)
+}
+
+fn servers_transports(
+    v: &Value,
+    path: &str,
+    unsupported: &mut Vec<String>,
+) -> R<HashMap<String, UpstreamTls>> {
+    let m = Obj::new(v, path)?;
+    let mut out = HashMap::new();
+    for (_, name, v) in &m.entries {
+        let p = m.sub(name);
+        let mut t = Obj::new(v, &p)?;
+        let mut tls = UpstreamTls {
+            server_name: t.string("servername")?,
+            ..Default::default()
+        };
+        if let Some(cas) = t.strings("rootcas")? {
+            if cas.len() > 1 {
+                unsupported.push(format!("{p}.rootCAs: only the first CA file is used"));
+            }
+            tls.ca_file = cas.first().map(PathBuf::from);
+        }
+        if let Some((cp, certs)) = t.take("certificates") {
+            let Value::Array(a) = certs else {
+                return fail(&cp, "expected a list");
+            };
+            if let Some(first) = a.first() {
+                let mut c = Obj::new(first, &format!("{cp}[0]"))?;
+                tls.cert_file = c.string("certfile")?.map(PathBuf::from);
+                tls.key_file = c.string("keyfile")?.map(PathBuf::from);
+                c.rest(unsupported);
+            }
+            if a.len() > 1 {
+                unsupported.push(format!("{cp}: only the first client certificate is used"));
+            }
+        }
+        if t.bool("insecureskipverify")? == Some(true) {
+            return fail(
+                &format!("{p}.insecureSkipVerify"),
+                "lb always verifies upstream certificates: give rootCAs instead",
+            );
+        }
+        t.rest(unsupported);
+        out.insert(name.to_string(), tls);
+    }
+    Ok(out)
+}
+
+fn service(
+    name: &str,
+    v: &Value,
+    path: &str,
+    transports: &HashMap<String, UpstreamTls>,
+    out: &mut Translated,
+    mirrors: &mut Vec<(String, String, Mirror, String)>,
+) -> R<()> {
+    let mut s = Obj::new(v, path)?;
+    if let Some((p, m)) = s.take("mirroring") {
+        let mut m = Obj::new(m, &p)?;
+        let Some(main) = m.string("service")? else {
+            return fail(&p, "service is required");
+        };
+        let max_body = m.number("maxbodysize")?;
+        let mut mirror = None;
+        if let Some((mp, list)) = m.take("mirrors") {
+            let Value::Array(a) = list else {
+                return fail(&mp, "expected a list");
+            };
+            for (i, x) in a.iter().enumerate() {
+                let xp = format!("{mp}[{i}]");
+                let mut x = Obj::new(x, &xp)?;
+                let target = x.string("name")?;
+                let percent = x.number("percent")?.unwrap_or(0.0);
+                x.rest(&mut out.unsupported);
+                let Some(target) = target else {
+                    return fail(&xp, "name is required");
+                };
+                if i > 0 {
+                    out.unsupported
+                        .push(format!("{xp}: only the first mirror is used"));
+                    continue;
+                }
+                mirror = Some(Mirror {
+                    service: local(&target),
+                    percent: percent.clamp(0.0, 100.0),
+                    // Traefik's -1 (no limit) is bounded here: the copy is held in memory.
+                    max_body_bytes: match max_body {
+                        Some(n) if n >= 0.0 => n as usize,
+                        _ => 1 << 20,
+                    },
+                });
+            }
+        }
+        m.rest(&mut out.unsupported);
+        if let Some(mirror) = mirror {
+            mirrors.push((name.to_string(), local(&main), mirror, p));
+        }
+        s.rest(&mut out.unsupported);
+        return Ok(());
+    }
+    let Some((lp, lb)) = s.take("loadbalancer") else {
+        s.rest(&mut out.unsupported);
+        return Ok(());
+    };
+    s.rest(&mut out.unsupported);
+    let mut lb = Obj::new(lb, &lp)?;
+    let mut spec = ServiceSpec {
+        algorithm: Algorithm::WeightedRoundRobin,
+        passive: Passive::default(),
+        ..Default::default()
+    };
+    if let Some(strategy) = lb.string("strategy")? {
+        spec.algorithm = match strategy.to_ascii_lowercase().as_str() {
+            "wrr" => Algorithm::WeightedRoundRobin,
+            "p2c" => Algorithm::P2c,
+            other => {
+                return fail(
+                    &format!("{lp}.strategy"),
+                    format!("{other:?}: expected wrr or p2c"),
+                )
+            }
+        };
+    }
+    if let Some((sp, sticky)) = lb.take("sticky") {
+        let mut st = Obj::new(sticky, &sp)?;
+        if let Some((cp, cookie)) = st.take("cookie") {
+            let mut c = Obj::new(cookie, &cp)?;
+            spec.sticky_cookie = Some(c.string("name")?.unwrap_or_else(|| "lb_sticky".into()));
+            for k in ["secure", "httponly", "samesite", "maxage", "path"] {
+                if let Some((kp, _)) = c.take(k) {
+                    out.unsupported.push(format!(
+                        "{kp}: not supported (lb's sticky cookie is HttpOnly, SameSite=Lax, Path=/)"
+                    ));
+                }
+            }
+            c.rest(&mut out.unsupported);
+        }
+        st.rest(&mut out.unsupported);
+    }
+    if let Some(false) = lb.bool("passhostheader")? {
+        out.unsupported.push(format!(
+            "{lp}.passHostHeader: false is not supported (lb always passes Host)"
+        ));
+    }
+    let transport = match lb.string("serverstransport")? {
+        Some(t) => match transports.get(&local(&t)) {
+            Some(tls) => Some(tls.clone()),
+            None => {
+                return fail(
+                    &format!("{lp}.serversTransport"),
+                    format!("no serversTransport {t:?}"),
+                )
+            }
+        },
+        None => None,
+    };
+    let mut instances = std::collections::BTreeMap::new();
+    let mut https = None;
+    if let Some((sp, servers)) = lb.take("servers") {
+        let Value::Array(a) = servers else {
+            return fail(&sp, "expected a list");
+        };
+        for (i, x) in a.iter().enumerate() {
+            let xp = format!("{sp}[{i}]");
+            let mut x = Obj::new(x, &xp)?;
+            let url = x.string("url")?;
+            let weight = x.number("weight")?.unwrap_or(1.0);
+            x.rest(&mut out.unsupported);
+            let Some(url) = url else {
+                return fail(&xp, "url is required");
+            };
+            let (addr, tls) = server_address(&url, &format!("{xp}.url"))?;
+            if https.is_some_and(|h| h != tls) {
+                return fail(&xp, "all servers of a service use the same scheme");
+            }
+            https = Some(tls);
+            if !(0.0..=1000.0).contains(&weight) {
+                return fail(&format!("{xp}.weight"), "expected 0..=1000");
+            }
+            let inst = Instance {
+                address: addr.ip(),
+                port: addr.port(),
+                weight: weight as u32,
+                zone: None,
+                metadata: Default::default(),
+            };
+            instances.insert(inst.key(), inst);
+        }
+    }
+    if https == Some(true) || transport.is_some() {
+        spec.tls = Some(transport.unwrap_or_default());
+    }
+    lb.rest(&mut out.unsupported);
+    out.services.insert(name.to_string(), instances);
+    out.dynamic.services.insert(name.to_string(), spec);
+    Ok(())
+}
+
+/// A server URL's address (a host name is resolved now) and whether it is `https`.
+fn server_address(url: &str, path: &str) -> R<(std::net::SocketAddr, bool)> {
+    let uri: hyper::Uri = match url.parse() {
+        Ok(u) => u,
+        Err(e) => return fail(path, format!("{url:?}: {e}")),
+    };
+    let https = match uri.scheme_str() {
+        Some("http") | Some("h2c") => false,
+        Some("https") => true,
+        _ => return fail(path, format!("{url:?}: expected http:// or https://")),
+    };
+    let Some(host) = uri.host() else {
+        return fail(path, format!("{url:?}: no host"));
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+    match (host, port).to_socket_addrs() {
+        Ok(mut a) => match a.next() {
+            Some(addr) => Ok((addr, https)),
+            None => fail(path, format!("{host:?} has no address")),
+        },
+        Err(e) => fail(path, format!("{host:?}: {e}")),
+    }
+}
+
+fn router(
+    name: &str,
+    v: &Value,
+    path: &str,
+    chains: &HashMap<String, Vec<String>>,
+    unsupported: &mut Vec<String>,
+) -> R<RouterSpec> {
+    let mut r = Obj::new(v, path)?;
+    let Some(rule_text) = r.string("rule")? else {
+        return fail(path, "rule is required");
+    };
+    let rule = Rule::parse(&rule_text).or_else(|e| fail(&format!("{path}.rule"), e.to_string()))?;
+    let Some(service) = r.string("service")? else {
+        return fail(path, "service is required");
+    };
+    let priority = match r.number("priority")? {
+        Some(p) if p.fract() == 0.0 => Some(p as i64),
+        Some(_) => return fail(&format!("{path}.priority"), "expected an integer"),
+        None => None,
+    };
+    let entrypoints = r
+        .strings("entrypoints")?
+        .unwrap_or_default()
+        .iter()
+        .map(|e| local(e))
+        .collect();
+    let mut middlewares = Vec::new();
+    for m in r.strings("middlewares")?.unwrap_or_default() {
+        expand(&local(&m), chains, &mut middlewares, &mut Vec::new(), path)?;
+    }
+    if let Some((tp, tls)) = r.take("tls") {
+        // The entry point decides TLS in lb; a certResolver maps to lb's [acme].
+        if let Ok(mut t) = Obj::new(tls, &tp) {
+            for k in ["certresolver", "domains", "options"] {
+                if let Some((kp, _)) = t.take(k) {
+                    unsupported.push(format!(
+                        "{kp}: not supported (certificates come from [[certificate]], [acme] or tls.certificates)"
+                    ));
+                }
+            }
+            t.rest(unsupported);
+        }
+    }
+    if let Some(syntax) = r.string("rulesyntax")? {
+        if syntax != "v3" {
+            return fail(
+                &format!("{path}.ruleSyntax"),
+                "only Traefik's v3 rule syntax is supported",
+            );
+        }
+    }
+    r.rest(unsupported);
+    Ok(RouterSpec {
+        name: name.to_string(),
+        entrypoints,
+        rule,
+        rule_text,
+        priority,
+        service: local(&service),
+        middlewares,
+    })
+}
+
+/// A middleware name, with chains expanded in place (cycles refused).
+fn expand(
+    name: &str,
+    chains: &HashMap<String, Vec<String>>,
+    out: &mut Vec<String>,
+    stack: &mut Vec<String>,
+    path: &str,
+) -> R<()> {
+    match chains.get(name) {
+        None => {
+            out.push(name.to_string());
+            Ok(())
+        }
+        Some(list) => {
+            if stack.iter().any(|s| s == name) {
+                return fail(path, format!("middleware chain {name:?} contains itself"));
+            }
+            stack.push(name.to_string());
+            for m in list {
+                expand(&local(m), chains, out, stack, path)?;
+            }
+            stack.pop();
+            Ok(())
+        }
+    }
+}
+
+enum Kind {
+    One(MiddlewareConfig),
+    Chain(Vec<String>),
+}
+
+fn middleware(v: &Value, path: &str, unsupported: &mut Vec<String>) -> R<Option<Kind>> {
+    let mut m = Obj::new(v, path)?;
+    if m.entries.len() != 1 {
+        return fail(path, "a middleware has exactly one kind");
+    }
+    let (key, name, body) = m.entries.remove(0);
+    let p = m.sub(name);
+    let mut b = Obj::new(body, &p)?;
+    let kind = match key.as_str() {
+        "chain" => Kind::Chain(b.strings("middlewares")?.unwrap_or_default()),
+        "stripprefix" => {
+            let _ = b.take("forceslash");
+            Kind::One(MiddlewareConfig::StripPrefix(StripPrefixConfig {
+                prefixes: b.strings("prefixes")?.unwrap_or_default(),
+            }))
+        }
+        "stripprefixregex" => {
+            Kind::One(MiddlewareConfig::StripPrefixRegex(StripPrefixRegexConfig {
+                regex: b.strings("regex")?.unwrap_or_default(),
+            }))
+        }
+        "addprefix" => Kind::One(MiddlewareConfig::AddPrefix(AddPrefixConfig {
+            prefix: req(b.string("prefix")?, &p, "prefix")?,
+        })),
+        "replacepath" => Kind::One(MiddlewareConfig::ReplacePath(ReplacePathConfig {
+            path: req(b.string("path")?, &p, "path")?,
+        })),
+        "replacepathregex" => {
+            Kind::One(MiddlewareConfig::ReplacePathRegex(ReplacePathRegexConfig {
+                regex: req(b.string("regex")?, &p, "regex")?,
+                replacement: req(b.string("replacement")?, &p, "replacement")?,
+            }))
+        }
+        "redirectscheme" => Kind::One(MiddlewareConfig::RedirectScheme(RedirectSchemeConfig {
+            scheme: b.string("scheme")?.unwrap_or_else(|| "https".into()),
+            permanent: b.bool("permanent")?.unwrap_or(false),
+            port: match b.string("port")? {
+                Some(port) => Some(
+                    port.parse()
+                        .or_else(|_| fail(&format!("{p}.port"), "expected a port"))?,
+                ),
+                None => None,
+            },
+        })),
+        "redirectregex" => Kind::One(MiddlewareConfig::RedirectRegex(RedirectRegexConfig {
+            regex: req(b.string("regex")?, &p, "regex")?,
+            replacement: req(b.string("replacement")?, &p, "replacement")?,
+            permanent: b.bool("permanent")?.unwrap_or(false),
+        })),
+        "headers" => Kind::One(MiddlewareConfig::Headers(headers(&mut b)?)),
+        "basicauth" => {
+            let mut users = b.strings("users")?.unwrap_or_default();
+            if let Some(file) = b.string("usersfile")? {
+                let text = std::fs::read_to_string(&file)
+                    .or_else(|e| fail(&format!("{p}.usersFile"), format!("{file}: {e}")))?;
+                users.extend(
+                    text.lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty())
+                        .map(String::from),
+                );
+            }
+            let _ = b.take("removeheader"); // lb always removes the credentials
+            Kind::One(MiddlewareConfig::BasicAuth(BasicAuthConfig {
+                users,
+                realm: b.string("realm")?.unwrap_or_else(|| "traefik".into()),
+                header_field: b.string("headerfield")?,
+            }))
+        }
+        "forwardauth" => {
+            let address = req(b.string("address")?, &p, "address")?;
+            let mut ca_file = None;
+            if let Some((tp, tls)) = b.take("tls") {
+                let mut t = Obj::new(tls, &tp)?;
+                ca_file = t.string("ca")?.map(PathBuf::from);
+                t.rest(unsupported);
+            }
+            Kind::One(MiddlewareConfig::ForwardAuth(ForwardAuthConfig {
+                address,
+                trust_forward_header: b.bool("trustforwardheader")?.unwrap_or(false),
+                auth_response_headers: b.strings("authresponseheaders")?.unwrap_or_default(),
+                auth_request_headers: b.strings("authrequestheaders")?.unwrap_or_default(),
+                timeout_ms: 5000,
+                ca_file,
+            }))
+        }
+        "ipallowlist" | "ipwhitelist" => {
+            Kind::One(MiddlewareConfig::IpAllowList(IpAllowListConfig {
+                source_range: b.strings("sourcerange")?.unwrap_or_default(),
+            }))
+        }
+        "ratelimit" => {
+            let average = b.number("average")?.unwrap_or(0.0);
+            let period = b.duration("period")?.unwrap_or(Duration::from_secs(1));
+            let mut source_header = None;
+            if let Some((sp, sc)) = b.take("sourcecriterion") {
+                let mut sc = Obj::new(sc, &sp)?;
+                source_header = sc.string("requestheadername")?;
+                sc.rest(unsupported);
+            }
+            if period.is_zero() {
+                return fail(&format!("{p}.period"), "must be > 0");
+            }
+            Kind::One(MiddlewareConfig::RateLimit(RateLimitConfig {
+                average: average / period.as_secs_f64(),
+                burst: b.number("burst")?.unwrap_or(1.0),
+                source_header,
+            }))
+        }
+        "inflightreq" => {
+            if let Some((sp, _)) = b.take("sourcecriterion") {
+                unsupported.push(format!(
+                    "{sp}: not supported (lb limits requests in flight per router)"
+                ));
+            }
+            Kind::One(MiddlewareConfig::InFlightReq(InFlightReqConfig {
+                amount: b.number("amount")?.unwrap_or(0.0) as u64,
+            }))
+        }
+        "buffering" => {
+            for k in ["memrequestbodybytes", "memresponsebodybytes"] {
+                let _ = b.take(k); // lb buffers in memory, within the max limits
+            }
+            Kind::One(MiddlewareConfig::Buffering(BufferingConfig {
+                max_request_body_bytes: b.number("maxrequestbodybytes")?.unwrap_or(0.0).max(0.0)
+                    as u64,
+                max_response_body_bytes: b.number("maxresponsebodybytes")?.unwrap_or(0.0).max(0.0)
+                    as u64,
+            }))
+        }
+        "retry" => Kind::One(MiddlewareConfig::Retry(RetryConfig {
+            attempts: b.number("attempts")?.unwrap_or(0.0) as u32,
+            initial_interval_ms: b
+                .duration("initialinterval")?
+                .map_or(100, |d| d.as_millis() as u64),
+        })),
+        "circuitbreaker" => {
+            let ms =
+                |d: Option<Duration>, default: u64| d.map_or(default, |d| d.as_millis() as u64);
+            Kind::One(MiddlewareConfig::CircuitBreaker(CircuitBreakerConfig {
+                expression: req(b.string("expression")?, &p, "expression")?,
+                check_period_ms: ms(b.duration("checkperiod")?, 100),
+                fallback_duration_ms: ms(b.duration("fallbackduration")?, 10_000),
+                recovery_duration_ms: ms(b.duration("recoveryduration")?, 10_000),
+                response_code: b.number("responsecode")?.unwrap_or(503.0) as u16,
+            }))
+        }
+        "compress" => {
+            let defaults = CompressConfig {
+                encodings: vec!["zstd".into(), "br".into(), "gzip".into()],
+                min_response_body_bytes: 1024,
+                excluded_content_types: vec![],
+            };
+            Kind::One(MiddlewareConfig::Compress(CompressConfig {
+                encodings: b.strings("encodings")?.unwrap_or(defaults.encodings),
+                min_response_body_bytes: b
+                    .number("minresponsebodybytes")?
+                    .map_or(defaults.min_response_body_bytes, |n| n.max(0.0) as u64),
+                excluded_content_types: b.strings("excludedcontenttypes")?.unwrap_or_default(),
+            }))
+        }
+        _ => {
+            unsupported.push(format!("{p}: middleware kind not supported"));
+            return Ok(None);
+        }
+    };
+    b.rest(unsupported);
+    Ok(Some(kind))
+}
+
+fn req(v: Option<String>, path: &str, key: &str) -> R<String> {
+    match v {
+        Some(v) => Ok(v),
+        None => fail(path, format!("{key} is required")),
+    }
+}
+
+fn headers(b: &mut Obj<'_>) -> R<HeadersConfig> {
+    let mut h = HeadersConfig::default();
+    let mut custom =
+        |key: &str, set: &mut HashMap<String, String>, remove: &mut Vec<String>| -> R<()> {
+            if let Some((p, m)) = b.take(key) {
+                let m = Obj::new(m, &p)?;
+                for (_, name, v) in &m.entries {
+                    let v = scalar(v, &m.sub(name))?;
+                    // Traefik: an empty value removes the header.
+                    if v.is_empty() {
+                        remove.push(name.to_string());
+                    } else {
+                        set.insert(name.to_string(), v);
+                    }
+                }
+            }
+            Ok(())
+        };
+    custom(
+        "customrequestheaders",
+        &mut h.request_set,
+        &mut h.request_remove,
+    )?;
+    custom(
+        "customresponseheaders",
+        &mut h.response_set,
+        &mut h.response_remove,
+    )?;
+    if let Some(origins) = b.strings("accesscontrolalloworiginlist")? {
+        h.cors = Some(CorsConfig {
+            allow_origins: origins,
+            allow_methods: b.strings("accesscontrolallowmethods")?.unwrap_or_default(),
+            allow_headers: b.strings("accesscontrolallowheaders")?.unwrap_or_default(),
+            expose_headers: b.strings("accesscontrolexposeheaders")?.unwrap_or_default(),
+            allow_credentials: b.bool("accesscontrolallowcredentials")?.unwrap_or(false),
+            max_age_secs: b.number("accesscontrolmaxage")?.map(|n| n.max(0.0) as u64),
+        });
+    }
+    let mut set = |k: &str, v: String| {
+        h.response_set.insert(k.to_string(), v);
+    };
+    if let Some(secs) = b.number("stsseconds")? {
+        let mut v = format!("max-age={}", secs as u64);
+        if b.bool("stsincludesubdomains")? == Some(true) {
+            v.push_str("; includeSubDomains");
+        }
+        if b.bool("stspreload")? == Some(true) {
+            v.push_str("; preload");
+        }
+        set("Strict-Transport-Security", v);
+    }
+    if b.bool("framedeny")? == Some(true) {
+        set("X-Frame-Options", "DENY".into());
+    }
+    if let Some(v) = b.string("customframeoptionsvalue")? {
+        set("X-Frame-Options", v);
+    }
+    if b.bool("contenttypenosniff")? == Some(true) {
+        set("X-Content-Type-Options", "nosniff".into());
+    }
+    if b.bool("browserxssfilter")? == Some(true) {
+        set("X-XSS-Protection", "1; mode=block".into());
+    }
+    for (key, header) in [
+        ("referrerpolicy", "Referrer-Policy"),
+        ("contentsecuritypolicy", "Content-Security-Policy"),
+        ("permissionspolicy", "Permissions-Policy"),
+    ] {
+        if let Some(v) = b.string(key)? {
+            set(header, v);
+        }
+    }
+    Ok(h)
+}
+
+/// Traefik's KV layout (`traefik/http/routers/api/rule = …`,
+/// `traefik/http/services/api/loadBalancer/servers/0/url = …`) as a document: keys split on
+/// `/`, numeric segments become list positions.
+pub fn from_kv<'a>(prefix: &str, pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Value {
+    let mut root = Value::Object(Map::new());
+    let prefix = prefix.trim_end_matches('/');
+    for (key, value) in pairs {
+        let Some(rest) = key.strip_prefix(prefix).and_then(|r| r.strip_prefix('/')) else {
+            continue;
+        };
+        let parts: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
+        if parts.is_empty() {
+            continue;
+        }
+        insert(&mut root, &parts, value);
+    }
+    arrays(&mut root);
+    root
+}
+
+fn insert(node: &mut Value, parts: &[&str], value: &str) {
+    let Value::Object(m) = node else {
+        return; // a key below a leaf: the leaf wins
+    };
+    if parts.len() == 1 {
+        m.insert(parts[0].to_string(), Value::String(value.to_string()));
+        return;
+    }
+    let child = m
+        .entry(parts[0].to_string())
+        .or_insert_with(|| Value::Object(Map::new()));
+    insert(child, &parts[1..], value);
+}
+
+/// Tables whose keys are all indexes become lists, in index order.
+fn arrays(node: &mut Value) {
+    if let Value::Object(m) = node {
+        for v in m.values_mut() {
+            arrays(v);
+        }
+        if !m.is_empty() && m.keys().all(|k| k.parse::<usize>().is_ok()) {
+            let mut items: Vec<(usize, Value)> = std::mem::take(m)
+                .into_iter()
+                .filter_map(|(k, v)| k.parse().ok().map(|i| (i, v)))
+                .collect();
+            items.sort_by_key(|(i, _)| *i);
+            *node = Value::Array(items.into_iter().map(|(_, v)| v).collect());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_durations() {
+        let d = |s: &str| duration(&Value::String(s.into()), "x");
+        assert_eq!(d("100ms").unwrap(), Duration::from_millis(100));
+        assert_eq!(d("1m30s").unwrap(), Duration::from_secs(90));
+        assert_eq!(d("2").unwrap(), Duration::from_secs(2));
+        assert_eq!(d("1.5s").unwrap(), Duration::from_millis(1500));
+        assert!(d("10 parsecs").is_err() && d("").is_err() && d("ms").is_err());
+    }
+
+    #[test]
+    fn kv_keys_become_a_document() {
+        let doc = from_kv(
+            "traefik",
+            [
+                ("traefik/http/routers/api/rule", "Host(`a.test`)"),
+                ("traefik/http/routers/api/service", "api"),
+                ("traefik/http/routers/api/middlewares/0", "strip"),
+                (
+                    "traefik/http/services/api/loadBalancer/servers/1/url",
+                    "http://127.0.0.1:2",
+                ),
+                (
+                    "traefik/http/services/api/loadBalancer/servers/0/url",
+                    "http://127.0.0.1:1",
+                ),
+                ("elsewhere/x", "y"),
+            ],
+        );
+        assert_eq!(doc["http"]["routers"]["api"]["middlewares"][0], "strip");
+        let servers = &doc["http"]["services"]["api"]["loadBalancer"]["servers"];
+        assert_eq!(servers[0]["url"], "http://127.0.0.1:1");
+        assert_eq!(servers[1]["url"], "http://127.0.0.1:2");
+        assert!(doc.get("x").is_none());
+    }
+
+    #[test]
+    fn lines_of_key_paths() {
+        let text = "http:\n  routers:\n    api:\n      service: api\n      rule: Nope(`x`)\n";
+        assert_eq!(line_of(text, "http.routers.api.rule"), 5);
+        assert_eq!(line_of(text, "http.routers.web.rule"), 0);
+    }
+}
