@@ -7,6 +7,7 @@
 //! headers dropped, `X-Forwarded-*` added) → answer. The routing table is an immutable value
 //! swapped atomically ([`ArcSwap`]): a request in flight finishes on the table it started with.
 
+pub mod acme;
 pub mod balance;
 pub mod middleware;
 pub mod rule;
@@ -206,6 +207,8 @@ pub struct Proxy {
     /// Per-upstream state by address: it survives table swaps.
     upstreams: std::sync::Mutex<HashMap<SocketAddr, Arc<Upstream>>>,
     client: Client<HttpConnector, Body>,
+    /// ACME challenges to answer and certificates it issued.
+    acme: Arc<acme::Store>,
 }
 
 /// The most header bytes a request may carry (HTTP/1 read buffer, HTTP/2 header list).
@@ -281,9 +284,15 @@ impl Proxy {
             table: ArcSwap::from_pointee(empty),
             upstreams: std::sync::Mutex::new(HashMap::new()),
             client,
+            acme: Default::default(),
         };
         proxy.update_services(services);
         proxy
+    }
+
+    /// Shared with the ACME client (it fills it) and the TLS certificate resolver.
+    pub fn acme_store(&self) -> Arc<acme::Store> {
+        self.acme.clone()
     }
 
     fn conf(&self) -> Arc<L7Config> {
@@ -404,6 +413,8 @@ impl Proxy {
                         .accept(stream)
                         .await
                     {
+                        // TLS-ALPN-01: the handshake was the answer; no HTTP follows.
+                        Ok(s) if acme::is_validation(s.get_ref().1) => return,
                         Ok(s) => {
                             builder
                                 .serve_connection_with_upgrades(TokioIo::new(s), svc)
@@ -447,6 +458,9 @@ impl Proxy {
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 "request headers too large",
             );
+        }
+        if let Some(answer) = self.acme.http01_response(scheme, &req) {
+            return answer;
         }
         // Route.
         let table = self.table.load_full();
