@@ -142,7 +142,7 @@ fn pebble_pki(dir: &Path) -> PebblePki {
 /// pebble and its DNS server, validating on the given ports of 127.0.0.1.
 struct Pebble {
     mgmt_port: u16,
-    pki: PebblePki,
+    ca_der: CertificateDer<'static>,
     // Dropped (killed) in this order.
     _pebble: Proc,
     _dns: Proc,
@@ -167,7 +167,7 @@ fn pebble_setup(dir: &Path) -> PebbleSetup {
 
 async fn start_pebble(
     dir: &Path,
-    setup: PebbleSetup,
+    setup: &PebbleSetup,
     http_port: u16,
     tls_port: u16,
     validity: Option<u64>,
@@ -177,6 +177,7 @@ async fn start_pebble(
         acme_port,
         mgmt_port,
     } = setup;
+    let (acme_port, mgmt_port) = (*acme_port, *mgmt_port);
     let (dns_port, dns_mgmt) = (free_port(), free_port());
     let dns_log = std::fs::File::create(dir.join("challtestsrv.log")).unwrap();
     let mut dns = Proc(
@@ -246,7 +247,7 @@ async fn start_pebble(
     wait_tcp(mgmt_port, "pebble (management)", &mut pebble).await;
     Pebble {
         mgmt_port,
-        pki,
+        ca_der: pki.ca_der.clone(),
         _pebble: pebble,
         _dns: dns,
     }
@@ -382,13 +383,9 @@ where
 /// pebble's root and intermediate, from its management API.
 async fn pebble_chain(p: &Pebble) -> (CertificateDer<'static>, CertificateDer<'static>) {
     let fetch = |path: &'static str| async move {
-        let s = tls_connect(
-            p.mgmt_port,
-            "127.0.0.1",
-            std::slice::from_ref(&p.pki.ca_der),
-        )
-        .await
-        .expect("pebble management TLS");
+        let s = tls_connect(p.mgmt_port, "127.0.0.1", std::slice::from_ref(&p.ca_der))
+            .await
+            .expect("pebble management TLS");
         let (code, pem) = get(s, "127.0.0.1", path).await;
         assert_eq!(code, 200, "{path}: {pem}");
         CertificateDer::from_pem_slice(pem.as_bytes()).expect("PEM certificate")
@@ -453,7 +450,7 @@ async fn http01_issues_through_the_proxy_and_a_restart_reuses_the_certificates()
     let (proxy, listeners) = proxy_for(&cfg, up).await;
     let web = listeners.local_addr("web").unwrap().port();
     let websecure = listeners.local_addr("websecure").unwrap().port();
-    let pebble = start_pebble(&tmp.0, setup, web, websecure, None).await;
+    let pebble = start_pebble(&tmp.0, &setup, web, websecure, None).await;
 
     let mut client = Acme::new(
         cfg.acme.clone().unwrap(),
@@ -510,8 +507,13 @@ async fn http01_issues_through_the_proxy_and_a_restart_reuses_the_certificates()
     );
     assert_eq!(stats.failures.load(Ordering::Relaxed), 0);
     task.abort();
-    // A garbage stored certificate is ordered again (validated through the proxy, so this
-    // client fills the proxy's store) and replaced; the good one is kept.
+    // pebble restarts and forgets everything, the stored account included (and has a new
+    // root). A garbage stored certificate is ordered again — the client creates a new account on
+    // the way — validated through the proxy (so this client fills the proxy's store) and
+    // replaced; the good one is kept.
+    drop(pebble);
+    let pebble = start_pebble(&tmp.0, &setup, web, websecure, None).await;
+    let old_account = std::fs::read(dir.join("account.json")).unwrap();
     std::fs::write(dir.join("b.example.test.crt"), "garbage").unwrap();
     let store = proxy.acme_store();
     store.clear();
@@ -529,6 +531,11 @@ async fn http01_issues_through_the_proxy_and_a_restart_reuses_the_certificates()
         &store.certificate("b.example.test").unwrap().cert[0],
         &leaves[1]
     );
+    assert_ne!(
+        std::fs::read(dir.join("account.json")).unwrap(),
+        old_account
+    );
+    let (root, intermediate) = pebble_chain(&pebble).await;
     check_served(websecure, "b.example.test", &root, &intermediate).await;
     task.abort();
 }
@@ -547,7 +554,7 @@ async fn tls_alpn01_issues_and_renews_inside_the_window() {
     let websecure = listeners.local_addr("websecure").unwrap().port();
     // 30-second certificates: renewal is due halfway (renew_before_days = 30 is longer than the
     // whole life, so the half-life cap applies).
-    let pebble = start_pebble(&tmp.0, setup, web, websecure, Some(30)).await;
+    let pebble = start_pebble(&tmp.0, &setup, web, websecure, Some(30)).await;
     assert_eq!(
         cfg.acme.as_ref().unwrap().renew_before,
         Duration::from_secs(30 * 86_400)

@@ -413,6 +413,12 @@ impl Acme {
                         d.validity = Some(v);
                         d.failures = 0;
                         d.retry_at = None;
+                        if renewal_time(v.0, v.1, self.spec.renew_before) <= SystemTime::now() {
+                            // Due the moment it arrives (a wrong clock, here or at the CA):
+                            // ordering again at once would only repeat that.
+                            warn!(domain = name, "the new certificate is already due for renewal; is the clock right?");
+                            d.retry_at = Some(Instant::now() + LAST_RETRY);
+                        }
                         let expires = v.1.duration_since(UNIX_EPOCH).unwrap_or_default();
                         info!(
                             domain = name,
@@ -513,10 +519,29 @@ impl Acme {
     async fn obtain(&mut self, name: &str) -> Result<(SystemTime, SystemTime)> {
         let account = self.account().await?;
         let ids = [Identifier::Dns(name.to_string())];
-        let mut order = account
-            .new_order(&NewOrder::new(&ids))
-            .await
-            .context("new order")?;
+        let mut order = match account.new_order(&NewOrder::new(&ids)).await {
+            Ok(o) => o,
+            // The CA forgot the account (a test CA restarted, an account deactivated): a new one,
+            // and the same order again, rather than failing forever.
+            Err(instant_acme::Error::Api(p))
+                if p.r#type.as_deref()
+                    == Some("urn:ietf:params:acme:error:accountDoesNotExist") =>
+            {
+                let path = self.dir.join("account.json");
+                warn!(
+                    "the CA does not know the stored account; {} is moved aside and a new account created",
+                    path.display()
+                );
+                self.account = None;
+                let _ = std::fs::rename(&path, path.with_extension("json.gone"));
+                self.account()
+                    .await?
+                    .new_order(&NewOrder::new(&ids))
+                    .await
+                    .context("new order")?
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context("new order")),
+        };
         self.stats.orders.fetch_add(1, Ordering::Relaxed);
         let store = self.store.clone();
         let mut pending = Pending {
