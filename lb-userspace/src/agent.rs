@@ -186,8 +186,15 @@ pub async fn run(config_path: &Path) -> Result<()> {
     ));
     proxy.update_services(&control.proxy_services(&proxy.service_names()));
     control.proxy = Some(proxy.clone());
+    // Stored ACME certificates are installed before the listeners open; orders (validated on
+    // those listeners) start after.
+    let acme = cfg
+        .acme
+        .clone()
+        .map(|spec| acme_client(spec, &cfg.state_dir, &proxy));
     let mut listeners = Listeners::default();
     listeners.reconcile(&proxy, &cfg).await?;
+    let acme = acme.map(AcmeTask::spawn);
     let control = Arc::new(Mutex::new(control));
     let (events, rx) = mpsc::channel(1024);
     let mut tasks = vec![tokio::spawn(control::run(control.clone(), rx))];
@@ -243,6 +250,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         control.clone(),
         proxy,
         listeners,
+        acme,
     )));
 
     let listener = tokio::net::TcpListener::bind(cfg.api_listen)
@@ -336,36 +344,85 @@ fn build_middlewares(
         .collect()
 }
 
+/// The ACME client for `spec`, its stored certificates already serving.
+fn acme_client(
+    spec: crate::proxy::acme::AcmeSpec,
+    state_dir: &Path,
+    proxy: &crate::proxy::Proxy,
+) -> crate::proxy::acme::Acme {
+    let mut client = crate::proxy::acme::Acme::new(spec, state_dir, proxy.acme_store());
+    let stored = client.load_stored();
+    info!(stored, dir = %client.dir().display(), "ACME certificates loaded");
+    client
+}
+
+/// The ACME client's task (orders and renewals); it stops with its owner.
+struct AcmeTask(tokio::task::JoinHandle<()>);
+
+impl AcmeTask {
+    fn spawn(client: crate::proxy::acme::Acme) -> AcmeTask {
+        AcmeTask(tokio::spawn(client.run()))
+    }
+}
+
+impl Drop for AcmeTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The certificates of `cfg` as the resolver sees them: files, then ACME, then the dev CA.
+fn certificates(
+    proxy: &crate::proxy::Proxy,
+    cfg: &Config,
+) -> Result<Arc<crate::proxy::tls::Certs>> {
+    let mut certs = crate::proxy::tls::Certs::load(&cfg.certificates)?;
+    if cfg.acme.is_some() {
+        certs = certs.with_acme(proxy.acme_store());
+    }
+    if cfg.tls_dev_ca {
+        certs = certs.with_dev_ca(crate::proxy::tls::DevCa::open(&cfg.state_dir)?);
+    }
+    Ok(Arc::new(certs))
+}
+
 /// The proxy's open listeners, by entry point. A changed entry point is closed and reopened; a
 /// removed one stops accepting (connections in progress finish); TLS configurations are swapped
 /// in place, so certificates reload without closing anything.
 #[derive(Default)]
-struct Listeners {
+pub struct Listeners {
     open: std::collections::HashMap<
         String,
         (
             crate::proxy::EntryPointSpec,
             tokio::task::JoinHandle<()>,
             Option<crate::proxy::TlsConfig>,
+            std::net::SocketAddr,
         ),
     >,
 }
 
 impl Listeners {
-    async fn reconcile(&mut self, proxy: &Arc<crate::proxy::Proxy>, cfg: &Config) -> Result<()> {
-        let mut certs = crate::proxy::tls::Certs::load(&cfg.certificates)?;
-        if cfg.tls_dev_ca {
-            certs = certs.with_dev_ca(crate::proxy::tls::DevCa::open(&cfg.state_dir)?);
-        }
-        let certs = Arc::new(certs);
+    /// The address entry point `name` listens on (its port when configured as 0).
+    pub fn local_addr(&self, name: &str) -> Option<std::net::SocketAddr> {
+        self.open.get(name).map(|o| o.3)
+    }
+
+    /// Opens, closes and updates the listeners to match `cfg`.
+    pub async fn reconcile(
+        &mut self,
+        proxy: &Arc<crate::proxy::Proxy>,
+        cfg: &Config,
+    ) -> Result<()> {
+        let certs = certificates(proxy, cfg)?;
         let gone: Vec<String> = self
             .open
             .iter()
-            .filter(|(_, (spec, _, _))| !cfg.entrypoints.contains(spec))
+            .filter(|(_, (spec, _, _, _))| !cfg.entrypoints.contains(spec))
             .map(|(n, _)| n.clone())
             .collect();
         for name in gone {
-            if let Some((spec, task, _)) = self.open.remove(&name) {
+            if let Some((spec, task, _, _)) = self.open.remove(&name) {
                 task.abort();
                 let _ = task.await;
                 info!(entrypoint = name, address = %spec.address, "entry point closed");
@@ -379,7 +436,7 @@ impl Listeners {
                 )?),
                 false => None,
             };
-            if let Some((_, _, current)) = self.open.get(&ep.name) {
+            if let Some((_, _, current, _)) = self.open.get(&ep.name) {
                 if let (Some(cur), Some(new)) = (current, tls) {
                     cur.store(new);
                 }
@@ -388,10 +445,33 @@ impl Listeners {
             let listener = tokio::net::TcpListener::bind(ep.address)
                 .await
                 .with_context(|| format!("entrypoint {}: binding {}", ep.name, ep.address))?;
+            let local = listener.local_addr().unwrap_or(ep.address);
             let tls = tls.map(|t| Arc::new(arc_swap::ArcSwap::new(t)));
-            info!(entrypoint = ep.name, address = %ep.address, tls = ep.tls, "proxy listening");
+            info!(entrypoint = ep.name, address = %local, tls = ep.tls, "proxy listening");
             let task = tokio::spawn(proxy.clone().serve(ep.name.clone(), listener, tls.clone()));
-            self.open.insert(ep.name.clone(), (ep.clone(), task, tls));
+            self.open
+                .insert(ep.name.clone(), (ep.clone(), task, tls, local));
+        }
+        Ok(())
+    }
+
+    /// The certificate files changed: every TLS entry point gets them for its next handshakes.
+    /// A pair that does not load (half written, garbage, a key of another certificate) changes
+    /// nothing: the error is returned and the previous certificates keep serving.
+    pub fn reload_certificates(&self, proxy: &crate::proxy::Proxy, cfg: &Config) -> Result<()> {
+        let certs = certificates(proxy, cfg)?;
+        let mut swaps = Vec::new();
+        for (spec, _, tls, _) in self.open.values() {
+            if let Some(current) = tls {
+                let new = crate::proxy::tls::server_config(
+                    certs.clone(),
+                    spec.client_ca_file.as_deref(),
+                )?;
+                swaps.push((current, new));
+            }
+        }
+        for (current, new) in swaps {
+            current.store(new);
         }
         Ok(())
     }
@@ -408,6 +488,7 @@ async fn watch_config(
     control: Arc<Mutex<Control>>,
     proxy: Arc<crate::proxy::Proxy>,
     mut listeners: Listeners,
+    mut acme: Option<AcmeTask>,
 ) {
     use notify::Watcher as _;
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
@@ -436,7 +517,20 @@ async fn watch_config(
     if let Err(e) = watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
         return warn!("config watch unavailable on {}: {e}", dir.display());
     }
-    while rx.recv().await.is_some() {
+    let mut cert_files = crate::proxy::tls::CertFilesWatch::new(&current.certificates);
+    loop {
+        tokio::select! {
+            got = rx.recv() => if got.is_none() { break },
+            () = cert_files.changed() => {
+                match listeners.reload_certificates(&proxy, &current) {
+                    Ok(()) => info!("certificate files changed: reloaded"),
+                    Err(e) => warn!(
+                        "certificate files changed but do not load, the previous certificates stay: {e:#}"
+                    ),
+                }
+                continue;
+            }
+        }
         // Debounce: editors write in several steps.
         while tokio::time::timeout(Duration::from_millis(200), rx.recv())
             .await
@@ -478,6 +572,17 @@ async fn watch_config(
                 continue;
             }
         };
+        // A changed [acme] starts a new client (its stored certificates first, orders after the
+        // listeners are reconciled); the old one stops and its certificates leave the resolver.
+        let acme_next = if new.acme != current.acme || new.state_dir != current.state_dir {
+            drop(acme.take());
+            proxy.acme_store().clear();
+            new.acme
+                .clone()
+                .map(|spec| acme_client(spec, &new.state_dir, &proxy))
+        } else {
+            None
+        };
         proxy.reconfigure(crate::proxy::L7Config {
             entrypoints: new.entrypoints.clone(),
             routers: new.routers.clone(),
@@ -486,6 +591,9 @@ async fn watch_config(
         });
         if let Err(e) = listeners.reconcile(&proxy, &new).await {
             warn!("entry points: {e:#}");
+        }
+        if let Some(client) = acme_next {
+            acme = Some(AcmeTask::spawn(client));
         }
         // Inline backends of the VIPs this agent runs.
         let c = control.clone();
@@ -509,6 +617,9 @@ async fn watch_config(
             ),
             Ok(Err(e)) => warn!("config reload: {e:#}"),
             Err(e) => warn!("config reload: {e}"),
+        }
+        if new.certificates != current.certificates {
+            cert_files = crate::proxy::tls::CertFilesWatch::new(&new.certificates);
         }
         current = new;
     }

@@ -71,6 +71,31 @@ struct RawConfig {
     middleware: Vec<Spanned<RawMiddleware>>,
     #[serde(default)]
     tls: RawTls,
+    #[serde(default)]
+    acme: Option<Spanned<RawAcme>>,
+}
+
+/// `[acme]`: certificates from an ACME CA for the TLS entry points.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAcme {
+    directory: Spanned<String>,
+    #[serde(default)]
+    email: Option<Spanned<String>>,
+    #[serde(default = "d_challenge")]
+    challenge: Spanned<String>,
+    domains: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    ca_file: Option<Spanned<PathBuf>>,
+    #[serde(default = "d_renew_before")]
+    renew_before_days: Spanned<u32>,
+}
+
+fn d_challenge() -> Spanned<String> {
+    Spanned::new(0..0, "http-01".into())
+}
+fn d_renew_before() -> Spanned<u32> {
+    Spanned::new(0..0, 30)
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -464,6 +489,8 @@ pub struct Config {
     pub certificates: Vec<crate::proxy::tls::CertSpec>,
     /// `[tls] dev_ca`: a development CA issues certificates for names no certificate covers.
     pub tls_dev_ca: bool,
+    /// `[acme]`: certificates ordered from an ACME CA.
+    pub acme: Option<crate::proxy::acme::AcmeSpec>,
     /// Middlewares by name (validated: each builds).
     pub middlewares: Vec<(String, crate::proxy::middleware::MiddlewareConfig)>,
 }
@@ -1190,16 +1217,22 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
             "more than one certificate has default = true".into(),
         ));
     }
+    let acme = match &raw.acme {
+        Some(a) => Some(validate_acme(a.get_ref(), &entrypoints, &err)?),
+        None => None,
+    };
     if let Some(e) = raw.entrypoint.iter().find(|e| e.get_ref().tls) {
-        if certificates.is_empty() && !raw.tls.dev_ca {
+        if certificates.is_empty() && !raw.tls.dev_ca && acme.is_none() {
             return Err(err(
                 e.span(),
                 "entrypoint".into(),
-                "tls = true needs at least one [[certificate]] (or [tls] dev_ca = true)".into(),
+                "tls = true needs at least one [[certificate]] (or [tls] dev_ca = true, or [acme])"
+                    .into(),
             ));
         }
     }
     Ok(Config {
+        acme,
         tls_dev_ca: raw.tls.dev_ca,
         middlewares,
         certificates,
@@ -1225,6 +1258,126 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
         api_listen,
         api_token: raw.api.token.clone(),
         vips,
+    })
+}
+
+fn validate_acme(
+    a: &RawAcme,
+    entrypoints: &[crate::proxy::EntryPointSpec],
+    err: &dyn Fn(std::ops::Range<usize>, String, String) -> ConfigError,
+) -> Result<crate::proxy::acme::AcmeSpec, ConfigError> {
+    use crate::proxy::acme::{AcmeSpec, ChallengeKind};
+    let dir = a.directory.get_ref();
+    let https = dir
+        .parse::<hyper::Uri>()
+        .ok()
+        .filter(|u| u.scheme_str() == Some("https") && u.host().is_some_and(|h| !h.is_empty()));
+    if https.is_none() {
+        return Err(err(
+            a.directory.span(),
+            "acme.directory".into(),
+            format!("{dir:?}: expected an https:// URL"),
+        ));
+    }
+    let email = match &a.email {
+        Some(e) => {
+            let v = e.get_ref();
+            let ok = v.split_once('@').is_some_and(|(user, host)| {
+                !user.is_empty() && host.contains('.') && !host.contains('@')
+            }) && !v.chars().any(|c| c.is_whitespace() || c == ',' || c == ':');
+            if !ok {
+                return Err(err(
+                    e.span(),
+                    "acme.email".into(),
+                    format!("{v:?} is not an email address"),
+                ));
+            }
+            Some(v.clone())
+        }
+        None => None,
+    };
+    let challenge = match a.challenge.get_ref().as_str() {
+        "http-01" => ChallengeKind::Http01,
+        "tls-alpn-01" => ChallengeKind::TlsAlpn01,
+        other => {
+            return Err(err(
+                a.challenge.span(),
+                "acme.challenge".into(),
+                format!("{other:?}: expected \"http-01\" or \"tls-alpn-01\""),
+            ))
+        }
+    };
+    // The CA validates on the proxy's own ports: there must be one of the right kind.
+    let tls = challenge == ChallengeKind::TlsAlpn01;
+    if !entrypoints.iter().any(|e| e.tls == tls) {
+        return Err(err(
+            a.challenge.span(),
+            "acme.challenge".into(),
+            format!(
+                "{} is answered on an entry point with tls = {tls}, and there is none",
+                a.challenge.get_ref()
+            ),
+        ));
+    }
+    let mut domains: Vec<String> = Vec::new();
+    for (i, d) in a.domains.get_ref().iter().enumerate() {
+        let name = d.get_ref().trim_end_matches('.').to_ascii_lowercase();
+        let why = if name.starts_with("*.") {
+            Some("wildcards need the dns-01 challenge, which lb does not answer")
+        } else if name.parse::<IpAddr>().is_ok() {
+            Some("an IP address, not a DNS name")
+        } else if name.is_empty()
+            || name.len() > 253
+            || !name.contains('.')
+            || name
+                .split('.')
+                .any(|l| l.is_empty() || l.len() > 63 || l.starts_with('-') || l.ends_with('-'))
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        {
+            Some("not a DNS name")
+        } else if domains.contains(&name) {
+            Some("listed twice")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(err(
+                d.span(),
+                format!("acme.domains[{i}]"),
+                format!("{:?}: {why}", d.get_ref()),
+            ));
+        }
+        domains.push(name);
+    }
+    if domains.is_empty() {
+        return Err(err(
+            a.domains.span(),
+            "acme.domains".into(),
+            "at least one name".into(),
+        ));
+    }
+    if let Some(f) = &a.ca_file {
+        if f.get_ref().as_os_str().is_empty() {
+            return Err(err(f.span(), "acme.ca_file".into(), "empty path".into()));
+        }
+    }
+    let days = *a.renew_before_days.get_ref();
+    if days > 365 {
+        return Err(err(
+            a.renew_before_days.span(),
+            "acme.renew_before_days".into(),
+            format!("{days}: at most 365"),
+        ));
+    }
+    Ok(AcmeSpec {
+        directory: dir.clone(),
+        email,
+        challenge,
+        domains,
+        ca_file: a.ca_file.as_ref().map(|f| f.get_ref().clone()),
+        renew_before: Duration::from_secs(u64::from(days) * 86_400),
     })
 }
 
@@ -1348,6 +1501,48 @@ address = "10.0.1.2"
             (1, 1, 2)
         );
         assert!(c.vips[0].health.is_some());
+    }
+
+    #[test]
+    fn acme_section_parses_and_errors_name_line_and_field() {
+        let base = format!(
+            "{GOOD}\n[[entrypoint]]\nname = \"web\"\naddress = \"0.0.0.0:80\"\n\n[[entrypoint]]\nname = \"websecure\"\naddress = \"0.0.0.0:443\"\ntls = true\n"
+        );
+        let ok = format!(
+            "{base}\n[acme]\ndirectory = \"https://127.0.0.1:14000/dir\"\nemail = \"ops@example.com\"\ndomains = [\"A.example.test\", \"b.example.test\"]\nca_file = \"/tmp/ca.pem\"\n"
+        );
+        let c = parse(Path::new("lb.toml"), &ok).expect("valid");
+        let a = c.acme.expect("acme");
+        assert_eq!(a.domains, vec!["a.example.test", "b.example.test"]);
+        assert_eq!(a.challenge, crate::proxy::acme::ChallengeKind::Http01);
+        assert_eq!(a.renew_before, Duration::from_secs(30 * 86_400));
+        let line_of_text = |needle: &str| ok[..ok.find(needle).unwrap()].matches('\n').count() + 1;
+        let e = parse_err(&ok.replace("https://127", "http://127"));
+        assert_eq!(
+            (e.line, e.field.as_str()),
+            (line_of_text("directory ="), "acme.directory")
+        );
+        let e = parse_err(&ok.replace("\"b.example.test\"", "\"*.example.test\""));
+        assert_eq!(e.field, "acme.domains[1]");
+        assert!(e.reason.contains("dns-01"), "{e}");
+        assert_eq!(e.line, line_of_text("domains ="));
+        let e = parse_err(&ok.replace("\"b.example.test\"", "\"a.example.test\""));
+        assert!(e.reason.contains("twice"), "{e}");
+        let e = parse_err(&ok.replace("ops@example.com", "ops"));
+        assert_eq!(e.field, "acme.email");
+        let e = parse_err(&format!("{ok}challenge = \"dns-01\"\n"));
+        assert_eq!(e.field, "acme.challenge");
+        let e = parse_err(&format!("{ok}renew_before_days = 400\n"));
+        assert_eq!(e.field, "acme.renew_before_days");
+        // TLS-ALPN-01 needs a TLS entry point; HTTP-01 a plain one.
+        let plain_only = ok.replace("tls = true\n", "");
+        let c = parse(Path::new("lb.toml"), &plain_only).expect("valid");
+        assert!(c.acme.is_some());
+        let e = parse_err(&format!("{plain_only}challenge = \"tls-alpn-01\"\n"));
+        assert!(e.reason.contains("tls = true"), "{e}");
+        // [acme] alone is enough for a TLS entry point.
+        let no_acme = &ok[..ok.find("[acme]").unwrap()];
+        assert!(parse_err(no_acme).reason.contains("[acme]"));
     }
 
     #[test]

@@ -2,7 +2,14 @@
 //! certificate, the default certificate, and mTLS refusing a client without a certificate.
 //! Certificates are made by rcgen for the test (a CA, two servers, a client).
 
-use std::{collections::BTreeMap, convert::Infallible, net::SocketAddr, path::PathBuf, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -26,6 +33,26 @@ struct Pki {
     a_der: CertificateDer<'static>,
     b_der: CertificateDer<'static>,
     client: (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
+    ca: rcgen::Certificate,
+    ca_key: KeyPair,
+}
+
+impl Pki {
+    /// A new certificate and key for `names`, signed by the test CA, written to `crt` and `key`
+    /// the way careful tools do it (a temporary file renamed over the old one).
+    fn issue_to(&self, names: &[&str], crt: &Path, key: &Path) -> CertificateDer<'static> {
+        let k = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .unwrap()
+            .signed_by(&k, &self.ca, &self.ca_key)
+            .unwrap();
+        for (path, text) in [(key, k.serialize_pem()), (crt, cert.pem())] {
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(&tmp, path).unwrap();
+        }
+        cert.der().clone()
+    }
 }
 
 impl Drop for Pki {
@@ -64,6 +91,8 @@ fn pki(tag: &str) -> Pki {
             PrivateKeyDer::try_from(ckey.serialize_der()).unwrap(),
         ),
         dir,
+        ca,
+        ca_key,
     }
 }
 
@@ -338,4 +367,132 @@ async fn development_ca_issues_certificates_that_survive_a_restart() {
         .expect("certs")
         .with_dev_ca(DevCa::open(&state).expect("dev CA again"));
     trust("other.example", &again).expect("still trusted after a restart");
+}
+
+/// The `[[certificate]]` files of a running TLS entry point are replaced: new handshakes get the
+/// new certificate within a bounded time, with the listener and lb.toml untouched. Garbage, or a
+/// certificate whose key has not arrived yet, is refused and the previous certificate stays.
+/// Driven as the agent drives it: `CertFilesWatch` → `Listeners::reload_certificates`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_files_reload_into_a_running_entry_point() {
+    use lb_userspace::{agent::Listeners, proxy::tls::CertFilesWatch};
+    let p = pki("reload");
+    let live = p.dir.join("live");
+    std::fs::create_dir_all(&live).unwrap();
+    let (crt, key) = (live.join("site.crt"), live.join("site.key"));
+    let v1 = p.issue_to(&["a.test"], &crt, &key);
+    let text = format!(
+        r#"
+[agent]
+state_dir = "{}"
+
+[[entrypoint]]
+name = "websecure"
+address = "127.0.0.1:0"
+tls = true
+
+[[router]]
+name = "all"
+rule = "PathPrefix(`/`)"
+service = "s"
+
+[[certificate]]
+cert_file = "{}"
+key_file = "{}"
+"#,
+        p.dir.join("state").display(),
+        crt.display(),
+        key.display()
+    );
+    let cfg = lb_userspace::config::parse(Path::new("reload.toml"), &text)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let up = upstream().await;
+    let mut services = Services::new();
+    let i = Instance {
+        address: up.ip(),
+        port: up.port(),
+        weight: 1,
+        zone: None,
+        metadata: BTreeMap::new(),
+    };
+    services.insert("s".into(), BTreeMap::from([(i.key(), i)]));
+    let proxy = Arc::new(Proxy::new(
+        cfg.entrypoints.clone(),
+        cfg.routers.clone(),
+        cfg.http_services.clone(),
+        Default::default(),
+        &services,
+    ));
+    let mut listeners = Listeners::default();
+    listeners.reconcile(&proxy, &cfg).await.expect("listeners");
+    let addr = listeners.local_addr("websecure").unwrap();
+    // The agent's loop, reporting each reload's outcome.
+    let (tx, mut outcomes) = tokio::sync::mpsc::unbounded_channel();
+    let mut watch = CertFilesWatch::new(&cfg.certificates);
+    let follower = tokio::spawn(async move {
+        loop {
+            watch.changed().await;
+            let _ = tx.send(
+                listeners
+                    .reload_certificates(&proxy, &cfg)
+                    .map_err(|e| e.to_string()),
+            );
+        }
+    });
+    let served = || async {
+        let s = connect(&p, addr, "a.test", &[b"http/1.1"], false)
+            .await
+            .expect("handshake");
+        s.get_ref().1.peer_certificates().unwrap()[0].clone()
+    };
+    let wait_for = |want: CertificateDer<'static>, what: &'static str| {
+        let served = &served;
+        async move {
+            let start = Instant::now();
+            while served().await != want {
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "{what}: not served"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    assert_eq!(served().await, v1);
+
+    // Replaced by rename (key, then certificate).
+    let v2 = p.issue_to(&["a.test"], &crt, &key);
+    wait_for(v2.clone(), "the replaced certificate").await;
+    let reloaded = tokio::time::timeout(Duration::from_secs(10), outcomes.recv())
+        .await
+        .expect("the reload's outcome")
+        .unwrap();
+    assert!(reloaded.is_ok(), "{reloaded:?}");
+
+    // Garbage written in place: refused, the previous certificate stays.
+    std::fs::write(&crt, "-----BEGIN CERTIFICATE-----\ngarbage\n").unwrap();
+    let refused = tokio::time::timeout(Duration::from_secs(10), outcomes.recv())
+        .await
+        .expect("a reload attempt")
+        .unwrap();
+    assert!(refused.is_err(), "garbage accepted");
+    assert_eq!(served().await, v2, "garbage replaced the certificate");
+
+    // Half a pair: a new certificate whose key has not arrived does not load either …
+    let k3 = KeyPair::generate().unwrap();
+    let c3 = CertificateParams::new(vec!["a.test".to_string()])
+        .unwrap()
+        .signed_by(&k3, &p.ca, &p.ca_key)
+        .unwrap();
+    std::fs::write(&crt, c3.pem()).unwrap();
+    let refused = tokio::time::timeout(Duration::from_secs(10), outcomes.recv())
+        .await
+        .expect("a reload attempt")
+        .unwrap();
+    assert!(refused.unwrap_err().contains("does not match"));
+    assert_eq!(served().await, v2);
+    // … and the pair is served once the key follows.
+    std::fs::write(&key, k3.serialize_pem()).unwrap();
+    wait_for(c3.der().clone(), "the completed pair").await;
+    follower.abort();
 }

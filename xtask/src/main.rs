@@ -230,6 +230,18 @@ fn clean_leftovers() {
 
 fn test() -> Result<()> {
     preflight()?;
+    // The ACME tests run pebble, an ACME test CA, with pebble-challtestsrv as its DNS server.
+    for tool in ["pebble", "pebble-challtestsrv"] {
+        if output(
+            Command::new("sh")
+                .arg("-c")
+                .arg(format!("command -v {tool}")),
+        )
+        .is_none()
+        {
+            bail!("{tool} is missing: install pebble (see .ci/run)");
+        }
+    }
     build(false)?;
     clean_leftovers();
     eprintln!("xtask: unit and packet tests");

@@ -7,6 +7,7 @@
 //! headers dropped, `X-Forwarded-*` added) → answer. The routing table is an immutable value
 //! swapped atomically ([`ArcSwap`]): a request in flight finishes on the table it started with.
 
+pub mod acme;
 pub mod balance;
 pub mod client;
 pub mod dynamic;
@@ -261,6 +262,8 @@ pub struct Proxy {
     clients: std::sync::Mutex<HashMap<Option<UpstreamTls>, UpstreamClient>>,
     /// Mirror copies in flight (bounded: a slow shadow must not pile up tasks).
     mirroring: Arc<std::sync::atomic::AtomicUsize>,
+    /// ACME challenges to answer and certificates it issued.
+    acme: Arc<acme::Store>,
 }
 
 /// The most mirror copies in flight at once; beyond it copies are skipped.
@@ -332,9 +335,15 @@ impl Proxy {
             upstreams: std::sync::Mutex::new(HashMap::new()),
             clients: std::sync::Mutex::new(HashMap::new()),
             mirroring: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            acme: Default::default(),
         };
         proxy.update_services(services);
         proxy
+    }
+
+    /// Shared with the ACME client (it fills it) and the TLS certificate resolver.
+    pub fn acme_store(&self) -> Arc<acme::Store> {
+        self.acme.clone()
     }
 
     fn conf(&self) -> Arc<L7Config> {
@@ -531,6 +540,8 @@ impl Proxy {
                         .accept(stream)
                         .await
                     {
+                        // TLS-ALPN-01: the handshake was the answer; no HTTP follows.
+                        Ok(s) if acme::is_validation(s.get_ref().1) => return,
                         Ok(s) => {
                             builder
                                 .serve_connection_with_upgrades(TokioIo::new(s), svc)
@@ -575,18 +586,8 @@ impl Proxy {
                 "request headers too large",
             );
         }
-        // Smuggling: a message framed two ways could be read differently by the upstream. RFC
-        // 9112 §6.1 lets a server refuse it; it must then close the connection.
-        if req.headers().contains_key(header::TRANSFER_ENCODING)
-            && req.headers().contains_key(header::CONTENT_LENGTH)
-        {
-            let mut r = text(
-                StatusCode::BAD_REQUEST,
-                "both Content-Length and Transfer-Encoding",
-            );
-            r.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            return r;
+        if let Some(answer) = self.acme.http01_response(scheme, &req) {
+            return answer;
         }
         let mut req = req.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed());
         // Route.

@@ -3,6 +3,16 @@
 //! the names it is valid for, wildcards included, as webpki checks them), a default certificate
 //! for clients that send no or an unknown name, ALPN `h2` / `http/1.1`, and optional client
 //! certificate verification (mTLS) per entry point.
+//!
+//! Certificate sources, in the order a name is looked up: the `[[certificate]]` files (an operator
+//! who configured a file for a name meant it), then certificates issued by ACME (see
+//! [`super::acme`]), then the development CA, then the default certificate. A client offering
+//! only ALPN `acme-tls/1` is an ACME validator and gets nothing but a pending TLS-ALPN-01
+//! challenge certificate.
+//!
+//! [`CertFilesWatch`] follows the `[[certificate]]` files themselves: certificates are renewed by
+//! tools outside the agent (certbot, cert-manager, a deploy script), which replace the files
+//! without touching lb.toml.
 
 use std::{fmt, path::Path, sync::Arc};
 
@@ -34,6 +44,7 @@ pub struct Certs {
     entries: Vec<Entry>,
     default: Option<Arc<CertifiedKey>>,
     dev_ca: Option<DevCa>,
+    acme: Option<Arc<super::acme::Store>>,
 }
 
 /// A development CA (`[tls] dev_ca = true`): certificates for any name a client asks for, signed
@@ -135,6 +146,35 @@ fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     Ok(chain)
 }
 
+/// A certificate chain and its private key, read from PEM files; the key must belong to the
+/// chain's first certificate.
+pub(crate) fn load_pair(cert_file: &Path, key_file: &Path) -> Result<Arc<CertifiedKey>> {
+    let chain = read_chain(cert_file)?;
+    let pem =
+        std::fs::read(key_file).with_context(|| format!("reading key {}", key_file.display()))?;
+    let key = PrivateKeyDer::from_pem_slice(&pem)
+        .map_err(|e| anyhow!("{}: {e:?}", key_file.display()))?;
+    let signer = any_supported_type(&key).map_err(|e| anyhow!("{}: {e}", key_file.display()))?;
+    let certified = Arc::new(CertifiedKey::new(chain, signer));
+    certified.keys_match().map_err(|e| {
+        anyhow!(
+            "{} does not match {}: {e}",
+            key_file.display(),
+            cert_file.display()
+        )
+    })?;
+    Ok(certified)
+}
+
+/// Whether `key`'s certificate is valid for `name` (wildcards included).
+pub(crate) fn covers(key: &CertifiedKey, name: &str) -> bool {
+    let (Some(leaf), Ok(n)) = (key.cert.first(), ServerName::try_from(name.to_string())) else {
+        return false;
+    };
+    webpki::EndEntityCert::try_from(leaf)
+        .is_ok_and(|c| c.verify_is_valid_for_subject_name(&n).is_ok())
+}
+
 impl Certs {
     /// With a development CA: names no configured certificate covers get one from it.
     pub fn with_dev_ca(mut self, ca: DevCa) -> Certs {
@@ -142,30 +182,23 @@ impl Certs {
         self
     }
 
+    /// With ACME: its issued certificates serve their names (after the configured files), and
+    /// its pending TLS-ALPN-01 challenges are answered.
+    pub fn with_acme(mut self, store: Arc<super::acme::Store>) -> Certs {
+        self.acme = Some(store);
+        self
+    }
+
     pub fn load(specs: &[CertSpec]) -> Result<Certs> {
         let mut entries = Vec::new();
         let mut default = None;
         for s in specs {
-            let chain = read_chain(&s.cert_file)?;
-            let pem = std::fs::read(&s.key_file)
-                .with_context(|| format!("reading key {}", s.key_file.display()))?;
-            let key = PrivateKeyDer::from_pem_slice(&pem)
-                .map_err(|e| anyhow!("{}: {e:?}", s.key_file.display()))?;
-            let signer =
-                any_supported_type(&key).map_err(|e| anyhow!("{}: {e}", s.key_file.display()))?;
-            let certified = Arc::new(CertifiedKey::new(chain.clone(), signer));
-            certified.keys_match().map_err(|e| {
-                anyhow!(
-                    "{} does not match {}: {e}",
-                    s.key_file.display(),
-                    s.cert_file.display()
-                )
-            })?;
+            let certified = load_pair(&s.cert_file, &s.key_file)?;
             if s.default || default.is_none() && specs.iter().all(|x| !x.default) {
                 default = Some(certified.clone());
             }
             entries.push(Entry {
-                leaf: chain[0].clone(),
+                leaf: certified.cert[0].clone(),
                 key: certified,
             });
         }
@@ -173,10 +206,12 @@ impl Certs {
             entries,
             default,
             dev_ca: None,
+            acme: None,
         })
     }
 
-    /// The certificate for `name`: the first valid for it, else the default.
+    /// The certificate for `name`: the first configured one valid for it, else ACME's, else the
+    /// development CA's, else the default (without any `[[certificate]]`: ACME's first domain).
     pub fn for_name(&self, name: Option<&str>) -> Option<Arc<CertifiedKey>> {
         if let Some(n) = name.and_then(|n| ServerName::try_from(n.to_string()).ok()) {
             for e in &self.entries {
@@ -187,11 +222,16 @@ impl Certs {
                     return Some(e.key.clone());
                 }
             }
+            if let Some(k) = name.and_then(|n| self.acme.as_ref()?.certificate(n)) {
+                return Some(k);
+            }
             if let (Some(ca), Some(name)) = (&self.dev_ca, name) {
                 return ca.issue(&name.to_ascii_lowercase());
             }
         }
-        self.default.clone()
+        self.default
+            .clone()
+            .or_else(|| self.acme.as_ref()?.fallback())
     }
 }
 
@@ -200,6 +240,14 @@ struct Sni(Arc<Certs>);
 
 impl ResolvesServerCert for Sni {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let validator = hello
+            .alpn()
+            .is_some_and(|mut p| p.any(|p| p == super::acme::ACME_TLS_ALPN));
+        if validator {
+            // RFC 8737: a validator gets the challenge certificate or no handshake at all.
+            let store = self.0.acme.as_ref()?;
+            return store.challenge_certificate(hello.server_name()?);
+        }
         self.0.for_name(hello.server_name())
     }
 }
@@ -226,7 +274,95 @@ pub fn server_config(certs: Arc<Certs>, client_ca: Option<&Path>) -> Result<Arc<
         }
         None => builder.with_no_client_auth(),
     };
+    let acme = certs.acme.is_some();
     let mut config = builder.with_cert_resolver(Arc::new(Sni(certs)));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    if acme {
+        // Last: only a validator, which offers nothing else, ever selects it.
+        config
+            .alpn_protocols
+            .push(super::acme::ACME_TLS_ALPN.to_vec());
+    }
     Ok(Arc::new(config))
+}
+
+/// Follows the `[[certificate]]` files: [`CertFilesWatch::changed`] returns after they changed
+/// (a burst of writes settles for 200 ms first). Their directories are watched, not the files,
+/// so a replacement by rename — how careful tools write — is seen, and so is the `..data`
+/// symlink swap of Kubernetes secret volumes.
+pub struct CertFilesWatch {
+    _watcher: Option<notify::RecommendedWatcher>,
+    rx: tokio::sync::mpsc::UnboundedReceiver<()>,
+}
+
+impl CertFilesWatch {
+    /// Watches the files of `specs`; when watching is impossible that is logged, and
+    /// [`CertFilesWatch::changed`] never returns (certificates still reload with lb.toml).
+    pub fn new(specs: &[CertSpec]) -> CertFilesWatch {
+        use notify::Watcher as _;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut files = std::collections::HashSet::new();
+        let mut dirs = std::collections::BTreeSet::new();
+        for f in specs.iter().flat_map(|s| [&s.cert_file, &s.key_file]) {
+            let dir = f
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."))
+                .to_path_buf();
+            if let Some(name) = f.file_name() {
+                files.insert(dir.join(name));
+            }
+            dirs.insert(dir);
+        }
+        if dirs.is_empty() {
+            return CertFilesWatch { _watcher: None, rx };
+        }
+        let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            let Ok(ev) = res else { return };
+            use notify::event::{AccessKind, AccessMode, EventKind};
+            let relevant = match ev.kind {
+                EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+                EventKind::Access(_) => false,
+                _ => true,
+            };
+            let ours = ev.paths.iter().any(|p| {
+                files.contains(p)
+                    || p.file_name()
+                        .is_some_and(|n| n.as_encoded_bytes().starts_with(b".."))
+            });
+            if relevant && ours {
+                let _ = tx.send(());
+            }
+        });
+        let mut watcher = match watcher {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!("certificate files cannot be watched: {e}");
+                return CertFilesWatch { _watcher: None, rx };
+            }
+        };
+        for d in &dirs {
+            if let Err(e) = watcher.watch(d, notify::RecursiveMode::NonRecursive) {
+                tracing::warn!(
+                    "certificate files in {} cannot be watched: {e}",
+                    d.display()
+                );
+            }
+        }
+        CertFilesWatch {
+            _watcher: Some(watcher),
+            rx,
+        }
+    }
+
+    /// Returns once the files changed and the writes settled.
+    pub async fn changed(&mut self) {
+        if self.rx.recv().await.is_none() {
+            return std::future::pending().await;
+        }
+        while tokio::time::timeout(std::time::Duration::from_millis(200), self.rx.recv())
+            .await
+            .is_ok_and(|x| x.is_some())
+        {}
+    }
 }

@@ -1,0 +1,728 @@
+//! ACME (RFC 8555) certificates for the proxy's TLS entry points, so a public name needs no
+//! certificate file and no renewal cron job.
+//!
+//! Why it is built this way:
+//! - The proxy answers the challenges itself (HTTP-01 on its plain-HTTP entry points, TLS-ALPN-01
+//!   on its TLS ones), because the CA validates against the very address the proxy listens on:
+//!   nothing else could answer there. [`Store`] is what the listeners and the client share;
+//!   the listeners only read it, so a request never waits on the ACME client.
+//! - Each configured domain gets a certificate of its own: one failing name (DNS not pointed
+//!   here yet, a rate limit) never holds back the others, and renewals are independent.
+//! - Account and certificates live in `<state_dir>/acme/<directory-hash>/` and are loaded before
+//!   the listeners open: a restart serves at once and orders nothing it already has (CAs rate
+//!   limit orders), and switching the directory (staging → production) starts afresh instead of
+//!   serving the other CA's certificates. Files are written to a temporary name and renamed, so
+//!   a crash never leaves half a key; keys are mode 0600.
+//! - Renewal is due when less than `renew_before` of the certificate's life remains, or less
+//!   than a third of it (short-lived certificates), but never before half of its life has passed
+//!   (a `renew_before` longer than the lifetime would otherwise renew in a loop). Failures are
+//!   logged and retried with exponential backoff (30 s doubling to 1 h): the current certificate
+//!   keeps serving meanwhile, and the agent never stops for a CA's sake.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper::{header, Method, Request, Response};
+use instant_acme::{
+    Account, AccountCredentials, AuthorizationStatus, ChallengeType, Identifier, NewAccount,
+    NewOrder, OrderStatus, RetryPolicy,
+};
+use rustls::{crypto::ring::sign::any_supported_type, sign::CertifiedKey};
+use rustls_pki_types::{pem::PemObject as _, CertificateDer, PrivateKeyDer};
+use tracing::{info, warn};
+
+/// The ALPN protocol of TLS-ALPN-01 validators (RFC 8737).
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
+const CHALLENGE_PATH: &str = "/.well-known/acme-challenge/";
+const FIRST_RETRY: Duration = Duration::from_secs(30);
+const LAST_RETRY: Duration = Duration::from_secs(3600);
+/// The longest the client sleeps between checks (a changed clock is noticed within it).
+const MAX_SLEEP: Duration = Duration::from_secs(3600);
+/// One order, from creation to the certificate, must finish within this.
+const ORDER_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// How the CA validates control of a name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChallengeKind {
+    /// The CA fetches `http://<name>/.well-known/acme-challenge/<token>` (port 80).
+    Http01,
+    /// The CA connects with TLS to `<name>:443` offering only ALPN `acme-tls/1`.
+    TlsAlpn01,
+}
+
+/// `[acme]` as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcmeSpec {
+    /// The directory URL (https).
+    pub directory: String,
+    pub email: Option<String>,
+    pub challenge: ChallengeKind,
+    /// One certificate per name; lowercase DNS names, no wildcards.
+    pub domains: Vec<String>,
+    /// A root trusted for the directory's HTTPS besides the system's (a private or test CA).
+    pub ca_file: Option<PathBuf>,
+    pub renew_before: Duration,
+}
+
+/// What the ACME client shares with the listeners: pending challenges and issued certificates.
+#[derive(Default)]
+pub struct Store {
+    /// HTTP-01: token → key authorization.
+    http01: Mutex<HashMap<String, String>>,
+    /// TLS-ALPN-01: name → the self-signed certificate carrying the acmeIdentifier.
+    tls_alpn01: Mutex<HashMap<String, Arc<CertifiedKey>>>,
+    /// Issued certificates in the configured order of their names.
+    issued: ArcSwap<Vec<(String, Arc<CertifiedKey>)>>,
+}
+
+impl Store {
+    /// The issued certificate for `name`.
+    pub fn certificate(&self, name: &str) -> Option<Arc<CertifiedKey>> {
+        self.issued
+            .load()
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, k)| k.clone())
+    }
+
+    /// The certificate of the first configured name that has one.
+    pub fn fallback(&self) -> Option<Arc<CertifiedKey>> {
+        self.issued.load().first().map(|(_, k)| k.clone())
+    }
+
+    /// The TLS-ALPN-01 certificate for a pending challenge on `name`.
+    pub fn challenge_certificate(&self, name: &str) -> Option<Arc<CertifiedKey>> {
+        self.tls_alpn01
+            .lock()
+            .ok()?
+            .get(&name.to_ascii_lowercase())
+            .cloned()
+    }
+
+    /// The HTTP-01 answer, when `req` (on a plain-HTTP entry point) asks for a pending token;
+    /// anything else under the challenge path goes on to routing (an upstream may answer its own).
+    pub fn http01_response<B>(
+        &self,
+        scheme: &str,
+        req: &Request<B>,
+    ) -> Option<Response<super::Body>> {
+        if scheme != "http" || !matches!(*req.method(), Method::GET | Method::HEAD) {
+            return None;
+        }
+        let token = req.uri().path().strip_prefix(CHALLENGE_PATH)?;
+        let answer = self.http01.lock().ok()?.get(token)?.clone();
+        let mut resp = Response::new(
+            Full::new(Bytes::from(answer))
+                .map_err(|never| match never {})
+                .boxed(),
+        );
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/octet-stream"),
+        );
+        Some(resp)
+    }
+
+    fn set_issued(&self, order: &[String], name: &str, key: Arc<CertifiedKey>) {
+        self.issued.rcu(|cur| {
+            let mut next: Vec<(String, Arc<CertifiedKey>)> =
+                cur.iter().filter(|(n, _)| n != name).cloned().collect();
+            next.push((name.to_string(), key.clone()));
+            next.sort_by_key(|(n, _)| order.iter().position(|o| o == n).unwrap_or(usize::MAX));
+            next
+        });
+    }
+
+    /// Forgets the issued certificates (the `[acme]` section changed or went away).
+    pub fn clear(&self) {
+        self.issued.store(Arc::new(Vec::new()));
+    }
+}
+
+/// True when the handshake was a TLS-ALPN-01 validation: the connection has served its purpose
+/// and carries no HTTP.
+pub fn is_validation(conn: &rustls::ServerConnection) -> bool {
+    conn.alpn_protocol() == Some(ACME_TLS_ALPN)
+}
+
+/// Counters, for tests and the log.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Orders created at the CA.
+    pub orders: AtomicU64,
+    /// Certificates obtained and installed.
+    pub issued: AtomicU64,
+    /// Failed attempts (each one retried later).
+    pub failures: AtomicU64,
+}
+
+#[derive(Default)]
+struct Domain {
+    /// notBefore, notAfter of the certificate in use.
+    validity: Option<(SystemTime, SystemTime)>,
+    failures: u32,
+    retry_at: Option<Instant>,
+}
+
+/// The ACME client of one `[acme]` section: loads what is stored, orders what is missing or due,
+/// installs the results in the [`Store`].
+pub struct Acme {
+    spec: AcmeSpec,
+    dir: PathBuf,
+    store: Arc<Store>,
+    stats: Arc<Stats>,
+    account: Option<Account>,
+    domains: HashMap<String, Domain>,
+}
+
+/// When a certificate valid from `not_before` to `not_after` is due for renewal.
+pub fn renewal_time(
+    not_before: SystemTime,
+    not_after: SystemTime,
+    renew_before: Duration,
+) -> SystemTime {
+    let life = not_after.duration_since(not_before).unwrap_or_default();
+    let window = renew_before.max(life / 3).min(life / 2);
+    not_after - window
+}
+
+fn validity(der: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime)> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+        .map_err(|e| anyhow!("unreadable certificate: {e}"))?;
+    let at = |t: i64| {
+        u64::try_from(t)
+            .map(|s| UNIX_EPOCH + Duration::from_secs(s))
+            .unwrap_or(UNIX_EPOCH)
+    };
+    let v = cert.validity();
+    Ok((at(v.not_before.timestamp()), at(v.not_after.timestamp())))
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename, with `mode`.
+fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        anyhow!("writing {}: {e}", path.display())
+    })
+}
+
+/// The certificate a TLS-ALPN-01 validator must see for `name`: self-signed, for exactly that
+/// name, with the critical acmeIdentifier extension holding SHA-256 of the key authorization.
+fn alpn_certificate(name: &str, digest: &[u8]) -> Result<Arc<CertifiedKey>> {
+    let key = rcgen::KeyPair::generate()?;
+    let mut params = rcgen::CertificateParams::new(vec![name.to_string()])?;
+    params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(digest)];
+    let cert = params.self_signed(&key)?;
+    let der = PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| anyhow!("{e}"))?;
+    Ok(Arc::new(CertifiedKey::new(
+        vec![cert.der().clone()],
+        any_supported_type(&der)?,
+    )))
+}
+
+/// The HTTPS client for the directory: the system's roots, plus `ca_file`'s.
+fn http_client(ca_file: Option<&Path>) -> Result<Box<dyn instant_acme::HttpClient>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(c);
+    }
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut n = 0;
+        for c in CertificateDer::pem_slice_iter(&pem) {
+            let c = c.map_err(|e| anyhow!("{}: {e:?}", path.display()))?;
+            roots
+                .add(c)
+                .with_context(|| format!("{}: not a CA certificate", path.display()))?;
+            n += 1;
+        }
+        if n == 0 {
+            bail!("{}: no certificate in the file", path.display());
+        }
+    }
+    if roots.is_empty() {
+        bail!("no trusted roots for the ACME directory (install ca-certificates or set ca_file)");
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(Duration::from_secs(10)));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    let client: hyper_util::client::legacy::Client<_, instant_acme::BodyWrapper<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(https);
+    Ok(Box::new(client))
+}
+
+/// Removes a challenge's answers from the store however the order ends.
+struct Pending<'a> {
+    store: &'a Store,
+    tokens: Vec<String>,
+    names: Vec<String>,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.store.http01.lock() {
+            for t in &self.tokens {
+                m.remove(t);
+            }
+        }
+        if let Ok(mut m) = self.store.tls_alpn01.lock() {
+            for n in &self.names {
+                m.remove(n);
+            }
+        }
+    }
+}
+
+impl Acme {
+    /// A client for `spec`, keeping its files under `state_dir/acme/`, installing into `store`.
+    pub fn new(spec: AcmeSpec, state_dir: &Path, store: Arc<Store>) -> Acme {
+        let hash = xxhash_rust::xxh3::xxh3_64(spec.directory.as_bytes());
+        Acme {
+            dir: state_dir.join("acme").join(format!("{hash:016x}")),
+            domains: spec
+                .domains
+                .iter()
+                .map(|d| (d.clone(), Domain::default()))
+                .collect(),
+            spec,
+            store,
+            stats: Default::default(),
+            account: None,
+        }
+    }
+
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
+    }
+
+    /// Where the account and certificates are kept.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn cert_path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.crt"))
+    }
+
+    fn key_path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.key"))
+    }
+
+    /// Installs the stored certificates that are still good for their names; returns how many.
+    /// The others (missing, unreadable, expired) are ordered by [`Acme::run`].
+    pub fn load_stored(&mut self) -> usize {
+        let now = SystemTime::now();
+        let mut loaded = 0;
+        for name in self.spec.domains.clone() {
+            let (crt, key) = (self.cert_path(&name), self.key_path(&name));
+            if !crt.exists() {
+                continue;
+            }
+            let found = super::tls::load_pair(&crt, &key).and_then(|k| {
+                let v = validity(&k.cert[0])?;
+                if !super::tls::covers(&k, &name) {
+                    bail!("{} is not valid for {name}", crt.display());
+                }
+                if v.1 <= now {
+                    bail!("{} has expired", crt.display());
+                }
+                Ok((k, v))
+            });
+            match found {
+                Ok((k, v)) => {
+                    self.store.set_issued(&self.spec.domains, &name, k);
+                    if let Some(d) = self.domains.get_mut(&name) {
+                        d.validity = Some(v);
+                    }
+                    loaded += 1;
+                }
+                Err(e) => warn!(domain = name, "stored ACME certificate not used: {e:#}"),
+            }
+        }
+        loaded
+    }
+
+    /// Orders what is missing or due, then sleeps until the next renewal or retry; forever.
+    pub async fn run(mut self) {
+        loop {
+            let mut wake = Instant::now() + MAX_SLEEP;
+            for name in self.spec.domains.clone() {
+                let now = Instant::now();
+                let Some(d) = self.domains.get(&name) else {
+                    continue;
+                };
+                if let Some(at) = d.retry_at.filter(|at| *at > now) {
+                    wake = wake.min(at);
+                    continue;
+                }
+                if let Some((nb, na)) = d.validity {
+                    let due = renewal_time(nb, na, self.spec.renew_before);
+                    if let Ok(wait) = due.duration_since(SystemTime::now()) {
+                        wake = wake.min(now + wait);
+                        continue;
+                    }
+                }
+                let renewal = d.validity.is_some();
+                let got = tokio::time::timeout(ORDER_TIMEOUT, self.obtain(&name))
+                    .await
+                    .unwrap_or_else(|_| Err(anyhow!("no certificate within {ORDER_TIMEOUT:?}")));
+                let Some(d) = self.domains.get_mut(&name) else {
+                    continue;
+                };
+                match got {
+                    Ok(v) => {
+                        self.stats.issued.fetch_add(1, Ordering::Relaxed);
+                        d.validity = Some(v);
+                        d.failures = 0;
+                        d.retry_at = None;
+                        if renewal_time(v.0, v.1, self.spec.renew_before) <= SystemTime::now() {
+                            // Due the moment it arrives (a wrong clock, here or at the CA):
+                            // ordering again at once would only repeat that.
+                            warn!(domain = name, "the new certificate is already due for renewal; is the clock right?");
+                            d.retry_at = Some(Instant::now() + LAST_RETRY);
+                        }
+                        let expires = v.1.duration_since(UNIX_EPOCH).unwrap_or_default();
+                        info!(
+                            domain = name,
+                            renewal,
+                            expires_unix = expires.as_secs(),
+                            "ACME certificate installed"
+                        );
+                        // Checked again on the next pass (its renewal time is in the future).
+                        wake = Instant::now();
+                    }
+                    Err(e) => {
+                        self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                        d.failures += 1;
+                        let delay = FIRST_RETRY
+                            .saturating_mul(1 << (d.failures - 1).min(10))
+                            .min(LAST_RETRY);
+                        d.retry_at = Some(Instant::now() + delay);
+                        wake = wake.min(Instant::now() + delay);
+                        warn!(
+                            domain = name,
+                            retry_in_secs = delay.as_secs(),
+                            "ACME: {e:#}"
+                        );
+                    }
+                }
+            }
+            tokio::time::sleep_until(wake.into()).await;
+        }
+    }
+
+    /// The account: the stored one, else a new one (stored for next time).
+    async fn account(&mut self) -> Result<Account> {
+        if let Some(a) = &self.account {
+            return Ok(a.clone());
+        }
+        let path = self.dir.join("account.json");
+        let http = || http_client(self.spec.ca_file.as_deref());
+        let stored = match std::fs::read(&path) {
+            Ok(b) => match serde_json::from_slice::<AccountCredentials>(&b) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    let aside = path.with_extension("json.bad");
+                    warn!(
+                        "{}: unreadable ({e}); moved to {} and a new account is created",
+                        path.display(),
+                        aside.display()
+                    );
+                    let _ = std::fs::rename(&path, &aside);
+                    None
+                }
+            },
+            Err(_) => None,
+        };
+        let account = match stored {
+            Some(creds) => Account::builder_with_http(http()?)
+                .from_credentials(creds)
+                .await
+                .context("restoring the ACME account")?,
+            None => {
+                let contact = self.spec.email.as_ref().map(|e| format!("mailto:{e}"));
+                let contacts: Vec<&str> = contact.iter().map(String::as_str).collect();
+                let (account, creds) = Account::builder_with_http(http()?)
+                    .create(
+                        &NewAccount {
+                            contact: &contacts,
+                            terms_of_service_agreed: true,
+                            only_return_existing: false,
+                        },
+                        self.spec.directory.clone(),
+                        None,
+                    )
+                    .await
+                    .with_context(|| format!("creating an account at {}", self.spec.directory))?;
+                self.ensure_dir()?;
+                write_atomic(&path, &serde_json::to_vec(&creds)?, 0o600)?;
+                info!(
+                    directory = self.spec.directory,
+                    id = account.id(),
+                    "ACME account created"
+                );
+                account
+            }
+        };
+        self.account = Some(account.clone());
+        Ok(account)
+    }
+
+    fn ensure_dir(&self) -> Result<()> {
+        use std::os::unix::fs::DirBuilderExt as _;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir)
+            .with_context(|| format!("creating {}", self.dir.display()))
+    }
+
+    /// One order for `name`, through its challenge to the certificate, stored and installed.
+    async fn obtain(&mut self, name: &str) -> Result<(SystemTime, SystemTime)> {
+        let account = self.account().await?;
+        let ids = [Identifier::Dns(name.to_string())];
+        let mut order = match account.new_order(&NewOrder::new(&ids)).await {
+            Ok(o) => o,
+            // The CA forgot the account (a test CA restarted, an account deactivated): a new one,
+            // and the same order again, rather than failing forever.
+            Err(instant_acme::Error::Api(p))
+                if p.r#type.as_deref()
+                    == Some("urn:ietf:params:acme:error:accountDoesNotExist") =>
+            {
+                let path = self.dir.join("account.json");
+                warn!(
+                    "the CA does not know the stored account; {} is moved aside and a new account created",
+                    path.display()
+                );
+                self.account = None;
+                let _ = std::fs::rename(&path, path.with_extension("json.gone"));
+                self.account()
+                    .await?
+                    .new_order(&NewOrder::new(&ids))
+                    .await
+                    .context("new order")?
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context("new order")),
+        };
+        self.stats.orders.fetch_add(1, Ordering::Relaxed);
+        let store = self.store.clone();
+        let mut pending = Pending {
+            store: &store,
+            tokens: Vec::new(),
+            names: Vec::new(),
+        };
+        let kind = match self.spec.challenge {
+            ChallengeKind::Http01 => ChallengeType::Http01,
+            ChallengeKind::TlsAlpn01 => ChallengeType::TlsAlpn01,
+        };
+        let mut authorizations = order.authorizations();
+        while let Some(authz) = authorizations.next().await {
+            let mut authz = authz.context("authorization")?;
+            match authz.status {
+                AuthorizationStatus::Valid => continue,
+                AuthorizationStatus::Pending => {}
+                other => bail!("the authorization for {name} is {other:?}"),
+            }
+            let mut challenge = authz
+                .challenge(kind.clone())
+                .ok_or_else(|| anyhow!("the CA offers no {kind:?} challenge for {name}"))?;
+            let answer = challenge.key_authorization();
+            match self.spec.challenge {
+                ChallengeKind::Http01 => {
+                    let token = challenge.token.clone();
+                    store
+                        .http01
+                        .lock()
+                        .map_err(|_| anyhow!("challenge store poisoned"))?
+                        .insert(token.clone(), answer.as_str().to_string());
+                    pending.tokens.push(token);
+                }
+                ChallengeKind::TlsAlpn01 => {
+                    let cert = alpn_certificate(name, answer.digest().as_ref())?;
+                    store
+                        .tls_alpn01
+                        .lock()
+                        .map_err(|_| anyhow!("challenge store poisoned"))?
+                        .insert(name.to_string(), cert);
+                    pending.names.push(name.to_string());
+                }
+            }
+            challenge.set_ready().await.context("challenge ready")?;
+        }
+        let polling = RetryPolicy::new()
+            .initial_delay(Duration::from_millis(250))
+            .backoff(1.5)
+            .timeout(Duration::from_secs(90));
+        let status = order.poll_ready(&polling).await.context("validation")?;
+        if status != OrderStatus::Ready {
+            // The reason is on the challenge.
+            let mut reason = String::new();
+            let mut authorizations = order.authorizations();
+            while let Some(Ok(mut a)) = authorizations.next().await {
+                if let Ok(state) = a.refresh().await {
+                    for c in &state.challenges {
+                        if let Some(e) = &c.error {
+                            reason = format!(": {e}");
+                        }
+                    }
+                }
+            }
+            bail!("validation of {name} failed ({status:?}){reason}");
+        }
+        drop(pending);
+        let key_pem = order.finalize().await.context("finalize")?;
+        let chain_pem = order
+            .poll_certificate(&polling)
+            .await
+            .context("certificate")?;
+        self.install(name, chain_pem.as_bytes(), key_pem.as_bytes())
+    }
+
+    /// Checks a new certificate, writes it (key first: a crash in between leaves a pair that does
+    /// not match, which is ordered again) and serves it.
+    fn install(
+        &mut self,
+        name: &str,
+        chain_pem: &[u8],
+        key_pem: &[u8],
+    ) -> Result<(SystemTime, SystemTime)> {
+        let chain = CertificateDer::pem_slice_iter(chain_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow!("certificate from the CA: {e:?}"))?;
+        let first = chain
+            .first()
+            .ok_or_else(|| anyhow!("the CA sent no certificate"))?;
+        let v = validity(first)?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| anyhow!("key: {e:?}"))?;
+        let certified = Arc::new(CertifiedKey::new(chain, any_supported_type(&key)?));
+        certified
+            .keys_match()
+            .map_err(|e| anyhow!("the CA's certificate does not match our key: {e}"))?;
+        if !super::tls::covers(&certified, name) {
+            bail!("the CA's certificate is not valid for {name}");
+        }
+        self.ensure_dir()?;
+        write_atomic(&self.key_path(name), key_pem, 0o600)?;
+        write_atomic(&self.cert_path(name), chain_pem, 0o644)?;
+        self.store.set_issued(&self.spec.domains, name, certified);
+        Ok(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: Duration = Duration::from_secs(86_400);
+
+    #[test]
+    fn renewal_window() {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        // 90 days, renew 30 days before: at day 60.
+        assert_eq!(renewal_time(t0, t0 + 90 * DAY, 30 * DAY), t0 + 60 * DAY);
+        // 90 days, renew 7 days before: a third of the life still wins (day 60).
+        assert_eq!(renewal_time(t0, t0 + 90 * DAY, 7 * DAY), t0 + 60 * DAY);
+        // A year, 30 days: the third (day ~243) comes first.
+        assert_eq!(renewal_time(t0, t0 + 360 * DAY, 30 * DAY), t0 + 240 * DAY);
+        // 6 days with 30 days before: not before half its life (day 3), never a loop.
+        assert_eq!(renewal_time(t0, t0 + 6 * DAY, 30 * DAY), t0 + 3 * DAY);
+        // 30 s test certificates with 0 days before: at 20 s.
+        let s = Duration::from_secs(1);
+        assert_eq!(renewal_time(t0, t0 + 30 * s, Duration::ZERO), t0 + 20 * s);
+    }
+
+    #[test]
+    fn http01_answers_pending_tokens_only() {
+        let store = Store::default();
+        store
+            .http01
+            .lock()
+            .unwrap()
+            .insert("tok".into(), "tok.thumb".into());
+        let req = |m: Method, p: &str| Request::builder().method(m).uri(p).body(()).unwrap();
+        let r = store
+            .http01_response("http", &req(Method::GET, "/.well-known/acme-challenge/tok"))
+            .expect("answered");
+        assert_eq!(r.status(), 200);
+        assert!(store
+            .http01_response(
+                "http",
+                &req(Method::GET, "/.well-known/acme-challenge/other")
+            )
+            .is_none());
+        assert!(store
+            .http01_response(
+                "https",
+                &req(Method::GET, "/.well-known/acme-challenge/tok")
+            )
+            .is_none());
+        assert!(store
+            .http01_response(
+                "http",
+                &req(Method::POST, "/.well-known/acme-challenge/tok")
+            )
+            .is_none());
+    }
+
+    #[test]
+    fn alpn_certificate_carries_the_critical_acme_identifier() {
+        let digest = [7u8; 32];
+        let k = alpn_certificate("a.example.test", &digest).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(k.cert[0].as_ref()).unwrap();
+        let ext = cert
+            .extensions()
+            .iter()
+            .find(|e| e.oid.to_id_string() == "1.3.6.1.5.5.7.1.31")
+            .expect("acmeIdentifier");
+        assert!(ext.critical);
+        // An OCTET STRING of the 32-byte digest.
+        assert_eq!(&ext.value[..2], &[0x04, 32]);
+        assert_eq!(&ext.value[2..], &digest);
+        // Exactly the name being validated.
+        let san = cert.subject_alternative_name().unwrap().expect("SAN");
+        assert_eq!(
+            san.value.general_names,
+            vec![x509_parser::extensions::GeneralName::DNSName(
+                "a.example.test"
+            )]
+        );
+    }
+}
