@@ -184,6 +184,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         build_middlewares(&cfg)?,
         &Default::default(),
     ));
+    proxy.set_tcp_routers(cfg.tcp_routers.clone());
     proxy.update_services(&control.proxy_services(&proxy.service_names()));
     control.proxy = Some(proxy.clone());
     let mut listeners = Listeners::default();
@@ -483,6 +484,7 @@ async fn watch_config(
             routers: new.routers.clone(),
             specs: new.http_services.clone(),
             middlewares,
+            tcp_routers: new.tcp_routers.clone(),
         });
         if let Err(e) = listeners.reconcile(&proxy, &new).await {
             warn!("entry points: {e:#}");

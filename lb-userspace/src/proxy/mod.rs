@@ -10,6 +10,7 @@
 pub mod balance;
 pub mod middleware;
 pub mod rule;
+pub mod tcp;
 pub mod tls;
 
 use std::{
@@ -127,12 +128,14 @@ struct Route {
 pub struct Table {
     routes: HashMap<String, Vec<Arc<Route>>>,
     pools: HashMap<String, (Arc<Pool>, ServiceSpec)>,
+    tcp: tcp::Routes,
 }
 
 impl Table {
     fn build(
         entrypoints: &[EntryPointSpec],
         routers: &[RouterSpec],
+        tcp_routers: &[tcp::TcpRouterSpec],
         specs: &HashMap<String, ServiceSpec>,
         middlewares: &HashMap<String, Arc<dyn middleware::Middleware>>,
         services: &Services,
@@ -168,25 +171,34 @@ impl Table {
             });
         }
         let mut pools = HashMap::new();
-        for r in routers {
-            if pools.contains_key(&r.service) {
+        // HTTP and TCP routers of one service share its pool (and its upstreams' health).
+        let used = routers
+            .iter()
+            .map(|r| &r.service)
+            .chain(tcp_routers.iter().map(|r| &r.service));
+        for service in used {
+            if pools.contains_key(service) {
                 continue;
             }
             let members: Vec<(Arc<Upstream>, u32)> = services
-                .get(&r.service)
+                .get(service)
                 .map(|m| {
                     m.values()
                         .map(|i| (upstream(SocketAddr::new(i.address, i.port)), i.weight))
                         .collect()
                 })
                 .unwrap_or_default();
-            let spec = specs.get(&r.service).cloned().unwrap_or_default();
+            let spec = specs.get(service).cloned().unwrap_or_default();
             pools.insert(
-                r.service.clone(),
+                service.clone(),
                 (Arc::new(Pool::new(spec.algorithm, members)), spec),
             );
         }
-        Table { routes, pools }
+        Table {
+            routes,
+            pools,
+            tcp: tcp::Routes::build(entrypoints, tcp_routers),
+        }
     }
 }
 
@@ -196,6 +208,7 @@ pub struct L7Config {
     pub routers: Vec<RouterSpec>,
     pub specs: HashMap<String, ServiceSpec>,
     pub middlewares: HashMap<String, Arc<dyn middleware::Middleware>>,
+    pub tcp_routers: Vec<tcp::TcpRouterSpec>,
 }
 
 pub struct Proxy {
@@ -269,6 +282,7 @@ impl Proxy {
         let empty = Table {
             routes: HashMap::new(),
             pools: HashMap::new(),
+            tcp: Default::default(),
         };
         let proxy = Proxy {
             conf: std::sync::Mutex::new(Arc::new(L7Config {
@@ -276,6 +290,7 @@ impl Proxy {
                 routers,
                 specs,
                 middlewares,
+                tcp_routers: Vec::new(),
             })),
             services: std::sync::Mutex::new(Services::new()),
             table: ArcSwap::from_pointee(empty),
@@ -284,6 +299,21 @@ impl Proxy {
         };
         proxy.update_services(services);
         proxy
+    }
+
+    /// Sets the TCP routers (not among `new`'s arguments, which HTTP-only callers keep).
+    pub fn set_tcp_routers(&self, tcp_routers: Vec<tcp::TcpRouterSpec>) {
+        if let Ok(mut c) = self.conf.lock() {
+            let old = c.clone();
+            *c = Arc::new(L7Config {
+                entrypoints: old.entrypoints.clone(),
+                routers: old.routers.clone(),
+                specs: old.specs.clone(),
+                middlewares: old.middlewares.clone(),
+                tcp_routers,
+            });
+        }
+        self.rebuild();
     }
 
     fn conf(&self) -> Arc<L7Config> {
@@ -330,6 +360,7 @@ impl Proxy {
         let table = Table::build(
             &conf.entrypoints,
             &conf.routers,
+            &conf.tcp_routers,
             &conf.specs,
             &conf.middlewares,
             &services,
@@ -339,13 +370,14 @@ impl Proxy {
         self.table.store(Arc::new(table));
     }
 
-    /// The registry services the routers send to.
+    /// The registry services the routers (HTTP and TCP) send to.
     pub fn service_names(&self) -> Vec<String> {
-        let mut v: Vec<String> = self
-            .conf()
+        let conf = self.conf();
+        let mut v: Vec<String> = conf
             .routers
             .iter()
             .map(|r| r.service.clone())
+            .chain(conf.tcp_routers.iter().map(|r| r.service.clone()))
             .collect();
         v.sort();
         v.dedup();
@@ -377,6 +409,12 @@ impl Proxy {
                 .find(|e| e.name == entrypoint)
                 .is_some_and(|e| e.trusted_ips.iter().any(|n| n.contains(&peer.ip())));
             tokio::spawn(async move {
+                // TCP routers first: they may take the connection, else it comes back for HTTP
+                // with the bytes they read replayed.
+                let Some(stream) = tcp::intercept(&proxy, &ep, stream, peer, tls.as_ref()).await
+                else {
+                    return;
+                };
                 let scheme = if tls.is_some() { "https" } else { "http" };
                 let svc = hyper::service::service_fn(move |req| {
                     let (proxy, ep) = (proxy.clone(), ep.clone());
