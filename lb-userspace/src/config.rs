@@ -654,6 +654,90 @@ fn line_of(text: &str, offset: usize) -> usize {
         + 1
 }
 
+/// `[[tcp_router]]`s, checked against the entry points.
+fn tcp_routers(
+    raw: &RawConfig,
+    entrypoints: &[crate::proxy::EntryPointSpec],
+    err: &dyn Fn(std::ops::Range<usize>, String, String) -> ConfigError,
+) -> Result<Vec<crate::proxy::tcp::TcpRouterSpec>, ConfigError> {
+    use crate::proxy::tcp::{TcpRouterSpec, TlsMode};
+    let mut out: Vec<TcpRouterSpec> = Vec::new();
+    for (i, r) in raw.tcp_router.iter().enumerate() {
+        let r = r.get_ref();
+        let field = |f: &str| format!("tcp_router[{i}].{f}");
+        let name = r.name.get_ref().clone();
+        if !valid_name(&name) || out.iter().any(|x| x.name == name) {
+            return Err(err(
+                r.name.span(),
+                field("name"),
+                format!("{name:?}: must be unique [A-Za-z0-9_.-]"),
+            ));
+        }
+        let tls = match r.tls.as_ref().map(|t| (t.get_ref().as_str(), t.span())) {
+            None => TlsMode::Plain,
+            Some(("passthrough", _)) => TlsMode::Passthrough,
+            Some(("terminate", _)) => TlsMode::Terminate,
+            Some((other, span)) => {
+                return Err(err(
+                    span,
+                    field("tls"),
+                    format!("{other:?}: expected \"passthrough\" or \"terminate\" (or no tls for plain TCP)"),
+                ))
+            }
+        };
+        let text = r.rule.get_ref().clone();
+        let rule = crate::proxy::rule::TcpRule::parse(&text, tls != TlsMode::Plain)
+            .map_err(|e| err(r.rule.span(), field("rule"), e.to_string()))?;
+        if !valid_name(r.service.get_ref()) {
+            return Err(err(
+                r.service.span(),
+                field("service"),
+                "must be [A-Za-z0-9_.-]".into(),
+            ));
+        }
+        let (eps, eps_span) = match &r.entrypoints {
+            Some(e) => (e.get_ref().clone(), e.span()),
+            None => (Vec::new(), r.name.span()),
+        };
+        for ep in &eps {
+            if !entrypoints.iter().any(|e| &e.name == ep) {
+                return Err(err(
+                    eps_span,
+                    field("entrypoints"),
+                    format!("no entrypoint named {ep:?}"),
+                ));
+            }
+        }
+        if tls == TlsMode::Terminate {
+            // The certificates belong to TLS entry points: terminating elsewhere has none.
+            if let Some(plain) = entrypoints
+                .iter()
+                .find(|e| !e.tls && (eps.is_empty() || eps.contains(&e.name)))
+            {
+                return Err(err(
+                    r.tls.as_ref().map_or(r.name.span(), |t| t.span()),
+                    field("tls"),
+                    format!(
+                        "\"terminate\" needs entry points with tls = true (they hold the certificates); entrypoint {:?} has none{}",
+                        plain.name,
+                        if eps.is_empty() { ": list the TLS ones in entrypoints" } else { "" }
+                    ),
+                ));
+            }
+        }
+        out.push(TcpRouterSpec {
+            name,
+            entrypoints: eps,
+            rule,
+            rule_text: text,
+            priority: r.priority,
+            service: r.service.get_ref().clone(),
+            tls,
+        });
+    }
+    Ok(out)
+}
+
 fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigError> {
     let err = |span: std::ops::Range<usize>, field: String, reason: String| ConfigError {
         file: path.into(),
@@ -1171,90 +1255,6 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
         api_token: raw.api.token.clone(),
         vips,
     })
-}
-
-/// `[[tcp_router]]`s, checked against the entry points.
-fn tcp_routers(
-    raw: &RawConfig,
-    entrypoints: &[crate::proxy::EntryPointSpec],
-    err: &dyn Fn(std::ops::Range<usize>, String, String) -> ConfigError,
-) -> Result<Vec<crate::proxy::tcp::TcpRouterSpec>, ConfigError> {
-    use crate::proxy::tcp::{TcpRouterSpec, TlsMode};
-    let mut out: Vec<TcpRouterSpec> = Vec::new();
-    for (i, r) in raw.tcp_router.iter().enumerate() {
-        let r = r.get_ref();
-        let field = |f: &str| format!("tcp_router[{i}].{f}");
-        let name = r.name.get_ref().clone();
-        if !valid_name(&name) || out.iter().any(|x| x.name == name) {
-            return Err(err(
-                r.name.span(),
-                field("name"),
-                format!("{name:?}: must be unique [A-Za-z0-9_.-]"),
-            ));
-        }
-        let tls = match r.tls.as_ref().map(|t| (t.get_ref().as_str(), t.span())) {
-            None => TlsMode::Plain,
-            Some(("passthrough", _)) => TlsMode::Passthrough,
-            Some(("terminate", _)) => TlsMode::Terminate,
-            Some((other, span)) => {
-                return Err(err(
-                    span,
-                    field("tls"),
-                    format!("{other:?}: expected \"passthrough\" or \"terminate\" (or no tls for plain TCP)"),
-                ))
-            }
-        };
-        let text = r.rule.get_ref().clone();
-        let rule = crate::proxy::rule::TcpRule::parse(&text, tls != TlsMode::Plain)
-            .map_err(|e| err(r.rule.span(), field("rule"), e.to_string()))?;
-        if !valid_name(r.service.get_ref()) {
-            return Err(err(
-                r.service.span(),
-                field("service"),
-                "must be [A-Za-z0-9_.-]".into(),
-            ));
-        }
-        let (eps, eps_span) = match &r.entrypoints {
-            Some(e) => (e.get_ref().clone(), e.span()),
-            None => (Vec::new(), r.name.span()),
-        };
-        for ep in &eps {
-            if !entrypoints.iter().any(|e| &e.name == ep) {
-                return Err(err(
-                    eps_span,
-                    field("entrypoints"),
-                    format!("no entrypoint named {ep:?}"),
-                ));
-            }
-        }
-        if tls == TlsMode::Terminate {
-            // The certificates belong to TLS entry points: terminating elsewhere has none.
-            if let Some(plain) = entrypoints
-                .iter()
-                .find(|e| !e.tls && (eps.is_empty() || eps.contains(&e.name)))
-            {
-                return Err(err(
-                    r.tls.as_ref().map_or(r.name.span(), |t| t.span()),
-                    field("tls"),
-                    format!(
-                        "\"terminate\" needs entry points with tls = true (they hold the certificates); entrypoint {:?} has none{}",
-                        plain.name,
-                        if eps.is_empty() { ": list the TLS ones in entrypoints" } else { "" }
-                    ),
-                ));
-            }
-        }
-        out.push(TcpRouterSpec {
-            name,
-            entrypoints: eps,
-            rule,
-            rule_text: text,
-            priority: r.priority,
-            service: r.service.get_ref().clone(),
-            tls,
-        });
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

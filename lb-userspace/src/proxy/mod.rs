@@ -301,21 +301,6 @@ impl Proxy {
         proxy
     }
 
-    /// Sets the TCP routers (not among `new`'s arguments, which HTTP-only callers keep).
-    pub fn set_tcp_routers(&self, tcp_routers: Vec<tcp::TcpRouterSpec>) {
-        if let Ok(mut c) = self.conf.lock() {
-            let old = c.clone();
-            *c = Arc::new(L7Config {
-                entrypoints: old.entrypoints.clone(),
-                routers: old.routers.clone(),
-                specs: old.specs.clone(),
-                middlewares: old.middlewares.clone(),
-                tcp_routers,
-            });
-        }
-        self.rebuild();
-    }
-
     fn conf(&self) -> Arc<L7Config> {
         self.conf
             .lock()
@@ -338,6 +323,21 @@ impl Proxy {
     pub fn reconfigure(&self, conf: L7Config) {
         if let Ok(mut c) = self.conf.lock() {
             *c = Arc::new(conf);
+        }
+        self.rebuild();
+    }
+
+    /// Sets the TCP routers (not among `new`'s arguments, which HTTP-only callers keep).
+    pub fn set_tcp_routers(&self, tcp_routers: Vec<tcp::TcpRouterSpec>) {
+        if let Ok(mut c) = self.conf.lock() {
+            let old = c.clone();
+            *c = Arc::new(L7Config {
+                entrypoints: old.entrypoints.clone(),
+                routers: old.routers.clone(),
+                specs: old.specs.clone(),
+                middlewares: old.middlewares.clone(),
+                tcp_routers,
+            });
         }
         self.rebuild();
     }
