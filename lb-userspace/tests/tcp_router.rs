@@ -640,6 +640,9 @@ async fn tcp_and_http_routers_share_an_entry_point() {
         .await
         .unwrap();
     closed(&mut s).await;
+    // An ACME TLS-ALPN-01 validation for the TCP router's name is lb's business (its TLS path
+    // answers it when a challenge is pending), never the upstream's.
+    let _ = tls_connect(&ca, only_tcp, "db.test", &[b"acme-tls/1"]).await;
     assert_eq!(db.accepted.load(Ordering::SeqCst), 1);
 }
 

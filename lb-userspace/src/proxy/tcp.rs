@@ -53,6 +53,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Upstreams tried for one connection when connecting fails.
 const MAX_ATTEMPTS: usize = 4;
 
+/// The ALPN protocol of ACME's TLS-ALPN-01 validations (RFC 8737).
+const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
 /// What a TCP router does with TLS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TlsMode {
@@ -264,6 +267,13 @@ pub(super) async fn intercept(
         true => inspect(&mut stream).await,
         false => (Vec::new(), Seen::Silent),
     };
+    // An ACME TLS-ALPN-01 validation is about lb's own certificates: on an entry point where
+    // lb terminates TLS it goes to lb's TLS path, never to a TCP router (as in Traefik).
+    if let (Seen::Hello(h), Some(_)) = (&seen, tls) {
+        if h.alpn.iter().any(|p| p.as_slice() == ACME_TLS_ALPN) {
+            return Some(Prefixed::new(stream, prefix));
+        }
+    }
     let client_ip = peer.ip();
     let route = match &seen {
         Seen::Hello(h) => {
