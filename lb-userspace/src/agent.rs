@@ -184,6 +184,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         build_middlewares(&cfg)?,
         &Default::default(),
     ));
+    proxy.set_tcp_routers(cfg.tcp_routers.clone());
     proxy.update_services(&control.proxy_services(&proxy.service_names()));
     control.proxy = Some(proxy.clone());
     // Stored ACME certificates are installed before the listeners open; orders (validated on
@@ -588,6 +589,7 @@ async fn watch_config(
             routers: new.routers.clone(),
             specs: new.http_services.clone(),
             middlewares,
+            tcp_routers: new.tcp_routers.clone(),
         });
         if let Err(e) = listeners.reconcile(&proxy, &new).await {
             warn!("entry points: {e:#}");

@@ -66,6 +66,8 @@ struct RawConfig {
     #[serde(default)]
     http_service: Vec<Spanned<RawHttpService>>,
     #[serde(default)]
+    tcp_router: Vec<Spanned<RawTcpRouter>>,
+    #[serde(default)]
     certificate: Vec<Spanned<RawCertificate>>,
     #[serde(default)]
     middleware: Vec<Spanned<RawMiddleware>>,
@@ -204,6 +206,21 @@ struct RawRouter {
     priority: Option<i64>,
     #[serde(default)]
     middlewares: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTcpRouter {
+    name: Spanned<String>,
+    rule: Spanned<String>,
+    service: Spanned<String>,
+    #[serde(default)]
+    entrypoints: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    priority: Option<i64>,
+    /// "passthrough" or "terminate"; absent: plain TCP.
+    #[serde(default)]
+    tls: Option<Spanned<String>>,
 }
 
 /// `[[middleware]]`: a name and exactly one kind (`strip_prefix = { … }`, …).
@@ -483,6 +500,8 @@ pub struct Config {
     /// L7: listeners and routers (empty: no proxy).
     pub entrypoints: Vec<crate::proxy::EntryPointSpec>,
     pub routers: Vec<crate::proxy::RouterSpec>,
+    /// L4 routers on the entry points: by TLS server name, passthrough, termination or plain.
+    pub tcp_routers: Vec<crate::proxy::tcp::TcpRouterSpec>,
     /// L7 balancing per registry service (default: smooth WRR, passive health 3 × / 10 s).
     pub http_services: std::collections::HashMap<String, crate::proxy::ServiceSpec>,
     /// TLS certificates for the entry points with `tls = true` (chosen by SNI).
@@ -696,6 +715,90 @@ fn line_of(text: &str, offset: usize) -> usize {
         .filter(|b| *b == b'\n')
         .count()
         + 1
+}
+
+/// `[[tcp_router]]`s, checked against the entry points.
+fn tcp_routers(
+    raw: &RawConfig,
+    entrypoints: &[crate::proxy::EntryPointSpec],
+    err: &dyn Fn(std::ops::Range<usize>, String, String) -> ConfigError,
+) -> Result<Vec<crate::proxy::tcp::TcpRouterSpec>, ConfigError> {
+    use crate::proxy::tcp::{TcpRouterSpec, TlsMode};
+    let mut out: Vec<TcpRouterSpec> = Vec::new();
+    for (i, r) in raw.tcp_router.iter().enumerate() {
+        let r = r.get_ref();
+        let field = |f: &str| format!("tcp_router[{i}].{f}");
+        let name = r.name.get_ref().clone();
+        if !valid_name(&name) || out.iter().any(|x| x.name == name) {
+            return Err(err(
+                r.name.span(),
+                field("name"),
+                format!("{name:?}: must be unique [A-Za-z0-9_.-]"),
+            ));
+        }
+        let tls = match r.tls.as_ref().map(|t| (t.get_ref().as_str(), t.span())) {
+            None => TlsMode::Plain,
+            Some(("passthrough", _)) => TlsMode::Passthrough,
+            Some(("terminate", _)) => TlsMode::Terminate,
+            Some((other, span)) => {
+                return Err(err(
+                    span,
+                    field("tls"),
+                    format!("{other:?}: expected \"passthrough\" or \"terminate\" (or no tls for plain TCP)"),
+                ))
+            }
+        };
+        let text = r.rule.get_ref().clone();
+        let rule = crate::proxy::rule::TcpRule::parse(&text, tls != TlsMode::Plain)
+            .map_err(|e| err(r.rule.span(), field("rule"), e.to_string()))?;
+        if !valid_name(r.service.get_ref()) {
+            return Err(err(
+                r.service.span(),
+                field("service"),
+                "must be [A-Za-z0-9_.-]".into(),
+            ));
+        }
+        let (eps, eps_span) = match &r.entrypoints {
+            Some(e) => (e.get_ref().clone(), e.span()),
+            None => (Vec::new(), r.name.span()),
+        };
+        for ep in &eps {
+            if !entrypoints.iter().any(|e| &e.name == ep) {
+                return Err(err(
+                    eps_span,
+                    field("entrypoints"),
+                    format!("no entrypoint named {ep:?}"),
+                ));
+            }
+        }
+        if tls == TlsMode::Terminate {
+            // The certificates belong to TLS entry points: terminating elsewhere has none.
+            if let Some(plain) = entrypoints
+                .iter()
+                .find(|e| !e.tls && (eps.is_empty() || eps.contains(&e.name)))
+            {
+                return Err(err(
+                    r.tls.as_ref().map_or(r.name.span(), |t| t.span()),
+                    field("tls"),
+                    format!(
+                        "\"terminate\" needs entry points with tls = true (they hold the certificates); entrypoint {:?} has none{}",
+                        plain.name,
+                        if eps.is_empty() { ": list the TLS ones in entrypoints" } else { "" }
+                    ),
+                ));
+            }
+        }
+        out.push(TcpRouterSpec {
+            name,
+            entrypoints: eps,
+            rule,
+            rule_text: text,
+            priority: r.priority,
+            service: r.service.get_ref().clone(),
+            tls,
+        });
+    }
+    Ok(out)
 }
 
 fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigError> {
@@ -1112,6 +1215,7 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
             middlewares: r.middlewares.clone(),
         });
     }
+    let tcp_routers = tcp_routers(&raw, &entrypoints, &err)?;
     let mut http_services = std::collections::HashMap::new();
     for (i, h) in raw.http_service.iter().enumerate() {
         let h = h.get_ref();
@@ -1239,6 +1343,7 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
         http_services,
         entrypoints,
         routers,
+        tcp_routers,
         providers: ProvidersSpec { files, redis, etcd },
         instance: instance.clone(),
         pin_root: a.pin_root.clone(),
@@ -1549,5 +1654,119 @@ address = "10.0.1.2"
     fn nat_family_mismatch_rejected() {
         let e = parse_err(&GOOD.replace("10.0.1.2", "fd00::2"));
         assert!(e.reason.contains("address family"), "{e}");
+    }
+
+    #[test]
+    fn tcp_routers_parse_and_bad_ones_are_named() {
+        let base = format!(
+            "{GOOD}\n[tls]\ndev_ca = true\n\n[[entrypoint]]\nname = \"web\"\naddress = \"0.0.0.0:8080\"\n\n[[entrypoint]]\nname = \"secure\"\naddress = \"0.0.0.0:8443\"\ntls = true\n"
+        );
+        let ok = format!(
+            r#"{base}
+[[tcp_router]]
+name = "pass"
+rule = "HostSNI(`a.example`, `*.b.example`) && !ClientIP(`192.0.2.0/24`)"
+service = "db"
+tls = "passthrough"
+priority = 5
+
+[[tcp_router]]
+name = "term"
+entrypoints = ["secure"]
+rule = "HostSNI(`c.example`)"
+service = "db"
+tls = "terminate"
+
+[[tcp_router]]
+name = "plain"
+entrypoints = ["web"]
+rule = "HostSNI(`*`)"
+service = "echo"
+"#
+        );
+        let c = parse(Path::new("lb.toml"), &ok).unwrap_or_else(|e| panic!("{e}"));
+        use crate::proxy::tcp::TlsMode;
+        let modes: Vec<_> = c
+            .tcp_routers
+            .iter()
+            .map(|r| (r.name.as_str(), r.tls))
+            .collect();
+        assert_eq!(
+            modes,
+            vec![
+                ("pass", TlsMode::Passthrough),
+                ("term", TlsMode::Terminate),
+                ("plain", TlsMode::Plain)
+            ]
+        );
+        assert_eq!(c.tcp_routers[0].priority, Some(5));
+        assert_eq!(c.tcp_routers[1].entrypoints, vec!["secure".to_string()]);
+
+        let line_of_text =
+            |text: &str, needle: &str| text[..text.find(needle).unwrap()].matches('\n').count() + 1;
+        // Each mistake: the field, its line and the reason.
+        let cases: &[(&str, &str, &str, &str, &str)] = &[
+            (
+                "rule = \"HostSNI(`*`)\"\nservice = \"echo\"",
+                "rule = \"HostSNI(`x.example`)\"\nservice = \"echo\"",
+                "rule = \"HostSNI(`x",
+                "tcp_router[2].rule",
+                "column 9: plain TCP carries no server name",
+            ),
+            (
+                "tls = \"terminate\"",
+                "tls = \"terminat\"",
+                "tls = \"terminat\"",
+                "tcp_router[1].tls",
+                "expected \"passthrough\"",
+            ),
+            (
+                "entrypoints = [\"secure\"]",
+                "entrypoints = [\"web\"]",
+                "tls = \"terminate\"",
+                "tcp_router[1].tls",
+                "entrypoint \"web\" has none",
+            ),
+            (
+                "entrypoints = [\"secure\"]",
+                "entrypoints = [\"nope\"]",
+                "entrypoints = [\"nope\"]",
+                "tcp_router[1].entrypoints",
+                "no entrypoint named \"nope\"",
+            ),
+            (
+                "name = \"term\"",
+                "name = \"pass\"",
+                "name = \"pass\"\nentrypoints",
+                "tcp_router[1].name",
+                "must be unique",
+            ),
+            (
+                "service = \"echo\"",
+                "service = \"e cho\"",
+                "service = \"e cho\"",
+                "tcp_router[2].service",
+                "must be",
+            ),
+            (
+                "HostSNI(`c.example`)",
+                "HostSNI(`c.example`) && Path(`/`)",
+                "rule = \"HostSNI(`c.example`) &&",
+                "tcp_router[1].rule",
+                "column 25: unknown matcher \"Path\"",
+            ),
+        ];
+        for (from, to, at, field, reason) in cases {
+            let text = ok.replace(from, to);
+            let e = parse_err(&text);
+            assert_eq!(e.field, *field, "{e}");
+            assert!(e.reason.contains(reason), "{e}");
+            assert_eq!(e.line, line_of_text(&text, at), "{e}");
+        }
+        // A terminating router without entrypoints would also serve the plain entry point.
+        let e = parse_err(&ok.replace("entrypoints = [\"secure\"]\n", ""));
+        assert!(e.reason.contains("list the TLS ones"), "{e}");
+        let e = parse_err(&ok.replace("tls = \"passthrough\"", "tls = \"passthrough\"\ncolor = 1"));
+        assert!(e.reason.contains("color"), "{e}");
     }
 }

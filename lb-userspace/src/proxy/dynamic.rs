@@ -130,6 +130,7 @@ mod tests {
             routers: vec![router("web", "site", &[])],
             specs: HashMap::new(),
             middlewares: HashMap::new(),
+            tcp_routers: Vec::new(),
         };
         let strip =
             MiddlewareConfig::StripPrefix(crate::proxy::middleware::path::StripPrefixConfig {

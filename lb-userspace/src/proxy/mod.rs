@@ -13,6 +13,7 @@ pub mod client;
 pub mod dynamic;
 pub mod middleware;
 pub mod rule;
+pub mod tcp;
 pub mod tls;
 
 use std::{
@@ -156,12 +157,14 @@ struct Svc {
 pub struct Table {
     routes: HashMap<String, Vec<Arc<Route>>>,
     pools: HashMap<String, Svc>,
+    tcp: tcp::Routes,
 }
 
 impl Table {
     fn build(
         entrypoints: &[EntryPointSpec],
         routers: &[RouterSpec],
+        tcp_routers: &[tcp::TcpRouterSpec],
         specs: &HashMap<String, ServiceSpec>,
         middlewares: &HashMap<String, Arc<dyn middleware::Middleware>>,
         services: &Services,
@@ -198,12 +201,14 @@ impl Table {
             });
         }
         let mut pools = HashMap::new();
+        // HTTP and TCP routers of one service share its pool (and its upstreams' health).
         let mirrors = specs
             .values()
             .filter_map(|s| s.mirror.as_ref().map(|m| m.service.clone()));
         let wanted: Vec<String> = routers
             .iter()
             .map(|r| r.service.clone())
+            .chain(tcp_routers.iter().map(|r| r.service.clone()))
             .chain(mirrors)
             .collect();
         for name in wanted {
@@ -233,7 +238,11 @@ impl Table {
                 },
             );
         }
-        Table { routes, pools }
+        Table {
+            routes,
+            pools,
+            tcp: tcp::Routes::build(entrypoints, tcp_routers),
+        }
     }
 }
 
@@ -244,6 +253,7 @@ pub struct L7Config {
     pub routers: Vec<RouterSpec>,
     pub specs: HashMap<String, ServiceSpec>,
     pub middlewares: HashMap<String, Arc<dyn middleware::Middleware>>,
+    pub tcp_routers: Vec<tcp::TcpRouterSpec>,
 }
 
 pub struct Proxy {
@@ -319,12 +329,14 @@ impl Proxy {
         let empty = Table {
             routes: HashMap::new(),
             pools: HashMap::new(),
+            tcp: Default::default(),
         };
         let conf = Arc::new(L7Config {
             entrypoints,
             routers,
             specs,
             middlewares,
+            tcp_routers: Vec::new(),
         });
         let proxy = Proxy {
             conf: std::sync::Mutex::new(conf.clone()),
@@ -419,6 +431,17 @@ impl Proxy {
             .unwrap_or_else(|p| p.into_inner().clone())
     }
 
+    /// Sets the TCP routers (not among `new`'s arguments, which HTTP-only callers keep).
+    pub fn set_tcp_routers(&self, tcp_routers: Vec<tcp::TcpRouterSpec>) {
+        if let Ok(mut c) = self.conf.lock() {
+            let mut conf = (**c).clone();
+            conf.tcp_routers = tcp_routers;
+            *c = Arc::new(conf);
+        }
+        self.remerge();
+        self.rebuild();
+    }
+
     fn rebuild(&self) {
         let conf = self.merged();
         let services = self.services.lock().map(|s| s.clone()).unwrap_or_default();
@@ -459,6 +482,7 @@ impl Proxy {
         let table = Table::build(
             &conf.entrypoints,
             &conf.routers,
+            &conf.tcp_routers,
             &conf.specs,
             &conf.middlewares,
             &services,
@@ -470,7 +494,7 @@ impl Proxy {
         self.table.store(Arc::new(table));
     }
 
-    /// The registry services the routers send to.
+    /// The registry services the routers (HTTP and TCP) send to.
     pub fn service_names(&self) -> Vec<String> {
         let conf = self.merged();
         let mirrors = conf
@@ -481,6 +505,7 @@ impl Proxy {
             .routers
             .iter()
             .map(|r| r.service.clone())
+            .chain(conf.tcp_routers.iter().map(|r| r.service.clone()))
             .chain(mirrors)
             .collect();
         v.sort();
@@ -513,6 +538,12 @@ impl Proxy {
                 .find(|e| e.name == entrypoint)
                 .is_some_and(|e| e.trusted_ips.iter().any(|n| n.contains(&peer.ip())));
             tokio::spawn(async move {
+                // TCP routers first: they may take the connection, else it comes back for HTTP
+                // with the bytes they read replayed.
+                let Some(stream) = tcp::intercept(&proxy, &ep, stream, peer, tls.as_ref()).await
+                else {
+                    return;
+                };
                 let scheme = if tls.is_some() { "https" } else { "http" };
                 let svc = hyper::service::service_fn(move |req| {
                     let (proxy, ep) = (proxy.clone(), ep.clone());

@@ -8,6 +8,12 @@
 //! and `ClientIP` accept several (any may match). A rule is compiled once per configuration —
 //! regexes included — into a [`Rule`] evaluated per request without allocating. Errors give the
 //! column (1-based) where the rule stops making sense.
+//!
+//! TCP routers use the same language with other matchers ([`TcpRule`]): `HostSNI` (names, a
+//! `*.suffix` wildcard of one label, or `*` for everything), `HostSNIRegexp`, `ALPN` and
+//! `ClientIP`. One parser serves both, so operators, quoting and error columns behave the same; a
+//! matcher of the other kind is refused where it could never be evaluated (a `Path` on a TCP
+//! router, a server name on a router that sees no TLS).
 
 use std::net::IpAddr;
 
@@ -39,6 +45,37 @@ enum Expr {
     Header(String, String),
     Query(String, String),
     ClientIp(Vec<IpNet>),
+    /// TCP: server names (lowercase), `*.suffix` wildcards and `*`.
+    HostSni(Vec<String>),
+    HostSniRegexp(Regex),
+    Alpn(Vec<String>),
+}
+
+/// Which matchers a rule may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dialect {
+    Http,
+    /// `tls`: the router sees TLS ClientHellos (a server name, ALPN); without, only plain bytes.
+    Tcp {
+        tls: bool,
+    },
+}
+
+/// What a TCP rule sees of a connection: the ClientHello's name and protocols (if it was TLS),
+/// and the client's address.
+pub struct ConnView<'a> {
+    /// Lowercase; `None` for plain TCP or a ClientHello without SNI.
+    pub sni: Option<&'a str>,
+    pub alpn: &'a [Vec<u8>],
+    pub client_ip: IpAddr,
+}
+
+/// A compiled TCP router rule.
+#[derive(Debug, Clone)]
+pub struct TcpRule {
+    expr: Expr,
+    /// As for [`Rule`]: the rule's length.
+    pub default_priority: i64,
 }
 
 /// A compiled rule.
@@ -145,6 +182,7 @@ struct Parser<'a> {
     toks: &'a [(usize, Tok)],
     pos: usize,
     end_col: usize,
+    dialect: Dialect,
 }
 
 impl Parser<'_> {
@@ -198,7 +236,10 @@ impl Parser<'_> {
                 Ok(e)
             }
             Some(Tok::Ident(_)) => self.matcher(),
-            _ => self.fail("expected a matcher such as Host(`…`), `!` or `(`"),
+            _ => self.fail(match self.dialect {
+                Dialect::Http => "expected a matcher such as Host(`…`), `!` or `(`",
+                Dialect::Tcp { .. } => "expected a matcher such as HostSNI(`…`), `!` or `(`",
+            }),
         }
     }
 
@@ -245,6 +286,67 @@ impl Parser<'_> {
                 message: format!("bad regex: {e}"),
             })
         };
+        let tls_only = |what: &str| -> Result<(), RuleError> {
+            if self.dialect == (Dialect::Tcp { tls: false }) {
+                return Err(RuleError {
+                    column: name_col,
+                    message: format!(
+                        "{what} needs tls = \"passthrough\" or \"terminate\" (plain TCP carries no ClientHello)"
+                    ),
+                });
+            }
+            Ok(())
+        };
+        if let Dialect::Tcp { tls } = self.dialect {
+            return Ok(match name.as_str() {
+                "HostSNI" => {
+                    let mut names = Vec::new();
+                    for (col, a) in &args {
+                        let n = sni_pattern(*col, a)?;
+                        if !tls && n != "*" {
+                            return Err(RuleError {
+                                column: *col,
+                                message: "plain TCP carries no server name: without tls only HostSNI(`*`) matches".into(),
+                            });
+                        }
+                        names.push(n);
+                    }
+                    Expr::HostSni(names)
+                }
+                "HostSNIRegexp" => {
+                    tls_only("HostSNIRegexp")?;
+                    arity(1)?;
+                    Expr::HostSniRegexp(regex(&args[0])?)
+                }
+                "ALPN" => {
+                    tls_only("ALPN")?;
+                    for (col, a) in &args {
+                        if a.is_empty() || a.len() > 255 {
+                            return Err(RuleError {
+                                column: *col,
+                                message: "an ALPN protocol is 1 to 255 bytes".into(),
+                            });
+                        }
+                        if a == "acme-tls/1" {
+                            return Err(RuleError {
+                                column: *col,
+                                message: "acme-tls/1 is reserved for ACME challenges".into(),
+                            });
+                        }
+                    }
+                    Expr::Alpn(args.iter().map(|a| a.1.clone()).collect())
+                }
+                "ClientIP" => Expr::ClientIp(client_ips(&args)?),
+                other => {
+                    return Err(RuleError {
+                        column: name_col,
+                        message: format!(
+                            "unknown matcher {other:?} (TCP routers have HostSNI, HostSNIRegexp, ALPN, ClientIP)"
+                        ),
+                    });
+                }
+            });
+        }
         Ok(match name.as_str() {
             "Host" => Expr::Host(args.iter().map(|a| a.1.to_ascii_lowercase()).collect()),
             "HostRegexp" => {
@@ -272,20 +374,7 @@ impl Parser<'_> {
                 arity(2)?;
                 Expr::Query(args[0].1.clone(), args[1].1.clone())
             }
-            "ClientIP" => {
-                let mut nets = Vec::new();
-                for (col, a) in &args {
-                    let net = a
-                        .parse::<IpNet>()
-                        .or_else(|_| a.parse::<IpAddr>().map(IpNet::from))
-                        .map_err(|_| RuleError {
-                            column: *col,
-                            message: format!("{a:?} is not an address or CIDR"),
-                        })?;
-                    nets.push(net);
-                }
-                Expr::ClientIp(nets)
-            }
+            "ClientIP" => Expr::ClientIp(client_ips(&args)?),
             other => {
                 return Err(RuleError {
                     column: name_col,
@@ -296,20 +385,85 @@ impl Parser<'_> {
     }
 }
 
+fn client_ips(args: &[(usize, String)]) -> Result<Vec<IpNet>, RuleError> {
+    args.iter()
+        .map(|(col, a)| {
+            a.parse::<IpNet>()
+                .or_else(|_| a.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| RuleError {
+                    column: *col,
+                    message: format!("{a:?} is not an address or CIDR"),
+                })
+        })
+        .collect()
+}
+
+/// A `HostSNI` argument, checked and lowercased: `*`, a DNS name, or `*.` and a DNS name.
+fn sni_pattern(col: usize, arg: &str) -> Result<String, RuleError> {
+    let fail = |message: String| {
+        Err(RuleError {
+            column: col,
+            message,
+        })
+    };
+    let lower = arg.to_ascii_lowercase();
+    if lower == "*" {
+        return Ok(lower);
+    }
+    let name = lower.strip_prefix("*.").unwrap_or(&lower);
+    if name.contains('*') {
+        return fail(format!(
+            "{arg:?}: a wildcard is only allowed as the whole first label (`*.example.com`)"
+        ));
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if name.len() > 253 || !name.split('.').all(label_ok) {
+        return fail(format!("{arg:?} is not a server name"));
+    }
+    Ok(lower)
+}
+
+/// Does `pattern` (from [`sni_pattern`]) match the ClientHello's name? A `*.suffix` wildcard
+/// covers exactly one more label, as a wildcard certificate does.
+fn sni_matches(pattern: &str, sni: Option<&str>) -> bool {
+    if pattern == "*" {
+        return true;
+    }
+    let Some(name) = sni else {
+        return false;
+    };
+    match pattern.strip_prefix('*') {
+        Some(dot_suffix) => name
+            .strip_suffix(dot_suffix)
+            .is_some_and(|label| !label.is_empty() && !label.contains('.')),
+        None => name == pattern,
+    }
+}
+
+fn parse_expr(src: &str, dialect: Dialect) -> Result<Expr, RuleError> {
+    let toks = lex(src)?;
+    let mut p = Parser {
+        toks: &toks,
+        pos: 0,
+        end_col: src.chars().count() + 1,
+        dialect,
+    };
+    let expr = p.or()?;
+    if p.pos != toks.len() {
+        return p.fail("expected `&&`, `||` or the end of the rule");
+    }
+    Ok(expr)
+}
+
 impl Rule {
     pub fn parse(src: &str) -> Result<Rule, RuleError> {
-        let toks = lex(src)?;
-        let mut p = Parser {
-            toks: &toks,
-            pos: 0,
-            end_col: src.chars().count() + 1,
-        };
-        let expr = p.or()?;
-        if p.pos != toks.len() {
-            return p.fail("expected `&&`, `||` or the end of the rule");
-        }
         Ok(Rule {
-            expr,
+            expr: parse_expr(src, Dialect::Http)?,
             default_priority: src.len() as i64,
         })
     }
@@ -319,28 +473,73 @@ impl Rule {
     }
 }
 
-fn eval(e: &Expr, r: &RequestView<'_>) -> bool {
+impl TcpRule {
+    /// A TCP router's rule; `tls`: the router handles TLS connections (passthrough or
+    /// termination), else plain TCP, where only `HostSNI(`*`)` and `ClientIP` can mean anything.
+    pub fn parse(src: &str, tls: bool) -> Result<TcpRule, RuleError> {
+        Ok(TcpRule {
+            expr: parse_expr(src, Dialect::Tcp { tls })?,
+            default_priority: src.len() as i64,
+        })
+    }
+
+    pub fn matches(&self, c: &ConnView<'_>) -> bool {
+        eval(&self.expr, c)
+    }
+}
+
+/// What a rule's leaves are evaluated against: a request or a connection. The parser's dialect
+/// guarantees a rule only holds leaves its subject knows.
+trait Subject {
+    fn leaf(&self, e: &Expr) -> bool;
+}
+
+fn eval(e: &Expr, s: &impl Subject) -> bool {
     match e {
-        Expr::And(a, b) => eval(a, r) && eval(b, r),
-        Expr::Or(a, b) => eval(a, r) || eval(b, r),
-        Expr::Not(a) => !eval(a, r),
-        Expr::Host(hosts) => hosts.iter().any(|h| h == r.host),
-        Expr::HostRegexp(re) => re.is_match(r.host),
-        Expr::Path(p) => r.path == p,
-        Expr::PathPrefix(p) => r.path.starts_with(p.as_str()),
-        Expr::PathRegexp(re) => re.is_match(r.path),
-        Expr::Method(ms) => ms.iter().any(|m| m == r.method),
-        Expr::Header(k, v) => r
-            .headers
-            .get_all(k.as_str())
-            .iter()
-            .any(|x| x.as_bytes() == v.as_bytes()),
-        Expr::Query(k, v) => r.query.is_some_and(|q| {
-            q.split('&').any(|kv| {
-                kv.split_once('=').map_or((kv, ""), |(a, b)| (a, b)) == (k.as_str(), v.as_str())
-            })
-        }),
-        Expr::ClientIp(nets) => nets.iter().any(|n| n.contains(&r.client_ip)),
+        Expr::And(a, b) => eval(a, s) && eval(b, s),
+        Expr::Or(a, b) => eval(a, s) || eval(b, s),
+        Expr::Not(a) => !eval(a, s),
+        leaf => s.leaf(leaf),
+    }
+}
+
+impl Subject for ConnView<'_> {
+    fn leaf(&self, e: &Expr) -> bool {
+        match e {
+            Expr::HostSni(names) => names.iter().any(|n| sni_matches(n, self.sni)),
+            Expr::HostSniRegexp(re) => self.sni.is_some_and(|n| re.is_match(n)),
+            Expr::Alpn(protos) => protos
+                .iter()
+                .any(|p| self.alpn.iter().any(|a| a.as_slice() == p.as_bytes())),
+            Expr::ClientIp(nets) => nets.iter().any(|n| n.contains(&self.client_ip)),
+            _ => false,
+        }
+    }
+}
+
+impl Subject for RequestView<'_> {
+    fn leaf(&self, e: &Expr) -> bool {
+        let r = self;
+        match e {
+            Expr::Host(hosts) => hosts.iter().any(|h| h == r.host),
+            Expr::HostRegexp(re) => re.is_match(r.host),
+            Expr::Path(p) => r.path == p,
+            Expr::PathPrefix(p) => r.path.starts_with(p.as_str()),
+            Expr::PathRegexp(re) => re.is_match(r.path),
+            Expr::Method(ms) => ms.iter().any(|m| m == r.method),
+            Expr::Header(k, v) => r
+                .headers
+                .get_all(k.as_str())
+                .iter()
+                .any(|x| x.as_bytes() == v.as_bytes()),
+            Expr::Query(k, v) => r.query.is_some_and(|q| {
+                q.split('&').any(|kv| {
+                    kv.split_once('=').map_or((kv, ""), |(a, b)| (a, b)) == (k.as_str(), v.as_str())
+                })
+            }),
+            Expr::ClientIp(nets) => nets.iter().any(|n| n.contains(&r.client_ip)),
+            _ => false,
+        }
     }
 }
 
@@ -447,5 +646,89 @@ mod tests {
         let short = Rule::parse("PathPrefix(`/`)").unwrap();
         let long = Rule::parse("PathPrefix(`/api`)").unwrap();
         assert!(long.default_priority > short.default_priority);
+    }
+
+    #[test]
+    fn tcp_matchers() {
+        let h2 = [b"h2".to_vec(), b"http/1.1".to_vec()];
+        let conn = |sni: Option<&'static str>| ConnView {
+            sni,
+            alpn: &h2,
+            client_ip: "10.1.2.3".parse().unwrap(),
+        };
+        let table: &[(&str, Option<&str>, bool)] = &[
+            ("HostSNI(`a.example`)", Some("a.example"), true),
+            ("HostSNI(`A.Example`)", Some("a.example"), true),
+            ("HostSNI(`a.example`)", Some("b.example"), false),
+            ("HostSNI(`a.example`)", None, false),
+            ("HostSNI(`x`, `b.example`)", Some("b.example"), true),
+            ("HostSNI(`*.example`)", Some("b.example"), true),
+            ("HostSNI(`*.example`)", Some("example"), false),
+            ("HostSNI(`*.example`)", Some("a.b.example"), false),
+            ("HostSNI(`*.example`)", Some("bexample"), false),
+            ("HostSNI(`*.example`)", Some(".example"), false),
+            ("HostSNI(`*`)", None, true),
+            ("HostSNI(`*`)", Some("anything"), true),
+            ("HostSNIRegexp(`^.+\\.example$`)", Some("a.b.example"), true),
+            ("HostSNIRegexp(`.+`)", None, false),
+            ("ALPN(`h2`)", Some("a"), true),
+            ("ALPN(`imap`, `http/1.1`)", Some("a"), true),
+            ("ALPN(`imap`)", Some("a"), false),
+            ("ClientIP(`10.0.0.0/8`)", None, true),
+            (
+                "HostSNI(`a`) && ClientIP(`192.168.0.0/16`)",
+                Some("a"),
+                false,
+            ),
+            (
+                "HostSNI(`a`) || ClientIP(`192.168.0.0/16`)",
+                Some("a"),
+                true,
+            ),
+            (
+                "!HostSNI(`a`) && (HostSNI(`b`) || ALPN(`h2`))",
+                Some("c"),
+                true,
+            ),
+        ];
+        for (rule, sni, want) in table {
+            let r = TcpRule::parse(rule, true).unwrap_or_else(|e| panic!("{rule}: {e}"));
+            assert_eq!(r.matches(&conn(*sni)), *want, "{rule} on {sni:?}");
+        }
+        // Plain TCP: the catch-all and addresses only.
+        assert!(TcpRule::parse("HostSNI(`*`)", false)
+            .unwrap()
+            .matches(&conn(None)));
+        assert!(
+            TcpRule::parse("HostSNI(`*`) && !ClientIP(`10.0.0.0/8`)", false)
+                .unwrap()
+                .matches(&conn(None))
+                .eq(&false)
+        );
+    }
+
+    #[test]
+    fn tcp_rule_errors_point_at_the_column() {
+        let cases: &[(&str, bool, usize, &str)] = &[
+            ("HostSNI(`a.example`)", false, 9, "only HostSNI(`*`)"),
+            ("HostSNI(`*`, `a`)", false, 14, "only HostSNI(`*`)"),
+            ("ALPN(`h2`)", false, 1, "needs tls"),
+            ("HostSNIRegexp(`.*`)", false, 1, "needs tls"),
+            ("Host(`a`)", true, 1, "TCP routers have"),
+            ("PathPrefix(`/`)", false, 1, "unknown matcher"),
+            ("HostSNI(`a.*.example`)", true, 9, "wildcard"),
+            ("HostSNI(`a..example`)", true, 9, "not a server name"),
+            ("HostSNI(`a b`)", true, 9, "not a server name"),
+            ("HostSNI(`a`) && ", true, 17, "HostSNI(`…`)"),
+            ("ALPN(`acme-tls/1`)", true, 6, "reserved"),
+            ("ClientIP(`300.0.0.1`)", true, 10, "not an address"),
+        ];
+        for (rule, tls, col, msg) in cases {
+            let e = TcpRule::parse(rule, *tls).expect_err(rule);
+            assert_eq!(e.column, *col, "{rule}: {e}");
+            assert!(e.message.contains(msg), "{rule}: {e}");
+        }
+        // And HTTP rules do not know the TCP matchers.
+        assert!(Rule::parse("HostSNI(`a`)").is_err());
     }
 }
