@@ -377,7 +377,18 @@ fn certificates(
     proxy: &crate::proxy::Proxy,
     cfg: &Config,
 ) -> Result<Arc<crate::proxy::tls::Certs>> {
-    let mut certs = crate::proxy::tls::Certs::load(&cfg.certificates)?;
+    // The providers' certificates (Traefik's tls.certificates) after lb.toml's; if theirs do not
+    // load, lb.toml's still do.
+    let mut all = cfg.certificates.clone();
+    all.extend(proxy.dynamic_certificates());
+    let mut certs = match crate::proxy::tls::Certs::load(&all) {
+        Ok(c) => c,
+        Err(e) if all.len() > cfg.certificates.len() => {
+            warn!("provider certificates left out: {e:#}");
+            crate::proxy::tls::Certs::load(&cfg.certificates)?
+        }
+        Err(e) => return Err(e),
+    };
     if cfg.acme.is_some() {
         certs = certs.with_acme(proxy.acme_store());
     }
@@ -518,10 +529,23 @@ async fn watch_config(
     if let Err(e) = watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
         return warn!("config watch unavailable on {}: {e}", dir.display());
     }
-    let mut cert_files = crate::proxy::tls::CertFilesWatch::new(&current.certificates);
+    let watched = |cfg: &Config| {
+        let mut all = cfg.certificates.clone();
+        all.extend(proxy.dynamic_certificates());
+        crate::proxy::tls::CertFilesWatch::new(&all)
+    };
+    let mut cert_files = watched(&current);
     loop {
         tokio::select! {
             got = rx.recv() => if got.is_none() { break },
+            () = proxy.certificates_changed() => {
+                match listeners.reload_certificates(&proxy, &current) {
+                    Ok(()) => info!("provider certificates changed: reloaded"),
+                    Err(e) => warn!("provider certificates: {e:#}"),
+                }
+                cert_files = watched(&current);
+                continue;
+            }
             () = cert_files.changed() => {
                 match listeners.reload_certificates(&proxy, &current) {
                     Ok(()) => info!("certificate files changed: reloaded"),
@@ -621,7 +645,7 @@ async fn watch_config(
             Err(e) => warn!("config reload: {e}"),
         }
         if new.certificates != current.certificates {
-            cert_files = crate::proxy::tls::CertFilesWatch::new(&new.certificates);
+            cert_files = watched(&new);
         }
         current = new;
     }

@@ -260,6 +260,9 @@ struct RawRedis {
     url: Spanned<String>,
     #[serde(default = "d_prefix")]
     prefix: String,
+    /// Also read a Traefik configuration stored under this root (Traefik's KV layout).
+    #[serde(default)]
+    traefik_root: Option<String>,
     #[serde(default = "d_resync")]
     resync_secs: u64,
 }
@@ -270,6 +273,8 @@ struct RawEtcd {
     endpoints: Vec<String>,
     #[serde(default = "d_prefix")]
     prefix: String,
+    #[serde(default)]
+    traefik_root: Option<String>,
 }
 
 fn d_prefix() -> String {
@@ -611,12 +616,15 @@ pub struct RedisSpec {
     pub url: String,
     pub prefix: String,
     pub resync: Duration,
+    /// Where a Traefik configuration is stored in Traefik's KV layout (`traefik`), if any.
+    pub traefik_root: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EtcdSpec {
     pub endpoints: Vec<String>,
     pub prefix: String,
+    pub traefik_root: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -1094,6 +1102,7 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
                 url: r.url.get_ref().clone(),
                 prefix: r.prefix.clone(),
                 resync: Duration::from_secs(r.resync_secs.max(1)),
+                traefik_root: r.traefik_root.clone(),
             })
         }
         None => None,
@@ -1101,6 +1110,7 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
     let etcd = raw.providers.etcd.as_ref().map(|e| EtcdSpec {
         endpoints: e.endpoints.clone(),
         prefix: e.prefix.clone(),
+        traefik_root: e.traefik_root.clone(),
     });
     let mut entrypoints: Vec<crate::proxy::EntryPointSpec> = Vec::new();
     for (i, e) in raw.entrypoint.iter().enumerate() {

@@ -220,6 +220,7 @@ fn redis_spec(port: u16, resync: Duration) -> RedisSpec {
         url: format!("redis://127.0.0.1:{port}"),
         prefix: "lb/".into(),
         resync,
+        traefik_root: None,
     }
 }
 
@@ -227,6 +228,7 @@ fn etcd_spec(port: u16) -> EtcdSpec {
     EtcdSpec {
         endpoints: vec![format!("http://127.0.0.1:{port}")],
         prefix: "lb/".into(),
+        traefik_root: None,
     }
 }
 
@@ -869,4 +871,156 @@ async fn etcd_lb_register_command() {
     .expect("config");
     let mut p = run_etcd(etcd_spec(srv.port));
     lb_register_through_config(&config, &mut p).await;
+}
+
+// ------------------------------------------------------------------ Traefik's KV layout
+
+/// Keys as Traefik's KV provider documents them.
+const TRAEFIK_KEYS: [(&str, &str); 8] = [
+    (
+        "traefik/http/routers/api/rule",
+        "Host(`api.test`) && PathPrefix(`/v1`)",
+    ),
+    ("traefik/http/routers/api/service", "api"),
+    ("traefik/http/routers/api/middlewares/0", "strip@redis"),
+    ("traefik/http/routers/api/entryPoints/0", "web"),
+    (
+        "traefik/http/middlewares/strip/stripPrefix/prefixes/0",
+        "/v1",
+    ),
+    (
+        "traefik/http/services/api/loadBalancer/servers/0/url",
+        "http://10.0.0.1:8080",
+    ),
+    (
+        "traefik/http/services/api/loadBalancer/healthCheck/path",
+        "/health",
+    ),
+    ("lb/unrelated", "x"),
+];
+
+fn is_routing(ev: &Event, name: &str) -> bool {
+    matches!(ev, Event::Routing { provider, .. } if provider == name)
+}
+
+/// Drives one store through the same story: a Traefik configuration is read and translated, a
+/// server added later arrives, a broken rule is refused by key while the last good one stays.
+async fn traefik_story(
+    p: &mut Provider,
+    provider: &str,
+    mut put: impl FnMut(
+        &'static str,
+        &'static str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+) {
+    for (k, v) in TRAEFIK_KEYS {
+        put(k, v).await;
+    }
+    let ev = p
+        .wait_for("routing", |_| {}, |e| {
+            // Keys are written one by one: wait for the routing of all of them.
+            matches!(e, Event::Routing { provider: n, routing, .. }
+                if n == provider
+                    && routing.middlewares.len() == 1
+                    && routing.routers.first().is_some_and(|r| !r.middlewares.is_empty() && !r.entrypoints.is_empty()))
+        })
+        .await;
+    let Event::Routing {
+        routing,
+        unsupported,
+        ..
+    } = ev
+    else {
+        unreachable!()
+    };
+    let r = &routing.routers[0];
+    assert_eq!(
+        (
+            r.name.as_str(),
+            r.service.as_str(),
+            &r.middlewares,
+            &r.entrypoints
+        ),
+        (
+            "api",
+            "api",
+            &vec!["strip".to_string()],
+            &vec!["web".to_string()]
+        )
+    );
+    assert_eq!(routing.middlewares.len(), 1);
+    assert!(
+        unsupported
+            .iter()
+            .any(|u| u.contains("http.services.api.loadBalancer.healthCheck")),
+        "{unsupported:?}"
+    );
+    p.wait_for(
+        "servers",
+        |_| {},
+        |e| {
+            matches!(e, Event::Snapshot { provider: n, .. } if n == provider)
+                && members(e) == Some(set(&["api/10.0.0.1:8080"]))
+        },
+    )
+    .await;
+    put(
+        "traefik/http/services/api/loadBalancer/servers/1/url",
+        "http://10.0.0.2:8080",
+    )
+    .await;
+    p.wait_for(
+        "a second server",
+        |_| {},
+        |e| members(e) == Some(set(&["api/10.0.0.1:8080", "api/10.0.0.2:8080"])),
+    )
+    .await;
+    put("traefik/http/routers/api/rule", "Host(`api.test`").await;
+    let ev = p
+        .wait_for(
+            "the broken rule",
+            |e| {
+                assert!(
+                    !is_routing(e, provider),
+                    "no routing from a broken configuration"
+                )
+            },
+            |e| matches!(e, Event::Error { provider: n, .. } if n == provider),
+        )
+        .await;
+    let Event::Error { error, .. } = ev else {
+        unreachable!()
+    };
+    assert!(
+        error.contains("traefik/http/routers/api/rule") && error.contains("column"),
+        "{error}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_reads_traefiks_kv_layout() {
+    let dir = TempDir::new("redis");
+    let srv = start_redis(&dir.0);
+    let mut spec = redis_spec(srv.port, NO_RESYNC);
+    spec.traefik_root = Some("traefik".into());
+    let mut p = run_redis(spec);
+    let port = srv.port;
+    traefik_story(&mut p, "redis:traefik", move |k, v| {
+        Box::pin(async move { redis_raw(port, &["SET", k, v]).await })
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_reads_traefiks_kv_layout() {
+    let dir = TempDir::new("etcd");
+    let srv = start_etcd(&dir.0);
+    let mut spec = etcd_spec(srv.port);
+    spec.traefik_root = Some("traefik".into());
+    let mut p = run_etcd(spec);
+    let port = srv.port;
+    traefik_story(&mut p, "etcd:traefik", move |k, v| {
+        Box::pin(async move { etcd_put_raw(port, k, v).await })
+    })
+    .await;
 }

@@ -165,3 +165,51 @@ fn config_reloads_under_load_lose_no_request() -> Result<()> {
     ensure!(n == 10_000 && f == 0, "{f} of {n} requests failed");
     Ok(())
 }
+
+/// A Traefik dynamic configuration in a watched directory, as a Traefik user has it: its router
+/// and middleware serve through the running agent, what lb does not support shows in the
+/// provider's status, and removing the file takes the router away.
+#[test]
+fn traefik_dynamic_configuration_routes_through_the_agent() -> Result<()> {
+    use std::time::{Duration, Instant};
+    let mut lab = Lab::new("lbt", "trf", Mode::Local, 2, false)?;
+    lab.start_servers()?;
+    let dir = lab.out_dir.join("dynamic");
+    std::fs::create_dir_all(&dir)?;
+    let traefik = "http:\n  routers:\n    from-traefik:\n      rule: \"PathPrefix(`/t/`)\"\n      \
+                   service: web\n      middlewares:\n        - strip-t@file\n      observability:\n        \
+                   accessLogs: false\n  middlewares:\n    strip-t:\n      stripPrefix:\n        prefixes:\n          \
+                   - /t\n";
+    std::fs::write(dir.join("dynamic.yml"), traefik)?;
+    let extra = format!(
+        "\n[[entrypoint]]\nname = \"web\"\naddress = \"0.0.0.0:80\"\n\n\
+         [[router]]\nname = \"only-root\"\nrule = \"Path(`/`)\"\nservice = \"web\"\n\n\
+         [[providers.file]]\npath = \"{}\"\ndebounce_ms = 50\n",
+        dir.display()
+    );
+    lab.start_agent_with(&[1, 1], &extra, &lb_bin())?;
+    let vip = lab.vip();
+    let get = |path: &'static str| {
+        lab.client
+            .run(move || http(vip, "GET", path, None, None).map(|r| r.0).unwrap_or(0))
+    };
+    let wait_until = |what: &str, f: &dyn Fn() -> Result<bool>| -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !f()? {
+            ensure!(Instant::now() < deadline, "{what}: not within 10 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    };
+    wait_until("the Traefik router", &|| Ok(get("/t/hello")? == 200))?;
+    ensure!(get("/elsewhere")? == 404, "only the two routers route");
+    let (_, status) = lab.api("GET", "/api/v1/status", None)?;
+    ensure!(
+        status.contains("from-traefik.observability: not supported"),
+        "the unsupported key is not reported: {status}"
+    );
+    std::fs::remove_file(dir.join("dynamic.yml"))?;
+    wait_until("the router's removal", &|| Ok(get("/t/hello")? == 404))?;
+    ensure!(get("/")? == 200, "lb.toml's router stays");
+    Ok(())
+}

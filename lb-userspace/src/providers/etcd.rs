@@ -91,12 +91,11 @@ async fn bounded<T, E: std::error::Error + Send + Sync + 'static>(
 
 type Entries = BTreeMap<Vec<u8>, Vec<u8>>;
 
-/// Every entry under the prefix, and the revision they are at.
-async fn get_all(client: &mut Client, prefix: &str) -> Result<(i64, Entries)> {
-    let key = kv::services_prefix(prefix);
+/// Every entry whose key starts with `key`, and the revision they are at.
+async fn get_all(client: &mut Client, key: &str) -> Result<(i64, Entries)> {
     let resp = bounded(
         "GET",
-        client.get(key.as_str(), Some(GetOptions::new().with_prefix())),
+        client.get(key, Some(GetOptions::new().with_prefix())),
     )
     .await?;
     let revision = resp
@@ -121,7 +120,7 @@ fn snapshot(prefix: &str, entries: &Entries) -> (Services, Vec<KeyError>) {
 /// One read of the prefix, for the agent's first apply.
 pub async fn read_once(spec: &EtcdSpec) -> Result<(Services, Vec<KeyError>)> {
     let mut client = connect(spec).await?;
-    let (_, entries) = get_all(&mut client, &spec.prefix).await?;
+    let (_, entries) = get_all(&mut client, &kv::services_prefix(&spec.prefix)).await?;
     Ok(snapshot(&spec.prefix, &entries))
 }
 
@@ -156,24 +155,23 @@ fn apply(entries: &mut Entries, resp: &WatchResponse) -> Result<bool> {
 /// Ok: the control loop is gone. Err: etcd failed (the caller reports and retries).
 async fn session(
     spec: &EtcdSpec,
+    layout: &kv::Layout,
     events: &mpsc::Sender<Event>,
     backoff: &mut Backoff,
 ) -> Result<()> {
     let mut client = connect(spec).await?;
     let at = Instant::now();
-    let (revision, mut entries) = get_all(&mut client, &spec.prefix).await?;
-    let (services, errors) = snapshot(&spec.prefix, &entries);
+    let key = layout.key_prefix();
+    let (revision, mut entries) = get_all(&mut client, &key).await?;
     info!(
-        provider = NAME,
+        provider = layout.provider(NAME),
         revision,
-        services = services.len(),
-        instances = services.values().map(|s| s.len()).sum::<usize>(),
+        keys = entries.len(),
         "connected"
     );
-    if !kv::report(events, NAME, Rank::ETCD, services, errors, at).await {
+    if !report(events, layout, &entries, at).await {
         return Ok(());
     }
-    let key = kv::services_prefix(&spec.prefix);
     let opts = WatchOptions::new()
         .with_prefix()
         .with_start_revision(revision + 1);
@@ -205,23 +203,47 @@ async fn session(
                 Err(_) => break,
             }
         }
-        let (services, errors) = snapshot(&spec.prefix, &entries);
-        if !kv::report(events, NAME, Rank::ETCD, services, errors, at).await {
+        if !report(events, layout, &entries, at).await {
             return Ok(());
         }
     }
 }
 
-/// Runs the provider until the control loop goes away.
+async fn report(
+    events: &mpsc::Sender<Event>,
+    layout: &kv::Layout,
+    entries: &Entries,
+    at: Instant,
+) -> bool {
+    let pairs: Vec<(Vec<u8>, Vec<u8>)> = entries
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    kv::report_range(events, NAME, Rank::ETCD, layout, &pairs, at).await
+}
+
+/// Runs the provider until the control loop goes away: lb's instances, and with `traefik_root`
+/// a Traefik configuration beside them (its own session, reported as `etcd:traefik`).
 pub async fn run(spec: EtcdSpec, events: mpsc::Sender<Event>) -> Result<()> {
+    if let Some(root) = spec.traefik_root.clone() {
+        let (spec, events) = (spec.clone(), events.clone());
+        tokio::spawn(async move { run_range(spec, kv::Layout::Traefik { root }, events).await });
+    }
+    let layout = kv::Layout::Lb {
+        prefix: spec.prefix.clone(),
+    };
+    run_range(spec, layout, events).await
+}
+
+async fn run_range(spec: EtcdSpec, layout: kv::Layout, events: mpsc::Sender<Event>) -> Result<()> {
     let mut backoff = Backoff::new();
     loop {
-        match session(&spec, &events, &mut backoff).await {
+        match session(&spec, &layout, &events, &mut backoff).await {
             Ok(()) => return Ok(()),
             Err(e) => {
                 let delay = backoff.next_delay();
                 let ev = Event::Error {
-                    provider: NAME.into(),
+                    provider: layout.provider(NAME),
                     rank: Rank::ETCD,
                     error: format!("{e:#} (retrying in {delay:?})"),
                 };

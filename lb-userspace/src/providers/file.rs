@@ -283,6 +283,11 @@ impl FileSource {
                     out.dynamic.routers.push(x.clone());
                 }
             }
+            for x in &r.tcp_routers {
+                if !out.dynamic.tcp_routers.iter().any(|o| o.name == x.name) {
+                    out.dynamic.tcp_routers.push(x.clone());
+                }
+            }
             for (n, x) in &r.services {
                 out.dynamic
                     .services

@@ -171,6 +171,97 @@ pub async fn report(
     true
 }
 
+/// What a watched key range holds: lb's instances, or a Traefik dynamic configuration in
+/// Traefik's KV layout (`<root>/http/routers/<name>/rule`, …), which the same providers read so a
+/// Traefik user's store works as it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Layout {
+    Lb { prefix: String },
+    Traefik { root: String },
+}
+
+impl Layout {
+    /// The keys it covers start with this.
+    pub fn key_prefix(&self) -> String {
+        match self {
+            Layout::Lb { prefix } => services_prefix(prefix),
+            Layout::Traefik { root } => format!("{}/", root.trim_end_matches('/')),
+        }
+    }
+
+    /// The provider's name for this range (`redis`, `redis:traefik`).
+    pub fn provider(&self, base: &str) -> String {
+        match self {
+            Layout::Lb { .. } => base.to_string(),
+            Layout::Traefik { .. } => format!("{base}:traefik"),
+        }
+    }
+}
+
+/// Sends what a complete read of a range means: for lb's layout a snapshot and the rejected
+/// keys; for Traefik's, its routing and its servers, or — when the configuration does not
+/// translate — one error naming the key, the last good routing staying. False: the control loop
+/// is gone.
+pub async fn report_range(
+    events: &mpsc::Sender<Event>,
+    base: &str,
+    rank: u8,
+    layout: &Layout,
+    entries: &[(Vec<u8>, Vec<u8>)],
+    at: Instant,
+) -> bool {
+    let provider = layout.provider(base);
+    match layout {
+        Layout::Lb { prefix } => {
+            let (services, errors) = snapshot(
+                prefix,
+                entries.iter().map(|(k, v)| (k.as_slice(), v.as_slice())),
+            );
+            report(events, &provider, rank, services, errors, at).await
+        }
+        Layout::Traefik { root } => {
+            let pairs: Vec<(String, String)> = entries
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        String::from_utf8_lossy(k).into_owned(),
+                        String::from_utf8_lossy(v).into_owned(),
+                    )
+                })
+                .collect();
+            let doc =
+                super::traefik::from_kv(root, pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+            match super::traefik::translate(&doc) {
+                Ok(t) => {
+                    let routing = Event::Routing {
+                        provider: provider.clone(),
+                        rank,
+                        routing: t.dynamic,
+                        unsupported: t.unsupported,
+                    };
+                    if events.send(routing).await.is_err() {
+                        return false;
+                    }
+                    report(events, &provider, rank, t.services, Vec::new(), at).await
+                }
+                Err(e) => {
+                    let key = format!(
+                        "{}/{}",
+                        root.trim_end_matches('/'),
+                        e.path.replace('[', "/").replace(']', "").replace('.', "/")
+                    );
+                    let ev = Event::Error {
+                        provider,
+                        rank,
+                        error: format!("key {key:?}: {}", e.reason),
+                    };
+                    events.send(ev).await.is_ok()
+                }
+            }
+        }
+    }
+}
+
 /// Reconnect delays: 200 ms, doubling, at most 5 s; back to 200 ms once a session works.
 pub struct Backoff {
     next: Duration,

@@ -150,13 +150,27 @@ async fn enable_notifications(con: &mut MultiplexedConnection, resync: Duration)
     }
 }
 
-/// Reads every entry under the prefix: the valid instances and the rejected keys. Any failed
-/// command fails the whole read (a partial read must never become a snapshot).
+/// Reads every entry under the prefix: the valid instances and the rejected keys.
 async fn read_all(
     con: &mut MultiplexedConnection,
     prefix: &str,
 ) -> Result<(Services, Vec<KeyError>)> {
-    let pattern = format!("{}*", glob_escape(&kv::services_prefix(prefix)));
+    let (entries, mut errors) = read_range(con, &kv::services_prefix(prefix)).await?;
+    let (services, bad) = kv::snapshot(
+        prefix,
+        entries.iter().map(|(k, v)| (k.as_slice(), v.as_slice())),
+    );
+    errors.extend(bad);
+    Ok((services, errors))
+}
+
+/// Reads every string key starting with `key_prefix`, and the keys that are not strings. Any
+/// failed command fails the whole read (a partial read must never become a snapshot).
+async fn read_range(
+    con: &mut MultiplexedConnection,
+    key_prefix: &str,
+) -> Result<(Vec<(Vec<u8>, Vec<u8>)>, Vec<KeyError>)> {
+    let pattern = format!("{}*", glob_escape(key_prefix));
     let mut keys = BTreeSet::<Vec<u8>>::new();
     let mut cursor: u64 = 0;
     loop {
@@ -198,10 +212,7 @@ async fn read_all(
             }
         }
     }
-    let (services, mut errors) = kv::snapshot(
-        prefix,
-        entries.iter().map(|(k, v)| (k.as_slice(), v.as_slice())),
-    );
+    let mut errors = Vec::new();
     // MGET answers nil both for a key gone since the SCAN and for a key that is not a string.
     for k in missing {
         let kind: String = redis::cmd("TYPE")
@@ -212,11 +223,11 @@ async fn read_all(
         if kind != "none" {
             errors.push(KeyError {
                 key: String::from_utf8_lossy(&k).into_owned(),
-                reason: format!("a Redis {kind}, not a string holding an instance"),
+                reason: format!("a Redis {kind}, not a string"),
             });
         }
     }
-    Ok((services, errors))
+    Ok((entries, errors))
 }
 
 /// One read of the prefix, for the agent's first apply.
@@ -230,10 +241,13 @@ pub async fn read_once(spec: &RedisSpec) -> Result<(Services, Vec<KeyError>)> {
 async fn session(
     client: &Client,
     spec: &RedisSpec,
+    layout: &kv::Layout,
     channel: &str,
     events: &mpsc::Sender<Event>,
     backoff: &mut Backoff,
 ) -> Result<()> {
+    let name = layout.provider(NAME);
+    let key_prefix = layout.key_prefix();
     let mut con = connect(client).await?;
     enable_notifications(&mut con, spec.resync).await;
     let mut pubsub = timeout(CONNECT_TIMEOUT, client.get_async_pubsub())
@@ -246,14 +260,13 @@ async fn session(
         .map_err(failed("PSUBSCRIBE"))?;
     let mut messages = pubsub.into_on_message();
     let at = Instant::now();
-    let (services, errors) = read_all(&mut con, &spec.prefix).await?;
+    let (entries, errors) = read_range(&mut con, &key_prefix).await?;
     info!(
-        provider = NAME,
-        services = services.len(),
-        instances = services.values().map(|s| s.len()).sum::<usize>(),
+        provider = name,
+        keys = entries.len(),
         "connected; watching {channel}"
     );
-    if !kv::report(events, NAME, Rank::REDIS, services, errors, at).await {
+    if !report(events, layout, &entries, errors, at).await {
         return Ok(());
     }
     backoff.reset();
@@ -280,39 +293,80 @@ async fn session(
                 at
             }
             _ = resync.tick() => {
-                debug!(provider = NAME, "resync");
+                debug!(provider = name, "resync");
                 Instant::now()
             }
         };
-        let (services, errors) = read_all(&mut con, &spec.prefix).await?;
-        if !kv::report(events, NAME, Rank::REDIS, services, errors, at).await {
+        let (entries, errors) = read_range(&mut con, &key_prefix).await?;
+        if !report(events, layout, &entries, errors, at).await {
             return Ok(());
         }
     }
 }
 
-/// Runs the provider until the control loop goes away. Fails only on a URL it cannot use.
+/// A range's meaning, then the keys that were not strings. False: the control loop is gone.
+async fn report(
+    events: &mpsc::Sender<Event>,
+    layout: &kv::Layout,
+    entries: &[(Vec<u8>, Vec<u8>)],
+    errors: Vec<KeyError>,
+    at: Instant,
+) -> bool {
+    if !kv::report_range(events, NAME, Rank::REDIS, layout, entries, at).await {
+        return false;
+    }
+    for e in errors {
+        let ev = Event::Error {
+            provider: layout.provider(NAME),
+            rank: Rank::REDIS,
+            error: format!("rejected {e}"),
+        };
+        if events.send(ev).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+/// Runs the provider until the control loop goes away: lb's instances, and with `traefik_root`
+/// a Traefik configuration beside them (its own session, reported as `redis:traefik`). Fails
+/// only on a URL it cannot use.
 pub async fn run(spec: RedisSpec, events: mpsc::Sender<Event>) -> Result<()> {
     let client = client(&spec)?;
+    if let Some(root) = spec.traefik_root.clone() {
+        let (client, spec, events) = (client.clone(), spec.clone(), events.clone());
+        tokio::spawn(
+            async move { run_range(client, spec, kv::Layout::Traefik { root }, events).await },
+        );
+    }
+    let layout = kv::Layout::Lb {
+        prefix: spec.prefix.clone(),
+    };
+    run_range(client, spec, layout, events).await;
+    Ok(())
+}
+
+async fn run_range(
+    client: Client,
+    spec: RedisSpec,
+    layout: kv::Layout,
+    events: mpsc::Sender<Event>,
+) {
     let db = client.get_connection_info().redis.db;
-    let channel = format!(
-        "__keyspace@{db}__:{}*",
-        glob_escape(&kv::services_prefix(&spec.prefix))
-    );
+    let channel = format!("__keyspace@{db}__:{}*", glob_escape(&layout.key_prefix()));
     let mut backoff = Backoff::new();
     loop {
-        match session(&client, &spec, &channel, &events, &mut backoff).await {
-            Ok(()) => return Ok(()),
+        match session(&client, &spec, &layout, &channel, &events, &mut backoff).await {
+            Ok(()) => return,
             Err(e) => {
                 let delay = backoff.next_delay();
-                let error = format!("{e:#} (retrying in {delay:?})");
                 let ev = Event::Error {
-                    provider: NAME.into(),
+                    provider: layout.provider(NAME),
                     rank: Rank::REDIS,
-                    error,
+                    error: format!("{e:#} (retrying in {delay:?})"),
                 };
                 if events.send(ev).await.is_err() {
-                    return Ok(());
+                    return;
                 }
                 tokio::time::sleep(delay).await;
             }

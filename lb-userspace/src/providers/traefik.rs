@@ -35,7 +35,8 @@ use crate::{
             resilience::{CircuitBreakerConfig, RetryConfig},
             MiddlewareConfig,
         },
-        rule::Rule,
+        rule::{Rule, TcpRule},
+        tcp::{TcpRouterSpec, TlsMode},
         tls::CertSpec,
         Mirror, RouterSpec, ServiceSpec,
     },
@@ -295,7 +296,7 @@ pub fn translate(doc: &Value) -> R<Translated> {
                 let path = m.sub(name);
                 check_name(name, &path)?;
                 match middleware(v, &path, &mut out.unsupported)? {
-                    Some(Kind::One(cfg)) => out.dynamic.middlewares.push((name.to_string(), cfg)),
+                    Some(Kind::One(cfg)) => out.dynamic.middlewares.push((name.to_string(), *cfg)),
                     Some(Kind::Chain(list)) => {
                         chains.insert(name.to_string(), list);
                     }
@@ -335,6 +336,9 @@ pub fn translate(doc: &Value) -> R<Translated> {
             }
         }
         http.rest(&mut out.unsupported);
+    }
+    if let Some((p, tcp)) = top.take("tcp") {
+        tcp_section(tcp, &p, &mut out)?;
     }
     if let Some((p, tls)) = top.take("tls") {
         let mut tls = Obj::new(tls, &p)?;
@@ -389,6 +393,124 @@ pub fn translate(doc: &Value) -> R<Translated> {
     }
     top.rest(&mut out.unsupported);
     Ok(out)
+}
+
+/// `tcp.routers` (HostSNI rules; `tls.passthrough` relays TLS, any other `tls` terminates it,
+/// none is plain TCP) and `tcp.services` (`loadBalancer.servers[].address`).
+fn tcp_section(v: &Value, path: &str, out: &mut Translated) -> R<()> {
+    let mut tcp = Obj::new(v, path)?;
+    if let Some((p, svcs)) = tcp.take("services") {
+        let m = Obj::new(svcs, &p)?;
+        for (_, name, v) in &m.entries {
+            let sp = m.sub(name);
+            check_name(name, &sp)?;
+            let mut s = Obj::new(v, &sp)?;
+            let Some((lp, lb)) = s.take("loadbalancer") else {
+                s.rest(&mut out.unsupported);
+                continue;
+            };
+            s.rest(&mut out.unsupported);
+            let mut lb = Obj::new(lb, &lp)?;
+            let mut instances = std::collections::BTreeMap::new();
+            if let Some((xp, servers)) = lb.take("servers") {
+                let Value::Array(a) = servers else {
+                    return fail(&xp, "expected a list");
+                };
+                for (i, x) in a.iter().enumerate() {
+                    let ip = format!("{xp}[{i}]");
+                    let mut x = Obj::new(x, &ip)?;
+                    let address = x.string("address")?;
+                    let weight = x.number("weight")?.unwrap_or(1.0);
+                    x.rest(&mut out.unsupported);
+                    let Some(address) = address else {
+                        return fail(&ip, "address is required");
+                    };
+                    let addr = match address.to_socket_addrs() {
+                        Ok(mut a) => match a.next() {
+                            Some(a) => a,
+                            None => return fail(&format!("{ip}.address"), "no address"),
+                        },
+                        Err(e) => {
+                            return fail(&format!("{ip}.address"), format!("{address:?}: {e}"))
+                        }
+                    };
+                    let inst = Instance {
+                        address: addr.ip(),
+                        port: addr.port(),
+                        weight: weight.clamp(0.0, 1000.0) as u32,
+                        zone: None,
+                        metadata: Default::default(),
+                    };
+                    instances.insert(inst.key(), inst);
+                }
+            }
+            lb.rest(&mut out.unsupported);
+            if out.services.insert(name.to_string(), instances).is_some() {
+                return fail(&sp, "an http service has this name too");
+            }
+        }
+    }
+    if let Some((p, routers)) = tcp.take("routers") {
+        let m = Obj::new(routers, &p)?;
+        for (_, name, v) in &m.entries {
+            let rp = m.sub(name);
+            check_name(name, &rp)?;
+            let mut r = Obj::new(v, &rp)?;
+            let Some(rule_text) = r.string("rule")? else {
+                return fail(&rp, "rule is required");
+            };
+            let Some(service) = r.string("service")? else {
+                return fail(&rp, "service is required");
+            };
+            let mode = match r.take("tls") {
+                None => TlsMode::Plain,
+                Some((tp, tls)) => {
+                    let mut t = Obj::new(tls, &tp)?;
+                    let pass = t.bool("passthrough")?.unwrap_or(false);
+                    for k in ["certresolver", "domains", "options"] {
+                        if let Some((kp, _)) = t.take(k) {
+                            out.unsupported.push(format!("{kp}: not supported (certificates come from [[certificate]], [acme] or tls.certificates)"));
+                        }
+                    }
+                    t.rest(&mut out.unsupported);
+                    if pass {
+                        TlsMode::Passthrough
+                    } else {
+                        TlsMode::Terminate
+                    }
+                }
+            };
+            let rule = TcpRule::parse(&rule_text, mode != TlsMode::Plain)
+                .or_else(|e| fail(&format!("{rp}.rule"), e.to_string()))?;
+            let priority = match r.number("priority")? {
+                Some(p) if p.fract() == 0.0 => Some(p as i64),
+                Some(_) => return fail(&format!("{rp}.priority"), "expected an integer"),
+                None => None,
+            };
+            let entrypoints = r
+                .strings("entrypoints")?
+                .unwrap_or_default()
+                .iter()
+                .map(|e| local(e))
+                .collect();
+            if let Some((mp, _)) = r.take("middlewares") {
+                out.unsupported
+                    .push(format!("{mp}: TCP middlewares are not supported"));
+            }
+            r.rest(&mut out.unsupported);
+            out.dynamic.tcp_routers.push(TcpRouterSpec {
+                name: name.to_string(),
+                entrypoints,
+                rule,
+                rule_text,
+                priority,
+                service: local(&service),
+                tls: mode,
+            });
+        }
+    }
+    tcp.rest(&mut out.unsupported);
+    Ok(())
 }
 
 fn servers_transports(
@@ -703,8 +825,14 @@ fn expand(
 }
 
 enum Kind {
-    One(MiddlewareConfig),
+    One(Box<MiddlewareConfig>),
     Chain(Vec<String>),
+}
+
+impl Kind {
+    fn one(m: MiddlewareConfig) -> Kind {
+        Kind::One(Box::new(m))
+    }
 }
 
 fn middleware(v: &Value, path: &str, unsupported: &mut Vec<String>) -> R<Option<Kind>> {
@@ -719,28 +847,28 @@ fn middleware(v: &Value, path: &str, unsupported: &mut Vec<String>) -> R<Option<
         "chain" => Kind::Chain(b.strings("middlewares")?.unwrap_or_default()),
         "stripprefix" => {
             let _ = b.take("forceslash");
-            Kind::One(MiddlewareConfig::StripPrefix(StripPrefixConfig {
+            Kind::one(MiddlewareConfig::StripPrefix(StripPrefixConfig {
                 prefixes: b.strings("prefixes")?.unwrap_or_default(),
             }))
         }
         "stripprefixregex" => {
-            Kind::One(MiddlewareConfig::StripPrefixRegex(StripPrefixRegexConfig {
+            Kind::one(MiddlewareConfig::StripPrefixRegex(StripPrefixRegexConfig {
                 regex: b.strings("regex")?.unwrap_or_default(),
             }))
         }
-        "addprefix" => Kind::One(MiddlewareConfig::AddPrefix(AddPrefixConfig {
+        "addprefix" => Kind::one(MiddlewareConfig::AddPrefix(AddPrefixConfig {
             prefix: req(b.string("prefix")?, &p, "prefix")?,
         })),
-        "replacepath" => Kind::One(MiddlewareConfig::ReplacePath(ReplacePathConfig {
+        "replacepath" => Kind::one(MiddlewareConfig::ReplacePath(ReplacePathConfig {
             path: req(b.string("path")?, &p, "path")?,
         })),
         "replacepathregex" => {
-            Kind::One(MiddlewareConfig::ReplacePathRegex(ReplacePathRegexConfig {
+            Kind::one(MiddlewareConfig::ReplacePathRegex(ReplacePathRegexConfig {
                 regex: req(b.string("regex")?, &p, "regex")?,
                 replacement: req(b.string("replacement")?, &p, "replacement")?,
             }))
         }
-        "redirectscheme" => Kind::One(MiddlewareConfig::RedirectScheme(RedirectSchemeConfig {
+        "redirectscheme" => Kind::one(MiddlewareConfig::RedirectScheme(RedirectSchemeConfig {
             scheme: b.string("scheme")?.unwrap_or_else(|| "https".into()),
             permanent: b.bool("permanent")?.unwrap_or(false),
             port: match b.string("port")? {
@@ -751,12 +879,12 @@ fn middleware(v: &Value, path: &str, unsupported: &mut Vec<String>) -> R<Option<
                 None => None,
             },
         })),
-        "redirectregex" => Kind::One(MiddlewareConfig::RedirectRegex(RedirectRegexConfig {
+        "redirectregex" => Kind::one(MiddlewareConfig::RedirectRegex(RedirectRegexConfig {
             regex: req(b.string("regex")?, &p, "regex")?,
             replacement: req(b.string("replacement")?, &p, "replacement")?,
             permanent: b.bool("permanent")?.unwrap_or(false),
         })),
-        "headers" => Kind::One(MiddlewareConfig::Headers(headers(&mut b)?)),
+        "headers" => Kind::one(MiddlewareConfig::Headers(headers(&mut b)?)),
         "basicauth" => {
             let mut users = b.strings("users")?.unwrap_or_default();
             if let Some(file) = b.string("usersfile")? {
@@ -770,7 +898,7 @@ fn middleware(v: &Value, path: &str, unsupported: &mut Vec<String>) -> R<Option<
                 );
             }
             let _ = b.take("removeheader"); // lb always removes the credentials
-            Kind::One(MiddlewareConfig::BasicAuth(BasicAuthConfig {
+            Kind::one(MiddlewareConfig::BasicAuth(BasicAuthConfig {
                 users,
                 realm: b.string("realm")?.unwrap_or_else(|| "traefik".into()),
                 header_field: b.string("headerfield")?,
@@ -784,7 +912,7 @@ fn middleware(v: &Value, path: &str, unsupported: &mut Vec<String>) -> R<Option<
                 ca_file = t.string("ca")?.map(PathBuf::from);
                 t.rest(unsupported);
             }
-            Kind::One(MiddlewareConfig::ForwardAuth(ForwardAuthConfig {
+            Kind::one(MiddlewareConfig::ForwardAuth(ForwardAuthConfig {
                 address,
                 trust_forward_header: b.bool("trustforwardheader")?.unwrap_or(false),
                 auth_response_headers: b.strings("authresponseheaders")?.unwrap_or_default(),
@@ -794,7 +922,7 @@ fn middleware(v: &Value, path: &str, unsupported: &mut Vec<String>) -> R<Option<
             }))
         }
         "ipallowlist" | "ipwhitelist" => {
-            Kind::One(MiddlewareConfig::IpAllowList(IpAllowListConfig {
+            Kind::one(MiddlewareConfig::IpAllowList(IpAllowListConfig {
                 source_range: b.strings("sourcerange")?.unwrap_or_default(),
             }))
         }
@@ -810,7 +938,7 @@ fn middleware(v: &Value, path: &str, unsupported: &mut Vec<String>) -> R<Option<
             if period.is_zero() {
                 return fail(&format!("{p}.period"), "must be > 0");
             }
-            Kind::One(MiddlewareConfig::RateLimit(RateLimitConfig {
+            Kind::one(MiddlewareConfig::RateLimit(RateLimitConfig {
                 average: average / period.as_secs_f64(),
                 burst: b.number("burst")?.unwrap_or(1.0),
                 source_header,
@@ -822,7 +950,7 @@ fn middleware(v: &Value, path: &str, unsupported: &mut Vec<String>) -> R<Option<
                     "{sp}: not supported (lb limits requests in flight per router)"
                 ));
             }
-            Kind::One(MiddlewareConfig::InFlightReq(InFlightReqConfig {
+            Kind::one(MiddlewareConfig::InFlightReq(InFlightReqConfig {
                 amount: b.number("amount")?.unwrap_or(0.0) as u64,
             }))
         }
@@ -830,14 +958,14 @@ fn middleware(v: &Value, path: &str, unsupported: &mut Vec<String>) -> R<Option<
             for k in ["memrequestbodybytes", "memresponsebodybytes"] {
                 let _ = b.take(k); // lb buffers in memory, within the max limits
             }
-            Kind::One(MiddlewareConfig::Buffering(BufferingConfig {
+            Kind::one(MiddlewareConfig::Buffering(BufferingConfig {
                 max_request_body_bytes: b.number("maxrequestbodybytes")?.unwrap_or(0.0).max(0.0)
                     as u64,
                 max_response_body_bytes: b.number("maxresponsebodybytes")?.unwrap_or(0.0).max(0.0)
                     as u64,
             }))
         }
-        "retry" => Kind::One(MiddlewareConfig::Retry(RetryConfig {
+        "retry" => Kind::one(MiddlewareConfig::Retry(RetryConfig {
             attempts: b.number("attempts")?.unwrap_or(0.0) as u32,
             initial_interval_ms: b
                 .duration("initialinterval")?
@@ -846,7 +974,7 @@ fn middleware(v: &Value, path: &str, unsupported: &mut Vec<String>) -> R<Option<
         "circuitbreaker" => {
             let ms =
                 |d: Option<Duration>, default: u64| d.map_or(default, |d| d.as_millis() as u64);
-            Kind::One(MiddlewareConfig::CircuitBreaker(CircuitBreakerConfig {
+            Kind::one(MiddlewareConfig::CircuitBreaker(CircuitBreakerConfig {
                 expression: req(b.string("expression")?, &p, "expression")?,
                 check_period_ms: ms(b.duration("checkperiod")?, 100),
                 fallback_duration_ms: ms(b.duration("fallbackduration")?, 10_000),
@@ -860,7 +988,7 @@ fn middleware(v: &Value, path: &str, unsupported: &mut Vec<String>) -> R<Option<
                 min_response_body_bytes: 1024,
                 excluded_content_types: vec![],
             };
-            Kind::One(MiddlewareConfig::Compress(CompressConfig {
+            Kind::one(MiddlewareConfig::Compress(CompressConfig {
                 encodings: b.strings("encodings")?.unwrap_or(defaults.encodings),
                 min_response_body_bytes: b
                     .number("minresponsebodybytes")?

@@ -23,6 +23,7 @@ pub struct Dynamic {
     pub services: HashMap<String, ServiceSpec>,
     pub middlewares: Vec<(String, MiddlewareConfig)>,
     pub certificates: Vec<CertSpec>,
+    pub tcp_routers: Vec<super::tcp::TcpRouterSpec>,
 }
 
 /// A provider's part with its middlewares built.
@@ -90,6 +91,16 @@ pub fn merge(base: &L7Config, parts: &BTreeMap<String, Built>) -> (L7Config, Vec
                 .map(|m| format!("{m}@{provider}"))
                 .collect();
             out.routers.push(r);
+        }
+        for r in &part.dynamic.tcp_routers {
+            if out.tcp_routers.iter().any(|o| o.name == r.name) {
+                problems.push(format!(
+                    "{provider}: TCP router {} is defined already",
+                    r.name
+                ));
+                continue;
+            }
+            out.tcp_routers.push(r.clone());
         }
         for (name, spec) in &part.dynamic.services {
             if out.specs.contains_key(name) {

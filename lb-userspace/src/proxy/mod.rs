@@ -162,15 +162,18 @@ pub struct Table {
 
 impl Table {
     fn build(
-        entrypoints: &[EntryPointSpec],
-        routers: &[RouterSpec],
-        tcp_routers: &[tcp::TcpRouterSpec],
-        specs: &HashMap<String, ServiceSpec>,
-        middlewares: &HashMap<String, Arc<dyn middleware::Middleware>>,
+        conf: &L7Config,
         services: &Services,
         upstream: &mut dyn FnMut(SocketAddr) -> Arc<Upstream>,
         client: &mut dyn FnMut(Option<&UpstreamTls>) -> Option<UpstreamClient>,
     ) -> Table {
+        let L7Config {
+            entrypoints,
+            routers,
+            specs,
+            middlewares,
+            tcp_routers,
+        } = conf;
         let mut routes: HashMap<String, Vec<Arc<Route>>> = HashMap::new();
         for r in routers {
             let chain = r
@@ -274,6 +277,8 @@ pub struct Proxy {
     mirroring: Arc<std::sync::atomic::AtomicUsize>,
     /// ACME challenges to answer and certificates it issued.
     acme: Arc<acme::Store>,
+    /// Raised when a provider's certificates change (the listeners reload theirs).
+    certificates_changed: tokio::sync::Notify,
 }
 
 /// The most mirror copies in flight at once; beyond it copies are skipped.
@@ -348,6 +353,7 @@ impl Proxy {
             clients: std::sync::Mutex::new(HashMap::new()),
             mirroring: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             acme: Default::default(),
+            certificates_changed: tokio::sync::Notify::new(),
         };
         proxy.update_services(services);
         proxy
@@ -390,11 +396,20 @@ impl Proxy {
     pub fn set_dynamic(&self, provider: &str, part: dynamic::Dynamic) -> Vec<String> {
         let (built, mut problems) = dynamic::Built::new(part);
         if let Ok(mut d) = self.dynamic.lock() {
+            let before = d.get(provider).map(|b| b.dynamic.certificates.clone());
+            if before.unwrap_or_default() != built.dynamic.certificates {
+                self.certificates_changed.notify_one();
+            }
             d.insert(provider.to_string(), built);
         }
         problems.extend(self.remerge());
         self.rebuild();
         problems
+    }
+
+    /// Resolves when a provider's certificates changed since the last call.
+    pub async fn certificates_changed(&self) {
+        self.certificates_changed.notified().await
     }
 
     /// Certificates the providers brought.
@@ -479,16 +494,7 @@ impl Proxy {
                 }
             }
         };
-        let table = Table::build(
-            &conf.entrypoints,
-            &conf.routers,
-            &conf.tcp_routers,
-            &conf.specs,
-            &conf.middlewares,
-            &services,
-            &mut get,
-            &mut client,
-        );
+        let table = Table::build(&conf, &services, &mut get, &mut client);
         *clients = used;
         *known = keep;
         self.table.store(Arc::new(table));
