@@ -128,6 +128,17 @@ struct RawHttpService {
     tls: Option<Spanned<RawUpstreamTls>>,
     #[serde(default)]
     mirror: Option<Spanned<RawMirror>>,
+    #[serde(default = "d_connect_timeout")]
+    connect_timeout_ms: u64,
+    #[serde(default = "d_idle_timeout")]
+    idle_timeout_secs: u64,
+}
+
+fn d_connect_timeout() -> u64 {
+    5000
+}
+fn d_idle_timeout() -> u64 {
+    90
 }
 
 /// `tls = { … }` of an `[[http_service]]`: TLS to its upstreams.
@@ -1309,6 +1320,8 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
                 sticky_cookie: h.sticky_cookie.clone(),
                 tls,
                 mirror,
+                connect_timeout: Duration::from_millis(h.connect_timeout_ms.max(1)),
+                idle_timeout: Duration::from_secs(h.idle_timeout_secs),
             },
         );
     }

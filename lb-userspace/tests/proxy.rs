@@ -717,3 +717,61 @@ async fn forwarded_headers_are_believed_only_from_trusted_proxies_and_headers_ar
         .expect("an answer, not a dropped connection");
     assert_eq!(r.status(), 431);
 }
+
+/// An upstream that counts the connections it accepts.
+async fn counting(conns: Arc<AtomicU64>) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            conns.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from("ok"))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_upstream_connections_close_after_the_idle_timeout() {
+    let (short, long) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (a, b) = (counting(short.clone()).await, counting(long.clone()).await);
+    let specs = HashMap::from([
+        (
+            "short".to_string(),
+            ServiceSpec {
+                idle_timeout: std::time::Duration::from_millis(300),
+                ..Default::default()
+            },
+        ),
+        ("long".to_string(), ServiceSpec::default()),
+    ]);
+    let (_p, addr) = start_with(
+        vec![
+            router("s", "PathPrefix(`/s`)", "short", None),
+            router("l", "PathPrefix(`/l`)", "long", None),
+        ],
+        &services(&[("short", &[(a, 1)]), ("long", &[(b, 1)])]),
+        specs,
+    )
+    .await;
+    let c = client();
+    for path in ["/s", "/l"] {
+        assert_eq!(get(&c, addr, "t", path, &[]).await.0, 200);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    for path in ["/s", "/l"] {
+        assert_eq!(get(&c, addr, "t", path, &[]).await.0, 200);
+    }
+    assert_eq!(
+        (short.load(Ordering::SeqCst), long.load(Ordering::SeqCst)),
+        (2, 1),
+        "the idle connection was closed and a new one made; the other was reused"
+    );
+}

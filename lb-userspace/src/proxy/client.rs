@@ -37,6 +37,26 @@ pub struct UpstreamTls {
     pub server_name: Option<String>,
 }
 
+/// What distinguishes one upstream client from another: its TLS and its timeouts.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ClientKey {
+    pub tls: Option<UpstreamTls>,
+    /// Connecting (TCP, and the TLS handshake) must finish within this.
+    pub connect_timeout: Duration,
+    /// A pooled keep-alive connection unused this long is closed.
+    pub idle_timeout: Duration,
+}
+
+impl Default for ClientKey {
+    fn default() -> Self {
+        ClientKey {
+            tls: None,
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(90),
+        }
+    }
+}
+
 /// Debian's bundle of system roots.
 const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
 
@@ -84,10 +104,11 @@ pub struct UpstreamClient {
 
 impl UpstreamClient {
     /// `tls: None`: plain HTTP (an `https://` URI still works, against the system's roots).
-    pub fn new(tls: Option<&UpstreamTls>) -> Result<UpstreamClient> {
+    pub fn new(key: &ClientKey) -> Result<UpstreamClient> {
+        let tls = key.tls.as_ref();
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
-        http.set_connect_timeout(Some(Duration::from_secs(5)));
+        http.set_connect_timeout(Some(key.connect_timeout));
         http.enforce_http(false);
         let config = match tls {
             Some(t) => client_config(t)?,
@@ -112,7 +133,7 @@ impl UpstreamClient {
         let connector = builder.enable_http1().wrap_connector(http);
         let inner = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(64)
-            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_idle_timeout(key.idle_timeout)
             .build(connector);
         Ok(UpstreamClient {
             inner,

@@ -38,7 +38,7 @@ use tracing::{debug, warn};
 
 use crate::registry::Services;
 use balance::{Algorithm, Passive, Pool, Upstream};
-use client::{UpstreamClient, UpstreamTls};
+use client::{ClientKey, UpstreamClient, UpstreamTls};
 use middleware::{Ctx, Flow, UpstreamFailure};
 use rule::{RequestView, Rule};
 
@@ -112,6 +112,20 @@ pub struct ServiceSpec {
     pub tls: Option<UpstreamTls>,
     /// A copy of a share of the requests goes to another service; its answers are dropped.
     pub mirror: Option<Mirror>,
+    /// Connecting to an upstream (TCP and TLS) must finish within this.
+    pub connect_timeout: std::time::Duration,
+    /// Pooled keep-alive connections to the upstreams unused this long are closed.
+    pub idle_timeout: std::time::Duration,
+}
+
+impl ServiceSpec {
+    fn client_key(&self) -> ClientKey {
+        ClientKey {
+            tls: self.tls.clone(),
+            connect_timeout: self.connect_timeout,
+            idle_timeout: self.idle_timeout,
+        }
+    }
 }
 
 /// Shadow traffic: `percent` of requests are also sent to `service` (fire and forget). A
@@ -136,6 +150,8 @@ impl Default for ServiceSpec {
             sticky_cookie: None,
             tls: None,
             mirror: None,
+            connect_timeout: ClientKey::default().connect_timeout,
+            idle_timeout: ClientKey::default().idle_timeout,
         }
     }
 }
@@ -165,7 +181,7 @@ impl Table {
         conf: &L7Config,
         services: &Services,
         upstream: &mut dyn FnMut(SocketAddr) -> Arc<Upstream>,
-        client: &mut dyn FnMut(Option<&UpstreamTls>) -> Option<UpstreamClient>,
+        client: &mut dyn FnMut(ClientKey) -> Option<UpstreamClient>,
     ) -> Table {
         let L7Config {
             entrypoints,
@@ -229,7 +245,7 @@ impl Table {
             let spec = specs.get(&name).cloned().unwrap_or_default();
             // A client that cannot be built (its files went bad since the config was checked)
             // leaves the service without a pool: 503s, logged, until the files are fixed.
-            let Some(client) = client(spec.tls.as_ref()) else {
+            let Some(client) = client(spec.client_key()) else {
                 continue;
             };
             pools.insert(
@@ -272,7 +288,7 @@ pub struct Proxy {
     /// Per-upstream state by address: it survives table swaps.
     upstreams: std::sync::Mutex<HashMap<SocketAddr, Arc<Upstream>>>,
     /// One client per TLS setting, kept across rebuilds so pooled connections survive.
-    clients: std::sync::Mutex<HashMap<Option<UpstreamTls>, UpstreamClient>>,
+    clients: std::sync::Mutex<HashMap<ClientKey, UpstreamClient>>,
     /// Mirror copies in flight (bounded: a slow shadow must not pile up tasks).
     mirroring: Arc<std::sync::atomic::AtomicUsize>,
     /// ACME challenges to answer and certificates it issued.
@@ -475,15 +491,14 @@ impl Proxy {
         let Ok(mut clients) = self.clients.lock() else {
             return;
         };
-        let mut used: HashMap<Option<UpstreamTls>, UpstreamClient> = HashMap::new();
-        let mut client = |tls: Option<&UpstreamTls>| {
-            let key = tls.cloned();
+        let mut used: HashMap<ClientKey, UpstreamClient> = HashMap::new();
+        let mut client = |key: ClientKey| {
             if let Some(c) = used.get(&key).or_else(|| clients.get(&key)) {
                 let c = c.clone();
                 used.insert(key, c.clone());
                 return Some(c);
             }
-            match UpstreamClient::new(tls) {
+            match UpstreamClient::new(&key) {
                 Ok(c) => {
                     used.insert(key, c.clone());
                     Some(c)

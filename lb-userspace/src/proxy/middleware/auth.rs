@@ -308,7 +308,11 @@ impl ForwardAuthConfig {
             response_headers: names(&self.auth_response_headers)?,
             request_headers: names(&self.auth_request_headers)?,
             timeout: Duration::from_millis(self.timeout_ms.max(1)),
-            client: UpstreamClient::new(Some(&tls)).map_err(|e| format!("{e:#}"))?,
+            client: UpstreamClient::new(&crate::proxy::client::ClientKey {
+                tls: Some(tls),
+                ..Default::default()
+            })
+            .map_err(|e| format!("{e:#}"))?,
         })
     }
 }
