@@ -195,6 +195,8 @@ pub async fn run(config_path: &Path) -> Result<()> {
         .map(|spec| acme_client(spec, &cfg.state_dir, &proxy));
     let mut listeners = Listeners::default();
     listeners.reconcile(&proxy, &cfg).await?;
+    // Shared with the shutdown below, which drains the entry points.
+    let listeners = Arc::new(tokio::sync::Mutex::new(listeners));
     let acme = acme.map(AcmeTask::spawn);
     let control = Arc::new(Mutex::new(control));
     let (events, rx) = mpsc::channel(1024);
@@ -250,7 +252,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         cfg.clone(),
         control.clone(),
         proxy,
-        listeners,
+        listeners.clone(),
         acme,
     )));
 
@@ -275,6 +277,8 @@ pub async fn run(config_path: &Path) -> Result<()> {
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await?;
+    // The entry points stop accepting; requests in progress get DRAIN to finish.
+    listeners.lock().await.close_all().await;
     for t in tasks {
         t.abort();
     }
@@ -407,11 +411,29 @@ pub struct Listeners {
         String,
         (
             crate::proxy::EntryPointSpec,
-            tokio::task::JoinHandle<()>,
+            Serving,
             Option<crate::proxy::TlsConfig>,
             std::net::SocketAddr,
         ),
     >,
+}
+
+/// How long a closed entry point's connections get to finish their requests (at a reload that
+/// removes it, and when the agent stops).
+pub const DRAIN: Duration = Duration::from_secs(30);
+
+/// An entry point's accept loop, and how to stop it.
+struct Serving {
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<crate::proxy::Drain>,
+}
+
+impl Serving {
+    /// Stops accepting (the port is free when this returns) and hands back the connections.
+    async fn close(self) -> Option<crate::proxy::Drain> {
+        self.stop.cancel();
+        self.task.await.ok()
+    }
 }
 
 impl Listeners {
@@ -434,9 +456,11 @@ impl Listeners {
             .map(|(n, _)| n.clone())
             .collect();
         for name in gone {
-            if let Some((spec, task, _, _)) = self.open.remove(&name) {
-                task.abort();
-                let _ = task.await;
+            if let Some((spec, serving, _, _)) = self.open.remove(&name) {
+                // The port is released now; the requests in progress finish in the background.
+                if let Some(drain) = serving.close().await {
+                    tokio::spawn(drain.finish(DRAIN));
+                }
                 info!(entrypoint = name, address = %spec.address, "entry point closed");
             }
         }
@@ -460,11 +484,30 @@ impl Listeners {
             let local = listener.local_addr().unwrap_or(ep.address);
             let tls = tls.map(|t| Arc::new(arc_swap::ArcSwap::new(t)));
             info!(entrypoint = ep.name, address = %local, tls = ep.tls, "proxy listening");
-            let task = tokio::spawn(proxy.clone().serve(ep.name.clone(), listener, tls.clone()));
-            self.open
-                .insert(ep.name.clone(), (ep.clone(), task, tls, local));
+            let stop = tokio_util::sync::CancellationToken::new();
+            let task = tokio::spawn(proxy.clone().serve_until(
+                ep.name.clone(),
+                listener,
+                tls.clone(),
+                stop.clone(),
+            ));
+            self.open.insert(
+                ep.name.clone(),
+                (ep.clone(), Serving { stop, task }, tls, local),
+            );
         }
         Ok(())
+    }
+
+    /// Closes every entry point and lets their requests in progress finish, within [`DRAIN`].
+    pub async fn close_all(&mut self) {
+        let mut drains = Vec::new();
+        for (_, (_, serving, _, _)) in self.open.drain() {
+            if let Some(d) = serving.close().await {
+                drains.push(d.finish(DRAIN));
+            }
+        }
+        futures_util::future::join_all(drains).await;
     }
 
     /// The certificate files changed: every TLS entry point gets them for its next handshakes.
@@ -499,7 +542,7 @@ async fn watch_config(
     mut current: Config,
     control: Arc<Mutex<Control>>,
     proxy: Arc<crate::proxy::Proxy>,
-    mut listeners: Listeners,
+    listeners: Arc<tokio::sync::Mutex<Listeners>>,
     mut acme: Option<AcmeTask>,
 ) {
     use notify::Watcher as _;
@@ -539,7 +582,7 @@ async fn watch_config(
         tokio::select! {
             got = rx.recv() => if got.is_none() { break },
             () = proxy.certificates_changed() => {
-                match listeners.reload_certificates(&proxy, &current) {
+                match listeners.lock().await.reload_certificates(&proxy, &current) {
                     Ok(()) => info!("provider certificates changed: reloaded"),
                     Err(e) => warn!("provider certificates: {e:#}"),
                 }
@@ -547,7 +590,7 @@ async fn watch_config(
                 continue;
             }
             () = cert_files.changed() => {
-                match listeners.reload_certificates(&proxy, &current) {
+                match listeners.lock().await.reload_certificates(&proxy, &current) {
                     Ok(()) => info!("certificate files changed: reloaded"),
                     Err(e) => warn!(
                         "certificate files changed but do not load, the previous certificates stay: {e:#}"
@@ -615,7 +658,7 @@ async fn watch_config(
             middlewares,
             tcp_routers: new.tcp_routers.clone(),
         });
-        if let Err(e) = listeners.reconcile(&proxy, &new).await {
+        if let Err(e) = listeners.lock().await.reconcile(&proxy, &new).await {
             warn!("entry points: {e:#}");
         }
         if let Some(client) = acme_next {

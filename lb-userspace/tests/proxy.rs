@@ -775,3 +775,63 @@ async fn pooled_upstream_connections_close_after_the_idle_timeout() {
         "the idle connection was closed and a new one made; the other was reused"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_entry_point_drains_requests_in_progress() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let slow = slow(400).await;
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let ep = EntryPointSpec {
+        name: "web".into(),
+        address: addr,
+        tls: false,
+        client_ca_file: None,
+        trusted_ips: vec![],
+    };
+    let proxy = Arc::new(Proxy::new(
+        vec![ep],
+        vec![router("r", "PathPrefix(`/`)", "s", None)],
+        HashMap::new(),
+        HashMap::new(),
+        &services(&[("s", &[(slow, 1)])]),
+    ));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let serving = tokio::spawn(
+        proxy
+            .clone()
+            .serve_until("web".into(), l, None, stop.clone()),
+    );
+    // An idle keep-alive connection (one request answered, the connection kept).
+    let mut idle = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = [0u8; 1024];
+    let n = idle.read(&mut buf).await.expect("read");
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    // A request in progress when the entry point stops.
+    let in_flight = tokio::spawn(async move { get(&client(), addr, "t", "/", &[]).await.0 });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    stop.cancel();
+    let drain = serving.await.expect("serving");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "new connections are refused once it stopped"
+    );
+    let started = std::time::Instant::now();
+    assert!(
+        drain.finish(std::time::Duration::from_secs(5)).await,
+        "drained in time"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    assert_eq!(
+        in_flight.await.expect("request"),
+        200,
+        "the request in progress finished"
+    );
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(1), idle.read(&mut buf))
+        .await
+        .expect("the idle connection is closed, not left hanging");
+    assert_eq!(closed.expect("read"), 0);
+}

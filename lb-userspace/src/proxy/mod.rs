@@ -34,7 +34,7 @@ use hyper::{
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::registry::Services;
 use balance::{Algorithm, Passive, Pool, Upstream};
@@ -542,14 +542,35 @@ impl Proxy {
         listener: TcpListener,
         tls: Option<TlsConfig>,
     ) {
+        let stop = tokio_util::sync::CancellationToken::new();
+        self.serve_until(entrypoint, listener, tls, stop)
+            .await
+            .finish(std::time::Duration::MAX)
+            .await;
+    }
+
+    /// [`Proxy::serve`] until `stop`: then the listener closes (new connections are refused) and
+    /// the connections in progress are returned as a [`Drain`] for the caller to finish.
+    pub async fn serve_until(
+        self: Arc<Self>,
+        entrypoint: String,
+        listener: TcpListener,
+        tls: Option<TlsConfig>,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> Drain {
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         loop {
-            let (stream, peer) = match listener.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!(entrypoint, "accept: {e}");
-                    continue;
-                }
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        warn!(entrypoint, "accept: {e}");
+                        continue;
+                    }
+                },
+                () = stop.cancelled() => break,
             };
+            let watcher = graceful.watcher();
             let _ = stream.set_nodelay(true);
             let (proxy, ep, tls) = (self.clone(), entrypoint.clone(), tls.clone());
             let trusted = self
@@ -595,8 +616,8 @@ impl Proxy {
                         // TLS-ALPN-01: the handshake was the answer; no HTTP follows.
                         Ok(s) if acme::is_validation(s.get_ref().1) => return,
                         Ok(s) => {
-                            builder
-                                .serve_connection_with_upgrades(TokioIo::new(s), svc)
+                            watcher
+                                .watch(builder.serve_connection_with_upgrades(TokioIo::new(s), svc))
                                 .await
                         }
                         Err(e) => {
@@ -605,8 +626,10 @@ impl Proxy {
                         }
                     },
                     None => {
-                        builder
-                            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                        watcher
+                            .watch(
+                                builder.serve_connection_with_upgrades(TokioIo::new(stream), svc),
+                            )
                             .await
                     }
                 };
@@ -614,6 +637,12 @@ impl Proxy {
                     debug!("connection from {peer}: {e}");
                 }
             });
+        }
+        drop(listener);
+        info!(entrypoint, "stopped accepting; draining");
+        Drain {
+            graceful,
+            entrypoint,
         }
     }
 
@@ -895,6 +924,34 @@ impl Proxy {
             let _ = sent.await;
             count.fetch_sub(1, Ordering::Relaxed);
         });
+    }
+}
+
+/// An entry point's connections after it stopped accepting.
+pub struct Drain {
+    graceful: hyper_util::server::graceful::GracefulShutdown,
+    entrypoint: String,
+}
+
+impl Drain {
+    /// Lets every connection finish the request it is on — idle keep-alive connections close at
+    /// once, HTTP/2 ones get GOAWAY — and returns when all have closed, or after `within` (the
+    /// rest stay open until they end or the process exits). True when all finished in time.
+    pub async fn finish(self, within: std::time::Duration) -> bool {
+        let n = self.graceful.count();
+        let done = tokio::time::timeout(within, self.graceful.shutdown())
+            .await
+            .is_ok();
+        if done {
+            info!(entrypoint = self.entrypoint, connections = n, "drained");
+        } else {
+            warn!(
+                entrypoint = self.entrypoint,
+                connections = n,
+                "drain timed out"
+            );
+        }
+        done
     }
 }
 
