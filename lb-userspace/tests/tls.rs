@@ -67,6 +67,11 @@ fn pki(tag: &str) -> Pki {
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // A name of its own: with rcgen's default one the leaves' issuer equals their subject, which
+    // OpenSSL (curl) takes for self-signed.
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "lb test CA");
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let leaf = |names: &[&str], file: &str| {
         let key = KeyPair::generate().unwrap();
@@ -495,4 +500,64 @@ key_file = "{}"
     std::fs::write(&key, k3.serialize_pem()).unwrap();
     wait_for(c3.der().clone(), "the completed pair").await;
     follower.abort();
+}
+
+/// curl, an independent client, proves the wire format: HTTP/2 over TLS by ALPN with the
+/// certificate verified for the name, TLS 1.2 refused below, and HTTP/1.1 when asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_speaks_http2_and_tls_as_negotiated() {
+    let p = pki("curl");
+    let addr = tls_proxy(&p, false).await;
+    let ca = p.dir.join("ca.crt");
+    let curl = |args: Vec<String>| async move {
+        tokio::process::Command::new("curl")
+            .args(["-sS", "--max-time", "10"])
+            .args(args)
+            .output()
+            .await
+            .expect("curl runs (apt install curl)")
+    };
+    let resolve = format!("a.test:{}:127.0.0.1", addr.port());
+    let url = format!("https://a.test:{}/x", addr.port());
+    let out = curl(vec![
+        "--http2".into(),
+        "--cacert".into(),
+        ca.display().to_string(),
+        "--resolve".into(),
+        resolve.clone(),
+        "-w".into(),
+        "\n%{http_version} %{ssl_verify_result}".into(),
+        url.clone(),
+    ])
+    .await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(text, "ok proto=https\n2 0", "HTTP/2, certificate verified");
+    let out = curl(vec![
+        "--http1.1".into(),
+        "--cacert".into(),
+        ca.display().to_string(),
+        "--resolve".into(),
+        resolve.clone(),
+        "-w".into(),
+        "\n%{http_version}".into(),
+        url.clone(),
+    ])
+    .await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ok proto=https\n1.1");
+    let out = curl(vec![
+        "--tls-max".into(),
+        "1.1".into(),
+        "--cacert".into(),
+        ca.display().to_string(),
+        "--resolve".into(),
+        resolve,
+        url,
+    ])
+    .await;
+    assert!(!out.status.success(), "TLS 1.1 is refused");
 }
