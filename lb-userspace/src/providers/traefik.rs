@@ -184,6 +184,19 @@ impl<'a> Obj<'a> {
         }
     }
 
+    /// The tables of list `key` (absent: none), each knowing its path (`key[i]`).
+    fn tables(&mut self, key: &str) -> R<Vec<Obj<'a>>> {
+        match self.take(key) {
+            None => Ok(Vec::new()),
+            Some((p, Value::Array(a))) => a
+                .iter()
+                .enumerate()
+                .map(|(i, x)| Obj::new(x, &format!("{p}[{i}]")))
+                .collect(),
+            Some((p, _)) => fail(&p, "expected a list"),
+        }
+    }
+
     fn duration(&mut self, key: &str) -> R<Option<Duration>> {
         match self.take(key) {
             None => Ok(None),
@@ -342,26 +355,20 @@ pub fn translate(doc: &Value) -> R<Translated> {
     }
     if let Some((p, tls)) = top.take("tls") {
         let mut tls = Obj::new(tls, &p)?;
-        if let Some((p, certs)) = tls.take("certificates") {
-            let Value::Array(a) = certs else {
-                return fail(&p, "expected a list");
+        for mut c in tls.tables("certificates")? {
+            let cp = c.path.clone();
+            let cert = c.string("certfile")?;
+            let key = c.string("keyfile")?;
+            let _stores = c.take("stores");
+            c.rest(&mut out.unsupported);
+            let (Some(cert), Some(key)) = (cert, key) else {
+                return fail(&cp, "certFile and keyFile are required");
             };
-            for (i, c) in a.iter().enumerate() {
-                let cp = format!("{p}[{i}]");
-                let mut c = Obj::new(c, &cp)?;
-                let cert = c.string("certfile")?;
-                let key = c.string("keyfile")?;
-                let _stores = c.take("stores");
-                c.rest(&mut out.unsupported);
-                let (Some(cert), Some(key)) = (cert, key) else {
-                    return fail(&cp, "certFile and keyFile are required");
-                };
-                out.dynamic.certificates.push(CertSpec {
-                    cert_file: PathBuf::from(cert),
-                    key_file: PathBuf::from(key),
-                    default: false,
-                });
-            }
+            out.dynamic.certificates.push(CertSpec {
+                cert_file: PathBuf::from(cert),
+                key_file: PathBuf::from(key),
+                default: false,
+            });
         }
         if let Some((p, stores)) = tls.take("stores") {
             let mut stores = Obj::new(stores, &p)?;
@@ -412,37 +419,29 @@ fn tcp_section(v: &Value, path: &str, out: &mut Translated) -> R<()> {
             s.rest(&mut out.unsupported);
             let mut lb = Obj::new(lb, &lp)?;
             let mut instances = std::collections::BTreeMap::new();
-            if let Some((xp, servers)) = lb.take("servers") {
-                let Value::Array(a) = servers else {
-                    return fail(&xp, "expected a list");
+            for mut x in lb.tables("servers")? {
+                let ip = x.path.clone();
+                let address = x.string("address")?;
+                let weight = x.number("weight")?.unwrap_or(1.0);
+                x.rest(&mut out.unsupported);
+                let Some(address) = address else {
+                    return fail(&ip, "address is required");
                 };
-                for (i, x) in a.iter().enumerate() {
-                    let ip = format!("{xp}[{i}]");
-                    let mut x = Obj::new(x, &ip)?;
-                    let address = x.string("address")?;
-                    let weight = x.number("weight")?.unwrap_or(1.0);
-                    x.rest(&mut out.unsupported);
-                    let Some(address) = address else {
-                        return fail(&ip, "address is required");
-                    };
-                    let addr = match address.to_socket_addrs() {
-                        Ok(mut a) => match a.next() {
-                            Some(a) => a,
-                            None => return fail(&format!("{ip}.address"), "no address"),
-                        },
-                        Err(e) => {
-                            return fail(&format!("{ip}.address"), format!("{address:?}: {e}"))
-                        }
-                    };
-                    let inst = Instance {
-                        address: addr.ip(),
-                        port: addr.port(),
-                        weight: weight.clamp(0.0, 1000.0) as u32,
-                        zone: None,
-                        metadata: Default::default(),
-                    };
-                    instances.insert(inst.key(), inst);
-                }
+                let addr = match address.to_socket_addrs() {
+                    Ok(mut a) => match a.next() {
+                        Some(a) => a,
+                        None => return fail(&format!("{ip}.address"), "no address"),
+                    },
+                    Err(e) => return fail(&format!("{ip}.address"), format!("{address:?}: {e}")),
+                };
+                let inst = Instance {
+                    address: addr.ip(),
+                    port: addr.port(),
+                    weight: weight.clamp(0.0, 1000.0) as u32,
+                    zone: None,
+                    metadata: Default::default(),
+                };
+                instances.insert(inst.key(), inst);
             }
             lb.rest(&mut out.unsupported);
             if out.services.insert(name.to_string(), instances).is_some() {
@@ -533,19 +532,16 @@ fn servers_transports(
             }
             tls.ca_file = cas.first().map(PathBuf::from);
         }
-        if let Some((cp, certs)) = t.take("certificates") {
-            let Value::Array(a) = certs else {
-                return fail(&cp, "expected a list");
-            };
-            if let Some(first) = a.first() {
-                let mut c = Obj::new(first, &format!("{cp}[0]"))?;
-                tls.cert_file = c.string("certfile")?.map(PathBuf::from);
-                tls.key_file = c.string("keyfile")?.map(PathBuf::from);
-                c.rest(unsupported);
-            }
-            if a.len() > 1 {
-                unsupported.push(format!("{cp}: only the first client certificate is used"));
-            }
+        let certs = t.tables("certificates")?;
+        if certs.len() > 1 {
+            unsupported.push(format!(
+                "{p}.certificates: only the first client certificate is used"
+            ));
+        }
+        if let Some(mut c) = certs.into_iter().next() {
+            tls.cert_file = c.string("certfile")?.map(PathBuf::from);
+            tls.key_file = c.string("keyfile")?.map(PathBuf::from);
+            c.rest(unsupported);
         }
         if t.bool("insecureskipverify")? == Some(true) {
             return fail(
@@ -575,34 +571,28 @@ fn service(
         };
         let max_body = m.number("maxbodysize")?;
         let mut mirror = None;
-        if let Some((mp, list)) = m.take("mirrors") {
-            let Value::Array(a) = list else {
-                return fail(&mp, "expected a list");
+        for (i, mut x) in m.tables("mirrors")?.into_iter().enumerate() {
+            let xp = x.path.clone();
+            let target = x.string("name")?;
+            let percent = x.number("percent")?.unwrap_or(0.0);
+            x.rest(&mut out.unsupported);
+            let Some(target) = target else {
+                return fail(&xp, "name is required");
             };
-            for (i, x) in a.iter().enumerate() {
-                let xp = format!("{mp}[{i}]");
-                let mut x = Obj::new(x, &xp)?;
-                let target = x.string("name")?;
-                let percent = x.number("percent")?.unwrap_or(0.0);
-                x.rest(&mut out.unsupported);
-                let Some(target) = target else {
-                    return fail(&xp, "name is required");
-                };
-                if i > 0 {
-                    out.unsupported
-                        .push(format!("{xp}: only the first mirror is used"));
-                    continue;
-                }
-                mirror = Some(Mirror {
-                    service: local(&target),
-                    percent: percent.clamp(0.0, 100.0),
-                    // Traefik's -1 (no limit) is bounded here: the copy is held in memory.
-                    max_body_bytes: match max_body {
-                        Some(n) if n >= 0.0 => n as usize,
-                        _ => 1 << 20,
-                    },
-                });
+            if i > 0 {
+                out.unsupported
+                    .push(format!("{xp}: only the first mirror is used"));
+                continue;
             }
+            mirror = Some(Mirror {
+                service: local(&target),
+                percent: percent.clamp(0.0, 100.0),
+                // Traefik's -1 (no limit) is bounded here: the copy is held in memory.
+                max_body_bytes: match max_body {
+                    Some(n) if n >= 0.0 => n as usize,
+                    _ => 1 << 20,
+                },
+            });
         }
         m.rest(&mut out.unsupported);
         if let Some(mirror) = mirror {
@@ -669,36 +659,30 @@ fn service(
     };
     let mut instances = std::collections::BTreeMap::new();
     let mut https = None;
-    if let Some((sp, servers)) = lb.take("servers") {
-        let Value::Array(a) = servers else {
-            return fail(&sp, "expected a list");
+    for mut x in lb.tables("servers")? {
+        let xp = x.path.clone();
+        let url = x.string("url")?;
+        let weight = x.number("weight")?.unwrap_or(1.0);
+        x.rest(&mut out.unsupported);
+        let Some(url) = url else {
+            return fail(&xp, "url is required");
         };
-        for (i, x) in a.iter().enumerate() {
-            let xp = format!("{sp}[{i}]");
-            let mut x = Obj::new(x, &xp)?;
-            let url = x.string("url")?;
-            let weight = x.number("weight")?.unwrap_or(1.0);
-            x.rest(&mut out.unsupported);
-            let Some(url) = url else {
-                return fail(&xp, "url is required");
-            };
-            let (addr, tls) = server_address(&url, &format!("{xp}.url"))?;
-            if https.is_some_and(|h| h != tls) {
-                return fail(&xp, "all servers of a service use the same scheme");
-            }
-            https = Some(tls);
-            if !(0.0..=1000.0).contains(&weight) {
-                return fail(&format!("{xp}.weight"), "expected 0..=1000");
-            }
-            let inst = Instance {
-                address: addr.ip(),
-                port: addr.port(),
-                weight: weight as u32,
-                zone: None,
-                metadata: Default::default(),
-            };
-            instances.insert(inst.key(), inst);
+        let (addr, tls) = server_address(&url, &format!("{xp}.url"))?;
+        if https.is_some_and(|h| h != tls) {
+            return fail(&xp, "all servers of a service use the same scheme");
         }
+        https = Some(tls);
+        if !(0.0..=1000.0).contains(&weight) {
+            return fail(&format!("{xp}.weight"), "expected 0..=1000");
+        }
+        let inst = Instance {
+            address: addr.ip(),
+            port: addr.port(),
+            weight: weight as u32,
+            zone: None,
+            metadata: Default::default(),
+        };
+        instances.insert(inst.key(), inst);
     }
     if https == Some(true) || transport.is_some() {
         spec.tls = Some(transport.unwrap_or_default());
