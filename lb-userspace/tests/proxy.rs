@@ -780,22 +780,14 @@ async fn pooled_upstream_connections_close_after_the_idle_timeout() {
 async fn a_stopped_entry_point_drains_requests_in_progress() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let slow = slow(400).await;
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    let ep = EntryPointSpec {
-        name: "web".into(),
-        address: addr,
-        tls: false,
-        client_ca_file: None,
-        trusted_ips: vec![],
-    };
-    let proxy = Arc::new(Proxy::new(
-        vec![ep],
+    let (proxy, l) = bound(
         vec![router("r", "PathPrefix(`/`)", "s", None)],
-        HashMap::new(),
-        HashMap::new(),
         &services(&[("s", &[(slow, 1)])]),
-    ));
+        HashMap::new(),
+        HashMap::new(),
+    )
+    .await;
+    let addr = l.local_addr().expect("addr");
     let stop = tokio_util::sync::CancellationToken::new();
     let serving = tokio::spawn(
         proxy

@@ -6,10 +6,9 @@ use std::{collections::HashMap, path::Path, sync::Arc};
 
 use lb_userspace::{
     providers::file::{parse_any, FileSource},
-    proxy::{EntryPointSpec, Proxy},
+    proxy::Proxy,
     registry::Services,
 };
-use tokio::net::TcpListener;
 
 mod common;
 use common::*;
@@ -185,22 +184,8 @@ fn unsupported(list: &[String]) -> Vec<String> {
 
 async fn serve_traefik(file: &str, text: &str) -> (Arc<Proxy>, std::net::SocketAddr, Services) {
     let doc = parse_any(Path::new(file), text).expect("a valid Traefik configuration");
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let (proxy, l) = bound(vec![], &Services::new(), HashMap::new(), HashMap::new()).await;
     let addr = l.local_addr().expect("addr");
-    let ep = EntryPointSpec {
-        name: "web".into(),
-        address: addr,
-        tls: false,
-        client_ca_file: None,
-        trusted_ips: vec![],
-    };
-    let proxy = Arc::new(Proxy::new(
-        vec![ep],
-        vec![],
-        HashMap::new(),
-        HashMap::new(),
-        &Services::new(),
-    ));
     let problems = proxy.set_dynamic("file", doc.routing);
     assert!(problems.is_empty(), "{problems:?}");
     proxy.update_services(&doc.services);

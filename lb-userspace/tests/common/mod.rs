@@ -134,22 +134,33 @@ pub async fn start_with(
     start_full(routers, svcs, specs, HashMap::new()).await
 }
 
+/// A listener on a free loopback port, and a proxy whose one plain entry point `web` is it
+/// (not serving yet).
+pub async fn bound(
+    routers: Vec<RouterSpec>,
+    svcs: &Services,
+    specs: HashMap<String, ServiceSpec>,
+    mws: HashMap<String, Arc<dyn Middleware>>,
+) -> (Arc<Proxy>, TcpListener) {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let ep = EntryPointSpec {
+        name: "web".into(),
+        address: l.local_addr().expect("addr"),
+        tls: false,
+        client_ca_file: None,
+        trusted_ips: vec![],
+    };
+    (Arc::new(Proxy::new(vec![ep], routers, specs, mws, svcs)), l)
+}
+
 pub async fn start_full(
     routers: Vec<RouterSpec>,
     svcs: &Services,
     specs: HashMap<String, ServiceSpec>,
     mws: HashMap<String, Arc<dyn Middleware>>,
 ) -> (Arc<Proxy>, SocketAddr) {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let (proxy, l) = bound(routers, svcs, specs, mws).await;
     let addr = l.local_addr().expect("addr");
-    let ep = EntryPointSpec {
-        name: "web".into(),
-        address: addr,
-        tls: false,
-        client_ca_file: None,
-        trusted_ips: vec![],
-    };
-    let proxy = Arc::new(Proxy::new(vec![ep], routers, specs, mws, svcs));
     tokio::spawn(proxy.clone().serve("web".into(), l, None));
     (proxy, addr)
 }
