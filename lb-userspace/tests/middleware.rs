@@ -270,6 +270,11 @@ async fn headers_and_cors() {
         )
         .await;
         assert_eq!(header(&r, "access-control-allow-origin"), None, "{method}");
+        assert_eq!(
+            header(&r, "vary"),
+            Some("Origin"),
+            "{method}: caches keep origins apart"
+        );
     }
 }
 
@@ -494,6 +499,12 @@ async fn buffering_limits_and_retries() {
     assert_eq!(r.status(), 413);
     let r = send(&c, "GET", format!("http://{addr}/big"), &[], b"").await;
     assert_eq!(r.status(), 500, "response over its limit");
+    let r = send(&c, "HEAD", format!("http://{addr}/big"), &[], b"").await;
+    assert_eq!(
+        (r.status().as_u16(), header(&r, "content-length")),
+        (200, Some("1000")),
+        "a HEAD answer has no body to buffer: its length stays the real one"
+    );
 
     // Half the picks hit a refused port; the retry (with the buffered body) always lands.
     for i in 0..10 {
@@ -851,6 +862,38 @@ async fn upstream_tls_is_verified_and_mutual() {
     for refused in ["/nocert", "/wrongca", "/wrongname"] {
         assert_eq!(get(&c, addr, "t", refused, &[]).await.0, 502, "{refused}");
     }
+
+    // An upstream that accepts and never answers the handshake: the connect timeout covers the
+    // handshake too, so the attempt fails in time (as never connected) instead of hanging.
+    let stall = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let stalled = stall.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = stall.accept().await {
+            held.push(s);
+        }
+    });
+    let specs = HashMap::from([(
+        "stall".to_string(),
+        ServiceSpec {
+            tls: Some(tls("mesh-ca", true, "up.internal")),
+            connect_timeout: Duration::from_millis(300),
+            ..Default::default()
+        },
+    )]);
+    let (_p, addr) = start_with(
+        vec![router("s", "PathPrefix(`/`)", "stall", None)],
+        &services(&[("stall", &[(stalled, 1)])]),
+        specs,
+    )
+    .await;
+    let started = std::time::Instant::now();
+    assert_eq!(get(&c, addr, "t", "/", &[]).await.0, 502);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 /// Sends raw bytes and returns what comes back until the proxy closes or 2 s pass.
@@ -950,4 +993,55 @@ async fn smuggling_attempts_are_refused() {
         ok.starts_with("HTTP/1.1 200") && ok.ends_with("ok:hello world"),
         "{ok}"
     );
+}
+
+/// `Upgrade: h2c` never becomes a tunnel: the upstream would then take HTTP/2 requests that no
+/// router or middleware sees. The request goes on as a plain one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_upgrades_are_not_tunneled() {
+    let heads = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = heads.clone();
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let up = l.local_addr().expect("addr");
+    // An upstream that would switch to h2c whenever asked.
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+                let answer: &[u8] = if head.contains("upgrade: h2c") {
+                    b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+                } else {
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain"
+                };
+                seen.lock().unwrap().push(head);
+                let _ = s.write_all(answer).await;
+            });
+        }
+    });
+    let (_p, addr) = start(
+        vec![router("r", "PathPrefix(`/`)", "s", None)],
+        &services(&[("s", &[(up, 1)])]),
+    )
+    .await;
+    let out = raw(
+        addr,
+        b"GET / HTTP/1.1\r\nHost: t\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+    )
+    .await;
+    assert!(
+        out.starts_with("HTTP/1.1 200") && out.ends_with("plain"),
+        "{out:?}"
+    );
+    let heads = heads.lock().unwrap();
+    assert_eq!(heads.len(), 1);
+    assert!(!heads[0].contains("upgrade"), "{}", heads[0]);
 }

@@ -158,6 +158,12 @@ async fn balances_by_weight_and_speaks_h2c() {
     let resp = h2.request(req).await.expect("h2c response");
     assert_eq!(resp.version(), hyper::Version::HTTP_2);
     assert_eq!(resp.status(), 200);
+    let body = String::from_utf8_lossy(&resp.into_body().collect().await.expect("body").to_bytes())
+        .into_owned();
+    assert!(
+        body.contains(&format!("host={addr} ")),
+        "HTTP/2's :authority reaches the upstream as Host: {body}"
+    );
 }
 
 /// Upstream changes swap the whole table while 10,000 requests run on 8 connections: none fails,

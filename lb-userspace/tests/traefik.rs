@@ -300,9 +300,20 @@ fn bad_values_name_the_key_and_the_line() {
             .contains("http.services.site.loadBalancer.servers[0].url"),
         "{e}"
     );
+    // An allow list that would check another address than the one meant is refused outright.
+    let text = yaml(1, 2, 3, "$2y$04$x").replace(
+        "    limit:\n",
+        "    office:\n      ipAllowList:\n        sourceRange: [\"10.0.0.0/8\"]\n        ipStrategy:\n          depth: 1\n    limit:\n",
+    );
+    let e = parse_any(Path::new("dynamic.yml"), &text).expect_err("ipStrategy");
+    assert!(
+        e.reason
+            .starts_with("http.middlewares.office.ipAllowList.ipStrategy"),
+        "{e}"
+    );
     let plain = yaml(1, 2, 3, "secret");
     let doc = parse_any(Path::new("d.yml"), &plain).expect("parses");
-    let (_, problems) = lb_userspace::proxy::dynamic::Built::new(doc.routing);
+    let (_, problems) = lb_userspace::proxy::dynamic::Built::new(doc.routing, None);
     assert!(
         problems
             .iter()

@@ -370,7 +370,14 @@ pub async fn run(spec: FileProviderSpec, events: mpsc::Sender<Event>) -> Result<
                 Err(_) => break,
             }
         }
-        let (services, routing, errors) = source.reload_all();
+        // Reading files and resolving Traefik servers' host names block: off the runtime.
+        let (back, (services, routing, errors)) = tokio::task::spawn_blocking(move || {
+            let r = source.reload_all();
+            (source, r)
+        })
+        .await
+        .map_err(|e| anyhow!("file provider: {e}"))?;
+        source = back;
         events
             .send(Event::Routing {
                 provider: name.clone(),

@@ -229,9 +229,23 @@ pub async fn report_range(
                     )
                 })
                 .collect();
-            let doc =
-                super::traefik::from_kv(root, pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-            match super::traefik::translate(&doc) {
+            // Translating resolves server host names: blocking work, off the runtime's threads.
+            let root_owned = root.clone();
+            let translated = tokio::task::spawn_blocking(move || {
+                let doc = super::traefik::from_kv(
+                    &root_owned,
+                    pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+                );
+                super::traefik::translate(&doc)
+            })
+            .await
+            .unwrap_or_else(|e| {
+                Err(super::traefik::TraefikError {
+                    path: String::new(),
+                    reason: format!("translation failed: {e}"),
+                })
+            });
+            match translated {
                 Ok(t) => {
                     let routing = Event::Routing {
                         provider: provider.clone(),

@@ -244,7 +244,8 @@ fn duration(v: &Value, path: &str) -> R<Duration> {
     let s = scalar(v, path)?;
     if let Ok(secs) = s.parse::<f64>() {
         if secs >= 0.0 && secs.is_finite() {
-            return Ok(Duration::from_secs_f64(secs));
+            return Duration::try_from_secs_f64(secs)
+                .or_else(|_| fail(path, format!("{s:?}: too long")));
         }
     }
     let mut total = 0f64;
@@ -276,7 +277,7 @@ fn duration(v: &Value, path: &str) -> R<Duration> {
         total += n * unit;
         rest = &rest[u_end..];
     }
-    Ok(Duration::from_secs_f64(total))
+    Duration::try_from_secs_f64(total).or_else(|_| fail(path, format!("{s:?}: too long")))
 }
 
 /// `name@provider` → `name`: here everything is one provider's.
@@ -906,6 +907,14 @@ fn middleware(v: &Value, path: &str, unsupported: &mut Vec<String>) -> R<Option<
             }))
         }
         "ipallowlist" | "ipwhitelist" => {
+            // An allow list that silently checked another address than the one meant would let
+            // everyone in: refused, not reported as unsupported.
+            if b.take("ipstrategy").is_some() {
+                return fail(
+                    &format!("{p}.ipStrategy"),
+                    "not supported: lb checks the connecting address (set forwarded_trusted_ips on the entry point and drop ipStrategy)",
+                );
+            }
             Kind::one(MiddlewareConfig::IpAllowList(IpAllowListConfig {
                 source_range: b.strings("sourcerange")?.unwrap_or_default(),
             }))
@@ -1134,6 +1143,10 @@ mod tests {
         assert_eq!(d("2").unwrap(), Duration::from_secs(2));
         assert_eq!(d("1.5s").unwrap(), Duration::from_millis(1500));
         assert!(d("10 parsecs").is_err() && d("").is_err() && d("ms").is_err());
+        assert!(
+            d("1e20").is_err() && d("99999999999999999999h").is_err(),
+            "no panic"
+        );
     }
 
     #[test]

@@ -65,7 +65,23 @@ struct Ejection {
     streak: u32,
 }
 
+/// One request or connection on an upstream, counted while it lasts — however it ends (an
+/// answer, an error, the client going away).
+pub struct InFlight(Arc<Upstream>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Upstream {
+    /// Counts one more in flight until the guard is dropped.
+    pub fn start(this: &Arc<Upstream>) -> InFlight {
+        this.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(this.clone())
+    }
+
     pub fn new(addr: SocketAddr) -> Upstream {
         Upstream {
             addr,

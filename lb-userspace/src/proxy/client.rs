@@ -94,10 +94,50 @@ fn client_config(tls: &UpstreamTls) -> Result<ClientConfig> {
     })
 }
 
+/// A connector with one deadline over the TCP connect and the TLS handshake together (hyper's
+/// own connect timeout covers only the first): an upstream that accepts and then stalls fails
+/// the attempt as never connected, so it can be retried elsewhere.
+#[derive(Clone)]
+struct Deadline<C> {
+    inner: C,
+    within: Duration,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl<C> tower_service::Service<hyper::Uri> for Deadline<C>
+where
+    C: tower_service::Service<hyper::Uri>,
+    C::Future: Send + 'static,
+    C::Error: Into<BoxError>,
+{
+    type Response = C::Response;
+    type Error = BoxError;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<C::Response, BoxError>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: hyper::Uri) -> Self::Future {
+        let (connecting, within) = (self.inner.call(uri), self.within);
+        Box::pin(async move {
+            match tokio::time::timeout(within, connecting).await {
+                Ok(r) => r.map_err(Into::into),
+                Err(_) => Err(format!("connecting took longer than {within:?}").into()),
+            }
+        })
+    }
+}
+
 /// A pooled client for plain and TLS upstreams.
 #[derive(Clone)]
 pub struct UpstreamClient {
-    inner: Client<HttpsConnector<HttpConnector>, Body>,
+    inner: Client<Deadline<HttpsConnector<HttpConnector>>, Body>,
     /// Whether requests go as `https://`.
     pub tls: bool,
 }
@@ -130,10 +170,15 @@ impl UpstreamClient {
             }
             None => builder,
         };
-        let connector = builder.enable_http1().wrap_connector(http);
+        let connector = Deadline {
+            inner: builder.enable_http1().wrap_connector(http),
+            within: key.connect_timeout,
+        };
         let inner = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(64)
             .pool_idle_timeout(key.idle_timeout)
+            // Without a timer idle connections are only found stale when next taken.
+            .pool_timer(hyper_util::rt::TokioTimer::new())
             .build(connector);
         Ok(UpstreamClient {
             inner,

@@ -17,7 +17,7 @@ use super::{
 };
 
 /// One provider's L7 configuration.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Dynamic {
     pub routers: Vec<RouterSpec>,
     pub services: HashMap<String, ServiceSpec>,
@@ -30,15 +30,30 @@ pub struct Dynamic {
 pub struct Built {
     pub dynamic: Dynamic,
     middlewares: HashMap<String, Arc<dyn Middleware>>,
+    /// What could not be used, said again when the provider repeats itself.
+    pub problems: Vec<String>,
 }
 
 impl Built {
     /// Builds the middlewares; one that does not build is left out (and its routers with it),
-    /// and said in the returned problems.
-    pub fn new(dynamic: Dynamic) -> (Built, Vec<String>) {
+    /// and said in the returned problems. A middleware configured as in `previous` is kept, not
+    /// rebuilt: its state (buckets, a breaker's window, requests in flight) carries on.
+    pub fn new(dynamic: Dynamic, previous: Option<&Built>) -> (Built, Vec<String>) {
         let mut problems = Vec::new();
         let mut middlewares = HashMap::new();
         for (name, cfg) in &dynamic.middlewares {
+            let kept = previous.and_then(|p| {
+                let same = p
+                    .dynamic
+                    .middlewares
+                    .iter()
+                    .any(|(n, c)| n == name && c == cfg);
+                same.then(|| p.middlewares.get(name).cloned()).flatten()
+            });
+            if let Some(m) = kept {
+                middlewares.insert(name.clone(), m);
+                continue;
+            }
             match cfg.build() {
                 Ok(m) => {
                     middlewares.insert(name.clone(), m);
@@ -66,6 +81,7 @@ impl Built {
             Built {
                 dynamic,
                 middlewares,
+                problems: problems.clone(),
             },
             problems,
         )
@@ -150,16 +166,25 @@ mod tests {
         let bad = MiddlewareConfig::AddPrefix(crate::proxy::middleware::path::AddPrefixConfig {
             prefix: "no-slash".into(),
         });
-        let (built, problems) = Built::new(Dynamic {
-            routers: vec![
-                router("web", "other", &[]),
-                router("api", "api", &["strip"]),
-                router("broken", "api", &["bad"]),
-            ],
-            middlewares: vec![("strip".into(), strip), ("bad".into(), bad)],
-            ..Default::default()
-        });
+        let (built, problems) = Built::new(
+            Dynamic {
+                routers: vec![
+                    router("web", "other", &[]),
+                    router("api", "api", &["strip"]),
+                    router("broken", "api", &["bad"]),
+                ],
+                middlewares: vec![("strip".into(), strip), ("bad".into(), bad)],
+                ..Default::default()
+            },
+            None,
+        );
         assert_eq!(problems.len(), 2, "{problems:?}");
+        // Built again from the same configuration: the middleware (and its state) is kept.
+        let (again, _) = Built::new(built.dynamic.clone(), Some(&built));
+        assert!(Arc::ptr_eq(
+            &again.middlewares["strip"],
+            &built.middlewares["strip"]
+        ));
         let parts = BTreeMap::from([("file".to_string(), built)]);
         let (merged, problems) = merge(&base, &parts);
         assert_eq!(

@@ -295,10 +295,16 @@ pub struct Proxy {
     acme: Arc<acme::Store>,
     /// Raised when a provider's certificates change (the listeners reload theirs).
     certificates_changed: tokio::sync::Notify,
+    /// Held by every change (configuration, provider routing, registry) from its write to the
+    /// table it stores: two changes at once cannot store their tables in the wrong order.
+    updating: std::sync::Mutex<()>,
 }
 
 /// The most mirror copies in flight at once; beyond it copies are skipped.
 const MAX_MIRRORING: usize = 1024;
+
+/// How long a client has to complete its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The most header bytes a request may carry (HTTP/1 read buffer, HTTP/2 header list).
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -370,6 +376,7 @@ impl Proxy {
             mirroring: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             acme: Default::default(),
             certificates_changed: tokio::sync::Notify::new(),
+            updating: std::sync::Mutex::new(()),
         };
         proxy.update_services(services);
         proxy
@@ -390,6 +397,7 @@ impl Proxy {
     /// New upstreams from the registry: a new table, swapped in whole. Upstream state is kept
     /// for addresses that stay, dropped for those that left.
     pub fn update_services(&self, services: &Services) {
+        let _one_at_a_time = self.updating.lock();
         if let Ok(mut s) = self.services.lock() {
             *s = services.clone();
         }
@@ -400,6 +408,7 @@ impl Proxy {
     /// next request; requests in flight finish on the table they started with. (Listeners are
     /// the caller's to open and close.)
     pub fn reconfigure(&self, conf: L7Config) {
+        let _one_at_a_time = self.updating.lock();
         if let Ok(mut c) = self.conf.lock() {
             *c = Arc::new(conf);
         }
@@ -410,14 +419,21 @@ impl Proxy {
     /// A provider's routing, replacing what it said before (empty: it takes everything back).
     /// Returns what could not be used, for the provider's status.
     pub fn set_dynamic(&self, provider: &str, part: dynamic::Dynamic) -> Vec<String> {
-        let (built, mut problems) = dynamic::Built::new(part);
-        if let Ok(mut d) = self.dynamic.lock() {
-            let before = d.get(provider).map(|b| b.dynamic.certificates.clone());
-            if before.unwrap_or_default() != built.dynamic.certificates {
-                self.certificates_changed.notify_one();
-            }
-            d.insert(provider.to_string(), built);
+        let _one_at_a_time = self.updating.lock();
+        let Ok(mut d) = self.dynamic.lock() else {
+            return Vec::new();
+        };
+        // A provider repeats itself (every resync): what did not change is not rebuilt, so
+        // middleware state (rate-limit buckets, an open breaker, requests in flight) carries on.
+        if let Some(same) = d.get(provider).filter(|b| b.dynamic == part) {
+            return same.problems.clone();
         }
+        let (built, mut problems) = dynamic::Built::new(part, d.get(provider));
+        if d.get(provider).map(|b| &b.dynamic.certificates) != Some(&built.dynamic.certificates) {
+            self.certificates_changed.notify_one();
+        }
+        d.insert(provider.to_string(), built);
+        drop(d);
         problems.extend(self.remerge());
         self.rebuild();
         problems
@@ -464,6 +480,7 @@ impl Proxy {
 
     /// Sets the TCP routers (not among `new`'s arguments, which HTTP-only callers keep).
     pub fn set_tcp_routers(&self, tcp_routers: Vec<tcp::TcpRouterSpec>) {
+        let _one_at_a_time = self.updating.lock();
         if let Ok(mut c) = self.conf.lock() {
             let mut conf = (**c).clone();
             conf.tcp_routers = tcp_routers;
@@ -564,7 +581,9 @@ impl Proxy {
                 accepted = listener.accept() => match accepted {
                     Ok(x) => x,
                     Err(e) => {
+                        // Out of descriptors, say: retrying at once would only spin.
                         warn!(entrypoint, "accept: {e}");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                         continue;
                     }
                 },
@@ -609,9 +628,13 @@ impl Proxy {
                     .max_header_list_size(MAX_HEADER_BYTES as u32);
                 let served = match tls {
                     // The configuration in force when the client connects (certificates reload).
-                    Some(config) => match tokio_rustls::TlsAcceptor::from(config.load_full())
-                        .accept(stream)
-                        .await
+                    // A handshake has 10 s: a client that stalls in it holds nothing longer.
+                    Some(config) => match tokio::time::timeout(
+                        TLS_HANDSHAKE_TIMEOUT,
+                        tokio_rustls::TlsAcceptor::from(config.load_full()).accept(stream),
+                    )
+                    .await
+                    .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
                     {
                         // TLS-ALPN-01: the handshake was the answer; no HTTP follows.
                         Ok(s) if acme::is_validation(s.get_ref().1) => return,
@@ -740,11 +763,19 @@ impl Proxy {
         };
         let (pool, spec) = (&svc.pool, &svc.spec);
         // An `Upgrade` (WebSocket, …) keeps its Connection/Upgrade headers and becomes a tunnel.
+        // Never `h2c`: a tunnel to an upstream speaking HTTP/2 would carry requests that no
+        // router or middleware sees (h2c smuggling); such a request goes on as a plain one.
         let upgrade = req
             .headers()
             .get(header::UPGRADE)
             .cloned()
-            .filter(|_| req.version() == hyper::Version::HTTP_11);
+            .filter(|_| req.version() == hyper::Version::HTTP_11)
+            .filter(|u| {
+                !u.to_str()
+                    .unwrap_or("")
+                    .split(',')
+                    .any(|p| p.trim().eq_ignore_ascii_case("h2c"))
+            });
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let sticky = spec
             .sticky_cookie
@@ -770,7 +801,11 @@ impl Proxy {
         if let Some(m) = &spec.mirror {
             if rand::random::<f64>() * 100.0 < m.percent && upgrade.is_none() {
                 if replay.is_none() {
-                    replay = read_small(&parts.headers, &mut body, m.max_body_bytes).await;
+                    match read_small(&parts.headers, &mut body, m.max_body_bytes).await {
+                        Ok(b) => replay = b,
+                        // The body was read and broke: there is nothing whole to send anywhere.
+                        Err(()) => return text(StatusCode::BAD_REQUEST, "incomplete request body"),
+                    }
                 }
                 if let (Some(b), Some(shadow)) = (&replay, table.pools.get(&m.service)) {
                     self.mirror(shadow, &parts, b.clone());
@@ -827,13 +862,13 @@ impl Proxy {
             *attempt.uri_mut() = uri;
             *attempt.version_mut() = hyper::Version::HTTP_11;
             let started = Instant::now();
-            upstream.in_flight.fetch_add(1, Ordering::Relaxed);
+            let in_flight = Upstream::start(&upstream);
             let sent = svc.client.request(attempt);
             let result: Result<Result<Response<Incoming>, _>, ()> = match spec.request_timeout {
                 Some(t) => tokio::time::timeout(t, sent).await.map_err(|_| ()),
                 None => Ok(sent.await),
             };
-            upstream.in_flight.fetch_sub(1, Ordering::Relaxed);
+            drop(in_flight);
             let error = match result {
                 Ok(Ok(mut resp)) => {
                     upstream.record(
@@ -970,25 +1005,27 @@ fn upstream_uri(client: &UpstreamClient, addr: SocketAddr, target: &Uri) -> Opti
 }
 
 /// Reads a body of at most `max` bytes whole (for a mirror); `None` (and the body left as it
-/// was) when it is larger or of unknown length.
+/// was) when it is larger or of unknown length; `Err` when reading it failed (it is gone).
 async fn read_small(
     headers: &hyper::HeaderMap,
     body: &mut Option<Body>,
     max: usize,
-) -> Option<Bytes> {
+) -> Result<Option<Bytes>, ()> {
     let len = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok())?;
-    if len > max {
-        return None;
+        .and_then(|v| v.parse::<usize>().ok());
+    if len.is_none_or(|n| n > max) {
+        return Ok(None);
     }
-    let b = body.take()?;
+    let Some(b) = body.take() else {
+        return Ok(None);
+    };
     match middleware::read_body(b, max).await {
-        Ok(bytes) => Some(bytes),
+        Ok(bytes) => Ok(Some(bytes)),
         Err(e) => {
             debug!("request body: {e:?}");
-            None
+            Err(())
         }
     }
 }
@@ -1018,7 +1055,12 @@ fn prepare_headers(
     trusted: bool,
     upgrade: Option<&HeaderValue>,
 ) {
-    let original_host = req.headers().get(header::HOST).cloned();
+    // HTTP/2 carries the host in the URI (`:authority`), not in a Host header.
+    let original_host = req.headers().get(header::HOST).cloned().or_else(|| {
+        req.uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
     let h = req.headers_mut();
     strip_hop_by_hop(h);
     if !trusted {

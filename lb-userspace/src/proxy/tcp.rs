@@ -24,7 +24,7 @@ use std::{
     io,
     net::SocketAddr,
     pin::Pin,
-    sync::{atomic::Ordering, Arc},
+    sync::Arc,
     task::{Context, Poll},
     time::{Duration, Instant},
 };
@@ -348,15 +348,6 @@ pub(super) async fn intercept(
     None
 }
 
-/// Decrements an upstream's in-flight count however the relay ends.
-struct InFlight(Arc<Upstream>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 /// Connects to an upstream of the pool (another one after a failure, up to [`MAX_ATTEMPTS`]),
 /// sends `prefix`, then copies bytes both ways until both sides are done; a side that closes
 /// its writing half has the other side's closed too (half-close), the rest keeps flowing.
@@ -371,8 +362,7 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
         debug!(router, "no upstream reachable: closed");
         return;
     };
-    upstream.in_flight.fetch_add(1, Ordering::Relaxed);
-    let _in_flight = InFlight(upstream.clone());
+    let _in_flight = Upstream::start(&upstream);
     if !prefix.is_empty() {
         if let Err(e) = up.write_all(prefix).await {
             debug!(router, upstream = %upstream.addr, "relay: {e}");

@@ -86,19 +86,31 @@ impl BasicAuth {
     }
 
     pub fn verify(&self, user: &str, password: &str) -> bool {
-        let Some(hash) = self.users.get(user) else {
-            return false;
-        };
-        if hash.starts_with("$argon2") {
-            use argon2::{password_hash::PasswordHash, PasswordVerifier as _};
-            return PasswordHash::new(hash).is_ok_and(|h| {
-                argon2::Argon2::default()
-                    .verify_password(password.as_bytes(), &h)
-                    .is_ok()
-            });
-        }
-        bcrypt::verify(password, hash).unwrap_or(false)
+        self.users
+            .get(user)
+            .is_some_and(|hash| verify_hash(hash, password))
     }
+
+    fn challenge(&self) -> hyper::Response<Body> {
+        let mut r = answer(StatusCode::UNAUTHORIZED, "authentication required");
+        if let Ok(v) = HeaderValue::from_str(&format!("Basic realm=\"{}\"", self.realm)) {
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+        }
+        r
+    }
+}
+
+/// Checks a password against a bcrypt or argon2 hash: deliberately slow (milliseconds).
+fn verify_hash(hash: &str, password: &str) -> bool {
+    if hash.starts_with("$argon2") {
+        use argon2::{password_hash::PasswordHash, PasswordVerifier as _};
+        return PasswordHash::new(hash).is_ok_and(|h| {
+            argon2::Argon2::default()
+                .verify_password(password.as_bytes(), &h)
+                .is_ok()
+        });
+    }
+    bcrypt::verify(password, hash).unwrap_or(false)
 }
 
 impl Middleware for BasicAuth {
@@ -115,21 +127,31 @@ impl Middleware for BasicAuth {
                     .ok()
             })
             .and_then(|b| String::from_utf8(b).ok());
-        if let Some((user, pass)) = creds.as_deref().and_then(|c| c.split_once(':')) {
-            if self.verify(user, pass) {
-                // The upstream never sees the password.
-                req.headers_mut().remove(header::AUTHORIZATION);
-                if let (Some(h), Ok(v)) = (&self.header_field, HeaderValue::from_str(user)) {
-                    req.headers_mut().insert(h.clone(), v);
-                }
-                return Flow::Next;
+        let Some((user, pass)) = creds
+            .as_deref()
+            .and_then(|c| c.split_once(':'))
+            .map(|(u, p)| (u.to_string(), p.to_string()))
+        else {
+            return Flow::Answer(self.challenge());
+        };
+        let Some(hash) = self.users.get(&user).cloned() else {
+            return Flow::Answer(self.challenge());
+        };
+        // The hash check takes milliseconds of CPU by design: not on the runtime's threads.
+        Flow::Wait(Box::pin(async move {
+            let ok = tokio::task::spawn_blocking(move || verify_hash(&hash, &pass))
+                .await
+                .unwrap_or(false);
+            if !ok {
+                return Some(self.challenge());
             }
-        }
-        let mut r = answer(StatusCode::UNAUTHORIZED, "authentication required");
-        if let Ok(v) = HeaderValue::from_str(&format!("Basic realm=\"{}\"", self.realm)) {
-            r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
-        }
-        Flow::Answer(r)
+            // The upstream never sees the password.
+            req.headers_mut().remove(header::AUTHORIZATION);
+            if let (Some(h), Ok(v)) = (&self.header_field, HeaderValue::from_str(&user)) {
+                req.headers_mut().insert(h.clone(), v);
+            }
+            None
+        }))
     }
 }
 
@@ -298,10 +320,11 @@ impl ForwardAuthConfig {
                 })
                 .collect::<Result<Vec<_>, _>>()
         };
-        let tls = crate::proxy::client::UpstreamTls {
+        // Plain http needs no CA (nor the system's bundle).
+        let tls = (uri.scheme_str() == Some("https")).then(|| crate::proxy::client::UpstreamTls {
             ca_file: self.ca_file.clone(),
             ..Default::default()
-        };
+        });
         Ok(ForwardAuth {
             uri,
             trust_forward_header: self.trust_forward_header,
@@ -309,7 +332,7 @@ impl ForwardAuthConfig {
             request_headers: names(&self.auth_request_headers)?,
             timeout: Duration::from_millis(self.timeout_ms.max(1)),
             client: UpstreamClient::new(&crate::proxy::client::ClientKey {
-                tls: Some(tls),
+                tls,
                 ..Default::default()
             })
             .map_err(|e| format!("{e:#}"))?,

@@ -155,9 +155,6 @@ impl Cors {
 
     fn decorate(&self, h: &mut hyper::HeaderMap, allowed: HeaderValue, preflight: bool) {
         h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allowed);
-        if !self.any_origin {
-            h.append(header::VARY, HeaderValue::from_static("Origin"));
-        }
         if self.credentials {
             h.insert(
                 header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
@@ -206,6 +203,10 @@ impl Middleware for Headers {
                 if preflight {
                     let mut r = Response::new(full(""));
                     *r.status_mut() = StatusCode::NO_CONTENT;
+                    if !cors.any_origin {
+                        r.headers_mut()
+                            .append(header::VARY, HeaderValue::from_static("Origin"));
+                    }
                     if let Some(a) = allowed {
                         cors.decorate(r.headers_mut(), a, true);
                     }
@@ -244,8 +245,15 @@ impl Middleware for Headers {
         for (n, v) in &self.response_add {
             h.append(n.clone(), v.clone());
         }
-        if let (Some(cors), Some(AllowedOrigin(a))) = (&self.cors, ctx.notes.get()) {
-            cors.decorate(h, a.clone(), false);
+        if let Some(cors) = &self.cors {
+            // The answer depends on the Origin whether or not this one was allowed: a shared
+            // cache must not hand one origin's answer to another.
+            if !cors.any_origin {
+                h.append(header::VARY, HeaderValue::from_static("Origin"));
+            }
+            if let Some(AllowedOrigin(a)) = ctx.notes.get() {
+                cors.decorate(h, a.clone(), false);
+            }
         }
         None
     }

@@ -136,7 +136,14 @@ pub struct RateLimit {
     burst: f64,
     source_header: Option<HeaderName>,
     /// By a hash of the key: fixed-size entries whatever clients send.
-    buckets: Mutex<HashMap<u64, Bucket>>,
+    buckets: Mutex<Buckets>,
+}
+
+#[derive(Default)]
+struct Buckets {
+    map: HashMap<u64, Bucket>,
+    /// When full buckets were last swept out (at most once a second: a sweep costs O(n)).
+    swept: Option<Instant>,
 }
 
 const MAX_BUCKETS: usize = 100_000;
@@ -147,20 +154,35 @@ impl RateLimit {
             average,
             burst: burst.max(1.0),
             source_header: None,
-            buckets: Mutex::new(HashMap::new()),
+            buckets: Mutex::new(Buckets::default()),
         }
     }
 
     pub fn allow(&self, key: u64, now: Instant) -> bool {
-        let Ok(mut b) = self.buckets.lock() else {
+        let Ok(mut guard) = self.buckets.lock() else {
             return true;
         };
-        if b.len() >= MAX_BUCKETS && !b.contains_key(&key) {
-            let full_after = self.burst / self.average.max(f64::MIN_POSITIVE);
-            b.retain(|_, v| now.saturating_duration_since(v.at).as_secs_f64() < full_after);
+        let b = &mut *guard;
+        if b.map.len() >= MAX_BUCKETS && !b.map.contains_key(&key) {
+            let due = b
+                .swept
+                .is_none_or(|t| now.saturating_duration_since(t).as_secs() >= 1);
+            if due {
+                let full_after = self.burst / self.average.max(f64::MIN_POSITIVE);
+                b.map
+                    .retain(|_, v| now.saturating_duration_since(v.at).as_secs_f64() < full_after);
+                b.swept = Some(now);
+            }
+            // Still full (a flood of new keys): one goes, whichever — the map stays bounded.
+            if b.map.len() >= MAX_BUCKETS {
+                if let Some(k) = b.map.keys().next().copied() {
+                    b.map.remove(&k);
+                }
+            }
         }
         let burst = self.burst;
-        b.entry(key)
+        b.map
+            .entry(key)
             .or_insert(Bucket {
                 tokens: burst,
                 at: now,
@@ -334,17 +356,30 @@ fn too_large() -> Response<Body> {
     r
 }
 
+/// The request was a HEAD: its answer has no body whatever its Content-Length says.
+#[derive(Clone, Copy)]
+struct Head;
+
 impl Middleware for Buffering {
     fn request<'a>(&'a self, ctx: &'a mut Ctx, req: &'a mut Req) -> Flow<'a> {
+        if req.method() == hyper::Method::HEAD {
+            ctx.notes.insert(Head);
+        }
         Flow::Wait(Box::pin(self.read_request(ctx, req)))
     }
 
     fn response<'a>(
         &'a self,
-        _: &'a Ctx,
+        ctx: &'a Ctx,
         resp: &'a mut Response<Body>,
     ) -> Option<BoxFuture<'a, ()>> {
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        // Nothing to buffer, and a Content-Length written for it would be wrong.
+        let s = resp.status();
+        if ctx.notes.get::<Head>().is_some()
+            || s.is_informational()
+            || s == StatusCode::NO_CONTENT
+            || s == StatusCode::NOT_MODIFIED
+        {
             return None;
         }
         Some(Box::pin(self.read_response(resp)))

@@ -278,7 +278,7 @@ impl Middleware for RedirectScheme {
             .path_and_query()
             .map(|p| p.as_str())
             .unwrap_or("/");
-        let host = if ctx.host.contains(':') {
+        let host = if ctx.host.contains(':') && !ctx.host.starts_with('[') {
             format!("[{}]", ctx.host) // an IPv6 literal
         } else {
             ctx.host.clone()
