@@ -144,6 +144,8 @@ struct Route {
     spec: RouterSpec,
     priority: i64,
     chain: Vec<Arc<dyn middleware::Middleware>>,
+    /// Metric handles per entry point, resolved once per table.
+    obs: crate::metrics::RouteObs,
 }
 
 /// A service as the table holds it: its upstreams, settings and the client that reaches them.
@@ -170,6 +172,7 @@ impl Table {
         services: &Services,
         upstream: &mut dyn FnMut(SocketAddr) -> Arc<Upstream>,
         client: &mut dyn FnMut(Option<&UpstreamTls>) -> Option<UpstreamClient>,
+        metrics: &crate::metrics::Http,
     ) -> Table {
         let mut routes: HashMap<String, Vec<Arc<Route>>> = HashMap::new();
         for r in routers {
@@ -178,10 +181,18 @@ impl Table {
                 .iter()
                 .filter_map(|m| middlewares.get(m).cloned())
                 .collect();
+            let serves =
+                |ep: &&EntryPointSpec| r.entrypoints.is_empty() || r.entrypoints.contains(&ep.name);
+            let obs = metrics.route(
+                &r.name,
+                &r.service,
+                entrypoints.iter().filter(serves).map(|ep| ep.name.as_str()),
+            );
             let route = Arc::new(Route {
                 spec: r.clone(),
                 priority: r.priority.unwrap_or(r.rule.default_priority),
                 chain,
+                obs,
             });
             for ep in entrypoints {
                 if r.entrypoints.is_empty() || r.entrypoints.contains(&ep.name) {
@@ -274,6 +285,8 @@ pub struct Proxy {
     mirroring: Arc<std::sync::atomic::AtomicUsize>,
     /// ACME challenges to answer and certificates it issued.
     acme: Arc<acme::Store>,
+    /// Request metrics and the access log.
+    obs: Arc<crate::metrics::Http>,
 }
 
 /// The most mirror copies in flight at once; beyond it copies are skipped.
@@ -348,9 +361,20 @@ impl Proxy {
             clients: std::sync::Mutex::new(HashMap::new()),
             mirroring: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             acme: Default::default(),
+            obs: Default::default(),
         };
         proxy.update_services(services);
         proxy
+    }
+
+    /// Its metrics and access log.
+    pub fn obs(&self) -> &Arc<crate::metrics::Http> {
+        &self.obs
+    }
+
+    /// The configuration in force: lb.toml's and the providers' routing merged.
+    pub fn routing(&self) -> Arc<L7Config> {
+        self.merged()
     }
 
     /// Shared with the ACME client (it fills it) and the TLS certificate resolver.
@@ -488,6 +512,7 @@ impl Proxy {
             &services,
             &mut get,
             &mut client,
+            &self.obs,
         );
         *clients = used;
         *known = keep;
@@ -521,6 +546,7 @@ impl Proxy {
         listener: TcpListener,
         tls: Option<TlsConfig>,
     ) {
+        let obs = self.obs.entrypoint(&entrypoint);
         loop {
             let (stream, peer) = match listener.accept().await {
                 Ok(x) => x,
@@ -530,7 +556,8 @@ impl Proxy {
                 }
             };
             let _ = stream.set_nodelay(true);
-            let (proxy, ep, tls) = (self.clone(), entrypoint.clone(), tls.clone());
+            let (proxy, ep, tls, obs) =
+                (self.clone(), entrypoint.clone(), tls.clone(), obs.clone());
             let trusted = self
                 .conf()
                 .entrypoints
@@ -538,6 +565,7 @@ impl Proxy {
                 .find(|e| e.name == entrypoint)
                 .is_some_and(|e| e.trusted_ips.iter().any(|n| n.contains(&peer.ip())));
             tokio::spawn(async move {
+                let _open = obs.connection();
                 // TCP routers first: they may take the connection, else it comes back for HTTP
                 // with the bytes they read replayed.
                 let Some(stream) = tcp::intercept(&proxy, &ep, stream, peer, tls.as_ref()).await
@@ -570,6 +598,8 @@ impl Proxy {
                     Some(config) => match tokio_rustls::TlsAcceptor::from(config.load_full())
                         .accept(stream)
                         .await
+                        .inspect(|_| obs.handshake(true))
+                        .inspect_err(|_| obs.handshake(false))
                     {
                         // TLS-ALPN-01: the handshake was the answer; no HTTP follows.
                         Ok(s) if acme::is_validation(s.get_ref().1) => return,
@@ -596,14 +626,31 @@ impl Proxy {
         }
     }
 
-    /// One request, phase by phase.
+    /// One request: observed (metrics, access log) around [`Proxy::respond`].
     pub async fn handle(
         &self,
         entrypoint: &str,
         client_ip: IpAddr,
         scheme: &'static str,
         trusted: bool,
+        mut req: Request<Incoming>,
+    ) -> Response<Body> {
+        let mut trace = self.obs.start(entrypoint, client_ip, &mut req);
+        let resp = self
+            .respond(entrypoint, client_ip, scheme, trusted, req, &mut trace)
+            .await;
+        self.obs.finish(entrypoint, trace, resp)
+    }
+
+    /// One request, phase by phase.
+    async fn respond(
+        &self,
+        entrypoint: &str,
+        client_ip: IpAddr,
+        scheme: &'static str,
+        trusted: bool,
         req: Request<Incoming>,
+        trace: &mut crate::metrics::Trace,
     ) -> Response<Body> {
         // Limits: however the connection buffered them, headers beyond the bound are refused.
         let header_bytes: usize = req
@@ -639,6 +686,7 @@ impl Proxy {
         else {
             return text(StatusCode::NOT_FOUND, "no router matches");
         };
+        trace.route = route.obs.get(entrypoint).cloned();
         // Middlewares, in order; one may answer instead of the upstream, and the ones before
         // it still see that answer on its way back.
         let mut ctx = Ctx::new(client_ip, scheme, host, Instant::now());
@@ -658,7 +706,8 @@ impl Proxy {
             Some(x) => x,
             None => (
                 route.chain.len(),
-                self.forward(route, &table, &mut ctx, trusted, req).await,
+                self.forward(route, &table, &mut ctx, trusted, req, trace)
+                    .await,
             ),
         };
         for m in route.chain[..ran].iter().rev() {
@@ -681,6 +730,7 @@ impl Proxy {
         ctx: &mut Ctx,
         trusted: bool,
         mut req: Request<Body>,
+        trace: &mut crate::metrics::Trace,
     ) -> Response<Body> {
         let Some(svc) = table.pools.get(&route.spec.service) else {
             return failure(
@@ -784,6 +834,7 @@ impl Proxy {
                 None => Ok(sent.await),
             };
             upstream.in_flight.fetch_sub(1, Ordering::Relaxed);
+            trace.attempt(upstream.addr, started.elapsed());
             let error = match result {
                 Ok(Ok(mut resp)) => {
                     upstream.record(
@@ -823,6 +874,7 @@ impl Proxy {
             upstream.record(false, started.elapsed(), &spec.passive, Instant::now());
             tried.push(upstream.addr);
             let never_connected = error.as_ref().is_some_and(|e| e.is_connect());
+            trace.upstream_failed(never_connected, error.is_none());
             match &error {
                 Some(e) => {
                     warn!(router = route.spec.name, upstream = %upstream.addr, "upstream: {e}")
@@ -836,6 +888,7 @@ impl Proxy {
                 && (never_connected || idempotent)
                 && tried.len() < attempts as usize;
             if again && pool.budget.withdraw() {
+                trace.retried();
                 continue;
             }
             return match error {
