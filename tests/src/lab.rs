@@ -364,6 +364,11 @@ impl Lab {
         }
     }
 
+    /// The running agent's process id (to signal it).
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Child::id)
+    }
+
     /// Stops the agent with SIGTERM (the pinned program keeps forwarding).
     pub fn stop_agent(&mut self) -> Result<()> {
         if let Some(mut c) = self.agent.take() {
