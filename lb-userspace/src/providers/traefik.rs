@@ -702,6 +702,7 @@ fn expand(
     }
 }
 
+#[allow(clippy::large_enum_variant)] // short-lived, a few per configuration
 enum Kind {
     One(MiddlewareConfig),
     Chain(Vec<String>),

@@ -163,6 +163,7 @@ pub struct Table {
 }
 
 impl Table {
+    #[allow(clippy::too_many_arguments)] // the table's inputs, each used once
     fn build(
         entrypoints: &[EntryPointSpec],
         routers: &[RouterSpec],
