@@ -369,16 +369,33 @@ fn dashboard_in_headless_chromium() -> Result<()> {
     let chromedriver = find_tool(&["chromedriver"])?;
     let mut lab = Lab::new("lbt", "dash", Mode::Dsr, 3, false)?;
     lab.start_servers()?;
-    lab.start_agent(&[1, 1, 2])?;
+    // Besides the DSR VIP, the proxy on the balancer's own address, with a router and a
+    // middleware, so the page has every section filled.
+    let proxy = "\n[[entrypoint]]\nname = \"web\"\naddress = \"0.0.0.0:8080\"\n\n\
+                 [[middleware]]\nname = \"sec-headers\"\nheaders = { response_set = { \"X-Frame-Options\" = \"DENY\" } }\n\n\
+                 [[router]]\nname = \"site\"\nrule = \"PathPrefix(`/`)\"\nservice = \"site\"\nmiddlewares = [\"sec-headers\"]\n";
+    lab.start_agent_with(&[1, 1, 2], proxy, &lb_bin())?;
+    for i in [0, 2] {
+        let body = format!(
+            "{{\"address\": \"{}\", \"port\": 80}}",
+            lab.backend_addr(i, false)
+        );
+        let (code, answer) = lab.api("POST", "/api/v1/services/site/instances", Some(&body))?;
+        ensure!(code == 201, "registering site: {code} {answer}");
+    }
     // Traffic while the page is open, so it has rates to show.
     let stop = Arc::new(AtomicBool::new(false));
     let vip = lab.vip();
+    let site: SocketAddr = ([10, 0, 0, 2], 8080).into();
     let traffic = {
         let stop = stop.clone();
         lab.client.spawn(move || {
             let mut n = 0u64;
             while !stop.load(Ordering::SeqCst) && n < 20_000 {
                 let _ = who(vip);
+                if n % 2 == 0 {
+                    let _ = http(site, "GET", "/", None, None);
+                }
                 n += 1;
                 std::thread::sleep(Duration::from_millis(5));
             }
@@ -651,6 +668,22 @@ async fn steps(
         text.as_str().is_some_and(|t| t.contains("1 draining")),
         "tiles: {text}"
     );
+    let router = c
+        .find(Locator::Css("tr[data-router=\"site\"]"))
+        .await?
+        .text()
+        .await?;
+    ensure!(
+        router.contains("sec-headers") && router.contains("PathPrefix"),
+        "router row: {router}"
+    );
+    until(
+        c,
+        "request rates",
+        "return /^[0-9]/.test(document.querySelector('tr[data-router=\"site\"] td:nth-child(5)').textContent)",
+        Duration::from_secs(10),
+    )
+    .await?;
     save(c, shots, out_dir, "dashboard.png").await?;
 
     // Signing out leaves nothing on the page.
