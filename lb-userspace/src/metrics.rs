@@ -1157,6 +1157,56 @@ mod tests {
         }
     }
 
+    /// The Grafana dashboard in contrib/ only uses series that lb exports.
+    #[test]
+    fn grafana_dashboard_uses_exported_metrics() {
+        let http = Arc::new(Http::default());
+        let m = Metrics::new(http.clone(), &ControlObs::default()).expect("registry");
+        // Touch every family that appears only once something happens.
+        let obs = http.route("api", "web", ["web"]);
+        let stats = obs.get("web").expect("resolved");
+        stats.classes[1].inc();
+        stats.duration.observe(0.01);
+        stats.connect_errors.inc();
+        stats.timeouts.inc();
+        stats.retries.inc();
+        let ep = http.entrypoint("web");
+        let _open = ep.connection();
+        ep.handshake(true);
+        let control = ControlObs::default();
+        let m2 = Metrics::new(Arc::new(Http::default()), &control).expect("registry");
+        control.change_to_apply.observe(0.001);
+        let text =
+            m.render(&snapshot()).expect("render") + &m2.render(&snapshot()).expect("render");
+        let exported: std::collections::BTreeSet<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .collect();
+        let dashboard = include_str!("../../contrib/grafana-lb.json");
+        let v: serde_json::Value = serde_json::from_str(dashboard).expect("dashboard JSON");
+        assert!(v["panels"].as_array().is_some_and(|p| p.len() > 20));
+        let mut used = std::collections::BTreeSet::new();
+        let mut rest = dashboard;
+        while let Some(i) = rest.find("lb_") {
+            let name: String = rest[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            rest = &rest[i + name.len()..];
+            if name != "lb_" {
+                used.insert(name);
+            }
+        }
+        assert!(used.len() > 20, "{used:?}");
+        for name in &used {
+            assert!(
+                exported.contains(name.as_str()),
+                "the dashboard uses {name}, which lb does not export"
+            );
+        }
+    }
+
     #[test]
     fn every_reason_has_an_action() {
         let drops = Reason::ALL.iter().filter(|r| action(**r) == "drop").count();
