@@ -176,6 +176,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         Ok(c)
     })?;
     let mut control = control;
+    let kernel_logs = control.balancer.dataplane().take_kernel_logs();
     // The proxy always exists (it may have no entry point yet): a reload can add some.
     let proxy = Arc::new(crate::proxy::Proxy::new(
         cfg.entrypoints.clone(),
@@ -255,6 +256,10 @@ pub async fn run(config_path: &Path) -> Result<()> {
         )));
     }
     tasks.push(tokio::spawn(refresh_neighbors(control.clone())));
+    if let Some(logs) = kernel_logs {
+        info!("debug: forwarding the XDP program's log messages");
+        tasks.push(tokio::spawn(crate::dataplane::forward_kernel_logs(logs)));
+    }
     tasks.push(tokio::spawn(reopen_on_hangup(proxy.clone())?));
     tasks.push(tokio::spawn(watch_config(
         config_path.to_path_buf(),

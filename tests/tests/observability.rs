@@ -393,7 +393,7 @@ fn dashboard_in_headless_chromium() -> Result<()> {
             let mut n = 0u64;
             while !stop.load(Ordering::SeqCst) && n < 20_000 {
                 let _ = who(vip);
-                if n % 2 == 0 {
+                if n.is_multiple_of(2) {
                     let _ = http(site, "GET", "/", None, None);
                 }
                 n += 1;
@@ -690,5 +690,59 @@ async fn steps(
     c.find(Locator::Id("logout")).await?.click().await?;
     until(c, "signed out", "return !document.getElementById('login').hidden && document.querySelectorAll('[data-vip]').length === 0 && sessionStorage.getItem('lb-admin-token') === null", Duration::from_secs(5)).await?;
     println!("dashboard: login without data, VIP and backends shown, {drained} shown draining, sign-out clears");
+    Ok(())
+}
+
+/// With `[agent] debug = true`, the XDP program's aya-log messages reach the agent's log: a SYN
+/// to a VIP without backends is dropped, and the drop is logged. Without debug, nothing is.
+#[test]
+fn kernel_log_messages_are_forwarded_in_debug() -> Result<()> {
+    let mut lab = Lab::new("lbt", "klog", Mode::Dsr, 1, false)?;
+    lab.start_servers()?;
+    lab.debug = true;
+    let void = format!(
+        "\n[[vip]]\nname = \"void\"\naddress = \"{VIP4}\"\nport = 9999\nprotocol = \"tcp\"\nmode = \"dsr\"\n"
+    );
+    lab.start_agent_with(&[1], &void, &lb_bin())?;
+    let target = SocketAddr::new(VIP4.parse().expect("static"), 9999);
+    let log = lab.out_dir.join("agent-1.log");
+    let t0 = Instant::now();
+    loop {
+        // Each attempt's SYN is dropped (no backend): the connect times out.
+        let _ = lab
+            .client
+            .run(move || TcpStream::connect_timeout(&target, Duration::from_millis(200)))?;
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("dropped a packet: reason 12") {
+            break;
+        }
+        ensure!(
+            t0.elapsed() < Duration::from_secs(15),
+            "no kernel-side message in {}:\n{text}",
+            log.display()
+        );
+    }
+    // The same drops without debug: counted, not logged.
+    lab.stop_agent()?;
+    lab.debug = false;
+    lab.start_agent_with(&[1], &void, &lb_bin())?;
+    let drops = |lab: &Lab| -> Result<u64> {
+        let (_, stats) = lab.api("GET", "/api/v1/stats", None)?;
+        let v: serde_json::Value = serde_json::from_str(&stats)?;
+        Ok(v["verdicts"]["drop_no_backend"].as_u64().unwrap_or(0))
+    };
+    let before = drops(&lab)?;
+    for _ in 0..3 {
+        let _ = lab
+            .client
+            .run(move || TcpStream::connect_timeout(&target, Duration::from_millis(200)))?;
+    }
+    ensure!(drops(&lab)? > before, "the SYNs were not dropped");
+    std::thread::sleep(Duration::from_millis(300));
+    let quiet = std::fs::read_to_string(lab.out_dir.join("agent-2.log"))?;
+    ensure!(
+        !quiet.contains("dropped a packet"),
+        "kernel messages without debug:\n{quiet}"
+    );
     Ok(())
 }
