@@ -175,6 +175,11 @@ fn count(map: &PerCpuArray<Counters>, index: u32, bytes: u64, new_flow: bool) {
 pub fn lb(ctx: XdpContext) -> u32 {
     let (action, reason) = process(&ctx);
     count_reason(reason);
+    if action == xdp_action::XDP_DROP {
+        // Written only with `[agent] debug = true` (the agent sets AYA_LOG_LEVEL); otherwise
+        // this is one load and a branch, on drops only. The agent forwards it to its log.
+        aya_log_ebpf::info!(&ctx, "dropped a packet: reason {}", reason as u32);
+    }
     action
 }
 

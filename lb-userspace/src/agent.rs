@@ -176,6 +176,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         Ok(c)
     })?;
     let mut control = control;
+    let kernel_logs = control.balancer.dataplane().take_kernel_logs();
     // The proxy always exists (it may have no entry point yet): a reload can add some.
     let proxy = Arc::new(crate::proxy::Proxy::new(
         cfg.entrypoints.clone(),
@@ -187,6 +188,16 @@ pub async fn run(config_path: &Path) -> Result<()> {
     proxy.set_tcp_routers(cfg.tcp_routers.clone());
     proxy.update_services(&control.proxy_services(&proxy.service_names()));
     control.proxy = Some(proxy.clone());
+    let metrics = Arc::new(crate::metrics::Metrics::new(
+        proxy.obs().clone(),
+        &control.obs,
+    )?);
+    proxy.obs().set_certificate_files(&cfg.certificates);
+    if let Some(spec) = cfg.access_log.clone() {
+        proxy
+            .obs()
+            .set_access_log(Some(crate::access_log::AccessLog::start(spec)?));
+    }
     // Stored ACME certificates are installed before the listeners open; orders (validated on
     // those listeners) start after.
     let acme = cfg
@@ -247,6 +258,11 @@ pub async fn run(config_path: &Path) -> Result<()> {
         )));
     }
     tasks.push(tokio::spawn(refresh_neighbors(control.clone())));
+    if let Some(logs) = kernel_logs {
+        info!("debug: forwarding the XDP program's log messages");
+        tasks.push(tokio::spawn(crate::dataplane::forward_kernel_logs(logs)));
+    }
+    tasks.push(tokio::spawn(reopen_on_hangup(proxy.clone())?));
     tasks.push(tokio::spawn(watch_config(
         config_path.to_path_buf(),
         cfg.clone(),
@@ -264,6 +280,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         control: control.clone(),
         health: health_table,
         token: token.into(),
+        metrics,
     });
 
     let mut term = signal(SignalKind::terminate())?;
@@ -317,6 +334,24 @@ async fn initial_kv_reads(cfg: &Config) -> Vec<(&'static str, u8, KvRead)> {
         out.push((providers::etcd::NAME, providers::Rank::ETCD, r));
     }
     out
+}
+
+/// SIGHUP reopens the access log (log rotation: rename the file, then send SIGHUP).
+fn reopen_on_hangup(
+    proxy: Arc<crate::proxy::Proxy>,
+) -> Result<impl std::future::Future<Output = ()>> {
+    let mut hup = signal(SignalKind::hangup())?;
+    Ok(async move {
+        while hup.recv().await.is_some() {
+            match proxy.obs().access_log() {
+                Some(log) => {
+                    log.reopen();
+                    info!("SIGHUP: access log reopened");
+                }
+                None => info!("SIGHUP: no access log to reopen"),
+            }
+        }
+    })
 }
 
 /// DSR backends whose MAC was unknown join their table once the neighbour answers.
@@ -591,7 +626,10 @@ async fn watch_config(
             }
             () = cert_files.changed() => {
                 match listeners.lock().await.reload_certificates(&proxy, &current) {
-                    Ok(()) => info!("certificate files changed: reloaded"),
+                    Ok(()) => {
+                        proxy.obs().set_certificate_files(&current.certificates);
+                        info!("certificate files changed: reloaded")
+                    }
                     Err(e) => warn!(
                         "certificate files changed but do not load, the previous certificates stay: {e:#}"
                     ),
@@ -660,6 +698,18 @@ async fn watch_config(
         });
         if let Err(e) = listeners.lock().await.reconcile(&proxy, &new).await {
             warn!("entry points: {e:#}");
+        }
+        proxy.obs().set_certificate_files(&new.certificates);
+        if new.access_log != current.access_log {
+            match new
+                .access_log
+                .clone()
+                .map(crate::access_log::AccessLog::start)
+            {
+                None => proxy.obs().set_access_log(None),
+                Some(Ok(log)) => proxy.obs().set_access_log(Some(log)),
+                Some(Err(e)) => warn!("access log: {e:#}; the previous one stays"),
+            }
         }
         if let Some(client) = acme_next {
             acme = Some(AcmeTask::spawn(client));

@@ -1,8 +1,10 @@
 //! Admin HTTP API: VIPs and their backends, services and instances, provider status, verdict
-//! counters, the flow table.
+//! counters, the flow table, routers; `/metrics` for Prometheus; the dashboard.
 //!
-//! Every route but `/healthz` needs `Authorization: Bearer <token>`; the listener is loopback
-//! unless configured otherwise. Changes go to the persisted API store and are applied before the
+//! Every route but `/healthz` and the dashboard's static files needs `Authorization: Bearer
+//! <token>`; the listener is loopback unless configured otherwise. The dashboard's page holds no
+//! data: its script asks the token (kept in the tab's sessionStorage, never in a cookie) and
+//! reads the same JSON routes with it, so without the token there is nothing to see. Changes go to the persisted API store and are applied before the
 //! call returns, so a `204` means the maps already say so. The API never touches maps itself.
 
 use std::{
@@ -35,6 +37,7 @@ pub struct ApiState {
     pub control: Arc<Mutex<Control>>,
     pub health: health::Table,
     pub token: Arc<str>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -58,9 +61,18 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/status", get(status))
         .route("/api/v1/stats", get(stats))
         .route("/api/v1/flows/clear", post(clear_flows))
+        .route("/api/v1/routers", get(list_routers))
+        .route("/metrics", get(metrics))
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/dashboard",
+            get(|| async { axum::response::Redirect::permanent("/dashboard/") }),
+        )
+        .route("/dashboard/", get(|| dashboard_file("index.html")))
+        .route("/dashboard/app.js", get(|| dashboard_file("app.js")))
+        .route("/dashboard/style.css", get(|| dashboard_file("style.css")))
         .merge(authed)
         .with_state(state)
 }
@@ -394,6 +406,110 @@ async fn stats(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError>
     Ok(Json(
         json!({ "verdicts": verdicts, "tracked_flows": flows }),
     ))
+}
+
+/// `/metrics`: the Prometheus text format, L4 read from the maps at this moment.
+async fn metrics(State(s): State<ApiState>) -> Result<Response, ApiError> {
+    let health = s.health.clone();
+    let snap = with_control(&s, move |c| Ok(crate::metrics::Snapshot::take(c, &health)?)).await?;
+    let text = s.metrics.render(&snap)?;
+    Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
+}
+
+/// The proxy's routing as in force (lb.toml and providers merged): entry points, routers with
+/// their middlewares and request counts, TCP routers, middlewares.
+async fn list_routers(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
+    let proxy = with_control(&s, |c| Ok(c.proxy.clone())).await?;
+    let Some(proxy) = proxy else {
+        return Ok(Json(
+            json!({ "entrypoints": [], "routers": [], "tcp_routers": [], "middlewares": [] }),
+        ));
+    };
+    let conf = proxy.routing();
+    let totals = proxy.obs().router_totals();
+    let entrypoints: Vec<serde_json::Value> = conf
+        .entrypoints
+        .iter()
+        .map(|e| json!({ "name": e.name, "address": e.address, "tls": e.tls }))
+        .collect();
+    let mut routers: Vec<serde_json::Value> = conf
+        .routers
+        .iter()
+        .map(|r| {
+            let t = totals.get(&r.name).copied().unwrap_or_default();
+            json!({
+                "name": r.name,
+                "rule": r.rule_text,
+                "service": r.service,
+                "entrypoints": r.entrypoints,
+                "middlewares": r.middlewares,
+                "priority": r.priority,
+                "requests": {
+                    "1xx": t[0], "2xx": t[1], "3xx": t[2], "4xx": t[3], "5xx": t[4],
+                    "total": t.iter().sum::<u64>(),
+                },
+            })
+        })
+        .collect();
+    routers.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+    let tcp_routers: Vec<serde_json::Value> = conf
+        .tcp_routers
+        .iter()
+        .map(|r| {
+            let tls = match r.tls {
+                crate::proxy::tcp::TlsMode::Plain => "plain",
+                crate::proxy::tcp::TlsMode::Passthrough => "passthrough",
+                crate::proxy::tcp::TlsMode::Terminate => "terminate",
+            };
+            json!({
+                "name": r.name, "rule": r.rule_text, "service": r.service,
+                "entrypoints": r.entrypoints, "tls": tls, "priority": r.priority,
+            })
+        })
+        .collect();
+    let mut middlewares: Vec<&String> = conf.middlewares.keys().collect();
+    middlewares.sort();
+    Ok(Json(json!({
+        "entrypoints": entrypoints,
+        "routers": routers,
+        "tcp_routers": tcp_routers,
+        "middlewares": middlewares,
+    })))
+}
+
+/// A dashboard file, embedded in the binary. The files hold no data (the script fetches it
+/// with the token); the headers keep them from being framed, cached or given inline code.
+async fn dashboard_file(name: &str) -> Response {
+    let (body, kind) = match name {
+        "index.html" => (
+            include_str!("dashboard/index.html"),
+            "text/html; charset=utf-8",
+        ),
+        "app.js" => (
+            include_str!("dashboard/app.js"),
+            "text/javascript; charset=utf-8",
+        ),
+        _ => (
+            include_str!("dashboard/style.css"),
+            "text/css; charset=utf-8",
+        ),
+    };
+    (
+        [
+            (header::CONTENT_TYPE, kind),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; \
+                 img-src 'self' data:; form-action 'none'; frame-ancestors 'none'; base-uri 'none'",
+            ),
+            (header::X_FRAME_OPTIONS, "DENY"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::REFERRER_POLICY, "no-referrer"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 async fn clear_flows(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError> {

@@ -139,6 +139,8 @@ pub struct Balancer {
     adoptable: BTreeMap<(u32, InstanceKey), u32>,
     /// Slot counts of each backend in its VIP's live table (for the API).
     slot_counts: BTreeMap<u32, u32>,
+    /// Maglev tables published per VIP (for metrics).
+    rebuilds: BTreeMap<String, u64>,
 }
 
 fn vip_key(spec: &VipSpec) -> VipKey {
@@ -215,6 +217,7 @@ impl Balancer {
             backend_ids: IdPool::new(1..limits.max_backends, &backend_taken),
             adoptable,
             slot_counts: BTreeMap::new(),
+            rebuilds: BTreeMap::new(),
         };
         for spec in vips {
             let adopted = existing
@@ -273,6 +276,11 @@ impl Balancer {
             self.backend_ids.give_back(id);
         }
         Ok(())
+    }
+
+    /// Maglev tables published per VIP since this agent started.
+    pub fn rebuilds(&self) -> &BTreeMap<String, u64> {
+        &self.rebuilds
     }
 
     pub fn vip_names(&self) -> Vec<String> {
@@ -439,6 +447,7 @@ impl Balancer {
         };
         self.dp.set_vip(&vip_key(&vip.spec), &meta)?;
         vip.slot = spare;
+        *self.rebuilds.entry(name.to_string()).or_default() += 1;
         info!(
             vip = name,
             backends = active.len(),

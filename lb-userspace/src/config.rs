@@ -75,6 +75,29 @@ struct RawConfig {
     tls: RawTls,
     #[serde(default)]
     acme: Option<Spanned<RawAcme>>,
+    #[serde(default)]
+    access_log: Option<Spanned<RawAccessLog>>,
+}
+
+/// `[access_log]`: one line per proxied request.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccessLog {
+    /// A file, or "stdout" (the default).
+    #[serde(default)]
+    path: Option<Spanned<String>>,
+    /// "json" (default) or "common".
+    #[serde(default)]
+    format: Option<Spanned<String>>,
+    /// Lines that may wait for the writer (default 4096); beyond that they are dropped.
+    #[serde(default)]
+    buffer: Option<Spanned<usize>>,
+    /// Statuses to log: "404", "4xx", "500-599" (default: all).
+    #[serde(default)]
+    status: Vec<Spanned<String>>,
+    /// Share of the (filtered) requests logged, default 1.0.
+    #[serde(default)]
+    sample: Option<Spanned<f64>>,
 }
 
 /// `[acme]`: certificates from an ACME CA for the TLS entry points.
@@ -528,6 +551,8 @@ pub struct Config {
     pub acme: Option<crate::proxy::acme::AcmeSpec>,
     /// Middlewares by name (validated: each builds).
     pub middlewares: Vec<(String, crate::proxy::middleware::MiddlewareConfig)>,
+    /// `[access_log]`: off when absent.
+    pub access_log: Option<crate::access_log::AccessLogSpec>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -1344,6 +1369,10 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
             "more than one certificate has default = true".into(),
         ));
     }
+    let access_log = match &raw.access_log {
+        Some(a) => Some(validate_access_log(a.get_ref(), &err)?),
+        None => None,
+    };
     let acme = match &raw.acme {
         Some(a) => Some(validate_acme(a.get_ref(), &entrypoints, &err)?),
         None => None,
@@ -1359,6 +1388,7 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
         }
     }
     Ok(Config {
+        access_log,
         acme,
         tls_dev_ca: raw.tls.dev_ca,
         middlewares,
@@ -1386,6 +1416,73 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
         api_listen,
         api_token: raw.api.token.clone(),
         vips,
+    })
+}
+
+fn validate_access_log(
+    a: &RawAccessLog,
+    err: &dyn Fn(std::ops::Range<usize>, String, String) -> ConfigError,
+) -> Result<crate::access_log::AccessLogSpec, ConfigError> {
+    use crate::access_log::{AccessLogSpec, Format};
+    let path = match &a.path {
+        Some(p) if p.get_ref() == "stdout" || p.get_ref() == "-" => None,
+        Some(p) if p.get_ref().is_empty() => {
+            return Err(err(
+                p.span(),
+                "access_log.path".into(),
+                "empty: give a file or \"stdout\"".into(),
+            ))
+        }
+        Some(p) => Some(PathBuf::from(p.get_ref())),
+        None => None,
+    };
+    let format = match a.format.as_ref().map(|f| (f.get_ref().as_str(), f.span())) {
+        None | Some(("json", _)) => Format::Json,
+        Some(("common", _)) => Format::Common,
+        Some((other, span)) => {
+            return Err(err(
+                span,
+                "access_log.format".into(),
+                format!("{other:?}: expected \"json\" or \"common\""),
+            ))
+        }
+    };
+    let buffer = match &a.buffer {
+        Some(b) if *b.get_ref() == 0 || *b.get_ref() > 1 << 20 => {
+            return Err(err(
+                b.span(),
+                "access_log.buffer".into(),
+                "must be 1..=1048576".into(),
+            ))
+        }
+        Some(b) => *b.get_ref(),
+        None => 4096,
+    };
+    let mut status = Vec::new();
+    for (i, s) in a.status.iter().enumerate() {
+        status.push(
+            s.get_ref()
+                .parse()
+                .map_err(|e| err(s.span(), format!("access_log.status[{i}]"), e))?,
+        );
+    }
+    let sample = match &a.sample {
+        Some(s) if !(*s.get_ref() > 0.0 && *s.get_ref() <= 1.0) => {
+            return Err(err(
+                s.span(),
+                "access_log.sample".into(),
+                "must be in (0, 1]".into(),
+            ))
+        }
+        Some(s) => *s.get_ref(),
+        None => 1.0,
+    };
+    Ok(AccessLogSpec {
+        path,
+        format,
+        buffer,
+        status,
+        sample,
     })
 }
 
@@ -1549,6 +1646,42 @@ address = "10.0.1.2"
         assert_eq!(c.vips[0].backends[0].weight, 2);
         assert_eq!(c.vips[0].backends[1].weight, 1);
         assert_eq!(c.api_listen.port(), 9999);
+    }
+
+    #[test]
+    fn access_log_section() {
+        use crate::access_log::{Format, StatusRange};
+        let c = parse(
+            Path::new("lb.toml"),
+            &format!("{GOOD}\n[access_log]\npath = \"/var/log/lb/access.log\"\nformat = \"common\"\nstatus = [\"4xx\", \"502-504\"]\nsample = 0.5\n"),
+        )
+        .expect("valid");
+        let a = c.access_log.expect("configured");
+        assert_eq!(a.path.as_deref(), Some(Path::new("/var/log/lb/access.log")));
+        assert_eq!((a.format, a.buffer, a.sample), (Format::Common, 4096, 0.5));
+        assert_eq!(
+            a.status,
+            vec![
+                StatusRange { lo: 400, hi: 499 },
+                StatusRange { lo: 502, hi: 504 }
+            ]
+        );
+        let stdout =
+            parse(Path::new("lb.toml"), &format!("{GOOD}\n[access_log]\n")).expect("valid");
+        assert_eq!(
+            stdout.access_log.map(|a| (a.path, a.format)),
+            Some((None, Format::Json))
+        );
+        let e = parse_err(&format!("{GOOD}\n[access_log]\nstatus = [\"7xx\"]\n"));
+        assert_eq!(
+            (e.line, e.field.as_str()),
+            (24, "access_log.status[0]"),
+            "{e}"
+        );
+        let e = parse_err(&format!("{GOOD}\n[access_log]\nformat = \"xml\"\n"));
+        assert_eq!(e.field, "access_log.format");
+        let e = parse_err(&format!("{GOOD}\n[access_log]\nsample = 0.0\n"));
+        assert_eq!(e.field, "access_log.sample");
     }
 
     #[test]

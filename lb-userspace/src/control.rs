@@ -50,6 +50,8 @@ pub struct Control {
     adopted: bool,
     /// The L7 proxy, whose upstream pools follow the registry too.
     pub proxy: Option<Arc<crate::proxy::Proxy>>,
+    /// Change-to-apply latency for `/metrics`.
+    pub obs: crate::metrics::ControlObs,
 }
 
 /// The config file's inline backends, as the `config` provider's snapshot.
@@ -90,6 +92,7 @@ impl Control {
             stats: ApplyStats::default(),
             adopted: false,
             proxy: None,
+            obs: Default::default(),
         }
     }
 
@@ -247,6 +250,7 @@ impl Control {
         if writes > 0 {
             self.stats.last_change_to_map_us = us;
             self.stats.max_change_to_map_us = self.stats.max_change_to_map_us.max(us);
+            self.obs.change_to_apply.observe(us as f64 / 1e6);
             info!(change_to_map_us = us, map_writes = writes, "applied");
         }
         Ok(writes)

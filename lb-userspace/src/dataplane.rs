@@ -72,7 +72,12 @@ pub struct Dataplane {
     written: StdHashMap<(u32, u8), Vec<u32>>,
     /// RINGS was created by this load (not adopted from pins): every half is known to be zeros.
     fresh_rings: bool,
+    /// `debug`: the program's aya-log messages, for the agent to forward.
+    kernel_logs: Option<KernelLogs>,
 }
+
+/// The reader of the program's log ring buffer (aya-log), writing to the `log` facade.
+pub type KernelLogs = aya_log::EbpfLogger<&'static dyn log::Log>;
 
 /// `<pin_root>/<instance>/v<LAYOUT_VERSION>`.
 pub fn pin_dir(pin_root: &Path, instance: &str) -> PathBuf {
@@ -148,11 +153,12 @@ impl Dataplane {
             .override_global("AYA_LOG_LEVEL", &log_level, false)
             .load(LB_OBJECT)
             .context("loading the XDP object (is BPF available on this kernel?)")?;
-        if debug {
-            if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf) {
-                warn!("kernel-side logging unavailable: {e}");
-            }
-        }
+        let kernel_logs = match debug {
+            true => aya_log::EbpfLogger::init(&mut ebpf)
+                .inspect_err(|e| warn!("kernel-side logging unavailable: {e}"))
+                .ok(),
+            false => None,
+        };
         let rings_map: Array<MapData, u32> = take(&mut ebpf, "RINGS")?;
         if rings_map.len() != rings {
             bail!(
@@ -176,6 +182,7 @@ impl Dataplane {
             limits: limits.clone(),
             written: StdHashMap::new(),
             fresh_rings,
+            kernel_logs,
         };
         if dp.backends.len() != limits.max_backends || dp.stats_vip.len() != limits.max_vips {
             bail!(
@@ -191,6 +198,12 @@ impl Dataplane {
         prog.load()
             .context("the verifier rejected the XDP program")?;
         Ok(dp)
+    }
+
+    /// The program's log reader (only with `debug`), once: its owner drives it
+    /// ([`forward_kernel_logs`]).
+    pub fn take_kernel_logs(&mut self) -> Option<KernelLogs> {
+        self.kernel_logs.take()
     }
 
     pub fn limits(&self) -> &Limits {
@@ -405,6 +418,26 @@ impl Dataplane {
             out.push((r, v.iter().sum()));
         }
         Ok(out)
+    }
+}
+
+/// Forwards the program's aya-log messages to the agent's log as they arrive (the ring buffer's
+/// fd becomes readable), until the task is dropped.
+pub async fn forward_kernel_logs(logs: KernelLogs) {
+    use tokio::io::{unix::AsyncFd, Interest};
+    // SAFETY: the fd is the logger's ring buffer map, owned by the logger, which the AsyncFd
+    // owns until it is dropped: it stays open and the same for the AsyncFd's whole life.
+    let mut fd = match unsafe { AsyncFd::register_with_interest(logs, Interest::READABLE) } {
+        Ok(fd) => fd,
+        Err(e) => return warn!("kernel-side logging unavailable: {e}"),
+    };
+    loop {
+        let mut ready = match fd.readable_mut().await {
+            Ok(r) => r,
+            Err(e) => return warn!("kernel-side logging stopped: {e}"),
+        };
+        ready.get_inner_mut().flush();
+        ready.clear_ready();
     }
 }
 

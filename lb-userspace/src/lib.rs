@@ -4,7 +4,9 @@
 //! store, …) feed the [`registry`]; [`health`] checks backends; [`control`] merges them into the
 //! desired backends of each VIP and hands them to the [`balancer`] (ids, Maglev tables via
 //! [`maglev`]), which drives the [`dataplane`] — the only code touching maps and attachments.
-//! [`api`] reads and changes it at runtime; [`agent`] wires everything for `lb run`.
+//! [`api`] reads and changes it at runtime; [`metrics`] and [`access_log`] observe both tiers;
+//! [`agent`] wires everything for `lb run`.
+pub mod access_log;
 pub mod agent;
 pub mod api;
 pub mod balancer;
@@ -13,7 +15,9 @@ pub mod control;
 pub mod dataplane;
 pub mod health;
 pub mod maglev;
+pub mod metrics;
 pub mod neighbor;
 pub mod providers;
 pub mod proxy;
 pub mod registry;
+pub mod status;

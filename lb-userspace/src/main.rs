@@ -13,8 +13,24 @@ use tracing::warn;
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
+    /// Log lines as text for people ("human") or one JSON object per line ("json"). Filter
+    /// with RUST_LOG (e.g. `info,lb_userspace::proxy=debug`).
+    #[arg(
+        long,
+        global = true,
+        env = "LB_LOG_FORMAT",
+        value_enum,
+        default_value = "human"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -71,6 +87,24 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "auto")]
         mode: XdpModeArg,
     },
+    /// VIPs, backends with health and live rates, routers, providers and their last errors.
+    Status {
+        /// Read the API's address and the token from this config, when it exists.
+        #[arg(long, short, default_value = "lb.toml")]
+        config: PathBuf,
+        /// The admin API (default: the config's [api] listen, else http://127.0.0.1:9090).
+        #[arg(long)]
+        api: Option<String>,
+        /// The admin token (default: the config's, else <state_dir>/api-token).
+        #[arg(long, env = "LB_API_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Seconds between the two samples that rates are computed from.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+        /// Redraw every interval until interrupted.
+        #[arg(long)]
+        watch: bool,
+    },
     /// Detach the program and remove the pinned maps of an instance.
     Detach {
         #[arg(long, short, default_value = "lb.toml")]
@@ -86,13 +120,18 @@ enum XdpModeArg {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    match Cli::parse().cmd {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Logs go to stderr: stdout is the access log's when it has no file.
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Human => logs.init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
+    match cli.cmd {
         Cmd::Run { config } => {
             tokio::runtime::Runtime::new()?.block_on(lb_userspace::agent::run(&config))
         }
@@ -166,6 +205,13 @@ fn main() -> Result<()> {
             })?;
             Ok(())
         }
+        Cmd::Status {
+            config,
+            api,
+            token,
+            interval,
+            watch,
+        } => status(&config, api, token, interval, watch),
         Cmd::Detach { config } => {
             let c = lb_userspace::config::load(&config)?;
             let removed = lb_userspace::dataplane::detach(&c.pin_root, &c.instance)?;
@@ -179,6 +225,77 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
+    }
+}
+
+/// `lb status`: two samples `interval` apart (rates), or a redraw every interval with `--watch`.
+fn status(
+    config: &std::path::Path,
+    api: Option<String>,
+    token: Option<String>,
+    interval: f64,
+    watch: bool,
+) -> Result<()> {
+    use lb_userspace::status::{fetch, render};
+    let cfg = match std::fs::metadata(config) {
+        Ok(_) => Some(lb_userspace::config::load(config)?),
+        Err(_) => None,
+    };
+    let api = api.unwrap_or_else(|| {
+        let listen = cfg.as_ref().map(|c| c.api_listen);
+        match listen {
+            // A wildcard listener is reached on loopback.
+            Some(a) if a.ip().is_unspecified() => format!("http://127.0.0.1:{}", a.port()),
+            Some(a) => format!("http://{a}"),
+            None => "http://127.0.0.1:9090".into(),
+        }
+    });
+    let token = match token.filter(|t| !t.is_empty()) {
+        Some(t) => t,
+        None => {
+            let from_cfg = cfg.as_ref().and_then(|c| c.api_token.clone());
+            match from_cfg {
+                Some(t) => t,
+                None => {
+                    let dir = cfg
+                        .as_ref()
+                        .map(|c| c.state_dir.clone())
+                        .unwrap_or_else(|| PathBuf::from("/var/lib/lb"));
+                    let path = dir.join("api-token");
+                    std::fs::read_to_string(&path)
+                        .map(|t| t.trim().to_string())
+                        .with_context(|| {
+                            format!(
+                                "no --token or $LB_API_TOKEN, and {} is unreadable",
+                                path.display()
+                            )
+                        })?
+                }
+            }
+        }
+    };
+    if !(interval > 0.0 && interval <= 3600.0) {
+        bail!("--interval must be in (0, 3600] seconds");
+    }
+    let period = Duration::from_secs_f64(interval);
+    let mut prev = fetch(&api, &token)?;
+    std::thread::sleep(period);
+    loop {
+        let cur = fetch(&api, &token)?;
+        let screen = render(Some(&prev), &cur);
+        if watch {
+            // Clear the screen and home the cursor, then draw.
+            print!("\x1b[2J\x1b[H{screen}");
+        } else {
+            print!("{screen}");
+        }
+        use std::io::Write as _;
+        std::io::stdout().flush()?;
+        if !watch {
+            return Ok(());
+        }
+        prev = cur;
+        std::thread::sleep(period);
     }
 }
 

@@ -72,6 +72,8 @@ pub struct Lab {
     pub servers: Vec<Server>,
     pub out_dir: PathBuf,
     pub pin_root: PathBuf,
+    /// `[agent] debug` in the configs this lab writes (kernel-side log messages).
+    pub debug: bool,
     agent: Option<Child>,
     agent_runs: u32,
     /// `lb decap` processes on the backends.
@@ -108,6 +110,7 @@ impl Lab {
             servers: Vec::new(),
             pin_root: PathBuf::from(format!("/sys/fs/bpf/{p}-{}", std::process::id())),
             out_dir,
+            debug: false,
             agent: None,
             agent_runs: 0,
             helpers: Vec::new(),
@@ -293,12 +296,13 @@ impl Lab {
     /// `extra` (more tables: a `[vip.health]`, more VIPs, entry points, routers).
     pub fn config_text(&self, weights: &[u32], extra: &str) -> String {
         let mut cfg = format!(
-            "[agent]\ninstance = \"t\"\npin_root = \"{}\"\nstate_dir = \"{}\"\ninterfaces = [{}]\nxdp_mode = \"native\"\n\n\
+            "[agent]\ninstance = \"t\"\npin_root = \"{}\"\nstate_dir = \"{}\"\ninterfaces = [{}]\nxdp_mode = \"native\"\ndebug = {}\n\n\
              [dataplane]\nmax_vips = 4\nmax_backends = 256\n\n[api]\nlisten = \"{API}\"\ntoken = \"{TOKEN}\"\n\n\
              [[vip]]\nname = \"web\"\naddress = \"{}\"\nport = {VIP_PORT}\nprotocol = \"tcp\"\nmode = \"{}\"\n",
             self.pin_root.display(),
             self.out_dir.join("state").display(),
             if self.mode == Mode::Nat { "\"eth0\", \"eth1\"" } else { "\"eth0\"" },
+            self.debug,
             self.vip().ip(),
             self.mode.as_str(),
         );
@@ -362,6 +366,11 @@ impl Lab {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// The running agent's process id (to signal it).
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Child::id)
     }
 
     /// Stops the agent with SIGTERM (the pinned program keeps forwarding).

@@ -230,8 +230,14 @@ fn clean_leftovers() {
 
 fn test() -> Result<()> {
     preflight()?;
-    // The ACME tests run pebble, an ACME test CA, with pebble-challtestsrv as its DNS server.
-    for tool in ["pebble", "pebble-challtestsrv"] {
+    // The ACME tests run pebble, an ACME test CA, with pebble-challtestsrv as its DNS server;
+    // the dashboard test drives Debian's chromium through chromedriver.
+    for (tool, package) in [
+        ("pebble", "pebble"),
+        ("pebble-challtestsrv", "pebble"),
+        ("chromium", "chromium"),
+        ("chromedriver", "chromium-driver"),
+    ] {
         if output(
             Command::new("sh")
                 .arg("-c")
@@ -239,7 +245,7 @@ fn test() -> Result<()> {
         )
         .is_none()
         {
-            bail!("{tool} is missing: install pebble (see .ci/run)");
+            bail!("{tool} is missing: install {package} (see .ci/run)");
         }
     }
     build(false)?;

@@ -97,6 +97,11 @@ impl Store {
             .map(|(_, k)| k.clone())
     }
 
+    /// Every issued certificate with its name (for the expiry metric).
+    pub fn issued(&self) -> Vec<(String, Arc<CertifiedKey>)> {
+        self.issued.load().as_ref().clone()
+    }
+
     /// The certificate of the first configured name that has one.
     pub fn fallback(&self) -> Option<Arc<CertifiedKey>> {
         self.issued.load().first().map(|(_, k)| k.clone())

@@ -160,6 +160,8 @@ struct Route {
     spec: RouterSpec,
     priority: i64,
     chain: Vec<Arc<dyn middleware::Middleware>>,
+    /// Metric handles per entry point, resolved once per table.
+    obs: crate::metrics::RouteObs,
 }
 
 /// A service as the table holds it: its upstreams, settings and the client that reaches them.
@@ -182,6 +184,7 @@ impl Table {
         services: &Services,
         upstream: &mut dyn FnMut(SocketAddr) -> Arc<Upstream>,
         client: &mut dyn FnMut(ClientKey) -> Option<UpstreamClient>,
+        metrics: &crate::metrics::Http,
     ) -> Table {
         let L7Config {
             entrypoints,
@@ -197,10 +200,18 @@ impl Table {
                 .iter()
                 .filter_map(|m| middlewares.get(m).cloned())
                 .collect();
+            let serves =
+                |ep: &&EntryPointSpec| r.entrypoints.is_empty() || r.entrypoints.contains(&ep.name);
+            let obs = metrics.route(
+                &r.name,
+                &r.service,
+                entrypoints.iter().filter(serves).map(|ep| ep.name.as_str()),
+            );
             let route = Arc::new(Route {
                 spec: r.clone(),
                 priority: r.priority.unwrap_or(r.rule.default_priority),
                 chain,
+                obs,
             });
             for ep in entrypoints {
                 if r.entrypoints.is_empty() || r.entrypoints.contains(&ep.name) {
@@ -298,6 +309,8 @@ pub struct Proxy {
     /// Held by every change (configuration, provider routing, registry) from its write to the
     /// table it stores: two changes at once cannot store their tables in the wrong order.
     updating: std::sync::Mutex<()>,
+    /// Request metrics and the access log.
+    obs: Arc<crate::metrics::Http>,
 }
 
 /// The most mirror copies in flight at once; beyond it copies are skipped.
@@ -377,9 +390,20 @@ impl Proxy {
             acme: Default::default(),
             certificates_changed: tokio::sync::Notify::new(),
             updating: std::sync::Mutex::new(()),
+            obs: Default::default(),
         };
         proxy.update_services(services);
         proxy
+    }
+
+    /// Its metrics and access log.
+    pub fn obs(&self) -> &Arc<crate::metrics::Http> {
+        &self.obs
+    }
+
+    /// The configuration in force: lb.toml's and the providers' routing merged.
+    pub fn routing(&self) -> Arc<L7Config> {
+        self.merged()
     }
 
     /// Shared with the ACME client (it fills it) and the TLS certificate resolver.
@@ -526,7 +550,7 @@ impl Proxy {
                 }
             }
         };
-        let table = Table::build(&conf, &services, &mut get, &mut client);
+        let table = Table::build(&conf, &services, &mut get, &mut client, &self.obs);
         *clients = used;
         *known = keep;
         self.table.store(Arc::new(table));
@@ -576,6 +600,7 @@ impl Proxy {
         stop: tokio_util::sync::CancellationToken,
     ) -> Drain {
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let obs = self.obs.entrypoint(&entrypoint);
         loop {
             let (stream, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
@@ -591,7 +616,8 @@ impl Proxy {
             };
             let watcher = graceful.watcher();
             let _ = stream.set_nodelay(true);
-            let (proxy, ep, tls) = (self.clone(), entrypoint.clone(), tls.clone());
+            let (proxy, ep, tls, obs) =
+                (self.clone(), entrypoint.clone(), tls.clone(), obs.clone());
             let trusted = self
                 .conf()
                 .entrypoints
@@ -599,6 +625,7 @@ impl Proxy {
                 .find(|e| e.name == entrypoint)
                 .is_some_and(|e| e.trusted_ips.iter().any(|n| n.contains(&peer.ip())));
             tokio::spawn(async move {
+                let _open = obs.connection();
                 // TCP routers first: they may take the connection, else it comes back for HTTP
                 // with the bytes they read replayed.
                 let Some(stream) = tcp::intercept(&proxy, &ep, stream, peer, tls.as_ref()).await
@@ -635,6 +662,8 @@ impl Proxy {
                     )
                     .await
                     .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+                    .inspect(|_| obs.handshake(true))
+                    .inspect_err(|_| obs.handshake(false))
                     {
                         // TLS-ALPN-01: the handshake was the answer; no HTTP follows.
                         Ok(s) if acme::is_validation(s.get_ref().1) => return,
@@ -669,14 +698,31 @@ impl Proxy {
         }
     }
 
-    /// One request, phase by phase.
+    /// One request: observed (metrics, access log) around [`Proxy::respond`].
     pub async fn handle(
         &self,
         entrypoint: &str,
         client_ip: IpAddr,
         scheme: &'static str,
         trusted: bool,
+        mut req: Request<Incoming>,
+    ) -> Response<Body> {
+        let mut trace = self.obs.start(entrypoint, client_ip, &mut req);
+        let resp = self
+            .respond(entrypoint, client_ip, scheme, trusted, req, &mut trace)
+            .await;
+        self.obs.finish(entrypoint, trace, resp)
+    }
+
+    /// One request, phase by phase.
+    async fn respond(
+        &self,
+        entrypoint: &str,
+        client_ip: IpAddr,
+        scheme: &'static str,
+        trusted: bool,
         req: Request<Incoming>,
+        trace: &mut crate::metrics::Trace,
     ) -> Response<Body> {
         // Limits: however the connection buffered them, headers beyond the bound are refused.
         let header_bytes: usize = req
@@ -712,6 +758,7 @@ impl Proxy {
         else {
             return text(StatusCode::NOT_FOUND, "no router matches");
         };
+        trace.route = route.obs.get(entrypoint).cloned();
         // Middlewares, in order; one may answer instead of the upstream, and the ones before
         // it still see that answer on its way back.
         let mut ctx = Ctx::new(client_ip, scheme, host, Instant::now());
@@ -731,7 +778,8 @@ impl Proxy {
             Some(x) => x,
             None => (
                 route.chain.len(),
-                self.forward(route, &table, &mut ctx, trusted, req).await,
+                self.forward(route, &table, &mut ctx, trusted, req, trace)
+                    .await,
             ),
         };
         for m in route.chain[..ran].iter().rev() {
@@ -754,6 +802,7 @@ impl Proxy {
         ctx: &mut Ctx,
         trusted: bool,
         mut req: Request<Body>,
+        trace: &mut crate::metrics::Trace,
     ) -> Response<Body> {
         let Some(svc) = table.pools.get(&route.spec.service) else {
             return failure(
@@ -869,6 +918,7 @@ impl Proxy {
                 None => Ok(sent.await),
             };
             drop(in_flight);
+            trace.attempt(upstream.addr, started.elapsed());
             let error = match result {
                 Ok(Ok(mut resp)) => {
                     upstream.record(
@@ -908,6 +958,7 @@ impl Proxy {
             upstream.record(false, started.elapsed(), &spec.passive, Instant::now());
             tried.push(upstream.addr);
             let never_connected = error.as_ref().is_some_and(|e| e.is_connect());
+            trace.upstream_failed(never_connected, error.is_none());
             match &error {
                 Some(e) => {
                     warn!(router = route.spec.name, upstream = %upstream.addr, "upstream: {e}")
@@ -921,6 +972,7 @@ impl Proxy {
                 && (never_connected || idempotent)
                 && tried.len() < attempts as usize;
             if again && pool.budget.withdraw() {
+                trace.retried();
                 continue;
             }
             return match error {

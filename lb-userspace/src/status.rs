@@ -1,0 +1,298 @@
+//! `lb status`: VIPs, backends with health and live rates, routers, providers and their last
+//! errors, in a terminal — from the admin API, as an operator would read it.
+//!
+//! Rates need two samples: [`fetch`] reads the API, [`render`] compares a sample with the one
+//! before it (pure, so it is tested without an agent).
+
+use std::{collections::BTreeMap, fmt::Write as _, time::Instant};
+
+use anyhow::{anyhow, Context as _, Result};
+use serde_json::Value;
+
+/// What one look at the API returns.
+pub struct Sample {
+    pub at: Instant,
+    pub vips: Value,
+    pub services: Value,
+    pub status: Value,
+    pub routers: Value,
+}
+
+fn get(api: &str, token: &str, path: &str) -> Result<Value> {
+    let url = format!("{}{path}", api.trim_end_matches('/'));
+    let r = ureq::get(&url)
+        .set("Authorization", &format!("Bearer {token}"))
+        .timeout(std::time::Duration::from_secs(5))
+        .call();
+    match r {
+        Ok(r) => r.into_json().with_context(|| format!("GET {url}: not JSON")),
+        Err(ureq::Error::Status(401, _)) => Err(anyhow!(
+            "GET {url}: 401: the token was refused (--token, $LB_API_TOKEN or <state_dir>/api-token)"
+        )),
+        Err(ureq::Error::Status(code, r)) => Err(anyhow!(
+            "GET {url}: {code} {}",
+            r.into_string().unwrap_or_default()
+        )),
+        Err(e) => Err(anyhow!("GET {url}: {e}")),
+    }
+}
+
+/// Reads the four views the status needs (blocking).
+pub fn fetch(api: &str, token: &str) -> Result<Sample> {
+    Ok(Sample {
+        vips: get(api, token, "/api/v1/vips")?,
+        services: get(api, token, "/api/v1/services")?,
+        status: get(api, token, "/api/v1/status")?,
+        routers: get(api, token, "/api/v1/routers")?,
+        at: Instant::now(),
+    })
+}
+
+fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or(0)
+}
+
+fn s(v: &Value) -> &str {
+    v.as_str().unwrap_or("")
+}
+
+fn host_port(addr: &str, port: u64) -> String {
+    match (addr.contains(':'), port) {
+        (_, 0) => addr.to_string(),
+        (true, p) => format!("[{addr}]:{p}"),
+        (false, p) => format!("{addr}:{p}"),
+    }
+}
+
+fn rate(now: u64, before: Option<u64>, dt: f64) -> String {
+    match before {
+        Some(b) if dt > 0.0 && now >= b => human((now - b) as f64 / dt),
+        _ => "-".into(),
+    }
+}
+
+fn human(n: f64) -> String {
+    if n >= 1e6 {
+        format!("{:.1}M", n / 1e6)
+    } else if n >= 1e4 {
+        format!("{:.1}k", n / 1e3)
+    } else {
+        format!("{n:.1}")
+    }
+}
+
+/// Counters of one sample, keyed for the next one's rates.
+fn counters(sample: &Sample) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for v in sample.vips["vips"].as_array().into_iter().flatten() {
+        let name = s(&v["name"]);
+        out.insert(format!("vip/{name}/p"), u(&v["counters"]["packets"]));
+        out.insert(format!("vip/{name}/b"), u(&v["counters"]["bytes"]));
+        for b in v["backends"].as_array().into_iter().flatten() {
+            let key = host_port(s(&b["address"]), u(&b["port"]));
+            out.insert(format!("be/{name}/{key}"), u(&b["counters"]["packets"]));
+        }
+    }
+    for r in sample.routers["routers"].as_array().into_iter().flatten() {
+        out.insert(format!("rt/{}", s(&r["name"])), u(&r["requests"]["total"]));
+    }
+    out
+}
+
+/// The status screen for `cur`, with rates against `prev` when given.
+pub fn render(prev: Option<&Sample>, cur: &Sample) -> String {
+    let before = prev.map(counters).unwrap_or_default();
+    let dt = prev.map_or(0.0, |p| cur.at.duration_since(p.at).as_secs_f64());
+    let was = |k: String| before.get(&k).copied();
+    let mut o = String::new();
+    let apply = &cur.status["apply"];
+    let _ = writeln!(
+        o,
+        "lb status   generation {}   {} applies   last change→maps {:.1} ms",
+        u(&apply["generation"]),
+        u(&apply["applies"]),
+        u(&apply["last_change_to_map_us"]) as f64 / 1000.0
+    );
+    if let Some(e) = apply["last_config_error"].as_str() {
+        let _ = writeln!(o, "CONFIG REJECTED (the last good one stays): {e}");
+    }
+    // Health by (VIP, backend) from the services view.
+    let mut health: BTreeMap<(String, String), bool> = BTreeMap::new();
+    if let Some(svcs) = cur.services["services"].as_object() {
+        for list in svcs.values() {
+            for i in list.as_array().into_iter().flatten() {
+                let addr = host_port(s(&i["instance"]["address"]), u(&i["instance"]["port"]));
+                for (vip, up) in i["health_up"].as_object().into_iter().flatten() {
+                    health.insert((vip.clone(), addr.clone()), up.as_bool().unwrap_or(false));
+                }
+            }
+        }
+    }
+    let _ = writeln!(o, "\nVIPS");
+    let vips = cur.vips["vips"].as_array().cloned().unwrap_or_default();
+    if vips.is_empty() {
+        let _ = writeln!(o, "  (none)");
+    }
+    for v in &vips {
+        let name = s(&v["name"]);
+        let c = &v["counters"];
+        let bytes_rate = match was(format!("vip/{name}/b")) {
+            Some(b) if dt > 0.0 && u(&c["bytes"]) >= b => {
+                format!("{:.2} Mb/s", (u(&c["bytes"]) - b) as f64 * 8.0 / dt / 1e6)
+            }
+            _ => "-".into(),
+        };
+        let _ = writeln!(
+            o,
+            "  {name:<12} {:<24} {:<6} service {:<12} {:>9} pkt/s  {:>12}  {} packets",
+            format!(
+                "{}/{}",
+                host_port(s(&v["address"]), u(&v["port"])),
+                s(&v["protocol"])
+            ),
+            s(&v["mode"]),
+            s(&v["service"]),
+            rate(u(&c["packets"]), was(format!("vip/{name}/p")), dt),
+            bytes_rate,
+            u(&c["packets"]),
+        );
+        let _ = writeln!(
+            o,
+            "    {:<26} {:<9} {:<7} {:>6} {:>7} {:>9} {:>10} {:>8}",
+            "BACKEND", "STATE", "HEALTH", "WEIGHT", "SLOTS", "PKT/S", "PACKETS", "FLOWS"
+        );
+        for b in v["backends"].as_array().into_iter().flatten() {
+            let addr = host_port(s(&b["address"]), u(&b["port"]));
+            let h = match health.get(&(name.to_string(), addr.clone())) {
+                Some(true) => "up",
+                Some(false) => "down",
+                None => "-",
+            };
+            let _ = writeln!(
+                o,
+                "    {addr:<26} {:<9} {h:<7} {:>6} {:>7} {:>9} {:>10} {:>8}",
+                s(&b["state"]),
+                u(&b["weight"]),
+                u(&b["slots"]),
+                rate(
+                    u(&b["counters"]["packets"]),
+                    was(format!("be/{name}/{addr}")),
+                    dt
+                ),
+                u(&b["counters"]["packets"]),
+                u(&b["counters"]["new_flows"]),
+            );
+        }
+    }
+    let routers = cur.routers["routers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if !routers.is_empty() {
+        let _ = writeln!(o, "\nROUTERS");
+        let _ = writeln!(
+            o,
+            "  {:<16} {:<14} {:>9} {:>10} {:>7}  RULE",
+            "NAME", "SERVICE", "REQ/S", "REQUESTS", "5XX"
+        );
+        for r in &routers {
+            let name = s(&r["name"]);
+            let _ = writeln!(
+                o,
+                "  {name:<16} {:<14} {:>9} {:>10} {:>7}  {}",
+                s(&r["service"]),
+                rate(u(&r["requests"]["total"]), was(format!("rt/{name}")), dt),
+                u(&r["requests"]["total"]),
+                u(&r["requests"]["5xx"]),
+                s(&r["rule"]),
+            );
+        }
+    }
+    let _ = writeln!(o, "\nPROVIDERS");
+    let _ = writeln!(
+        o,
+        "  {:<28} {:<8} {:>9} {:>14} {:>7}  LAST ERROR",
+        "NAME", "STATUS", "INSTANCES", "LAST SUCCESS", "ERRORS"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    for (name, p) in cur.status["providers"].as_object().into_iter().flatten() {
+        let last = match p["last_success_unix"].as_u64() {
+            Some(t) => format!("{}s ago", now.saturating_sub(t)),
+            None => "never".into(),
+        };
+        let err = p["last_error"].as_str();
+        let _ = writeln!(
+            o,
+            "  {name:<28} {:<8} {:>9} {last:>14} {:>7}  {}",
+            if err.is_some() { "FAILING" } else { "ok" },
+            u(&p["instances"]),
+            u(&p["errors"]),
+            err.unwrap_or("-"),
+        );
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn sample(at: Instant, packets: u64, requests: u64) -> Sample {
+        Sample {
+            at,
+            vips: json!({"vips": [{
+                "name": "web", "address": "10.0.0.100", "port": 80, "protocol": "tcp",
+                "mode": "dsr", "service": "web",
+                "counters": {"packets": packets, "bytes": packets * 100, "new_flows": 3},
+                "backends": [
+                    {"address": "10.0.0.11", "port": 0, "weight": 1, "state": "active", "slots": 100,
+                     "counters": {"packets": packets, "bytes": 0, "new_flows": 3}},
+                    {"address": "10.0.0.12", "port": 0, "weight": 1, "state": "draining", "slots": 0,
+                     "counters": {"packets": 0, "bytes": 0, "new_flows": 0}}]}]}),
+            services: json!({"services": {"web": [
+                {"instance": {"address": "10.0.0.11", "port": 0, "weight": 1}, "health_up": {"web": true}},
+                {"instance": {"address": "10.0.0.12", "port": 0, "weight": 1}, "health_up": {"web": false}}]}}),
+            status: json!({"providers": {"redis": {"instances": 2, "errors": 4, "last_error": "connection refused"}},
+                           "apply": {"generation": 7, "applies": 3, "last_change_to_map_us": 1500,
+                                     "last_config_error": "lb.toml:3: vip[0].port: bad"}}),
+            routers: json!({"routers": [{"name": "all", "service": "web", "rule": "PathPrefix(`/`)",
+                                         "requests": {"total": requests, "5xx": 1}}]}),
+        }
+    }
+
+    #[test]
+    fn shows_states_health_rates_and_errors() {
+        let t0 = Instant::now();
+        let a = sample(t0, 1000, 10);
+        let b = sample(t0 + std::time::Duration::from_secs(2), 3000, 30);
+        let out = render(Some(&a), &b);
+        let line = |needle: &str| {
+            out.lines()
+                .find(|l| l.contains(needle))
+                .unwrap_or_else(|| panic!("no line with {needle:?} in\n{out}"))
+                .to_string()
+        };
+        // 2,000 packets in 2 s; 20 requests in 2 s.
+        assert!(line("10.0.0.100:80/tcp").contains("1000.0 pkt/s"), "{out}");
+        let b11 = line("10.0.0.11 ");
+        assert!(
+            b11.contains("active") && b11.contains(" up ") && b11.contains("1000.0"),
+            "{b11}"
+        );
+        let b12 = line("10.0.0.12 ");
+        assert!(b12.contains("draining") && b12.contains("down"), "{b12}");
+        assert!(line("PathPrefix").contains("10.0"), "{out}");
+        assert!(line("redis").contains("FAILING") && line("redis").contains("connection refused"));
+        assert!(out.contains("CONFIG REJECTED") && out.contains("generation 7"));
+        // Without a previous sample there are no rates.
+        let first = render(None, &b);
+        assert!(
+            !first.contains("1000.0 pkt/s") && first.contains("10.0.0.11"),
+            "{first}"
+        );
+    }
+}
