@@ -204,6 +204,22 @@ impl<'a> Obj<'a> {
         }
     }
 
+    /// A router's `priority` and `entryPoints` (HTTP and TCP routers alike).
+    fn placement(&mut self) -> R<(Option<i64>, Vec<String>)> {
+        let priority = match self.number("priority")? {
+            Some(p) if p.fract() == 0.0 => Some(p as i64),
+            Some(_) => return fail(&self.sub("priority"), "expected an integer"),
+            None => None,
+        };
+        let entrypoints = self
+            .strings("entrypoints")?
+            .unwrap_or_default()
+            .iter()
+            .map(|e| local(e))
+            .collect();
+        Ok((priority, entrypoints))
+    }
+
     /// Reports every key not taken.
     fn rest(self, unsupported: &mut Vec<String>) {
         for (_, name, _) in &self.entries {
@@ -482,17 +498,7 @@ fn tcp_section(v: &Value, path: &str, out: &mut Translated) -> R<()> {
             };
             let rule = TcpRule::parse(&rule_text, mode != TlsMode::Plain)
                 .or_else(|e| fail(&format!("{rp}.rule"), e.to_string()))?;
-            let priority = match r.number("priority")? {
-                Some(p) if p.fract() == 0.0 => Some(p as i64),
-                Some(_) => return fail(&format!("{rp}.priority"), "expected an integer"),
-                None => None,
-            };
-            let entrypoints = r
-                .strings("entrypoints")?
-                .unwrap_or_default()
-                .iter()
-                .map(|e| local(e))
-                .collect();
+            let (priority, entrypoints) = r.placement()?;
             if let Some((mp, _)) = r.take("middlewares") {
                 out.unsupported
                     .push(format!("{mp}: TCP middlewares are not supported"));
@@ -734,17 +740,7 @@ fn router(
     let Some(service) = r.string("service")? else {
         return fail(path, "service is required");
     };
-    let priority = match r.number("priority")? {
-        Some(p) if p.fract() == 0.0 => Some(p as i64),
-        Some(_) => return fail(&format!("{path}.priority"), "expected an integer"),
-        None => None,
-    };
-    let entrypoints = r
-        .strings("entrypoints")?
-        .unwrap_or_default()
-        .iter()
-        .map(|e| local(e))
-        .collect();
+    let (priority, entrypoints) = r.placement()?;
     let mut middlewares = Vec::new();
     for m in r.strings("middlewares")?.unwrap_or_default() {
         expand(&local(&m), chains, &mut middlewares, &mut Vec::new(), path)?;
