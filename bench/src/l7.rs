@@ -35,8 +35,18 @@ const UPSTREAM_PORTS: [u16; 4] = [18081, 18082, 18083, 18084];
 const CONNS: u32 = 50;
 const H2_STREAMS: u32 = 10;
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Lb,
+    Nginx,
+    Haproxy,
+}
+
 struct Proxy {
+    kind: Kind,
     name: &'static str,
+    /// lb's pin root, removed with the proxy.
+    pins: Option<PathBuf>,
     /// HTTP/1.1 port and HTTP/2 (prior knowledge) port.
     h1: u16,
     h2: u16,
@@ -50,7 +60,13 @@ pub fn run(o: &Opts) -> Result<Vec<Table>> {
             bail!("{tool} is missing (cargo xtask bench installs it)");
         }
     }
-    sys::raise_nofile(200_000)?;
+    let nofile = sys::raise_nofile()?;
+    if (o.idle_conns as u64) + 1000 > nofile {
+        bail!(
+            "{} idle connections need more than the open-files limit of {nofile}",
+            o.idle_conns
+        );
+    }
     let _ = std::fs::remove_dir_all(&o.out);
     std::fs::create_dir_all(o.out.join("tmp"))?;
     let ns = Netns::new(NS)?;
@@ -61,7 +77,7 @@ pub fn run(o: &Opts) -> Result<Vec<Table>> {
     std::fs::write(&be_conf, backend_nginx(&o.out))?;
     let be_log = o.out.join("backend.log");
     let be_conf_s = be_conf.display().to_string();
-    let _backend = Proc::spawn(
+    let mut backend = Proc::spawn(
         "backend nginx",
         Some(NS),
         Some(&load),
@@ -69,29 +85,20 @@ pub fn run(o: &Opts) -> Result<Vec<Table>> {
         &be_log,
     )?;
     for p in UPSTREAM_PORTS {
-        sys::wait_listening(NS, ([127, 0, 0, 1], p).into(), Duration::from_secs(10))?;
+        if let Err(e) = sys::wait_listening(NS, ([127, 0, 0, 1], p).into(), Duration::from_secs(10))
+        {
+            backend.check_alive(&be_log)?;
+            return Err(e);
+        }
     }
 
-    let mut proxies = vec![
-        start_lb(o, &work)?,
-        start_nginx(o, &work)?,
-        start_haproxy(o, &work)?,
-    ];
-    for p in &mut proxies {
-        for port in [p.h1, p.h2] {
-            if let Err(e) =
-                sys::wait_listening(NS, ([127, 0, 0, 1], port).into(), Duration::from_secs(20))
-            {
-                p.proc.check_alive(&p.log)?;
-                return Err(e);
-            }
-        }
-        // Every proxy must answer before anything is timed.
-        let port = p.h1;
-        let (code, _) = ns.run(move || get(([127, 0, 0, 1], port).into()))??;
-        if code != 200 {
-            bail!("{} answered {code} to GET /", p.name);
-        }
+    let mut generation = 0;
+    let mut proxies = Vec::new();
+    for kind in [Kind::Lb, Kind::Nginx, Kind::Haproxy] {
+        generation += 1;
+        let mut p = start(kind, o, &work, nofile, generation)?;
+        ready(&ns, &mut p)?;
+        proxies.push(p);
     }
 
     let mut t = Table::new(
@@ -137,8 +144,19 @@ pub fn run(o: &Opts) -> Result<Vec<Table>> {
             let r = measure(p, &load, o.secs, false, &o.out)?;
             record(&mut t, &format!("{} · HTTP/2 (h2load)", p.name), &r);
         }
+    }
+    // Idle connections last, each proxy freshly started (and answering one request first): load
+    // runs leave buffers in the proxies' pools that idle connections would otherwise reuse.
+    for round in 0..o.rounds {
+        let n = proxies.len();
         for k in 0..n {
-            let p = &mut proxies[(k + round) % n];
+            let i = (k + round) % n;
+            let kind = proxies[i].kind;
+            proxies[i].proc.stop();
+            generation += 1;
+            proxies[i] = start(kind, o, &work, nofile, generation)?;
+            let p = &mut proxies[i];
+            ready(&ns, p)?;
             let (before, with) = idle_rss(&ns, p, o.idle_conns)?;
             idle.add(p.name, "RSS before", before as f64 / 1024.0);
             idle.add(p.name, "RSS with idle", with as f64 / 1024.0);
@@ -160,8 +178,8 @@ pub fn run(o: &Opts) -> Result<Vec<Table>> {
         o.rounds, o.secs, o.cpus.work, o.cpus.load
     ));
     idle.note(format!(
-        "{} connections opened to each proxy's HTTP/1.1 port, one request each, then held idle; \
-         RSS of the proxy's processes before opening and 0.5 s after the last one.",
+        "{} connections opened to each freshly started proxy's HTTP/1.1 port, one request each, \
+         then held idle; RSS of the proxy's processes before opening and 0.5 s after the last one.",
         o.idle_conns
     ));
     drop(proxies);
@@ -458,6 +476,32 @@ fn idle_rss(ns: &Netns, p: &Proxy, n: usize) -> Result<(u64, u64)> {
     Ok((before, with))
 }
 
+fn start(kind: Kind, o: &Opts, cpu: &str, nofile: u64, generation: u32) -> Result<Proxy> {
+    match kind {
+        Kind::Lb => start_lb(o, cpu, generation),
+        Kind::Nginx => start_nginx(o, cpu, nofile),
+        Kind::Haproxy => start_haproxy(o, cpu, nofile),
+    }
+}
+
+/// Waits for both ports, then requires a 200 to `GET /` before anything is timed.
+fn ready(ns: &Netns, p: &mut Proxy) -> Result<()> {
+    for port in [p.h1, p.h2] {
+        if let Err(e) =
+            sys::wait_listening(NS, ([127, 0, 0, 1], port).into(), Duration::from_secs(20))
+        {
+            p.proc.check_alive(&p.log)?;
+            return Err(e);
+        }
+    }
+    let port = p.h1;
+    let (code, _) = ns.run(move || get(([127, 0, 0, 1], port).into()))??;
+    if code != 200 {
+        bail!("{} answered {code} to GET /", p.name);
+    }
+    Ok(())
+}
+
 fn backend_nginx(dir: &Path) -> String {
     let d = dir.display();
     let listens: String = UPSTREAM_PORTS
@@ -466,15 +510,18 @@ fn backend_nginx(dir: &Path) -> String {
         .collect();
     format!(
         "worker_processes 1;\ndaemon off;\npid {d}/backend.pid;\nerror_log {d}/backend-error.log warn;\n\
-         worker_rlimit_nofile 65536;\nevents {{ worker_connections 8192; }}\n\
+         worker_rlimit_nofile 8192;\nevents {{ worker_connections 8192; }}\n\
          http {{\n    access_log off;\n    keepalive_requests 10000000;\n    keepalive_timeout 300s;\n\
          {temps}\n    server {{\n{listens}        location / {{ return 200 \"hello from the backend\\n\"; }}\n    }}\n}}\n",
         temps = temp_paths(dir, "backend"),
     )
 }
 
+/// nginx's temp directories, inside the run's own directory (the parent must exist; nginx makes
+/// the last level).
 fn temp_paths(dir: &Path, who: &str) -> String {
     let d = dir.join("tmp").join(who);
+    let _ = std::fs::create_dir_all(&d);
     let d = d.display();
     ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"]
         .iter()
@@ -482,7 +529,7 @@ fn temp_paths(dir: &Path, who: &str) -> String {
         .collect()
 }
 
-fn start_nginx(o: &Opts, cpu: &str) -> Result<Proxy> {
+fn start_nginx(o: &Opts, cpu: &str, nofile: u64) -> Result<Proxy> {
     let (h1, h2) = (18180, 18190);
     let d = o.out.display();
     let servers: String = UPSTREAM_PORTS
@@ -495,12 +542,13 @@ fn start_nginx(o: &Opts, cpu: &str) -> Result<Proxy> {
                     proxy_set_header X-Forwarded-Proto $scheme;\n            proxy_set_header X-Forwarded-Host $host;\n        }";
     let conf = format!(
         "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log warn;\n\
-         worker_rlimit_nofile 100000;\nevents {{ worker_connections 40000; }}\n\
+         worker_rlimit_nofile {nofile};\nevents {{ worker_connections {conns}; }}\n\
          http {{\n    access_log off;\n    keepalive_requests 10000000;\n    keepalive_timeout 300s;\n{temps}\
          \n    upstream be {{\n{servers}        keepalive 64;\n        keepalive_requests 10000000;\n    }}\n\
          \n    server {{\n        listen 127.0.0.1:{h1};\n        {location}\n    }}\n\
          \n    server {{\n        listen 127.0.0.1:{h2} http2;\n        {location}\n    }}\n}}\n",
         temps = temp_paths(&o.out, "nginx"),
+        conns = nofile.saturating_sub(100),
     );
     let path = o.out.join("nginx.conf");
     std::fs::write(&path, conf)?;
@@ -508,6 +556,8 @@ fn start_nginx(o: &Opts, cpu: &str) -> Result<Proxy> {
     let p = path.display().to_string();
     let proc = Proc::spawn("nginx", Some(NS), Some(cpu), &["nginx", "-c", &p], &log)?;
     Ok(Proxy {
+        kind: Kind::Nginx,
+        pins: None,
         name: "nginx",
         h1,
         h2,
@@ -516,7 +566,7 @@ fn start_nginx(o: &Opts, cpu: &str) -> Result<Proxy> {
     })
 }
 
-fn start_haproxy(o: &Opts, cpu: &str) -> Result<Proxy> {
+fn start_haproxy(o: &Opts, cpu: &str, nofile: u64) -> Result<Proxy> {
     let (h1, h2) = (18280, 18290);
     let servers: String = UPSTREAM_PORTS
         .iter()
@@ -524,11 +574,14 @@ fn start_haproxy(o: &Opts, cpu: &str) -> Result<Proxy> {
         .map(|(i, p)| format!("    server s{i} 127.0.0.1:{p}\n"))
         .collect();
     let conf = format!(
-        "global\n    nbthread 1\n    maxconn 40000\n\n\
+        "global\n    nbthread 1\n    maxconn {maxconn}\n    no strict-limits\n\n\
          defaults\n    mode http\n    timeout connect 5s\n    timeout client 300s\n    timeout server 300s\n    \
          timeout http-keep-alive 300s\n    option forwardfor\n\n\
          frontend fe\n    bind 127.0.0.1:{h1}\n    bind 127.0.0.1:{h2} proto h2\n    default_backend be\n\n\
-         backend be\n    balance roundrobin\n    http-reuse always\n{servers}"
+         backend be\n    balance roundrobin\n    http-reuse always\n{servers}",
+        // HAProxy reserves two descriptors per connection and, unless told `no strict-limits`,
+        // refuses to start below that; with pooled upstreams only the client side grows.
+        maxconn = nofile.saturating_sub(2000),
     );
     let path = o.out.join("haproxy.cfg");
     std::fs::write(&path, conf)?;
@@ -542,6 +595,8 @@ fn start_haproxy(o: &Opts, cpu: &str) -> Result<Proxy> {
         &log,
     )?;
     Ok(Proxy {
+        kind: Kind::Haproxy,
+        pins: None,
         name: "HAProxy",
         h1,
         h2,
@@ -550,20 +605,24 @@ fn start_haproxy(o: &Opts, cpu: &str) -> Result<Proxy> {
     })
 }
 
-fn start_lb(o: &Opts, cpu: &str) -> Result<Proxy> {
+fn start_lb(o: &Opts, cpu: &str, generation: u32) -> Result<Proxy> {
     let (h1, h2) = (18080, 18090);
+    let pins = PathBuf::from(format!(
+        "/sys/fs/bpf/lbb-l7-{}-{generation}",
+        std::process::id()
+    ));
     let backends: String = UPSTREAM_PORTS
         .iter()
         .map(|p| format!("\n[[vip.backend]]\naddress = \"127.0.0.1\"\nport = {p}\nweight = 1\n"))
         .collect();
     let conf = format!(
-        "[agent]\ninstance = \"lbb-l7\"\npin_root = \"/sys/fs/bpf/lbb-l7-{pid}\"\nstate_dir = \"{state}\"\n\n\
+        "[agent]\ninstance = \"lbb-l7\"\npin_root = \"{pins}\"\nstate_dir = \"{state}\"\n\n\
          [api]\nlisten = \"127.0.0.1:19090\"\ntoken = \"bench-token\"\n\n\
          [[vip]]\nname = \"web\"\naddress = \"127.0.0.1\"\nport = {h1}\nprotocol = \"tcp\"\nmode = \"local\"\n{backends}\n\
          [[entrypoint]]\nname = \"web\"\naddress = \"127.0.0.1:{h1}\"\n\n\
          [[entrypoint]]\nname = \"web2\"\naddress = \"127.0.0.1:{h2}\"\n\n\
          [[router]]\nname = \"all\"\nrule = \"PathPrefix(`/`)\"\nservice = \"web\"\n",
-        pid = std::process::id(),
+        pins = pins.display(),
         state = o.out.join("lb-state").display(),
     );
     let path = o.out.join("lb.toml");
@@ -580,6 +639,8 @@ fn start_lb(o: &Opts, cpu: &str) -> Result<Proxy> {
         &log,
     )?;
     Ok(Proxy {
+        kind: Kind::Lb,
+        pins: Some(pins),
         name: "lb",
         h1,
         h2,
@@ -591,8 +652,8 @@ fn start_lb(o: &Opts, cpu: &str) -> Result<Proxy> {
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.proc.stop();
-        if self.name == "lb" {
-            let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/lbb-l7-{}", std::process::id()));
+        if let Some(p) = self.pins.take() {
+            let _ = std::fs::remove_dir_all(p);
         }
     }
 }

@@ -230,20 +230,23 @@ pub fn pin_task(pid: i32, cpu: usize) -> Result<()> {
         .with_context(|| format!("pinning task {pid} to CPU {cpu}"))
 }
 
-/// Lets this process (and what it starts) hold `n` open files: 10,000 idle connections need it.
-pub fn raise_nofile(n: u64) -> Result<()> {
-    let lim = libc::rlimit {
-        rlim_cur: n,
-        rlim_max: n,
+/// Raises the soft open-files limit to the hard one (10,000 idle connections need it; processes
+/// started afterwards inherit it). Returns the limit now in force.
+pub fn raise_nofile() -> Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
     };
-    // SAFETY: a valid rlimit for RLIMIT_NOFILE.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
-        bail!(
-            "raising RLIMIT_NOFILE to {n}: {}",
-            std::io::Error::last_os_error()
-        );
+    // SAFETY: a valid rlimit to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        bail!("getrlimit: {}", std::io::Error::last_os_error());
     }
-    Ok(())
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: a valid rlimit for RLIMIT_NOFILE, not above the hard limit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        bail!("raising RLIMIT_NOFILE: {}", std::io::Error::last_os_error());
+    }
+    Ok(lim.rlim_cur)
 }
 
 /// Waits until `addr` accepts TCP connections from inside `ns` (bounded).
