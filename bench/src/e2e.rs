@@ -116,13 +116,20 @@ fn dev(prefix: &str, k: Kind) -> String {
     format!("lbb{prefix}-{}", k.code())
 }
 
+/// `ip -o link show` of a device in `ns` (nsenter does not remount /sys, so sysfs would show the
+/// host's devices): its MAC.
 fn mac_of(ns: &Netns, dev: &str) -> Result<[u8; 6]> {
-    let s = ns.exec(&format!("cat /sys/class/net/{dev}/address"))?;
-    let mut m = [0u8; 6];
-    let parts: Vec<&str> = s.trim().split(':').collect();
+    let s = ns.exec(&format!("ip -o link show dev {dev}"))?;
+    let text = s
+        .split("link/ether ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .with_context(|| format!("no MAC for {dev} in {s:?}"))?;
+    let parts: Vec<&str> = text.split(':').collect();
     if parts.len() != 6 {
-        bail!("bad MAC {s:?} for {dev}");
+        bail!("bad MAC {text:?} for {dev}");
     }
+    let mut m = [0u8; 6];
     for (i, p) in parts.iter().enumerate() {
         m[i] = u8::from_str_radix(p, 16)?;
     }
@@ -152,10 +159,11 @@ fn sysfs_write(ns: &Netns, path: &str, value: &str) -> Result<()> {
 }
 
 fn ifindex_in(ns: &Netns, dev: &str) -> Result<u32> {
-    let s = ns.exec(&format!("cat /sys/class/net/{dev}/ifindex"))?;
-    s.trim()
-        .parse()
-        .with_context(|| format!("ifindex of {dev}"))
+    let s = ns.exec(&format!("ip -o link show dev {dev}"))?;
+    s.split(':')
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .with_context(|| format!("ifindex of {dev} in {s:?}"))
 }
 
 fn build(kind: Kind, o: &Opts) -> Result<Contender> {
@@ -181,7 +189,7 @@ fn build(kind: Kind, o: &Opts) -> Result<Contender> {
     // receiver (frames injected with XDP_TX/REDIRECT need NAPI there), all up.
     for (ns, d) in [(&client, &cd), (&mid, &id), (&mid, &od), (&backend, &kd)] {
         ns.exec(&format!(
-            "ethtool -K {d} tx off >/dev/null && ethtool -K {d} gro on >/dev/null && ip link set {d} up"
+            "ip link set {d} up && ethtool -K {d} tx off >/dev/null && ethtool -K {d} gro off >/dev/null && ethtool -K {d} gro on >/dev/null"
         ))?;
     }
     client.exec(&format!(
@@ -554,8 +562,10 @@ fn conn_rate(ct: &Contender, cpus: Cpus, secs: f64) -> Result<ConnResult> {
                             set_linger0(s.as_raw_fd());
                             d.fetch_add(1, Ordering::Relaxed);
                         }
-                        Err(_) => {
-                            f.fetch_add(1, Ordering::Relaxed);
+                        Err(e) => {
+                            if f.fetch_add(1, Ordering::Relaxed) == 0 {
+                                eprintln!("lb-bench: e2e: first failed connect: {e}");
+                            }
                         }
                     }
                 }
@@ -605,7 +615,7 @@ pub fn run(o: &Opts) -> Result<Vec<Table>> {
         vec![
             col("connections/s", "", 0),
             col("balancer CPU", "µs/connection", 2),
-            col("failed", "", 0),
+            col("failed connects", "", 0),
         ],
     );
     for c in &all {
@@ -634,7 +644,7 @@ pub fn run(o: &Opts) -> Result<Vec<Table>> {
             let r = conn_rate(c, o.cpus, o.secs)?;
             let row = c.kind.label();
             conn_t.add(row, "connections/s", r.rate);
-            conn_t.add(row, "failed", r.failed as f64);
+            conn_t.add(row, "failed connects", r.failed as f64);
             if let Some(us) = r.us_per_conn {
                 conn_t.add(row, "balancer CPU", us);
             }
@@ -656,7 +666,7 @@ pub fn run(o: &Opts) -> Result<Vec<Table>> {
         o.rounds, o.secs, o.cpus.load, o.cpus.work
     ));
     conn_t.note(format!(
-        "{CONN_THREADS} client threads connect to the VIP in a loop; the backend accepts and resets \
+        "{CONN_THREADS} client threads connect to the VIP in a loop (1 s connect timeout); the backend accepts and resets \
          (SO_LINGER 0: no TIME_WAIT); replies return through the balancer (lb: its NAT reverse path; \
          nftables: conntrack). Client and backend on CPU {}, the balancer's NAPI threads on CPU {}. \
          The floor does not translate addresses, so it has no connection rate.",
