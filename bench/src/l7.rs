@@ -171,7 +171,7 @@ pub fn run(o: &Opts) -> Result<Vec<Table>> {
     t.note(format!(
         "{} rounds × {} s per tool and proxy, interleaved. wrk -t1 -c{CONNS}; h2load -t1 -c{CONNS} \
          -m{H2_STREAMS} (h2c prior knowledge). Proxy pinned to CPU {}, one worker/thread \
-         (lb: a tokio runtime on that one CPU; nginx worker_processes 1; HAProxy nbthread 1); \
+         (lb: a tokio runtime on that one CPU; nginx: one process, no master; HAProxy nbthread 1); \
          load generator and backend on CPU {}. One route, 4 keep-alive upstreams (127.0.0.1:18081–18084) \
          on one backend nginx, round robin, X-Forwarded-For added. CPU: scheduler run time of \
          the proxy's processes ÷ wall time; RSS after the run.",
@@ -509,7 +509,7 @@ fn backend_nginx(dir: &Path) -> String {
         .map(|p| format!("        listen 127.0.0.1:{p} reuseport;\n"))
         .collect();
     format!(
-        "worker_processes 1;\ndaemon off;\npid {d}/backend.pid;\nerror_log {d}/backend-error.log warn;\n\
+        "worker_processes 1;\nmaster_process off;\ndaemon off;\npid {d}/backend.pid;\nerror_log {d}/backend-error.log warn;\n\
          worker_rlimit_nofile 8192;\nevents {{ worker_connections 8192; }}\n\
          http {{\n    access_log off;\n    keepalive_requests 10000000;\n    keepalive_timeout 300s;\n\
          {temps}\n    server {{\n{listens}        location / {{ return 200 \"hello from the backend\\n\"; }}\n    }}\n}}\n",
@@ -541,7 +541,7 @@ fn start_nginx(o: &Opts, cpu: &str, nofile: u64) -> Result<Proxy> {
                     proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n            \
                     proxy_set_header X-Forwarded-Proto $scheme;\n            proxy_set_header X-Forwarded-Host $host;\n        }";
     let conf = format!(
-        "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log warn;\n\
+        "worker_processes 1;\nmaster_process off;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log warn;\n\
          worker_rlimit_nofile {nofile};\nevents {{ worker_connections {conns}; }}\n\
          http {{\n    access_log off;\n    keepalive_requests 10000000;\n    keepalive_timeout 300s;\n{temps}\
          \n    upstream be {{\n{servers}        keepalive 64;\n        keepalive_requests 10000000;\n    }}\n\
