@@ -5,6 +5,7 @@
 //! [`LAYOUT_VERSION`] (it is part of the pin path, so an agent never reuses maps of another layout).
 #![no_std]
 
+pub mod bench;
 pub mod csum;
 pub mod hash;
 

@@ -30,6 +30,11 @@ pub static LB_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"
 pub static DECAP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-decap"));
 /// A program that only returns `XDP_PASS`: veth peers need one for `XDP_TX` frames to arrive.
 pub static PASS_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-pass"));
+/// `cargo xtask bench`: the floor programs (MAC swap + `XDP_TX`, bare redirect, counting sink).
+pub static FLOOR_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-floor"));
+/// `cargo xtask bench`: restores a frame and tail-calls the program under test; live-frames generator.
+pub static HARNESS_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-harness"));
 
 /// Sizes fixed when the maps are created. They cannot change under pinned maps: a different
 /// value for an existing pin set is refused (run `lb detach` to recreate).
@@ -204,6 +209,15 @@ impl Dataplane {
     /// ([`forward_kernel_logs`]).
     pub fn take_kernel_logs(&mut self) -> Option<KernelLogs> {
         self.kernel_logs.take()
+    }
+
+    /// The loaded balancer program: the benchmark harness tail-calls it through a program array.
+    pub fn program(&self) -> Result<&Xdp> {
+        Ok(self
+            .ebpf
+            .program("lb")
+            .ok_or_else(|| anyhow!("program lb missing"))?
+            .try_into()?)
     }
 
     pub fn limits(&self) -> &Limits {

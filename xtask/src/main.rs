@@ -1,4 +1,4 @@
-//! `cargo xtask build|run|test|demo`: the project's only entry points.
+//! `cargo xtask build|run|test|demo|bench`: the project's only entry points.
 //!
 //! Everything a fresh machine lacks for the eBPF build is installed here, with a message, and
 //! everything that cannot be had fails with a clear error: the pinned nightly with `rust-src`, and
@@ -13,6 +13,8 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
+
+mod bench;
 
 /// Must match `EBPF_TOOLCHAIN` in lb-userspace/build.rs.
 const EBPF_TOOLCHAIN: &str = "nightly-2026-05-20";
@@ -41,6 +43,16 @@ enum Cmd {
         #[arg(long)]
         check: bool,
     },
+    /// Benchmarks (XDP ns/packet, L7 vs nginx/HAProxy, control plane, end to end vs nftables):
+    /// prints the tables, writes target/bench/{bench.json,BENCHMARKS.md}. Installs its tools.
+    Bench {
+        /// Fewer rounds and shorter runs (a few minutes).
+        #[arg(long)]
+        quick: bool,
+        /// Only these sections, comma-separated: xdp, l7, control, e2e.
+        #[arg(long)]
+        only: Option<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -58,6 +70,7 @@ fn main() -> Result<()> {
         Cmd::Run { config: None } => demo(false),
         Cmd::Demo { check } => demo(check),
         Cmd::Test => test(),
+        Cmd::Bench { quick, only } => bench::bench(quick, only),
     }
 }
 
