@@ -373,36 +373,17 @@ pub fn translate(doc: &Value) -> R<Translated> {
     if let Some((p, tls)) = top.take("tls") {
         let mut tls = Obj::new(tls, &p)?;
         for mut c in tls.tables("certificates")? {
-            let cp = c.path.clone();
-            let cert = c.string("certfile")?;
-            let key = c.string("keyfile")?;
             let _stores = c.take("stores");
-            c.rest(&mut out.unsupported);
-            let (Some(cert), Some(key)) = (cert, key) else {
-                return fail(&cp, "certFile and keyFile are required");
-            };
-            out.dynamic.certificates.push(CertSpec {
-                cert_file: PathBuf::from(cert),
-                key_file: PathBuf::from(key),
-                default: false,
-            });
+            let cert = cert_pair(c, false, &mut out.unsupported)?;
+            out.dynamic.certificates.push(cert);
         }
         if let Some((p, stores)) = tls.take("stores") {
             let mut stores = Obj::new(stores, &p)?;
             if let Some((p, default)) = stores.take("default") {
                 let mut d = Obj::new(default, &p)?;
                 if let Some((p, dc)) = d.take("defaultcertificate") {
-                    let mut dc = Obj::new(dc, &p)?;
-                    let (cert, key) = (dc.string("certfile")?, dc.string("keyfile")?);
-                    dc.rest(&mut out.unsupported);
-                    let (Some(cert), Some(key)) = (cert, key) else {
-                        return fail(&p, "certFile and keyFile are required");
-                    };
-                    out.dynamic.certificates.push(CertSpec {
-                        cert_file: PathBuf::from(cert),
-                        key_file: PathBuf::from(key),
-                        default: true,
-                    });
+                    let cert = cert_pair(Obj::new(dc, &p)?, true, &mut out.unsupported)?;
+                    out.dynamic.certificates.push(cert);
                 }
                 d.rest(&mut out.unsupported);
             }
@@ -517,6 +498,21 @@ fn tcp_section(v: &Value, path: &str, out: &mut Translated) -> R<()> {
     }
     tcp.rest(&mut out.unsupported);
     Ok(())
+}
+
+/// A `{certFile, keyFile}` table as a certificate to serve.
+fn cert_pair(mut c: Obj<'_>, default: bool, unsupported: &mut Vec<String>) -> R<CertSpec> {
+    let (cert, key) = (c.string("certfile")?, c.string("keyfile")?);
+    let path = c.path.clone();
+    c.rest(unsupported);
+    let (Some(cert), Some(key)) = (cert, key) else {
+        return fail(&path, "certFile and keyFile are required");
+    };
+    Ok(CertSpec {
+        cert_file: PathBuf::from(cert),
+        key_file: PathBuf::from(key),
+        default,
+    })
 }
 
 fn servers_transports(

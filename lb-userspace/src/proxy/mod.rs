@@ -164,6 +164,32 @@ struct Route {
     obs: crate::metrics::RouteObs,
 }
 
+/// Routes listed under each entry point they serve (every one when they name none), highest
+/// priority first; ties by name, so the order never depends on config order. HTTP and TCP routes
+/// alike; `key` gives a route's entry points, priority and name.
+pub(crate) fn per_entrypoint<R>(
+    entrypoints: &[EntryPointSpec],
+    routes: Vec<Arc<R>>,
+    key: impl Fn(&R) -> (&[String], i64, &str),
+) -> HashMap<String, Vec<Arc<R>>> {
+    let mut out: HashMap<String, Vec<Arc<R>>> = HashMap::new();
+    for r in routes {
+        let (serves, _, _) = key(&r);
+        for ep in entrypoints {
+            if serves.is_empty() || serves.contains(&ep.name) {
+                out.entry(ep.name.clone()).or_default().push(r.clone());
+            }
+        }
+    }
+    for list in out.values_mut() {
+        list.sort_by(|a, b| {
+            let ((_, pa, na), (_, pb, nb)) = (key(a), key(b));
+            pb.cmp(&pa).then_with(|| na.cmp(nb))
+        });
+    }
+    out
+}
+
 /// A service as the table holds it: its upstreams, settings and the client that reaches them.
 struct Svc {
     pool: Arc<Pool>,
@@ -193,7 +219,7 @@ impl Table {
             middlewares,
             tcp_routers,
         } = conf;
-        let mut routes: HashMap<String, Vec<Arc<Route>>> = HashMap::new();
+        let mut built = Vec::new();
         for r in routers {
             let chain = r
                 .middlewares
@@ -207,29 +233,16 @@ impl Table {
                 &r.service,
                 entrypoints.iter().filter(serves).map(|ep| ep.name.as_str()),
             );
-            let route = Arc::new(Route {
+            built.push(Arc::new(Route {
                 spec: r.clone(),
                 priority: r.priority.unwrap_or(r.rule.default_priority),
                 chain,
                 obs,
-            });
-            for ep in entrypoints {
-                if r.entrypoints.is_empty() || r.entrypoints.contains(&ep.name) {
-                    routes
-                        .entry(ep.name.clone())
-                        .or_default()
-                        .push(route.clone());
-                }
-            }
+            }));
         }
-        for list in routes.values_mut() {
-            // Higher priority first; ties by name, so the order never depends on config order.
-            list.sort_by(|a, b| {
-                b.priority
-                    .cmp(&a.priority)
-                    .then_with(|| a.spec.name.cmp(&b.spec.name))
-            });
-        }
+        let routes = per_entrypoint(entrypoints, built, |r: &Route| {
+            (&r.spec.entrypoints[..], r.priority, r.spec.name.as_str())
+        });
         let mut pools = HashMap::new();
         // HTTP and TCP routers of one service share its pool (and its upstreams' health).
         let mirrors = specs

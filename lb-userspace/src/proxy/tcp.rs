@@ -115,28 +115,18 @@ pub(super) struct Routes(HashMap<String, Vec<Arc<TcpRoute>>>);
 
 impl Routes {
     pub(super) fn build(entrypoints: &[EntryPointSpec], routers: &[TcpRouterSpec]) -> Routes {
-        let mut by_ep: HashMap<String, Vec<Arc<TcpRoute>>> = HashMap::new();
-        for r in routers {
-            let route = Arc::new(TcpRoute {
-                spec: r.clone(),
-                priority: r.priority.unwrap_or(r.rule.default_priority),
-            });
-            for ep in entrypoints {
-                if r.entrypoints.is_empty() || r.entrypoints.contains(&ep.name) {
-                    by_ep
-                        .entry(ep.name.clone())
-                        .or_default()
-                        .push(route.clone());
-                }
-            }
-        }
-        for list in by_ep.values_mut() {
-            list.sort_by(|a, b| {
-                b.priority
-                    .cmp(&a.priority)
-                    .then_with(|| a.spec.name.cmp(&b.spec.name))
-            });
-        }
+        let built = routers
+            .iter()
+            .map(|r| {
+                Arc::new(TcpRoute {
+                    spec: r.clone(),
+                    priority: r.priority.unwrap_or(r.rule.default_priority),
+                })
+            })
+            .collect();
+        let by_ep = super::per_entrypoint(entrypoints, built, |r: &TcpRoute| {
+            (&r.spec.entrypoints[..], r.priority, r.spec.name.as_str())
+        });
         Routes(by_ep)
     }
 }
