@@ -47,6 +47,28 @@ pub mod family {
     pub const V6: u8 = 6;
 }
 
+/// Filters that spare a packet which is not for a VIP the lookups only VIP traffic needs. The
+/// agent keeps them conservative (a set bit costs a lookup, a missing one loses a reply), the
+/// program only reads them.
+pub mod gate {
+    /// `NAT_PORTS` words: bit `p % 64` of word `p / 64` is set when a NAT backend may answer
+    /// from source port `p`, so only such packets look for a NAT reply in `NAT_REVERSE`.
+    pub const NAT_PORT_WORDS: u32 = 65_536 / 64;
+    /// `WILDCARD` entries, by IP protocol number: non-zero when a VIP of that protocol takes
+    /// every port (port 0), so only then does a packet that missed its exact VIP look further.
+    pub const PROTOCOLS: u32 = 256;
+    /// `VIP_ADDRS` words: bit [`addr_bit`] is set for every VIP address, so a packet whose
+    /// destination's bit is clear is not for a VIP without a hash lookup.
+    pub const VIP_ADDR_WORDS: u32 = 65_536 / 64;
+
+    /// A 16-bit fold of an address as the maps store it (IPv4 in `addr[0]`, the rest zero).
+    #[inline(always)]
+    pub fn addr_bit(addr: &[u32; 4]) -> u32 {
+        let x = addr[0] ^ addr[1] ^ addr[2] ^ addr[3];
+        (x ^ (x >> 16)) & 0xffff
+    }
+}
+
 /// IP protocol numbers the data path understands.
 pub mod proto {
     pub const TCP: u8 = 6;
@@ -117,8 +139,8 @@ pub struct FlowKey {
 pub struct Flow {
     pub backend_id: u32,
     pub _pad: u32,
-    /// `bpf_ktime_get_ns` of the last packet, refreshed for UDP only (UDP flows age out; TCP flows
-    /// live until the LRU evicts them or their backend stops being usable).
+    /// `bpf_ktime_get_ns` of the last packet, for UDP only (UDP flows age out; TCP flows live
+    /// until the LRU evicts them or their backend stops being usable, and hold 0 here).
     pub last_seen_ns: u64,
 }
 

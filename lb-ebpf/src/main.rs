@@ -17,7 +17,7 @@ use core::mem::size_of;
 use aya_ebpf::{
     bindings::{
         bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST,
     },
     helpers::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect},
     macros::{map, xdp},
@@ -26,7 +26,7 @@ use aya_ebpf::{
     Global,
 };
 use lb_common::{
-    backend_flags, csum, hash::flow_hash, mode, proto, Backend, Counters, Flow, FlowKey,
+    backend_flags, csum, gate, hash::flow_hash, mode, proto, Backend, Counters, Flow, FlowKey,
     NatReverse, Reason, VipKey, VipMeta, BACKEND_NONE, DEFAULT_RING_SIZE, REASON_COUNT,
 };
 
@@ -64,6 +64,12 @@ static RINGS: Array<u32> = Array::pinned(2 * 512 * DEFAULT_RING_SIZE, 0);
 static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(65_536, 0);
 #[map]
 static NAT_REVERSE: LruHashMap<FlowKey, NatReverse> = LruHashMap::pinned(65_536, 0);
+#[map]
+static NAT_PORTS: Array<u64> = Array::pinned(gate::NAT_PORT_WORDS, 0);
+#[map]
+static WILDCARD: Array<u32> = Array::pinned(gate::PROTOCOLS, 0);
+#[map]
+static VIP_ADDRS: Array<u64> = Array::pinned(gate::VIP_ADDR_WORDS, 0);
 #[map]
 static STATS_VIP: PerCpuArray<Counters> = PerCpuArray::pinned(512, 0);
 #[map]
@@ -126,6 +132,8 @@ struct Ports {
 }
 
 const TCP_HDR_LEN: usize = 20;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 const UDP_HDR_LEN: usize = 8;
 
 /// Bounds-checked pointer into the frame: the only way this program reads packet memory.
@@ -215,6 +223,8 @@ struct L4 {
     /// Null for a fragment (ports not present or not trusted).
     check: *mut u16,
     udp: bool,
+    /// A TCP SYN without ACK: the first packet of a connection, which needs no flow lookup.
+    syn: bool,
 }
 
 /// Parses TCP/UDP at `off`; `None` means truncated.
@@ -222,10 +232,13 @@ struct L4 {
 fn parse_l4(ctx: &XdpContext, off: usize, l4_proto: u8) -> Option<L4> {
     if l4_proto == proto::TCP {
         let ports = ptr_with_len::<Ports>(ctx, off, TCP_HDR_LEN)?;
+        // SAFETY: byte 13 (the flags) lies inside the TCP_HDR_LEN bytes just checked.
+        let flags = unsafe { *((ports as usize + 13) as *const u8) };
         Some(L4 {
             ports,
             check: (ports as usize + 16) as *mut u16,
             udp: false,
+            syn: flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
         })
     } else {
         let ports = ptr_with_len::<Ports>(ctx, off, UDP_HDR_LEN)?;
@@ -233,6 +246,7 @@ fn parse_l4(ctx: &XdpContext, off: usize, l4_proto: u8) -> Option<L4> {
             ports,
             check: (ports as usize + 6) as *mut u16,
             udp: true,
+            syn: false,
         })
     }
 }
@@ -240,6 +254,15 @@ fn parse_l4(ctx: &XdpContext, off: usize, l4_proto: u8) -> Option<L4> {
 /// VIP lookup: exact (address, port, protocol) first, then the port-0 wildcard.
 #[inline(always)]
 fn find_vip(addr: [u32; 4], port: u16, l4_proto: u8) -> Option<VipMeta> {
+    // Array reads the JIT inlines, where a hash lookup would hash the key and walk a bucket:
+    // most packets on a balancer's host that are not for a VIP stop at the first.
+    let bit = gate::addr_bit(&addr);
+    if VIP_ADDRS
+        .get(bit / 64)
+        .is_some_and(|w| *w & (1u64 << (bit % 64)) == 0)
+    {
+        return None;
+    }
     let mut key = VipKey {
         addr,
         port,
@@ -251,6 +274,9 @@ fn find_vip(addr: [u32; 4], port: u16, l4_proto: u8) -> Option<VipMeta> {
         if let Some(v) = unsafe { VIPS.get(&key) } {
             return Some(*v);
         }
+    }
+    if WILDCARD.get(l4_proto as u32).is_some_and(|w| *w == 0) {
+        return None;
     }
     key.port = 0;
     unsafe { VIPS.get(&key) }.copied()
@@ -278,33 +304,91 @@ impl Pick {
 /// A tracked flow stays on its backend while the backend is usable (up or draining), so adding or
 /// removing other backends never moves it; a flow whose backend was removed is re-picked here.
 /// `track` false only looks (ICMP errors about a flow must not create or refresh it).
+///
+/// A TCP SYN (`syn`) nearly always opens a connection, so it skips the lookup and goes straight
+/// to Maglev, inserting only if the flow is absent: one hash-table operation on the new-connection
+/// path instead of two. A retransmitted SYN finds its entry that way and keeps its backend, exactly
+/// as a lookup would have. Only UDP reads the clock: it is the only protocol whose flows age.
 #[inline(always)]
-fn pick_backend(vip: &VipMeta, key: &FlowKey, udp: bool, track: bool) -> Result<Pick, Reason> {
-    let now = unsafe { bpf_ktime_get_ns() };
-    if let Some(flow) = FLOWS.get_ptr_mut(key) {
-        // SAFETY: LRU value pointer; a concurrent update replaces the whole 16 bytes at worst.
-        let id = unsafe { (*flow).backend_id };
-        if let Some(b) = BACKENDS.get(id) {
-            let fresh =
-                !udp || now.wrapping_sub(unsafe { (*flow).last_seen_ns }) < UDP_TIMEOUT_NS.load();
-            // A backend id the agent gave to another VIP's backend since is not this flow's.
-            if id != BACKEND_NONE
-                && b.flags & backend_flags::USABLE != 0
-                && b.vip_id == vip.id
-                && fresh
-            {
-                if udp && track {
-                    unsafe { (*flow).last_seen_ns = now };
-                }
-                return Ok(Pick {
-                    id,
-                    backend: *b,
-                    new_flow: false,
-                    hash: None,
-                });
-            }
+fn pick_backend(
+    vip: &VipMeta,
+    key: &FlowKey,
+    udp: bool,
+    syn: bool,
+    track: bool,
+) -> Result<Pick, Reason> {
+    let now = if udp {
+        unsafe { bpf_ktime_get_ns() }
+    } else {
+        0
+    };
+    if !syn {
+        if let Some(p) = tracked(vip, key, udp, track, now) {
+            return Ok(p);
         }
     }
+    let (id, backend, hash) = match maglev(vip, key) {
+        Ok(x) => x,
+        Err(r) => {
+            // A retransmitted SYN of a flow on a draining backend, the table empty of others.
+            if syn {
+                if let Some(p) = tracked(vip, key, udp, track, now) {
+                    return Ok(p);
+                }
+            }
+            return Err(r);
+        }
+    };
+    let flow = Flow {
+        backend_id: id,
+        _pad: 0,
+        last_seen_ns: now,
+    };
+    // A full LRU evicts; a failed insert only costs a Maglev lookup on the next packet.
+    if track {
+        if !syn || FLOWS.insert(key, &flow, BPF_NOEXIST as u64).is_err() {
+            if syn {
+                if let Some(p) = tracked(vip, key, udp, track, now) {
+                    return Ok(p);
+                }
+            }
+            let _ = FLOWS.insert(key, &flow, 0);
+        }
+    }
+    Ok(Pick {
+        id,
+        backend,
+        new_flow: true,
+        hash: Some(hash),
+    })
+}
+
+/// The flow's tracked backend, if it may still take the flow.
+#[inline(always)]
+fn tracked(vip: &VipMeta, key: &FlowKey, udp: bool, track: bool, now: u64) -> Option<Pick> {
+    let flow = FLOWS.get_ptr_mut(key)?;
+    // SAFETY: LRU value pointer; a concurrent update replaces the whole 16 bytes at worst.
+    let id = unsafe { (*flow).backend_id };
+    let b = BACKENDS.get(id)?;
+    let fresh = !udp || now.wrapping_sub(unsafe { (*flow).last_seen_ns }) < UDP_TIMEOUT_NS.load();
+    // A backend id the agent gave to another VIP's backend since is not this flow's.
+    if id == BACKEND_NONE || b.flags & backend_flags::USABLE == 0 || b.vip_id != vip.id || !fresh {
+        return None;
+    }
+    if udp && track {
+        unsafe { (*flow).last_seen_ns = now };
+    }
+    Some(Pick {
+        id,
+        backend: *b,
+        new_flow: false,
+        hash: None,
+    })
+}
+
+/// The VIP's live Maglev table's pick for the flow: (backend id, its entry, the flow hash).
+#[inline(always)]
+fn maglev(vip: &VipMeta, key: &FlowKey) -> Result<(u32, Backend, u32), Reason> {
     let m = RING_SIZE.load();
     if m == 0 {
         return Err(Reason::DropBadMaps);
@@ -328,21 +412,7 @@ fn pick_backend(vip: &VipMeta, key: &FlowKey, udp: bool, track: bool) -> Result<
     if b.flags & backend_flags::USABLE == 0 {
         return Err(Reason::DropNoBackend);
     }
-    let flow = Flow {
-        backend_id: id,
-        _pad: 0,
-        last_seen_ns: now,
-    };
-    // A full LRU evicts; a failed insert only costs a Maglev lookup on the next packet.
-    if track {
-        let _ = FLOWS.insert(key, &flow, 0);
-    }
-    Ok(Pick {
-        id,
-        backend: *b,
-        new_flow: true,
-        hash: Some(hash),
-    })
+    Ok((id, *b, hash))
 }
 
 /// DSR: the backend holds the VIP itself; only the L2 destination changes.
@@ -610,7 +680,7 @@ fn quoted_flow(
     if vip.mode == mode::LOCAL {
         return Err((PASS, Reason::PassLocal));
     }
-    match pick_backend(&vip, &key, l4_proto == proto::UDP, false) {
+    match pick_backend(&vip, &key, l4_proto == proto::UDP, false, false) {
         Ok(p) => Ok((key, vip, p)),
         Err(r) => Err(drop_for(r)),
     }
@@ -879,7 +949,7 @@ fn process_v4(ctx: &XdpContext, l3: usize) -> Verdict {
     if vip.mode == mode::NAT && unsafe { (*ip).ttl } <= 1 {
         return (PASS, Reason::PassTtl);
     }
-    let pick = match pick_backend(&vip, &key, l4.udp, true) {
+    let pick = match pick_backend(&vip, &key, l4.udp, l4.syn, true) {
         Ok(p) => p,
         Err(reason) => return drop_for(reason),
     };
@@ -924,7 +994,7 @@ fn account(ctx: &XdpContext, vip: &VipMeta, pick: &Pick) {
 fn steer_fragment(ctx: &XdpContext, vip: &VipMeta, key: &FlowKey) -> Verdict {
     match vip.mode {
         mode::DSR => {
-            let pick = match pick_backend(vip, key, true, true) {
+            let pick = match pick_backend(vip, key, true, false, true) {
                 Ok(p) => p,
                 Err(reason) => return drop_for(reason),
             };
@@ -992,9 +1062,22 @@ fn nat_forward_v4(
     }
 }
 
+/// Whether a packet from `sport` (network order) may be a NAT backend's reply: most traffic
+/// that is not for a VIP is not, and skips the `NAT_REVERSE` lookup.
+#[inline(always)]
+fn maybe_nat_reply(sport: u16) -> bool {
+    let port = u16::from_be(sport) as u32;
+    NAT_PORTS
+        .get(port / 64)
+        .is_none_or(|w| *w & (1u64 << (port % 64)) != 0)
+}
+
 /// Replies from a NAT backend: source back to the VIP, then forwarded to the client.
 #[inline(always)]
 fn nat_reply_v4(ctx: &XdpContext, ip: *mut Ipv4Hdr, l4: &L4, key: &FlowKey) -> Verdict {
+    if !maybe_nat_reply(key.sport) {
+        return (PASS, Reason::PassNotVip);
+    }
     // SAFETY: copied out at once.
     let Some(rev) = (unsafe { NAT_REVERSE.get(key) }).copied() else {
         return (PASS, Reason::PassNotVip);
@@ -1086,7 +1169,7 @@ fn process_v6(ctx: &XdpContext, l3: usize) -> Verdict {
     if vip.mode == mode::NAT && unsafe { (*ip).hop_limit } <= 1 {
         return (PASS, Reason::PassTtl);
     }
-    let pick = match pick_backend(&vip, &key, l4.udp, true) {
+    let pick = match pick_backend(&vip, &key, l4.udp, l4.syn, true) {
         Ok(p) => p,
         Err(reason) => return drop_for(reason),
     };
@@ -1146,6 +1229,9 @@ fn nat_forward_v6(
 
 #[inline(always)]
 fn nat_reply_v6(ctx: &XdpContext, ip: *mut Ipv6Hdr, l4: &L4, key: &FlowKey) -> Verdict {
+    if !maybe_nat_reply(key.sport) {
+        return (PASS, Reason::PassNotVip);
+    }
     // SAFETY: copied out at once.
     let Some(rev) = (unsafe { NAT_REVERSE.get(key) }).copied() else {
         return (PASS, Reason::PassNotVip);

@@ -18,7 +18,7 @@ use tracing::{info, warn};
 
 use crate::{
     config::{Mac, Mode, Protocol, VipSpec},
-    dataplane::Dataplane,
+    dataplane::{Dataplane, Gates},
     maglev::{Member, Table},
     neighbor,
     registry::InstanceKey,
@@ -143,6 +143,16 @@ pub struct Balancer {
     rebuilds: BTreeMap<String, u64>,
 }
 
+/// The source port a NAT backend answers from: its own, or the VIP's when it keeps the client's
+/// (0, from a port-0 VIP: any).
+fn nat_reply_port(key: &InstanceKey, vip: &VipSpec) -> u16 {
+    if key.port != 0 {
+        key.port
+    } else {
+        vip.port
+    }
+}
+
 fn vip_key(spec: &VipSpec) -> VipKey {
     VipKey {
         addr: addr_words(spec.address),
@@ -219,6 +229,9 @@ impl Balancer {
             slot_counts: BTreeMap::new(),
             rebuilds: BTreeMap::new(),
         };
+        // The program may be running on these maps (a reload): every lookup stays on until the
+        // VIPs are in, then the gates close to what they need.
+        bal.dp.set_gates(&Gates::open())?;
         for spec in vips {
             let adopted = existing
                 .iter()
@@ -226,6 +239,8 @@ impl Balancer {
                 .map(|(_, m)| *m);
             bal.add_vip(spec.clone(), adopted)?;
         }
+        let gates = bal.gates();
+        bal.dp.set_gates(&gates)?;
         if !bal.adoptable.is_empty() {
             info!(
                 backends = bal.adoptable.len(),
@@ -275,7 +290,33 @@ impl Balancer {
             self.dp.set_backend(id, &Backend::default())?;
             self.backend_ids.give_back(id);
         }
+        let gates = self.gates();
+        self.dp.set_gates(&gates)?;
         Ok(())
+    }
+
+    /// The gates the VIPs and their backends need, adoptable ones included (a previous agent's
+    /// flows to them may still be answered).
+    fn gates(&self) -> Gates {
+        let mut g = Gates::default();
+        for vip in self.vips.values() {
+            g.vip_addr(&addr_words(vip.spec.address));
+            if vip.spec.port == 0 {
+                g.wildcard(vip.spec.protocol.number());
+            }
+            if vip.spec.mode != Mode::Nat {
+                continue;
+            }
+            let adopted = self
+                .adoptable
+                .keys()
+                .filter(|(id, _)| *id == vip.id)
+                .map(|(_, k)| k);
+            for key in vip.backends.keys().chain(adopted) {
+                g.nat_port(nat_reply_port(key, &vip.spec));
+            }
+        }
+        g
     }
 
     /// Maglev tables published per VIP since this agent started.
@@ -292,12 +333,26 @@ impl Balancer {
     /// The table is rebuilt only when the set of active backends or their weights changed.
     /// Returns the number of map writes.
     pub fn apply(&mut self, vip_name: &str, desired: &[Desired]) -> Result<usize> {
+        let spec = &self
+            .vips
+            .get(vip_name)
+            .ok_or_else(|| anyhow!("no VIP {vip_name}"))?
+            .spec;
+        let mut writes = 0;
+        // Replies from a new NAT backend may come back as soon as its entry is written: open the
+        // gate first (and close what is no longer needed once the change is done, below).
+        if spec.mode == Mode::Nat {
+            let mut gates = self.gates();
+            for d in desired {
+                gates.nat_port(nat_reply_port(&d.key, spec));
+            }
+            writes += self.dp.set_gates(&gates)?;
+        }
         let vip = self
             .vips
             .get_mut(vip_name)
             .ok_or_else(|| anyhow!("no VIP {vip_name}"))?;
         let (vip_id, mode) = (vip.id, vip.spec.mode);
-        let mut writes = 0;
         let mut table_changed = false;
         let want: BTreeMap<InstanceKey, &Desired> = desired.iter().map(|d| (d.key, d)).collect();
         let gone: Vec<InstanceKey> = vip
@@ -391,6 +446,10 @@ impl Balancer {
             self.slot_counts.remove(&b.id);
             self.backend_ids.give_back(b.id);
             writes += 1;
+        }
+        if mode == Mode::Nat {
+            let gates = self.gates();
+            writes += self.dp.set_gates(&gates)?;
         }
         Ok(writes)
     }

@@ -19,7 +19,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    Backend, Counters, Flow, FlowKey, NatReverse, Reason, VipKey, VipMeta, LAYOUT_VERSION,
+    gate, Backend, Counters, Flow, FlowKey, NatReverse, Reason, VipKey, VipMeta, LAYOUT_VERSION,
     REASON_COUNT,
 };
 use tracing::{info, warn};
@@ -73,12 +73,67 @@ pub struct Dataplane {
     stats_vip: PerCpuArray<MapData, Counters>,
     stats_backend: PerCpuArray<MapData, Counters>,
     stats_reason: PerCpuArray<MapData, u64>,
+    nat_ports: Array<MapData, u64>,
+    wildcard: Array<MapData, u32>,
+    vip_addrs: Array<MapData, u64>,
+    /// What the gate maps hold, once this agent has written them.
+    gates: Option<Gates>,
     /// What each (vip id, slot) half of RINGS holds, so a rebuild writes only the slots that change.
     written: StdHashMap<(u32, u8), Vec<u32>>,
     /// RINGS was created by this load (not adopted from pins): every half is known to be zeros.
     fresh_rings: bool,
     /// `debug`: the program's aya-log messages, for the agent to forward.
     kernel_logs: Option<KernelLogs>,
+}
+
+/// What lets a packet that is not for a VIP skip lookups ([`lb_common::gate`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Gates {
+    pub nat_ports: Vec<u64>,
+    pub wildcard: Vec<u32>,
+    pub vip_addrs: Vec<u64>,
+}
+
+impl Default for Gates {
+    fn default() -> Self {
+        Gates {
+            nat_ports: vec![0; gate::NAT_PORT_WORDS as usize],
+            wildcard: vec![0; gate::PROTOCOLS as usize],
+            vip_addrs: vec![0; gate::VIP_ADDR_WORDS as usize],
+        }
+    }
+}
+
+impl Gates {
+    /// Every gate open: the program looks everything up, as if there were no gates.
+    pub fn open() -> Self {
+        Gates {
+            nat_ports: vec![u64::MAX; gate::NAT_PORT_WORDS as usize],
+            wildcard: vec![1; gate::PROTOCOLS as usize],
+            vip_addrs: vec![u64::MAX; gate::VIP_ADDR_WORDS as usize],
+        }
+    }
+
+    /// A NAT backend may answer from `port`; 0 means any port (a port-0 VIP whose backends keep
+    /// the client's destination port).
+    pub fn nat_port(&mut self, port: u16) {
+        if port == 0 {
+            self.nat_ports.fill(u64::MAX);
+        } else {
+            self.nat_ports[port as usize / 64] |= 1 << (port % 64);
+        }
+    }
+
+    /// A VIP of protocol `proto` takes every port.
+    pub fn wildcard(&mut self, proto: u8) {
+        self.wildcard[proto as usize] = 1;
+    }
+
+    /// A VIP's address, as the maps store it.
+    pub fn vip_addr(&mut self, addr: &[u32; 4]) {
+        let bit = gate::addr_bit(addr) as usize;
+        self.vip_addrs[bit / 64] |= 1 << (bit % 64);
+    }
 }
 
 /// The reader of the program's log ring buffer (aya-log), writing to the `log` facade.
@@ -182,6 +237,10 @@ impl Dataplane {
             stats_vip: take(&mut ebpf, "STATS_VIP")?,
             stats_backend: take(&mut ebpf, "STATS_BACKEND")?,
             stats_reason: take(&mut ebpf, "STATS_REASON")?,
+            nat_ports: take(&mut ebpf, "NAT_PORTS")?,
+            wildcard: take(&mut ebpf, "WILDCARD")?,
+            vip_addrs: take(&mut ebpf, "VIP_ADDRS")?,
+            gates: None,
             ebpf,
             dir,
             limits: limits.clone(),
@@ -374,6 +433,39 @@ impl Dataplane {
             }
         }
         self.written.insert((vip_id, slot & 1), table.to_vec());
+        Ok(writes)
+    }
+
+    /// Brings the program's gates to `gates`, writing only the words that differ from what this
+    /// agent wrote last (all of them the first time: pins may hold a previous agent's).
+    pub fn set_gates(&mut self, gates: &Gates) -> Result<usize> {
+        let old = self.gates.take();
+        let mut writes = 0;
+        for (i, &w) in gates.nat_ports.iter().enumerate() {
+            if old.as_ref().is_none_or(|o| o.nat_ports[i] != w) {
+                self.nat_ports
+                    .set(i as u32, w, 0)
+                    .context("updating NAT_PORTS")?;
+                writes += 1;
+            }
+        }
+        for (i, &w) in gates.wildcard.iter().enumerate() {
+            if old.as_ref().is_none_or(|o| o.wildcard[i] != w) {
+                self.wildcard
+                    .set(i as u32, w, 0)
+                    .context("updating WILDCARD")?;
+                writes += 1;
+            }
+        }
+        for (i, &w) in gates.vip_addrs.iter().enumerate() {
+            if old.as_ref().is_none_or(|o| o.vip_addrs[i] != w) {
+                self.vip_addrs
+                    .set(i as u32, w, 0)
+                    .context("updating VIP_ADDRS")?;
+                writes += 1;
+            }
+        }
+        self.gates = Some(gates.clone());
         Ok(writes)
     }
 

@@ -427,6 +427,99 @@ fn second_packet_of_a_flow_hits_conntrack() {
     });
 }
 
+/// A SYN is not looked up (it is inserted if absent), yet a retransmitted one still finds its
+/// flow: it stays on its backend, even one drained out of the table, and is not a new flow.
+#[test]
+fn retransmitted_syn_keeps_its_backend() {
+    in_netns(|| {
+        let mut env = Env::new();
+        let syn = tcp4(CLIENT_MAC, LB_MAC, CLIENT, TWO_VIP, 40001, 80, 64, true);
+        let (_, out) = env.run(&syn, 0);
+        let chosen: [u8; 6] = out[0..6].try_into().expect("mac");
+        let chosen_ip = if chosen == BACKEND_MAC {
+            ip4([10, 0, 1, 1])
+        } else {
+            ip4([10, 0, 1, 2])
+        };
+        let two = fixture_vips()
+            .into_iter()
+            .find(|v| v.name == "two")
+            .expect("vip");
+        let drained = desired(&two, |b| {
+            Some(if b.address == chosen_ip {
+                BackendMode::Draining
+            } else {
+                BackendMode::Active
+            })
+        });
+        env.b().apply("two", &drained).expect("drain");
+        let (verdict, out) = env.run(&syn, 0);
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(
+            out,
+            with_macs(&syn, LB_MAC, chosen),
+            "the retransmitted SYN"
+        );
+        // Both backends draining: the table is empty, the tracked SYN still goes through.
+        let none = desired(&two, |_| Some(BackendMode::Draining));
+        env.b().apply("two", &none).expect("drain all");
+        let (verdict, out) = env.run(&syn, 0);
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(out, with_macs(&syn, LB_MAC, chosen), "with an empty table");
+        let fresh = tcp4(CLIENT_MAC, LB_MAC, CLIENT, TWO_VIP, 40002, 80, 64, true);
+        assert_eq!(env.run(&fresh, 0).0, XDP_DROP, "a new SYN finds no backend");
+        let views = env.b().list().expect("list");
+        let v = views.iter().find(|v| v.name == "two").expect("vip");
+        assert_eq!(v.counters.new_flows, 1, "one connection, however many SYNs");
+    });
+}
+
+/// Packets that are not for a VIP look for a NAT reply only when they come from a port a NAT
+/// backend answers from: the gate opens before a new backend's first flow and closes when no
+/// backend answers from that port any more.
+#[test]
+fn nat_reply_gate_follows_the_backends() {
+    in_netns(|| {
+        let (c0, b0) = nat_topology();
+        let mut env = Env::new();
+        let q = udp4(CLIENT_MAC, LB_MAC, CLIENT, NAT_UDP_VIP, 5353, 53, 64);
+        assert_eq!(env.run(&q, c0).0, XDP_REDIRECT);
+        let answer = |port| udp4(BACKEND_MAC, LB_B0_MAC, NAT_BACKEND, CLIENT, port, 5353, 64);
+        let (verdict, out) = env.run(&answer(5300), b0);
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(
+            out,
+            udp4(LB_MAC, CLIENT_MAC, NAT_UDP_VIP, CLIENT, 53, 5353, 63)
+        );
+        // The backend moves to port 5301.
+        let mut moved = fixture_vips()
+            .into_iter()
+            .find(|v| v.name == "nat-udp")
+            .expect("vip");
+        moved.backends[0].port = 5301;
+        env.b()
+            .apply("nat-udp", &desired(&moved, |_| Some(BackendMode::Active)))
+            .expect("apply");
+        // Its old flow's reverse entry is still in NAT_REVERSE, but nothing answers from 5300.
+        let stale = answer(5300);
+        assert_eq!(env.run(&stale, b0), (XDP_PASS, stale.clone()));
+        let q2 = udp4(CLIENT_MAC, LB_MAC, CLIENT, NAT_UDP_VIP, 5354, 53, 64);
+        let (verdict, out) = env.run(&q2, c0);
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(
+            out,
+            udp4(LB_B0_MAC, BACKEND_MAC, CLIENT, NAT_BACKEND, 5354, 5301, 63)
+        );
+        let a2 = udp4(BACKEND_MAC, LB_B0_MAC, NAT_BACKEND, CLIENT, 5301, 5354, 64);
+        let (verdict, out) = env.run(&a2, b0);
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(
+            out,
+            udp4(LB_MAC, CLIENT_MAC, NAT_UDP_VIP, CLIENT, 53, 5354, 63)
+        );
+    });
+}
+
 #[test]
 fn non_vip_packet_passes_untouched() {
     in_netns(|| {
