@@ -160,9 +160,10 @@ pub async fn serve<S: Socket>(io: S, h2: bool, client: Arc<Client>) {
             }
         }
     };
+    // Boxed, each: the task keeps room only for the protocol it speaks.
     match h2 {
-        true => http2(io, &client).await,
-        false => http1(io, deadline, &client).await,
+        true => Box::pin(http2(io, &client)).await,
+        false => Box::pin(http1(io, deadline, &client)).await,
     }
 }
 

@@ -646,7 +646,7 @@ impl Proxy {
                 drain: drain.clone(),
             });
             let (tls, obs) = (tls.clone(), obs.clone());
-            connections.spawn(async move {
+            let fut = async move {
                 let _open = obs.connection();
                 // TCP routers first: they may take the connection, else it comes back for HTTP
                 // with the bytes they read replayed. Boxed, as is the handshake: what they hold
@@ -662,32 +662,14 @@ impl Proxy {
                 else {
                     return;
                 };
-                let Some(config) = tls else {
-                    return conn::serve(stream, false, client).await;
-                };
-                // The configuration in force when the client connects (certificates reload).
-                // A handshake has 10 s: a client that stalls in it holds nothing longer.
-                let handshake = Box::pin(tokio::time::timeout(
-                    TLS_HANDSHAKE_TIMEOUT,
-                    tokio_rustls::TlsAcceptor::from(config.load_full()).accept(stream),
-                ));
-                match handshake
-                    .await
-                    .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
-                {
-                    // TLS-ALPN-01: the handshake was the answer; no HTTP follows.
-                    Ok(s) if acme::is_validation(s.get_ref().1) => obs.handshake(true),
-                    Ok(s) => {
-                        obs.handshake(true);
-                        let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
-                        conn::serve(s, h2, client).await
-                    }
-                    Err(e) => {
-                        obs.handshake(false);
-                        debug!("TLS handshake from {peer}: {e}");
-                    }
+                // Boxed: the task keeps room only for the path its connection takes (a TLS
+                // stream is large; a parked plain connection is a socket and little else).
+                match tls {
+                    None => Box::pin(conn::serve(stream, false, client)).await,
+                    Some(config) => Box::pin(serve_tls(stream, config, client, &obs)).await,
                 }
-            });
+            };
+            connections.spawn(fut);
         }
         drop(listener);
         info!(entrypoint, "stopped accepting; draining");
@@ -1043,6 +1025,36 @@ impl Drain {
             );
         }
         done
+    }
+}
+
+/// A TLS connection: the handshake, then HTTP inside it (ALPN picks h2 or HTTP/1.1).
+async fn serve_tls(
+    stream: tcp::Prefixed<tokio::net::TcpStream>,
+    config: TlsConfig,
+    client: Arc<conn::Client>,
+    obs: &crate::metrics::EntryPointObs,
+) {
+    // The configuration in force when the client connects (certificates reload). A handshake
+    // has 10 s: a client that stalls in it holds nothing longer.
+    let accepted = tokio::time::timeout(
+        TLS_HANDSHAKE_TIMEOUT,
+        tokio_rustls::TlsAcceptor::from(config.load_full()).accept(stream),
+    )
+    .await
+    .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+    match accepted {
+        // TLS-ALPN-01: the handshake was the answer; no HTTP follows.
+        Ok(s) if acme::is_validation(s.get_ref().1) => obs.handshake(true),
+        Ok(s) => {
+            obs.handshake(true);
+            let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
+            conn::serve(s, h2, client).await
+        }
+        Err(e) => {
+            obs.handshake(false);
+            debug!("TLS handshake from {}: {e}", client.peer);
+        }
     }
 }
 
