@@ -833,3 +833,173 @@ async fn a_stopped_entry_point_drains_requests_in_progress() {
         .expect("the idle connection is closed, not left hanging");
     assert_eq!(closed.expect("read"), 0);
 }
+
+/// Reads `n` whole responses (each with a Content-Length) off a raw connection: their heads
+/// and bodies.
+async fn read_responses(s: &mut tokio::net::TcpStream, n: usize) -> Vec<(String, String)> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut out = Vec::new();
+    while out.len() < n {
+        let parsed = buf
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .and_then(|end| {
+                let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse().ok())?
+                    })
+                    .unwrap_or(0);
+                (buf.len() >= end + 4 + len).then(|| (head, end + 4, len))
+            });
+        if let Some((head, at, len)) = parsed {
+            out.push((
+                head,
+                String::from_utf8_lossy(&buf[at..at + len]).to_string(),
+            ));
+            buf.drain(..at + len);
+            continue;
+        }
+        let mut chunk = [0u8; 4096];
+        let k = tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut chunk))
+            .await
+            .expect("a response in time")
+            .expect("read");
+        assert!(k > 0, "closed after {} responses", out.len());
+        buf.extend_from_slice(&chunk[..k]);
+    }
+    assert!(buf.is_empty(), "nothing more than the answers");
+    out
+}
+
+/// An idle keep-alive connection holds only its socket between requests (hyper's buffers are
+/// freed); what the client sees must not change: the next request, pipelined ones, a body that
+/// comes in two parts, and a WebSocket upgrade all work on the connection after it went idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keep_alive_connection_serves_what_comes_next() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::io::AsyncWriteExt;
+    use tokio_tungstenite::tungstenite::Message;
+    // Reads the whole body before answering (else the request body is dropped unread and
+    // hyper, as ever, closes a connection it cannot drain).
+    let up = serve(|req: Request<hyper::body::Incoming>| async move {
+        let path = req.uri().path().to_string();
+        let body = req.into_body().collect().await.map(|b| b.to_bytes());
+        let body = String::from_utf8_lossy(&body.unwrap_or_default()).to_string();
+        Response::new(Full::new(Bytes::from(format!("a {path} {body}"))))
+    })
+    .await;
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let ws_addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else {
+                    return;
+                };
+                while let Some(Ok(m)) = ws.next().await {
+                    if m.is_text() {
+                        let _ = ws.send(m).await;
+                    }
+                }
+            });
+        }
+    });
+    let (_p, addr) = start(
+        vec![
+            router("ws", "PathPrefix(`/ws`)", "ws", None),
+            router("a", "PathPrefix(`/`)", "a", None),
+        ],
+        &services(&[("a", &[(up, 1)]), ("ws", &[(ws_addr, 1)])]),
+    )
+    .await;
+    let pause = || tokio::time::sleep(std::time::Duration::from_millis(100));
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(b"GET /one HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .expect("write");
+    let r = read_responses(&mut s, 1).await;
+    assert!(r[0].0.starts_with("HTTP/1.1 200"), "{r:?}");
+    assert!(r[0].1.starts_with("a /one"), "{r:?}");
+    pause().await;
+    // Two requests in one write, after the connection went idle.
+    s.write_all(b"GET /two HTTP/1.1\r\nHost: t\r\n\r\nGET /three HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .expect("write");
+    let r = read_responses(&mut s, 2).await;
+    assert!(r[0].1.starts_with("a /two"), "{r:?}");
+    assert!(r[1].1.starts_with("a /three"), "{r:?}");
+    for (head, _) in &r {
+        assert!(
+            !head.to_ascii_lowercase().contains("connection: close"),
+            "kept alive: {head}"
+        );
+    }
+    pause().await;
+    // A head, then (later) its body, then the next request's head in two parts.
+    s.write_all(b"POST /four HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhe")
+        .await
+        .expect("write");
+    pause().await;
+    s.write_all(b"llo").await.expect("write");
+    let r = read_responses(&mut s, 1).await;
+    assert_eq!(r[0].1, "a /four hello", "{r:?}");
+    pause().await;
+    s.write_all(b"GET /fi").await.expect("write");
+    pause().await;
+    s.write_all(b"ve HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .expect("write");
+    let r = read_responses(&mut s, 1).await;
+    assert!(r[0].1.starts_with("a /five"), "{r:?}");
+    pause().await;
+    // The idle connection becomes a WebSocket.
+    let (mut ws, resp) = tokio_tungstenite::client_async(format!("ws://{addr}/ws"), s)
+        .await
+        .expect("upgrade on a connection that was idle");
+    assert_eq!(resp.status(), 101);
+    for i in 0..5 {
+        ws.send(Message::text(format!("hello {i}")))
+            .await
+            .expect("send");
+        let back = ws.next().await.expect("frame").expect("ok");
+        assert_eq!(back, Message::text(format!("hello {i}")));
+    }
+    ws.close(None).await.expect("close");
+}
+
+/// `Connection: close` is still honoured: the answer says so and the connection closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_close_closes_after_the_answer() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = upstream("a").await;
+    let (_p, addr) = start(
+        vec![router("a", "PathPrefix(`/`)", "a", None)],
+        &services(&[("a", &[(up, 1)])]),
+    )
+    .await;
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .expect("write");
+    read_responses(&mut s, 1).await;
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    s.write_all(b"GET /y HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let r = read_responses(&mut s, 1).await;
+    assert!(
+        r[0].0.to_ascii_lowercase().contains("connection: close"),
+        "{r:?}"
+    );
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(std::time::Duration::from_secs(2), s.read_to_end(&mut rest))
+        .await
+        .expect("closed in time")
+        .expect("read");
+    assert_eq!(n, 0, "nothing after the answer");
+}

@@ -10,6 +10,7 @@
 pub mod acme;
 pub mod balance;
 pub mod client;
+pub mod conn;
 pub mod dynamic;
 pub mod middleware;
 pub mod rule;
@@ -18,7 +19,6 @@ pub mod tls;
 
 use std::{
     collections::HashMap,
-    convert::Infallible,
     net::{IpAddr, SocketAddr},
     sync::{atomic::Ordering, Arc},
     time::Instant,
@@ -32,8 +32,9 @@ use hyper::{
     header::{self, HeaderName, HeaderValue},
     Request, Response, StatusCode, Uri,
 };
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::registry::Services;
@@ -612,8 +613,10 @@ impl Proxy {
         tls: Option<TlsConfig>,
         stop: tokio_util::sync::CancellationToken,
     ) -> Drain {
-        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let connections = tokio_util::task::TaskTracker::new();
+        let drain = CancellationToken::new();
         let obs = self.obs.entrypoint(&entrypoint);
+        let name: Arc<str> = entrypoint.as_str().into();
         loop {
             let (stream, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
@@ -627,86 +630,53 @@ impl Proxy {
                 },
                 () = stop.cancelled() => break,
             };
-            let watcher = graceful.watcher();
             let _ = stream.set_nodelay(true);
-            let (proxy, ep, tls, obs) =
-                (self.clone(), entrypoint.clone(), tls.clone(), obs.clone());
             let trusted = self
                 .conf()
                 .entrypoints
                 .iter()
                 .find(|e| e.name == entrypoint)
                 .is_some_and(|e| e.trusted_ips.iter().any(|n| n.contains(&peer.ip())));
-            tokio::spawn(async move {
+            let client = Arc::new(conn::Client {
+                proxy: self.clone(),
+                entrypoint: name.clone(),
+                peer,
+                scheme: if tls.is_some() { "https" } else { "http" },
+                trusted,
+                drain: drain.clone(),
+            });
+            let (tls, obs) = (tls.clone(), obs.clone());
+            let fut = async move {
                 let _open = obs.connection();
                 // TCP routers first: they may take the connection, else it comes back for HTTP
-                // with the bytes they read replayed.
-                let Some(stream) = tcp::intercept(&proxy, &ep, stream, peer, tls.as_ref()).await
+                // with the bytes they read replayed. Boxed, as is the handshake: what they hold
+                // is freed before the connection's long life begins.
+                let Some(stream) = Box::pin(tcp::intercept(
+                    &client.proxy,
+                    &client.entrypoint,
+                    stream,
+                    peer,
+                    tls.as_ref(),
+                ))
+                .await
                 else {
                     return;
                 };
-                let scheme = if tls.is_some() { "https" } else { "http" };
-                let svc = hyper::service::service_fn(move |req| {
-                    let (proxy, ep) = (proxy.clone(), ep.clone());
-                    async move {
-                        Ok::<_, Infallible>(
-                            proxy.handle(&ep, peer.ip(), scheme, trusted, req).await,
-                        )
-                    }
-                });
-                let mut builder =
-                    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                // Bounded headers (hyper also caps their count at 100 and refuses conflicting
-                // Content-Length / Transfer-Encoding), and a slow client must send them in time.
-                builder
-                    .http1()
-                    .max_buf_size(MAX_HEADER_BYTES)
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(std::time::Duration::from_secs(30));
-                builder
-                    .http2()
-                    .max_header_list_size(MAX_HEADER_BYTES as u32);
-                let served = match tls {
-                    // The configuration in force when the client connects (certificates reload).
-                    // A handshake has 10 s: a client that stalls in it holds nothing longer.
-                    Some(config) => match tokio::time::timeout(
-                        TLS_HANDSHAKE_TIMEOUT,
-                        tokio_rustls::TlsAcceptor::from(config.load_full()).accept(stream),
-                    )
-                    .await
-                    .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
-                    .inspect(|_| obs.handshake(true))
-                    .inspect_err(|_| obs.handshake(false))
-                    {
-                        // TLS-ALPN-01: the handshake was the answer; no HTTP follows.
-                        Ok(s) if acme::is_validation(s.get_ref().1) => return,
-                        Ok(s) => {
-                            watcher
-                                .watch(builder.serve_connection_with_upgrades(TokioIo::new(s), svc))
-                                .await
-                        }
-                        Err(e) => {
-                            debug!("TLS handshake from {peer}: {e}");
-                            return;
-                        }
-                    },
-                    None => {
-                        watcher
-                            .watch(
-                                builder.serve_connection_with_upgrades(TokioIo::new(stream), svc),
-                            )
-                            .await
-                    }
-                };
-                if let Err(e) = served {
-                    debug!("connection from {peer}: {e}");
+                // Boxed: the task keeps room only for the path its connection takes (a TLS
+                // stream is large; a parked plain connection is a socket and little else).
+                match tls {
+                    None => Box::pin(conn::serve(stream, false, client)).await,
+                    Some(config) => Box::pin(serve_tls(stream, config, client, &obs)).await,
                 }
-            });
+            };
+            connections.spawn(fut);
         }
         drop(listener);
         info!(entrypoint, "stopped accepting; draining");
+        connections.close();
         Drain {
-            graceful,
+            connections,
+            drain,
             entrypoint,
         }
     }
@@ -718,7 +688,7 @@ impl Proxy {
         client_ip: IpAddr,
         scheme: &'static str,
         trusted: bool,
-        mut req: Request<Incoming>,
+        mut req: Request<Body>,
     ) -> Response<Body> {
         let mut trace = self.obs.start(entrypoint, client_ip, &mut req);
         let resp = self
@@ -734,7 +704,7 @@ impl Proxy {
         client_ip: IpAddr,
         scheme: &'static str,
         trusted: bool,
-        req: Request<Incoming>,
+        mut req: Request<Body>,
         trace: &mut crate::metrics::Trace,
     ) -> Response<Body> {
         // Limits: however the connection buffered them, headers beyond the bound are refused.
@@ -752,7 +722,6 @@ impl Proxy {
         if let Some(answer) = self.acme.http01_response(scheme, &req) {
             return answer;
         }
-        let mut req = req.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed());
         // Route.
         let table = self.table.load_full();
         let host = request_host(&req);
@@ -838,7 +807,9 @@ impl Proxy {
                     .split(',')
                     .any(|p| p.trim().eq_ignore_ascii_case("h2c"))
             });
-        let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+        let client_upgrade = upgrade
+            .as_ref()
+            .and_then(|_| req.extensions_mut().remove::<conn::ClientUpgrade>());
         let sticky = spec
             .sticky_cookie
             .as_deref()
@@ -1029,7 +1000,8 @@ impl Proxy {
 
 /// An entry point's connections after it stopped accepting.
 pub struct Drain {
-    graceful: hyper_util::server::graceful::GracefulShutdown,
+    connections: tokio_util::task::TaskTracker,
+    drain: CancellationToken,
     entrypoint: String,
 }
 
@@ -1038,8 +1010,9 @@ impl Drain {
     /// once, HTTP/2 ones get GOAWAY — and returns when all have closed, or after `within` (the
     /// rest stay open until they end or the process exits). True when all finished in time.
     pub async fn finish(self, within: std::time::Duration) -> bool {
-        let n = self.graceful.count();
-        let done = tokio::time::timeout(within, self.graceful.shutdown())
+        let n = self.connections.len();
+        self.drain.cancel();
+        let done = tokio::time::timeout(within, self.connections.wait())
             .await
             .is_ok();
         if done {
@@ -1052,6 +1025,36 @@ impl Drain {
             );
         }
         done
+    }
+}
+
+/// A TLS connection: the handshake, then HTTP inside it (ALPN picks h2 or HTTP/1.1).
+async fn serve_tls(
+    stream: tcp::Prefixed<tokio::net::TcpStream>,
+    config: TlsConfig,
+    client: Arc<conn::Client>,
+    obs: &crate::metrics::EntryPointObs,
+) {
+    // The configuration in force when the client connects (certificates reload). A handshake
+    // has 10 s: a client that stalls in it holds nothing longer.
+    let accepted = tokio::time::timeout(
+        TLS_HANDSHAKE_TIMEOUT,
+        tokio_rustls::TlsAcceptor::from(config.load_full()).accept(stream),
+    )
+    .await
+    .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+    match accepted {
+        // TLS-ALPN-01: the handshake was the answer; no HTTP follows.
+        Ok(s) if acme::is_validation(s.get_ref().1) => obs.handshake(true),
+        Ok(s) => {
+            obs.handshake(true);
+            let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
+            conn::serve(s, h2, client).await
+        }
+        Err(e) => {
+            obs.handshake(false);
+            debug!("TLS handshake from {}: {e}", client.peer);
+        }
     }
 }
 
@@ -1203,12 +1206,12 @@ fn request_host<B>(req: &Request<B>) -> String {
 
 /// Joins an upgraded client connection to the upgraded upstream connection, bytes both ways,
 /// until either side closes.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
-    let (Ok(c), Ok(u)) = (client.await, upstream.await) else {
+async fn tunnel(client: conn::ClientUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (Some(mut c), Ok(u)) = (client.get().await, upstream.await) else {
         debug!("upgrade failed on one side");
         return;
     };
-    let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
+    let mut u = TokioIo::new(u);
     if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
         debug!("tunnel closed: {e}");
     }

@@ -147,6 +147,28 @@ impl<S> Prefixed<S> {
             inner,
         }
     }
+
+    /// Puts bytes back in front of what is still to be replayed: a reader that took more than
+    /// it used (hyper's read buffer) hands the rest on this way.
+    pub fn unread(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        let mut prefix = Vec::with_capacity(bytes.len() + self.prefix.len() - self.at);
+        prefix.extend_from_slice(bytes);
+        prefix.extend_from_slice(&self.prefix[self.at..]);
+        self.prefix = prefix;
+        self.at = 0;
+    }
+
+    /// Bytes to replay before the stream is read again.
+    pub fn buffered(&self) -> bool {
+        self.at < self.prefix.len()
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
