@@ -86,6 +86,26 @@ pub struct Dataplane {
     kernel_logs: Option<KernelLogs>,
 }
 
+/// Writes `new` into `map` from index `base`, skipping entries equal to `old`'s (all are written
+/// without `old`). Returns the number written.
+fn write_changed<T: aya::Pod + PartialEq>(
+    map: &mut Array<MapData, T>,
+    base: usize,
+    new: &[T],
+    old: Option<&[T]>,
+    name: &str,
+) -> Result<usize> {
+    let mut writes = 0;
+    for (i, w) in new.iter().enumerate() {
+        if old.is_none_or(|o| o.get(i) != Some(w)) {
+            map.set((base + i) as u32, *w, 0)
+                .with_context(|| format!("updating {name}"))?;
+            writes += 1;
+        }
+    }
+    Ok(writes)
+}
+
 /// What lets a packet that is not for a VIP skip lookups ([`lb_common::gate`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Gates {
@@ -422,16 +442,7 @@ impl Dataplane {
             .written
             .remove(&(vip_id, slot & 1))
             .or_else(|| self.fresh_rings.then(|| vec![0; m]));
-        let mut writes = 0;
-        for (i, &id) in table.iter().enumerate() {
-            let same = old.as_ref().is_some_and(|o| o[i] == id);
-            if !same {
-                self.rings
-                    .set((base + i) as u32, id, 0)
-                    .context("updating RINGS")?;
-                writes += 1;
-            }
-        }
+        let writes = write_changed(&mut self.rings, base, table, old.as_deref(), "RINGS")?;
         self.written.insert((vip_id, slot & 1), table.to_vec());
         Ok(writes)
     }
@@ -440,31 +451,26 @@ impl Dataplane {
     /// agent wrote last (all of them the first time: pins may hold a previous agent's).
     pub fn set_gates(&mut self, gates: &Gates) -> Result<usize> {
         let old = self.gates.take();
-        let mut writes = 0;
-        for (i, &w) in gates.nat_ports.iter().enumerate() {
-            if old.as_ref().is_none_or(|o| o.nat_ports[i] != w) {
-                self.nat_ports
-                    .set(i as u32, w, 0)
-                    .context("updating NAT_PORTS")?;
-                writes += 1;
-            }
-        }
-        for (i, &w) in gates.wildcard.iter().enumerate() {
-            if old.as_ref().is_none_or(|o| o.wildcard[i] != w) {
-                self.wildcard
-                    .set(i as u32, w, 0)
-                    .context("updating WILDCARD")?;
-                writes += 1;
-            }
-        }
-        for (i, &w) in gates.vip_addrs.iter().enumerate() {
-            if old.as_ref().is_none_or(|o| o.vip_addrs[i] != w) {
-                self.vip_addrs
-                    .set(i as u32, w, 0)
-                    .context("updating VIP_ADDRS")?;
-                writes += 1;
-            }
-        }
+        let old = old.as_ref();
+        let writes = write_changed(
+            &mut self.nat_ports,
+            0,
+            &gates.nat_ports,
+            old.map(|o| &o.nat_ports[..]),
+            "NAT_PORTS",
+        )? + write_changed(
+            &mut self.wildcard,
+            0,
+            &gates.wildcard,
+            old.map(|o| &o.wildcard[..]),
+            "WILDCARD",
+        )? + write_changed(
+            &mut self.vip_addrs,
+            0,
+            &gates.vip_addrs,
+            old.map(|o| &o.vip_addrs[..]),
+            "VIP_ADDRS",
+        )?;
         self.gates = Some(gates.clone());
         Ok(writes)
     }

@@ -364,32 +364,39 @@ fn syn_to_vip_dsr_rewrites_macs_and_transmits() {
     });
 }
 
+/// Opens flow 40001 to the "two" VIP with a SYN, then drains the backend it chose: (its MAC, its
+/// address, the VIP).
+fn open_then_drain(env: &mut Env) -> ([u8; 6], IpAddr, VipSpec) {
+    let syn = tcp4(CLIENT_MAC, LB_MAC, CLIENT, TWO_VIP, 40001, 80, 64, true);
+    let (_, out) = env.run(&syn, 0);
+    let chosen: [u8; 6] = out[0..6].try_into().expect("mac");
+    let chosen_ip = if chosen == BACKEND_MAC {
+        ip4([10, 0, 1, 1])
+    } else {
+        ip4([10, 0, 1, 2])
+    };
+    let two = fixture_vips()
+        .into_iter()
+        .find(|v| v.name == "two")
+        .expect("vip");
+    let drained = desired(&two, |b| {
+        Some(if b.address == chosen_ip {
+            BackendMode::Draining
+        } else {
+            BackendMode::Active
+        })
+    });
+    env.b().apply("two", &drained).expect("drain");
+    (chosen, chosen_ip, two)
+}
+
 #[test]
 fn second_packet_of_a_flow_hits_conntrack() {
     in_netns(|| {
         let mut env = Env::new();
-        let syn = tcp4(CLIENT_MAC, LB_MAC, CLIENT, TWO_VIP, 40001, 80, 64, true);
-        let (_, out) = env.run(&syn, 0);
-        let chosen: [u8; 6] = out[0..6].try_into().expect("mac");
-        let chosen_ip = if chosen == BACKEND_MAC {
-            ip4([10, 0, 1, 1])
-        } else {
-            ip4([10, 0, 1, 2])
-        };
         // Draining takes the chosen backend out of the Maglev table: only connection tracking can
         // still send this flow there.
-        let two = fixture_vips()
-            .into_iter()
-            .find(|v| v.name == "two")
-            .expect("vip");
-        let drained = desired(&two, |b| {
-            Some(if b.address == chosen_ip {
-                BackendMode::Draining
-            } else {
-                BackendMode::Active
-            })
-        });
-        env.b().apply("two", &drained).expect("drain");
+        let (chosen, chosen_ip, two) = open_then_drain(&mut env);
         let ack = tcp4(CLIENT_MAC, LB_MAC, CLIENT, TWO_VIP, 40001, 80, 64, false);
         let (verdict, out) = env.run(&ack, 0);
         assert_eq!(verdict, XDP_TX);
@@ -433,26 +440,8 @@ fn second_packet_of_a_flow_hits_conntrack() {
 fn retransmitted_syn_keeps_its_backend() {
     in_netns(|| {
         let mut env = Env::new();
+        let (chosen, _, two) = open_then_drain(&mut env);
         let syn = tcp4(CLIENT_MAC, LB_MAC, CLIENT, TWO_VIP, 40001, 80, 64, true);
-        let (_, out) = env.run(&syn, 0);
-        let chosen: [u8; 6] = out[0..6].try_into().expect("mac");
-        let chosen_ip = if chosen == BACKEND_MAC {
-            ip4([10, 0, 1, 1])
-        } else {
-            ip4([10, 0, 1, 2])
-        };
-        let two = fixture_vips()
-            .into_iter()
-            .find(|v| v.name == "two")
-            .expect("vip");
-        let drained = desired(&two, |b| {
-            Some(if b.address == chosen_ip {
-                BackendMode::Draining
-            } else {
-                BackendMode::Active
-            })
-        });
-        env.b().apply("two", &drained).expect("drain");
         let (verdict, out) = env.run(&syn, 0);
         assert_eq!(verdict, XDP_TX);
         assert_eq!(
