@@ -130,6 +130,7 @@ pub struct Http {
     timeouts: IntCounterVec,
     retries: IntCounterVec,
     open_connections: IntGaugeVec,
+    idle_connections: IntGaugeVec,
     connections: IntCounterVec,
     handshakes: IntCounterVec,
     /// Every (entry point, router, service) handed out, to reuse handles across rebuilds.
@@ -186,6 +187,12 @@ impl Default for Http {
                 "Client connections open on an entry point",
                 &["entrypoint"],
             ),
+            idle_connections: gauge_vec(
+                "lb_http_idle_connections",
+                "HTTP/1 keep-alive connections waiting for their next request, parked without \
+                 request buffers (nginx's \"waiting\")",
+                &["entrypoint"],
+            ),
             connections: counter_vec(
                 "lb_http_connections_total",
                 "Client connections accepted on an entry point",
@@ -204,7 +211,7 @@ impl Default for Http {
     }
 }
 
-/// Open-connection bookkeeping for one connection: decrements the gauge when dropped.
+/// Connection bookkeeping (open, idle): decrements the gauge when dropped.
 pub struct ConnectionGuard(IntGauge);
 
 impl Drop for ConnectionGuard {
@@ -217,6 +224,7 @@ impl Drop for ConnectionGuard {
 #[derive(Clone)]
 pub struct EntryPointObs {
     open: IntGauge,
+    idle: IntGauge,
     accepted: IntCounter,
     handshake_ok: IntCounter,
     handshake_error: IntCounter,
@@ -228,6 +236,17 @@ impl EntryPointObs {
         self.accepted.inc();
         self.open.inc();
         ConnectionGuard(self.open.clone())
+    }
+
+    /// A connection was parked idle; it counts as idle until the guard drops.
+    pub fn parked(&self) -> ConnectionGuard {
+        self.idle.inc();
+        ConnectionGuard(self.idle.clone())
+    }
+
+    /// Connections parked idle now.
+    pub fn idle(&self) -> i64 {
+        self.idle.get()
     }
 
     pub fn handshake(&self, ok: bool) {
@@ -288,6 +307,7 @@ impl Http {
     pub fn entrypoint(&self, entrypoint: &str) -> EntryPointObs {
         EntryPointObs {
             open: self.open_connections.with_label_values(&[entrypoint]),
+            idle: self.idle_connections.with_label_values(&[entrypoint]),
             accepted: self.connections.with_label_values(&[entrypoint]),
             handshake_ok: self.handshakes.with_label_values(&[entrypoint, "ok"]),
             handshake_error: self.handshakes.with_label_values(&[entrypoint, "error"]),
@@ -664,6 +684,7 @@ impl Metrics {
             Box::new(h.timeouts.clone()),
             Box::new(h.retries.clone()),
             Box::new(h.open_connections.clone()),
+            Box::new(h.idle_connections.clone()),
             Box::new(h.connections.clone()),
             Box::new(h.handshakes.clone()),
             Box::new(control.change_to_apply.clone()),

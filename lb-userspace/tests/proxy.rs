@@ -909,7 +909,7 @@ async fn an_idle_keep_alive_connection_serves_what_comes_next() {
             });
         }
     });
-    let (_p, addr) = start(
+    let (p, addr) = start(
         vec![
             router("ws", "PathPrefix(`/ws`)", "ws", None),
             router("a", "PathPrefix(`/`)", "a", None),
@@ -917,7 +917,14 @@ async fn an_idle_keep_alive_connection_serves_what_comes_next() {
         &services(&[("a", &[(up, 1)]), ("ws", &[(ws_addr, 1)])]),
     )
     .await;
-    let pause = || tokio::time::sleep(std::time::Duration::from_millis(100));
+    let obs = p.obs().entrypoint("web");
+    // Every pause is long enough for the connection to park: the gauge shows it did.
+    let parks = std::sync::atomic::AtomicU32::new(0);
+    let pause = || async {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert_eq!(obs.idle(), 1, "the idle connection is parked");
+        parks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    };
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
     s.write_all(b"GET /one HTTP/1.1\r\nHost: t\r\n\r\n")
         .await
@@ -944,13 +951,16 @@ async fn an_idle_keep_alive_connection_serves_what_comes_next() {
     s.write_all(b"POST /four HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhe")
         .await
         .expect("write");
-    pause().await;
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert_eq!(obs.idle(), 0, "not parked in the middle of a body");
     s.write_all(b"llo").await.expect("write");
     let r = read_responses(&mut s, 1).await;
     assert_eq!(r[0].1, "a /four hello", "{r:?}");
     pause().await;
     s.write_all(b"GET /fi").await.expect("write");
-    pause().await;
+    // Half a head: hyper holds it (and its buffers) until the rest comes.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert_eq!(obs.idle(), 0, "not parked in the middle of a head");
     s.write_all(b"ve HTTP/1.1\r\nHost: t\r\n\r\n")
         .await
         .expect("write");
@@ -970,6 +980,38 @@ async fn an_idle_keep_alive_connection_serves_what_comes_next() {
         assert_eq!(back, Message::text(format!("hello {i}")));
     }
     ws.close(None).await.expect("close");
+    assert_eq!(obs.idle(), 0, "an upgraded connection is not idle");
+    assert_eq!(parks.into_inner(), 4);
+}
+
+/// A request body answered before it was read (no route: 404) is drained by hyper; once the
+/// next request is answered, the connection parks again. (A body that had not arrived by the
+/// answer makes hyper close the connection, as it always has.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_parks_again_after_an_unread_body() {
+    use tokio::io::AsyncWriteExt;
+    let up = upstream("a").await;
+    let (p, addr) = start(
+        vec![router("a", "PathPrefix(`/a`)", "a", None)],
+        &services(&[("a", &[(up, 1)])]),
+    )
+    .await;
+    let obs = p.obs().entrypoint("web");
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(b"POST /nowhere HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello")
+        .await
+        .expect("write");
+    let r = read_responses(&mut s, 1).await;
+    assert!(r[0].0.starts_with("HTTP/1.1 404"), "{r:?}");
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert_eq!(obs.idle(), 0, "its body was not read: not idle yet");
+    s.write_all(b"GET /a/x HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .expect("write");
+    let r = read_responses(&mut s, 1).await;
+    assert!(r[0].1.starts_with("a /a/x"), "{r:?}");
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert_eq!(obs.idle(), 1, "parked after the next request");
 }
 
 /// `Connection: close` is still honoured: the answer says so and the connection closes.

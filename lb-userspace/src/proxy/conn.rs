@@ -38,6 +38,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use http_body_util::BodyExt as _;
 use hyper::{
     body::{Body as _, Frame, Incoming, SizeHint},
@@ -134,6 +135,7 @@ pub struct Client {
     /// Cancelled when the entry point drains: a parked connection closes at once, a busy one
     /// finishes the request it is on (HTTP/1 with `Connection: close`, HTTP/2 with GOAWAY).
     pub drain: CancellationToken,
+    pub obs: crate::metrics::EntryPointObs,
 }
 
 /// Serves a client connection until it closes. `h2`: ALPN chose HTTP/2; otherwise the first
@@ -214,27 +216,31 @@ async fn http1<S: Socket>(mut io: Prefixed<S>, mut deadline: Instant, client: &A
     loop {
         if !io.buffered() {
             // Parked.
+            let _idle = client.obs.parked();
             let ready = tokio::select! {
                 biased;
-                () = client.drain.cancelled() => return,
-                r = tokio::time::timeout_at(deadline, io.tcp().readable()) => r,
+                () = client.drain.cancelled() => Err(()),
+                r = tokio::time::timeout_at(deadline, io.tcp().readable()) => match r {
+                    Ok(Ok(())) => Ok(()),
+                    _ => Err(()),
+                },
             };
-            if !matches!(ready, Ok(Ok(()))) {
+            if ready.is_err() {
+                // Politely: a TLS client gets its close_notify.
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, io.shutdown()).await;
                 return;
             }
         }
         let turn = Arc::new(Turn::default());
-        // The header deadline keeps running across the park: a client cannot reset it by
-        // trickling bytes across two hyper connections.
-        let left = deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_secs(1));
-        // Boxed: a parked connection's task must not keep room for a hyper connection.
+        // Boxed: a parked connection's task must not keep room for a hyper connection. hyper
+        // times every later request's headers itself (from when it goes idle, as before
+        // connections were parked); the first request's deadline runs on from the park, in
+        // `until_idle`, so a client cannot reset it by trickling bytes across two connections.
         let mut conn = Box::new(
             http1::Builder::new()
                 .timer(TokioTimer::new())
                 .max_buf_size(MAX_HEADER_BYTES)
-                .header_read_timeout(left)
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(
                     TokioIo::new(Watched {
                         io,
@@ -246,7 +252,7 @@ async fn http1<S: Socket>(mut io: Prefixed<S>, mut deadline: Instant, client: &A
                     },
                 ),
         );
-        let parked = match until_idle(&mut conn, &turn, &client.drain).await {
+        let parked = match until_idle(&mut conn, &turn, &client.drain, deadline).await {
             Ok(parked) => parked,
             Err(e) => {
                 debug!(peer = %client.peer, "connection: {e}");
@@ -276,23 +282,40 @@ async fn http1<S: Socket>(mut io: Prefixed<S>, mut deadline: Instant, client: &A
 type H1Conn<S> = http1::Connection<TokioIo<Watched<Prefixed<S>>>, Svc>;
 
 /// Drives a hyper connection until it is done; asks it to close once it is idle. True when it
-/// closed because it was idle: the client expects the connection to stay open.
+/// closed because it was idle: the client expects the connection to stay open. Until its first
+/// request arrives, the connection closes at `deadline`.
 async fn until_idle<S: Socket>(
     conn: &mut H1Conn<S>,
     turn: &Turn,
     drain: &CancellationToken,
+    deadline: Instant,
 ) -> hyper::Result<bool> {
     let mut drained = std::pin::pin!(drain.cancelled());
+    let mut late = std::pin::pin!(tokio::time::sleep_until(deadline));
     let (mut parking, mut draining) = (false, false);
     std::future::poll_fn(|cx| loop {
+        // Woken when a body another task reads ends: that may be what makes the connection idle.
+        turn.waker.register(cx.waker());
         if !draining && drained.as_mut().poll(cx).is_ready() {
             draining = true;
             Pin::new(&mut *conn).graceful_shutdown();
         }
-        if let Poll::Ready(r) = conn.poll_without_shutdown(cx) {
-            return Poll::Ready(r.map(|()| parking && !draining));
+        if !turn.answered.load(Ordering::Relaxed) && late.as_mut().poll(cx).is_ready() {
+            // No request in time (hyper's own timer restarted with this connection).
+            return Poll::Ready(Ok(false));
         }
-        if parking || draining || !turn.idle() {
+        match conn.poll_without_shutdown(cx) {
+            Poll::Ready(r) => return Poll::Ready(r.map(|()| parking && !draining)),
+            // Asked to close while idle, hyper is done at once; if it is not, it had something
+            // left to do after all, and will say `Connection: close` when it has: not a park.
+            Poll::Pending if parking => {
+                parking = false;
+                draining = true;
+                return Poll::Pending;
+            }
+            Poll::Pending => {}
+        }
+        if draining || !turn.idle() {
             return Poll::Pending;
         }
         // Idle, hyper closes without writing anything: the next poll returns.
@@ -317,6 +340,10 @@ impl hyper::service::Service<Request<Incoming>> for Svc {
 
     fn call(&self, mut req: Request<Incoming>) -> SvcFuture {
         let (client, turn) = (self.client.clone(), self.turn.clone());
+        // hyper parses a head only once the previous request's body has ended or been drained:
+        // bodies dropped unread before this request no longer hold the connection busy.
+        let abandoned = turn.abandoned.swap(0, Ordering::Relaxed);
+        turn.open.fetch_sub(abandoned, Ordering::Relaxed);
         turn.open.fetch_add(1, Ordering::Relaxed);
         turn.read_waiting.store(false, Ordering::Relaxed);
         turn.answered.store(true, Ordering::Relaxed);
@@ -383,9 +410,13 @@ struct Turn {
     /// starts busy): asked to close then, it would answer with `Connection: close`.
     answered: AtomicBool,
     /// Request bodies not yet read to their end and response bodies hyper still holds. A
-    /// request body dropped before its end stays counted: hyper drains or closes that
-    /// connection, which is never parked.
+    /// request body dropped before its end stays counted until the next request (hyper drains
+    /// it, or closes the connection, first).
     open: AtomicUsize,
+    /// Request bodies dropped before their end, forgiven at the next request.
+    abandoned: AtomicUsize,
+    /// The connection's task, woken when a body ends on another task.
+    waker: AtomicWaker,
     /// hyper's last read found nothing (and came after the last body ended).
     read_waiting: AtomicBool,
     /// hyper's last write or flush could not finish: it still holds bytes for the client.
@@ -408,6 +439,7 @@ impl Turn {
     fn body_done(&self) {
         self.open.fetch_sub(1, Ordering::Relaxed);
         self.read_waiting.store(false, Ordering::Relaxed);
+        self.waker.wake();
     }
 }
 
@@ -493,6 +525,14 @@ impl RequestBody {
             if let Some(t) = self.turn.take() {
                 t.body_done();
             }
+        }
+    }
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        if let Some(t) = self.turn.take() {
+            t.abandoned.fetch_add(1, Ordering::Relaxed);
         }
     }
 }

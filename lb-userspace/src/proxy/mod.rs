@@ -644,9 +644,11 @@ impl Proxy {
                 scheme: if tls.is_some() { "https" } else { "http" },
                 trusted,
                 drain: drain.clone(),
+                obs: obs.clone(),
             });
             let (tls, obs) = (tls.clone(), obs.clone());
-            let fut = async move {
+            let connections = connections.clone();
+            tokio::spawn(async move {
                 let _open = obs.connection();
                 // TCP routers first: they may take the connection, else it comes back for HTTP
                 // with the bytes they read replayed. Boxed, as is the handshake: what they hold
@@ -664,12 +666,21 @@ impl Proxy {
                 };
                 // Boxed: the task keeps room only for the path its connection takes (a TLS
                 // stream is large; a parked plain connection is a socket and little else).
+                // Tracked for the drain from here: a TCP router's relay is not HTTP, and has no
+                // request to finish.
                 match tls {
-                    None => Box::pin(conn::serve(stream, false, client)).await,
-                    Some(config) => Box::pin(serve_tls(stream, config, client, &obs)).await,
+                    None => {
+                        connections
+                            .track_future(Box::pin(conn::serve(stream, false, client)))
+                            .await
+                    }
+                    Some(config) => {
+                        connections
+                            .track_future(Box::pin(serve_tls(stream, config, client, &obs)))
+                            .await
+                    }
                 }
-            };
-            connections.spawn(fut);
+            });
         }
         drop(listener);
         info!(entrypoint, "stopped accepting; draining");
