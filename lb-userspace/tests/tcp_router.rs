@@ -812,3 +812,50 @@ async fn a_reload_changes_a_tcp_routers_service() {
     // The connection made before the reload stays with its upstream.
     assert_eq!(exchange(&mut before, "still").await.0, "one: still");
 }
+
+/// A stopped entry point's drain waits for HTTP requests in progress, not for TCP relays: they
+/// have no request to finish, and may stay open for hours.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_tcp_relay_does_not_hold_the_drain() {
+    let echo = plain_upstream("echo", None).await;
+    let svcs = services(&[("echo", &[echo.addr])]);
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let ep = EntryPointSpec {
+        name: "ep".into(),
+        address: addr,
+        tls: false,
+        client_ca_file: None,
+        trusted_ips: vec![],
+    };
+    let proxy = Arc::new(Proxy::new(
+        vec![ep],
+        vec![],
+        HashMap::new(),
+        HashMap::new(),
+        &svcs,
+    ));
+    proxy.set_tcp_routers(vec![tcp(
+        "all",
+        "HostSNI(`*`)",
+        "echo",
+        TlsMode::Plain,
+        None,
+    )]);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let serving = tokio::spawn(proxy.serve_until("ep".into(), l, None, stop.clone()));
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"first\n").await.unwrap();
+    assert_eq!(read_line(&mut s).await.expect("answer"), "echo: first");
+    stop.cancel();
+    let drain = serving.await.expect("serve_until");
+    let started = std::time::Instant::now();
+    assert!(
+        drain.finish(std::time::Duration::from_secs(5)).await,
+        "drain finished"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(1));
+    // The relay itself goes on.
+    s.write_all(b"second\n").await.unwrap();
+    assert_eq!(read_line(&mut s).await.expect("answer"), "echo: second");
+}
