@@ -139,8 +139,9 @@ pub struct FlowKey {
 pub struct Flow {
     pub backend_id: u32,
     pub _pad: u32,
-    /// `bpf_ktime_get_ns` of the last packet, for UDP only (UDP flows age out; TCP flows live
-    /// until the LRU evicts them or their backend stops being usable, and hold 0 here).
+    /// `bpf_ktime_get_coarse_ns` of the last packet (tick resolution is plenty for a timeout of
+    /// seconds, and costs a fraction of a clocksource read), for UDP only: UDP flows age out; TCP
+    /// flows live until the LRU evicts them or their backend stops being usable, and hold 0 here.
     pub last_seen_ns: u64,
 }
 

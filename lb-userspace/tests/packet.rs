@@ -184,6 +184,10 @@ struct Env {
 
 impl Env {
     fn new() -> Env {
+        Env::with_udp_timeout(30)
+    }
+
+    fn with_udp_timeout(udp_timeout_secs: u64) -> Env {
         let pin_root = PathBuf::from(format!(
             "/sys/fs/bpf/lb-test-packet-{}-{}",
             std::process::id(),
@@ -194,7 +198,7 @@ impl Env {
             max_backends: 64,
             ring_size: 1021,
             max_flows: 4096,
-            udp_timeout_secs: 30,
+            udp_timeout_secs,
             ipip_source_v4: "172.16.0.0".parse().expect("static"),
             ipip_source_v6: "fd00:ffff::".parse().expect("static"),
         };
@@ -505,6 +509,45 @@ fn nat_reply_gate_follows_the_backends() {
         assert_eq!(
             out,
             udp4(LB_MAC, CLIENT_MAC, NAT_UDP_VIP, CLIENT, 53, 5354, 63)
+        );
+    });
+}
+
+/// A UDP flow keeps its backend while its packets keep coming; idle past `udp_timeout_secs` it
+/// is picked again (the program reads the kernel's coarse clock).
+#[test]
+fn an_idle_udp_flow_is_picked_again() {
+    in_netns(|| {
+        let mut env = Env::with_udp_timeout(1);
+        let q = udp4(CLIENT_MAC, LB_MAC, CLIENT, UDP_VIP, 5353, 53, 64);
+        let (_, out) = env.run(&q, 0);
+        assert_eq!(out[0..6], BACKEND_MAC);
+        // The first backend drains (it keeps its flows), a second takes new ones.
+        let member = |last: u8, mac: [u8; 6], state| Desired {
+            key: InstanceKey {
+                address: ip4([10, 0, 1, last]),
+                port: 0,
+            },
+            weight: 1,
+            mac: Some(Mac(mac)),
+            state,
+        };
+        let both = [
+            member(1, BACKEND_MAC, BackendMode::Draining),
+            member(2, BACKEND2_MAC, BackendMode::Active),
+        ];
+        env.b().apply("udp", &both).expect("apply");
+        for _ in 0..3 {
+            std::thread::sleep(std::time::Duration::from_millis(400));
+            let (_, out) = env.run(&q, 0);
+            assert_eq!(out[0..6], BACKEND_MAC, "kept while packets come");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1600));
+        let (_, out) = env.run(&q, 0);
+        assert_eq!(
+            out[0..6],
+            BACKEND2_MAC,
+            "idle past the timeout: picked again"
         );
     });
 }
