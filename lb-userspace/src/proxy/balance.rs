@@ -51,6 +51,8 @@ impl Default for Passive {
 #[derive(Debug)]
 pub struct Upstream {
     pub addr: SocketAddr,
+    /// `addr` as a URI authority, parsed once: every request's upstream URI is built from it.
+    pub authority: Option<hyper::http::uri::Authority>,
     pub in_flight: AtomicU64,
     /// Latency EWMA in microseconds (0: no sample yet).
     ewma_us: AtomicU64,
@@ -85,6 +87,10 @@ impl Upstream {
     pub fn new(addr: SocketAddr) -> Upstream {
         Upstream {
             addr,
+            authority: hyper::http::uri::Authority::from_maybe_shared(bytes::Bytes::from(
+                addr.to_string(),
+            ))
+            .ok(),
             in_flight: AtomicU64::new(0),
             ewma_us: AtomicU64::new(0),
             failures: AtomicU32::new(0),
