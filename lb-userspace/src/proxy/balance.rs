@@ -8,7 +8,7 @@
 use std::{
     net::SocketAddr,
     sync::{
-        atomic::{AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
         Arc, Mutex,
     },
     time::{Duration, Instant},
@@ -58,6 +58,9 @@ pub struct Upstream {
     ewma_us: AtomicU64,
     failures: AtomicU32,
     ejection: Mutex<Ejection>,
+    /// Whether `ejection.until` is set (written under the lock): every request asks, and a
+    /// healthy upstream answers without taking the lock.
+    ejecting: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -95,10 +98,14 @@ impl Upstream {
             ewma_us: AtomicU64::new(0),
             failures: AtomicU32::new(0),
             ejection: Mutex::new(Ejection::default()),
+            ejecting: AtomicBool::new(false),
         }
     }
 
     pub fn ejected(&self, now: Instant) -> bool {
+        if !self.ejecting.load(Ordering::Acquire) {
+            return false;
+        }
         self.ejection
             .lock()
             .map(|e| e.until.is_some_and(|u| now < u))
@@ -118,10 +125,15 @@ impl Upstream {
         self.ewma_us.store(new.max(1), Ordering::Relaxed);
         if ok {
             self.failures.store(0, Ordering::Relaxed);
+            // Not ejecting: `until` is unset and the streak is 0 already (they change together).
+            if !self.ejecting.load(Ordering::Acquire) {
+                return;
+            }
             if let Ok(mut e) = self.ejection.lock() {
                 if e.until.is_none_or(|u| now >= u) {
                     e.until = None;
                     e.streak = 0;
+                    self.ejecting.store(false, Ordering::Release);
                 }
             }
             return;
@@ -133,6 +145,7 @@ impl Upstream {
                 let factor = 1u32 << e.streak.min(4);
                 e.until = Some(now + passive.backoff * factor);
                 e.streak += 1;
+                self.ejecting.store(true, Ordering::Release);
                 tracing::warn!(upstream = %self.addr, seconds = (passive.backoff * factor).as_secs(), "ejected after consecutive failures");
             }
         }
