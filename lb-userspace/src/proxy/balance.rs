@@ -195,6 +195,8 @@ pub struct Pool {
     pub algorithm: Algorithm,
     pub budget: RetryBudget,
     members: Vec<(Arc<Upstream>, i64)>,
+    /// Every member's index: the candidates when none is ejected (or all are).
+    all: Vec<usize>,
     /// Smooth WRR's current weights.
     current: Mutex<Vec<i64>>,
     /// Where least-requests starts looking, so ties rotate.
@@ -211,6 +213,7 @@ impl Pool {
         let n = members.len();
         Pool {
             algorithm,
+            all: (0..n).collect(),
             members,
             budget: RetryBudget::default(),
             current: Mutex::new(vec![0; n]),
@@ -240,24 +243,30 @@ impl Pool {
     /// Picks an upstream. Ejected ones are skipped while any other is available (if all are
     /// ejected, they are all candidates: answering beats refusing). `rand` gives uniform u64s.
     pub fn pick(&self, now: Instant, rand: &mut impl FnMut() -> u64) -> Option<Arc<Upstream>> {
-        let healthy: Vec<usize> = (0..self.members.len())
-            .filter(|&i| !self.members[i].0.ejected(now))
-            .collect();
-        let cands: Vec<usize> = if healthy.is_empty() {
-            (0..self.members.len()).collect()
+        // Usually none is ejected: every member is a candidate, from a list made once.
+        let healthy: Vec<usize>;
+        let cands: &[usize] = if self.members.iter().all(|(u, _)| !u.ejected(now)) {
+            &self.all
         } else {
-            healthy
+            healthy = (0..self.members.len())
+                .filter(|&i| !self.members[i].0.ejected(now))
+                .collect();
+            if healthy.is_empty() {
+                &self.all
+            } else {
+                &healthy
+            }
         };
         if cands.is_empty() {
             return None;
         }
         let i = match self.algorithm {
-            Algorithm::WeightedRoundRobin => self.smooth(&cands)?,
+            Algorithm::WeightedRoundRobin => self.smooth(cands)?,
             Algorithm::Random => {
                 let total: i64 = cands.iter().map(|&i| self.members[i].1).sum();
                 let mut r = (rand() % total as u64) as i64;
                 let mut pick = cands[0];
-                for &i in &cands {
+                for &i in cands {
                     if r < self.members[i].1 {
                         pick = i;
                         break;
