@@ -1279,3 +1279,89 @@ async fn tunnel(client: conn::ClientUpgrade, upstream: hyper::upgrade::OnUpgrade
         debug!("tunnel closed: {e}");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(headers: &[(&str, &str)]) -> Request<Body> {
+        let mut b = Request::get("/a/b?c=d");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(middleware::full(Bytes::new())).expect("request")
+    }
+
+    fn value<'a>(r: &'a Request<Body>, name: &str) -> Option<&'a str> {
+        r.headers().get(name).and_then(|v| v.to_str().ok())
+    }
+
+    #[test]
+    fn forwarding_headers_read_as_before() {
+        let mut r = request(&[
+            ("host", "example.test:8080"),
+            ("connection", "keep-alive, x-drop"),
+            ("x-drop", "1"),
+            ("te", "trailers"),
+            ("forwarded", "for=6.6.6.6"),
+            ("x-forwarded-for", "6.6.6.6"),
+        ]);
+        prepare_headers(
+            &mut r,
+            "192.0.2.7".parse().expect("ip"),
+            "http",
+            false,
+            None,
+        );
+        assert_eq!(
+            value(&r, "forwarded"),
+            Some("for=192.0.2.7;proto=http;host=\"example.test:8080\"")
+        );
+        assert_eq!(value(&r, "x-forwarded-for"), Some("192.0.2.7"));
+        assert_eq!(value(&r, "x-forwarded-proto"), Some("http"));
+        assert_eq!(value(&r, "x-forwarded-host"), Some("example.test:8080"));
+        for gone in ["connection", "x-drop", "te"] {
+            assert!(r.headers().get(gone).is_none(), "{gone} is hop-by-hop");
+        }
+        let id = value(&r, "x-request-id").expect("an id");
+        assert!(
+            id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{id}"
+        );
+
+        // A trusted proxy's trail is extended; IPv6 is quoted in Forwarded.
+        let mut r = request(&[
+            ("forwarded", "for=6.6.6.6"),
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-request-id", "abc"),
+        ]);
+        prepare_headers(
+            &mut r,
+            "2001:db8::1".parse().expect("ip"),
+            "https",
+            true,
+            None,
+        );
+        assert_eq!(
+            value(&r, "forwarded"),
+            Some("for=6.6.6.6, for=\"[2001:db8::1]\";proto=https")
+        );
+        assert_eq!(value(&r, "x-forwarded-for"), Some("6.6.6.6, 2001:db8::1"));
+        assert_eq!(value(&r, "x-request-id"), Some("abc"));
+    }
+
+    #[test]
+    fn upstream_uri_from_parts_equals_the_parsed_text() {
+        let client = UpstreamClient::new(&ClientKey::default()).expect("client");
+        for addr in ["127.0.0.1:8080", "[::1]:443"] {
+            let up = Upstream::new(addr.parse().expect("addr"));
+            for target in ["/", "/a/b?c=d&e", "http://h.test/x?y", "*"] {
+                let t: Uri = target.parse().expect("target");
+                let fast = upstream_uri(&client, &up, &t);
+                let pq = t.path_and_query().map_or("/", |p| p.as_str());
+                let text = upstream_uri_text(&client, up.addr, pq);
+                assert_eq!(fast, text, "{addr} {target}");
+            }
+        }
+    }
+}
