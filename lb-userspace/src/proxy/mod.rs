@@ -1191,6 +1191,9 @@ fn prepare_headers(
     });
     let h = req.headers_mut();
     strip_hop_by_hop(h);
+    // Room for what is added below in one step: the map otherwise grows (and rehashes) as the
+    // headers go in. A map too large to reserve in is left as it was.
+    let _ = h.try_reserve(8);
     if !trusted {
         for name in [
             X_FORWARDED_FOR,
