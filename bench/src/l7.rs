@@ -625,7 +625,12 @@ fn start_lb(o: &Opts, cpu: &str, generation: u32) -> Result<Proxy> {
         pins = pins.display(),
         state = o.out.join("lb-state").display(),
     );
-    let path = o.out.join("lb.toml");
+    // A directory of its own, as /etc/lb would be: lb watches its config file's directory, and
+    // the logs written next to it during a run (h2load's, one line per request) would wake
+    // lb's watcher on its CPU for every write.
+    let dir = o.out.join("lb-conf");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("lb.toml");
     std::fs::write(&path, conf)?;
     let log = o.out.join("lb.log");
     let bin = o.lb_bin.display().to_string();

@@ -374,13 +374,9 @@ impl Http {
     /// the request an `X-Request-Id` when it has none, so the log and the upstream agree.
     pub fn start<B>(&self, entrypoint: &str, client: IpAddr, req: &mut Request<B>) -> Trace {
         let request = self.access_log.load().as_ref().map(|_| {
-            if !req.headers().contains_key("x-request-id") {
-                if let Ok(v) = hyper::header::HeaderValue::from_str(&format!(
-                    "{:032x}",
-                    rand::random::<u128>()
-                )) {
-                    req.headers_mut().insert("x-request-id", v);
-                }
+            if !req.headers().contains_key(crate::proxy::X_REQUEST_ID) {
+                req.headers_mut()
+                    .insert(crate::proxy::X_REQUEST_ID, crate::proxy::new_request_id());
             }
             Box::new(RequestInfo::of(entrypoint, client, req))
         });

@@ -8,7 +8,7 @@
 use std::{
     net::SocketAddr,
     sync::{
-        atomic::{AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
         Arc, Mutex,
     },
     time::{Duration, Instant},
@@ -51,11 +51,16 @@ impl Default for Passive {
 #[derive(Debug)]
 pub struct Upstream {
     pub addr: SocketAddr,
+    /// `addr` as a URI authority, parsed once: every request's upstream URI is built from it.
+    pub authority: Option<hyper::http::uri::Authority>,
     pub in_flight: AtomicU64,
     /// Latency EWMA in microseconds (0: no sample yet).
     ewma_us: AtomicU64,
     failures: AtomicU32,
     ejection: Mutex<Ejection>,
+    /// Whether `ejection.until` is set (written under the lock): every request asks, and a
+    /// healthy upstream answers without taking the lock.
+    ejecting: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -85,14 +90,22 @@ impl Upstream {
     pub fn new(addr: SocketAddr) -> Upstream {
         Upstream {
             addr,
+            authority: hyper::http::uri::Authority::from_maybe_shared(bytes::Bytes::from(
+                addr.to_string(),
+            ))
+            .ok(),
             in_flight: AtomicU64::new(0),
             ewma_us: AtomicU64::new(0),
             failures: AtomicU32::new(0),
             ejection: Mutex::new(Ejection::default()),
+            ejecting: AtomicBool::new(false),
         }
     }
 
     pub fn ejected(&self, now: Instant) -> bool {
+        if !self.ejecting.load(Ordering::Acquire) {
+            return false;
+        }
         self.ejection
             .lock()
             .map(|e| e.until.is_some_and(|u| now < u))
@@ -112,10 +125,15 @@ impl Upstream {
         self.ewma_us.store(new.max(1), Ordering::Relaxed);
         if ok {
             self.failures.store(0, Ordering::Relaxed);
+            // Not ejecting: `until` is unset and the streak is 0 already (they change together).
+            if !self.ejecting.load(Ordering::Acquire) {
+                return;
+            }
             if let Ok(mut e) = self.ejection.lock() {
                 if e.until.is_none_or(|u| now >= u) {
                     e.until = None;
                     e.streak = 0;
+                    self.ejecting.store(false, Ordering::Release);
                 }
             }
             return;
@@ -127,6 +145,7 @@ impl Upstream {
                 let factor = 1u32 << e.streak.min(4);
                 e.until = Some(now + passive.backoff * factor);
                 e.streak += 1;
+                self.ejecting.store(true, Ordering::Release);
                 tracing::warn!(upstream = %self.addr, seconds = (passive.backoff * factor).as_secs(), "ejected after consecutive failures");
             }
         }
@@ -176,6 +195,8 @@ pub struct Pool {
     pub algorithm: Algorithm,
     pub budget: RetryBudget,
     members: Vec<(Arc<Upstream>, i64)>,
+    /// Every member's index: the candidates when none is ejected (or all are).
+    all: Vec<usize>,
     /// Smooth WRR's current weights.
     current: Mutex<Vec<i64>>,
     /// Where least-requests starts looking, so ties rotate.
@@ -192,6 +213,7 @@ impl Pool {
         let n = members.len();
         Pool {
             algorithm,
+            all: (0..n).collect(),
             members,
             budget: RetryBudget::default(),
             current: Mutex::new(vec![0; n]),
@@ -221,24 +243,30 @@ impl Pool {
     /// Picks an upstream. Ejected ones are skipped while any other is available (if all are
     /// ejected, they are all candidates: answering beats refusing). `rand` gives uniform u64s.
     pub fn pick(&self, now: Instant, rand: &mut impl FnMut() -> u64) -> Option<Arc<Upstream>> {
-        let healthy: Vec<usize> = (0..self.members.len())
-            .filter(|&i| !self.members[i].0.ejected(now))
-            .collect();
-        let cands: Vec<usize> = if healthy.is_empty() {
-            (0..self.members.len()).collect()
+        // Usually none is ejected: every member is a candidate, from a list made once.
+        let healthy: Vec<usize>;
+        let cands: &[usize] = if self.members.iter().all(|(u, _)| !u.ejected(now)) {
+            &self.all
         } else {
-            healthy
+            healthy = (0..self.members.len())
+                .filter(|&i| !self.members[i].0.ejected(now))
+                .collect();
+            if healthy.is_empty() {
+                &self.all
+            } else {
+                &healthy
+            }
         };
         if cands.is_empty() {
             return None;
         }
         let i = match self.algorithm {
-            Algorithm::WeightedRoundRobin => self.smooth(&cands)?,
+            Algorithm::WeightedRoundRobin => self.smooth(cands)?,
             Algorithm::Random => {
                 let total: i64 = cands.iter().map(|&i| self.members[i].1).sum();
                 let mut r = (rand() % total as u64) as i64;
                 let mut pick = cands[0];
-                for &i in &cands {
+                for &i in cands {
                     if r < self.members[i].1 {
                         pick = i;
                         break;

@@ -337,35 +337,61 @@ const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1): they describe one connection and never cross a proxy.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authorization",
+/// Names, not strings: a string key is parsed and validated again on every lookup.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
 ];
 
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
 pub(crate) fn strip_hop_by_hop(h: &mut hyper::HeaderMap) {
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| {
-            v.split(',')
-                .map(|s| s.trim().to_ascii_lowercase())
-                .collect::<Vec<_>>()
-        })
-        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
-        .collect();
-    for n in named {
+    // Most requests name nothing in `Connection`: they pay for no list.
+    if h.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| {
+                v.split(',')
+                    .map(|s| s.trim().to_ascii_lowercase())
+                    .collect::<Vec<_>>()
+            })
+            .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+            .collect();
+        for n in named {
+            h.remove(n);
+        }
+    }
+    for n in &HOP_BY_HOP {
         h.remove(n);
     }
-    for n in HOP_BY_HOP {
-        h.remove(n);
+}
+
+/// A fresh request id: 128 random bits as 32 lowercase hex digits.
+pub(crate) fn new_request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut n = rand::random::<u128>();
+    let mut digits = [0u8; 32];
+    for d in digits.iter_mut().rev() {
+        *d = HEX[(n & 0xf) as usize];
+        n >>= 4;
     }
+    // Hex digits are always a valid header value.
+    HeaderValue::from_maybe_shared(Bytes::copy_from_slice(&digits))
+        .unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
 fn text(code: StatusCode, msg: &str) -> Response<Body> {
@@ -832,7 +858,7 @@ impl Proxy {
             trusted,
             upgrade.as_ref(),
         );
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
         // From the body itself: its framing headers are hop-by-hop and already gone.
         let bodiless = hyper::body::Body::is_end_stream(&body);
         // What can be sent again: nothing, or what a middleware buffered.
@@ -894,7 +920,7 @@ impl Proxy {
                     "no upstream for this service",
                 );
             };
-            let Some(uri) = upstream_uri(&svc.client, upstream.addr, &parts.uri) else {
+            let Some(uri) = upstream_uri(&svc.client, &upstream, &parts.uri) else {
                 return text(StatusCode::BAD_REQUEST, "bad request target");
             };
             let this_body = match (&replay, body.take()) {
@@ -902,7 +928,16 @@ impl Proxy {
                 (None, Some(b)) => b,
                 (None, None) => middleware::full(Bytes::new()),
             };
-            let mut attempt = Request::from_parts(parts.clone(), this_body);
+            // No attempt can follow this one (the same test as `again` below, one failure
+            // ahead): the head moves instead of being copied.
+            let last =
+                replay.is_none() || upgrade.is_some() || tried.len() + 1 >= attempts as usize;
+            let head = if last {
+                std::mem::replace(&mut parts, Request::new(()).into_parts().0)
+            } else {
+                parts.clone()
+            };
+            let mut attempt = Request::from_parts(head, this_body);
             *attempt.uri_mut() = uri;
             *attempt.version_mut() = hyper::Version::HTTP_11;
             let started = Instant::now();
@@ -985,7 +1020,7 @@ impl Proxy {
         else {
             return;
         };
-        let Some(uri) = upstream_uri(&shadow.client, upstream.addr, &parts.uri) else {
+        let Some(uri) = upstream_uri(&shadow.client, &upstream, &parts.uri) else {
             return;
         };
         if self.mirroring.fetch_add(1, Ordering::Relaxed) >= MAX_MIRRORING {
@@ -1077,8 +1112,30 @@ fn failure(code: StatusCode, msg: &str) -> Response<Body> {
 }
 
 /// The request's target on an upstream: its address, the client's scheme, the path and query.
-fn upstream_uri(client: &UpstreamClient, addr: SocketAddr, target: &Uri) -> Option<Uri> {
-    let pq = target.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+/// Assembled from parts (the upstream's authority is parsed once, when it is first seen); a
+/// target that is not a path (`*`) goes through the parser as text.
+fn upstream_uri(client: &UpstreamClient, upstream: &Upstream, target: &Uri) -> Option<Uri> {
+    use hyper::http::uri::{PathAndQuery, Scheme};
+    let pq = match target.path_and_query() {
+        None => PathAndQuery::from_static("/"),
+        Some(pq) if pq.as_str().starts_with('/') => pq.clone(),
+        Some(pq) => return upstream_uri_text(client, upstream.addr, pq.as_str()),
+    };
+    let Some(authority) = upstream.authority.clone() else {
+        return upstream_uri_text(client, upstream.addr, pq.as_str());
+    };
+    let mut parts = hyper::http::uri::Parts::default();
+    parts.scheme = Some(if client.tls {
+        Scheme::HTTPS
+    } else {
+        Scheme::HTTP
+    });
+    parts.authority = Some(authority);
+    parts.path_and_query = Some(pq);
+    Uri::from_parts(parts).ok()
+}
+
+fn upstream_uri_text(client: &UpstreamClient, addr: SocketAddr, pq: &str) -> Option<Uri> {
     let scheme = if client.tls { "https" } else { "http" };
     format!("{scheme}://{addr}{pq}").parse().ok()
 }
@@ -1127,6 +1184,8 @@ fn cookie(h: &hyper::HeaderMap, name: &str) -> Option<u64> {
 
 /// Headers for the upstream: hop-by-hop ones removed (an upgrade keeps its own), the forwarding
 /// trail (`X-Forwarded-For/-Proto/-Host`) added, `Host` kept, a request id if there is none.
+/// Every request passes here: names are constants and each value is built in one buffer that
+/// becomes the header without another copy.
 fn prepare_headers(
     req: &mut Request<Body>,
     client_ip: IpAddr,
@@ -1134,6 +1193,7 @@ fn prepare_headers(
     trusted: bool,
     upgrade: Option<&HeaderValue>,
 ) {
+    use std::fmt::Write as _;
     // HTTP/2 carries the host in the URI (`:authority`), not in a Host header.
     let original_host = req.headers().get(header::HOST).cloned().or_else(|| {
         req.uri()
@@ -1142,56 +1202,58 @@ fn prepare_headers(
     });
     let h = req.headers_mut();
     strip_hop_by_hop(h);
+    // Room for what is added below in one step: the map otherwise grows (and rehashes) as the
+    // headers go in. A map too large to reserve in is left as it was.
+    let _ = h.try_reserve(8);
     if !trusted {
         for name in [
-            "x-forwarded-for",
-            "x-forwarded-proto",
-            "x-forwarded-host",
-            "x-forwarded-port",
-            "x-real-ip",
-            "forwarded",
+            X_FORWARDED_FOR,
+            X_FORWARDED_PROTO,
+            X_FORWARDED_HOST,
+            X_FORWARDED_PORT,
+            X_REAL_IP,
+            FORWARDED,
         ] {
             h.remove(name);
         }
     }
     // RFC 7239: quoted IPv6, the host as the client asked for it.
-    let node = match client_ip {
-        IpAddr::V4(a) => a.to_string(),
-        IpAddr::V6(a) => format!("\"[{a}]\""),
+    let mut fwd = String::with_capacity(96);
+    if let Some(prev) = h.get(FORWARDED).and_then(|v| v.to_str().ok()) {
+        fwd.push_str(prev);
+        fwd.push_str(", ");
+    }
+    // Writing to a String cannot fail.
+    let _ = match client_ip {
+        IpAddr::V4(a) => write!(fwd, "for={a};proto={scheme}"),
+        IpAddr::V6(a) => write!(fwd, "for=\"[{a}]\";proto={scheme}"),
     };
-    let host_part = original_host
-        .as_ref()
-        .and_then(|v| v.to_str().ok())
-        .map(|v| format!(";host=\"{v}\""))
-        .unwrap_or_default();
-    let fwd = format!("for={node};proto={scheme}{host_part}");
-    let fwd = match h.get("forwarded").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {fwd}"),
-        None => fwd,
-    };
-    if let Ok(v) = HeaderValue::from_str(&fwd) {
-        h.insert("forwarded", v);
+    if let Some(v) = original_host.as_ref().and_then(|v| v.to_str().ok()) {
+        let _ = write!(fwd, ";host=\"{v}\"");
+    }
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(fwd)) {
+        h.insert(FORWARDED, v);
     }
     if let Some(u) = upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         h.insert(header::UPGRADE, u.clone());
     }
-    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {client_ip}"),
-        None => client_ip.to_string(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        h.insert("x-forwarded-for", v);
+    let mut xff = String::with_capacity(48);
+    if let Some(prev) = h.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        xff.push_str(prev);
+        xff.push_str(", ");
     }
-    h.insert("x-forwarded-proto", HeaderValue::from_static(scheme));
+    let _ = write!(xff, "{client_ip}");
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(xff)) {
+        h.insert(X_FORWARDED_FOR, v);
+    }
+    h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
     if let Some(host) = original_host {
-        h.insert("x-forwarded-host", host.clone());
+        h.insert(X_FORWARDED_HOST, host.clone());
         h.insert(header::HOST, host);
     }
-    if !h.contains_key("x-request-id") {
-        if let Ok(v) = HeaderValue::from_str(&format!("{:032x}", rand::random::<u128>())) {
-            h.insert("x-request-id", v);
-        }
+    if !h.contains_key(X_REQUEST_ID) {
+        h.insert(X_REQUEST_ID, new_request_id());
     }
 }
 
@@ -1211,8 +1273,12 @@ fn request_host<B>(req: &Request<B>) -> String {
                         .to_string()
                 })
         })
+        .map(|mut host| {
+            // In place: the one copy made above is the only one.
+            host.make_ascii_lowercase();
+            host
+        })
         .unwrap_or_default()
-        .to_ascii_lowercase()
 }
 
 /// Joins an upgraded client connection to the upgraded upstream connection, bytes both ways,
@@ -1225,5 +1291,91 @@ async fn tunnel(client: conn::ClientUpgrade, upstream: hyper::upgrade::OnUpgrade
     let mut u = TokioIo::new(u);
     if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
         debug!("tunnel closed: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(headers: &[(&str, &str)]) -> Request<Body> {
+        let mut b = Request::get("/a/b?c=d");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(middleware::full(Bytes::new())).expect("request")
+    }
+
+    fn value<'a>(r: &'a Request<Body>, name: &str) -> Option<&'a str> {
+        r.headers().get(name).and_then(|v| v.to_str().ok())
+    }
+
+    #[test]
+    fn forwarding_headers_read_as_before() {
+        let mut r = request(&[
+            ("host", "example.test:8080"),
+            ("connection", "keep-alive, x-drop"),
+            ("x-drop", "1"),
+            ("te", "trailers"),
+            ("forwarded", "for=6.6.6.6"),
+            ("x-forwarded-for", "6.6.6.6"),
+        ]);
+        prepare_headers(
+            &mut r,
+            "192.0.2.7".parse().expect("ip"),
+            "http",
+            false,
+            None,
+        );
+        assert_eq!(
+            value(&r, "forwarded"),
+            Some("for=192.0.2.7;proto=http;host=\"example.test:8080\"")
+        );
+        assert_eq!(value(&r, "x-forwarded-for"), Some("192.0.2.7"));
+        assert_eq!(value(&r, "x-forwarded-proto"), Some("http"));
+        assert_eq!(value(&r, "x-forwarded-host"), Some("example.test:8080"));
+        for gone in ["connection", "x-drop", "te"] {
+            assert!(r.headers().get(gone).is_none(), "{gone} is hop-by-hop");
+        }
+        let id = value(&r, "x-request-id").expect("an id");
+        assert!(
+            id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{id}"
+        );
+
+        // A trusted proxy's trail is extended; IPv6 is quoted in Forwarded.
+        let mut r = request(&[
+            ("forwarded", "for=6.6.6.6"),
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-request-id", "abc"),
+        ]);
+        prepare_headers(
+            &mut r,
+            "2001:db8::1".parse().expect("ip"),
+            "https",
+            true,
+            None,
+        );
+        assert_eq!(
+            value(&r, "forwarded"),
+            Some("for=6.6.6.6, for=\"[2001:db8::1]\";proto=https")
+        );
+        assert_eq!(value(&r, "x-forwarded-for"), Some("6.6.6.6, 2001:db8::1"));
+        assert_eq!(value(&r, "x-request-id"), Some("abc"));
+    }
+
+    #[test]
+    fn upstream_uri_from_parts_equals_the_parsed_text() {
+        let client = UpstreamClient::new(&ClientKey::default()).expect("client");
+        for addr in ["127.0.0.1:8080", "[::1]:443"] {
+            let up = Upstream::new(addr.parse().expect("addr"));
+            for target in ["/", "/a/b?c=d&e", "http://h.test/x?y", "*"] {
+                let t: Uri = target.parse().expect("target");
+                let fast = upstream_uri(&client, &up, &t);
+                let pq = t.path_and_query().map_or("/", |p| p.as_str());
+                let text = upstream_uri_text(&client, up.addr, pq);
+                assert_eq!(fast, text, "{addr} {target}");
+            }
+        }
     }
 }
