@@ -921,7 +921,7 @@ async fn an_idle_keep_alive_connection_serves_what_comes_next() {
     // Every pause is long enough for the connection to park: the gauge shows it did.
     let parks = std::sync::atomic::AtomicU32::new(0);
     let pause = || async {
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         assert_eq!(obs.idle(), 1, "the idle connection is parked");
         parks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     };
@@ -932,12 +932,6 @@ async fn an_idle_keep_alive_connection_serves_what_comes_next() {
     let r = read_responses(&mut s, 1).await;
     assert!(r[0].0.starts_with("HTTP/1.1 200"), "{r:?}");
     assert!(r[0].1.starts_with("a /one"), "{r:?}");
-    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    assert_eq!(
-        obs.idle(),
-        0,
-        "not parked at once: a next request may be on its way"
-    );
     pause().await;
     // Two requests in one write, after the connection went idle.
     s.write_all(b"GET /two HTTP/1.1\r\nHost: t\r\n\r\nGET /three HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -1016,7 +1010,7 @@ async fn a_connection_parks_again_after_an_unread_body() {
         .expect("write");
     let r = read_responses(&mut s, 1).await;
     assert!(r[0].1.starts_with("a /a/x"), "{r:?}");
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     assert_eq!(obs.idle(), 1, "parked after the next request");
 }
 

@@ -30,7 +30,7 @@ use std::{
     net::SocketAddr,
     pin::Pin,
     sync::{
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc, Mutex,
     },
     task::{Context, Poll},
@@ -62,12 +62,6 @@ use super::{tcp::Prefixed, Body, BoxError, Proxy, MAX_HEADER_BYTES};
 /// accepted or last went idle: an idle keep-alive connection closes after it, as with hyper's
 /// header read timeout before connections were parked.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// How long an HTTP/1 connection stays idle before it is parked. A client with its next request
-/// ready (a load generator, a pipeline of API calls) is served by the same hyper connection;
-/// one that pauses longer costs a rebuild of a few microseconds, against a pause of at least
-/// this long.
-const PARK_AFTER: Duration = Duration::from_millis(100);
 
 /// The HTTP/2 connection preface: a client speaking h2c with prior knowledge starts with it.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -298,9 +292,6 @@ async fn until_idle<S: Socket>(
 ) -> hyper::Result<bool> {
     let mut drained = std::pin::pin!(drain.cancelled());
     let mut late = std::pin::pin!(tokio::time::sleep_until(deadline));
-    let mut quiet = std::pin::pin!(tokio::time::sleep(PARK_AFTER));
-    // The request count when the connection was last seen idle: idle since then if unchanged.
-    let mut idle_at: Option<u64> = None;
     let (mut parking, mut draining) = (false, false);
     std::future::poll_fn(|cx| loop {
         // Woken when a body another task reads ends: that may be what makes the connection idle.
@@ -325,18 +316,9 @@ async fn until_idle<S: Socket>(
             Poll::Pending => {}
         }
         if draining || !turn.idle() {
-            idle_at = None;
             return Poll::Pending;
         }
-        let requests = turn.requests.load(Ordering::Relaxed);
-        if idle_at != Some(requests) {
-            idle_at = Some(requests);
-            quiet.as_mut().reset(Instant::now() + PARK_AFTER);
-        }
-        if quiet.as_mut().poll(cx).is_pending() {
-            return Poll::Pending;
-        }
-        // Idle all along, hyper closes without writing anything: the next poll returns.
+        // Idle, hyper closes without writing anything: the next poll returns.
         parking = true;
         Pin::new(&mut *conn).graceful_shutdown();
     })
@@ -363,7 +345,6 @@ impl hyper::service::Service<Request<Incoming>> for Svc {
         let abandoned = turn.abandoned.swap(0, Ordering::Relaxed);
         turn.open.fetch_sub(abandoned, Ordering::Relaxed);
         turn.open.fetch_add(1, Ordering::Relaxed);
-        turn.requests.fetch_add(1, Ordering::Relaxed);
         turn.read_waiting.store(false, Ordering::Relaxed);
         turn.answered.store(true, Ordering::Relaxed);
         if wants_close(&req) {
@@ -432,8 +413,6 @@ struct Turn {
     /// request body dropped before its end stays counted until the next request (hyper drains
     /// it, or closes the connection, first).
     open: AtomicUsize,
-    /// Requests taken: a change means the connection was busy in between.
-    requests: AtomicU64,
     /// Request bodies dropped before their end, forgiven at the next request.
     abandoned: AtomicUsize,
     /// The connection's task, woken when a body ends on another task.
