@@ -520,11 +520,10 @@ impl RequestBody {
         RequestBody { body, turn }
     }
 
-    fn check_end(&mut self) {
-        if self.body.is_end_stream() {
-            if let Some(t) = self.turn.take() {
-                t.body_done();
-            }
+    /// The body has ended (its last frame read, or the stream said so): hyper may go idle.
+    fn ended(&mut self) {
+        if let Some(t) = self.turn.take() {
+            t.body_done();
         }
     }
 }
@@ -548,12 +547,8 @@ impl hyper::body::Body for RequestBody {
         let this = self.get_mut();
         let r = Pin::new(&mut this.body).poll_frame(cx);
         match &r {
-            Poll::Ready(None) => {
-                if let Some(t) = this.turn.take() {
-                    t.body_done();
-                }
-            }
-            Poll::Ready(Some(Ok(_))) => this.check_end(),
+            Poll::Ready(None) => this.ended(),
+            Poll::Ready(Some(Ok(_))) if this.body.is_end_stream() => this.ended(),
             _ => {}
         }
         r.map(|f| f.map(|f| f.map_err(|e| Box::new(e) as BoxError)))
