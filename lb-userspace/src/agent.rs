@@ -118,11 +118,36 @@ fn take_locks(cfg: &Config, pin_dir: &Path) -> Result<Vec<Flock<File>>> {
     Ok(locks)
 }
 
+/// A listener, or an error that says what to change when the address is taken or not allowed.
+async fn bind(
+    addr: std::net::SocketAddr,
+    what: &str,
+    field: &str,
+) -> Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        let hint = match e.kind() {
+            std::io::ErrorKind::AddrInUse => {
+                format!(": another process listens there; stop it, or change {field}")
+            }
+            std::io::ErrorKind::AddrNotAvailable => {
+                format!(": no interface of this host has that address; change {field}")
+            }
+            std::io::ErrorKind::PermissionDenied => {
+                format!(": ports below 1024 need root or CAP_NET_BIND_SERVICE; change {field}")
+            }
+            _ => String::new(),
+        };
+        anyhow!("{what}: binding {addr}: {e}{hint}")
+    })
+}
+
 pub async fn run(config_path: &Path) -> Result<()> {
     let cfg = config::load(config_path)?;
     let token = api_token(&cfg)?;
     let pin_dir = crate::dataplane::pin_dir(&cfg.pin_root, &cfg.instance);
     let _locks = take_locks(&cfg, &pin_dir)?;
+    // Bound before the dataplane is touched: a port in use must not leave a half-started agent.
+    let listener = bind(cfg.api_listen, "the admin API", "[api] listen").await?;
     let store = Store::open(
         &cfg.state_dir
             .join(format!("api-store-{}.json", cfg.instance)),
@@ -272,9 +297,6 @@ pub async fn run(config_path: &Path) -> Result<()> {
         acme,
     )));
 
-    let listener = tokio::net::TcpListener::bind(cfg.api_listen)
-        .await
-        .with_context(|| format!("binding the admin API on {}", cfg.api_listen))?;
     info!(listen = %cfg.api_listen, "admin API up");
     let app = api::router(ApiState {
         control: control.clone(),
@@ -513,9 +535,12 @@ impl Listeners {
                 }
                 continue;
             }
-            let listener = tokio::net::TcpListener::bind(ep.address)
-                .await
-                .with_context(|| format!("entrypoint {}: binding {}", ep.name, ep.address))?;
+            let listener = bind(
+                ep.address,
+                &format!("entrypoint {}", ep.name),
+                "its address",
+            )
+            .await?;
             let local = listener.local_addr().unwrap_or(ep.address);
             let tls = tls.map(|t| Arc::new(arc_swap::ArcSwap::new(t)));
             info!(entrypoint = ep.name, address = %local, tls = ep.tls, "proxy listening");

@@ -119,8 +119,48 @@ enum XdpModeArg {
     Generic,
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
+/// An expected failure (a bad config, a port in use, missing privileges) is one `error:` line with
+/// its causes and exit status 1, whatever RUST_BACKTRACE says: a backtrace is for panics.
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The capabilities loading and attaching XDP programs, pinning maps and entering namespaces
+/// take. Checked first, so a user without them is told so rather than shown the first syscall
+/// that failed.
+fn require_privileges(what: &str) -> Result<()> {
+    const CAPS: [(u32, &str); 3] = [
+        (39, "CAP_BPF"),
+        (12, "CAP_NET_ADMIN"),
+        (21, "CAP_SYS_ADMIN"),
+    ];
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let missing: Vec<&str> = CAPS
+        .iter()
+        .filter(|(bit, _)| eff & (1 << bit) == 0)
+        .map(|(_, name)| *name)
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "`lb {what}` needs {} (loading XDP programs and pinning maps): run it as root, e.g. with sudo",
+            missing.join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Logs go to stderr: stdout is the access log's when it has no file.
@@ -133,6 +173,7 @@ fn main() -> Result<()> {
     }
     match cli.cmd {
         Cmd::Run { config } => {
+            require_privileges("run")?;
             tokio::runtime::Runtime::new()?.block_on(lb_userspace::agent::run(&config))
         }
         Cmd::CheckConfig { config } => {
@@ -192,6 +233,7 @@ fn main() -> Result<()> {
                 XdpModeArg::Native => AttachMode::Native,
                 XdpModeArg::Generic => AttachMode::Generic,
             };
+            require_privileges("decap")?;
             let _attached = lb_userspace::dataplane::attach_decap(&iface, mode)?;
             tracing::info!(iface, "decapsulating IP-in-IP until SIGTERM/SIGINT");
             tokio::runtime::Runtime::new()?.block_on(async {
@@ -213,6 +255,7 @@ fn main() -> Result<()> {
             watch,
         } => status(&config, api, token, interval, watch),
         Cmd::Detach { config } => {
+            require_privileges("detach")?;
             let c = lb_userspace::config::load(&config)?;
             let removed = lb_userspace::dataplane::detach(&c.pin_root, &c.instance)?;
             println!(

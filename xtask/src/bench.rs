@@ -1,33 +1,18 @@
 //! `cargo xtask bench [--quick]`: installs the load generators and the proxies lb is compared
-//! with, builds everything in release, runs the Maglev criterion bench, then `lb-bench`, which
+//! with (the bench group of [`crate::packages`]), builds everything in release, runs the Maglev criterion bench, then `lb-bench`, which
 //! prints the tables and writes `<target>/bench/bench.json` and `<target>/bench/BENCHMARKS.md`.
 //!
 //! Namespaces and pins of the benchmark are all named `lbb-…`; they are removed before and after
 //! the run (after a failure too), together with any process still inside those namespaces.
 
-use std::{
-    env,
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::{env, path::PathBuf, process::Command};
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 
-use crate::{cargo, ensure_toolchain, output, preflight, root, run};
-
-/// Debian packages → a command each provides.
-const TOOLS: &[(&str, &str)] = &[
-    ("wrk", "wrk"),
-    ("nginx", "nginx"),
-    ("haproxy", "haproxy"),
-    ("nghttp2-client", "h2load"),
-    ("nftables", "nft"),
-    ("ethtool", "ethtool"),
-];
+use crate::{cargo, ensure_toolchain, output, packages::Group, preflight, root, run};
 
 pub fn bench(quick: bool, only: Option<String>) -> Result<()> {
-    preflight()?;
-    install_tools()?;
+    preflight(&[Group::Build, Group::Run, Group::Bench])?;
     ensure_toolchain()?;
     run(cargo().args(["build", "--release", "--bins"]))?;
     run(cargo().args(["build", "--release", "-p", "lb-bench"]))?;
@@ -95,59 +80,6 @@ fn target_dir() -> PathBuf {
         .map(PathBuf::from)
         .map(|p| if p.is_absolute() { p } else { root().join(p) })
         .unwrap_or_else(|| root().join("target"))
-}
-
-fn has(cmd: &str) -> bool {
-    output(
-        Command::new("sh")
-            .arg("-c")
-            .arg(format!("command -v {cmd}")),
-    )
-    .is_some()
-}
-
-/// apt-get installs what is missing, with services kept from starting (a policy-rc.d that denies
-/// every start, present only while apt runs): the benchmark runs its own instances with its own
-/// config files, in namespaces, and stops them afterwards.
-fn install_tools() -> Result<()> {
-    let missing: Vec<&str> = TOOLS
-        .iter()
-        .filter(|(_, cmd)| !has(cmd))
-        .map(|(pkg, _)| *pkg)
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    eprintln!("xtask: installing {} (apt-get)…", missing.join(", "));
-    let policy = Path::new("/usr/sbin/policy-rc.d");
-    let ours = !policy.exists();
-    if ours {
-        std::fs::write(
-            policy,
-            "#!/bin/sh\n# cargo xtask bench: no service starts while it installs\nexit 101\n",
-        )
-        .context("writing /usr/sbin/policy-rc.d")?;
-        run(Command::new("chmod").args(["755", "/usr/sbin/policy-rc.d"]))?;
-    }
-    let result = run(Command::new("apt-get").arg("update").arg("-q")).and_then(|_| {
-        run(Command::new("apt-get")
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing))
-    });
-    if ours {
-        let _ = std::fs::remove_file(policy);
-    }
-    result.context("installing the benchmark's tools")?;
-    // Where systemd runs, keep the packaged services from starting at boot or by socket.
-    if has("systemctl") && Path::new("/run/systemd/system").exists() {
-        for svc in ["nginx", "haproxy"] {
-            let _ = Command::new("systemctl")
-                .args(["disable", "--now", svc])
-                .output();
-        }
-    }
-    Ok(())
 }
 
 /// Removes the benchmark's namespaces (killing, by pid, whatever still runs inside them) and pins.

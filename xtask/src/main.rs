@@ -1,20 +1,24 @@
-//! `cargo xtask build|run|test|demo|bench`: the project's only entry points.
+//! `cargo xtask build|run|test|demo|bench|fresh-check`: the project's only entry points.
 //!
-//! Everything a fresh machine lacks for the eBPF build is installed here, with a message, and
-//! everything that cannot be had fails with a clear error: the pinned nightly with `rust-src`, and
-//! `bpf-linker` built against that nightly's own LLVM (so their LLVM majors always match; see
-//! ../shared/TOOLCHAIN.md).
+//! Everything a new machine lacks is installed here, with one line saying what and why, and
+//! everything that cannot be had fails with one `error:` line saying what to do: the system
+//! packages of [`packages`], the pinned nightly with `rust-src`, and `bpf-linker` built against
+//! that nightly's own LLVM (so their LLVM majors always match; see ../shared/TOOLCHAIN.md).
 
 use std::{
     env,
     path::{Path, PathBuf},
-    process::{Command, ExitStatus},
+    process::{Command, ExitCode, ExitStatus},
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
+use packages::Group;
 
 mod bench;
+mod fresh;
+mod packages;
 
 /// Must match `EBPF_TOOLCHAIN` in lb-userspace/build.rs.
 const EBPF_TOOLCHAIN: &str = "nightly-2026-05-20";
@@ -53,15 +57,36 @@ enum Cmd {
         #[arg(long)]
         only: Option<String>,
     },
+    /// From nothing: a debootstrapped Debian 12 root with only the README's prerequisites, where
+    /// the README's two commands run as written (tens of minutes; never beside the host's tests).
+    FreshCheck {
+        /// Where the root is built (default: target/fresh-check); removed first.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Skip `cargo xtask test` inside the root (the demo only).
+        #[arg(long)]
+        demo_only: bool,
+    },
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
+/// Expected failures (a missing tool, not root, a failed test) are one `error:` line with their
+/// causes, whatever RUST_BACKTRACE says: a backtrace is for panics.
+fn main() -> ExitCode {
+    match dispatch(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<()> {
     match cli.cmd.unwrap_or(Cmd::Run { config: None }) {
         Cmd::Build { release } => build(release),
         Cmd::Run { config: Some(c) } => {
+            preflight(&[Group::Build, Group::Run])?;
             build(false)?;
-            require_root()?;
             let c = c
                 .canonicalize()
                 .with_context(|| format!("config {}", c.display()))?;
@@ -71,6 +96,7 @@ fn main() -> Result<()> {
         Cmd::Demo { check } => demo(check),
         Cmd::Test => test(),
         Cmd::Bench { quick, only } => bench::bench(quick, only),
+        Cmd::FreshCheck { dir, demo_only } => fresh::check(dir, demo_only),
     }
 }
 
@@ -91,12 +117,27 @@ fn cargo() -> Command {
     c
 }
 
+/// Runs `cmd`; a failure names the program and its arguments (cargo's own output above it says
+/// what went wrong).
 fn run(cmd: &mut Command) -> Result<()> {
-    let status: ExitStatus = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
+    let status: ExitStatus = cmd
+        .status()
+        .with_context(|| format!("spawning {}", show(cmd)))?;
     if !status.success() {
-        bail!("{cmd:?} failed: {status}");
+        bail!(
+            "`{}` failed ({status}); its output above says why",
+            show(cmd)
+        );
     }
     Ok(())
+}
+
+fn show(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn output(cmd: &mut Command) -> Option<String> {
@@ -106,10 +147,14 @@ fn output(cmd: &mut Command) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn require_root() -> Result<()> {
+fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("this needs root: loading XDP programs and creating network namespaces need CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN");
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn require_root() -> Result<()> {
+    if !is_root() {
+        bail!("this needs root (loading XDP programs and creating network namespaces need CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN): run it again with sudo");
     }
     Ok(())
 }
@@ -193,6 +238,7 @@ fn ensure_toolchain() -> Result<()> {
 }
 
 fn build(release: bool) -> Result<()> {
+    packages::ensure(&[Group::Build])?;
     ensure_toolchain()?;
     let mut c = cargo();
     c.args(["build", "--bins"]);
@@ -202,24 +248,14 @@ fn build(release: bool) -> Result<()> {
     run(&mut c)
 }
 
-/// BPF needs root and a kernel with BPF; bpffs is mounted by the agent and tests when absent.
-fn preflight() -> Result<()> {
+/// Root, a kernel with BPF, and the system packages of `groups` (installed when missing).
+/// bpffs is mounted by the agent and the tests when absent.
+fn preflight(groups: &[Group]) -> Result<()> {
     require_root()?;
     if !Path::new("/sys/kernel/btf/vmlinux").exists() && !Path::new("/sys/fs/bpf").exists() {
-        bail!("this kernel has no BPF support visible (/sys/fs/bpf and BTF missing)");
+        bail!("this kernel shows no BPF support (/sys/fs/bpf and /sys/kernel/btf/vmlinux are both missing): lb needs Linux with BPF and XDP (5.15 or later; tested on 6.18)");
     }
-    for tool in ["ip", "ethtool", "nsenter"] {
-        if output(
-            Command::new("sh")
-                .arg("-c")
-                .arg(format!("command -v {tool}")),
-        )
-        .is_none()
-        {
-            bail!("{tool} is missing: install iproute2, ethtool and util-linux (see .ci/run)");
-        }
-    }
-    Ok(())
+    packages::ensure(groups)
 }
 
 /// Removes what an interrupted earlier run may have left: test namespaces and pin roots.
@@ -241,54 +277,91 @@ fn clean_leftovers() {
     }
 }
 
-fn test() -> Result<()> {
-    preflight()?;
-    // The ACME tests run pebble, an ACME test CA, with pebble-challtestsrv as its DNS server;
-    // the dashboard test drives Debian's chromium through chromedriver.
-    for (tool, package) in [
-        ("pebble", "pebble"),
-        ("pebble-challtestsrv", "pebble"),
-        ("chromium", "chromium"),
-        ("chromedriver", "chromium-driver"),
-    ] {
-        if output(
-            Command::new("sh")
-                .arg("-c")
-                .arg(format!("command -v {tool}")),
-        )
-        .is_none()
-        {
-            bail!("{tool} is missing: install {package} (see .ci/run)");
+/// Wall-clock time of each phase, printed as they end and again as a total, also after a failure:
+/// CI's time is a budget, and a phase that grew should be seen.
+struct Phases {
+    start: Instant,
+    done: Vec<(&'static str, Duration)>,
+}
+
+impl Phases {
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            done: Vec::new(),
         }
     }
-    build(false)?;
+
+    fn run(&mut self, name: &'static str, f: impl FnOnce() -> Result<()>) -> Result<()> {
+        eprintln!("xtask: {name}");
+        let t = Instant::now();
+        let r = f();
+        let took = t.elapsed();
+        eprintln!(
+            "xtask: {name}: {} in {:.0} s",
+            if r.is_ok() { "done" } else { "FAILED" },
+            took.as_secs_f64()
+        );
+        self.done.push((name, took));
+        r.with_context(|| format!("phase `{name}`"))
+    }
+
+    fn summary(&self) {
+        eprintln!("xtask: phase times");
+        for (name, took) in &self.done {
+            eprintln!("  {:>6.0} s  {name}", took.as_secs_f64());
+        }
+        eprintln!("  {:>6.0} s  total", self.start.elapsed().as_secs_f64());
+    }
+}
+
+fn test() -> Result<()> {
+    let mut phases = Phases::new();
+    let r = test_phases(&mut phases);
+    phases.summary();
+    r
+}
+
+fn test_phases(phases: &mut Phases) -> Result<()> {
+    phases.run("system packages and toolchain", || {
+        preflight(&[Group::Build, Group::Run, Group::Test])?;
+        ensure_toolchain()
+    })?;
+    phases.run("build", || {
+        build(false)?;
+        run(cargo().args(["build", "--tests", "--workspace", "--exclude", "lb-ebpf"]))
+    })?;
     clean_leftovers();
-    eprintln!("xtask: unit and packet tests");
-    run(cargo().args([
-        "test",
-        "--workspace",
-        "--exclude",
-        "lb-tests",
-        "--exclude",
-        "lb-ebpf",
-    ]))?;
-    eprintln!("xtask: end-to-end tests (one at a time: they share the kernel)");
-    run(cargo().env("LB_BIN", lb_bin()).args([
-        "test",
-        "-p",
-        "lb-tests",
-        "--",
-        "--test-threads=1",
-        "--nocapture",
-    ]))?;
-    eprintln!("xtask: demo --check");
-    demo(true)?;
+    phases.run("unit and packet tests", || {
+        run(cargo().args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "lb-tests",
+            "--exclude",
+            "lb-ebpf",
+        ]))
+    })?;
+    phases.run(
+        "end-to-end tests (one at a time: they share the kernel)",
+        || {
+            run(cargo().env("LB_BIN", lb_bin()).args([
+                "test",
+                "-p",
+                "lb-tests",
+                "--",
+                "--test-threads=1",
+                "--nocapture",
+            ]))
+        },
+    )?;
+    phases.run("demo --check", || demo(true))?;
     clean_leftovers();
     Ok(())
 }
 
 fn demo(check: bool) -> Result<()> {
-    preflight()?;
+    preflight(&[Group::Build, Group::Run])?;
     build(false)?;
     run(cargo().args(["build", "-p", "lb-tests", "--bin", "lb-demo"]))?;
     let mut c = Command::new(root().join("target/debug/lb-demo"));
