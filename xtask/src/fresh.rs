@@ -262,6 +262,18 @@ fn make_root(dir: &Path) -> Result<Root> {
         "#!/bin/sh\n# fresh-check: no service starts in this root\nexit 101\n",
     )?;
     std::fs::set_permissions(&policy, std::fs::Permissions::from_mode(0o755))?;
+    // The machine's own trust anchors (a network that inspects TLS installs its CA here); the
+    // root's ca-certificates, installed with the prerequisites, adds them to its bundle.
+    let local_ca = Path::new("/usr/local/share/ca-certificates");
+    if local_ca.is_dir() {
+        let into = root.join("usr/local/share/ca-certificates");
+        std::fs::create_dir_all(&into)?;
+        for e in std::fs::read_dir(local_ca)?.flatten() {
+            if e.path().is_file() {
+                std::fs::copy(e.path(), into.join(e.file_name()))?;
+            }
+        }
+    }
     for f in ["etc/resolv.conf", "etc/hosts"] {
         let _ = std::fs::remove_file(root.join(f));
         std::fs::copy(Path::new("/").join(f), root.join(f)).with_context(|| format!("/{f}"))?;
