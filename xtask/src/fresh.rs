@@ -329,15 +329,21 @@ fn make_root(dir: &Path) -> Result<Root> {
     })
 }
 
-/// The overlay's upper layer hides every toolchain but `stable-*` and `nightly-*`, and the
-/// nightly's rust-src, with whiteouts (character devices 0:0), so the host's RUSTUP_HOME is shown
+/// The overlay's upper layer hides every toolchain but `stable-<host>` and `nightly-<host>`, and
+/// that nightly's rust-src, with whiteouts (character devices 0:0), so the host's RUSTUP_HOME is shown
 /// as a new machine has it and anything installed lands in the upper layer only.
 fn rustup_overlay(host: &Path, dir: &Path) -> Result<()> {
     let upper = dir.join("rustup-upper");
     std::fs::create_dir_all(upper.join("toolchains"))?;
     std::fs::create_dir_all(upper.join("update-hashes"))?;
     std::fs::create_dir_all(dir.join("rustup-work"))?;
-    let kept = |n: &str| n.starts_with("stable-") || n.starts_with("nightly-");
+    // `stable-<host>` and the undated `nightly-<host>`; a dated or numbered toolchain (the pinned
+    // nightly xtask installs, `1.95.0-…`) is what a new machine lacks.
+    let kept = |n: &str| {
+        n.strip_prefix("stable-")
+            .or_else(|| n.strip_prefix("nightly-"))
+            .is_some_and(|rest| !rest.starts_with(|c: char| c.is_ascii_digit()))
+    };
     for sub in ["toolchains", "update-hashes"] {
         let Ok(entries) = std::fs::read_dir(host.join(sub)) else {
             continue;
@@ -357,7 +363,7 @@ fn rustup_overlay(host: &Path, dir: &Path) -> Result<()> {
     };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if !name.starts_with("nightly-") {
+        if !name.starts_with("nightly-") || !kept(&name) {
             continue;
         }
         let rustlib = Path::new("toolchains").join(&name).join("lib/rustlib");
