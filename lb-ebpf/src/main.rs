@@ -5,7 +5,10 @@
 //! falling back to the port-0 wildcard; keep the flow on its backend through connection tracking;
 //! on a miss pick a backend from the VIP's live Maglev table; forward by the VIP's mode. Anything
 //! that is not for a VIP, or cannot be parsed, is `XDP_PASS`: the host's own traffic (ssh, the
-//! agent's API) must never be dropped by accident.
+//! agent's API) must never be dropped by accident. A malformed frame (a version or length field
+//! that disagrees with the frame or with another header) is passed too, checked while parsing,
+//! before any flow or NAT reverse entry exists and before any byte is rewritten: what the stack
+//! would refuse, the balancer must not forward for it.
 //!
 //! Fragments carry ports only in the first piece, so a fragmented datagram is steered by addresses
 //! alone (ports hashed as zero) and only through a port-0 VIP; without one it is passed to the stack.
