@@ -174,7 +174,10 @@ pub enum Reason {
     PassNotIp = 0,
     /// IP but not TCP/UDP, or IPv6 with extension headers.
     PassNotL4 = 1,
-    /// A header ran past the end of the frame.
+    /// A header ran past the end of the frame, or is malformed: an IP version that is not the
+    /// ethertype's, a length field that disagrees with the frame or with the IP length, an ICMP
+    /// error quoting fewer than 8 bytes of L4. (One reason for both: a separate one would resize
+    /// `STATS_REASON`, a layout change.)
     PassTruncated = 2,
     /// TCP/UDP, but no VIP matches the destination.
     PassNotVip = 3,

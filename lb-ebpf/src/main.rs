@@ -5,7 +5,10 @@
 //! falling back to the port-0 wildcard; keep the flow on its backend through connection tracking;
 //! on a miss pick a backend from the VIP's live Maglev table; forward by the VIP's mode. Anything
 //! that is not for a VIP, or cannot be parsed, is `XDP_PASS`: the host's own traffic (ssh, the
-//! agent's API) must never be dropped by accident.
+//! agent's API) must never be dropped by accident. A malformed frame (a version or length field
+//! that disagrees with the frame or with another header) is passed too, checked while parsing,
+//! before any flow or NAT reverse entry exists and before any byte is rewritten: what the stack
+//! would refuse, the balancer must not forward for it.
 //!
 //! Fragments carry ports only in the first piece, so a fragmented datagram is steered by addresses
 //! alone (ports hashed as zero) and only through a port-0 VIP; without one it is passed to the stack.
@@ -227,13 +230,28 @@ struct L4 {
     syn: bool,
 }
 
-/// Parses TCP/UDP at `off`; `None` means truncated.
+/// Parses TCP/UDP at `off`, the start of an IP payload of `l4_len` bytes (from the validated IP
+/// length, never the frame's: padding is not payload). `None` when the header is cut short, by the
+/// frame or by the IP length, or its own length field is impossible: a TCP data offset below 5 or
+/// past the segment, a UDP length below 8 or past the IP payload. A UDP length *short* of the IP
+/// payload is forwarded: Linux accepts it and trims the datagram to it (`__udp4_lib_rcv`,
+/// `udpv6_rcv`), so the backend's stack does what it would do without the balancer, and the ports
+/// the flow is steered by are in the header either way.
 #[inline(always)]
-fn parse_l4(ctx: &XdpContext, off: usize, l4_proto: u8) -> Option<L4> {
+fn parse_l4(ctx: &XdpContext, off: usize, l4_len: usize, l4_proto: u8) -> Option<L4> {
     if l4_proto == proto::TCP {
         let ports = ptr_with_len::<Ports>(ctx, off, TCP_HDR_LEN)?;
-        // SAFETY: byte 13 (the flags) lies inside the TCP_HDR_LEN bytes just checked.
-        let flags = unsafe { *((ports as usize + 13) as *const u8) };
+        // SAFETY: bytes 12 (data offset) and 13 (flags) lie inside the TCP_HDR_LEN bytes just checked.
+        let (doff, flags) = unsafe {
+            (
+                *((ports as usize + 12) as *const u8),
+                *((ports as usize + 13) as *const u8),
+            )
+        };
+        let hdr_len = (doff >> 4) as usize * 4;
+        if hdr_len < TCP_HDR_LEN || hdr_len > l4_len {
+            return None;
+        }
         Some(L4 {
             ports,
             check: (ports as usize + 16) as *mut u16,
@@ -242,6 +260,11 @@ fn parse_l4(ctx: &XdpContext, off: usize, l4_proto: u8) -> Option<L4> {
         })
     } else {
         let ports = ptr_with_len::<Ports>(ctx, off, UDP_HDR_LEN)?;
+        // SAFETY: the length (bytes 4..6) lies inside the UDP_HDR_LEN bytes just checked.
+        let udp_len = u16::from_be(unsafe { *((ports as usize + 4) as *const u16) }) as usize;
+        if udp_len < UDP_HDR_LEN || udp_len > l4_len {
+            return None;
+        }
         Some(L4 {
             ports,
             check: (ports as usize + 6) as *mut u16,
@@ -526,7 +549,9 @@ const VLAN_LEN: usize = size_of::<VlanHdr>();
 /// Katran-style encapsulation: an outer IPv4 or IPv6 header (the backend's family) in front of the
 /// untouched inner packet, outer source from a configured prefix plus the flow hash, MACs as in
 /// DSR, `XDP_TX`. A VLAN tag stays in front of the outer header. `l3` is the inner header's offset
-/// (14, or 18 with a tag), `inner_len` the inner packet's length from its IP header. The outer
+/// (14, or 18 with a tag), `inner_len` the inner datagram's length from its IP header, which the
+/// caller checked against the frame ([`ipv4_lengths`], [`ipv6_payload_len`]): the outer header
+/// claims exactly the inner datagram, and a short frame's padding follows it uncounted. The outer
 /// IPv4 header copies the inner DF bit (RFC 2003; IPv6 inner packets never fragment en route), so
 /// path MTU discovery keeps working through the tunnel.
 #[allow(clippy::too_many_arguments)]
@@ -645,6 +670,8 @@ unsafe fn ipv4_header_checksum(ip: *const Ipv4Hdr) -> u16 {
 
 const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_ICMPV6: u8 = 58;
+/// What an ICMP error must quote of the offending packet's L4 header to be acted on.
+const QUOTED_L4_LEN: usize = 8;
 
 #[repr(C)]
 struct IcmpHdr {
@@ -698,7 +725,14 @@ fn as_icmp(v: Verdict) -> Verdict {
 /// ICMP "fragmentation needed" about a VIP flow goes where the flow goes, in every mode: the
 /// backend that owns the connection is the one whose path MTU must shrink.
 #[inline(always)]
-fn icmp_v4(ctx: &XdpContext, l3: usize, ip: *mut Ipv4Hdr, icmp_off: usize) -> Verdict {
+fn icmp_v4(
+    ctx: &XdpContext,
+    l3: usize,
+    ip: *mut Ipv4Hdr,
+    hdr_len: usize,
+    tot_len: usize,
+) -> Verdict {
+    let icmp_off = l3 + hdr_len;
     let Some(icmp) = ptr_at::<IcmpHdr>(ctx, icmp_off) else {
         return (PASS, Reason::PassTruncated);
     };
@@ -710,15 +744,25 @@ fn icmp_v4(ctx: &XdpContext, l3: usize, ip: *mut Ipv4Hdr, icmp_off: usize) -> Ve
     let Some(inner) = ptr_at::<Ipv4Hdr>(ctx, inner_l3) else {
         return (PASS, Reason::PassTruncated);
     };
-    let inner_ihl = (unsafe { (*inner).ver_ihl } & 0x0f) as usize;
-    let inner_proto = unsafe { (*inner).proto };
-    if inner_ihl < 5 || (inner_proto != proto::TCP && inner_proto != proto::UDP) {
+    let (inner_ver_ihl, inner_proto) = unsafe { ((*inner).ver_ihl, (*inner).proto) };
+    let inner_hdr_len = (inner_ver_ihl & 0x0f) as usize * 4;
+    if inner_ver_ihl >> 4 != 4 || inner_hdr_len < size_of::<Ipv4Hdr>() {
+        return (PASS, Reason::PassTruncated);
+    }
+    if inner_proto != proto::TCP && inner_proto != proto::UDP {
         return (PASS, Reason::PassNotL4);
     }
-    // RFC 792 quotes at least 8 bytes past the header: the ports are there.
-    let Some(ports) = ptr_at::<Ports>(ctx, inner_l3 + inner_ihl * 4) else {
+    // RFC 792 quotes the header and at least 8 bytes after it, inside the error's own datagram
+    // (a short frame's padding is not part of the quote); less is malformed, the stack's to judge.
+    // The frame check comes first: after the datagram check LLVM drops it as implied, and the
+    // verifier, which does not follow that arithmetic, needs it on the pointer it dereferences.
+    let quoted_l4 = inner_l3 + inner_hdr_len;
+    let Some(ports) = ptr_with_len::<Ports>(ctx, quoted_l4, QUOTED_L4_LEN) else {
         return (PASS, Reason::PassTruncated);
     };
+    if quoted_l4 + QUOTED_L4_LEN > l3 + tot_len {
+        return (PASS, Reason::PassTruncated);
+    }
     let (isrc, idst) = unsafe { ((*inner).saddr, (*inner).daddr) };
     let (key, vip, pick) = match quoted_flow([isrc, 0, 0, 0], [idst, 0, 0, 0], ports, inner_proto) {
         Ok(x) => x,
@@ -727,14 +771,13 @@ fn icmp_v4(ctx: &XdpContext, l3: usize, ip: *mut Ipv4Hdr, icmp_off: usize) -> Ve
     match vip.mode {
         mode::DSR => as_icmp(forward_dsr(ctx, &pick.backend)),
         mode::IPIP => {
-            let (tos, len, frag) =
-                unsafe { ((*ip).tos, u16::from_be((*ip).tot_len), (*ip).frag_off) };
+            let (tos, frag) = unsafe { ((*ip).tos, (*ip).frag_off) };
             let df = u16::from_be(frag) & 0x4000 != 0;
             as_icmp(encap(
                 ctx,
                 l3,
                 true,
-                len,
+                tot_len as u16,
                 tos,
                 df,
                 &pick.backend,
@@ -805,7 +848,7 @@ fn nat_icmp_v4(
 
 /// ICMPv6 "packet too big" about a VIP flow: as [`icmp_v4`].
 #[inline(always)]
-fn icmp_v6(ctx: &XdpContext, l3: usize, ip: *mut Ipv6Hdr) -> Verdict {
+fn icmp_v6(ctx: &XdpContext, l3: usize, ip: *mut Ipv6Hdr, payload_len: usize) -> Verdict {
     let icmp_off = l3 + size_of::<Ipv6Hdr>();
     let Some(icmp) = ptr_at::<IcmpHdr>(ctx, icmp_off) else {
         return (PASS, Reason::PassTruncated);
@@ -818,13 +861,22 @@ fn icmp_v6(ctx: &XdpContext, l3: usize, ip: *mut Ipv6Hdr) -> Verdict {
     let Some(inner) = ptr_at::<Ipv6Hdr>(ctx, inner_l3) else {
         return (PASS, Reason::PassTruncated);
     };
-    let inner_proto = unsafe { (*inner).next_hdr };
+    let (inner_version, inner_proto) = unsafe { (*(inner as *const u8) >> 4, (*inner).next_hdr) };
+    if inner_version != 6 {
+        return (PASS, Reason::PassTruncated);
+    }
     if inner_proto != proto::TCP && inner_proto != proto::UDP {
         return (PASS, Reason::PassNotL4);
     }
-    let Some(ports) = ptr_at::<Ports>(ctx, inner_l3 + size_of::<Ipv6Hdr>()) else {
+    // RFC 4443 quotes as much as fits, so a real error holds 8 bytes of L4; frame check first,
+    // as in `icmp_v4`.
+    let quoted_l4 = inner_l3 + size_of::<Ipv6Hdr>();
+    let Some(ports) = ptr_with_len::<Ports>(ctx, quoted_l4, QUOTED_L4_LEN) else {
         return (PASS, Reason::PassTruncated);
     };
+    if quoted_l4 + QUOTED_L4_LEN > icmp_off + payload_len {
+        return (PASS, Reason::PassTruncated);
+    }
     let (isrc, idst) = unsafe { ((*inner).saddr, (*inner).daddr) };
     let (key, vip, pick) = match quoted_flow(isrc, idst, ports, inner_proto) {
         Ok(x) => x,
@@ -833,18 +885,12 @@ fn icmp_v6(ctx: &XdpContext, l3: usize, ip: *mut Ipv6Hdr) -> Verdict {
     match vip.mode {
         mode::DSR => as_icmp(forward_dsr(ctx, &pick.backend)),
         mode::IPIP => {
-            let (vtf, plen) = unsafe {
-                (
-                    u32::from_be((*ip).ver_tc_flow),
-                    u16::from_be((*ip).payload_len),
-                )
-            };
-            let len = plen.wrapping_add(size_of::<Ipv6Hdr>() as u16);
+            let vtf = u32::from_be(unsafe { (*ip).ver_tc_flow });
             as_icmp(encap(
                 ctx,
                 l3,
                 false,
-                len,
+                (size_of::<Ipv6Hdr>() + payload_len) as u16,
                 (vtf >> 20) as u8,
                 true,
                 &pick.backend,
@@ -899,19 +945,39 @@ fn nat_icmp_v6(
 
 // ---------------------------------------------------------------- IPv4
 
+/// The lengths of an IPv4 header that can be trusted: (header length, datagram length), or `None`
+/// for a version other than 4, an IHL below 5, or a total length shorter than the header or
+/// longer than the frame. The frame may be longer than the datagram (Ethernet pads frames to 60
+/// bytes, so a 40-byte SYN carries 6 bytes of padding): the padding is kept as it came, as a
+/// switch would forward it, and the receiving stack trims it (`ip_rcv_core`); every length the
+/// program checks or writes comes from `tot_len`, never from the frame.
+#[inline(always)]
+fn ipv4_lengths(ctx: &XdpContext, l3: usize, ip: *const Ipv4Hdr) -> Option<(usize, usize)> {
+    // SAFETY: the caller bounds-checked the 20-byte header.
+    let (ver_ihl, tot_len) = unsafe { ((*ip).ver_ihl, u16::from_be((*ip).tot_len) as usize) };
+    let hdr_len = (ver_ihl & 0x0f) as usize * 4;
+    if ver_ihl >> 4 != 4
+        || hdr_len < size_of::<Ipv4Hdr>()
+        || tot_len < hdr_len
+        || ctx.data() + l3 + tot_len > ctx.data_end()
+    {
+        return None;
+    }
+    Some((hdr_len, tot_len))
+}
+
 #[inline(always)]
 fn process_v4(ctx: &XdpContext, l3: usize) -> Verdict {
     let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, l3) else {
         return (PASS, Reason::PassTruncated);
     };
-    // SAFETY (all header reads below): ptr_at checked the bounds.
-    let ihl = (unsafe { (*ip).ver_ihl } & 0x0f) as usize;
-    if ihl < 5 {
+    let Some((hdr_len, tot_len)) = ipv4_lengths(ctx, l3, ip) else {
         return (PASS, Reason::PassTruncated);
-    }
+    };
+    // SAFETY (all header reads below): ptr_at checked the bounds.
     let l4_proto = unsafe { (*ip).proto };
     if l4_proto == IPPROTO_ICMP {
-        return icmp_v4(ctx, l3, ip, l3 + ihl * 4);
+        return icmp_v4(ctx, l3, ip, hdr_len, tot_len);
     }
     if l4_proto != proto::TCP && l4_proto != proto::UDP {
         return (PASS, Reason::PassNotL4);
@@ -934,7 +1000,7 @@ fn process_v4(ctx: &XdpContext, l3: usize) -> Verdict {
         };
         return steer_fragment(ctx, &vip, &key);
     }
-    let Some(l4) = parse_l4(ctx, l3 + ihl * 4, l4_proto) else {
+    let Some(l4) = parse_l4(ctx, l3 + hdr_len, tot_len - hdr_len, l4_proto) else {
         return (PASS, Reason::PassTruncated);
     };
     key.sport = unsafe { (*l4.ports).sport };
@@ -958,14 +1024,13 @@ fn process_v4(ctx: &XdpContext, l3: usize) -> Verdict {
         mode::DSR => forward_dsr(ctx, &pick.backend),
         mode::NAT => nat_forward_v4(ctx, ip, &l4, &key, &vip, &pick),
         mode::IPIP => {
-            let (tos, len, frag) =
-                unsafe { ((*ip).tos, u16::from_be((*ip).tot_len), (*ip).frag_off) };
+            let (tos, frag) = unsafe { ((*ip).tos, (*ip).frag_off) };
             let df = u16::from_be(frag) & 0x4000 != 0;
             encap(
                 ctx,
                 l3,
                 true,
-                len,
+                tot_len as u16,
                 tos,
                 df,
                 &pick.backend,
@@ -1132,21 +1197,42 @@ unsafe fn rewrite_v4(ip: *mut Ipv4Hdr, l4: &L4, source: bool, addr: u32, port: u
 
 // ---------------------------------------------------------------- IPv6
 
+/// The payload length of an IPv6 header that can be trusted, or `None` for a version other than 6
+/// or a payload longer than the frame; trailing bytes are kept, as for IPv4 ([`ipv4_lengths`]).
+/// A zero payload length (a jumbogram) comes with a hop-by-hop header, which is the stack's.
+#[inline(always)]
+fn ipv6_payload_len(ctx: &XdpContext, l3: usize, ip: *const Ipv6Hdr) -> Option<usize> {
+    // SAFETY: the caller bounds-checked the 40-byte header.
+    let (version, payload_len) = unsafe {
+        (
+            *(ip as *const u8) >> 4,
+            u16::from_be((*ip).payload_len) as usize,
+        )
+    };
+    if version != 6 || ctx.data() + l3 + size_of::<Ipv6Hdr>() + payload_len > ctx.data_end() {
+        return None;
+    }
+    Some(payload_len)
+}
+
 #[inline(always)]
 fn process_v6(ctx: &XdpContext, l3: usize) -> Verdict {
     let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, l3) else {
         return (PASS, Reason::PassTruncated);
     };
+    let Some(payload_len) = ipv6_payload_len(ctx, l3, ip) else {
+        return (PASS, Reason::PassTruncated);
+    };
     // SAFETY (header reads below): ptr_at checked the bounds.
     let next = unsafe { (*ip).next_hdr };
     if next == IPPROTO_ICMPV6 {
-        return icmp_v6(ctx, l3, ip);
+        return icmp_v6(ctx, l3, ip, payload_len);
     }
     // Extension headers (fragments included) are not parsed: the stack gets them.
     if next != proto::TCP && next != proto::UDP {
         return (PASS, Reason::PassNotL4);
     }
-    let Some(l4) = parse_l4(ctx, l3 + size_of::<Ipv6Hdr>(), next) else {
+    let Some(l4) = parse_l4(ctx, l3 + size_of::<Ipv6Hdr>(), payload_len, next) else {
         return (PASS, Reason::PassTruncated);
     };
     let key = unsafe {
@@ -1178,18 +1264,12 @@ fn process_v6(ctx: &XdpContext, l3: usize) -> Verdict {
         mode::DSR => forward_dsr(ctx, &pick.backend),
         mode::NAT => nat_forward_v6(ctx, ip, &l4, &key, &vip, &pick),
         mode::IPIP => {
-            let (vtf, plen) = unsafe {
-                (
-                    u32::from_be((*ip).ver_tc_flow),
-                    u16::from_be((*ip).payload_len),
-                )
-            };
-            let len = plen.wrapping_add(size_of::<Ipv6Hdr>() as u16);
+            let vtf = u32::from_be(unsafe { (*ip).ver_tc_flow });
             encap(
                 ctx,
                 l3,
                 false,
-                len,
+                (size_of::<Ipv6Hdr>() + payload_len) as u16,
                 (vtf >> 20) as u8,
                 true,
                 &pick.backend,

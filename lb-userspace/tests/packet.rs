@@ -16,7 +16,7 @@ use std::{
 use etherparse::{
     IpHeaders, IpNumber, Ipv4Extensions, Ipv4Header, Ipv4Options, PacketBuilder, VlanId,
 };
-use lb_common::Reason;
+use lb_common::{Flow, FlowKey, NatReverse, Reason};
 use lb_userspace::{
     balancer::{BackendMode, Balancer, Desired},
     config::{BackendSpec, Mac, Mode, Protocol, VipSpec},
@@ -173,6 +173,40 @@ fn fixture_vips() -> Vec<VipSpec> {
             Nat,
             vec![backend(IpAddr::from(NAT_BACKEND6), 8080, None)],
         ),
+        // UDP beside the TCP VIPs above, so every mode and family has a UDP VIP too.
+        vip(
+            "ipip-udp",
+            ip4(IPIP_VIP),
+            53,
+            Udp,
+            Ipip,
+            vec![backend(ip4(IPIP_BACKEND), 0, Some(BACKEND_MAC))],
+        ),
+        vip(
+            "udp6",
+            IpAddr::from(DSR_VIP6),
+            53,
+            Udp,
+            Dsr,
+            vec![backend(ip4([10, 0, 1, 1]), 0, Some(BACKEND_MAC))],
+        ),
+        vip(
+            "nat-udp6",
+            IpAddr::from(NAT_VIP6),
+            53,
+            Udp,
+            Nat,
+            // Not nat-udp's port: `nat_reply_gate_follows_the_backends` closes that port's gate.
+            vec![backend(IpAddr::from(NAT_BACKEND6), 5306, None)],
+        ),
+        vip(
+            "ipip-udp6",
+            IpAddr::from(IPIP_VIP6),
+            53,
+            Udp,
+            Ipip,
+            vec![backend(IpAddr::from(IPIP_BACKEND6), 0, Some(BACKEND_MAC))],
+        ),
     ]
 }
 
@@ -194,7 +228,7 @@ impl Env {
             NEXT.fetch_add(1, Ordering::SeqCst)
         ));
         let limits = Limits {
-            max_vips: 16,
+            max_vips: 32,
             max_backends: 64,
             ring_size: 1021,
             max_flows: 4096,
@@ -232,6 +266,80 @@ impl Env {
             .map(|(_, n)| n)
             .unwrap_or(0)
     }
+}
+
+impl Env {
+    /// One of the connection-tracking maps, opened from its pin as any other observer would.
+    fn pinned<V: aya::Pod>(
+        &self,
+        name: &str,
+    ) -> aya::maps::HashMap<aya::maps::MapData, FlowKey, V> {
+        use aya::maps::{HashMap, Map, MapData};
+        let path = dataplane::pin_dir(&self.pin_root, "t").join(name);
+        let data = MapData::from_pin(path).expect(name);
+        HashMap::try_from(Map::LruHashMap(data)).expect(name)
+    }
+
+    /// How many (flows, reverse entries) connection tracking holds.
+    fn state(&self) -> (usize, usize) {
+        let count = |keys: aya::maps::MapKeys<'_, FlowKey>| keys.filter(Result::is_ok).count();
+        (
+            count(self.pinned::<Flow>("FLOWS").keys()),
+            count(self.pinned::<NatReverse>("NAT_REVERSE").keys()),
+        )
+    }
+
+    fn clear_state(&self) {
+        let mut flows = self.pinned::<Flow>("FLOWS");
+        let mut reverse = self.pinned::<NatReverse>("NAT_REVERSE");
+        let keys: Vec<FlowKey> = flows.keys().filter_map(Result::ok).collect();
+        keys.iter()
+            .for_each(|k| flows.remove(k).expect("remove flow"));
+        let keys: Vec<FlowKey> = reverse.keys().filter_map(Result::ok).collect();
+        keys.iter()
+            .for_each(|k| reverse.remove(k).expect("remove reverse entry"));
+    }
+
+    /// Runs a frame that must reach the stack exactly as it came, creating no state, and says
+    /// how it did not: the verdict, a changed byte, a new flow or reverse entry, or a reason
+    /// other than `pass_truncated` (the counter of frames whose headers the program cannot trust).
+    fn untouched(&mut self, what: &str, frame: &[u8], ifindex: u32) -> Option<String> {
+        let reasons = |env: &mut Env| env.b().dataplane().reason_counters().expect("counters");
+        self.clear_state();
+        let counted = reasons(self);
+        let (verdict, out) = self.run(frame, ifindex);
+        let mut wrong = Vec::new();
+        if verdict != XDP_PASS {
+            wrong.push(format!("verdict {verdict}"));
+        }
+        if out != frame {
+            wrong.push("frame rewritten".to_string());
+        }
+        let state = self.state();
+        if state != (0, 0) {
+            wrong.push(format!("created (flows, reverse) {state:?}"));
+        }
+        let moved: Vec<&str> = reasons(self)
+            .iter()
+            .zip(&counted)
+            .filter(|(a, b)| a.1 != b.1)
+            .map(|(a, _)| a.0.name())
+            .collect();
+        if moved != ["pass_truncated"] {
+            wrong.push(format!("counted as {moved:?}"));
+        }
+        (!wrong.is_empty()).then(|| format!("{what}: {}", wrong.join(", ")))
+    }
+}
+
+/// Fails with every case that went wrong, so one run shows the whole class.
+fn assert_all_untouched(failures: Vec<String>, total: usize) {
+    assert!(
+        failures.is_empty(),
+        "{} of {total} malformed frames were not passed untouched:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 impl Drop for Env {
@@ -334,6 +442,24 @@ fn tcp6(
         .tcp(sport, dport, 1000, 64240)
         .syn()
         .write(&mut out, &[])
+        .expect("build frame");
+    out
+}
+
+fn udp6(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: [u8; 16],
+    dst: [u8; 16],
+    sport: u16,
+    dport: u16,
+    hops: u8,
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(src_mac, dst_mac)
+        .ipv6(src, dst, hops)
+        .udp(sport, dport)
+        .write(&mut out, b"query")
         .expect("build frame");
     out
 }
@@ -1216,5 +1342,567 @@ fn icmpv6_packet_too_big_reaches_dsr_and_nat_backends() {
             ROUTER6,
         );
         assert_eq!(out, want);
+    });
+}
+
+// ------------------------------------------------------------------ malformed and padded frames
+//
+// A VIP frame whose length fields or version disagree with the frame (or with each other) is the
+// stack's to judge: the program passes it untouched, before it creates a flow or a NAT reverse
+// entry and before any rewrite. Each class is tried against a VIP of every mode and family.
+
+const L3: usize = 14;
+
+fn is_v4(f: &[u8]) -> bool {
+    f[12..14] == [0x08, 0x00]
+}
+
+/// Offset of the L4 header of an unmodified fixture frame (no IPv4 options, no IPv6 extensions).
+fn l4_at(f: &[u8]) -> usize {
+    if is_v4(f) {
+        L3 + 20
+    } else {
+        L3 + 40
+    }
+}
+
+fn set16(f: &mut [u8], off: usize, v: u16) {
+    f[off..off + 2].copy_from_slice(&v.to_be_bytes());
+}
+
+fn get16(f: &[u8], off: usize) -> u16 {
+    u16::from_be_bytes([f[off], f[off + 1]])
+}
+
+fn adjust16(f: &mut [u8], off: usize, by: i32) {
+    let v = get16(f, off) as i32 + by;
+    set16(f, off, v as u16);
+}
+
+/// The IP length field: IPv4 `tot_len`, IPv6 `payload_len`.
+fn ip_len_at(f: &[u8]) -> usize {
+    if is_v4(f) {
+        L3 + 2
+    } else {
+        L3 + 4
+    }
+}
+
+/// Recomputes the IPv4 header checksum (a 20-byte header at `L3`) after a fixture changed a field,
+/// so the frame is wrong only in the field under test.
+fn fix_ip4_checksum(f: &mut [u8]) {
+    if !is_v4(f) {
+        return;
+    }
+    f[L3 + 10..L3 + 12].fill(0);
+    let sum: u32 = f[L3..L3 + 20]
+        .chunks(2)
+        .map(|w| u16::from_be_bytes([w[0], w[1]]) as u32)
+        .sum();
+    let sum = (sum & 0xffff) + (sum >> 16);
+    let sum = (sum & 0xffff) + (sum >> 16);
+    f[L3 + 10..L3 + 12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+}
+
+/// A named change that makes a well-formed frame malformed.
+type Mutation<'a> = (&'a str, &'a dyn Fn(&mut Vec<u8>));
+
+/// `frame` changed by `m` (IPv4 header checksum recomputed).
+fn mutated(frame: &[u8], m: impl Fn(&mut Vec<u8>)) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    m(&mut f);
+    fix_ip4_checksum(&mut f);
+    f
+}
+
+/// A well-formed first packet to a VIP of every mode and family, with the interface it arrives on
+/// (NAT's FIB lookup needs the client-side veth).
+fn tcp_targets(c0: u32) -> Vec<(&'static str, Vec<u8>, u32)> {
+    let syn4 = |dst| tcp4(CLIENT_MAC, LB_MAC, CLIENT, dst, 40000, 80, 64, true);
+    let syn6 = |dst| tcp6(CLIENT_MAC, LB_MAC, CLIENT6, dst, 40000, 80, 64);
+    vec![
+        ("dsr v4", syn4(DSR_VIP), 0),
+        ("nat v4", syn4(NAT_VIP), c0),
+        ("ipip v4", syn4(IPIP_VIP), 0),
+        ("dsr v6", syn6(DSR_VIP6), 0),
+        ("nat v6", syn6(NAT_VIP6), c0),
+        ("ipip v6", syn6(IPIP_VIP6), 0),
+    ]
+}
+
+fn udp_targets(c0: u32) -> Vec<(&'static str, Vec<u8>, u32)> {
+    let q4 = |dst| udp4(CLIENT_MAC, LB_MAC, CLIENT, dst, 5353, 53, 64);
+    let q6 = |dst| udp6(CLIENT_MAC, LB_MAC, CLIENT6, dst, 5353, 53, 64);
+    vec![
+        ("dsr v4", q4(UDP_VIP), 0),
+        ("nat v4", q4(NAT_UDP_VIP), c0),
+        ("ipip v4", q4(IPIP_VIP), 0),
+        ("dsr v6", q6(DSR_VIP6), 0),
+        ("nat v6", q6(NAT_VIP6), c0),
+        ("ipip v6", q6(IPIP_VIP6), 0),
+    ]
+}
+
+/// Every target frame, changed by every mutation: (description, frame, ifindex).
+fn cases(
+    targets: Vec<(&'static str, Vec<u8>, u32)>,
+    mutations: &[Mutation],
+) -> Vec<(String, Vec<u8>, u32)> {
+    let mut out = Vec::new();
+    for (target, frame, ifindex) in &targets {
+        for (what, m) in mutations {
+            out.push((format!("{target}, {what}"), mutated(frame, m), *ifindex));
+        }
+    }
+    out
+}
+
+fn run_untouched(cases: Vec<(String, Vec<u8>, u32)>) {
+    let mut env = Env::new();
+    let total = cases.len();
+    let failures = cases
+        .iter()
+        .filter_map(|(what, f, ifindex)| env.untouched(what, f, *ifindex))
+        .collect();
+    assert_all_untouched(failures, total);
+}
+
+#[test]
+fn ip_version_that_disagrees_with_the_ethertype_passes_untouched() {
+    in_netns(|| {
+        let (c0, _) = nat_topology();
+        // An IPv4 ethertype carrying version 6 (IHL still 5), an IPv6 one carrying version 4.
+        let other_version = |f: &mut Vec<u8>| f[L3] ^= 0x20;
+        let zero_version = |f: &mut Vec<u8>| f[L3] &= 0x0f;
+        let mut all = cases(
+            tcp_targets(c0),
+            &[
+                ("other version", &other_version),
+                ("version 0", &zero_version),
+            ],
+        );
+        all.extend(cases(udp_targets(c0), &[("other version", &other_version)]));
+        run_untouched(all);
+    });
+}
+
+#[test]
+fn ip_length_beyond_the_frame_or_inside_the_header_passes_untouched() {
+    in_netns(|| {
+        let (c0, _) = nat_topology();
+        let one_past_frame = |f: &mut Vec<u8>| {
+            let at = ip_len_at(f);
+            adjust16(f, at, 1);
+        };
+        let max = |f: &mut Vec<u8>| {
+            let at = ip_len_at(f);
+            set16(f, at, 0xffff);
+        };
+        let mut all = cases(
+            tcp_targets(c0),
+            &[
+                ("IP length 1 past the frame", &one_past_frame),
+                ("IP length 65535", &max),
+            ],
+        );
+        all.extend(cases(
+            udp_targets(c0),
+            &[("IP length 1 past the frame", &one_past_frame)],
+        ));
+        // IPv4 only: a total length shorter than the header it counts, and an IHL below 5.
+        let v4: Vec<_> = tcp_targets(c0)
+            .into_iter()
+            .chain(udp_targets(c0))
+            .filter(|t| is_v4(&t.1))
+            .collect();
+        let inside_header = |f: &mut Vec<u8>| set16(f, L3 + 2, 19);
+        let zero = |f: &mut Vec<u8>| set16(f, L3 + 2, 0);
+        let ihl4 = |f: &mut Vec<u8>| f[L3] = 0x44;
+        all.extend(cases(
+            v4,
+            &[
+                ("tot_len 19 < IHL×4", &inside_header),
+                ("tot_len 0", &zero),
+                ("IHL 4", &ihl4),
+            ],
+        ));
+        run_untouched(all);
+    });
+}
+
+#[test]
+fn tcp_data_offset_outside_the_segment_passes_untouched() {
+    in_netns(|| {
+        let (c0, _) = nat_topology();
+        let offset = |words: u8| {
+            move |f: &mut Vec<u8>| {
+                let at = l4_at(f) + 12;
+                f[at] = words << 4 | (f[at] & 0x0f);
+            }
+        };
+        let (zero, four, six, fifteen) = (offset(0), offset(4), offset(6), offset(15));
+        // The 20-byte header is in the frame, but the IP length ends the datagram 10 bytes into it.
+        let header_past_ip_length = |f: &mut Vec<u8>| {
+            let at = ip_len_at(f);
+            adjust16(f, at, -10);
+        };
+        run_untouched(cases(
+            tcp_targets(c0),
+            &[
+                ("data offset 0", &zero),
+                ("data offset 4", &four),
+                ("data offset 6 in a 20-byte segment", &six),
+                ("data offset 15 in a 20-byte segment", &fifteen),
+                ("TCP header past the IP length", &header_past_ip_length),
+            ],
+        ));
+    });
+}
+
+#[test]
+fn udp_length_outside_the_ip_payload_passes_untouched() {
+    in_netns(|| {
+        let (c0, _) = nat_topology();
+        let udp_len = |v: fn(u16) -> u16| {
+            move |f: &mut Vec<u8>| {
+                let at = l4_at(f) + 4;
+                let old = get16(f, at);
+                set16(f, at, v(old));
+            }
+        };
+        let (zero, seven, one_more) = (udp_len(|_| 0), udp_len(|_| 7), udp_len(|n| n + 1));
+        // The UDP header is in the frame, but the IP length ends the datagram inside it.
+        let header_past_ip_length = |f: &mut Vec<u8>| {
+            let at = ip_len_at(f);
+            adjust16(f, at, -5 - 4);
+        };
+        run_untouched(cases(
+            udp_targets(c0),
+            &[
+                ("UDP length 0", &zero),
+                ("UDP length 7", &seven),
+                ("UDP length 1 past the IP payload", &one_more),
+                ("UDP header past the IP length", &header_past_ip_length),
+            ],
+        ));
+    });
+}
+
+/// IPv4 "fragmentation needed" and ICMPv6 "packet too big" about a VIP flow, in every mode.
+fn icmp_targets(c0: u32) -> Vec<(&'static str, Vec<u8>, u32)> {
+    let ptb = |vip| packet_too_big(vip, vip, 80, 40000, LB_MAC, ROUTER_MAC, 64, ROUTER6);
+    vec![
+        (
+            "dsr v4",
+            frag_needed(DSR_VIP, &quoted_v4(DSR_VIP, 80, 40000)),
+            0,
+        ),
+        (
+            "nat v4",
+            frag_needed(NAT_VIP, &quoted_v4(NAT_VIP, 80, 40000)),
+            c0,
+        ),
+        (
+            "ipip v4",
+            frag_needed(IPIP_VIP, &quoted_v4(IPIP_VIP, 80, 40000)),
+            0,
+        ),
+        ("dsr v6", ptb(DSR_VIP6), 0),
+        ("nat v6", ptb(NAT_VIP6), c0),
+        ("ipip v6", ptb(IPIP_VIP6), 0),
+    ]
+}
+
+#[test]
+fn icmp_error_quoting_less_than_8_bytes_of_l4_passes_untouched() {
+    in_netns(|| {
+        let (c0, _) = nat_topology();
+        // Where the quoted IP header starts: outer IP header, then the 8-byte ICMP header.
+        let quoted = |f: &[u8]| l4_at(f) + 8;
+        // The quote ends after the ports (4 of the 8 bytes RFC 792 and RFC 4443 ask for).
+        let ports_only = |f: &mut Vec<u8>| {
+            f.truncate(f.len() - 4);
+            let at = ip_len_at(f);
+            adjust16(f, at, -4);
+        };
+        // All 8 bytes in the frame, but the outer IP length ends the datagram after the ports.
+        let past_ip_length = |f: &mut Vec<u8>| {
+            let at = ip_len_at(f);
+            adjust16(f, at, -4);
+        };
+        // The quoted header's version is not its family's.
+        let quoted_version = |f: &mut Vec<u8>| {
+            let at = quoted(f);
+            f[at] ^= 0x20;
+        };
+        let all = cases(
+            icmp_targets(c0),
+            &[
+                ("4 bytes of L4 quoted", &ports_only),
+                ("quote past the IP length", &past_ip_length),
+                ("quoted IP version wrong", &quoted_version),
+            ],
+        );
+        // The well-formed errors themselves still go to the backends (checked in detail above).
+        let mut env = Env::new();
+        for (what, f, ifindex) in icmp_targets(c0) {
+            let (verdict, _) = env.run(&f, ifindex);
+            assert!(
+                matches!(verdict, XDP_TX | XDP_REDIRECT),
+                "{what}: {verdict}"
+            );
+        }
+        drop(env);
+        run_untouched(all);
+    });
+}
+
+/// Whatever the sender padded a short frame with (a minimum-size Ethernet frame is 60 bytes
+/// before the FCS; a 40-byte IPv4 SYN needs 6 bytes of it).
+fn padded(frame: &[u8], to: usize) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    let pad = [0xa5u8, 0x5a, 0xff, 0x00, 0x11, 0x22, 0x33, 0x44];
+    let mut i = 0;
+    while f.len() < to {
+        f.push(pad[i % pad.len()]);
+        i += 1;
+    }
+    f
+}
+
+/// Ethernet padding is legal: the IP length, not the frame, ends the datagram. The program keeps
+/// the padding (it rewrites nothing past the headers, as a switch would forward the frame), and
+/// every length it writes or checks comes from the IP header, as the receiving stack trims to it.
+#[test]
+fn padded_minimum_size_frames_are_forwarded_with_their_padding() {
+    in_netns(|| {
+        let (c0, _) = nat_topology();
+        let mut env = Env::new();
+        let syn = |dst| tcp4(CLIENT_MAC, LB_MAC, CLIENT, dst, 40000, 80, 64, true);
+        let tail = |f: &[u8], len: usize| f[len..].to_vec();
+
+        let f = padded(&syn(DSR_VIP), 60);
+        assert_eq!(f.len() - L3, 46, "a 40-byte datagram in a 60-byte frame");
+        assert_eq!(env.run(&f, 0), (XDP_TX, with_macs(&f, LB_MAC, BACKEND_MAC)));
+
+        let f = padded(&syn(NAT_VIP), 60);
+        let mut want = tcp4(
+            LB_B0_MAC,
+            BACKEND_MAC,
+            CLIENT,
+            NAT_BACKEND,
+            40000,
+            8080,
+            63,
+            true,
+        );
+        want.extend(tail(&f, 54));
+        assert_eq!(
+            env.run(&f, c0),
+            (XDP_REDIRECT, want),
+            "NAT keeps the padding"
+        );
+
+        // ipip: the outer length covers the inner datagram (40 bytes), not the frame (46).
+        let plain = syn(IPIP_VIP);
+        let f = padded(&plain, 60);
+        let h = flow_hash_of(&CLIENT, &IPIP_VIP, 40000, 80);
+        let mut outer = Ipv4Header::new(
+            40,
+            64,
+            IpNumber::IPV4,
+            [172, 16, (h >> 8) as u8, h as u8],
+            IPIP_BACKEND,
+        )
+        .expect("outer");
+        outer.dont_fragment = true;
+        outer.header_checksum = outer.calc_header_checksum();
+        let mut want = with_macs(&f[..L3], LB_MAC, BACKEND_MAC);
+        outer.write(&mut want).expect("outer header");
+        want.extend_from_slice(&f[L3..]);
+        let (verdict, out) = env.run(&f, 0);
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(out, want);
+        assert_eq!(
+            get16(&out, L3 + 2),
+            60,
+            "outer tot_len = 20 + inner tot_len"
+        );
+        // Decapsulated, the backend's stack gets the original frame, padding and all.
+        assert_eq!(decap(&out), (XDP_PASS, with_macs(&f, LB_MAC, BACKEND_MAC)));
+
+        // UDP with a 1-byte payload (43 bytes) padded to 60.
+        let one = |dst| {
+            let mut out = Vec::new();
+            PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+                .ipv4(CLIENT, dst, 64)
+                .udp(5353, 53)
+                .write(&mut out, b"q")
+                .expect("frame");
+            out
+        };
+        let f = padded(&one(UDP_VIP), 60);
+        assert_eq!(env.run(&f, 0), (XDP_TX, with_macs(&f, LB_MAC, BACKEND_MAC)));
+        let f = padded(&one(NAT_UDP_VIP), 60);
+        let mut want = Vec::new();
+        PacketBuilder::ethernet2(LB_B0_MAC, BACKEND_MAC)
+            .ipv4(CLIENT, NAT_BACKEND, 63)
+            .udp(5353, 5300)
+            .write(&mut want, b"q")
+            .expect("frame");
+        want.extend(tail(&f, 43));
+        assert_eq!(env.run(&f, c0), (XDP_REDIRECT, want));
+
+        // IPv6 frames are never short enough to need padding, but trailing bytes are as legal.
+        let syn6 = |dst| tcp6(CLIENT_MAC, LB_MAC, CLIENT6, dst, 40000, 80, 64);
+        let f = padded(&syn6(NAT_VIP6), 80);
+        let mut want = tcp6(
+            LB_B0_MAC,
+            BACKEND_MAC,
+            CLIENT6,
+            NAT_BACKEND6,
+            40000,
+            8080,
+            63,
+        );
+        want.extend(tail(&f, 74));
+        assert_eq!(env.run(&f, c0), (XDP_REDIRECT, want));
+        let f = padded(&syn6(IPIP_VIP6), 80);
+        let (verdict, out) = env.run(&f, 0);
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(
+            get16(&out, L3 + 4),
+            60,
+            "outer payload_len = the inner datagram"
+        );
+        assert_eq!(
+            &out[L3 + 40..],
+            &f[L3..],
+            "inner datagram and trailing bytes kept"
+        );
+    });
+}
+
+/// RFC 768 leaves a UDP length shorter than the IP payload undefined; Linux accepts it and trims
+/// the datagram to the UDP length (`__udp4_lib_rcv`, `udpv6_rcv`). The balancer forwards it as it
+/// is and lets the backend's stack do the same: the ports it steers by are in the header either way.
+#[test]
+fn udp_length_short_of_the_ip_payload_is_forwarded_like_the_kernel_accepts_it() {
+    in_netns(|| {
+        let (c0, _) = nat_topology();
+        let mut env = Env::new();
+        // UDP length 11 of a 13-byte IP payload; no UDP checksum (IPv4 allows none), so the
+        // expected frame needs no checksum over the shortened datagram.
+        let short = |f: &[u8]| {
+            mutated(f, |f| {
+                set16(f, L3 + 20 + 4, 8 + 3);
+                set16(f, L3 + 20 + 6, 0);
+            })
+        };
+        let f = short(&udp4(CLIENT_MAC, LB_MAC, CLIENT, UDP_VIP, 5353, 53, 64));
+        assert_eq!(env.run(&f, 0), (XDP_TX, with_macs(&f, LB_MAC, BACKEND_MAC)));
+        let f = short(&udp4(CLIENT_MAC, LB_MAC, CLIENT, NAT_UDP_VIP, 5353, 53, 64));
+        let want = short(&udp4(
+            LB_B0_MAC,
+            BACKEND_MAC,
+            CLIENT,
+            NAT_BACKEND,
+            5353,
+            5300,
+            63,
+        ));
+        assert_eq!(env.run(&f, c0), (XDP_REDIRECT, want));
+    });
+}
+
+/// The NAT reply path rewrites too: a malformed reply of a tracked flow is the stack's, and the
+/// well-formed one after it is still translated (its reverse entry was there all along).
+#[test]
+fn malformed_nat_replies_pass_untouched() {
+    in_netns(|| {
+        let (c0, b0) = nat_topology();
+        let mut env = Env::new();
+        let flows: [(&str, Vec<u8>, Vec<u8>); 4] = [
+            (
+                "tcp v4",
+                tcp4(CLIENT_MAC, LB_MAC, CLIENT, NAT_VIP, 40000, 80, 64, true),
+                tcp4(
+                    BACKEND_MAC,
+                    LB_B0_MAC,
+                    NAT_BACKEND,
+                    CLIENT,
+                    8080,
+                    40000,
+                    64,
+                    false,
+                ),
+            ),
+            (
+                "tcp v6",
+                tcp6(CLIENT_MAC, LB_MAC, CLIENT6, NAT_VIP6, 40000, 80, 64),
+                tcp6(
+                    BACKEND_MAC,
+                    LB_B0_MAC,
+                    NAT_BACKEND6,
+                    CLIENT6,
+                    8080,
+                    40000,
+                    64,
+                ),
+            ),
+            (
+                "udp v4",
+                udp4(CLIENT_MAC, LB_MAC, CLIENT, NAT_UDP_VIP, 5353, 53, 64),
+                udp4(BACKEND_MAC, LB_B0_MAC, NAT_BACKEND, CLIENT, 5300, 5353, 64),
+            ),
+            (
+                "udp v6",
+                udp6(CLIENT_MAC, LB_MAC, CLIENT6, NAT_VIP6, 5353, 53, 64),
+                udp6(
+                    BACKEND_MAC,
+                    LB_B0_MAC,
+                    NAT_BACKEND6,
+                    CLIENT6,
+                    5306,
+                    5353,
+                    64,
+                ),
+            ),
+        ];
+        let other_version = |f: &mut Vec<u8>| f[L3] ^= 0x20;
+        let past_frame = |f: &mut Vec<u8>| {
+            let at = ip_len_at(f);
+            adjust16(f, at, 1);
+        };
+        // The L4 header's own length: TCP data offset 4, UDP length 7.
+        let l4_length = |f: &mut Vec<u8>| {
+            let at = l4_at(f);
+            let tcp = f[if is_v4(f) { L3 + 9 } else { L3 + 6 }] == 6;
+            if tcp {
+                f[at + 12] = 0x40 | (f[at + 12] & 0x0f);
+            } else {
+                set16(f, at + 4, 7);
+            }
+        };
+        let mut failures = Vec::new();
+        let mut total = 0;
+        for (flow, open, reply) in &flows {
+            assert_eq!(env.run(open, c0).0, XDP_REDIRECT, "the flow opens");
+            let bad: [Mutation; 3] = [
+                ("other version", &other_version),
+                ("IP length past the frame", &past_frame),
+                ("L4 length field", &l4_length),
+            ];
+            for (what, m) in bad {
+                total += 1;
+                let f = mutated(reply, m);
+                let got = env.run(&f, b0);
+                if got != (XDP_PASS, f.clone()) {
+                    failures.push(format!("{flow} reply, {what}: verdict {}", got.0));
+                }
+            }
+            assert_eq!(env.run(reply, b0).0, XDP_REDIRECT, "the well-formed reply");
+        }
+        assert_all_untouched(failures, total);
     });
 }
