@@ -1182,6 +1182,19 @@ fn cookie(h: &hyper::HeaderMap, name: &str) -> Option<u64> {
         .and_then(|(_, v)| u64::from_str_radix(v, 16).ok())
 }
 
+/// Appends `v` as an RFC 7239 (RFC 9110 §5.6.4) quoted-string, `"` and `\` escaped, so a value
+/// can never close the string and start an element of its own (`a.test";for=1.2.3.4`).
+fn push_quoted(out: &mut String, v: &str) {
+    out.push('"');
+    for c in v.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+}
+
 /// Headers for the upstream: hop-by-hop ones removed (an upgrade keeps its own), the forwarding
 /// trail (`X-Forwarded-For/-Proto/-Host`) added, `Host` kept, a request id if there is none.
 /// Every request passes here: names are constants and each value is built in one buffer that
@@ -1229,7 +1242,8 @@ fn prepare_headers(
         IpAddr::V6(a) => write!(fwd, "for=\"[{a}]\";proto={scheme}"),
     };
     if let Some(v) = original_host.as_ref().and_then(|v| v.to_str().ok()) {
-        let _ = write!(fwd, ";host=\"{v}\"");
+        fwd.push_str(";host=");
+        push_quoted(&mut fwd, v);
     }
     if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(fwd)) {
         h.insert(FORWARDED, v);
@@ -1362,6 +1376,34 @@ mod tests {
         );
         assert_eq!(value(&r, "x-forwarded-for"), Some("6.6.6.6, 2001:db8::1"));
         assert_eq!(value(&r, "x-request-id"), Some("abc"));
+    }
+
+    /// Whatever the host says, `Forwarded` keeps one element, lb's: the host is a quoted-string
+    /// that cannot be closed from inside.
+    #[test]
+    fn forwarded_host_is_a_quoted_string() {
+        for (host, want) in [
+            (
+                r#"a.test";for=1.2.3.4;by="x"#,
+                r#""a.test\";for=1.2.3.4;by=\"x""#,
+            ),
+            (r#"a\"#, r#""a\\""#),
+            ("a.test:8080", r#""a.test:8080""#),
+        ] {
+            let mut r = request(&[("host", host)]);
+            prepare_headers(
+                &mut r,
+                "192.0.2.7".parse().expect("ip"),
+                "http",
+                false,
+                None,
+            );
+            assert_eq!(
+                value(&r, "forwarded"),
+                Some(format!("for=192.0.2.7;proto=http;host={want}").as_str()),
+                "{host}"
+            );
+        }
     }
 
     #[test]
