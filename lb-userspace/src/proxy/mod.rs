@@ -40,7 +40,7 @@ use tracing::{debug, info, warn};
 use crate::registry::Services;
 use balance::{Algorithm, Passive, Pool, Upstream};
 use client::{ClientKey, UpstreamClient, UpstreamTls};
-use middleware::{Ctx, Flow, UpstreamFailure};
+use middleware::{ClientFault, Ctx, Flow, UpstreamFailure};
 use rule::{RequestView, Rule};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -867,6 +867,14 @@ impl Proxy {
             (None, true) => Some(Bytes::new()),
             (None, false) => None,
         };
+        // A body streamed from the client is watched: if it breaks or stalls, the failure is the
+        // client's, and must not eject the upstream or feed the breaker.
+        let (body, watch) = if bodiless {
+            (body, None)
+        } else {
+            let (b, w) = ClientBody::new(body);
+            (b.boxed(), Some(w))
+        };
         let mut body = Some(body);
         if let Some(m) = &spec.mirror {
             if rand::random::<f64>() * 100.0 < m.percent && upgrade.is_none() {
@@ -949,14 +957,23 @@ impl Proxy {
             };
             drop(in_flight);
             trace.attempt(upstream.addr, started.elapsed());
+            // Only the body this attempt streamed can be the client's fault (a replayed one is
+            // whole in memory).
+            let fault = watch
+                .as_ref()
+                .filter(|_| replay.is_none())
+                .and_then(|w| w.fault(result.is_err()));
             let error = match result {
                 Ok(Ok(mut resp)) => {
-                    upstream.record(
-                        resp.status().as_u16() < 500,
-                        started.elapsed(),
-                        &spec.passive,
-                        Instant::now(),
-                    );
+                    // An upstream that answered a body the client broke is not to blame.
+                    if fault.is_none() {
+                        upstream.record(
+                            resp.status().as_u16() < 500,
+                            started.elapsed(),
+                            &spec.passive,
+                            Instant::now(),
+                        );
+                    }
                     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                         if let Some(client_side) = client_upgrade {
                             let upstream_side = hyper::upgrade::on(&mut resp);
@@ -985,6 +1002,20 @@ impl Proxy {
                 Ok(Err(e)) => Some(e),
                 Err(_) => None,
             };
+            match fault {
+                Some(ClientBodyFault::Broken) => {
+                    debug!(router = route.spec.name, "request body broke: {error:?}");
+                    return client_fault(StatusCode::BAD_REQUEST, "incomplete request body");
+                }
+                Some(ClientBodyFault::Stalled) => {
+                    debug!(
+                        router = route.spec.name,
+                        "request body stalled past the timeout"
+                    );
+                    return client_fault(StatusCode::REQUEST_TIMEOUT, "request body too slow");
+                }
+                None => {}
+            }
             upstream.record(false, started.elapsed(), &spec.passive, Instant::now());
             tried.push(upstream.addr);
             let never_connected = error.as_ref().is_some_and(|e| e.is_connect());
@@ -1109,6 +1140,91 @@ fn failure(code: StatusCode, msg: &str) -> Response<Body> {
     let mut r = text(code, msg);
     r.extensions_mut().insert(UpstreamFailure);
     r
+}
+
+/// An answer lb makes because of what the client sent (the circuit breaker ignores these).
+fn client_fault(code: StatusCode, msg: &str) -> Response<Body> {
+    let mut r = text(code, msg);
+    r.extensions_mut().insert(ClientFault);
+    r
+}
+
+/// How the client's part of a failed attempt went wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClientBodyFault {
+    /// The body ended in an error: bad chunked framing, a reset stream, a client gone.
+    Broken,
+    /// Time ran out while lb was waiting for the client's next bytes.
+    Stalled,
+}
+
+/// What became of a request body on its way to the upstream, as the attempt's outcome needs it.
+#[derive(Default)]
+struct BodyWatch {
+    broken: std::sync::atomic::AtomicBool,
+    /// The last read found no bytes from the client yet (not: the upstream was not reading).
+    waiting: std::sync::atomic::AtomicBool,
+    ended: std::sync::atomic::AtomicBool,
+}
+
+impl BodyWatch {
+    /// Whose fault a failed or timed-out attempt was: `Some` when it was the client's.
+    fn fault(&self, timed_out: bool) -> Option<ClientBodyFault> {
+        if self.broken.load(Ordering::Acquire) {
+            return Some(ClientBodyFault::Broken);
+        }
+        let stalled = timed_out
+            && !self.ended.load(Ordering::Acquire)
+            && self.waiting.load(Ordering::Acquire);
+        stalled.then_some(ClientBodyFault::Stalled)
+    }
+}
+
+/// The client's request body, reporting to a [`BodyWatch`] as hyper's client reads it.
+struct ClientBody {
+    body: Body,
+    watch: Arc<BodyWatch>,
+}
+
+impl ClientBody {
+    fn new(body: Body) -> (ClientBody, Arc<BodyWatch>) {
+        let watch = Arc::new(BodyWatch::default());
+        (
+            ClientBody {
+                body,
+                watch: watch.clone(),
+            },
+            watch,
+        )
+    }
+}
+
+impl hyper::body::Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        let r = std::pin::Pin::new(&mut this.body).poll_frame(cx);
+        let w = &this.watch;
+        w.waiting.store(r.is_pending(), Ordering::Release);
+        match &r {
+            Poll::Ready(Some(Err(_))) => w.broken.store(true, Ordering::Release),
+            Poll::Ready(None) => w.ended.store(true, Ordering::Release),
+            _ => {}
+        }
+        r
+    }
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// The request's target on an upstream: its address, the client's scheme, the path and query.
