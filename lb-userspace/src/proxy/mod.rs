@@ -2,9 +2,10 @@
 //! compiled rules, services whose upstreams are the registry's instances, balanced by smooth
 //! weighted round robin over pooled keep-alive connections.
 //!
-//! A request's life, top to bottom in [`Proxy::handle`]: accept → route (first matching router of
-//! the entry point, by priority) → pick an upstream of the router's service → forward (hop-by-hop
-//! headers dropped, `X-Forwarded-*` added) → answer. The routing table is an immutable value
+//! A request's life, top to bottom in [`Proxy::handle`]: accept → normalise (one host and one
+//! path, see [`normalise`]) → route (first matching router of the entry point, by priority) →
+//! middlewares → pick an upstream of the router's service → forward (hop-by-hop headers dropped,
+//! `X-Forwarded-*` added) → answer. The routing table is an immutable value
 //! swapped atomically ([`ArcSwap`]): a request in flight finishes on the table it started with.
 
 pub mod acme;
@@ -13,6 +14,7 @@ pub mod client;
 pub mod conn;
 pub mod dynamic;
 pub mod middleware;
+pub mod normalise;
 pub mod rule;
 pub mod tcp;
 pub mod tls;
@@ -756,12 +758,29 @@ impl Proxy {
                 "request headers too large",
             );
         }
+        // Targets that are not a resource: answered here, never forwarded half-understood. `OPTIONS
+        // *` asks about lb itself: 200 with no body, as Go's net/http (so Traefik) answers it.
+        // lb tunnels nothing: CONNECT is not implemented (nginx says 405, Envoy 404).
+        if req.method() == hyper::Method::CONNECT {
+            return client_fault(StatusCode::NOT_IMPLEMENTED, "CONNECT is not supported");
+        }
+        if req.uri().path() == "*" {
+            if req.method() != hyper::Method::OPTIONS {
+                return client_fault(StatusCode::BAD_REQUEST, "* is a target for OPTIONS only");
+            }
+            return Response::new(middleware::full(Bytes::new()));
+        }
+        // Normalise: from here on the request has one host (in `Host`) and one path, the ones
+        // the router, the middlewares and the upstream all see.
+        let host = match normalise::request(&mut req, trusted) {
+            Ok(host) => host,
+            Err(normalise::Refused(why)) => return client_fault(StatusCode::BAD_REQUEST, why),
+        };
         if let Some(answer) = self.acme.http01_response(scheme, &req) {
             return answer;
         }
         // Route.
         let table = self.table.load_full();
-        let host = request_host(&req);
         let view = RequestView {
             host: &host,
             path: req.uri().path(),
@@ -1385,30 +1404,6 @@ fn prepare_headers(
     if !h.contains_key(X_REQUEST_ID) {
         h.insert(X_REQUEST_ID, new_request_id());
     }
-}
-
-/// The request's host, without port, lowercase: from the URI (HTTP/2, absolute form) or `Host`.
-fn request_host<B>(req: &Request<B>) -> String {
-    req.uri()
-        .host()
-        .map(str::to_string)
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(|h| {
-                    h.rsplit_once(':')
-                        .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
-                        .map_or(h, |(a, _)| a)
-                        .to_string()
-                })
-        })
-        .map(|mut host| {
-            // In place: the one copy made above is the only one.
-            host.make_ascii_lowercase();
-            host
-        })
-        .unwrap_or_default()
 }
 
 /// Joins an upgraded client connection to the upgraded upstream connection, bytes both ways,
