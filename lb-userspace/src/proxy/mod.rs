@@ -2,9 +2,10 @@
 //! compiled rules, services whose upstreams are the registry's instances, balanced by smooth
 //! weighted round robin over pooled keep-alive connections.
 //!
-//! A request's life, top to bottom in [`Proxy::handle`]: accept → route (first matching router of
-//! the entry point, by priority) → pick an upstream of the router's service → forward (hop-by-hop
-//! headers dropped, `X-Forwarded-*` added) → answer. The routing table is an immutable value
+//! A request's life, top to bottom in [`Proxy::handle`]: accept → normalise (one host and one
+//! path, see [`normalise`]) → route (first matching router of the entry point, by priority) →
+//! middlewares → pick an upstream of the router's service → forward (hop-by-hop headers dropped,
+//! `X-Forwarded-*` added) → answer. The routing table is an immutable value
 //! swapped atomically ([`ArcSwap`]): a request in flight finishes on the table it started with.
 
 pub mod acme;
@@ -13,6 +14,7 @@ pub mod client;
 pub mod conn;
 pub mod dynamic;
 pub mod middleware;
+pub mod normalise;
 pub mod rule;
 pub mod tcp;
 pub mod tls;
@@ -40,7 +42,7 @@ use tracing::{debug, info, warn};
 use crate::registry::Services;
 use balance::{Algorithm, Passive, Pool, Upstream};
 use client::{ClientKey, UpstreamClient, UpstreamTls};
-use middleware::{Ctx, Flow, UpstreamFailure};
+use middleware::{ClientFault, Ctx, Flow, UpstreamFailure};
 use rule::{RequestView, Rule};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -756,12 +758,29 @@ impl Proxy {
                 "request headers too large",
             );
         }
+        // Targets that are not a resource: answered here, never forwarded half-understood. `OPTIONS
+        // *` asks about lb itself: 200 with no body, as Go's net/http (so Traefik) answers it.
+        // lb tunnels nothing: CONNECT is not implemented (nginx says 405, Envoy 404).
+        if req.method() == hyper::Method::CONNECT {
+            return client_fault(StatusCode::NOT_IMPLEMENTED, "CONNECT is not supported");
+        }
+        if req.uri().path() == "*" {
+            if req.method() != hyper::Method::OPTIONS {
+                return client_fault(StatusCode::BAD_REQUEST, "* is a target for OPTIONS only");
+            }
+            return Response::new(middleware::full(Bytes::new()));
+        }
+        // Normalise: from here on the request has one host (in `Host`) and one path, the ones
+        // the router, the middlewares and the upstream all see.
+        let host = match normalise::request(&mut req, trusted) {
+            Ok(host) => host,
+            Err(normalise::Refused(why)) => return client_fault(StatusCode::BAD_REQUEST, why),
+        };
         if let Some(answer) = self.acme.http01_response(scheme, &req) {
             return answer;
         }
         // Route.
         let table = self.table.load_full();
-        let host = request_host(&req);
         let view = RequestView {
             host: &host,
             path: req.uri().path(),
@@ -867,6 +886,14 @@ impl Proxy {
             (None, true) => Some(Bytes::new()),
             (None, false) => None,
         };
+        // A body streamed from the client is watched: if it breaks or stalls, the failure is the
+        // client's, and must not eject the upstream or feed the breaker.
+        let (body, watch) = if bodiless {
+            (body, None)
+        } else {
+            let (b, w) = ClientBody::new(body);
+            (b.boxed(), Some(w))
+        };
         let mut body = Some(body);
         if let Some(m) = &spec.mirror {
             if rand::random::<f64>() * 100.0 < m.percent && upgrade.is_none() {
@@ -949,14 +976,23 @@ impl Proxy {
             };
             drop(in_flight);
             trace.attempt(upstream.addr, started.elapsed());
+            // Only the body this attempt streamed can be the client's fault (a replayed one is
+            // whole in memory).
+            let fault = watch
+                .as_ref()
+                .filter(|_| replay.is_none())
+                .and_then(|w| w.fault(result.is_err()));
             let error = match result {
                 Ok(Ok(mut resp)) => {
-                    upstream.record(
-                        resp.status().as_u16() < 500,
-                        started.elapsed(),
-                        &spec.passive,
-                        Instant::now(),
-                    );
+                    // An upstream that answered a body the client broke is not to blame.
+                    if fault.is_none() {
+                        upstream.record(
+                            resp.status().as_u16() < 500,
+                            started.elapsed(),
+                            &spec.passive,
+                            Instant::now(),
+                        );
+                    }
                     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                         if let Some(client_side) = client_upgrade {
                             let upstream_side = hyper::upgrade::on(&mut resp);
@@ -985,6 +1021,20 @@ impl Proxy {
                 Ok(Err(e)) => Some(e),
                 Err(_) => None,
             };
+            match fault {
+                Some(ClientBodyFault::Broken) => {
+                    debug!(router = route.spec.name, "request body broke: {error:?}");
+                    return client_fault(StatusCode::BAD_REQUEST, "incomplete request body");
+                }
+                Some(ClientBodyFault::Stalled) => {
+                    debug!(
+                        router = route.spec.name,
+                        "request body stalled past the timeout"
+                    );
+                    return client_fault(StatusCode::REQUEST_TIMEOUT, "request body too slow");
+                }
+                None => {}
+            }
             upstream.record(false, started.elapsed(), &spec.passive, Instant::now());
             tried.push(upstream.addr);
             let never_connected = error.as_ref().is_some_and(|e| e.is_connect());
@@ -1111,6 +1161,91 @@ fn failure(code: StatusCode, msg: &str) -> Response<Body> {
     r
 }
 
+/// An answer lb makes because of what the client sent (the circuit breaker ignores these).
+fn client_fault(code: StatusCode, msg: &str) -> Response<Body> {
+    let mut r = text(code, msg);
+    r.extensions_mut().insert(ClientFault);
+    r
+}
+
+/// How the client's part of a failed attempt went wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClientBodyFault {
+    /// The body ended in an error: bad chunked framing, a reset stream, a client gone.
+    Broken,
+    /// Time ran out while lb was waiting for the client's next bytes.
+    Stalled,
+}
+
+/// What became of a request body on its way to the upstream, as the attempt's outcome needs it.
+#[derive(Default)]
+struct BodyWatch {
+    broken: std::sync::atomic::AtomicBool,
+    /// The last read found no bytes from the client yet (not: the upstream was not reading).
+    waiting: std::sync::atomic::AtomicBool,
+    ended: std::sync::atomic::AtomicBool,
+}
+
+impl BodyWatch {
+    /// Whose fault a failed or timed-out attempt was: `Some` when it was the client's.
+    fn fault(&self, timed_out: bool) -> Option<ClientBodyFault> {
+        if self.broken.load(Ordering::Acquire) {
+            return Some(ClientBodyFault::Broken);
+        }
+        let stalled = timed_out
+            && !self.ended.load(Ordering::Acquire)
+            && self.waiting.load(Ordering::Acquire);
+        stalled.then_some(ClientBodyFault::Stalled)
+    }
+}
+
+/// The client's request body, reporting to a [`BodyWatch`] as hyper's client reads it.
+struct ClientBody {
+    body: Body,
+    watch: Arc<BodyWatch>,
+}
+
+impl ClientBody {
+    fn new(body: Body) -> (ClientBody, Arc<BodyWatch>) {
+        let watch = Arc::new(BodyWatch::default());
+        (
+            ClientBody {
+                body,
+                watch: watch.clone(),
+            },
+            watch,
+        )
+    }
+}
+
+impl hyper::body::Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        let r = std::pin::Pin::new(&mut this.body).poll_frame(cx);
+        let w = &this.watch;
+        w.waiting.store(r.is_pending(), Ordering::Release);
+        match &r {
+            Poll::Ready(Some(Err(_))) => w.broken.store(true, Ordering::Release),
+            Poll::Ready(None) => w.ended.store(true, Ordering::Release),
+            _ => {}
+        }
+        r
+    }
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// The request's target on an upstream: its address, the client's scheme, the path and query.
 /// Assembled from parts (the upstream's authority is parsed once, when it is first seen); a
 /// target that is not a path (`*`) goes through the parser as text.
@@ -1182,6 +1317,19 @@ fn cookie(h: &hyper::HeaderMap, name: &str) -> Option<u64> {
         .and_then(|(_, v)| u64::from_str_radix(v, 16).ok())
 }
 
+/// Appends `v` as an RFC 7239 (RFC 9110 §5.6.4) quoted-string, `"` and `\` escaped, so a value
+/// can never close the string and start an element of its own (`a.test";for=1.2.3.4`).
+fn push_quoted(out: &mut String, v: &str) {
+    out.push('"');
+    for c in v.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+}
+
 /// Headers for the upstream: hop-by-hop ones removed (an upgrade keeps its own), the forwarding
 /// trail (`X-Forwarded-For/-Proto/-Host`) added, `Host` kept, a request id if there is none.
 /// Every request passes here: names are constants and each value is built in one buffer that
@@ -1229,7 +1377,8 @@ fn prepare_headers(
         IpAddr::V6(a) => write!(fwd, "for=\"[{a}]\";proto={scheme}"),
     };
     if let Some(v) = original_host.as_ref().and_then(|v| v.to_str().ok()) {
-        let _ = write!(fwd, ";host=\"{v}\"");
+        fwd.push_str(";host=");
+        push_quoted(&mut fwd, v);
     }
     if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(fwd)) {
         h.insert(FORWARDED, v);
@@ -1255,30 +1404,6 @@ fn prepare_headers(
     if !h.contains_key(X_REQUEST_ID) {
         h.insert(X_REQUEST_ID, new_request_id());
     }
-}
-
-/// The request's host, without port, lowercase: from the URI (HTTP/2, absolute form) or `Host`.
-fn request_host<B>(req: &Request<B>) -> String {
-    req.uri()
-        .host()
-        .map(str::to_string)
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(|h| {
-                    h.rsplit_once(':')
-                        .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
-                        .map_or(h, |(a, _)| a)
-                        .to_string()
-                })
-        })
-        .map(|mut host| {
-            // In place: the one copy made above is the only one.
-            host.make_ascii_lowercase();
-            host
-        })
-        .unwrap_or_default()
 }
 
 /// Joins an upgraded client connection to the upgraded upstream connection, bytes both ways,
@@ -1362,6 +1487,34 @@ mod tests {
         );
         assert_eq!(value(&r, "x-forwarded-for"), Some("6.6.6.6, 2001:db8::1"));
         assert_eq!(value(&r, "x-request-id"), Some("abc"));
+    }
+
+    /// Whatever the host says, `Forwarded` keeps one element, lb's: the host is a quoted-string
+    /// that cannot be closed from inside.
+    #[test]
+    fn forwarded_host_is_a_quoted_string() {
+        for (host, want) in [
+            (
+                r#"a.test";for=1.2.3.4;by="x"#,
+                r#""a.test\";for=1.2.3.4;by=\"x""#,
+            ),
+            (r#"a\"#, r#""a\\""#),
+            ("a.test:8080", r#""a.test:8080""#),
+        ] {
+            let mut r = request(&[("host", host)]);
+            prepare_headers(
+                &mut r,
+                "192.0.2.7".parse().expect("ip"),
+                "http",
+                false,
+                None,
+            );
+            assert_eq!(
+                value(&r, "forwarded"),
+                Some(format!("for=192.0.2.7;proto=http;host={want}").as_str()),
+                "{host}"
+            );
+        }
     }
 
     #[test]

@@ -97,6 +97,12 @@ pub trait Middleware: Send + Sync {
 #[derive(Debug, Clone, Copy)]
 pub struct UpstreamFailure;
 
+/// Marks a response lb made because of what the client sent (a malformed or stalled body, a
+/// target lb refuses): evidence about the client, never about the service, so the circuit
+/// breaker leaves it out of its window.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientFault;
+
 pub fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into())
         .map_err(|never| match never {})

@@ -33,7 +33,7 @@ use std::{
 use hyper::{Response, StatusCode};
 use serde::Deserialize;
 
-use super::{answer, BoxFuture, Ctx, Flow, Middleware, Req, UpstreamFailure};
+use super::{answer, BoxFuture, ClientFault, Ctx, Flow, Middleware, Req, UpstreamFailure};
 use crate::proxy::Body;
 
 /// How one request is retried.
@@ -513,6 +513,9 @@ impl Middleware for CircuitBreaker {
         ctx: &'a Ctx,
         resp: &'a mut Response<Body>,
     ) -> Option<BoxFuture<'a, ()>> {
+        if resp.extensions().get::<ClientFault>().is_some() {
+            return None;
+        }
         let now = Instant::now();
         self.observe(
             now,
