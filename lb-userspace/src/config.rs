@@ -462,7 +462,30 @@ struct RawApi {
     #[serde(default = "d_listen")]
     listen: Spanned<String>,
     #[serde(default)]
-    token: Option<String>,
+    token: Option<Spanned<String>>,
+}
+
+/// The shortest admin token accepted (16 characters; `openssl rand -hex 32` gives 64). The API
+/// changes the maps of a root agent: a token that can be guessed, or an empty one that a bare
+/// `Authorization: Bearer ` matches, must not start it.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+/// Why `token` cannot guard the admin API, if it cannot: shorter than [`MIN_TOKEN_LEN`], or with
+/// characters an `Authorization` header cannot carry as they are (then it could never match,
+/// and an operator would be locked out wondering why).
+pub fn check_token(token: &str) -> Result<(), String> {
+    if token.len() < MIN_TOKEN_LEN {
+        return Err(format!(
+            "{} characters: an admin token needs at least {MIN_TOKEN_LEN} (generate one with `openssl rand -hex 32`)",
+            token.len()
+        ));
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(
+            "only visible ASCII characters (no spaces) can be sent as a bearer token".into(),
+        );
+    }
+    Ok(())
 }
 
 impl Default for RawApi {
@@ -914,6 +937,9 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
             "dataplane.max_flows".into(),
             "must be ≥ 1024".into(),
         ));
+    }
+    if let Some(t) = &raw.api.token {
+        check_token(t.get_ref()).map_err(|why| err(t.span(), "api.token".into(), why))?;
     }
     let api_listen: SocketAddr = raw.api.listen.get_ref().parse().map_err(|_| {
         err(
@@ -1414,7 +1440,7 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
             ipip_source_v6: d.ipip_source_v6,
         },
         api_listen,
-        api_token: raw.api.token.clone(),
+        api_token: raw.api.token.as_ref().map(|t| t.get_ref().clone()),
         vips,
     })
 }
@@ -1682,6 +1708,32 @@ address = "10.0.1.2"
         assert_eq!(e.field, "access_log.format");
         let e = parse_err(&format!("{GOOD}\n[access_log]\nsample = 0.0\n"));
         assert_eq!(e.field, "access_log.sample");
+    }
+
+    #[test]
+    fn empty_and_short_api_tokens_are_refused_with_their_line() {
+        let with = |t: &str| {
+            GOOD.replace(
+                "listen = \"127.0.0.1:9999\"",
+                &format!("listen = \"127.0.0.1:9999\"\ntoken = {t}"),
+            )
+        };
+        let line = GOOD
+            .lines()
+            .position(|l| l.starts_with("listen ="))
+            .expect("listen")
+            + 2;
+        for t in [
+            "\"\"",
+            "\"short\"",
+            "\"0123456789abcde\"",
+            "\"0123456789 abcdef\"",
+        ] {
+            let e = parse_err(&with(t));
+            assert_eq!((e.line, e.field.as_str()), (line, "api.token"), "{t}: {e}");
+        }
+        let c = parse(Path::new("lb.toml"), &with("\"0123456789abcdef\"")).expect("16 characters");
+        assert_eq!(c.api_token.as_deref(), Some("0123456789abcdef"));
     }
 
     #[test]
