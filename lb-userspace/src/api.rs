@@ -74,7 +74,25 @@ pub fn router(state: ApiState) -> Router {
         .route("/dashboard/app.js", get(|| dashboard_file("app.js")))
         .route("/dashboard/style.css", get(|| dashboard_file("style.css")))
         .merge(authed)
+        .layer(middleware::from_fn(catch_panics))
         .with_state(state)
+}
+
+/// The last resort behind validation: a handler that panics on its async thread answers 500
+/// without the panic's text (which could tell a client about internals), and the log says it.
+async fn catch_panics(req: Request, next: Next) -> Response {
+    use futures_util::FutureExt as _;
+    match std::panic::AssertUnwindSafe(next.run(req))
+        .catch_unwind()
+        .await
+    {
+        Ok(r) => r,
+        Err(panic) => {
+            let what = crate::control::panic_text(&panic);
+            tracing::error!("admin API: a handler panicked: {what}");
+            internal().into_response()
+        }
+    }
 }
 
 /// Compares SHA-256 digests, byte by byte without stopping at the first difference: the time
