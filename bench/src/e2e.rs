@@ -322,7 +322,7 @@ fn start_agent(ct: &mut Contender, o: &Opts, id: &str, od: &str) -> Result<()> {
         "[agent]\ninstance = \"e2e\"\npin_root = \"{pins}\"\nstate_dir = \"{state}\"\n\
          interfaces = [\"{id}\", \"{od}\"]\nxdp_mode = \"native\"\n\n\
          [dataplane]\nmax_vips = 4\nmax_backends = 64\n\n\
-         [api]\nlisten = \"127.0.0.1:9090\"\ntoken = \"bench-token\"\n\n\
+         [api]\nlisten = \"127.0.0.1:9090\"\ntoken = \"bench-token-0123456789\"\n\n\
          [[vip]]\nname = \"udp\"\naddress = \"{VIP}\"\nport = {UDP_PORT}\nprotocol = \"udp\"\nmode = \"nat\"\n{backends}\n\
          [[vip]]\nname = \"tcp\"\naddress = \"{VIP}\"\nport = {TCP_PORT}\nprotocol = \"tcp\"\nmode = \"nat\"\n{backends}",
         pins = ct.pin_root.display(),

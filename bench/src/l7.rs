@@ -617,7 +617,7 @@ fn start_lb(o: &Opts, cpu: &str, generation: u32) -> Result<Proxy> {
         .collect();
     let conf = format!(
         "[agent]\ninstance = \"lbb-l7\"\npin_root = \"{pins}\"\nstate_dir = \"{state}\"\n\n\
-         [api]\nlisten = \"127.0.0.1:19090\"\ntoken = \"bench-token\"\n\n\
+         [api]\nlisten = \"127.0.0.1:19090\"\ntoken = \"bench-token-0123456789\"\n\n\
          [[vip]]\nname = \"web\"\naddress = \"127.0.0.1\"\nport = {h1}\nprotocol = \"tcp\"\nmode = \"local\"\n{backends}\n\
          [[entrypoint]]\nname = \"web\"\naddress = \"127.0.0.1:{h1}\"\n\n\
          [[entrypoint]]\nname = \"web2\"\naddress = \"127.0.0.1:{h2}\"\n\n\

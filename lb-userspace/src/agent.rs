@@ -32,16 +32,59 @@ use crate::{
     providers::{self, store::Store},
 };
 
-/// The admin token: from the config, else `LB_API_TOKEN`, else a random one written to
-/// `<state_dir>/api-token` (mode 0600) so local tools can read it. The API never runs open.
-fn api_token(cfg: &Config) -> Result<String> {
+/// The state directory (the API store, a generated token, the development CA's and ACME's
+/// keys): created 0700 when missing, and refused when it exists open to others or owned by
+/// another user, because whoever can read or write in it can take over the admin API or the
+/// TLS keys. Fail closed: the fix is one `chmod`, said in the error.
+fn secure_state_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating the state directory {}", dir.display()))?;
+    }
+    let m =
+        std::fs::metadata(dir).with_context(|| format!("the state directory {}", dir.display()))?;
+    if !m.is_dir() {
+        bail!("the state directory {} is not a directory", dir.display());
+    }
+    let uid = nix::unistd::geteuid().as_raw();
+    if m.uid() != uid {
+        bail!(
+            "the state directory {} belongs to uid {}, not to this agent's uid {uid}: `chown {uid} {}`",
+            dir.display(),
+            m.uid(),
+            dir.display()
+        );
+    }
+    let mode = m.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        bail!(
+            "the state directory {} has mode {mode:03o}: others could read or change the API token, \
+             the API store and TLS keys; run `chmod 700 {}`",
+            dir.display(),
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// The admin token: from the config (checked there), else `env` (`LB_API_TOKEN`, held to the
+/// same rules), else a random one written to `<state_dir>/api-token` (mode 0600) so local tools
+/// can read it. The API never runs open, nor behind a token that can be guessed.
+///
+/// A token file found with another mode or owner is refused, not silently fixed: its token may
+/// already have been read, and the operator should know (the error says the `chmod` to run).
+fn api_token(cfg: &Config, env: Option<String>) -> Result<String> {
     if let Some(t) = &cfg.api_token {
         return Ok(t.clone());
     }
-    if let Ok(t) = std::env::var("LB_API_TOKEN") {
-        if !t.is_empty() {
-            return Ok(t);
-        }
+    if let Some(t) = env {
+        config::check_token(&t)
+            .map_err(|why| anyhow!("LB_API_TOKEN: {why} (unset it to have a token generated)"))?;
+        return Ok(t);
     }
     use rand::Rng as _;
     let token: String = rand::thread_rng()
@@ -49,9 +92,28 @@ fn api_token(cfg: &Config) -> Result<String> {
         .take(32)
         .map(char::from)
         .collect();
-    std::fs::create_dir_all(&cfg.state_dir)
-        .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
+    secure_state_dir(&cfg.state_dir)?;
     let path = cfg.state_dir.join("api-token");
+    let owner_only = |m: &std::fs::Metadata| -> Result<()> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = m.permissions().mode() & 0o777;
+        let uid = nix::unistd::geteuid().as_raw();
+        if !m.is_file() || m.uid() != uid || mode & 0o077 != 0 {
+            bail!(
+                "{} has mode {mode:03o} and owner uid {} (want a file of uid {uid}, mode 600): \
+                 its token may have been read; run `chmod 600 {}` (and `chown {uid}`), or remove it",
+                path.display(),
+                m.uid(),
+                path.display()
+            );
+        }
+        Ok(())
+    };
+    match std::fs::symlink_metadata(&path) {
+        Ok(m) => owner_only(&m)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("checking {}", path.display())),
+    }
     {
         use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
         let mut f = std::fs::OpenOptions::new()
@@ -59,8 +121,11 @@ fn api_token(cfg: &Config) -> Result<String> {
             .write(true)
             .truncate(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .with_context(|| format!("writing {}", path.display()))?;
+        // Checked again on what was opened: nothing swapped the file in between.
+        owner_only(&f.metadata()?)?;
         f.write_all(token.as_bytes())?;
     }
     info!(path = %path.display(), "no api.token or LB_API_TOKEN: generated a token");
@@ -143,7 +208,13 @@ async fn bind(
 
 pub async fn run(config_path: &Path) -> Result<()> {
     let cfg = config::load(config_path)?;
-    let token = api_token(&cfg)?;
+    secure_state_dir(&cfg.state_dir)?;
+    let env = match std::env::var("LB_API_TOKEN") {
+        Ok(t) => Some(t),
+        Err(std::env::VarError::NotPresent) => None,
+        Err(std::env::VarError::NotUnicode(_)) => bail!("LB_API_TOKEN: not UTF-8"),
+    };
+    let token = api_token(&cfg, env)?;
     let pin_dir = crate::dataplane::pin_dir(&cfg.pin_root, &cfg.instance);
     let _locks = take_locks(&cfg, &pin_dir)?;
     // Bound before the dataplane is touched: a port in use must not leave a half-started agent.
@@ -269,11 +340,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         );
         let c = control.clone();
         let name = vip.clone();
-        let targets = move || {
-            c.lock()
-                .map(|c| c.health_targets(&name))
-                .unwrap_or_default()
-        };
+        let targets = move || control::lock(&c).health_targets(&name);
         tasks.push(tokio::spawn(health::monitor(
             vip,
             spec,
@@ -382,11 +449,8 @@ async fn refresh_neighbors(control: Arc<Mutex<Control>>) {
     loop {
         tick.tick().await;
         let c = control.clone();
-        let r = tokio::task::spawn_blocking(move || match c.lock() {
-            Ok(mut c) => c.balancer.refresh_neighbors(),
-            Err(_) => Err(anyhow!("state lock poisoned")),
-        })
-        .await;
+        let r = tokio::task::spawn_blocking(move || control::lock(&c).balancer.refresh_neighbors())
+            .await;
         if let Ok(Err(e)) = r {
             warn!("neighbour refresh: {e:#}");
         }
@@ -672,9 +736,7 @@ async fn watch_config(
             Ok(c) => c,
             Err(e) => {
                 warn!("config rejected, the last good one stays: {e}");
-                if let Ok(mut c) = control.lock() {
-                    c.stats.last_config_error = Some(e.to_string());
-                }
+                control::lock(&control).stats.last_config_error = Some(e.to_string());
                 continue;
             }
         };
@@ -743,7 +805,7 @@ async fn watch_config(
         let c = control.clone();
         let vips = new.vips.clone();
         let r = tokio::task::spawn_blocking(move || -> Result<()> {
-            let mut c = c.lock().map_err(|_| anyhow!("control state poisoned"))?;
+            let mut c = control::lock(&c);
             let known: Vec<VipSpec> = vips
                 .into_iter()
                 .filter(|v| c.vips.iter().any(|o| o.name == v.name))
@@ -768,4 +830,66 @@ async fn watch_config(
         current = new;
     }
     drop(watcher);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    struct Dir(std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn cfg(state: &Path) -> Config {
+        let text = format!("[agent]\nstate_dir = \"{}\"\n", state.display());
+        config::parse(Path::new("lb.toml"), &text).expect("config")
+    }
+
+    fn chmod(p: &Path, mode: u32) {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+
+    #[test]
+    fn token_file_and_state_dir_are_checked_on_every_start() {
+        let root = Dir(std::env::temp_dir().join(format!("lb-agent-token-{}", std::process::id())));
+        let _ = std::fs::remove_dir_all(&root.0);
+        let state = root.0.join("state");
+        let c = cfg(&state);
+        // First start: the directory is made 0700, the token file 0600.
+        let t = api_token(&c, None).expect("generated");
+        assert!(t.len() >= config::MIN_TOKEN_LEN);
+        let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode(&state), 0o700);
+        let file = state.join("api-token");
+        assert_eq!(mode(&file), 0o600);
+        api_token(&c, None).expect("a second start");
+        // A token file someone opened up is refused, with the chmod to run.
+        chmod(&file, 0o644);
+        let e = format!("{:#}", api_token(&c, None).expect_err("0644 token file"));
+        assert!(e.contains("chmod 600"), "{e}");
+        chmod(&file, 0o600);
+        // So is a state directory others can enter.
+        chmod(&state, 0o755);
+        let e = format!("{:#}", api_token(&c, None).expect_err("0755 state dir"));
+        assert!(e.contains("chmod 700"), "{e}");
+        chmod(&state, 0o700);
+        api_token(&c, None).expect("fixed");
+    }
+
+    #[test]
+    fn lb_api_token_obeys_the_configs_rules() {
+        let root = Dir(std::env::temp_dir().join(format!("lb-agent-env-{}", std::process::id())));
+        let c = cfg(&root.0);
+        for bad in ["", "short", "0123456789 abcdef"] {
+            assert!(api_token(&c, Some(bad.into())).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            api_token(&c, Some("0123456789abcdef".into())).expect("16 characters"),
+            "0123456789abcdef"
+        );
+    }
 }

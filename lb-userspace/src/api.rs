@@ -74,17 +74,49 @@ pub fn router(state: ApiState) -> Router {
         .route("/dashboard/app.js", get(|| dashboard_file("app.js")))
         .route("/dashboard/style.css", get(|| dashboard_file("style.css")))
         .merge(authed)
+        .layer(middleware::from_fn(catch_panics))
         .with_state(state)
 }
 
-/// Compares in time independent of where the first difference is.
+/// The last resort behind validation: a handler that panics on its async thread answers 500
+/// without the panic's text (which could tell a client about internals), and the log says it.
+async fn catch_panics(req: Request, next: Next) -> Response {
+    use futures_util::FutureExt as _;
+    match std::panic::AssertUnwindSafe(next.run(req))
+        .catch_unwind()
+        .await
+    {
+        Ok(r) => r,
+        Err(panic) => {
+            let what = crate::control::panic_text(&panic);
+            tracing::error!("admin API: a handler panicked: {what}");
+            internal().into_response()
+        }
+    }
+}
+
+/// Compares SHA-256 digests, byte by byte without stopping at the first difference: the time
+/// tells neither where a guess goes wrong nor how long the token is.
 fn token_matches(given: &[u8], want: &[u8]) -> bool {
-    given.len() == want.len()
-        && given
-            .iter()
-            .zip(want)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+    let (g, w) = (
+        ring::digest::digest(&ring::digest::SHA256, given),
+        ring::digest::digest(&ring::digest::SHA256, want),
+    );
+    g.as_ref()
+        .iter()
+        .zip(w.as_ref())
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+        == 0
+}
+
+/// Whether `given` (the header's value) carries the configured token. A configured token that
+/// breaks [`crate::config::check_token`] (possible only for a caller that skipped the config's
+/// checks) lets nothing in: an empty token must never match an empty `Bearer `.
+fn authorized(given: Option<&str>, want: &str) -> bool {
+    if crate::config::check_token(want).is_err() {
+        return false;
+    }
+    given.is_some_and(|t| !t.is_empty() && token_matches(t.as_bytes(), want.as_bytes()))
 }
 
 async fn require_token(State(s): State<ApiState>, req: Request, next: Next) -> Response {
@@ -94,7 +126,7 @@ async fn require_token(State(s): State<ApiState>, req: Request, next: Next) -> R
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     match given {
-        Some(t) if token_matches(t.as_bytes(), s.token.as_bytes()) => next.run(req).await,
+        t if authorized(t, &s.token) => next.run(req).await,
         _ => (
             StatusCode::UNAUTHORIZED,
             [(header::WWW_AUTHENTICATE, "Bearer")],
@@ -118,6 +150,15 @@ impl From<anyhow::Error> for ApiError {
     }
 }
 
+/// What a client is told when a handler failed in a way nobody planned for (a panic): no
+/// detail, which could reveal internals; the log has it.
+fn internal() -> ApiError {
+    ApiError(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal error (logged by the agent)".into(),
+    )
+}
+
 fn not_found(what: String) -> ApiError {
     ApiError(StatusCode::NOT_FOUND, what)
 }
@@ -126,30 +167,56 @@ fn bad_request(what: String) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, what)
 }
 
-/// Runs a control operation off the async workers: map updates are blocking syscalls.
+/// Runs a control operation off the async workers (map updates are blocking syscalls). A panic
+/// in it is caught while the lock is still held, so the lock is never poisoned and the API,
+/// `/metrics` and the control loop carry on; the client gets a 500 without the panic's text.
 async fn with_control<T: Send + 'static>(
     s: &ApiState,
     f: impl FnOnce(&mut Control) -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     let c = s.control.clone();
     tokio::task::spawn_blocking(move || {
-        let mut guard = c.lock().map_err(|_| {
-            ApiError(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "state lock poisoned".into(),
-            )
-        })?;
-        f(&mut guard)
+        let mut guard = crate::control::lock(&c);
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut guard))) {
+            Ok(r) => r,
+            Err(panic) => {
+                let what = crate::control::panic_text(&panic);
+                tracing::error!("admin API: a handler panicked: {what}");
+                guard.stats.last_apply_error = Some(format!("admin API handler panicked: {what}"));
+                Err(internal())
+            }
+        }
     })
     .await
-    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map_err(|e| {
+        tracing::error!("admin API: control task: {e}");
+        internal()
+    })?
 }
 
-/// After a store change: re-read it into the registry and apply now.
-fn commit(c: &mut Control, started: Instant) -> Result<(), ApiError> {
+/// After a store change: re-read it into the registry and apply now. When the apply fails, the
+/// store goes back to `before` and that is applied again, so the last good state stays in force
+/// (not one half-applied) and the caller hears why.
+fn commit(
+    c: &mut Control,
+    before: crate::providers::store::Checkpoint,
+    started: Instant,
+) -> Result<(), ApiError> {
     c.refresh_store();
-    c.apply(started)?;
-    Ok(())
+    let Err(e) = c.apply(started) else {
+        return Ok(());
+    };
+    tracing::warn!("admin API change not applied, the previous state stays: {e:#}");
+    let restored = c.store.restore(before);
+    c.refresh_store();
+    if let Err(again) = c.apply(started) {
+        tracing::warn!("re-applying the previous state: {again:#}");
+    }
+    restored?;
+    Err(ApiError(
+        StatusCode::CONFLICT,
+        format!("not applied, the previous state stays: {e:#}"),
+    ))
 }
 
 /// A backend in a path: `10.0.0.1`, `10.0.0.1:8080`, `fd00::1` or `[fd00::1]:8080`.
@@ -217,10 +284,52 @@ fn one() -> u32 {
     1
 }
 
+/// The longest TTL a registration may ask: a year. Beyond that a TTL is a typo (or an attempt
+/// to overflow the expiry time), and "never expires" is said by leaving `ttl_secs` out.
+pub const MAX_TTL_SECS: u64 = 365 * 24 * 3600;
+
+/// Bounds on the free-form parts of a registration: they are stored, persisted and shown, so a
+/// client must not be able to make them arbitrarily large.
+const MAX_ZONE_LEN: usize = 128;
+const MAX_METADATA: usize = 64;
+const MAX_METADATA_LEN: usize = 1024;
+
 impl Registration {
+    /// Every number is checked here, at the edge, so nothing later computes with a value out of
+    /// range; each refusal names its field.
     fn into_instance(self) -> Result<(Instance, Option<Duration>), ApiError> {
         if self.weight > 1000 {
-            return Err(bad_request("weight must be 0..=1000".into()));
+            return Err(bad_request(format!(
+                "weight: {} is out of range 0..=1000",
+                self.weight
+            )));
+        }
+        if let Some(t) = self.ttl_secs {
+            if !(1..=MAX_TTL_SECS).contains(&t) {
+                return Err(bad_request(format!(
+                    "ttl_secs: {t} is out of range 1..={MAX_TTL_SECS} (leave it out for no expiry)"
+                )));
+            }
+        }
+        if self.zone.as_ref().is_some_and(|z| z.len() > MAX_ZONE_LEN) {
+            return Err(bad_request(format!(
+                "zone: longer than {MAX_ZONE_LEN} bytes"
+            )));
+        }
+        if self.metadata.len() > MAX_METADATA {
+            return Err(bad_request(format!(
+                "metadata: more than {MAX_METADATA} entries"
+            )));
+        }
+        if let Some((k, _)) = self
+            .metadata
+            .iter()
+            .find(|(k, v)| k.len() > MAX_METADATA_LEN || v.len() > MAX_METADATA_LEN)
+        {
+            return Err(bad_request(format!(
+                "metadata.{}: key or value longer than {MAX_METADATA_LEN} bytes",
+                k.chars().take(64).collect::<String>()
+            )));
         }
         let mut metadata = self.metadata;
         if let Some(mac) = self.mac {
@@ -256,10 +365,11 @@ async fn register_into(
     let (instance, ttl) = reg.into_instance()?;
     let started = Instant::now();
     let created = with_control(s, move |c| {
+        let before = c.store.checkpoint();
         let created = c
             .store
             .register(&service, instance, ttl, SystemTime::now())?;
-        commit(c, started)?;
+        commit(c, before, started)?;
         Ok(created)
     })
     .await?;
@@ -311,8 +421,9 @@ async fn remove_from(
         };
         let key = find_instance(c, &service, addr, port)?;
         let elsewhere = provided_by_others(c, &service, &key);
+        let before = c.store.checkpoint();
         c.store.remove(&service, key, elsewhere)?;
-        commit(c, started)
+        commit(c, before, started)
     })
     .await?;
     Ok(StatusCode::NO_CONTENT)
@@ -350,15 +461,20 @@ async fn drain_backend(
     with_control(&s, move |c| {
         let service = service_of(c, &vip)?;
         let key = find_instance(c, &service, addr, port)?;
+        let before = c.store.checkpoint();
         c.store.drain(&service, key)?;
-        commit(c, started)
+        commit(c, before, started)
     })
     .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 async fn list_services(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
-    let health = s.health.lock().map(|h| h.clone()).unwrap_or_default();
+    let health = s
+        .health
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
     let services = with_control(&s, move |c| {
         let merged = c.registry.merged();
         let mut out = serde_json::Map::new();
@@ -527,6 +643,19 @@ mod tests {
         assert!(!token_matches(b"abd", b"abc"));
         assert!(!token_matches(b"ab", b"abc"));
         assert!(!token_matches(b"", b"abc"));
+    }
+
+    #[test]
+    fn empty_or_short_tokens_never_authorize() {
+        let good = "0123456789abcdef0123";
+        assert!(authorized(Some(good), good));
+        assert!(!authorized(Some(""), good));
+        assert!(!authorized(None, good));
+        assert!(
+            !authorized(Some(""), ""),
+            "an empty configured token opens nothing"
+        );
+        assert!(!authorized(Some("short"), "short"));
     }
 
     #[test]

@@ -297,6 +297,9 @@ struct RawRedis {
     /// Also read a Traefik configuration stored under this root (Traefik's KV layout).
     #[serde(default)]
     traefik_root: Option<String>,
+    /// The only directories its records may name files in.
+    #[serde(default)]
+    traefik_file_dirs: Vec<Spanned<PathBuf>>,
     #[serde(default = "d_resync")]
     resync_secs: u64,
 }
@@ -309,6 +312,8 @@ struct RawEtcd {
     prefix: String,
     #[serde(default)]
     traefik_root: Option<String>,
+    #[serde(default)]
+    traefik_file_dirs: Vec<Spanned<PathBuf>>,
 }
 
 fn d_prefix() -> String {
@@ -462,7 +467,30 @@ struct RawApi {
     #[serde(default = "d_listen")]
     listen: Spanned<String>,
     #[serde(default)]
-    token: Option<String>,
+    token: Option<Spanned<String>>,
+}
+
+/// The shortest admin token accepted (16 characters; `openssl rand -hex 32` gives 64). The API
+/// changes the maps of a root agent: a token that can be guessed, or an empty one that a bare
+/// `Authorization: Bearer ` matches, must not start it.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+/// Why `token` cannot guard the admin API, if it cannot: shorter than [`MIN_TOKEN_LEN`], or with
+/// characters an `Authorization` header cannot carry as they are (then it could never match,
+/// and an operator would be locked out wondering why).
+pub fn check_token(token: &str) -> Result<(), String> {
+    if token.len() < MIN_TOKEN_LEN {
+        return Err(format!(
+            "{} characters: an admin token needs at least {MIN_TOKEN_LEN} (generate one with `openssl rand -hex 32`)",
+            token.len()
+        ));
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(
+            "only visible ASCII characters (no spaces) can be sent as a bearer token".into(),
+        );
+    }
+    Ok(())
 }
 
 impl Default for RawApi {
@@ -654,6 +682,9 @@ pub struct RedisSpec {
     pub resync: Duration,
     /// Where a Traefik configuration is stored in Traefik's KV layout (`traefik`), if any.
     pub traefik_root: Option<String>,
+    /// The directories that configuration's records may name files in (certificates, keys,
+    /// CAs, users files); none by default, so a record cannot make the agent read a file.
+    pub traefik_file_dirs: Vec<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -661,6 +692,8 @@ pub struct EtcdSpec {
     pub endpoints: Vec<String>,
     pub prefix: String,
     pub traefik_root: Option<String>,
+    /// As [`RedisSpec::traefik_file_dirs`].
+    pub traefik_file_dirs: Vec<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -915,6 +948,9 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
             "must be ≥ 1024".into(),
         ));
     }
+    if let Some(t) = &raw.api.token {
+        check_token(t.get_ref()).map_err(|why| err(t.span(), "api.token".into(), why))?;
+    }
     let api_listen: SocketAddr = raw.api.listen.get_ref().parse().map_err(|_| {
         err(
             raw.api.listen.span(),
@@ -1122,6 +1158,22 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
             debounce: Duration::from_millis(f.debounce_ms),
         });
     }
+    let file_dirs = |dirs: &[Spanned<PathBuf>], which: &str| -> Result<Vec<PathBuf>, ConfigError> {
+        dirs.iter()
+            .enumerate()
+            .map(|(i, d)| {
+                if d.get_ref().is_absolute() {
+                    Ok(d.get_ref().clone())
+                } else {
+                    Err(err(
+                        d.span(),
+                        format!("providers.{which}.traefik_file_dirs[{i}]"),
+                        format!("{:?}: must be an absolute path", d.get_ref()),
+                    ))
+                }
+            })
+            .collect()
+    };
     let redis = match &raw.providers.redis {
         Some(r) => {
             if !r.url.get_ref().starts_with("redis://") && !r.url.get_ref().starts_with("unix://") {
@@ -1139,15 +1191,20 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
                 prefix: r.prefix.clone(),
                 resync: Duration::from_secs(r.resync_secs.max(1)),
                 traefik_root: r.traefik_root.clone(),
+                traefik_file_dirs: file_dirs(&r.traefik_file_dirs, "redis")?,
             })
         }
         None => None,
     };
-    let etcd = raw.providers.etcd.as_ref().map(|e| EtcdSpec {
-        endpoints: e.endpoints.clone(),
-        prefix: e.prefix.clone(),
-        traefik_root: e.traefik_root.clone(),
-    });
+    let etcd = match &raw.providers.etcd {
+        Some(e) => Some(EtcdSpec {
+            endpoints: e.endpoints.clone(),
+            prefix: e.prefix.clone(),
+            traefik_root: e.traefik_root.clone(),
+            traefik_file_dirs: file_dirs(&e.traefik_file_dirs, "etcd")?,
+        }),
+        None => None,
+    };
     let mut entrypoints: Vec<crate::proxy::EntryPointSpec> = Vec::new();
     for (i, e) in raw.entrypoint.iter().enumerate() {
         let e = e.get_ref();
@@ -1414,7 +1471,7 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
             ipip_source_v6: d.ipip_source_v6,
         },
         api_listen,
-        api_token: raw.api.token.clone(),
+        api_token: raw.api.token.as_ref().map(|t| t.get_ref().clone()),
         vips,
     })
 }
@@ -1682,6 +1739,52 @@ address = "10.0.1.2"
         assert_eq!(e.field, "access_log.format");
         let e = parse_err(&format!("{GOOD}\n[access_log]\nsample = 0.0\n"));
         assert_eq!(e.field, "access_log.sample");
+    }
+
+    #[test]
+    fn empty_and_short_api_tokens_are_refused_with_their_line() {
+        let with = |t: &str| {
+            GOOD.replace(
+                "listen = \"127.0.0.1:9999\"",
+                &format!("listen = \"127.0.0.1:9999\"\ntoken = {t}"),
+            )
+        };
+        let line = GOOD
+            .lines()
+            .position(|l| l.starts_with("listen ="))
+            .expect("listen")
+            + 2;
+        for t in [
+            "\"\"",
+            "\"short\"",
+            "\"0123456789abcde\"",
+            "\"0123456789 abcdef\"",
+        ] {
+            let e = parse_err(&with(t));
+            assert_eq!((e.line, e.field.as_str()), (line, "api.token"), "{t}: {e}");
+        }
+        let c = parse(Path::new("lb.toml"), &with("\"0123456789abcdef\"")).expect("16 characters");
+        assert_eq!(c.api_token.as_deref(), Some("0123456789abcdef"));
+    }
+
+    #[test]
+    fn traefik_file_dirs_are_absolute() {
+        let text = format!("{GOOD}\n[providers.redis]\nurl = \"redis://127.0.0.1:6379\"\ntraefik_root = \"traefik\"\ntraefik_file_dirs = [\"/etc/lb/certs\", \"certs\"]\n");
+        let e = parse_err(&text);
+        assert_eq!(e.field, "providers.redis.traefik_file_dirs[1]", "{e}");
+        assert!(e.line > 0, "{e}");
+        let c = parse(Path::new("lb.toml"), &text.replace(", \"certs\"", "")).expect("valid");
+        let r = c.providers.redis.expect("redis");
+        assert_eq!(r.traefik_file_dirs, vec![PathBuf::from("/etc/lb/certs")]);
+        let c = parse(
+            Path::new("lb.toml"),
+            &format!("{GOOD}\n[providers.etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\n"),
+        )
+        .expect("valid");
+        assert!(
+            c.providers.etcd.expect("etcd").traefik_file_dirs.is_empty(),
+            "none by default"
+        );
     }
 
     #[test]

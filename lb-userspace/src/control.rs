@@ -9,7 +9,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -38,6 +38,29 @@ pub struct ApplyStats {
     pub generation: u64,
     /// Why the last config file reload was rejected (cleared by a good one).
     pub last_config_error: Option<String>,
+    /// Why the last apply (or an API change) failed, the previous state staying in force;
+    /// cleared by the next apply that succeeds.
+    pub last_apply_error: Option<String>,
+}
+
+/// Locks the control state. A panic while it was held cannot have left it half-changed where it
+/// matters (the store and the registry are replaced whole, and the next apply rewrites the maps
+/// from them), so a poisoned lock is taken over and said in the log rather than turning every
+/// later API call, `/metrics` scrape and provider change into an error.
+pub fn lock(c: &Mutex<Control>) -> MutexGuard<'_, Control> {
+    c.lock().unwrap_or_else(|poisoned| {
+        tracing::error!("the control state's lock was poisoned by a panic; carrying on");
+        c.clear_poison();
+        poisoned.into_inner()
+    })
+}
+
+/// A panic's message, for the log (never for a client).
+pub fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
 }
 
 pub struct Control {
@@ -230,8 +253,23 @@ impl Control {
         out
     }
 
-    /// Applies the desired state; `since` is when the oldest change in this batch happened.
+    /// Applies the desired state; `since` is when the oldest change in this batch happened. A
+    /// failure is kept in [`ApplyStats::last_apply_error`] (shown by `/api/v1/status`) until an
+    /// apply succeeds.
     pub fn apply(&mut self, since: Instant) -> Result<usize> {
+        match self.apply_inner(since) {
+            Ok(n) => {
+                self.stats.last_apply_error = None;
+                Ok(n)
+            }
+            Err(e) => {
+                self.stats.last_apply_error = Some(format!("{e:#}"));
+                Err(e)
+            }
+        }
+    }
+
+    fn apply_inner(&mut self, since: Instant) -> Result<usize> {
         if let Some(p) = &self.proxy {
             p.update_services(&self.proxy_services(&p.service_names()));
         }
@@ -293,12 +331,13 @@ pub async fn run(control: Arc<Mutex<Control>>, mut rx: mpsc::Receiver<Event>) {
                 since = Instant::now();
                 let c = control.clone();
                 let expired = tokio::task::spawn_blocking(move || {
-                    c.lock().ok().map(|mut c| c.store.expire(SystemTime::now()))
+                    lock(&c).store.expire(SystemTime::now())
                 }).await;
                 match expired {
-                    Ok(Some(Ok(true))) => batch.push(Event::StoreChanged { at: since }),
-                    Ok(Some(Err(e))) => warn!("API store: {e:#}"),
-                    _ => {}
+                    Ok(Ok(true)) => batch.push(Event::StoreChanged { at: since }),
+                    Ok(Err(e)) => warn!("API store: {e:#}"),
+                    Ok(Ok(false)) => {}
+                    Err(e) => warn!("API store expiry task: {e}"),
                 }
                 if batch.is_empty() { continue; }
             }
@@ -319,13 +358,20 @@ pub async fn run(control: Arc<Mutex<Control>>, mut rx: mpsc::Receiver<Event>) {
             .unwrap_or(since);
         let c = control.clone();
         let r = tokio::task::spawn_blocking(move || -> Result<usize> {
-            let mut c = c
-                .lock()
-                .map_err(|_| anyhow::anyhow!("control state poisoned"))?;
-            for ev in batch {
-                c.handle(ev);
-            }
-            c.apply(oldest)
+            let mut c = lock(&c);
+            // A panic (a bug: every input was validated by its provider) stays in this batch:
+            // the loop, and the lock, live on for the next one.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                for ev in batch {
+                    c.handle(ev);
+                }
+                c.apply(oldest)
+            }))
+            .unwrap_or_else(|p| {
+                let what = panic_text(&p);
+                c.stats.last_apply_error = Some(format!("control loop panicked: {what}"));
+                Err(anyhow::anyhow!("control loop panicked: {what}"))
+            })
         })
         .await;
         match r {

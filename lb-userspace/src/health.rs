@@ -154,7 +154,10 @@ pub async fn monitor(
         let results = probes.join_all().await;
         let now = Instant::now();
         let mut changes = Vec::new();
-        if let Ok(mut t) = table.lock() {
+        {
+            let mut t = table
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             t.retain(|(v, k), _| v != &vip || list.iter().any(|(x, _)| x == k));
             for (k, ok) in results {
                 let verdict = t.entry((vip.clone(), k)).or_default();

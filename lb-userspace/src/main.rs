@@ -62,7 +62,8 @@ enum Cmd {
         mac: Option<Mac>,
         /// Expire unless refreshed within this many seconds: re-run the command from a timer, or
         /// add --keep-alive (Redis: key TTL; etcd: a lease, at least ~2 s; API: store expiry).
-        #[arg(long)]
+        /// At most a year, as the API allows.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=lb_userspace::api::MAX_TTL_SECS))]
         ttl: Option<u64>,
         /// Stay in the foreground refreshing the registration every ttl/3 until SIGINT/SIGTERM,
         /// then deregister.

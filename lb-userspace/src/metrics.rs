@@ -562,12 +562,10 @@ impl Snapshot {
         let tracked_flows = dp.flow_count();
         let health = health
             .lock()
-            .map(|t| {
-                t.iter()
-                    .map(|((vip, key), v)| (vip.clone(), key.to_string(), v.up))
-                    .collect()
-            })
-            .unwrap_or_default();
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|((vip, key), v)| (vip.clone(), key.to_string(), v.up))
+            .collect();
         let acme_certificates = c
             .proxy
             .as_ref()

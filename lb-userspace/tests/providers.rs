@@ -221,6 +221,7 @@ fn redis_spec(port: u16, resync: Duration) -> RedisSpec {
         prefix: "lb/".into(),
         resync,
         traefik_root: None,
+        traefik_file_dirs: Vec::new(),
     }
 }
 
@@ -229,6 +230,7 @@ fn etcd_spec(port: u16) -> EtcdSpec {
         endpoints: vec![format!("http://127.0.0.1:{port}")],
         prefix: "lb/".into(),
         traefik_root: None,
+        traefik_file_dirs: Vec::new(),
     }
 }
 
@@ -1023,4 +1025,88 @@ async fn etcd_reads_traefiks_kv_layout() {
         Box::pin(async move { etcd_put_raw(port, k, v).await })
     })
     .await;
+}
+
+/// A record in the store names files for lb to read as root: only those inside the directories
+/// the operator allowed are read; the others are refused, by key, and nothing else is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traefik_kv_file_paths_are_confined() {
+    let dir = TempDir::new("redis");
+    let srv = start_redis(&dir.0);
+    let certs = dir.0.join("certs");
+    std::fs::create_dir_all(&certs).expect("dir");
+    for f in ["site.crt", "site.key"] {
+        std::fs::write(certs.join(f), "x").expect("write");
+    }
+    // A symlink inside the allowed directory, to a file outside it: refused too.
+    std::os::unix::fs::symlink("/etc/passwd", certs.join("link.crt")).expect("symlink");
+    let mut spec = redis_spec(srv.port, NO_RESYNC);
+    spec.traefik_root = Some("traefik".into());
+    spec.traefik_file_dirs = vec![certs.clone()];
+    let mut p = run_redis(spec);
+    let port = srv.port;
+    let inside = |f: &str| certs.join(f).display().to_string();
+    let pairs: Vec<(String, String)> = [
+        (
+            "traefik/http/routers/api/rule",
+            "Host(`api.test`)".to_string(),
+        ),
+        ("traefik/http/routers/api/service", "api".into()),
+        (
+            "traefik/http/services/api/loadBalancer/servers/0/url",
+            "http://10.0.0.1:8080".into(),
+        ),
+        ("traefik/tls/certificates/0/certFile", "/etc/passwd".into()),
+        ("traefik/tls/certificates/0/keyFile", "/etc/shadow".into()),
+        (
+            "traefik/tls/certificates/1/certFile",
+            format!("{}/../../../../etc/passwd", certs.display()),
+        ),
+        ("traefik/tls/certificates/1/keyFile", inside("site.key")),
+        ("traefik/tls/certificates/2/certFile", inside("link.crt")),
+        ("traefik/tls/certificates/2/keyFile", inside("site.key")),
+        ("traefik/tls/certificates/3/certFile", inside("site.crt")),
+        ("traefik/tls/certificates/3/keyFile", inside("site.key")),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    for (k, v) in &pairs {
+        redis_raw(port, &["SET", k, v]).await;
+    }
+    let ev = p
+        .wait_for(
+            "routing",
+            |_| {},
+            |e| {
+                matches!(e, Event::Routing { provider, routing, .. }
+                if provider == "redis:traefik" && !routing.routers.is_empty()
+                    && !routing.certificates.is_empty())
+            },
+        )
+        .await;
+    let Event::Routing {
+        routing,
+        unsupported,
+        ..
+    } = ev
+    else {
+        unreachable!()
+    };
+    let read: Vec<_> = routing.certificates.iter().map(|c| &c.cert_file).collect();
+    assert_eq!(
+        read,
+        vec![&certs.canonicalize().expect("real").join("site.crt")],
+        "only the file inside the allowed directory is read"
+    );
+    assert_eq!(routing.routers.len(), 1, "the rest still counts");
+    for i in 0..3 {
+        assert!(
+            unsupported
+                .iter()
+                .any(|u| u.contains(&format!("tls.certificates[{i}].certFile"))
+                    && u.contains("refused")),
+            "certificate {i}: {unsupported:?}"
+        );
+    }
 }

@@ -266,9 +266,8 @@ async fn traefik_yaml_and_toml_route_the_same() {
         vec![
             "http.services.api.loadBalancer.healthCheck",
             "http.services.both.weighted",
-            "tls.options",
         ],
-        "each unsupported key, by path"
+        "each unsupported key, by path (minVersion TLS 1.2 is what lb does: honoured, not reported)"
     );
 }
 
@@ -350,4 +349,176 @@ fn a_directory_mixes_traefik_and_lb_files() {
     let members: Vec<String> = services["api"].keys().map(|k| k.to_string()).collect();
     assert_eq!(members, vec!["10.0.0.1:8080", "10.0.0.2:8080"]);
     assert!(routing.dynamic.services.contains_key("api"));
+}
+
+/// Security options lb cannot honour, each on a router of its own; and one router that needs
+/// none of them, so the document is read and served, minus the routers it would weaken.
+const GUARDED: &str = r#"
+http:
+  routers:
+    open:
+      rule: "Host(`open.test`)"
+      service: site
+      tls: {}
+    mtls:
+      rule: "Host(`mtls.test`)"
+      service: site
+      tls:
+        options: strict@file
+    cafiles:
+      rule: "Host(`cafiles.test`)"
+      service: site
+      tls:
+        options: cas
+    modern:
+      rule: "Host(`modern.test`)"
+      service: site
+      tls:
+        options: tls13
+    sso:
+      rule: "Host(`sso.test`)"
+      service: site
+      middlewares: [sso]
+    hosts:
+      rule: "Host(`hosts.test`)"
+      service: site
+      middlewares: [onlyhosts]
+  middlewares:
+    sso:
+      forwardAuth:
+        address: "http://127.0.0.1:9/verify"
+        authResponseHeadersRegex: "^X-Auth-"
+    onlyhosts:
+      headers:
+        allowedHosts: ["hosts.test"]
+  services:
+    site:
+      loadBalancer:
+        servers:
+          - url: "http://127.0.0.1:{port}"
+tcp:
+  routers:
+    db:
+      rule: "HostSNI(`*`)"
+      service: db
+      middlewares: [office]
+    tlsdb:
+      rule: "HostSNI(`db.test`)"
+      service: db
+      tls:
+        options: strict
+    passdb:
+      rule: "HostSNI(`pass.test`)"
+      service: db
+      tls:
+        passthrough: true
+        options: strict
+  middlewares:
+    office:
+      ipAllowList:
+        sourceRange: ["10.0.0.0/8"]
+  services:
+    db:
+      loadBalancer:
+        servers:
+          - address: "127.0.0.1:5432"
+tls:
+  options:
+    strict:
+      clientAuth:
+        caFiles: ["/etc/lb/clients-ca.pem"]
+        clientAuthType: RequireAndVerifyClientCert
+    cas:
+      clientAuth:
+        caFiles: ["/etc/lb/clients-ca.pem"]
+    tls13:
+      minVersion: VersionTLS13
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn security_options_lb_cannot_honour_leave_their_routers_out() {
+    let site = upstream("site").await;
+    let text = GUARDED.replace("{port}", &site.port().to_string());
+    let doc = parse_any(Path::new("guarded.yml"), &text).expect("the rest is valid");
+    let (built, problems) = lb_userspace::proxy::dynamic::Built::new(doc.routing, None);
+    let mut routers: Vec<&str> = built
+        .dynamic
+        .routers
+        .iter()
+        .map(|r| r.name.as_str())
+        .collect();
+    routers.sort();
+    assert_eq!(
+        routers,
+        vec!["open"],
+        "{:?} / {problems:?}",
+        doc.unsupported
+    );
+    let tcp: Vec<&str> = built
+        .dynamic
+        .tcp_routers
+        .iter()
+        .map(|r| r.name.as_str())
+        .collect();
+    assert_eq!(
+        tcp,
+        vec!["passdb"],
+        "passthrough terminates no TLS: options do not apply"
+    );
+    // Each router left out is reported with what it needed.
+    let said = format!("{:?} {problems:?}", doc.unsupported);
+    for (router, why) in [
+        ("http.routers.mtls", "RequireAndVerifyClientCert"),
+        ("http.routers.cafiles", "RequireAndVerifyClientCert"),
+        ("http.routers.modern", "VersionTLS13"),
+        ("tcp.routers.db", "office"),
+        ("tcp.routers.tlsdb", "RequireAndVerifyClientCert"),
+        ("http.middlewares.sso", "authResponseHeadersRegex"),
+        ("http.middlewares.onlyhosts", "allowedHosts"),
+        ("router sso: left out", "sso"),
+        ("router hosts: left out", "onlyhosts"),
+    ] {
+        assert!(
+            said.contains(router) && said.contains(why),
+            "{router} ({why}) is reported: {said}"
+        );
+    }
+    // Served: the client without a certificate reaches nothing behind the mTLS router.
+    let (proxy, l) = bound(vec![], &Services::new(), HashMap::new(), HashMap::new()).await;
+    let addr = l.local_addr().expect("addr");
+    let doc = parse_any(Path::new("guarded.yml"), &text).expect("valid");
+    proxy.set_dynamic("file", doc.routing);
+    proxy.update_services(&doc.services);
+    tokio::spawn(proxy.clone().serve("web".into(), l, None));
+    let cl = client();
+    assert_eq!(get(&cl, addr, "open.test", "/", &[]).await.0, 200);
+    for host in [
+        "mtls.test",
+        "cafiles.test",
+        "modern.test",
+        "sso.test",
+        "hosts.test",
+    ] {
+        assert_eq!(get(&cl, addr, host, "/", &[]).await.0, 404, "{host}");
+    }
+}
+
+#[test]
+fn default_tls_options_lb_cannot_honour_leave_every_tls_router_out() {
+    let text = "http:\n  routers:\n    a:\n      rule: \"Host(`a.test`)\"\n      service: s\n      tls: {}\n    b:\n      rule: \"Host(`b.test`)\"\n      service: s\n  services:\n    s:\n      loadBalancer:\n        servers:\n          - url: \"http://127.0.0.1:1\"\ntls:\n  options:\n    default:\n      clientAuth:\n        caFiles: [\"/etc/lb/ca.pem\"]\n        clientAuthType: VerifyClientCertIfGiven\n";
+    let doc = parse_any(Path::new("default.yml"), text).expect("valid");
+    assert!(
+        doc.routing.routers.is_empty(),
+        "lb serves any router on its TLS entry points, so the default options guard them all: {:?}",
+        doc.routing
+            .routers
+            .iter()
+            .map(|r| &r.name)
+            .collect::<Vec<_>>()
+    );
+    let said = doc.unsupported.join("\n");
+    assert!(
+        said.contains("VerifyClientCertIfGiven") && said.contains("http.routers.a"),
+        "{said}"
+    );
 }

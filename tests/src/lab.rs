@@ -59,7 +59,7 @@ pub const VIP_PORT: u16 = 80;
 /// NAT backends listen here (the program rewrites the port too).
 pub const NAT_PORT: u16 = 8080;
 pub const API: &str = "127.0.0.1:9090";
-pub const TOKEN: &str = "test-token";
+pub const TOKEN: &str = "lab-test-token-0123456789";
 
 pub struct Lab {
     pub name: String,

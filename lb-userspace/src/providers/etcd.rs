@@ -226,8 +226,11 @@ async fn report(
 /// a Traefik configuration beside them (its own session, reported as `etcd:traefik`).
 pub async fn run(spec: EtcdSpec, events: mpsc::Sender<Event>) -> Result<()> {
     if let Some(root) = spec.traefik_root.clone() {
+        let file_dirs = spec.traefik_file_dirs.clone();
         let (spec, events) = (spec.clone(), events.clone());
-        tokio::spawn(async move { run_range(spec, kv::Layout::Traefik { root }, events).await });
+        tokio::spawn(async move {
+            run_range(spec, kv::Layout::Traefik { root, file_dirs }, events).await
+        });
     }
     let layout = kv::Layout::Lb {
         prefix: spec.prefix.clone(),

@@ -173,11 +173,18 @@ pub async fn report(
 
 /// What a watched key range holds: lb's instances, or a Traefik dynamic configuration in
 /// Traefik's KV layout (`<root>/http/routers/<name>/rule`, …), which the same providers read so a
-/// Traefik user's store works as it is.
+/// Traefik user's store works as it is. Its records may name files (certificates, CAs, users
+/// files) only inside `file_dirs` (the provider's `traefik_file_dirs`; none by default): whoever
+/// can write a key must not be able to have the root agent read any file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Layout {
-    Lb { prefix: String },
-    Traefik { root: String },
+    Lb {
+        prefix: String,
+    },
+    Traefik {
+        root: String,
+        file_dirs: Vec<std::path::PathBuf>,
+    },
 }
 
 impl Layout {
@@ -185,7 +192,7 @@ impl Layout {
     pub fn key_prefix(&self) -> String {
         match self {
             Layout::Lb { prefix } => services_prefix(prefix),
-            Layout::Traefik { root } => format!("{}/", root.trim_end_matches('/')),
+            Layout::Traefik { root, .. } => format!("{}/", root.trim_end_matches('/')),
         }
     }
 
@@ -219,7 +226,7 @@ pub async fn report_range(
             );
             report(events, &provider, rank, services, errors, at).await
         }
-        Layout::Traefik { root } => {
+        Layout::Traefik { root, file_dirs } => {
             let pairs: Vec<(String, String)> = entries
                 .iter()
                 .map(|(k, v)| {
@@ -231,12 +238,13 @@ pub async fn report_range(
                 .collect();
             // Translating resolves server host names: blocking work, off the runtime's threads.
             let root_owned = root.clone();
+            let files = super::traefik::Files::Within(file_dirs.clone());
             let translated = tokio::task::spawn_blocking(move || {
                 let doc = super::traefik::from_kv(
                     &root_owned,
                     pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())),
                 );
-                super::traefik::translate(&doc)
+                super::traefik::translate_with(&doc, &files)
             })
             .await
             .unwrap_or_else(|e| {

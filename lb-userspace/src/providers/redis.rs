@@ -334,10 +334,17 @@ async fn report(
 pub async fn run(spec: RedisSpec, events: mpsc::Sender<Event>) -> Result<()> {
     let client = client(&spec)?;
     if let Some(root) = spec.traefik_root.clone() {
+        let file_dirs = spec.traefik_file_dirs.clone();
         let (client, spec, events) = (client.clone(), spec.clone(), events.clone());
-        tokio::spawn(
-            async move { run_range(client, spec, kv::Layout::Traefik { root }, events).await },
-        );
+        tokio::spawn(async move {
+            run_range(
+                client,
+                spec,
+                kv::Layout::Traefik { root, file_dirs },
+                events,
+            )
+            .await
+        });
     }
     let layout = kv::Layout::Lb {
         prefix: spec.prefix.clone(),

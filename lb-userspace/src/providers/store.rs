@@ -40,7 +40,7 @@ struct OverrideEntry {
     kind: Override,
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct Data {
     #[serde(default)]
     instances: Vec<Registered>,
@@ -52,6 +52,9 @@ pub struct Store {
     path: PathBuf,
     data: Data,
 }
+
+/// The store's content at one moment, to go back to when what followed could not be applied.
+pub struct Checkpoint(Data);
 
 fn unix(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
@@ -79,23 +82,40 @@ impl Store {
         })
     }
 
-    fn persist(&self) -> Result<()> {
+    /// Makes `next` the store's content: written to disk first, and only then in force, so a
+    /// write that fails leaves both the file and the memory as they were.
+    fn replace(&mut self, next: Data) -> Result<()> {
+        Self::persist(&self.path, &next)?;
+        self.data = next;
+        Ok(())
+    }
+
+    pub fn checkpoint(&self) -> Checkpoint {
+        Checkpoint(self.data.clone())
+    }
+
+    /// Goes back to `c` (on disk too).
+    pub fn restore(&mut self, c: Checkpoint) -> Result<()> {
+        self.replace(c.0)
+    }
+
+    fn persist(path: &Path, data: &Data) -> Result<()> {
         use std::io::Write as _;
-        if let Some(dir) = self.path.parent() {
+        if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        let tmp = self.path.with_extension("json.tmp");
+        let tmp = path.with_extension("json.tmp");
         let mut f =
             std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-        f.write_all(&serde_json::to_vec_pretty(&self.data)?)?;
+        f.write_all(&serde_json::to_vec_pretty(data)?)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, &self.path)
-            .with_context(|| format!("replacing {}", self.path.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
         Ok(())
     }
 
     /// Adds or updates an instance (and clears any override on it). `ttl`: it expires unless
-    /// registered again within that time.
+    /// registered again within that time. A TTL whose expiry time does not fit is refused (the
+    /// API bounds TTLs before; this keeps the store safe for any caller).
     pub fn register(
         &mut self,
         service: &str,
@@ -104,17 +124,24 @@ impl Store {
         now: SystemTime,
     ) -> Result<bool> {
         let key = instance.key();
-        self.data
-            .overrides
+        let expires_unix = match ttl {
+            None => None,
+            Some(t) => Some(
+                unix(now)
+                    .checked_add(t.as_secs().max(1))
+                    .filter(|e| *e < i64::MAX as u64)
+                    .ok_or_else(|| anyhow::anyhow!("ttl_secs: {} is too large", t.as_secs()))?,
+            ),
+        };
+        let mut next = self.data.clone();
+        next.overrides
             .retain(|o| !(o.service == service && o.key == key));
-        let expires_unix = ttl.map(|t| unix(now) + t.as_secs().max(1));
         let entry = Registered {
             service: service.into(),
             instance,
             expires_unix,
         };
-        let created = match self
-            .data
+        let created = match next
             .instances
             .iter_mut()
             .find(|r| r.service == service && r.instance.key() == key)
@@ -124,43 +151,27 @@ impl Store {
                 false
             }
             None => {
-                self.data.instances.push(entry);
+                next.instances.push(entry);
                 true
             }
         };
-        self.persist()?;
+        self.replace(next)?;
         Ok(created)
     }
 
     /// Removes an API-registered instance; with `mask`, also hides it from every other provider.
     pub fn remove(&mut self, service: &str, key: InstanceKey, mask: bool) -> Result<()> {
-        self.data
-            .instances
+        let mut next = self.data.clone();
+        next.instances
             .retain(|r| !(r.service == service && r.instance.key() == key));
-        self.set_override(service, key, mask.then_some(Override::Removed))
+        set_override(&mut next, service, key, mask.then_some(Override::Removed));
+        self.replace(next)
     }
 
     pub fn drain(&mut self, service: &str, key: InstanceKey) -> Result<()> {
-        self.set_override(service, key, Some(Override::Drained))
-    }
-
-    fn set_override(
-        &mut self,
-        service: &str,
-        key: InstanceKey,
-        kind: Option<Override>,
-    ) -> Result<()> {
-        self.data
-            .overrides
-            .retain(|o| !(o.service == service && o.key == key));
-        if let Some(kind) = kind {
-            self.data.overrides.push(OverrideEntry {
-                service: service.into(),
-                key,
-                kind,
-            });
-        }
-        self.persist()
+        let mut next = self.data.clone();
+        set_override(&mut next, service, key, Some(Override::Drained));
+        self.replace(next)
     }
 
     pub fn override_of(&self, service: &str, key: &InstanceKey) -> Option<Override> {
@@ -180,16 +191,20 @@ impl Store {
 
     /// Drops expired registrations; returns whether any went.
     pub fn expire(&mut self, now: SystemTime) -> Result<bool> {
-        let n = self.data.instances.len();
         let t = unix(now);
-        self.data
+        if self
+            .data
             .instances
-            .retain(|r| r.expires_unix.is_none_or(|e| e > t));
-        if self.data.instances.len() != n {
-            self.persist()?;
-            return Ok(true);
+            .iter()
+            .all(|r| r.expires_unix.is_none_or(|e| e > t))
+        {
+            return Ok(false);
         }
-        Ok(false)
+        let mut next = self.data.clone();
+        next.instances
+            .retain(|r| r.expires_unix.is_none_or(|e| e > t));
+        self.replace(next)?;
+        Ok(true)
     }
 
     /// The registered, unexpired instances.
@@ -207,6 +222,18 @@ impl Store {
                 .insert(r.instance.key(), r.instance.clone());
         }
         out
+    }
+}
+
+fn set_override(data: &mut Data, service: &str, key: InstanceKey, kind: Option<Override>) {
+    data.overrides
+        .retain(|o| !(o.service == service && o.key == key));
+    if let Some(kind) = kind {
+        data.overrides.push(OverrideEntry {
+            service: service.into(),
+            key,
+            kind,
+        });
     }
 }
 
@@ -253,6 +280,25 @@ mod tests {
             Store::open(&path).is_err(),
             "a corrupt store is refused, not emptied"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_ttl_that_overflows_is_refused_and_changes_nothing() {
+        let dir = std::env::temp_dir().join(format!("lb-store-ttl-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut s = Store::open(&dir.join("api-store.json")).unwrap();
+        let now = SystemTime::now();
+        s.register("web", inst("10.0.0.1"), None, now).unwrap();
+        let r = s.register(
+            "web",
+            inst("10.0.0.2"),
+            Some(Duration::from_secs(u64::MAX)),
+            now,
+        );
+        assert!(r.is_err(), "refused, not wrapped around");
+        assert_eq!(s.snapshot(now)["web"].len(), 1, "nothing half-applied");
+        assert!(!s.has("web", &inst("10.0.0.2").key()));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -11,10 +11,23 @@
 //! Differences a Traefik user should know: keys are matched case-insensitively as in Traefik;
 //! `name@provider` references lose their provider suffix (everything here is one provider's);
 //! a server's host name is resolved when the configuration is read; `inFlightReq` limits per
-//! router rather than per source; `tls.options` do not apply (lb's TLS policy is fixed: 1.2+,
-//! modern suites).
+//! router rather than per source; lb's TLS policy is fixed (1.2+, AEAD suites with forward
+//! secrecy), so `tls.options` are checked rather than applied.
+//!
+//! Fail closed: what guards access and cannot be honoured leaves out what it guards, never
+//! serves it unguarded. A router whose `tls.options` (its own, or `default`) require client
+//! certificates or TLS 1.3 is left out, and reported; so is a TCP router with middlewares (an
+//! `ipAllowList`), and an access middleware (`basicAuth`, `forwardAuth`, `ipAllowList`,
+//! `headers.allowedHosts`) with a setting lb lacks is left out with every router using it.
+//! Files a document names are read as root: from a key-value store, only inside the directories
+//! allowed ([`Files`]).
 
-use std::{collections::HashMap, net::ToSocketAddrs, path::PathBuf, time::Duration};
+use std::{
+    collections::HashMap,
+    net::ToSocketAddrs,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use serde_json::{Map, Value};
 
@@ -73,6 +86,54 @@ fn fail<T>(path: &str, reason: impl Into<String>) -> R<T> {
         path: path.to_string(),
         reason: reason.into(),
     })
+}
+
+/// Which files a document may have lb read (certificates, keys, CAs, users files). A file the
+/// operator wrote may name any, as lb.toml may; a record in Redis or etcd, which others may be
+/// able to write, only those inside the directories the operator allowed: the agent runs as
+/// root and would otherwise read any file for whoever can write a key.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Files {
+    #[default]
+    Any,
+    Within(Vec<PathBuf>),
+}
+
+impl Files {
+    /// The file to read for `path`, if it may be read: its real path (symlinks and `..`
+    /// resolved, so what is read is what was checked). The refusal reads the same whether the
+    /// file exists or not, so a record cannot probe for files either.
+    fn allow(&self, path: &str) -> Result<PathBuf, String> {
+        let Files::Within(dirs) = self else {
+            return Ok(PathBuf::from(path));
+        };
+        let p = Path::new(path);
+        let real = p.is_absolute().then(|| p.canonicalize().ok()).flatten();
+        if let Some(real) = real {
+            if dirs
+                .iter()
+                .filter_map(|d| d.canonicalize().ok())
+                .any(|d| real.starts_with(d))
+            {
+                return Ok(real);
+            }
+        }
+        let allowed = if dirs.is_empty() {
+            "none are: set traefik_file_dirs".to_string()
+        } else {
+            dirs.iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        Err(format!(
+            "{path:?} is not inside the directories this provider may name files in ({allowed})"
+        ))
+    }
+
+    fn allow_at(&self, path: &str, key: &str) -> R<PathBuf> {
+        self.allow(path).or_else(|why| fail(key, why))
+    }
 }
 
 /// Whether a parsed document is a Traefik dynamic configuration (rather than lb's services file).
@@ -309,15 +370,21 @@ fn check_name(name: &str, path: &str) -> R<()> {
     }
 }
 
-/// Translates a whole document.
+/// Translates a whole document written by the operator (any file may be named).
 pub fn translate(doc: &Value) -> R<Translated> {
+    translate_with(doc, &Files::Any)
+}
+
+/// Translates a whole document; `files` says which files it may name.
+pub fn translate_with(doc: &Value, files: &Files) -> R<Translated> {
     let mut out = Translated::default();
+    let options = tls_options(doc, &mut out.unsupported)?;
     let mut top = Obj::new(doc, "")?;
     let mut transports: HashMap<String, UpstreamTls> = HashMap::new();
     if let Some((p, http)) = top.take("http") {
         let mut http = Obj::new(http, &p)?;
         if let Some((p, st)) = http.take("serverstransports") {
-            transports = servers_transports(st, &p, &mut out.unsupported)?;
+            transports = servers_transports(st, &p, files, &mut out.unsupported)?;
         }
         let mut chains: HashMap<String, Vec<String>> = HashMap::new();
         if let Some((p, mws)) = http.take("middlewares") {
@@ -325,7 +392,7 @@ pub fn translate(doc: &Value) -> R<Translated> {
             for (_, name, v) in &m.entries {
                 let path = m.sub(name);
                 check_name(name, &path)?;
-                match middleware(v, &path, &mut out.unsupported)? {
+                match middleware(v, &path, files, &mut out.unsupported)? {
                     Some(Kind::One(cfg)) => out.dynamic.middlewares.push((name.to_string(), *cfg)),
                     Some(Kind::Chain(list)) => {
                         chains.insert(name.to_string(), list);
@@ -361,48 +428,137 @@ pub fn translate(doc: &Value) -> R<Translated> {
             for (_, name, v) in &m.entries {
                 let path = m.sub(name);
                 check_name(name, &path)?;
-                let r = router(name, v, &path, &chains, &mut out.unsupported)?;
-                out.dynamic.routers.push(r);
+                if let Some(r) = router(name, v, &path, &chains, &options, &mut out.unsupported)? {
+                    out.dynamic.routers.push(r);
+                }
             }
         }
         http.rest(&mut out.unsupported);
     }
     if let Some((p, tcp)) = top.take("tcp") {
-        tcp_section(tcp, &p, &mut out)?;
+        tcp_section(tcp, &p, &options, &mut out)?;
     }
     if let Some((p, tls)) = top.take("tls") {
         let mut tls = Obj::new(tls, &p)?;
         for mut c in tls.tables("certificates")? {
             let _stores = c.take("stores");
-            let cert = cert_pair(c, false, &mut out.unsupported)?;
-            out.dynamic.certificates.push(cert);
+            if let Some(cert) = cert_pair(c, false, files, &mut out.unsupported)? {
+                out.dynamic.certificates.push(cert);
+            }
         }
         if let Some((p, stores)) = tls.take("stores") {
             let mut stores = Obj::new(stores, &p)?;
             if let Some((p, default)) = stores.take("default") {
                 let mut d = Obj::new(default, &p)?;
                 if let Some((p, dc)) = d.take("defaultcertificate") {
-                    let cert = cert_pair(Obj::new(dc, &p)?, true, &mut out.unsupported)?;
-                    out.dynamic.certificates.push(cert);
+                    let pair = cert_pair(Obj::new(dc, &p)?, true, files, &mut out.unsupported)?;
+                    if let Some(cert) = pair {
+                        out.dynamic.certificates.push(cert);
+                    }
                 }
                 d.rest(&mut out.unsupported);
             }
             stores.rest(&mut out.unsupported);
         }
-        if let Some((p, _)) = tls.take("options") {
-            out.unsupported.push(format!(
-                "{p}: not supported (lb's TLS policy is fixed: TLS 1.2+, modern cipher suites)"
-            ));
-        }
+        // Read (and reported) first, by tls_options.
+        let _ = tls.take("options");
         tls.rest(&mut out.unsupported);
     }
     top.rest(&mut out.unsupported);
     Ok(out)
 }
 
+/// What each `tls.options` entry asks that lb cannot give, by name: `Some(why)` when a router
+/// using it must be left out. lb's policy is TLS 1.2 and 1.3 with AEAD suites and forward secrecy,
+/// and no client certificates per router (an entry point's `client_ca_file` verifies them for
+/// the whole entry point); settings that only narrow compatibility are reported and served.
+fn tls_options(doc: &Value, unsupported: &mut Vec<String>) -> R<HashMap<String, Option<String>>> {
+    let mut out = HashMap::new();
+    let Some((tls_key, tls)) = doc
+        .as_object()
+        .and_then(|m| m.iter().find(|(k, _)| k.eq_ignore_ascii_case("tls")))
+    else {
+        return Ok(out);
+    };
+    let Some((opt_key, options)) = tls
+        .as_object()
+        .and_then(|m| m.iter().find(|(k, _)| k.eq_ignore_ascii_case("options")))
+    else {
+        return Ok(out);
+    };
+    let m = Obj::new(options, &format!("{tls_key}.{opt_key}"))?;
+    for (_, name, v) in &m.entries {
+        let p = m.sub(name);
+        let mut o = Obj::new(v, &p)?;
+        let mut refused = None;
+        if let Some((cp, ca)) = o.take("clientauth") {
+            let mut c = Obj::new(ca, &cp)?;
+            let cas = c.strings("cafiles")?.unwrap_or_default();
+            let kind = c.string("clientauthtype")?;
+            c.rest(unsupported);
+            // Traefik: CA files without a type require and verify a certificate.
+            let kind = kind.unwrap_or_else(|| {
+                match cas.is_empty() {
+                    true => "NoClientCert",
+                    false => "RequireAndVerifyClientCert",
+                }
+                .into()
+            });
+            match kind.as_str() {
+                "NoClientCert" => {}
+                "RequestClientCert" => unsupported.push(format!(
+                    "{cp}.clientAuthType: RequestClientCert: lb does not ask for client certificates (none is verified either way)"
+                )),
+                other => {
+                    refused = Some(format!(
+                        "{cp} asks {other}: lb cannot verify client certificates per router (an entry point's client_ca_file verifies them for all of it)"
+                    ))
+                }
+            }
+        }
+        if let Some(v) = o.string("minversion")? {
+            if !matches!(v.as_str(), "VersionTLS10" | "VersionTLS11" | "VersionTLS12") {
+                refused = refused.or(Some(format!(
+                    "{p}.minVersion is {v}: lb serves TLS 1.2 and 1.3, and cannot refuse 1.2 per router"
+                )));
+            }
+        }
+        for (_, key, _) in &o.entries {
+            unsupported.push(format!(
+                "{}: not supported (lb's TLS policy is fixed: TLS 1.2+, AEAD suites with forward secrecy)",
+                o.sub(key)
+            ));
+        }
+        out.insert(name.to_string(), refused);
+    }
+    Ok(out)
+}
+
+/// Whether a router using TLS options `named` (none: `default`, as in Traefik) may be served,
+/// and if not, why.
+fn tls_allows(
+    options: &HashMap<String, Option<String>>,
+    named: Option<&str>,
+) -> Result<(), String> {
+    let name = named.map(local).unwrap_or_else(|| "default".into());
+    match options.get(&name) {
+        Some(Some(why)) => Err(why.clone()),
+        Some(None) => Ok(()),
+        None if name == "default" => Ok(()),
+        None => Err(format!(
+            "it names tls.options {name:?}, which is not defined"
+        )),
+    }
+}
+
 /// `tcp.routers` (HostSNI rules; `tls.passthrough` relays TLS, any other `tls` terminates it,
 /// none is plain TCP) and `tcp.services` (`loadBalancer.servers[].address`).
-fn tcp_section(v: &Value, path: &str, out: &mut Translated) -> R<()> {
+fn tcp_section(
+    v: &Value,
+    path: &str,
+    options: &HashMap<String, Option<String>>,
+    out: &mut Translated,
+) -> R<()> {
     let mut tcp = Obj::new(v, path)?;
     if let Some((p, svcs)) = tcp.take("services") {
         let m = Obj::new(svcs, &p)?;
@@ -459,12 +615,14 @@ fn tcp_section(v: &Value, path: &str, out: &mut Translated) -> R<()> {
             let Some(service) = r.string("service")? else {
                 return fail(&rp, "service is required");
             };
+            let mut named_options = None;
             let mode = match r.take("tls") {
                 None => TlsMode::Plain,
                 Some((tp, tls)) => {
                     let mut t = Obj::new(tls, &tp)?;
                     let pass = t.bool("passthrough")?.unwrap_or(false);
-                    for k in ["certresolver", "domains", "options"] {
+                    named_options = t.string("options")?;
+                    for k in ["certresolver", "domains"] {
                         if let Some((kp, _)) = t.take(k) {
                             out.unsupported.push(format!("{kp}: not supported (certificates come from [[certificate]], [acme] or tls.certificates)"));
                         }
@@ -477,12 +635,25 @@ fn tcp_section(v: &Value, path: &str, out: &mut Translated) -> R<()> {
                     }
                 }
             };
+            // A passthrough router terminates no TLS: options do not apply to it.
+            if mode == TlsMode::Terminate {
+                if let Err(why) = tls_allows(options, named_options.as_deref()) {
+                    out.unsupported.push(format!(
+                        "{rp}: left out: {why}; lb does not serve a router without the protection it asks for"
+                    ));
+                    continue;
+                }
+            }
             let rule = TcpRule::parse(&rule_text, mode != TlsMode::Plain)
                 .or_else(|e| fail(&format!("{rp}.rule"), e.to_string()))?;
             let (priority, entrypoints) = r.placement()?;
-            if let Some((mp, _)) = r.take("middlewares") {
-                out.unsupported
-                    .push(format!("{mp}: TCP middlewares are not supported"));
+            if let Some(names) = r.strings("middlewares")? {
+                // An ipAllowList (or any TCP middleware) guards the router: without it, the
+                // router would serve everyone.
+                out.unsupported.push(format!(
+                    "{rp}: left out: it uses TCP middlewares {names:?}, which lb does not support (ipAllowList, inFlightConn); lb does not serve a router without what guards it"
+                ));
+                continue;
             }
             r.rest(&mut out.unsupported);
             out.dynamic.tcp_routers.push(TcpRouterSpec {
@@ -500,24 +671,43 @@ fn tcp_section(v: &Value, path: &str, out: &mut Translated) -> R<()> {
     Ok(())
 }
 
-/// A `{certFile, keyFile}` table as a certificate to serve.
-fn cert_pair(mut c: Obj<'_>, default: bool, unsupported: &mut Vec<String>) -> R<CertSpec> {
+/// A `{certFile, keyFile}` table as a certificate to serve; `None` (reported) when `files` does
+/// not let it be read: the certificate is left out, the rest of the document still counts.
+fn cert_pair(
+    mut c: Obj<'_>,
+    default: bool,
+    files: &Files,
+    unsupported: &mut Vec<String>,
+) -> R<Option<CertSpec>> {
     let (cert, key) = (c.string("certfile")?, c.string("keyfile")?);
     let path = c.path.clone();
     c.rest(unsupported);
     let (Some(cert), Some(key)) = (cert, key) else {
         return fail(&path, "certFile and keyFile are required");
     };
-    Ok(CertSpec {
-        cert_file: PathBuf::from(cert),
-        key_file: PathBuf::from(key),
-        default,
-    })
+    match (files.allow(&cert), files.allow(&key)) {
+        (Ok(cert_file), Ok(key_file)) => Ok(Some(CertSpec {
+            cert_file,
+            key_file,
+            default,
+        })),
+        (cert, key) => {
+            for (what, r) in [("certFile", cert), ("keyFile", key)] {
+                if let Err(why) = r {
+                    unsupported.push(format!(
+                        "{path}.{what}: refused, the certificate is left out: {why}"
+                    ));
+                }
+            }
+            Ok(None)
+        }
+    }
 }
 
 fn servers_transports(
     v: &Value,
     path: &str,
+    files: &Files,
     unsupported: &mut Vec<String>,
 ) -> R<HashMap<String, UpstreamTls>> {
     let m = Obj::new(v, path)?;
@@ -533,7 +723,10 @@ fn servers_transports(
             if cas.len() > 1 {
                 unsupported.push(format!("{p}.rootCAs: only the first CA file is used"));
             }
-            tls.ca_file = cas.first().map(PathBuf::from);
+            tls.ca_file = match cas.first() {
+                Some(ca) => Some(files.allow_at(ca, &format!("{p}.rootCAs[0]"))?),
+                None => None,
+            };
         }
         let certs = t.tables("certificates")?;
         if certs.len() > 1 {
@@ -542,8 +735,13 @@ fn servers_transports(
             ));
         }
         if let Some(mut c) = certs.into_iter().next() {
-            tls.cert_file = c.string("certfile")?.map(PathBuf::from);
-            tls.key_file = c.string("keyfile")?.map(PathBuf::from);
+            let cp = c.path.clone();
+            if let Some(f) = c.string("certfile")? {
+                tls.cert_file = Some(files.allow_at(&f, &format!("{cp}.certFile"))?);
+            }
+            if let Some(f) = c.string("keyfile")? {
+                tls.key_file = Some(files.allow_at(&f, &format!("{cp}.keyFile"))?);
+            }
             c.rest(unsupported);
         }
         if t.bool("insecureskipverify")? == Some(true) {
@@ -551,6 +749,15 @@ fn servers_transports(
                 &format!("{p}.insecureSkipVerify"),
                 "lb always verifies upstream certificates: give rootCAs instead",
             );
+        }
+        // Checks on who the upstream is that lb would skip: refused, not weakened.
+        for k in ["spiffe", "peercerturi"] {
+            if let Some((kp, _)) = t.take(k) {
+                return fail(
+                    &kp,
+                    "not supported: lb verifies the upstream's chain and name (serverName), not SPIFFE IDs or URI SANs",
+                );
+            }
         }
         t.rest(unsupported);
         out.insert(name.to_string(), tls);
@@ -721,13 +928,15 @@ fn server_address(url: &str, path: &str) -> R<(std::net::SocketAddr, bool)> {
     }
 }
 
+/// One HTTP router; `None` (reported) when it is left out.
 fn router(
     name: &str,
     v: &Value,
     path: &str,
     chains: &HashMap<String, Vec<String>>,
+    options: &HashMap<String, Option<String>>,
     unsupported: &mut Vec<String>,
-) -> R<RouterSpec> {
+) -> R<Option<RouterSpec>> {
     let mut r = Obj::new(v, path)?;
     let Some(rule_text) = r.string("rule")? else {
         return fail(path, "rule is required");
@@ -741,10 +950,12 @@ fn router(
     for m in r.strings("middlewares")?.unwrap_or_default() {
         expand(&local(&m), chains, &mut middlewares, &mut Vec::new(), path)?;
     }
+    let mut named_options = None;
     if let Some((tp, tls)) = r.take("tls") {
         // The entry point decides TLS in lb; a certResolver maps to lb's [acme].
         if let Ok(mut t) = Obj::new(tls, &tp) {
-            for k in ["certresolver", "domains", "options"] {
+            named_options = t.string("options")?;
+            for k in ["certresolver", "domains"] {
                 if let Some((kp, _)) = t.take(k) {
                     unsupported.push(format!(
                         "{kp}: not supported (certificates come from [[certificate]], [acme] or tls.certificates)"
@@ -753,6 +964,14 @@ fn router(
             }
             t.rest(unsupported);
         }
+    }
+    // Checked for routers without `tls` too: lb serves any router on its TLS entry points, so
+    // the default options guard every one of them.
+    if let Err(why) = tls_allows(options, named_options.as_deref()) {
+        unsupported.push(format!(
+            "{path}: left out: {why}; lb does not serve a router without the protection it asks for"
+        ));
+        return Ok(None);
     }
     if let Some(syntax) = r.string("rulesyntax")? {
         if syntax != "v3" {
@@ -763,7 +982,7 @@ fn router(
         }
     }
     r.rest(unsupported);
-    Ok(RouterSpec {
+    Ok(Some(RouterSpec {
         name: name.to_string(),
         entrypoints,
         rule,
@@ -771,7 +990,7 @@ fn router(
         priority,
         service: local(&service),
         middlewares,
-    })
+    }))
 }
 
 /// A middleware name, with chains expanded in place (cycles refused).
@@ -812,7 +1031,13 @@ impl Kind {
     }
 }
 
-fn middleware(v: &Value, path: &str, unsupported: &mut Vec<String>) -> R<Option<Kind>> {
+/// One middleware; `None` (reported) when it is left out, and with it every router using it.
+fn middleware(
+    v: &Value,
+    path: &str,
+    files: &Files,
+    unsupported: &mut Vec<String>,
+) -> R<Option<Kind>> {
     let mut m = Obj::new(v, path)?;
     if m.entries.len() != 1 {
         return fail(path, "a middleware has exactly one kind");
@@ -861,12 +1086,24 @@ fn middleware(v: &Value, path: &str, unsupported: &mut Vec<String>) -> R<Option<
             replacement: req(b.string("replacement")?, &p, "replacement")?,
             permanent: b.bool("permanent")?.unwrap_or(false),
         })),
-        "headers" => Kind::one(MiddlewareConfig::Headers(headers(&mut b)?)),
+        "headers" => {
+            if let Some((ap, hosts)) = b.take("allowedhosts") {
+                if !list(hosts, &ap)?.is_empty() {
+                    return Ok(left_out(&ap, unsupported));
+                }
+            }
+            Kind::one(MiddlewareConfig::Headers(headers(&mut b)?))
+        }
         "basicauth" => {
             let mut users = b.strings("users")?.unwrap_or_default();
             if let Some(file) = b.string("usersfile")? {
-                let text = std::fs::read_to_string(&file)
-                    .or_else(|e| fail(&format!("{p}.usersFile"), format!("{file}: {e}")))?;
+                let file = files.allow_at(&file, &format!("{p}.usersFile"))?;
+                let text = std::fs::read_to_string(&file).or_else(|e| {
+                    fail(
+                        &format!("{p}.usersFile"),
+                        format!("{}: {e}", file.display()),
+                    )
+                })?;
                 users.extend(
                     text.lines()
                         .map(str::trim)
@@ -886,8 +1123,20 @@ fn middleware(v: &Value, path: &str, unsupported: &mut Vec<String>) -> R<Option<
             let mut ca_file = None;
             if let Some((tp, tls)) = b.take("tls") {
                 let mut t = Obj::new(tls, &tp)?;
-                ca_file = t.string("ca")?.map(PathBuf::from);
-                t.rest(unsupported);
+                ca_file = match t.string("ca")? {
+                    Some(ca) => Some(files.allow_at(&ca, &format!("{tp}.ca"))?),
+                    None => None,
+                };
+                if let Some((kp, _)) = t.take("insecureskipverify") {
+                    unsupported.push(format!(
+                        "{kp}: not supported (lb always verifies the auth service's certificate)"
+                    ));
+                }
+                // A client certificate lb would not present: the auth service would see
+                // another client than the one configured.
+                if let Some((_, key, _)) = t.entries.first() {
+                    return Ok(left_out(&t.sub(key), unsupported));
+                }
             }
             Kind::one(MiddlewareConfig::ForwardAuth(ForwardAuthConfig {
                 address,
@@ -906,6 +1155,9 @@ fn middleware(v: &Value, path: &str, unsupported: &mut Vec<String>) -> R<Option<
                     &format!("{p}.ipStrategy"),
                     "not supported: lb checks the connecting address (set forwarded_trusted_ips on the entry point and drop ipStrategy)",
                 );
+            }
+            if let Some((kp, _)) = b.take("rejectstatuscode") {
+                unsupported.push(format!("{kp}: not supported (lb refuses with 403)"));
             }
             Kind::one(MiddlewareConfig::IpAllowList(IpAllowListConfig {
                 source_range: b.strings("sourcerange")?.unwrap_or_default(),
@@ -982,12 +1234,34 @@ fn middleware(v: &Value, path: &str, unsupported: &mut Vec<String>) -> R<Option<
             }))
         }
         _ => {
-            unsupported.push(format!("{p}: middleware kind not supported"));
+            unsupported.push(format!(
+                "{p}: middleware kind not supported; the routers using it are left out"
+            ));
             return Ok(None);
         }
     };
+    // What guards access is honoured whole or not at all: a setting of it lb lacks (a header
+    // regex, a body to forward, …) could let through what it was meant to stop.
+    let guards = matches!(
+        key.as_str(),
+        "basicauth" | "forwardauth" | "ipallowlist" | "ipwhitelist"
+    );
+    if guards {
+        if let Some((_, name, _)) = b.entries.first() {
+            return Ok(left_out(&b.sub(name), unsupported));
+        }
+    }
     b.rest(unsupported);
     Ok(Some(kind))
+}
+
+/// Reports an access setting lb cannot honour: its middleware is left out, and the routers
+/// using it with it (they name a middleware that is not there).
+fn left_out(key: &str, unsupported: &mut Vec<String>) -> Option<Kind> {
+    unsupported.push(format!(
+        "{key}: not supported, and it guards access: the middleware is left out, and so is every router using it"
+    ));
+    None
 }
 
 fn req(v: Option<String>, path: &str, key: &str) -> R<String> {
@@ -1165,6 +1439,62 @@ mod tests {
         assert_eq!(servers[0]["url"], "http://127.0.0.1:1");
         assert_eq!(servers[1]["url"], "http://127.0.0.1:2");
         assert!(doc.get("x").is_none());
+    }
+
+    #[test]
+    fn a_store_names_files_only_inside_its_directories() {
+        let dir = std::env::temp_dir().join(format!("lb-traefik-files-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ok = dir.join("users");
+        std::fs::write(
+            &ok,
+            "alice:$2y$05$abcdefghijklmnopqrstuu5JvDPBbA2yQYTHX3Y6JQhM6l1pDq6Sy\n",
+        )
+        .unwrap();
+        let files = Files::Within(vec![dir.clone()]);
+        let doc = |key: &str, value: &str| from_kv("traefik", [(key, value)]);
+        for (key, path) in [
+            (
+                "traefik/http/middlewares/a/basicAuth/usersFile",
+                "/etc/shadow",
+            ),
+            (
+                "traefik/http/middlewares/a/forwardAuth/tls/ca",
+                "/etc/ssl/private/x.pem",
+            ),
+            ("traefik/http/serversTransports/t/rootCAs/0", "/etc/passwd"),
+            (
+                "traefik/http/serversTransports/t/certificates/0/keyFile",
+                "relative.key",
+            ),
+        ] {
+            let mut d = doc(key, path);
+            if key.contains("forwardAuth") {
+                d = from_kv(
+                    "traefik",
+                    [
+                        (key, path),
+                        (
+                            "traefik/http/middlewares/a/forwardAuth/address",
+                            "http://127.0.0.1:9/",
+                        ),
+                    ],
+                );
+            }
+            let e = translate_with(&d, &files).expect_err(key);
+            assert!(e.reason.contains("not inside"), "{key}: {e}");
+            assert!(
+                translate_with(&d, &Files::Within(vec![])).is_err(),
+                "{key}: none allowed"
+            );
+        }
+        let d = doc(
+            "traefik/http/middlewares/a/basicAuth/usersFile",
+            ok.to_str().unwrap(),
+        );
+        let t = translate_with(&d, &files).expect("inside");
+        assert_eq!(t.dynamic.middlewares.len(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -50,10 +50,54 @@ pub struct Certs {
 /// A development CA (`[tls] dev_ca = true`): certificates for any name a client asks for, signed
 /// by a CA kept in the state directory (`dev-ca.crt`, `dev-ca.key`) so developers trust it once.
 /// Never for production: it signs whatever name arrives.
+///
+/// The names come from clients, so the certificates kept for them are bounded
+/// ([`DEV_CA_CACHE`]): past it, the least recently used goes, and is issued again if asked.
 pub struct DevCa {
     issuer: rcgen::Certificate,
     key: rcgen::KeyPair,
-    issued: std::sync::Mutex<std::collections::HashMap<String, Arc<CertifiedKey>>>,
+    issued: std::sync::Mutex<Issued>,
+    cap: usize,
+}
+
+/// How many development certificates are kept (about 1.5 KiB each): more names than a developer
+/// uses, few enough that a client making up names cannot grow the agent.
+pub const DEV_CA_CACHE: usize = 1024;
+
+/// Issued certificates by name, each with when it was last used (a counter, not a clock).
+#[derive(Default)]
+struct Issued {
+    by_name: std::collections::HashMap<String, (Arc<CertifiedKey>, u64)>,
+    tick: u64,
+}
+
+impl Issued {
+    fn get(&mut self, name: &str) -> Option<Arc<CertifiedKey>> {
+        self.tick += 1;
+        let tick = self.tick;
+        self.by_name.get_mut(name).map(|(k, used)| {
+            *used = tick;
+            k.clone()
+        })
+    }
+
+    /// Keeps `key` for `name`, first making room: evicting is a scan, but it happens only next to
+    /// a key generation and a signature, which cost far more.
+    fn insert(&mut self, name: String, key: Arc<CertifiedKey>, cap: usize) {
+        while self.by_name.len() >= cap.max(1) {
+            let Some(oldest) = self
+                .by_name
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(n, _)| n.clone())
+            else {
+                break;
+            };
+            self.by_name.remove(&oldest);
+        }
+        self.tick += 1;
+        self.by_name.insert(name, (key, self.tick));
+    }
 }
 
 fn dev_ca_params() -> Result<rcgen::CertificateParams> {
@@ -102,12 +146,24 @@ impl DevCa {
             issuer,
             key,
             issued: Default::default(),
+            cap: DEV_CA_CACHE,
         })
     }
 
+    /// How many certificates are kept now (at most [`DEV_CA_CACHE`]).
+    pub fn cached(&self) -> usize {
+        self.lock().by_name.len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Issued> {
+        self.issued
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn issue(&self, name: &str) -> Option<Arc<CertifiedKey>> {
-        if let Some(k) = self.issued.lock().ok()?.get(name) {
-            return Some(k.clone());
+        if let Some(k) = self.lock().get(name) {
+            return Some(k);
         }
         let leaf_key = rcgen::KeyPair::generate().ok()?;
         let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).ok()?;
@@ -119,10 +175,8 @@ impl DevCa {
             vec![cert.der().clone(), self.issuer.der().clone()],
             signer,
         ));
-        self.issued
-            .lock()
-            .ok()?
-            .insert(name.to_string(), certified.clone());
+        self.lock()
+            .insert(name.to_string(), certified.clone(), self.cap);
         tracing::info!(name, "issued a development certificate");
         Some(certified)
     }
@@ -364,5 +418,44 @@ impl CertFilesWatch {
             .await
             .is_ok_and(|x| x.is_some())
         {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn development_certificates_are_kept_within_the_cap() {
+        let dir = std::env::temp_dir().join(format!("lb-devca-cap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let certs = Certs::load(&[])
+            .unwrap()
+            .with_dev_ca(DevCa::open(&dir).unwrap());
+        let ca = certs.dev_ca.as_ref().unwrap();
+        let first = certs.for_name(Some("n0.test")).unwrap();
+        let kept = certs.for_name(Some("kept.test")).unwrap();
+        for i in 1..10_000 {
+            certs.for_name(Some(&format!("n{i}.test"))).unwrap();
+            if i % 512 == 0 {
+                // In use all along: never the least recently used.
+                assert!(Arc::ptr_eq(
+                    &kept,
+                    &certs.for_name(Some("kept.test")).unwrap()
+                ));
+            }
+        }
+        assert_eq!(
+            ca.cached(),
+            DEV_CA_CACHE,
+            "10,000 names, the cache at its cap"
+        );
+        let again = certs.for_name(Some("n0.test")).unwrap();
+        assert!(
+            !Arc::ptr_eq(&first, &again),
+            "the oldest went and is issued anew"
+        );
+        assert!(covers(&again, "n0.test"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -14,7 +14,11 @@
 //! ```
 //! An API key's digest is `printf %s "$KEY" | sha256sum`.
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{Arc, LazyLock},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -61,9 +65,45 @@ impl BasicAuthConfig {
 /// passwords are refused when the configuration is loaded.
 pub struct BasicAuth {
     /// user → hash.
-    users: HashMap<String, String>,
+    users: HashMap<String, Arc<str>>,
+    /// What an unknown user's password is checked against, its result thrown away: the first
+    /// configured user's hash, so an unknown name costs exactly the time of a known one (same
+    /// algorithm, same cost) and the answer's timing does not tell which names exist.
+    decoy: Option<Arc<str>>,
     realm: String,
     header_field: Option<HeaderName>,
+}
+
+/// How many password hashes are checked at once, across every `basic_auth`: one per CPU, at
+/// least 2 and at most 8. A check is milliseconds of CPU by design, so more at once only adds
+/// latency, and without a bound a flood of guesses would grow tokio's blocking pool (up to 512
+/// threads) and starve everything else that needs it.
+fn verify_slots() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8))
+}
+
+static VERIFY: LazyLock<Arc<tokio::sync::Semaphore>> =
+    LazyLock::new(|| Arc::new(tokio::sync::Semaphore::new(verify_slots())));
+
+/// How long a request waits for a free slot before it is answered 503 (with `Retry-After`).
+const VERIFY_WAIT: Duration = Duration::from_secs(2);
+
+/// A password check on the bounded pool: `None` when no slot freed up in time. The slot is held
+/// by a task of its own until the hash is done, even when the client goes away first: the CPU
+/// is spent either way, so it must count against the bound.
+async fn verify_bounded(hash: Arc<str>, password: String) -> Option<bool> {
+    let permit = tokio::time::timeout(VERIFY_WAIT, VERIFY.clone().acquire_owned())
+        .await
+        .ok()?
+        .ok()?;
+    let task = tokio::spawn(async move {
+        let ok = tokio::task::spawn_blocking(move || verify_hash(&hash, &password))
+            .await
+            .unwrap_or(false);
+        drop(permit);
+        ok
+    });
+    Some(task.await.unwrap_or(false))
 }
 
 impl BasicAuth {
@@ -76,10 +116,15 @@ impl BasicAuth {
             if !(hash.starts_with("$2") || hash.starts_with("$argon2")) {
                 return Err(format!("user {name:?}: only bcrypt ($2…) or argon2 ($argon2…) hashes are accepted, never plain text"));
             }
-            map.insert(name.to_string(), hash.to_string());
+            map.insert(name.to_string(), Arc::<str>::from(hash));
         }
+        let decoy = users
+            .first()
+            .and_then(|u| u.split_once(':'))
+            .and_then(|(name, _)| map.get(name).cloned());
         Ok(BasicAuth {
             users: map,
+            decoy,
             realm: realm.to_string(),
             header_field: None,
         })
@@ -89,6 +134,16 @@ impl BasicAuth {
         self.users
             .get(user)
             .is_some_and(|hash| verify_hash(hash, password))
+    }
+
+    fn busy(&self) -> hyper::Response<Body> {
+        let mut r = answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "authentication busy, retry shortly",
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        r
     }
 
     fn challenge(&self) -> hyper::Response<Body> {
@@ -134,15 +189,20 @@ impl Middleware for BasicAuth {
         else {
             return Flow::Answer(self.challenge());
         };
-        let Some(hash) = self.users.get(&user).cloned() else {
-            return Flow::Answer(self.challenge());
+        // An unknown user is checked too (against the decoy), so both take the same time.
+        let (hash, known) = match self.users.get(&user) {
+            Some(h) => (h.clone(), true),
+            None => match &self.decoy {
+                Some(d) => (d.clone(), false),
+                None => return Flow::Answer(self.challenge()),
+            },
         };
         // The hash check takes milliseconds of CPU by design: not on the runtime's threads.
         Flow::Wait(Box::pin(async move {
-            let ok = tokio::task::spawn_blocking(move || verify_hash(&hash, &pass))
-                .await
-                .unwrap_or(false);
-            if !ok {
+            let Some(ok) = verify_bounded(hash, pass).await else {
+                return Some(self.busy());
+            };
+            if !(ok && known) {
                 return Some(self.challenge());
             }
             // The upstream never sees the password.
@@ -468,6 +528,95 @@ mod tests {
             .to_string();
         let auth = BasicAuth::new(&[format!("carol:{a2}")], "lb").unwrap();
         assert!(auth.verify("carol", "pw") && !auth.verify("carol", "px"));
+    }
+
+    fn request(user: &str, pass: &str) -> Req {
+        use base64::Engine as _;
+        let creds = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+        Request::get("http://a.test/")
+            .header(header::AUTHORIZATION, format!("Basic {creds}"))
+            .body(full(Bytes::new()))
+            .unwrap()
+    }
+
+    /// The middleware's answer: `None` lets the request through.
+    async fn run(auth: &BasicAuth, user: &str, pass: &str) -> Option<u16> {
+        let mut ctx = Ctx::new(
+            "127.0.0.1".parse().unwrap(),
+            "http",
+            "a.test".into(),
+            std::time::Instant::now(),
+        );
+        let mut req = request(user, pass);
+        let answer = match auth.request(&mut ctx, &mut req) {
+            Flow::Next => None,
+            Flow::Answer(r) => Some(r.status().as_u16()),
+            Flow::Wait(f) => f.await.map(|r| r.status().as_u16()),
+        };
+        answer
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unknown_users_take_as_long_as_known_ones() {
+        let hash = bcrypt::hash("s3cret", 8).unwrap();
+        let auth = BasicAuth::new(&[format!("alice:{hash}")], "lb").unwrap();
+        assert_eq!(run(&auth, "alice", "s3cret").await, None);
+        let time = |user: &'static str| {
+            let auth = &auth;
+            async move {
+                let t = std::time::Instant::now();
+                for _ in 0..3 {
+                    assert_eq!(run(auth, user, "wrong").await, Some(401), "{user}");
+                }
+                t.elapsed()
+            }
+        };
+        let known = time("alice").await;
+        let unknown = time("mallory").await;
+        assert!(
+            unknown * 2 > known,
+            "an unknown user answers in {unknown:?}, a known one in {known:?}: names can be told apart"
+        );
+    }
+
+    /// Threads of a runtime of their own, named so only they are counted: tokio keeps an idle
+    /// blocking thread for 10 s, so after a burst their number is how many ran at once.
+    #[test]
+    fn password_checks_run_on_a_bounded_pool() {
+        const NAME: &str = "lb-auth-pool-test";
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name(NAME)
+            .enable_all()
+            .build()
+            .unwrap();
+        let hash = bcrypt::hash("s3cret", 5).unwrap();
+        let auth = BasicAuth::new(&[format!("alice:{hash}")], "lb").unwrap();
+        let answers = rt.block_on(async {
+            let all = (0..64).map(|i| {
+                let auth = &auth;
+                async move { run(auth, "alice", if i % 2 == 0 { "s3cret" } else { "x" }).await }
+            });
+            tokio::time::timeout(Duration::from_secs(60), futures_util::future::join_all(all))
+                .await
+                .expect("every check answered in time")
+        });
+        let threads = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            // The kernel keeps 15 bytes of a thread's name.
+            .filter(|comm| comm.trim() == &NAME[..15])
+            .count();
+        // 8 checks at most at once, 1 worker, a little slack for a thread about to go idle.
+        assert!(threads <= 12, "{threads} threads for 64 concurrent checks");
+        assert!(answers
+            .iter()
+            .all(|a| matches!(a, None | Some(401) | Some(503))));
+        assert!(
+            answers.iter().filter(|a| a.is_none()).count() > 0,
+            "{answers:?}"
+        );
+        drop(rt);
     }
 
     #[test]

@@ -1,0 +1,336 @@
+//! The admin API as a client meets it: a control plane (maps loaded, nothing attached), the
+//! proxy, a watched file provider and the control loop, the API served on loopback.
+//!
+//! Holds two holes shut: a registration with numbers out of range is a 400 naming the field and
+//! breaks nothing (every route and `/metrics` still answer, later changes still apply, a file
+//! change still reaches the proxy); and no empty or short token opens the API, over HTTP/1.1 or
+//! HTTP/2.
+//!
+//! Needs root and BPF (the maps are real), like the packet fixtures; each test pins under its own
+//! root, removed at the end.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+use lb_userspace::{
+    api::{self, ApiState},
+    balancer::Balancer,
+    config::FileProviderSpec,
+    control::{self, Control},
+    dataplane::{self, Dataplane, Limits},
+    providers::{self, store::Store},
+    proxy::Proxy,
+};
+use tokio::sync::mpsc;
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+const TOKEN: &str = "api-test-token-0123456789";
+
+/// A running control plane; everything it made is removed on drop.
+struct Agent {
+    api: SocketAddr,
+    pin_root: PathBuf,
+    dir: PathBuf,
+    control: Arc<Mutex<Control>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        let _ = dataplane::detach(&self.pin_root, "t");
+        let _ = std::fs::remove_dir_all(&self.pin_root);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn start(token: &str) -> Agent {
+    let n = NEXT.fetch_add(1, Ordering::SeqCst);
+    let pin_root = PathBuf::from(format!(
+        "/sys/fs/bpf/lb-test-api-{}-{n}",
+        std::process::id()
+    ));
+    let dir = std::env::temp_dir().join(format!("lb-test-api-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("dynamic")).expect("dir");
+    let limits = Limits {
+        max_vips: 4,
+        max_backends: 64,
+        ring_size: 1021,
+        max_flows: 4096,
+        udp_timeout_secs: 30,
+        ipip_source_v4: "172.16.0.0".parse().expect("static"),
+        ipip_source_v6: "fd00:ffff::".parse().expect("static"),
+    };
+    let dp = Dataplane::open(&pin_root, "t", &limits, false).expect("load program (root?)");
+    let balancer = Balancer::new(dp, &[]).expect("balancer");
+    let store = Store::open(&dir.join("api-store.json")).expect("store");
+    let mut c = Control::new(balancer, store, Vec::new());
+    c.apply(Instant::now()).expect("first apply");
+    let proxy = Arc::new(Proxy::new(
+        vec![],
+        vec![],
+        Default::default(),
+        Default::default(),
+        &Default::default(),
+    ));
+    c.proxy = Some(proxy.clone());
+    let metrics = Arc::new(
+        lb_userspace::metrics::Metrics::new(proxy.obs().clone(), &c.obs).expect("metrics"),
+    );
+    let control = Arc::new(Mutex::new(c));
+    let (events, rx) = mpsc::channel(1024);
+    let mut tasks = vec![tokio::spawn(control::run(control.clone(), rx))];
+    let spec = FileProviderSpec {
+        path: dir.join("dynamic"),
+        debounce: Duration::from_millis(50),
+    };
+    tasks.push(tokio::spawn(async move {
+        let _ = providers::file::run(spec, events).await;
+    }));
+    let app = api::router(ApiState {
+        control: control.clone(),
+        health: Default::default(),
+        token: token.into(),
+        metrics,
+    });
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let api = l.local_addr().expect("addr");
+    tasks.push(tokio::spawn(async move {
+        let _ = axum::serve(l, app).await;
+    }));
+    Agent {
+        api,
+        pin_root,
+        dir,
+        control,
+        tasks,
+    }
+}
+
+type C = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+fn h1() -> C {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+fn h2() -> C {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+async fn call(
+    c: &C,
+    api: SocketAddr,
+    method: &str,
+    path: &str,
+    auth: Option<&str>,
+    body: Option<&str>,
+) -> (u16, String) {
+    let mut b = hyper::Request::builder()
+        .method(method)
+        .uri(format!("http://{api}{path}"));
+    if let Some(a) = auth {
+        b = b.header("authorization", a);
+    }
+    if body.is_some() {
+        b = b.header("content-type", "application/json");
+    }
+    let req = b
+        .body(Full::new(Bytes::from(body.unwrap_or("").to_string())))
+        .expect("request");
+    let resp = tokio::time::timeout(Duration::from_secs(10), c.request(req))
+        .await
+        .expect("the API answers in time")
+        .expect("response");
+    let code = resp.status().as_u16();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (code, String::from_utf8_lossy(&body).into_owned())
+}
+
+fn bearer() -> String {
+    format!("Bearer {TOKEN}")
+}
+
+/// Every route answers as it should on an empty control plane.
+async fn every_route_answers(c: &C, api: SocketAddr) {
+    let auth = bearer();
+    let a = Some(auth.as_str());
+    for (method, path, want) in [
+        ("GET", "/healthz", 200),
+        ("GET", "/api/v1/vips", 200),
+        ("GET", "/api/v1/services", 200),
+        ("GET", "/api/v1/status", 200),
+        ("GET", "/api/v1/stats", 200),
+        ("GET", "/api/v1/routers", 200),
+        ("GET", "/metrics", 200),
+        ("POST", "/api/v1/flows/clear", 200),
+        ("DELETE", "/api/v1/services/site/instances/10.9.9.9", 404),
+        ("POST", "/api/v1/vips/none/backends/10.9.9.9/drain", 404),
+        ("DELETE", "/api/v1/vips/none/backends/10.9.9.9", 404),
+        ("GET", "/dashboard/", 200),
+    ] {
+        let (code, body) = call(c, api, method, path, a, None).await;
+        assert_eq!(code, want, "{method} {path}: {body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_range_numbers_are_refused_and_break_nothing() {
+    let agent = start(TOKEN).await;
+    let c = h1();
+    let auth = bearer();
+    let a = Some(auth.as_str());
+    every_route_answers(&c, agent.api).await;
+    for (body, field) in [
+        (
+            r#"{"address":"127.0.0.1","port":9,"ttl_secs":18446744073709551615}"#,
+            "ttl_secs",
+        ),
+        (
+            r#"{"address":"127.0.0.1","port":9,"ttl_secs":18446744073709551616}"#,
+            "ttl_secs",
+        ),
+        (
+            r#"{"address":"127.0.0.1","port":9,"ttl_secs":-1}"#,
+            "ttl_secs",
+        ),
+        (
+            r#"{"address":"127.0.0.1","port":9,"ttl_secs":1e300}"#,
+            "ttl_secs",
+        ),
+        (
+            r#"{"address":"127.0.0.1","port":9,"ttl_secs":0}"#,
+            "ttl_secs",
+        ),
+        (r#"{"address":"127.0.0.1","port":70000}"#, "port"),
+        (r#"{"address":"127.0.0.1","port":-1}"#, "port"),
+        (r#"{"address":"127.0.0.1","weight":4294967296}"#, "weight"),
+        (r#"{"address":"127.0.0.1","weight":1001}"#, "weight"),
+        (r#"{"address":"127.0.0.300"}"#, "address"),
+        (r#"{"address":"127.0.0.1","mac":"zz"}"#, "mac"),
+    ] {
+        for path in [
+            "/api/v1/services/site/instances",
+            "/api/v1/services/other/instances",
+        ] {
+            let (code, answer) = call(&c, agent.api, "POST", path, a, Some(body)).await;
+            assert_eq!(code, 400, "{body}: {answer}");
+            assert!(
+                answer.contains(field),
+                "{body}: the answer names {field}: {answer}"
+            );
+            assert!(
+                !answer.contains("panick") && !answer.contains("overflow"),
+                "no panic text reaches a client: {answer}"
+            );
+        }
+    }
+    // Nothing was half-applied, and nothing was reported as failing.
+    let (_, services) = call(&c, agent.api, "GET", "/api/v1/services", a, None).await;
+    assert!(!services.contains("127.0.0.1"), "{services}");
+    every_route_answers(&c, agent.api).await;
+    let (_, status) = call(&c, agent.api, "GET", "/api/v1/status", a, None).await;
+    let status: serde_json::Value = serde_json::from_str(&status).expect("json");
+    assert!(status["apply"]["last_apply_error"].is_null(), "{status}");
+
+    // Later changes still apply: through the API, with the largest TTL allowed...
+    let ok = format!(
+        r#"{{"address":"127.0.0.1","port":9,"ttl_secs":{}}}"#,
+        365 * 24 * 3600
+    );
+    let (code, answer) = call(
+        &c,
+        agent.api,
+        "POST",
+        "/api/v1/services/site/instances",
+        a,
+        Some(&ok),
+    )
+    .await;
+    assert_eq!(code, 201, "{answer}");
+    let (_, services) = call(&c, agent.api, "GET", "/api/v1/services", a, None).await;
+    assert!(services.contains("127.0.0.1"), "{services}");
+    // ...and from the file provider, all the way to the proxy.
+    let file = agent.dir.join("dynamic").join("routes.yml");
+    std::fs::write(
+        &file,
+        "http:\n  routers:\n    fromfile:\n      rule: \"Host(`file.test`)\"\n      service: site\n",
+    )
+    .expect("write");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, routers) = call(&c, agent.api, "GET", "/api/v1/routers", a, None).await;
+        assert_eq!(code, 200, "{routers}");
+        if routers.contains("fromfile") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the file's router never reached the proxy: {routers}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let proxy = agent
+        .control
+        .lock()
+        .expect("the control lock is not poisoned")
+        .proxy
+        .clone()
+        .expect("proxy");
+    assert!(proxy.routing().routers.iter().any(|r| r.name == "fromfile"));
+    every_route_answers(&c, agent.api).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_and_short_tokens_open_nothing() {
+    // A token the config would refuse, given to the API anyway: nothing passes with it.
+    for configured in ["", "short"] {
+        let agent = start(configured).await;
+        for c in [h1(), h2()] {
+            for given in [
+                "Bearer ".to_string(),
+                format!("Bearer {configured}"),
+                "Bearer  ".to_string(),
+            ] {
+                for path in ["/api/v1/vips", "/metrics"] {
+                    let (code, body) = call(&c, agent.api, "GET", path, Some(&given), None).await;
+                    assert_eq!(code, 401, "token {configured:?}, {given:?}, {path}: {body}");
+                }
+            }
+        }
+    }
+    // A good token: it passes over both protocols, an empty or a near miss does not.
+    let agent = start(TOKEN).await;
+    for c in [h1(), h2()] {
+        let (code, _) = call(&c, agent.api, "GET", "/api/v1/vips", Some(&bearer()), None).await;
+        assert_eq!(code, 200);
+        for given in [
+            "Bearer ".to_string(),
+            format!("Bearer {}", &TOKEN[..TOKEN.len() - 1]),
+            format!("Bearer {TOKEN}x"),
+            TOKEN.to_string(),
+        ] {
+            let (code, _) = call(&c, agent.api, "GET", "/api/v1/vips", Some(&given), None).await;
+            assert_eq!(code, 401, "{given:?}");
+        }
+        let (code, _) = call(&c, agent.api, "GET", "/api/v1/vips", None, None).await;
+        assert_eq!(code, 401);
+    }
+}
