@@ -3,7 +3,8 @@
 //! missing install step again.
 //!
 //! The machine is a Debian 12 root made by debootstrap (its default variant), entered in a mount
-//! namespace of its own: fresh /proc, /sys, a new bpffs instance, /dev with its own /dev/shm, and a
+//! namespace of its own: the root bound onto itself (so its `/` is a mount point, which
+//! `ip netns exec` needs), fresh /proc, /sys, a new bpffs instance, /dev with its own /dev/shm, and a
 //! private /run/netns, so its namespaces and pins never meet the host's. Rust comes from the host's
 //! rustup through an overlay that shows only the stable toolchain and a `nightly` without rust-src
 //! (what such a machine is given), and CARGO_HOME holds only rustup's proxies: the pinned nightly,
@@ -407,6 +408,7 @@ impl Root {
         let h = self.host_rustup.display();
         let script = format!(
             r#"set -eu
+mount --bind {r} {r}
 mount -t proc proc {r}/proc
 mount -t sysfs sysfs {r}/sys
 mount -t bpf bpf {r}/sys/fs/bpf
