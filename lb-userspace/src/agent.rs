@@ -380,9 +380,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
             _ = int.recv() => info!("SIGINT"),
         }
     };
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    api::serve(listener, app, api::ApiLimits::default(), shutdown).await;
     // The entry points stop accepting; requests in progress get DRAIN to finish.
     listeners.lock().await.close_all().await;
     for t in tasks {

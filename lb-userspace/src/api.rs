@@ -32,6 +32,120 @@ use crate::{
     registry::{Instance, InstanceKey},
 };
 
+/// Bounds on admin connections, as a client connection of an entry point is bounded: its
+/// head, each request, its life, and how many there are at once.
+#[derive(Debug, Clone, Copy)]
+pub struct ApiLimits {
+    /// More are closed at once: an operator's tools need a handful, a flood must not hold the
+    /// agent's descriptors.
+    pub max_connections: usize,
+    /// A request's head must arrive within this; an idle keep-alive connection closes after it.
+    pub header_timeout: Duration,
+    /// A whole request, body and answer, must be done within this (else `408`).
+    pub request_timeout: Duration,
+    /// No admin connection lives longer (HTTP/2 has no idle timer of hyper's own).
+    pub lifetime: Duration,
+}
+
+impl Default for ApiLimits {
+    fn default() -> Self {
+        ApiLimits {
+            max_connections: 128,
+            header_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            lifetime: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Serves the admin API on `listener` until `shutdown`, then lets requests in progress finish
+/// (for at most the request timeout).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limits: ApiLimits,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(64 * 1024);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(16)
+        .max_header_list_size(64 * 1024)
+        .keep_alive_interval(limits.header_timeout)
+        .keep_alive_timeout(limits.header_timeout);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!("admin API accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "admin API: {} connections open; closed", limits.max_connections);
+            continue;
+        };
+        // Until its first request, no timer of hyper's runs (the protocol is still being
+        // sniffed): the connection has the head timeout to ask something.
+        let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let svc = {
+            let (app, asked) = (app.clone(), asked.clone());
+            hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                asked.store(true, std::sync::atomic::Ordering::Relaxed);
+                let mut app = app.clone();
+                async move {
+                    use tower_service::Service as _;
+                    let answered =
+                        tokio::time::timeout(limits.request_timeout, app.call(req)).await;
+                    Ok::<_, std::convert::Infallible>(match answered {
+                        Ok(Ok(r)) => r,
+                        Ok(Err(never)) => match never {},
+                        Err(_) => {
+                            (StatusCode::REQUEST_TIMEOUT, "request took too long\n").into_response()
+                        }
+                    })
+                }
+            })
+        };
+        let conn = builder.serve_connection(TokioIo::new(stream), svc);
+        let conn = graceful.watch(conn.into_owned());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let mut conn = std::pin::pin!(tokio::time::timeout(limits.lifetime, conn));
+            let first = tokio::time::sleep(limits.header_timeout);
+            let lived = tokio::select! {
+                r = &mut conn => r,
+                () = first => match asked.load(std::sync::atomic::Ordering::Relaxed) {
+                    true => conn.await,
+                    false => {
+                        tracing::debug!(%peer, "admin API connection: no request in time; closed");
+                        return;
+                    }
+                },
+            };
+            if lived.is_err() {
+                tracing::debug!(%peer, "admin API connection: past its lifetime; closed");
+            }
+        });
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(limits.request_timeout, graceful.shutdown()).await;
+}
+
 #[derive(Clone)]
 pub struct ApiState {
     pub control: Arc<Mutex<Control>>,

@@ -155,6 +155,8 @@ struct RawHttpService {
     connect_timeout_ms: u64,
     #[serde(default = "d_idle_timeout")]
     idle_timeout_secs: u64,
+    #[serde(default)]
+    max_connections: Option<Spanned<u64>>,
 }
 
 fn d_connect_timeout() -> u64 {
@@ -217,6 +219,23 @@ struct RawEntryPoint {
     client_ca_file: Option<PathBuf>,
     #[serde(default)]
     forwarded_trusted_ips: Vec<String>,
+    /// Bounds on client connections ([`crate::proxy::limits`]); every one has a safe default.
+    #[serde(default)]
+    header_timeout_secs: Option<Spanned<u64>>,
+    #[serde(default)]
+    idle_timeout_secs: Option<Spanned<u64>>,
+    #[serde(default)]
+    body_timeout_secs: Option<Spanned<u64>>,
+    #[serde(default)]
+    body_min_rate: Option<Spanned<u64>>,
+    #[serde(default)]
+    write_timeout_secs: Option<Spanned<u64>>,
+    #[serde(default)]
+    h2_keepalive_secs: Option<Spanned<u64>>,
+    #[serde(default)]
+    h2_max_streams: Option<Spanned<u64>>,
+    #[serde(default)]
+    max_connections: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1244,12 +1263,14 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
                 })?;
             trusted_ips.push(net);
         }
+        let limits = entrypoint_limits(e, i, &err)?;
         entrypoints.push(crate::proxy::EntryPointSpec {
             name,
             address,
             tls: e.tls,
             client_ca_file: e.client_ca_file.clone(),
             trusted_ips,
+            limits,
         });
     }
     let mut middlewares: Vec<(String, crate::proxy::middleware::MiddlewareConfig)> = Vec::new();
@@ -1404,6 +1425,16 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
                 mirror,
                 connect_timeout: Duration::from_millis(h.connect_timeout_ms.max(1)),
                 idle_timeout: Duration::from_secs(h.idle_timeout_secs),
+                max_connections: bounded(
+                    &h.max_connections,
+                    1..=1_000_000,
+                    format!("http_service[{i}].max_connections"),
+                    "",
+                    &err,
+                )?
+                .map_or(crate::proxy::DEFAULT_MAX_UPSTREAM_CONNECTIONS, |n| {
+                    n as usize
+                }),
             },
         );
     }
@@ -1540,6 +1571,85 @@ fn validate_access_log(
         buffer,
         status,
         sample,
+    })
+}
+
+type ErrFn<'a> = &'a dyn Fn(std::ops::Range<usize>, String, String) -> ConfigError;
+
+/// A number in `range`, or the field's error naming the range.
+fn bounded(
+    v: &Option<Spanned<u64>>,
+    range: std::ops::RangeInclusive<u64>,
+    field: String,
+    unit: &str,
+    err: ErrFn<'_>,
+) -> Result<Option<u64>, ConfigError> {
+    let Some(v) = v else { return Ok(None) };
+    if !range.contains(v.get_ref()) {
+        return Err(err(
+            v.span(),
+            field,
+            format!(
+                "{} is out of range: {}..={}{unit}",
+                v.get_ref(),
+                range.start(),
+                range.end()
+            ),
+        ));
+    }
+    Ok(Some(*v.get_ref()))
+}
+
+/// An entry point's connection bounds: each set one in its range, the rest the defaults.
+fn entrypoint_limits(
+    e: &RawEntryPoint,
+    i: usize,
+    err: ErrFn<'_>,
+) -> Result<crate::proxy::limits::ConnLimits, ConfigError> {
+    let d = crate::proxy::limits::ConnLimits::default();
+    let f = |name: &str| format!("entrypoint[{i}].{name}");
+    let secs = |v: &Option<Spanned<u64>>, name: &str, dflt: Duration| {
+        bounded(v, 1..=86_400, f(name), " s", err).map(|v| v.map_or(dflt, Duration::from_secs))
+    };
+    Ok(crate::proxy::limits::ConnLimits {
+        header_timeout: secs(
+            &e.header_timeout_secs,
+            "header_timeout_secs",
+            d.header_timeout,
+        )?,
+        idle_timeout: secs(&e.idle_timeout_secs, "idle_timeout_secs", d.idle_timeout)?,
+        body_timeout: secs(&e.body_timeout_secs, "body_timeout_secs", d.body_timeout)?,
+        body_min_rate: bounded(
+            &e.body_min_rate,
+            0..=1 << 30,
+            f("body_min_rate"),
+            " bytes/s",
+            err,
+        )?
+        .unwrap_or(d.body_min_rate),
+        write_timeout: secs(&e.write_timeout_secs, "write_timeout_secs", d.write_timeout)?,
+        // 0: no PINGs.
+        h2_keepalive: match bounded(
+            &e.h2_keepalive_secs,
+            0..=86_400,
+            f("h2_keepalive_secs"),
+            " s",
+            err,
+        )? {
+            None => d.h2_keepalive,
+            Some(0) => None,
+            Some(n) => Some(Duration::from_secs(n)),
+        },
+        h2_max_streams: bounded(&e.h2_max_streams, 1..=10_000, f("h2_max_streams"), "", err)?
+            .map_or(d.h2_max_streams, |n| n as u32),
+        max_connections: bounded(
+            &e.max_connections,
+            1..=1_000_000,
+            f("max_connections"),
+            "",
+            err,
+        )?
+        .map_or(d.max_connections, |n| n as usize),
     })
 }
 
@@ -1692,6 +1802,74 @@ address = "10.0.1.2"
 
     fn parse_err(text: &str) -> ConfigError {
         parse(Path::new("lb.toml"), text).expect_err("config should be rejected")
+    }
+
+    /// Connection bounds: safe defaults, each settable, each out-of-range value named with its
+    /// line; 0 turns HTTP/2 PINGs off; an upstream cap per service.
+    #[test]
+    fn entry_point_bounds_and_upstream_caps() {
+        let ep = "\n[[entrypoint]]\nname = \"web\"\naddress = \"0.0.0.0:8080\"\n";
+        let c = parse(Path::new("lb.toml"), &format!("{GOOD}{ep}")).expect("valid");
+        assert_eq!(
+            c.entrypoints[0].limits,
+            crate::proxy::limits::ConnLimits::default()
+        );
+        let set = "header_timeout_secs = 5\nidle_timeout_secs = 7\nbody_timeout_secs = 9\nbody_min_rate = 0\nwrite_timeout_secs = 11\nh2_keepalive_secs = 0\nh2_max_streams = 32\nmax_connections = 500\n";
+        let c = parse(Path::new("lb.toml"), &format!("{GOOD}{ep}{set}")).expect("valid");
+        let l = c.entrypoints[0].limits;
+        assert_eq!(
+            (
+                l.header_timeout,
+                l.idle_timeout,
+                l.body_timeout,
+                l.write_timeout
+            ),
+            (
+                Duration::from_secs(5),
+                Duration::from_secs(7),
+                Duration::from_secs(9),
+                Duration::from_secs(11)
+            )
+        );
+        assert_eq!(
+            (
+                l.body_min_rate,
+                l.h2_keepalive,
+                l.h2_max_streams,
+                l.max_connections
+            ),
+            (0, None, 32, 500)
+        );
+        for (bad, field) in [
+            (
+                "header_timeout_secs = 0",
+                "entrypoint[0].header_timeout_secs",
+            ),
+            (
+                "idle_timeout_secs = 999999999",
+                "entrypoint[0].idle_timeout_secs",
+            ),
+            ("h2_max_streams = 0", "entrypoint[0].h2_max_streams"),
+            ("max_connections = 0", "entrypoint[0].max_connections"),
+        ] {
+            let e = parse_err(&format!("{GOOD}{ep}{bad}\n"));
+            assert_eq!((e.line, e.field.as_str()), (26, field), "{e}");
+            assert!(e.to_string().contains("out of range"), "{e}");
+        }
+        let svc = "\n[[http_service]]\nname = \"web\"\n";
+        let c = parse(
+            Path::new("lb.toml"),
+            &format!("{GOOD}{svc}max_connections = 16\n"),
+        )
+        .expect("valid");
+        assert_eq!(c.http_services["web"].max_connections, 16);
+        let c = parse(Path::new("lb.toml"), &format!("{GOOD}{svc}")).expect("valid");
+        assert_eq!(
+            c.http_services["web"].max_connections,
+            crate::proxy::DEFAULT_MAX_UPSTREAM_CONNECTIONS
+        );
+        let e = parse_err(&format!("{GOOD}{svc}max_connections = 0\n"));
+        assert_eq!(e.field, "http_service[0].max_connections");
     }
 
     #[test]

@@ -58,6 +58,10 @@ impl Drop for Agent {
 }
 
 async fn start(token: &str) -> Agent {
+    start_with(token, api::ApiLimits::default()).await
+}
+
+async fn start_with(token: &str, api_limits: api::ApiLimits) -> Agent {
     let n = NEXT.fetch_add(1, Ordering::SeqCst);
     let pin_root = PathBuf::from(format!(
         "/sys/fs/bpf/lb-test-api-{}-{n}",
@@ -112,7 +116,7 @@ async fn start(token: &str) -> Agent {
         .expect("bind");
     let api = l.local_addr().expect("addr");
     tasks.push(tokio::spawn(async move {
-        let _ = axum::serve(l, app).await;
+        api::serve(l, app, api_limits, std::future::pending()).await;
     }));
     Agent {
         api,
@@ -333,4 +337,76 @@ async fn empty_and_short_tokens_open_nothing() {
         let (code, _) = call(&c, agent.api, "GET", "/api/v1/vips", None, None).await;
         assert_eq!(code, 401);
     }
+}
+
+/// Hole 7, the admin API: a connection that sends half a head is closed at the header timeout,
+/// one that sends a body too slowly gets a `408` at the request timeout, and beyond the
+/// connection cap new connections are closed at once; once the stalled ones are gone the API
+/// answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_surplus_admin_connections_are_bounded() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let limits = api::ApiLimits {
+        max_connections: 4,
+        header_timeout: Duration::from_millis(800),
+        request_timeout: Duration::from_millis(1500),
+        lifetime: Duration::from_secs(60),
+    };
+    let agent = start_with(TOKEN, limits).await;
+    let addr = agent.api;
+    /// Reads until the peer closes (true) or `within` passes (false); what it sent.
+    async fn closed_within(s: &mut tokio::net::TcpStream, within: Duration) -> (bool, String) {
+        let mut out = Vec::new();
+        let r = tokio::time::timeout(within, s.read_to_end(&mut out)).await;
+        (r.is_ok(), String::from_utf8_lossy(&out).into_owned())
+    }
+
+    // Half a head: closed after the header timeout, not before.
+    let started = Instant::now();
+    let mut half = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    half.write_all(b"GET /api/v1/vips HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    let (closed, _) = closed_within(&mut half, Duration::from_secs(5)).await;
+    assert!(closed, "a half head is not held forever");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(700) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+
+    // A body that never comes: a 408 at the request timeout.
+    let mut slow = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let head = format!(
+        "POST /api/v1/services/web/instances HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{",
+        bearer()
+    );
+    slow.write_all(head.as_bytes()).await.expect("write");
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), slow.read(&mut buf))
+        .await
+        .expect("answered within the request timeout")
+        .unwrap_or(0);
+    let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    drop(slow);
+
+    // Four idle connections fill the cap; the fifth and sixth are closed at once.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for _ in 0..2 {
+        let mut extra = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (closed, got) = closed_within(&mut extra, Duration::from_millis(500)).await;
+        assert!(closed && got.is_empty(), "beyond the cap: closed, {got:?}");
+    }
+    // The held ones time out (they never sent a head), and the API answers again.
+    for mut h in held {
+        let (closed, _) = closed_within(&mut h, Duration::from_secs(5)).await;
+        assert!(closed, "an idle connection is closed at the header timeout");
+    }
+    let (code, body) = call(&h1(), addr, "GET", "/api/v1/vips", Some(&bearer()), None).await;
+    assert_eq!(code, 200, "{body}");
 }

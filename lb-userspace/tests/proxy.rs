@@ -674,6 +674,7 @@ async fn start_trusting(routers: Vec<RouterSpec>, svcs: &Services, trusted: &[&s
         tls: false,
         client_ca_file: None,
         trusted_ips: trusted.iter().map(|t| t.parse().expect("cidr")).collect(),
+        limits: Default::default(),
     };
     let proxy = Arc::new(Proxy::new(
         vec![ep],

@@ -304,6 +304,7 @@ async fn start(
         tls: tls.is_some(),
         client_ca_file: None,
         trusted_ips: vec![],
+        limits: Default::default(),
     };
     let proxy = Arc::new(Proxy::new(
         vec![ep],
@@ -800,6 +801,7 @@ async fn a_reload_changes_a_tcp_routers_service() {
             tls: false,
             client_ca_file: None,
             trusted_ips: vec![],
+            limits: Default::default(),
         }],
         routers: vec![],
         specs: HashMap::new(),
@@ -827,6 +829,7 @@ async fn an_open_tcp_relay_does_not_hold_the_drain() {
         tls: false,
         client_ca_file: None,
         trusted_ips: vec![],
+        limits: Default::default(),
     };
     let proxy = Arc::new(Proxy::new(
         vec![ep],

@@ -171,6 +171,7 @@ async fn tls_proxy(p: &Pki, mtls: bool) -> SocketAddr {
         tls: true,
         client_ca_file: None,
         trusted_ips: vec![],
+        limits: Default::default(),
     };
     let proxy = Arc::new(Proxy::new(
         vec![ep],

@@ -8,7 +8,7 @@
 use std::{
     net::SocketAddr,
     sync::{
-        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex,
     },
     time::{Duration, Instant},
@@ -61,6 +61,10 @@ pub struct Upstream {
     /// Whether `ejection.until` is set (written under the lock): every request asks, and a
     /// healthy upstream answers without taking the lock.
     ejecting: AtomicBool,
+    /// Requests holding a connection to it (from the send to the answer's end): each is one
+    /// connection, and the service's cap bounds them ([`Upstream::slot`]).
+    busy: AtomicUsize,
+    freed: tokio::sync::Notify,
 }
 
 #[derive(Debug, Default)]
@@ -68,6 +72,16 @@ struct Ejection {
     until: Option<Instant>,
     /// Ejections in a row (reset by a success after coming back).
     streak: u32,
+}
+
+/// One connection's worth of an upstream, held from a request's send to its answer's end.
+pub struct Slot(Arc<Upstream>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::AcqRel);
+        self.0.freed.notify_one();
+    }
 }
 
 /// One request or connection on an upstream, counted while it lasts — however it ends (an
@@ -99,7 +113,43 @@ impl Upstream {
             failures: AtomicU32::new(0),
             ejection: Mutex::new(Ejection::default()),
             ejecting: AtomicBool::new(false),
+            busy: AtomicUsize::new(0),
+            freed: tokio::sync::Notify::new(),
         }
+    }
+
+    /// A connection's worth of this upstream, if fewer than `cap` are taken.
+    pub fn try_slot(this: &Arc<Upstream>, cap: usize) -> Option<Slot> {
+        this.busy
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < cap).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot(this.clone()))
+    }
+
+    /// A connection's worth of this upstream: waits (in line with the others waiting) until
+    /// one of the `cap` is free, or `until`.
+    pub async fn slot(
+        this: &Arc<Upstream>,
+        cap: usize,
+        until: tokio::time::Instant,
+    ) -> Option<Slot> {
+        loop {
+            let freed = this.freed.notified();
+            let mut freed = std::pin::pin!(freed);
+            // Registered before looking: a slot freed in between still wakes this waiter.
+            freed.as_mut().enable();
+            if let Some(s) = Upstream::try_slot(this, cap) {
+                return Some(s);
+            }
+            tokio::time::timeout_at(until, freed).await.ok()?;
+        }
+    }
+
+    /// Connections' worth taken now.
+    pub fn busy(&self) -> usize {
+        self.busy.load(Ordering::Relaxed)
     }
 
     pub fn ejected(&self, now: Instant) -> bool {
@@ -485,5 +535,36 @@ mod tests {
             u[1].record(false, Duration::from_millis(1), &passive, t1);
         }
         assert!(p.pick(t1, &mut rng(1)).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slots_cap_an_upstream_and_queue_in_line() {
+        let u = ups(1).remove(0);
+        let a = Upstream::try_slot(&u, 2).expect("first");
+        let b = Upstream::try_slot(&u, 2).expect("second");
+        assert!(Upstream::try_slot(&u, 2).is_none(), "the cap is 2");
+        assert_eq!(u.busy(), 2);
+        // A waiter gets the slot freed while it waits.
+        let waiter = {
+            let u = u.clone();
+            tokio::spawn(async move {
+                let until = tokio::time::Instant::now() + Duration::from_secs(5);
+                Upstream::slot(&u, 2, until).await.is_some()
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        drop(a);
+        assert!(
+            waiter.await.expect("task"),
+            "a freed slot goes to the waiter"
+        );
+        // Nothing frees: the wait ends at its deadline, empty-handed.
+        let start = tokio::time::Instant::now();
+        let until = start + Duration::from_secs(2);
+        let _c = Upstream::try_slot(&u, 2);
+        assert!(Upstream::slot(&u, 2, until).await.is_none());
+        assert_eq!(start.elapsed(), Duration::from_secs(2));
+        drop(b);
+        assert_eq!(u.busy(), 1, "only `_c` is held: every other slot came back");
     }
 }

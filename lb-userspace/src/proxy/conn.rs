@@ -46,7 +46,7 @@ use hyper::{
     server::conn::{http1, http2},
     Request, Response, StatusCode, Version,
 };
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf},
     net::TcpStream,
@@ -56,12 +56,11 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use super::{tcp::Prefixed, Body, BoxError, Proxy, MAX_HEADER_BYTES};
-
-/// How long a client has to send a request's headers, counted from when the connection was
-/// accepted or last went idle: an idle keep-alive connection closes after it, as with hyper's
-/// header read timeout before connections were parked.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+use super::{
+    limits::{Activity, ConnLimits, H2Answer, SlowBody, StallExec, WriteStall},
+    tcp::Prefixed,
+    Body, BoxError, Proxy, MAX_HEADER_BYTES,
+};
 
 /// The HTTP/2 connection preface: a client speaking h2c with prior knowledge starts with it.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -136,12 +135,14 @@ pub struct Client {
     /// finishes the request it is on (HTTP/1 with `Connection: close`, HTTP/2 with GOAWAY).
     pub drain: CancellationToken,
     pub obs: crate::metrics::EntryPointObs,
+    /// The entry point's bounds on what the connection may hold.
+    pub limits: ConnLimits,
 }
 
 /// Serves a client connection until it closes. `h2`: ALPN chose HTTP/2; otherwise the first
 /// bytes say (the h2c preface or HTTP/1).
 pub async fn serve<S: Socket>(io: S, h2: bool, client: Arc<Client>) {
-    let deadline = Instant::now() + HEADER_READ_TIMEOUT;
+    let deadline = Instant::now() + client.limits.header_timeout;
     let mut io = Prefixed::new(io, Vec::new());
     let h2 = h2 || {
         // Nothing of hyper's exists until the client has said something.
@@ -185,27 +186,80 @@ async fn sniff<S: Socket>(io: &mut Prefixed<S>) -> io::Result<bool> {
 }
 
 async fn http2<S: Socket>(io: Prefixed<S>, client: &Arc<Client>) {
+    let limits = client.limits;
+    let activity = Activity::new();
     let svc = {
-        let client = client.clone();
+        let (client, activity) = (client.clone(), activity.clone());
         hyper::service::service_fn(move |req: Request<Incoming>| {
+            // Open from the head to the answer's end: the connection is not idle meanwhile.
+            let open = Activity::open(&activity);
             let client = client.clone();
             async move {
-                let req = req.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed());
-                Ok::<_, Infallible>(client.handle(req).await)
+                let req = req.map(|b| {
+                    let streamed = !b.is_end_stream();
+                    let b = b.map_err(|e| Box::new(e) as BoxError).boxed();
+                    match streamed {
+                        true => SlowBody::new(b, &client.limits).boxed(),
+                        false => b,
+                    }
+                });
+                let resp = client.handle(req).await;
+                Ok::<_, Infallible>(resp.map(|b| H2Answer::new(b, open)))
             }
         })
     };
-    let mut conn = http2::Builder::new(TokioExecutor::new())
+    let mut builder = http2::Builder::new(StallExec {
+        write_timeout: limits.write_timeout,
+    });
+    builder
+        .timer(TokioTimer::new())
         .max_header_list_size(MAX_HEADER_BYTES as u32)
-        .serve_connection(TokioIo::new(io), svc);
+        .max_concurrent_streams(limits.h2_max_streams)
+        .keep_alive_interval(limits.h2_keepalive);
+    if let Some(k) = limits.h2_keepalive {
+        builder.keep_alive_timeout(k);
+    }
+    let mut conn = builder.serve_connection(TokioIo::new(io), svc);
     let mut conn = Pin::new(&mut conn);
-    let served = tokio::select! {
-        r = conn.as_mut() => r,
-        () = client.drain.cancelled() => {
+    let mut drained = std::pin::pin!(client.drain.cancelled());
+    let mut idle = std::pin::pin!(tokio::time::sleep(limits.header_timeout));
+    // Once lb has said GOAWAY for idleness, a client that does not let the connection close
+    // (by not reading) is not waited for long.
+    let mut closing: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    let mut draining = false;
+    let served = std::future::poll_fn(|cx| loop {
+        activity.register(cx);
+        if !draining && drained.as_mut().poll(cx).is_ready() {
+            draining = true;
             conn.as_mut().graceful_shutdown();
-            conn.await
         }
-    };
+        if let Poll::Ready(r) = conn.as_mut().poll(cx) {
+            return Poll::Ready(r);
+        }
+        if let Some(t) = &mut closing {
+            if t.as_mut().poll(cx).is_ready() {
+                debug!(peer = %client.peer, "HTTP/2: did not close after GOAWAY; dropped");
+                return Poll::Ready(Ok(()));
+            }
+        }
+        if draining {
+            return Poll::Pending;
+        }
+        let Some(at) = activity.idle_deadline(&limits) else {
+            return Poll::Pending;
+        };
+        if idle.deadline() != at {
+            idle.as_mut().reset(at);
+        }
+        if idle.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        debug!(peer = %client.peer, "HTTP/2: idle; GOAWAY");
+        draining = true;
+        conn.as_mut().graceful_shutdown();
+        closing = Some(Box::pin(tokio::time::sleep(CLOSE_TIMEOUT)));
+    })
+    .await;
     if let Err(e) = served {
         debug!(peer = %client.peer, "HTTP/2 connection: {e}");
     }
@@ -213,6 +267,7 @@ async fn http2<S: Socket>(io: Prefixed<S>, client: &Arc<Client>) {
 
 /// HTTP/1: a hyper connection while there is something to do, only the socket in between.
 async fn http1<S: Socket>(mut io: Prefixed<S>, mut deadline: Instant, client: &Arc<Client>) {
+    let limits = client.limits;
     loop {
         if !io.buffered() {
             // Parked.
@@ -230,6 +285,8 @@ async fn http1<S: Socket>(mut io: Prefixed<S>, mut deadline: Instant, client: &A
                 let _ = tokio::time::timeout(CLOSE_TIMEOUT, io.shutdown()).await;
                 return;
             }
+            // Bytes came: the head they begin has its own time from now.
+            deadline = Instant::now() + limits.header_timeout;
         }
         let turn = Arc::new(Turn::default());
         // Boxed: a parked connection's task must not keep room for a hyper connection. hyper
@@ -240,7 +297,7 @@ async fn http1<S: Socket>(mut io: Prefixed<S>, mut deadline: Instant, client: &A
             http1::Builder::new()
                 .timer(TokioTimer::new())
                 .max_buf_size(MAX_HEADER_BYTES)
-                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .header_read_timeout(limits.header_timeout)
                 .serve_connection(
                     TokioIo::new(Watched {
                         io,
@@ -252,8 +309,16 @@ async fn http1<S: Socket>(mut io: Prefixed<S>, mut deadline: Instant, client: &A
                     },
                 ),
         );
-        let parked = match until_idle(&mut conn, &turn, &client.drain, deadline).await {
-            Ok(parked) => parked,
+        let parked = match until_idle(&mut conn, &turn, client, deadline).await {
+            Ok(Idle::Parked) => true,
+            Ok(Idle::Done) => false,
+            Ok(Idle::Stalled) => {
+                debug!(
+                    peer = %client.peer,
+                    "the client took nothing for {:?}: closed", limits.write_timeout
+                );
+                return;
+            }
             Err(e) => {
                 debug!(peer = %client.peer, "connection: {e}");
                 return;
@@ -275,23 +340,33 @@ async fn http1<S: Socket>(mut io: Prefixed<S>, mut deadline: Instant, client: &A
             return;
         }
         io = rest;
-        deadline = Instant::now() + HEADER_READ_TIMEOUT;
+        deadline = Instant::now() + limits.idle_timeout;
     }
 }
 
 type H1Conn<S> = http1::Connection<TokioIo<Watched<Prefixed<S>>>, Svc>;
 
-/// Drives a hyper connection until it is done; asks it to close once it is idle. True when it
-/// closed because it was idle: the client expects the connection to stay open. Until its first
-/// request arrives, the connection closes at `deadline`.
+/// How a hyper connection's busy spell ended.
+enum Idle {
+    /// Closed because it was idle: the client expects the connection to stay open.
+    Parked,
+    /// hyper is done with the connection (or no request came in time).
+    Done,
+    /// The client took none of the answer for the write timeout: abandon it.
+    Stalled,
+}
+
+/// Drives a hyper connection until it is done; asks it to close once it is idle. Until its
+/// first request arrives, the connection closes at `deadline`.
 async fn until_idle<S: Socket>(
     conn: &mut H1Conn<S>,
     turn: &Turn,
-    drain: &CancellationToken,
+    client: &Client,
     deadline: Instant,
-) -> hyper::Result<bool> {
-    let mut drained = std::pin::pin!(drain.cancelled());
+) -> hyper::Result<Idle> {
+    let mut drained = std::pin::pin!(client.drain.cancelled());
     let mut late = std::pin::pin!(tokio::time::sleep_until(deadline));
+    let mut stall: Option<Pin<Box<tokio::time::Sleep>>> = None;
     let (mut parking, mut draining) = (false, false);
     std::future::poll_fn(|cx| loop {
         // Woken when a body another task reads ends: that may be what makes the connection idle.
@@ -302,10 +377,15 @@ async fn until_idle<S: Socket>(
         }
         if !turn.answered.load(Ordering::Relaxed) && late.as_mut().poll(cx).is_ready() {
             // No request in time (hyper's own timer restarted with this connection).
-            return Poll::Ready(Ok(false));
+            return Poll::Ready(Ok(Idle::Done));
         }
         match conn.poll_without_shutdown(cx) {
-            Poll::Ready(r) => return Poll::Ready(r.map(|()| parking && !draining)),
+            Poll::Ready(r) => {
+                return Poll::Ready(r.map(|()| match parking && !draining {
+                    true => Idle::Parked,
+                    false => Idle::Done,
+                }))
+            }
             // Asked to close while idle, hyper is done at once; if it is not, it had something
             // left to do after all, and will say `Connection: close` when it has: not a park.
             Poll::Pending if parking => {
@@ -314,6 +394,16 @@ async fn until_idle<S: Socket>(
                 return Poll::Pending;
             }
             Poll::Pending => {}
+        }
+        // A write that cannot finish: the client is not reading.
+        if let Some(at) = turn.stall.deadline(client.limits.write_timeout) {
+            let t = stall.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+            if t.deadline() != at {
+                t.as_mut().reset(at);
+            }
+            if t.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ok(Idle::Stalled));
+            }
         }
         if draining || !turn.idle() {
             return Poll::Pending;
@@ -363,7 +453,15 @@ impl hyper::service::Service<Request<Incoming>> for Svc {
             req.extensions_mut()
                 .insert(ClientUpgrade(Arc::new(Mutex::new(Some(rx)))));
         }
-        let req = req.map(|b| RequestBody::new(b, turn.clone()).boxed());
+        let limits = client.limits;
+        let req = req.map(|b| {
+            let streamed = !b.is_end_stream();
+            let b = RequestBody::new(b, turn.clone()).boxed();
+            match streamed {
+                true => SlowBody::new(b, &limits).boxed(),
+                false => b,
+            }
+        });
         Box::pin(async move {
             let resp = client.handle(req).await;
             if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
@@ -421,6 +519,8 @@ struct Turn {
     read_waiting: AtomicBool,
     /// hyper's last write or flush could not finish: it still holds bytes for the client.
     write_waiting: AtomicBool,
+    /// Since when that has been so.
+    stall: WriteStall,
     /// A request asked to close the connection after its answer.
     closing: AtomicBool,
     /// Where the connection goes when the answer is a `101`.
@@ -469,6 +569,7 @@ impl<S: AsyncWrite + Unpin> Watched<S> {
         self.turn
             .write_waiting
             .store(r.is_pending(), Ordering::Relaxed);
+        self.turn.stall.wrote(r.is_pending());
         r
     }
 }

@@ -13,6 +13,7 @@ pub mod balance;
 pub mod client;
 pub mod conn;
 pub mod dynamic;
+pub mod limits;
 pub mod middleware;
 pub mod normalise;
 pub mod rule;
@@ -98,6 +99,8 @@ pub struct EntryPointSpec {
     /// Clients whose `X-Forwarded-*` / `Forwarded` headers are believed (other proxies). From
     /// anyone else those headers are replaced, never extended: a client cannot forge its origin.
     pub trusted_ips: Vec<ipnet::IpNet>,
+    /// How long, and how much, a client connection may hold while it does nothing useful.
+    pub limits: limits::ConnLimits,
 }
 
 /// How a service's upstreams are balanced, checked, retried and timed.
@@ -119,6 +122,9 @@ pub struct ServiceSpec {
     pub connect_timeout: std::time::Duration,
     /// Pooled keep-alive connections to the upstreams unused this long are closed.
     pub idle_timeout: std::time::Duration,
+    /// Connections in use to each upstream (one per request in flight, from the send to the
+    /// answer's end). Beyond it a request waits up to `connect_timeout`, then gets a `503`.
+    pub max_connections: usize,
 }
 
 impl ServiceSpec {
@@ -130,6 +136,9 @@ impl ServiceSpec {
         }
     }
 }
+
+/// Connections in use to one upstream, unless a service says otherwise.
+pub const DEFAULT_MAX_UPSTREAM_CONNECTIONS: usize = 1024;
 
 /// Shadow traffic: `percent` of requests are also sent to `service` (fire and forget). A
 /// request with a body is mirrored only when the body is at most `max_body_bytes` (it is read
@@ -155,6 +164,7 @@ impl Default for ServiceSpec {
             mirror: None,
             connect_timeout: ClientKey::default().connect_timeout,
             idle_timeout: ClientKey::default().idle_timeout,
+            max_connections: DEFAULT_MAX_UPSTREAM_CONNECTIONS,
         }
     }
 }
@@ -645,7 +655,25 @@ impl Proxy {
         let drain = CancellationToken::new();
         let obs = self.obs.entrypoint(&entrypoint);
         let name: Arc<str> = entrypoint.as_str().into();
+        // Beyond its connection cap the entry point stops accepting until one closes (the
+        // kernel's backlog holds the rest). Read once: a new cap takes a new listener.
+        let cap = self
+            .conf()
+            .entrypoints
+            .iter()
+            .find(|e| e.name == entrypoint)
+            .map_or(limits::ConnLimits::default().max_connections, |e| {
+                e.limits.max_connections
+            });
+        let slots = Arc::new(tokio::sync::Semaphore::new(cap));
         loop {
+            let slot = tokio::select! {
+                s = slots.clone().acquire_owned() => match s {
+                    Ok(s) => s,
+                    Err(_) => break,
+                },
+                () = stop.cancelled() => break,
+            };
             let (stream, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(x) => x,
@@ -659,12 +687,18 @@ impl Proxy {
                 () = stop.cancelled() => break,
             };
             let _ = stream.set_nodelay(true);
-            let trusted = self
+            let (trusted, limits) = self
                 .conf()
                 .entrypoints
                 .iter()
                 .find(|e| e.name == entrypoint)
-                .is_some_and(|e| e.trusted_ips.iter().any(|n| n.contains(&peer.ip())));
+                .map(|e| {
+                    (
+                        e.trusted_ips.iter().any(|n| n.contains(&peer.ip())),
+                        e.limits,
+                    )
+                })
+                .unwrap_or_default();
             let client = Arc::new(conn::Client {
                 proxy: self.clone(),
                 entrypoint: name.clone(),
@@ -673,10 +707,12 @@ impl Proxy {
                 trusted,
                 drain: drain.clone(),
                 obs: obs.clone(),
+                limits,
             });
             let (tls, obs) = (tls.clone(), obs.clone());
             let connections = connections.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 let _open = obs.connection();
                 // TCP routers first: they may take the connection, else it comes back for HTTP
                 // with the bytes they read replayed. Boxed, as is the handshake: what they hold
@@ -950,6 +986,22 @@ impl Proxy {
             let Some(uri) = upstream_uri(&svc.client, &upstream, &parts.uri) else {
                 return text(StatusCode::BAD_REQUEST, "bad request target");
             };
+            // One connection's worth of the upstream, held to the answer's end; beyond the
+            // cap the request waits in line as long as a connect may take. Not the upstream's
+            // failure, nor the client's: lb is at the limit it was given.
+            let until = tokio::time::Instant::now() + spec.connect_timeout;
+            let Some(slot) = Upstream::slot(&upstream, spec.max_connections, until).await else {
+                warn!(
+                    router = route.spec.name,
+                    upstream = %upstream.addr,
+                    cap = spec.max_connections,
+                    "upstream at its connection cap"
+                );
+                return text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstream at its connection limit",
+                );
+            };
             let this_body = match (&replay, body.take()) {
                 (Some(b), _) => middleware::full(b.clone()),
                 (None, Some(b)) => b,
@@ -996,7 +1048,10 @@ impl Proxy {
                     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                         if let Some(client_side) = client_upgrade {
                             let upstream_side = hyper::upgrade::on(&mut resp);
-                            tokio::spawn(tunnel(client_side, upstream_side));
+                            tokio::spawn(async move {
+                                tunnel(client_side, upstream_side).await;
+                                drop(slot);
+                            });
                             let (parts, _) = resp.into_parts();
                             return Response::from_parts(parts, middleware::full(Bytes::new()));
                         }
@@ -1015,7 +1070,11 @@ impl Proxy {
                     }
                     return Response::from_parts(
                         rparts,
-                        rbody.map_err(|e| Box::new(e) as BoxError).boxed(),
+                        Holding {
+                            body: rbody,
+                            _slot: slot,
+                        }
+                        .boxed(),
                     );
                 }
                 Ok(Err(e)) => Some(e),
@@ -1073,6 +1132,10 @@ impl Proxy {
         let Some(uri) = upstream_uri(&shadow.client, &upstream, &parts.uri) else {
             return;
         };
+        // A copy never waits for, nor takes the last of, an upstream's connections.
+        let Some(slot) = Upstream::try_slot(&upstream, shadow.spec.max_connections) else {
+            return;
+        };
         if self.mirroring.fetch_add(1, Ordering::Relaxed) >= MAX_MIRRORING {
             self.mirroring.fetch_sub(1, Ordering::Relaxed);
             return;
@@ -1089,6 +1152,7 @@ impl Proxy {
                 }
             });
             let _ = sent.await;
+            drop(slot);
             count.fetch_sub(1, Ordering::Relaxed);
         });
     }
@@ -1177,10 +1241,38 @@ enum ClientBodyFault {
     Stalled,
 }
 
+/// An upstream's answer, holding its connection's slot until hyper is done with it.
+struct Holding {
+    body: Incoming,
+    _slot: balance::Slot,
+}
+
+impl hyper::body::Body for Holding {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        std::pin::Pin::new(&mut self.get_mut().body)
+            .poll_frame(cx)
+            .map_err(|e| Box::new(e) as BoxError)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// What became of a request body on its way to the upstream, as the attempt's outcome needs it.
 #[derive(Default)]
 struct BodyWatch {
     broken: std::sync::atomic::AtomicBool,
+    /// Cut for coming too slowly (the entry point's body limits).
+    too_slow: std::sync::atomic::AtomicBool,
     /// The last read found no bytes from the client yet (not: the upstream was not reading).
     waiting: std::sync::atomic::AtomicBool,
     ended: std::sync::atomic::AtomicBool,
@@ -1189,6 +1281,9 @@ struct BodyWatch {
 impl BodyWatch {
     /// Whose fault a failed or timed-out attempt was: `Some` when it was the client's.
     fn fault(&self, timed_out: bool) -> Option<ClientBodyFault> {
+        if self.too_slow.load(Ordering::Acquire) {
+            return Some(ClientBodyFault::Stalled);
+        }
         if self.broken.load(Ordering::Acquire) {
             return Some(ClientBodyFault::Broken);
         }
@@ -1232,6 +1327,9 @@ impl hyper::body::Body for ClientBody {
         let w = &this.watch;
         w.waiting.store(r.is_pending(), Ordering::Release);
         match &r {
+            Poll::Ready(Some(Err(e))) if limits::is_too_slow(&**e) => {
+                w.too_slow.store(true, Ordering::Release)
+            }
             Poll::Ready(Some(Err(_))) => w.broken.store(true, Ordering::Release),
             Poll::Ready(None) => w.ended.store(true, Ordering::Release),
             _ => {}

@@ -142,6 +142,17 @@ pub async fn bound(
     specs: HashMap<String, ServiceSpec>,
     mws: HashMap<String, Arc<dyn Middleware>>,
 ) -> (Arc<Proxy>, TcpListener) {
+    bound_limited(routers, svcs, specs, mws, Default::default()).await
+}
+
+/// [`bound`], with the entry point's connection bounds given.
+pub async fn bound_limited(
+    routers: Vec<RouterSpec>,
+    svcs: &Services,
+    specs: HashMap<String, ServiceSpec>,
+    mws: HashMap<String, Arc<dyn Middleware>>,
+    limits: lb_userspace::proxy::limits::ConnLimits,
+) -> (Arc<Proxy>, TcpListener) {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let ep = EntryPointSpec {
         name: "web".into(),
@@ -149,6 +160,7 @@ pub async fn bound(
         tls: false,
         client_ca_file: None,
         trusted_ips: vec![],
+        limits,
     };
     (Arc::new(Proxy::new(vec![ep], routers, specs, mws, svcs)), l)
 }
@@ -160,6 +172,19 @@ pub async fn start_full(
     mws: HashMap<String, Arc<dyn Middleware>>,
 ) -> (Arc<Proxy>, SocketAddr) {
     let (proxy, l) = bound(routers, svcs, specs, mws).await;
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(proxy.clone().serve("web".into(), l, None));
+    (proxy, addr)
+}
+
+/// [`start_full`] with no middlewares and the entry point's connection bounds given.
+pub async fn start_limited(
+    routers: Vec<RouterSpec>,
+    svcs: &Services,
+    specs: HashMap<String, ServiceSpec>,
+    limits: lb_userspace::proxy::limits::ConnLimits,
+) -> (Arc<Proxy>, SocketAddr) {
+    let (proxy, l) = bound_limited(routers, svcs, specs, HashMap::new(), limits).await;
     let addr = l.local_addr().expect("addr");
     tokio::spawn(proxy.clone().serve("web".into(), l, None));
     (proxy, addr)

@@ -321,9 +321,17 @@ impl Buffering {
                 None
             }
             Err(super::ReadError::TooLarge) => Some(too_large()),
+            // The client's doing either way: never evidence against the service.
+            Err(super::ReadError::Broken(e)) if crate::proxy::limits::is_too_slow(&*e) => {
+                let mut r = answer(StatusCode::REQUEST_TIMEOUT, "request body too slow");
+                r.extensions_mut().insert(super::ClientFault);
+                Some(r)
+            }
             Err(super::ReadError::Broken(e)) => {
                 tracing::debug!("request body: {e}");
-                Some(answer(StatusCode::BAD_REQUEST, "incomplete request body"))
+                let mut r = answer(StatusCode::BAD_REQUEST, "incomplete request body");
+                r.extensions_mut().insert(super::ClientFault);
+                Some(r)
             }
         }
     }
@@ -350,6 +358,7 @@ impl Buffering {
 
 fn too_large() -> Response<Body> {
     let mut r = answer(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+    r.extensions_mut().insert(super::ClientFault);
     // The rest of the body is not read: the connection cannot be reused.
     r.headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
