@@ -21,9 +21,9 @@ use aya::{
 use etherparse::PacketBuilder;
 use lb_common::bench::BenchFrame;
 use lb_userspace::{
-    balancer::{BackendMode, Balancer, Desired},
-    config::{BackendSpec, Mac, Mode, Protocol, VipSpec},
-    dataplane::{self, Dataplane, Limits, FLOOR_OBJECT, HARNESS_OBJECT},
+    balancer::{Balancer, Desired},
+    dataplane::{self, Dataplane, FLOOR_OBJECT, HARNESS_OBJECT},
+    model::{BackendMode, BackendSpec, Limits, Mac, Mode, Protocol, VipSpec},
     registry::InstanceKey,
 };
 

@@ -24,11 +24,11 @@ use tracing::{info, warn};
 use crate::{
     api::{self, ApiState},
     balancer::Balancer,
-    config::VipSpec,
     config::{self, Config},
     control::{self, Control},
     dataplane::Dataplane,
     health,
+    model::VipSpec,
     providers::{self, store::Store},
 };
 

@@ -26,9 +26,9 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::{
-    config::{valid_name, Mac},
     control::Control,
     health,
+    model::{valid_name, Mac},
     registry::{Instance, InstanceKey},
 };
 

@@ -17,9 +17,9 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::{
-    config::{Mac, Mode, Protocol, VipSpec},
     dataplane::{Dataplane, Gates},
     maglev::{Member, Table},
+    model::{addr_words, BackendMode, Mac, Mode, Protocol, VipSpec},
     neighbor,
     registry::InstanceKey,
 };
@@ -40,18 +40,6 @@ pub struct Desired {
     pub weight: u32,
     pub mac: Option<Mac>,
     pub state: BackendMode,
-}
-
-/// A backend's administrative/health state as the data path must see it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BackendMode {
-    /// In the Maglev table; its flows stay.
-    Active,
-    /// Out of the table; its tracked flows stay (graceful removal).
-    Draining,
-    /// Out of the table and its flows are re-picked (failed health checks).
-    Down,
 }
 
 struct BackendState {
@@ -159,18 +147,6 @@ fn vip_key(spec: &VipSpec) -> VipKey {
         port: spec.port.to_be(),
         proto: spec.protocol.number(),
         _pad: 0,
-    }
-}
-
-/// An address as the program sees it: the packet's bytes, read as native-endian words.
-pub fn addr_words(addr: IpAddr) -> [u32; 4] {
-    match addr {
-        IpAddr::V4(a) => [u32::from_ne_bytes(a.octets()), 0, 0, 0],
-        IpAddr::V6(a) => {
-            let o = a.octets();
-            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-            [w(0), w(4), w(8), w(12)]
-        }
     }
 }
 

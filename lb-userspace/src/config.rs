@@ -13,10 +13,13 @@ use std::{
 
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use toml::Spanned;
 
-use crate::dataplane::{AttachMode, Limits};
+use crate::model::{
+    valid_name, AttachMode, BackendSpec, CheckKind, EtcdSpec, FileProviderSpec, HealthSpec, Limits,
+    Mac, Mode, Protocol, ProvidersSpec, RedisSpec, VipSpec,
+};
 
 /// A configuration error: where it is and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -602,175 +605,6 @@ pub struct Config {
     pub access_log: Option<crate::access_log::AccessLogSpec>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    Tcp,
-    Udp,
-}
-
-impl Protocol {
-    pub fn number(self) -> u8 {
-        match self {
-            Protocol::Tcp => lb_common::proto::TCP,
-            Protocol::Udp => lb_common::proto::UDP,
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    Dsr,
-    Nat,
-    Local,
-    Ipip,
-}
-
-impl Mode {
-    /// DSR and IP-in-IP put the backend's (or its next hop's) MAC on the frame.
-    pub fn needs_mac(self) -> bool {
-        matches!(self, Mode::Dsr | Mode::Ipip)
-    }
-
-    pub fn number(self) -> u8 {
-        match self {
-            Mode::Dsr => lb_common::mode::DSR,
-            Mode::Nat => lb_common::mode::NAT,
-            Mode::Local => lb_common::mode::LOCAL,
-            Mode::Ipip => lb_common::mode::IPIP,
-        }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct VipSpec {
-    pub name: String,
-    pub address: IpAddr,
-    /// 0: every port of the address.
-    pub port: u16,
-    pub protocol: Protocol,
-    pub mode: Mode,
-    /// Registry service that fills this VIP.
-    pub service: String,
-    /// Inline backends: the `config` provider's instances of `service`.
-    pub backends: Vec<BackendSpec>,
-    pub health: Option<HealthSpec>,
-}
-
-/// Active health checking of a VIP's backends.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct HealthSpec {
-    pub check: CheckKind,
-    pub interval: Duration,
-    pub timeout: Duration,
-    /// Consecutive successes that bring a down backend back.
-    pub rise: u32,
-    /// Consecutive failures that take an up backend out.
-    pub fall: u32,
-    /// HTTP: the path to GET; 2xx/3xx is healthy.
-    pub path: String,
-    /// 0: the backend's port, else the VIP's.
-    pub port: u16,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CheckKind {
-    Tcp,
-    Http,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ProvidersSpec {
-    pub files: Vec<FileProviderSpec>,
-    pub redis: Option<RedisSpec>,
-    pub etcd: Option<EtcdSpec>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FileProviderSpec {
-    pub path: PathBuf,
-    pub debounce: Duration,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RedisSpec {
-    pub url: String,
-    pub prefix: String,
-    pub resync: Duration,
-    /// Where a Traefik configuration is stored in Traefik's KV layout (`traefik`), if any.
-    pub traefik_root: Option<String>,
-    /// The directories that configuration's records may name files in (certificates, keys,
-    /// CAs, users files); none by default, so a record cannot make the agent read a file.
-    pub traefik_file_dirs: Vec<PathBuf>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct EtcdSpec {
-    pub endpoints: Vec<String>,
-    pub prefix: String,
-    pub traefik_root: Option<String>,
-    /// As [`RedisSpec::traefik_file_dirs`].
-    pub traefik_file_dirs: Vec<PathBuf>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BackendSpec {
-    pub address: IpAddr,
-    /// NAT: the backend's port; 0 keeps the VIP's port. Ignored in DSR.
-    pub port: u16,
-    pub weight: u32,
-    /// DSR: the backend's MAC; resolved from the neighbour table when absent.
-    pub mac: Option<Mac>,
-}
-
-/// An Ethernet address, written `aa:bb:cc:dd:ee:ff`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct Mac(pub [u8; 6]);
-
-impl std::str::FromStr for Mac {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let parts: Vec<&str> = s.split(':').collect();
-        if parts.len() != 6 {
-            return Err(format!(
-                "{s:?} is not a MAC address (want aa:bb:cc:dd:ee:ff)"
-            ));
-        }
-        let mut mac = [0u8; 6];
-        for (i, p) in parts.iter().enumerate() {
-            mac[i] = u8::from_str_radix(p, 16)
-                .map_err(|_| format!("{s:?} is not a MAC address (want aa:bb:cc:dd:ee:ff)"))?;
-        }
-        Ok(Mac(mac))
-    }
-}
-
-impl fmt::Display for Mac {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let m = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            m[0], m[1], m[2], m[3], m[4], m[5]
-        )
-    }
-}
-
-impl serde::Serialize for Mac {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for Mac {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
-
 /// Reads and validates a config file.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
@@ -794,15 +628,6 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         }
     })?;
     validate(path, text, raw)
-}
-
-/// Names of VIPs and services: they appear in API paths and store keys.
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 128
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
 fn line_of(text: &str, offset: usize) -> usize {

@@ -19,8 +19,8 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::{
-    balancer::{BackendMode, Balancer, Desired},
-    config::{Mac, Mode, VipSpec},
+    balancer::{Balancer, Desired},
+    model::{BackendMode, Mac, Mode, VipSpec},
     providers::{store::Override, store::Store, Event, Rank},
     registry::{Instance, InstanceKey, Registry, Services},
 };
@@ -74,7 +74,7 @@ pub struct Control {
     /// The L7 proxy, whose upstream pools follow the registry too.
     pub proxy: Option<Arc<crate::proxy::Proxy>>,
     /// Change-to-apply latency for `/metrics`.
-    pub obs: crate::metrics::ControlObs,
+    pub obs: ControlObs,
 }
 
 /// The config file's inline backends, as the `config` provider's snapshot.
@@ -378,6 +378,34 @@ pub async fn run(control: Arc<Mutex<Control>>, mut rx: mpsc::Receiver<Event>) {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => warn!("apply failed: {e:#}"),
             Err(e) => warn!("apply task: {e}"),
+        }
+    }
+}
+
+/// Change-to-apply latency: 100 µs to 10 s.
+const APPLY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    10.0,
+];
+
+/// What the control loop records as it applies (registered by [`crate::metrics::Metrics::new`]).
+#[derive(Clone)]
+pub struct ControlObs {
+    /// From the oldest change of a batch to the maps being written.
+    pub change_to_apply: prometheus::Histogram,
+}
+
+impl Default for ControlObs {
+    fn default() -> Self {
+        let opts = prometheus::HistogramOpts::new(
+            "lb_config_change_to_apply_seconds",
+            "Time from a change (provider event, API call, health verdict) to its map writes",
+        )
+        .buckets(APPLY_BUCKETS.to_vec());
+        ControlObs {
+            // Static options, checked by the tests: never something input can cause.
+            change_to_apply: prometheus::Histogram::with_opts(opts)
+                .expect("static metric definition"),
         }
     }
 }

@@ -6,6 +6,7 @@
 //! stops, the program keeps forwarding; a restarted agent reuses the maps (flows survive) and swaps
 //! its program into the existing links atomically; `lb detach` removes both.
 
+use crate::model::{AttachMode, Limits};
 use std::{
     collections::HashMap as StdHashMap,
     fs,
@@ -35,30 +36,6 @@ pub static FLOOR_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_D
 /// `cargo xtask bench`: restores a frame and tail-calls the program under test; live-frames generator.
 pub static HARNESS_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-harness"));
-
-/// Sizes fixed when the maps are created. They cannot change under pinned maps: a different
-/// value for an existing pin set is refused (run `lb detach` to recreate).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Limits {
-    pub max_vips: u32,
-    pub max_backends: u32,
-    pub ring_size: u32,
-    pub max_flows: u32,
-    pub udp_timeout_secs: u64,
-    /// `ipip` outer source prefixes (a /16 and a /96): not map sizes, set per program load.
-    pub ipip_source_v4: std::net::Ipv4Addr,
-    pub ipip_source_v6: std::net::Ipv6Addr,
-}
-
-/// How to attach to an interface.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AttachMode {
-    /// Native (driver) mode, falling back to generic with a warning.
-    Auto,
-    Native,
-    Generic,
-}
 
 /// The map set and attachments of one agent instance.
 pub struct Dataplane {
@@ -227,7 +204,7 @@ impl Dataplane {
             )
             .override_global(
                 "IPIP_SRC_V6",
-                &crate::balancer::addr_words(limits.ipip_source_v6.into()),
+                &crate::model::addr_words(limits.ipip_source_v6.into()),
                 true,
             )
             .override_global("AYA_LOG_LEVEL", &log_level, false)

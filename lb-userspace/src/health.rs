@@ -20,7 +20,7 @@ use tokio::{
 };
 
 use crate::{
-    config::{CheckKind, HealthSpec},
+    model::{CheckKind, HealthSpec},
     providers::Event,
     registry::InstanceKey,
 };

@@ -16,6 +16,7 @@ pub mod dataplane;
 pub mod health;
 pub mod maglev;
 pub mod metrics;
+pub mod model;
 pub mod neighbor;
 pub mod providers;
 pub mod proxy;

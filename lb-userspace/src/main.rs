@@ -3,7 +3,8 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use anyhow::{anyhow, bail, Context as _, Result};
 use clap::{Args, Parser, Subcommand};
 use lb_userspace::{
-    config::{self, EtcdSpec, Mac, RedisSpec},
+    config,
+    model::{EtcdSpec, Mac, RedisSpec},
     providers::{etcd, redis},
     registry::{Instance, InstanceKey},
 };
@@ -228,7 +229,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Decap { iface, mode } => {
-            use lb_userspace::dataplane::AttachMode;
+            use lb_userspace::model::AttachMode;
             let mode = match mode {
                 XdpModeArg::Auto => AttachMode::Auto,
                 XdpModeArg::Native => AttachMode::Native,

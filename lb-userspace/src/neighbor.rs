@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::config::Mac;
+use crate::model::Mac;
 
 /// Resolves the MAC frames for `addr` must carry: its own when it is on a local segment, its
 /// gateway's when it is routed. Waits up to one second for ARP/NDP to answer.

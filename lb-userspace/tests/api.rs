@@ -25,9 +25,9 @@ use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use lb_userspace::{
     api::{self, ApiState},
     balancer::Balancer,
-    config::FileProviderSpec,
     control::{self, Control},
-    dataplane::{self, Dataplane, Limits},
+    dataplane::{self, Dataplane},
+    model::{FileProviderSpec, Limits},
     providers::{self, store::Store},
     proxy::Proxy,
 };

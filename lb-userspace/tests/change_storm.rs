@@ -11,9 +11,9 @@ use std::{
 
 use lb_userspace::{
     balancer::Balancer,
-    config::{Mode, Protocol, VipSpec},
     control::{self, Control},
-    dataplane::{self, Dataplane, Limits},
+    dataplane::{self, Dataplane},
+    model::{Limits, Mode, Protocol, VipSpec},
     providers::{store::Store, Event},
     registry::{Instance, Services},
 };

@@ -7,7 +7,7 @@ use std::{
 };
 
 use lb_userspace::{
-    config::FileProviderSpec,
+    model::FileProviderSpec,
     providers::{file, Event},
     registry::Services,
 };

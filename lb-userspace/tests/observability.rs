@@ -10,7 +10,8 @@ use std::{
 
 use lb_userspace::{
     access_log::{AccessLog, AccessLogSpec, Format},
-    metrics::{ControlObs, Metrics, Snapshot},
+    control::ControlObs,
+    metrics::{Metrics, Snapshot},
 };
 
 mod common;

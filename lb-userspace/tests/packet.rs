@@ -18,9 +18,9 @@ use etherparse::{
 };
 use lb_common::{Flow, FlowKey, NatReverse, Reason};
 use lb_userspace::{
-    balancer::{BackendMode, Balancer, Desired},
-    config::{BackendSpec, Mac, Mode, Protocol, VipSpec},
-    dataplane::{self, Dataplane, Limits},
+    balancer::{Balancer, Desired},
+    dataplane::{self, Dataplane},
+    model::{BackendMode, BackendSpec, Limits, Mac, Mode, Protocol, VipSpec},
     registry::InstanceKey,
 };
 

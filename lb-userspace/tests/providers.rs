@@ -16,7 +16,7 @@ use std::{
 };
 
 use lb_userspace::{
-    config::{EtcdSpec, RedisSpec},
+    model::{EtcdSpec, RedisSpec},
     providers::{etcd, redis, Event, Rank},
     registry::{Instance, InstanceKey},
 };

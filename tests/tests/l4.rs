@@ -13,8 +13,8 @@ use lb_tests::{
     server::{who, Conn},
 };
 use lb_userspace::{
-    balancer::addr_words,
     maglev::{Member, Table},
+    model::addr_words,
 };
 
 /// Opens `n` short connections and tallies which backend answered each; also counts failures.

@@ -47,7 +47,7 @@ use super::{
     Event, Rank,
 };
 use crate::{
-    config::EtcdSpec,
+    model::EtcdSpec,
     registry::{Instance, InstanceKey, Services},
 };
 

@@ -37,7 +37,7 @@ use tracing::{info, warn};
 
 use super::{Event, Rank};
 use crate::{
-    config::{valid_name, FileProviderSpec},
+    model::{valid_name, FileProviderSpec},
     registry::{Instance, Services},
 };
 

@@ -24,7 +24,7 @@ use tracing::debug;
 
 use super::Event;
 use crate::{
-    config::valid_name,
+    model::valid_name,
     registry::{Instance, InstanceKey, Services},
 };
 

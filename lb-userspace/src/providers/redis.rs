@@ -48,7 +48,7 @@ use super::{
     Event, Rank,
 };
 use crate::{
-    config::RedisSpec,
+    model::RedisSpec,
     registry::{Instance, InstanceKey, Services},
 };
 

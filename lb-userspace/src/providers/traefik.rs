@@ -363,7 +363,7 @@ fn local(name: &str) -> String {
 }
 
 fn check_name(name: &str, path: &str) -> R<()> {
-    if crate::config::valid_name(name) {
+    if crate::model::valid_name(name) {
         Ok(())
     } else {
         fail(path, format!("{name:?}: names are [A-Za-z0-9_.-]"))

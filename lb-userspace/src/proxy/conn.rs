@@ -134,7 +134,7 @@ pub struct Client {
     /// Cancelled when the entry point drains: a parked connection closes at once, a busy one
     /// finishes the request it is on (HTTP/1 with `Connection: close`, HTTP/2 with GOAWAY).
     pub drain: CancellationToken,
-    pub obs: crate::metrics::EntryPointObs,
+    pub obs: super::obs::EntryPointObs,
     /// The entry point's bounds on what the connection may hold.
     pub limits: ConnLimits,
 }

@@ -16,6 +16,7 @@ pub mod dynamic;
 pub mod limits;
 pub mod middleware;
 pub mod normalise;
+pub mod obs;
 pub mod rule;
 pub mod tcp;
 pub mod tls;
@@ -174,7 +175,7 @@ struct Route {
     priority: i64,
     chain: Vec<Arc<dyn middleware::Middleware>>,
     /// Metric handles per entry point, resolved once per table.
-    obs: crate::metrics::RouteObs,
+    obs: obs::RouteObs,
 }
 
 /// Routes listed under each entry point they serve (every one when they name none), highest
@@ -223,7 +224,7 @@ impl Table {
         services: &Services,
         upstream: &mut dyn FnMut(SocketAddr) -> Arc<Upstream>,
         client: &mut dyn FnMut(ClientKey) -> Option<UpstreamClient>,
-        metrics: &crate::metrics::Http,
+        metrics: &obs::Http,
     ) -> Table {
         let L7Config {
             entrypoints,
@@ -336,7 +337,7 @@ pub struct Proxy {
     /// table it stores: two changes at once cannot store their tables in the wrong order.
     updating: std::sync::Mutex<()>,
     /// Request metrics and the access log.
-    obs: Arc<crate::metrics::Http>,
+    obs: Arc<obs::Http>,
 }
 
 /// The most mirror copies in flight at once; beyond it copies are skipped.
@@ -449,7 +450,7 @@ impl Proxy {
     }
 
     /// Its metrics and access log.
-    pub fn obs(&self) -> &Arc<crate::metrics::Http> {
+    pub fn obs(&self) -> &Arc<obs::Http> {
         &self.obs
     }
 
@@ -780,7 +781,7 @@ impl Proxy {
         scheme: &'static str,
         trusted: bool,
         mut req: Request<Body>,
-        trace: &mut crate::metrics::Trace,
+        trace: &mut obs::Trace,
     ) -> Response<Body> {
         // Limits: however the connection buffered them, headers beyond the bound are refused.
         let header_bytes: usize = req
@@ -876,7 +877,7 @@ impl Proxy {
         ctx: &mut Ctx,
         trusted: bool,
         mut req: Request<Body>,
-        trace: &mut crate::metrics::Trace,
+        trace: &mut obs::Trace,
     ) -> Response<Body> {
         let Some(svc) = table.pools.get(&route.spec.service) else {
             return failure(
@@ -1193,7 +1194,7 @@ async fn serve_tls(
     stream: tcp::Prefixed<tokio::net::TcpStream>,
     config: TlsConfig,
     client: Arc<conn::Client>,
-    obs: &crate::metrics::EntryPointObs,
+    obs: &obs::EntryPointObs,
 ) {
     // The configuration in force when the client connects (certificates reload). A handshake
     // has 10 s: a client that stalls in it holds nothing longer.

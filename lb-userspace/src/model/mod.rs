@@ -1,0 +1,20 @@
+//! Pure types: what the agent is asked to do, as values. No sockets, no maps, no tasks; this
+//! layer imports only lb-common (and std, serde). Every other layer may use it.
+
+pub mod l4;
+pub mod sources;
+
+pub use l4::{
+    addr_words, AttachMode, BackendMode, BackendSpec, CheckKind, HealthSpec, Limits, Mac, Mode,
+    Protocol, VipSpec,
+};
+pub use sources::{EtcdSpec, FileProviderSpec, ProvidersSpec, RedisSpec};
+
+/// Names of VIPs and services: they appear in API paths and store keys.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
