@@ -274,16 +274,20 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let mut control = control;
     let kernel_logs = control.balancer.dataplane().take_kernel_logs();
     // The proxy always exists (it may have no entry point yet): a reload can add some.
+    let base = l7_config(&cfg, build_middlewares(&cfg)?);
     let proxy = Arc::new(crate::proxy::Proxy::new(
-        cfg.entrypoints.clone(),
-        cfg.routers.clone(),
-        cfg.http_services.clone(),
-        build_middlewares(&cfg)?,
+        base.entrypoints.clone(),
+        base.routers.clone(),
+        base.specs.clone(),
+        base.middlewares.clone(),
         &Default::default(),
     ));
-    proxy.set_tcp_routers(cfg.tcp_routers.clone());
-    proxy.update_services(&control.proxy_services(&proxy.service_names()));
-    control.proxy = Some(proxy.clone());
+    // From here on the proxy builds its table from what control publishes; the first
+    // publication is in force before any listener opens.
+    let (feed, l7_rx) = control::L7Feed::new(base);
+    control.l7 = Some(feed);
+    control.publish_l7();
+    proxy.install(&l7_rx.borrow().clone());
     let metrics = Arc::new(crate::metrics::Metrics::new(
         proxy.obs().clone(),
         &control.obs,
@@ -354,7 +358,9 @@ pub async fn run(config_path: &Path) -> Result<()> {
         info!("debug: forwarding the XDP program's log messages");
         tasks.push(tokio::spawn(crate::dataplane::forward_kernel_logs(logs)));
     }
+    tasks.push(tokio::spawn(proxy.clone().follow(l7_rx)));
     tasks.push(tokio::spawn(reopen_on_hangup(proxy.clone())?));
+    let api_proxy = proxy.clone();
     tasks.push(tokio::spawn(watch_config(
         config_path.to_path_buf(),
         cfg.clone(),
@@ -366,6 +372,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
 
     info!(listen = %cfg.api_listen, "admin API up");
     let app = api::router(ApiState {
+        proxy: Some(api_proxy),
         control: control.clone(),
         health: health_table,
         token: token.into(),
@@ -388,6 +395,20 @@ pub async fn run(config_path: &Path) -> Result<()> {
     }
     info!("agent stopped; the pinned program keeps forwarding (`lb detach` removes it)");
     Ok(())
+}
+
+/// lb.toml's part of the proxy's configuration.
+fn l7_config(
+    cfg: &Config,
+    middlewares: std::collections::HashMap<String, Arc<dyn crate::proxy::middleware::Middleware>>,
+) -> crate::proxy::L7Config {
+    crate::proxy::L7Config {
+        entrypoints: cfg.entrypoints.clone(),
+        routers: cfg.routers.clone(),
+        specs: cfg.http_services.clone(),
+        middlewares,
+        tcp_routers: cfg.tcp_routers.clone(),
+    }
 }
 
 type KvRead = Result<(crate::registry::Services, Vec<providers::kv::KeyError>)>;
@@ -774,13 +795,37 @@ async fn watch_config(
         } else {
             None
         };
-        proxy.reconfigure(crate::proxy::L7Config {
-            entrypoints: new.entrypoints.clone(),
-            routers: new.routers.clone(),
-            specs: new.http_services.clone(),
-            middlewares,
-            tcp_routers: new.tcp_routers.clone(),
-        });
+        // One apply takes the new inline backends to the maps and the new routing (with the
+        // instances it names) to the proxy: each is built once. The listeners follow once the
+        // proxy has it.
+        let c = control.clone();
+        let vips = new.vips.clone();
+        let base = l7_config(&new, middlewares);
+        let r = tokio::task::spawn_blocking(move || -> Result<u64> {
+            let mut c = control::lock(&c);
+            let known: Vec<VipSpec> = vips
+                .into_iter()
+                .filter(|v| c.vips.iter().any(|o| o.name == v.name))
+                .collect();
+            c.set_config_backends(&known);
+            c.set_l7_config(base);
+            c.stats.last_config_error = None;
+            let applied = c.apply(started);
+            let generation = c.publish_l7();
+            applied.map(|_| generation)
+        })
+        .await;
+        match r {
+            Ok(Ok(generation)) => {
+                proxy.installed(generation).await;
+                info!(
+                    reload_us = started.elapsed().as_micros() as u64,
+                    "config reloaded"
+                )
+            }
+            Ok(Err(e)) => warn!("config reload: {e:#}"),
+            Err(e) => warn!("config reload: {e}"),
+        }
         if let Err(e) = listeners.lock().await.reconcile(&proxy, &new).await {
             warn!("entry points: {e:#}");
         }
@@ -798,29 +843,6 @@ async fn watch_config(
         }
         if let Some(client) = acme_next {
             acme = Some(AcmeTask::spawn(client));
-        }
-        // Inline backends of the VIPs this agent runs.
-        let c = control.clone();
-        let vips = new.vips.clone();
-        let r = tokio::task::spawn_blocking(move || -> Result<()> {
-            let mut c = control::lock(&c);
-            let known: Vec<VipSpec> = vips
-                .into_iter()
-                .filter(|v| c.vips.iter().any(|o| o.name == v.name))
-                .collect();
-            c.set_config_backends(&known);
-            c.stats.last_config_error = None;
-            c.apply(started)?;
-            Ok(())
-        })
-        .await;
-        match r {
-            Ok(Ok(())) => info!(
-                reload_us = started.elapsed().as_micros() as u64,
-                "config reloaded"
-            ),
-            Ok(Err(e)) => warn!("config reload: {e:#}"),
-            Err(e) => warn!("config reload: {e}"),
         }
         if new.certificates != current.certificates {
             cert_files = watched(&new);

@@ -148,6 +148,8 @@ pub async fn serve(
 
 #[derive(Clone)]
 pub struct ApiState {
+    /// The L7 proxy, for its routing in force and what it could not use.
+    pub proxy: Option<Arc<crate::proxy::Proxy>>,
     pub control: Arc<Mutex<Control>>,
     pub health: health::Table,
     pub token: Arc<str>,
@@ -618,8 +620,16 @@ async fn list_services(State(s): State<ApiState>) -> Result<impl IntoResponse, A
 }
 
 async fn status(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
-    let (providers, apply) =
+    let (mut providers, apply) =
         with_control(&s, |c| Ok((c.registry.status(), c.stats.clone()))).await?;
+    // What a provider's routing could not be built into, as the proxy found it.
+    if let Some(p) = &s.proxy {
+        for (provider, problems) in p.problems() {
+            if let Some(st) = providers.get_mut(&provider) {
+                st.unsupported.extend(problems);
+            }
+        }
+    }
     Ok(Json(json!({ "providers": providers, "apply": apply })))
 }
 
@@ -641,7 +651,15 @@ async fn stats(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError>
 /// `/metrics`: the Prometheus text format, L4 read from the maps at this moment.
 async fn metrics(State(s): State<ApiState>) -> Result<Response, ApiError> {
     let health = s.health.clone();
-    let snap = with_control(&s, move |c| Ok(crate::metrics::Snapshot::take(c, &health)?)).await?;
+    let proxy = s.proxy.clone();
+    let snap = with_control(&s, move |c| {
+        Ok(crate::metrics::Snapshot::take(
+            c,
+            &health,
+            proxy.as_deref(),
+        )?)
+    })
+    .await?;
     let text = s.metrics.render(&snap)?;
     Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
 }
@@ -649,8 +667,7 @@ async fn metrics(State(s): State<ApiState>) -> Result<Response, ApiError> {
 /// The proxy's routing as in force (lb.toml and providers merged): entry points, routers with
 /// their middlewares and request counts, TCP routers, middlewares.
 async fn list_routers(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
-    let proxy = with_control(&s, |c| Ok(c.proxy.clone())).await?;
-    let Some(proxy) = proxy else {
+    let Some(proxy) = s.proxy.clone() else {
         return Ok(Json(
             json!({ "entrypoints": [], "routers": [], "tcp_routers": [], "middlewares": [] }),
         ));

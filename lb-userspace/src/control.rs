@@ -71,8 +71,9 @@ pub struct Control {
     down: BTreeSet<(String, InstanceKey)>,
     pub stats: ApplyStats,
     adopted: bool,
-    /// The L7 proxy, whose upstream pools follow the registry too.
-    pub proxy: Option<Arc<crate::proxy::Proxy>>,
+    /// What the L7 proxy is fed: its routing and the instances of its services, published
+    /// whole on a watch whenever a part of it changed.
+    pub l7: Option<L7Feed>,
     /// Change-to-apply latency for `/metrics`.
     pub obs: ControlObs,
 }
@@ -114,7 +115,7 @@ impl Control {
             down: BTreeSet::new(),
             stats: ApplyStats::default(),
             adopted: false,
-            proxy: None,
+            l7: None,
             obs: Default::default(),
         }
     }
@@ -156,14 +157,15 @@ impl Control {
                 provider,
                 rank,
                 routing,
-                mut unsupported,
+                unsupported,
             } => {
                 let routers = routing.routers.len();
-                if let Some(p) = &self.proxy {
-                    unsupported.extend(p.set_dynamic(&provider, routing));
-                }
                 for u in &unsupported {
                     warn!(provider, "routing: {u}");
+                }
+                // What the proxy cannot build from it, it reports itself (`Proxy::problems`).
+                if let Some(f) = &mut self.l7 {
+                    f.dynamic.insert(provider.clone(), routing);
                 }
                 self.registry.routing(&provider, rank, routers, unsupported);
             }
@@ -269,10 +271,37 @@ impl Control {
         }
     }
 
-    fn apply_inner(&mut self, since: Instant) -> Result<usize> {
-        if let Some(p) = &self.proxy {
-            p.update_services(&self.proxy_services(&p.service_names()));
+    /// lb.toml's routing, after a reload; published with the next [`Control::publish_l7`].
+    pub fn set_l7_config(&mut self, base: crate::proxy::L7Config) {
+        if let Some(f) = &mut self.l7 {
+            f.base = Arc::new(base);
         }
+    }
+
+    /// Publishes the proxy's desired state if any part of it changed; the generation in force
+    /// once the proxy has it ([`crate::proxy::Proxy::installed`]).
+    pub fn publish_l7(&mut self) -> u64 {
+        let Some(f) = &self.l7 else { return 0 };
+        let names = crate::proxy::wanted_services(&f.base, f.dynamic.values());
+        let services = self.proxy_services(&names);
+        let Some(f) = &mut self.l7 else { return 0 };
+        let last = f.tx.borrow().clone();
+        let next = crate::proxy::L7State {
+            generation: last.generation + 1,
+            base: f.base.clone(),
+            dynamic: f.dynamic.clone(),
+            services,
+        };
+        if next.same(&last) {
+            return last.generation;
+        }
+        let generation = next.generation;
+        f.tx.send_replace(Arc::new(next));
+        generation
+    }
+
+    fn apply_inner(&mut self, since: Instant) -> Result<usize> {
+        self.publish_l7();
         let mut writes = 0;
         for (vip, desired) in self.desired() {
             writes += self.balancer.apply(&vip, &desired)?;
@@ -379,6 +408,40 @@ pub async fn run(control: Arc<Mutex<Control>>, mut rx: mpsc::Receiver<Event>) {
             Ok(Err(e)) => warn!("apply failed: {e:#}"),
             Err(e) => warn!("apply task: {e}"),
         }
+    }
+}
+
+/// The proxy's side of control: lb.toml's routing, each provider's, and the sender of the
+/// whole ([`crate::proxy::L7State`]) that the proxy follows.
+pub struct L7Feed {
+    tx: tokio::sync::watch::Sender<Arc<crate::proxy::L7State>>,
+    base: Arc<crate::proxy::L7Config>,
+    dynamic: BTreeMap<String, crate::proxy::dynamic::Dynamic>,
+}
+
+impl L7Feed {
+    /// A feed starting from lb.toml's routing, and the receiver for [`crate::proxy::Proxy::follow`].
+    pub fn new(
+        base: crate::proxy::L7Config,
+    ) -> (
+        L7Feed,
+        tokio::sync::watch::Receiver<Arc<crate::proxy::L7State>>,
+    ) {
+        let base = Arc::new(base);
+        let (tx, rx) = tokio::sync::watch::channel(Arc::new(crate::proxy::L7State {
+            generation: 0,
+            base: base.clone(),
+            dynamic: BTreeMap::new(),
+            services: Services::new(),
+        }));
+        (
+            L7Feed {
+                tx,
+                base,
+                dynamic: BTreeMap::new(),
+            },
+            rx,
+        )
     }
 }
 

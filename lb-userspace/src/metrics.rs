@@ -59,7 +59,11 @@ pub struct Snapshot {
 impl Snapshot {
     /// Reads the maps (through the dataplane) and the control state. Blocking: map reads are
     /// syscalls; call it off the async workers.
-    pub fn take(c: &mut Control, health: &health::Table) -> Result<Snapshot> {
+    pub fn take(
+        c: &mut Control,
+        health: &health::Table,
+        proxy: Option<&crate::proxy::Proxy>,
+    ) -> Result<Snapshot> {
         let vips = c.balancer.list()?;
         let rebuilds = c.balancer.rebuilds().clone();
         let flow_capacity = c.balancer.dataplane().limits().max_flows;
@@ -72,9 +76,7 @@ impl Snapshot {
             .iter()
             .map(|((vip, key), v)| (vip.clone(), key.to_string(), v.up))
             .collect();
-        let acme_certificates = c
-            .proxy
-            .as_ref()
+        let acme_certificates = proxy
             .map(|p| {
                 p.acme_store()
                     .issued()

@@ -42,7 +42,8 @@ struct Agent {
     api: SocketAddr,
     pin_root: PathBuf,
     dir: PathBuf,
-    control: Arc<Mutex<Control>>,
+    proxy: Arc<Proxy>,
+    events: mpsc::Sender<providers::Event>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -91,13 +92,24 @@ async fn start_with(token: &str, api_limits: api::ApiLimits) -> Agent {
         Default::default(),
         &Default::default(),
     ));
-    c.proxy = Some(proxy.clone());
+    let (feed, l7) = control::L7Feed::new(lb_userspace::proxy::L7Config {
+        entrypoints: vec![],
+        routers: vec![],
+        specs: Default::default(),
+        middlewares: Default::default(),
+        tcp_routers: vec![],
+    });
+    c.l7 = Some(feed);
     let metrics = Arc::new(
         lb_userspace::metrics::Metrics::new(proxy.obs().clone(), &c.obs).expect("metrics"),
     );
     let control = Arc::new(Mutex::new(c));
     let (events, rx) = mpsc::channel(1024);
-    let mut tasks = vec![tokio::spawn(control::run(control.clone(), rx))];
+    let events_tx = events.clone();
+    let mut tasks = vec![
+        tokio::spawn(control::run(control.clone(), rx)),
+        tokio::spawn(proxy.clone().follow(l7)),
+    ];
     let spec = FileProviderSpec {
         path: dir.join("dynamic"),
         debounce: Duration::from_millis(50),
@@ -106,6 +118,7 @@ async fn start_with(token: &str, api_limits: api::ApiLimits) -> Agent {
         let _ = providers::file::run(spec, events).await;
     }));
     let app = api::router(ApiState {
+        proxy: Some(proxy.clone()),
         control: control.clone(),
         health: Default::default(),
         token: token.into(),
@@ -122,7 +135,8 @@ async fn start_with(token: &str, api_limits: api::ApiLimits) -> Agent {
         api,
         pin_root,
         dir,
-        control,
+        proxy,
+        events: events_tx,
         tasks,
     }
 }
@@ -291,13 +305,7 @@ async fn out_of_range_numbers_are_refused_and_break_nothing() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let proxy = agent
-        .control
-        .lock()
-        .expect("the control lock is not poisoned")
-        .proxy
-        .clone()
-        .expect("proxy");
+    let proxy = agent.proxy.clone();
     assert!(proxy.routing().routers.iter().any(|r| r.name == "fromfile"));
     every_route_answers(&c, agent.api).await;
 }
@@ -409,4 +417,114 @@ async fn slow_and_surplus_admin_connections_are_bounded() {
     }
     let (code, body) = call(&h1(), addr, "GET", "/api/v1/vips", Some(&bearer()), None).await;
     assert_eq!(code, 200, "{body}");
+}
+
+/// One change, one routing-table build, and L4-only changes none: a router added through the
+/// file provider and an instance registered for the service it routes to build the proxy's
+/// table once each; a health verdict, and an instance of a service no router sends to
+/// (registered, then deregistered), build it zero times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_change_builds_the_routing_table_once_and_l4_changes_never() {
+    let agent = start(TOKEN).await;
+    let c = h1();
+    let a = Some(bearer());
+    let a = a.as_deref();
+    // Builds settle once nothing has happened for 500 ms.
+    let settled = || async {
+        let mut last = agent.proxy.builds();
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let now = agent.proxy.builds();
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+    };
+    let start = settled().await;
+
+    // A router from the file provider: one build.
+    std::fs::write(
+        agent.dir.join("dynamic").join("routes.yml"),
+        "http:\n  routers:\n    fromfile:\n      rule: \"Host(`file.test`)\"\n      service: site\n",
+    )
+    .expect("write");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !agent
+        .proxy
+        .routing()
+        .routers
+        .iter()
+        .any(|r| r.name == "fromfile")
+    {
+        assert!(Instant::now() < deadline, "the file's router never arrived");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after_router = settled().await;
+    assert_eq!(after_router, start + 1, "a router added: one build");
+
+    // An instance of the routed service: one build.
+    let body = r#"{"address":"127.0.0.1","port":9}"#;
+    let (code, answer) = call(
+        &c,
+        agent.api,
+        "POST",
+        "/api/v1/services/site/instances",
+        a,
+        Some(body),
+    )
+    .await;
+    assert_eq!(code, 201, "{answer}");
+    let after_site = settled().await;
+    assert_eq!(
+        after_site,
+        after_router + 1,
+        "an instance of a routed service: one build"
+    );
+
+    // A health verdict: L4 only.
+    let key = lb_userspace::registry::InstanceKey {
+        address: "127.0.0.2".parse().expect("address"),
+        port: 0,
+    };
+    for up in [false, true, false] {
+        agent
+            .events
+            .send(providers::Event::Health {
+                vip: "web".into(),
+                key,
+                up,
+                at: Instant::now(),
+            })
+            .await
+            .expect("control loop");
+    }
+    // An instance of a service no router sends to, registered and deregistered: L4 only.
+    let (code, answer) = call(
+        &c,
+        agent.api,
+        "POST",
+        "/api/v1/services/other/instances",
+        a,
+        Some(body),
+    )
+    .await;
+    assert_eq!(code, 201, "{answer}");
+    let (code, answer) = call(
+        &c,
+        agent.api,
+        "DELETE",
+        "/api/v1/services/other/instances/127.0.0.1:9",
+        a,
+        None,
+    )
+    .await;
+    assert_eq!(code, 204, "{answer}");
+    let (_, stats) = call(&c, agent.api, "GET", "/api/v1/status", a, None).await;
+    let applies: serde_json::Value = serde_json::from_str(&stats).expect("json");
+    assert!(
+        applies["apply"]["applies"].as_u64().unwrap_or(0) >= 3,
+        "{stats}"
+    );
+    assert_eq!(settled().await, after_site, "L4-only changes: no build");
 }

@@ -5,10 +5,7 @@
 //! that stops saying something takes it back. On a name clash lb.toml wins, then providers in
 //! name order; the loser is reported, never silently merged field by field.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    sync::Arc,
-};
+use std::{collections::HashMap, sync::Arc};
 
 use super::{
     middleware::{Middleware, MiddlewareConfig},
@@ -89,7 +86,10 @@ impl Built {
 }
 
 /// lb.toml's configuration with every provider's part added; clashes reported.
-pub fn merge(base: &L7Config, parts: &BTreeMap<String, Built>) -> (L7Config, Vec<String>) {
+pub fn merge<'a>(
+    base: &L7Config,
+    parts: impl IntoIterator<Item = (&'a String, &'a Built)>,
+) -> (L7Config, Vec<String>) {
     let mut out = base.clone();
     let mut problems = Vec::new();
     for (provider, part) in parts {
@@ -137,6 +137,7 @@ pub fn merge(base: &L7Config, parts: &BTreeMap<String, Built>) -> (L7Config, Vec
 mod tests {
     use super::*;
     use crate::proxy::rule::Rule;
+    use std::collections::BTreeMap;
 
     fn router(name: &str, service: &str, mws: &[&str]) -> RouterSpec {
         RouterSpec {

@@ -313,11 +313,67 @@ pub struct L7Config {
     pub tcp_routers: Vec<tcp::TcpRouterSpec>,
 }
 
+/// Everything the routing table is built from, as one value: lb.toml's part, each provider's
+/// part and the instances of the services they name. Control publishes it on a
+/// `tokio::sync::watch` ([`Proxy::follow`]); a change to any part is one build, and a change
+/// that touches none (a health flap of a VIP backend) is none.
+#[derive(Clone)]
+pub struct L7State {
+    /// Counts publications, so a caller can wait for one to be in force ([`Proxy::installed`]).
+    pub generation: u64,
+    pub base: Arc<L7Config>,
+    pub dynamic: std::collections::BTreeMap<String, dynamic::Dynamic>,
+    pub services: Services,
+}
+
+impl L7State {
+    /// The same routing and instances (the generation aside).
+    pub fn same(&self, o: &L7State) -> bool {
+        Arc::ptr_eq(&self.base, &o.base) && self.dynamic == o.dynamic && self.services == o.services
+    }
+}
+
+/// The registry services a configuration sends to: its routers' (HTTP and TCP) and its mirrors'.
+pub fn wanted_services<'a>(
+    base: &L7Config,
+    dynamic: impl IntoIterator<Item = &'a dynamic::Dynamic>,
+) -> Vec<String> {
+    let mut v: Vec<String> = Vec::new();
+    let mut add = |routers: &[RouterSpec],
+                   tcp: &[tcp::TcpRouterSpec],
+                   specs: &HashMap<String, ServiceSpec>| {
+        v.extend(routers.iter().map(|r| r.service.clone()));
+        v.extend(tcp.iter().map(|r| r.service.clone()));
+        v.extend(
+            specs
+                .values()
+                .filter_map(|s| s.mirror.as_ref().map(|m| m.service.clone())),
+        );
+    };
+    add(&base.routers, &base.tcp_routers, &base.specs);
+    for d in dynamic {
+        add(&d.routers, &d.tcp_routers, &d.services);
+    }
+    v.sort();
+    v.dedup();
+    v
+}
+
 pub struct Proxy {
     /// lb.toml's part.
     conf: std::sync::Mutex<Arc<L7Config>>,
-    /// Each provider's part (Traefik dynamic configuration), by provider.
-    dynamic: std::sync::Mutex<std::collections::BTreeMap<String, dynamic::Built>>,
+    /// Each provider's part (Traefik dynamic configuration), by provider: as it came, and
+    /// with its middlewares built.
+    dynamic:
+        std::sync::Mutex<std::collections::BTreeMap<String, (dynamic::Dynamic, dynamic::Built)>>,
+    /// What each provider's part could not use (middlewares that do not build) …
+    problems: std::sync::Mutex<std::collections::BTreeMap<String, Vec<String>>>,
+    /// … and its clashes with lb.toml or another provider, found by the last merge.
+    clashes: std::sync::Mutex<Vec<String>>,
+    /// Routing tables built so far (each change of configuration or instances is one).
+    builds: std::sync::atomic::AtomicU64,
+    /// The generation of the last [`L7State`] installed.
+    installed: tokio::sync::watch::Sender<u64>,
     /// Both together: what the table is built from.
     merged: std::sync::Mutex<Arc<L7Config>>,
     /// The registry's last word, to rebuild the table when the configuration changes.
@@ -434,6 +490,10 @@ impl Proxy {
         let proxy = Proxy {
             conf: std::sync::Mutex::new(conf.clone()),
             dynamic: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+            problems: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+            clashes: std::sync::Mutex::new(Vec::new()),
+            builds: std::sync::atomic::AtomicU64::new(0),
+            installed: tokio::sync::watch::channel(0).0,
             merged: std::sync::Mutex::new(conf),
             services: std::sync::Mutex::new(Services::new()),
             table: ArcSwap::from_pointee(empty),
@@ -471,49 +531,147 @@ impl Proxy {
             .unwrap_or_else(|p| p.into_inner().clone())
     }
 
+    /// Follows control's publications of the proxy's desired state until the sender is gone:
+    /// each one is installed whole, off the request path (a build may read certificate files).
+    pub async fn follow(self: Arc<Self>, mut rx: tokio::sync::watch::Receiver<Arc<L7State>>) {
+        loop {
+            let state = rx.borrow_and_update().clone();
+            let me = self.clone();
+            if let Err(e) = tokio::task::spawn_blocking(move || me.install(&state)).await {
+                warn!("routing table build: {e}");
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Resolves once the state of `generation` (or a later one) is in force.
+    pub async fn installed(&self, generation: u64) {
+        let mut rx = self.installed.subscribe();
+        let _ = rx.wait_for(|g| *g >= generation).await;
+    }
+
+    /// Routing tables built so far.
+    pub fn builds(&self) -> u64 {
+        self.builds.load(Ordering::Relaxed)
+    }
+
+    /// What each provider's routing could not use, for its status.
+    pub fn problems(&self) -> std::collections::BTreeMap<String, Vec<String>> {
+        let mut out = self.problems.lock().map(|p| p.clone()).unwrap_or_default();
+        for c in self.clashes.lock().map(|c| c.clone()).unwrap_or_default() {
+            // `<provider>: router r is defined already`
+            let owner = c.split(": ").next().unwrap_or("").to_string();
+            out.entry(owner).or_default().push(c);
+        }
+        out
+    }
+
+    /// Makes `state` the one in force: what changed is rebuilt (a provider's middlewares that
+    /// stayed the same keep their state: rate-limit buckets, an open breaker, requests in
+    /// flight), and the table is built once — or not at all when nothing changed.
+    pub fn install(&self, state: &L7State) {
+        let _one_at_a_time = self.updating.lock();
+        let mut changed = false;
+        if let Ok(mut c) = self.conf.lock() {
+            if !Arc::ptr_eq(&c, &state.base) {
+                *c = state.base.clone();
+                changed = true;
+            }
+        }
+        if let (Ok(mut d), Ok(mut problems)) = (self.dynamic.lock(), self.problems.lock()) {
+            let gone: Vec<String> = d
+                .keys()
+                .filter(|p| !state.dynamic.contains_key(*p))
+                .cloned()
+                .collect();
+            for p in gone {
+                if d.remove(&p)
+                    .is_some_and(|(_, b)| !b.dynamic.certificates.is_empty())
+                {
+                    self.certificates_changed.notify_one();
+                }
+                problems.remove(&p);
+                changed = true;
+            }
+            for (provider, part) in &state.dynamic {
+                let before = d.get(provider);
+                // A provider repeats itself (every resync): what did not change is not rebuilt.
+                if before.is_some_and(|(input, _)| input == part) {
+                    continue;
+                }
+                let (built, found) = dynamic::Built::new(part.clone(), before.map(|(_, b)| b));
+                if before.map(|(_, b)| &b.dynamic.certificates) != Some(&built.dynamic.certificates)
+                {
+                    self.certificates_changed.notify_one();
+                }
+                d.insert(provider.clone(), (part.clone(), built));
+                problems.insert(provider.clone(), found);
+                changed = true;
+            }
+        }
+        if let Ok(mut s) = self.services.lock() {
+            if *s != state.services {
+                *s = state.services.clone();
+                changed = true;
+            }
+        }
+        if changed {
+            self.remerge();
+            self.rebuild();
+        }
+        self.installed.send_if_modified(|g| {
+            let newer = state.generation > *g;
+            if newer {
+                *g = state.generation;
+            }
+            newer
+        });
+    }
+
+    /// The state in force now, as an [`L7State`] of the last generation installed.
+    fn current(&self) -> L7State {
+        L7State {
+            generation: *self.installed.borrow(),
+            base: self.conf(),
+            dynamic: self
+                .dynamic
+                .lock()
+                .map(|d| {
+                    d.iter()
+                        .map(|(p, (input, _))| (p.clone(), input.clone()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            services: self.services.lock().map(|s| s.clone()).unwrap_or_default(),
+        }
+    }
+
     /// New upstreams from the registry: a new table, swapped in whole. Upstream state is kept
     /// for addresses that stay, dropped for those that left.
     pub fn update_services(&self, services: &Services) {
-        let _one_at_a_time = self.updating.lock();
-        if let Ok(mut s) = self.services.lock() {
-            *s = services.clone();
-        }
-        self.rebuild();
+        let mut s = self.current();
+        s.services = services.clone();
+        self.install(&s);
     }
 
     /// A reloaded configuration: routers, middlewares and balancing settings change for the
     /// next request; requests in flight finish on the table they started with. (Listeners are
     /// the caller's to open and close.)
     pub fn reconfigure(&self, conf: L7Config) {
-        let _one_at_a_time = self.updating.lock();
-        if let Ok(mut c) = self.conf.lock() {
-            *c = Arc::new(conf);
-        }
-        self.remerge();
-        self.rebuild();
+        let mut s = self.current();
+        s.base = Arc::new(conf);
+        self.install(&s);
     }
 
     /// A provider's routing, replacing what it said before (empty: it takes everything back).
     /// Returns what could not be used, for the provider's status.
     pub fn set_dynamic(&self, provider: &str, part: dynamic::Dynamic) -> Vec<String> {
-        let _one_at_a_time = self.updating.lock();
-        let Ok(mut d) = self.dynamic.lock() else {
-            return Vec::new();
-        };
-        // A provider repeats itself (every resync): what did not change is not rebuilt, so
-        // middleware state (rate-limit buckets, an open breaker, requests in flight) carries on.
-        if let Some(same) = d.get(provider).filter(|b| b.dynamic == part) {
-            return same.problems.clone();
-        }
-        let (built, mut problems) = dynamic::Built::new(part, d.get(provider));
-        if d.get(provider).map(|b| &b.dynamic.certificates) != Some(&built.dynamic.certificates) {
-            self.certificates_changed.notify_one();
-        }
-        d.insert(provider.to_string(), built);
-        drop(d);
-        problems.extend(self.remerge());
-        self.rebuild();
-        problems
+        let mut s = self.current();
+        s.dynamic.insert(provider.to_string(), part);
+        self.install(&s);
+        self.problems().remove(provider).unwrap_or_default()
     }
 
     /// Resolves when a provider's certificates changed since the last call.
@@ -527,25 +685,30 @@ impl Proxy {
             .lock()
             .map(|d| {
                 d.values()
-                    .flat_map(|b| b.dynamic.certificates.iter().cloned())
+                    .flat_map(|(_, b)| b.dynamic.certificates.iter().cloned())
                     .collect()
             })
             .unwrap_or_default()
     }
 
-    fn remerge(&self) -> Vec<String> {
+    /// lb.toml's part and the providers' merged into what the table is built from; a clash
+    /// (`<provider>: router r is defined already`) is one of that provider's problems.
+    fn remerge(&self) {
         let base = self.conf();
         let Ok(parts) = self.dynamic.lock() else {
-            return Vec::new();
+            return;
         };
-        let (merged, problems) = dynamic::merge(&base, &parts);
-        for p in &problems {
-            warn!("routing: {p}");
+        let (merged, clashes) = dynamic::merge(&base, parts.iter().map(|(p, (_, b))| (p, b)));
+        drop(parts);
+        for c in &clashes {
+            warn!("routing: {c}");
+        }
+        if let Ok(mut c) = self.clashes.lock() {
+            *c = clashes;
         }
         if let Ok(mut m) = self.merged.lock() {
             *m = Arc::new(merged);
         }
-        problems
     }
 
     fn merged(&self) -> Arc<L7Config> {
@@ -557,14 +720,11 @@ impl Proxy {
 
     /// Sets the TCP routers (not among `new`'s arguments, which HTTP-only callers keep).
     pub fn set_tcp_routers(&self, tcp_routers: Vec<tcp::TcpRouterSpec>) {
-        let _one_at_a_time = self.updating.lock();
-        if let Ok(mut c) = self.conf.lock() {
-            let mut conf = (**c).clone();
-            conf.tcp_routers = tcp_routers;
-            *c = Arc::new(conf);
-        }
-        self.remerge();
-        self.rebuild();
+        let mut s = self.current();
+        let mut conf = (*s.base).clone();
+        conf.tcp_routers = tcp_routers;
+        s.base = Arc::new(conf);
+        self.install(&s);
     }
 
     fn rebuild(&self) {
@@ -607,25 +767,12 @@ impl Proxy {
         *clients = used;
         *known = keep;
         self.table.store(Arc::new(table));
+        self.builds.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The registry services the routers (HTTP and TCP) send to.
     pub fn service_names(&self) -> Vec<String> {
-        let conf = self.merged();
-        let mirrors = conf
-            .specs
-            .values()
-            .filter_map(|s| s.mirror.as_ref().map(|m| m.service.clone()));
-        let mut v: Vec<String> = conf
-            .routers
-            .iter()
-            .map(|r| r.service.clone())
-            .chain(conf.tcp_routers.iter().map(|r| r.service.clone()))
-            .chain(mirrors)
-            .collect();
-        v.sort();
-        v.dedup();
-        v
+        wanted_services(&self.merged(), [])
     }
 
     /// Serves one entry point on `listener` until the task is dropped; with `tls`, every
