@@ -6,8 +6,10 @@
 
 use std::{collections::BTreeMap, fmt::Write as _, time::Instant};
 
-use anyhow::{anyhow, Context as _, Result};
+use anyhow::Result;
 use serde_json::Value;
+
+use super::client::ApiClient;
 
 /// What one look at the API returns.
 pub struct Sample {
@@ -18,32 +20,13 @@ pub struct Sample {
     pub routers: Value,
 }
 
-fn get(api: &str, token: &str, path: &str) -> Result<Value> {
-    let url = format!("{}{path}", api.trim_end_matches('/'));
-    let r = ureq::get(&url)
-        .set("Authorization", &format!("Bearer {token}"))
-        .timeout(std::time::Duration::from_secs(5))
-        .call();
-    match r {
-        Ok(r) => r.into_json().with_context(|| format!("GET {url}: not JSON")),
-        Err(ureq::Error::Status(401, _)) => Err(anyhow!(
-            "GET {url}: 401: the token was refused (--token, $LB_API_TOKEN or <state_dir>/api-token)"
-        )),
-        Err(ureq::Error::Status(code, r)) => Err(anyhow!(
-            "GET {url}: {code} {}",
-            r.into_string().unwrap_or_default()
-        )),
-        Err(e) => Err(anyhow!("GET {url}: {e}")),
-    }
-}
-
 /// Reads the four views the status needs (blocking).
-pub fn fetch(api: &str, token: &str) -> Result<Sample> {
+pub fn fetch(api: &ApiClient) -> Result<Sample> {
     Ok(Sample {
-        vips: get(api, token, "/api/v1/vips")?,
-        services: get(api, token, "/api/v1/services")?,
-        status: get(api, token, "/api/v1/status")?,
-        routers: get(api, token, "/api/v1/routers")?,
+        vips: api.get_json("/api/v1/vips")?,
+        services: api.get_json("/api/v1/services")?,
+        status: api.get_json("/api/v1/status")?,
+        routers: api.get_json("/api/v1/routers")?,
         at: Instant::now(),
     })
 }

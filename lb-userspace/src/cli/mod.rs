@@ -1,0 +1,352 @@
+//! The `lb` command line: its subcommands, each parsed by clap and run here. `main.rs` only
+//! calls [`main`].
+
+pub mod client;
+pub mod register;
+pub mod status;
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+use crate::{
+    model::Mac,
+    registry::{Instance, InstanceKey},
+};
+use register::{deregister, destination, register, Target};
+
+/// lb: an eBPF (XDP) L4 load balancer with Maglev hashing and connection tracking.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Log lines as text for people ("human") or one JSON object per line ("json"). Filter
+    /// with RUST_LOG (e.g. `info,crate::proxy=debug`).
+    #[arg(
+        long,
+        global = true,
+        env = "LB_LOG_FORMAT",
+        value_enum,
+        default_value = "human"
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Load the program, program the maps from the config, attach, serve the admin API.
+    Run {
+        #[arg(long, short, default_value = "lb.toml")]
+        config: PathBuf,
+    },
+    /// Check a config file and print what is wrong (file:line: field: reason).
+    CheckConfig {
+        #[arg(long, short, default_value = "lb.toml")]
+        config: PathBuf,
+    },
+    /// Announce a service instance: into etcd if the config has [providers.etcd], else Redis if it
+    /// has [providers.redis], else (or when the config file does not exist) the admin API.
+    Register {
+        #[arg(long)]
+        service: String,
+        /// The instance's address:port (`[v6]:port` for IPv6).
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
+        #[arg(long)]
+        zone: Option<String>,
+        /// DSR: the instance's MAC, when the balancer cannot resolve it.
+        #[arg(long)]
+        mac: Option<Mac>,
+        /// Expire unless refreshed within this many seconds: re-run the command from a timer, or
+        /// add --keep-alive (Redis: key TTL; etcd: a lease, at least ~2 s; API: store expiry).
+        /// At most a year, as the API allows.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=crate::api::MAX_TTL_SECS))]
+        ttl: Option<u64>,
+        /// Stay in the foreground refreshing the registration every ttl/3 until SIGINT/SIGTERM,
+        /// then deregister.
+        #[arg(long, requires = "ttl")]
+        keep_alive: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Withdraw a service instance (from where `register` would put it).
+    Deregister {
+        #[arg(long)]
+        service: String,
+        #[arg(long)]
+        addr: SocketAddr,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// On an `ipip` backend: strip the balancer's outer header on IFACE until stopped (SIGTERM).
+    Decap {
+        #[arg(long)]
+        iface: String,
+        #[arg(long, value_enum, default_value = "auto")]
+        mode: XdpModeArg,
+    },
+    /// VIPs, backends with health and live rates, routers, providers and their last errors.
+    Status {
+        /// Read the API's address and the token from this config, when it exists.
+        #[arg(long, short, default_value = "lb.toml")]
+        config: PathBuf,
+        /// The admin API (default: the config's [api] listen, else http://127.0.0.1:9090).
+        #[arg(long)]
+        api: Option<String>,
+        /// The admin token (default: the config's, else <state_dir>/api-token).
+        #[arg(long, env = "LB_API_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Seconds between the two samples that rates are computed from.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+        /// Redraw every interval until interrupted.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Detach the program and remove the pinned maps of an instance.
+    Detach {
+        #[arg(long, short, default_value = "lb.toml")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum XdpModeArg {
+    Auto,
+    Native,
+    Generic,
+}
+
+/// An expected failure (a bad config, a port in use, missing privileges) is one `error:` line with
+/// its causes and exit status 1, whatever RUST_BACKTRACE says: a backtrace is for panics.
+pub fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The capabilities loading and attaching XDP programs, pinning maps and entering namespaces
+/// take. Checked first, so a user without them is told so rather than shown the first syscall
+/// that failed.
+fn require_privileges(what: &str) -> Result<()> {
+    const CAPS: [(u32, &str); 3] = [
+        (39, "CAP_BPF"),
+        (12, "CAP_NET_ADMIN"),
+        (21, "CAP_SYS_ADMIN"),
+    ];
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let missing: Vec<&str> = CAPS
+        .iter()
+        .filter(|(bit, _)| eff & (1 << bit) == 0)
+        .map(|(_, name)| *name)
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "`lb {what}` needs {} (loading XDP programs and pinning maps): run it as root, e.g. with sudo",
+            missing.join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Logs go to stderr: stdout is the access log's when it has no file.
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Human => logs.init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
+    match cli.cmd {
+        Cmd::Run { config } => {
+            require_privileges("run")?;
+            tokio::runtime::Runtime::new()?.block_on(crate::agent::run(&config))
+        }
+        Cmd::CheckConfig { config } => {
+            let c = crate::config::load(&config)?;
+            println!("{}: ok ({} VIPs)", config.display(), c.vips.len());
+            Ok(())
+        }
+        Cmd::Register {
+            service,
+            addr,
+            weight,
+            zone,
+            mac,
+            ttl,
+            keep_alive,
+            target,
+        } => {
+            let mut metadata = std::collections::BTreeMap::new();
+            if let Some(mac) = mac {
+                metadata.insert("mac".to_string(), mac.to_string());
+            }
+            let instance = Instance {
+                address: addr.ip(),
+                port: addr.port(),
+                weight,
+                zone,
+                metadata,
+            };
+            let dest = destination(target)?;
+            let ttl = ttl.map(Duration::from_secs);
+            tokio::runtime::Runtime::new()?
+                .block_on(register(&dest, &service, &instance, ttl, keep_alive))
+        }
+        Cmd::Deregister {
+            service,
+            addr,
+            target,
+        } => {
+            let dest = destination(target)?;
+            let key = InstanceKey {
+                address: addr.ip(),
+                port: addr.port(),
+            };
+            let found =
+                tokio::runtime::Runtime::new()?.block_on(deregister(&dest, &service, key))?;
+            if found {
+                println!("deregistered {addr} from {service} ({dest})");
+            } else {
+                println!("{addr} was not registered in {service} ({dest})");
+            }
+            Ok(())
+        }
+        Cmd::Decap { iface, mode } => {
+            use crate::model::AttachMode;
+            let mode = match mode {
+                XdpModeArg::Auto => AttachMode::Auto,
+                XdpModeArg::Native => AttachMode::Native,
+                XdpModeArg::Generic => AttachMode::Generic,
+            };
+            require_privileges("decap")?;
+            let _attached = crate::dataplane::attach_decap(&iface, mode)?;
+            tracing::info!(iface, "decapsulating IP-in-IP until SIGTERM/SIGINT");
+            tokio::runtime::Runtime::new()?.block_on(async {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+                anyhow::Ok(())
+            })?;
+            Ok(())
+        }
+        Cmd::Status {
+            config,
+            api,
+            token,
+            interval,
+            watch,
+        } => status(&config, api, token, interval, watch),
+        Cmd::Detach { config } => {
+            require_privileges("detach")?;
+            let c = crate::config::load(&config)?;
+            let removed = crate::dataplane::detach(&c.pin_root, &c.instance)?;
+            println!(
+                "{}",
+                if removed {
+                    "detached and removed pins"
+                } else {
+                    "nothing pinned"
+                }
+            );
+            Ok(())
+        }
+    }
+}
+
+/// `lb status`: two samples `interval` apart (rates), or a redraw every interval with `--watch`.
+fn status(
+    config: &std::path::Path,
+    api: Option<String>,
+    token: Option<String>,
+    interval: f64,
+    watch: bool,
+) -> Result<()> {
+    use status::{fetch, render};
+    let cfg = match std::fs::metadata(config) {
+        Ok(_) => Some(crate::config::load(config)?),
+        Err(_) => None,
+    };
+    let api = api.unwrap_or_else(|| {
+        let listen = cfg.as_ref().map(|c| c.api_listen);
+        match listen {
+            // A wildcard listener is reached on loopback.
+            Some(a) if a.ip().is_unspecified() => format!("http://127.0.0.1:{}", a.port()),
+            Some(a) => format!("http://{a}"),
+            None => "http://127.0.0.1:9090".into(),
+        }
+    });
+    let token = match token.filter(|t| !t.is_empty()) {
+        Some(t) => t,
+        None => {
+            let from_cfg = cfg.as_ref().and_then(|c| c.api_token.clone());
+            match from_cfg {
+                Some(t) => t,
+                None => {
+                    let dir = cfg
+                        .as_ref()
+                        .map(|c| c.state_dir.clone())
+                        .unwrap_or_else(|| PathBuf::from("/var/lib/lb"));
+                    let path = dir.join("api-token");
+                    std::fs::read_to_string(&path)
+                        .map(|t| t.trim().to_string())
+                        .with_context(|| {
+                            format!(
+                                "no --token or $LB_API_TOKEN, and {} is unreadable",
+                                path.display()
+                            )
+                        })?
+                }
+            }
+        }
+    };
+    if !(interval > 0.0 && interval <= 3600.0) {
+        bail!("--interval must be in (0, 3600] seconds");
+    }
+    let period = Duration::from_secs_f64(interval);
+    let client = client::ApiClient::new(&api, &token);
+    let mut prev = fetch(&client)?;
+    std::thread::sleep(period);
+    loop {
+        let cur = fetch(&client)?;
+        let screen = render(Some(&prev), &cur);
+        if watch {
+            // Clear the screen and home the cursor, then draw.
+            print!("\x1b[2J\x1b[H{screen}");
+        } else {
+            print!("{screen}");
+        }
+        use std::io::Write as _;
+        std::io::stdout().flush()?;
+        if !watch {
+            return Ok(());
+        }
+        prev = cur;
+        std::thread::sleep(period);
+    }
+}
