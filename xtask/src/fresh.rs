@@ -152,10 +152,30 @@ fn finish(dir: &Path, report: &[String], started: Instant, result: Result<()>) -
     }
     match result {
         Ok(()) => {
-            eprintln!(
-                "xtask: fresh-check passed; the root stays at {} until the next check",
-                dir.display()
-            );
+            // A passed check's root is tens of GB (a Debian system and a whole build): it goes,
+            // and the report and logs stay. A failed one stays for a look.
+            let root = dir.join("root");
+            let mounted = std::fs::read_to_string("/proc/mounts")
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.split(' ').nth(1))
+                .any(|m| Path::new(m).starts_with(&root));
+            if mounted {
+                eprintln!(
+                    "xtask: fresh-check passed; something is still mounted under {}, so it stays",
+                    root.display()
+                );
+            } else if let Err(e) = std::fs::remove_dir_all(&root) {
+                eprintln!(
+                    "xtask: fresh-check passed; removing {}: {e}",
+                    root.display()
+                );
+            } else {
+                eprintln!(
+                    "xtask: fresh-check passed; its root is removed, the report and logs are in {}",
+                    dir.display()
+                );
+            }
             Ok(())
         }
         Err(e) => Err(e.context(format!(
