@@ -35,7 +35,7 @@ use aya::{
 use etherparse::PacketBuilder;
 use lb_common::bench::BenchFrame;
 use lb_tests::netns::{enter, Netns};
-use lb_userspace::dataplane::{FLOOR_OBJECT, HARNESS_OBJECT};
+use lb_userspace::l4::dataplane::{FLOOR_OBJECT, HARNESS_OBJECT};
 
 use crate::{
     report::{col, Table},

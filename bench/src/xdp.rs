@@ -21,8 +21,8 @@ use aya::{
 use etherparse::PacketBuilder;
 use lb_common::bench::BenchFrame;
 use lb_userspace::{
-    balancer::{Balancer, Desired},
-    dataplane::{self, Dataplane, FLOOR_OBJECT, HARNESS_OBJECT},
+    l4::dataplane::{self, Dataplane, FLOOR_OBJECT, HARNESS_OBJECT},
+    l4::{Balancer, Desired},
     model::{BackendMode, BackendSpec, Limits, Mac, Mode, Protocol, VipSpec},
     registry::InstanceKey,
 };

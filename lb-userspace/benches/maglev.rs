@@ -4,7 +4,7 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use lb_userspace::maglev::{Member, Table};
+use lb_userspace::l4::maglev::{Member, Table};
 
 const M: u32 = 65_537;
 

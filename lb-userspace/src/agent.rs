@@ -23,11 +23,11 @@ use tracing::{info, warn};
 
 use crate::{
     api::{self, ApiState},
-    balancer::Balancer,
     config::{self, Config},
     control::{self, Control},
-    dataplane::Dataplane,
     health,
+    l4::dataplane::Dataplane,
+    l4::Balancer,
     model::VipSpec,
     providers::{self, store::Store},
 };
@@ -215,7 +215,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         Err(std::env::VarError::NotUnicode(_)) => bail!("LB_API_TOKEN: not UTF-8"),
     };
     let token = api_token(&cfg, env)?;
-    let pin_dir = crate::dataplane::pin_dir(&cfg.pin_root, &cfg.instance);
+    let pin_dir = crate::l4::dataplane::pin_dir(&cfg.pin_root, &cfg.instance);
     let _locks = take_locks(&cfg, &pin_dir)?;
     // Bound before the dataplane is touched: a port in use must not leave a half-started agent.
     let listener = bind(cfg.api_listen, "the admin API", "[api] listen").await?;
@@ -266,6 +266,15 @@ pub async fn run(config_path: &Path) -> Result<()> {
             }
         }
         c.apply(started)?;
+        // Backends that need a MAC join their tables before the program attaches, as far as
+        // their neighbours answer within a second; the rest are the neighbour task's.
+        let pending = c.balancer.unresolved();
+        if !pending.is_empty() {
+            for (addr, mac) in crate::l4::neighbor::resolve_many(&pending) {
+                c.balancer.learn_neighbour(addr, mac);
+            }
+            c.apply(started)?;
+        }
         for iface in &cfg.interfaces {
             c.balancer.dataplane().attach(iface, cfg.xdp_mode)?;
         }
@@ -353,10 +362,25 @@ pub async fn run(config_path: &Path) -> Result<()> {
             events.clone(),
         )));
     }
-    tasks.push(tokio::spawn(refresh_neighbors(control.clone())));
+    let (wanted, wanted_rx) = tokio::sync::watch::channel(Default::default());
+    control::lock(&control).balancer.want_neighbours(wanted);
+    let found = events.clone();
+    tasks.push(tokio::spawn(crate::l4::neighbor::run(
+        wanted_rx,
+        move |address, mac| {
+            // A full queue loses nothing: the address stays wanted and is tried again.
+            let _ = found.try_send(providers::Event::Neighbour {
+                address,
+                mac,
+                at: Instant::now(),
+            });
+        },
+    )));
     if let Some(logs) = kernel_logs {
         info!("debug: forwarding the XDP program's log messages");
-        tasks.push(tokio::spawn(crate::dataplane::forward_kernel_logs(logs)));
+        tasks.push(tokio::spawn(crate::l4::dataplane::forward_kernel_logs(
+            logs,
+        )));
     }
     tasks.push(tokio::spawn(proxy.clone().follow(l7_rx)));
     tasks.push(tokio::spawn(reopen_on_hangup(proxy.clone())?));
@@ -460,20 +484,6 @@ fn reopen_on_hangup(
             }
         }
     })
-}
-
-/// DSR backends whose MAC was unknown join their table once the neighbour answers.
-async fn refresh_neighbors(control: Arc<Mutex<Control>>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(2));
-    loop {
-        tick.tick().await;
-        let c = control.clone();
-        let r = tokio::task::spawn_blocking(move || control::lock(&c).balancer.refresh_neighbors())
-            .await;
-        if let Ok(Err(e)) = r {
-            warn!("neighbour refresh: {e:#}");
-        }
-    }
 }
 
 fn build_middlewares(

@@ -760,7 +760,7 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
     }
     let d = &raw.dataplane;
     let ring = *d.ring_size.get_ref();
-    if !crate::maglev::is_prime(ring) || ring < 7 {
+    if !crate::l4::maglev::is_prime(ring) || ring < 7 {
         return Err(err(
             d.ring_size.span(),
             "dataplane.ring_size".into(),

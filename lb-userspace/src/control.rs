@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::{
-    balancer::{Balancer, Desired},
+    l4::{Balancer, Desired},
     model::{BackendMode, Mac, Mode, VipSpec},
     providers::{store::Override, store::Store, Event, Rank},
     registry::{Instance, InstanceKey, Registry, Services},
@@ -153,6 +153,11 @@ impl Control {
                 }
             }
             Event::StoreChanged { .. } => self.refresh_store(),
+            Event::Neighbour { address, mac, .. } => {
+                if self.balancer.learn_neighbour(address, mac) {
+                    info!(backend = %address, %mac, "neighbour resolved");
+                }
+            }
             Event::Routing {
                 provider,
                 rank,
@@ -380,7 +385,8 @@ pub async fn run(control: Arc<Mutex<Control>>, mut rx: mpsc::Receiver<Event>) {
             .filter_map(|e| match e {
                 Event::Snapshot { at, .. }
                 | Event::Health { at, .. }
-                | Event::StoreChanged { at } => Some(*at),
+                | Event::StoreChanged { at }
+                | Event::Neighbour { at, .. } => Some(*at),
                 Event::Error { .. } | Event::Routing { .. } => None,
             })
             .min()

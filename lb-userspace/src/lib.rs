@@ -2,23 +2,20 @@
 //!
 //! Data flow, one module per step: [`config`] (validated file) and [`providers`] (file watch, API
 //! store, …) feed the [`registry`]; [`health`] checks backends; [`control`] merges them into the
-//! desired backends of each VIP and hands them to the [`balancer`] (ids, Maglev tables via
-//! [`maglev`]), which drives the [`dataplane`] — the only code touching maps and attachments.
-//! [`api`] reads and changes it at runtime; [`metrics`] and [`access_log`] observe both tiers;
-//! [`agent`] wires everything for `lb run`.
+//! desired backends of each VIP and hands them to [`l4`], which plans the map writes (ids, Maglev
+//! tables) as a value and carries them out through its dataplane — the only code touching maps
+//! and attachments. [`api`] reads and changes it at runtime; [`metrics`] and [`access_log`]
+//! observe both tiers; [`agent`] wires everything for `lb run`.
 pub mod access_log;
 pub mod agent;
 pub mod api;
-pub mod balancer;
 pub mod cli;
 pub mod config;
 pub mod control;
-pub mod dataplane;
 pub mod health;
-pub mod maglev;
+pub mod l4;
 pub mod metrics;
 pub mod model;
-pub mod neighbor;
 pub mod providers;
 pub mod proxy;
 pub mod registry;

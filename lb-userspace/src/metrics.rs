@@ -28,9 +28,9 @@ use prometheus::{
 };
 
 use crate::{
-    balancer::VipView,
     control::{ApplyStats, Control, ControlObs},
     health,
+    l4::VipView,
     model::BackendMode,
     proxy::obs::{not_after, Http},
     registry::ProviderStatus,
@@ -264,7 +264,7 @@ fn l4(s: &mut Scrape, snap: &Snapshot) -> Result<()> {
             (v.name.clone(), list)
         })
         .collect();
-    let per_backend = |f: &dyn Fn(&crate::balancer::BackendView) -> u64| -> Vec<(Vec<&str>, u64)> {
+    let per_backend = |f: &dyn Fn(&crate::l4::BackendView) -> u64| -> Vec<(Vec<&str>, u64)> {
         vips.iter()
             .zip(&addrs)
             .flat_map(|(v, (name, list))| {
@@ -454,7 +454,7 @@ pub fn unix_seconds(t: SystemTime) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::balancer::{BackendView, CountersView};
+    use crate::l4::{BackendView, CountersView};
     use crate::proxy::obs::class_index;
 
     fn counters(packets: u64, bytes: u64, new_flows: u64) -> CountersView {

@@ -24,9 +24,9 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use lb_userspace::{
     api::{self, ApiState},
-    balancer::Balancer,
     control::{self, Control},
-    dataplane::{self, Dataplane},
+    l4::dataplane::{self, Dataplane},
+    l4::Balancer,
     model::{FileProviderSpec, Limits},
     providers::{self, store::Store},
     proxy::Proxy,

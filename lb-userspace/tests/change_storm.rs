@@ -10,9 +10,9 @@ use std::{
 };
 
 use lb_userspace::{
-    balancer::Balancer,
     control::{self, Control},
-    dataplane::{self, Dataplane},
+    l4::dataplane::{self, Dataplane},
+    l4::Balancer,
     model::{Limits, Mode, Protocol, VipSpec},
     providers::{store::Store, Event},
     registry::{Instance, Services},

@@ -37,18 +37,19 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
 }
 
 /// Paths a file names, each resolved to the crate root.
-struct Paths<'a> {
-    here: &'a [String],
+struct Paths {
+    /// The module being read: the file's, plus the inline `mod x { … }` blocks around the path.
+    here: Vec<String>,
     found: BTreeSet<Vec<String>>,
 }
 
-impl Paths<'_> {
+impl Paths {
     /// `segs` as written (`crate`, `super`, `self` first, or not a crate path at all).
     fn add(&mut self, segs: &[String]) {
         let Some(first) = segs.first() else { return };
         let mut abs: Vec<String> = match first.as_str() {
             "crate" => Vec::new(),
-            "super" | "self" => self.here.to_vec(),
+            "super" | "self" => self.here.clone(),
             _ => return,
         };
         let mut rest = segs;
@@ -136,7 +137,12 @@ impl Paths<'_> {
     }
 }
 
-impl<'ast> Visit<'ast> for Paths<'_> {
+impl<'ast> Visit<'ast> for Paths {
+    fn visit_item_mod(&mut self, m: &'ast syn::ItemMod) {
+        self.here.push(m.ident.to_string());
+        syn::visit::visit_item_mod(self, m);
+        self.here.pop();
+    }
     fn visit_item_use(&mut self, u: &'ast syn::ItemUse) {
         self.tree(&mut Vec::new(), &u.tree);
     }
@@ -151,9 +157,16 @@ impl<'ast> Visit<'ast> for Paths<'_> {
     }
 }
 
-/// The unit a module belongs to: its top-level module (a folder or a file under src/).
-fn unit(module: &[String]) -> String {
-    module.first().cloned().unwrap_or_else(|| "lib".into())
+/// The unit a module belongs to: the longest of its ancestors (itself included) the table has a
+/// row for (`l4/plan` for `src/l4/plan/tests.rs`), else its top-level module (a folder or a file
+/// under src/). A folder's rows for its own parts hold the layers inside it too.
+fn unit(module: &[String], rows: &BTreeSet<String>) -> String {
+    (2..=module.len())
+        .rev()
+        .map(|n| module[..n].join("/"))
+        .find(|u| rows.contains(u))
+        .or_else(|| module.first().cloned())
+        .unwrap_or_else(|| "lib".into())
 }
 
 /// What each unit may import, from ARCHITECTURE.md's table: rows whose first cell names a
@@ -162,8 +175,10 @@ fn allowed(architecture: &str) -> BTreeMap<String, BTreeSet<String>> {
     let name = |cell: &str| -> Option<String> {
         let c = cell.trim().trim_matches('`');
         let c = c.trim_end_matches('/').trim_end_matches(".rs");
-        (!c.is_empty() && c.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_'))
-            .then(|| c.to_string())
+        (!c.is_empty()
+            && c.chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == '/'))
+        .then(|| c.to_string())
     };
     let mut out = BTreeMap::new();
     let mut in_table = false;
@@ -192,8 +207,9 @@ fn allowed(architecture: &str) -> BTreeMap<String, BTreeSet<String>> {
     out
 }
 
-/// Unit → units it names, over every file of the crate (lib.rs and main.rs are their own).
-fn edges(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
+/// Unit → units it names, over every file of the crate (lib.rs and main.rs are their own);
+/// `rows` are the units the table names.
+fn edges(src: &Path, rows: &BTreeSet<String>) -> BTreeMap<String, BTreeSet<String>> {
     let mut files = Vec::new();
     rust_files(src, &mut files);
     let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
@@ -204,16 +220,16 @@ fn edges(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
         let from = match f.file_name().and_then(|n| n.to_str()) {
             Some("main.rs") => "main".to_string(),
             Some("lib.rs") => "lib".to_string(),
-            _ => unit(&module),
+            _ => unit(&module, rows),
         };
         let mut v = Paths {
-            here: &module,
+            here: module.clone(),
             found: BTreeSet::new(),
         };
         v.visit_file(&ast);
         let to = out.entry(from.clone()).or_default();
         for p in v.found {
-            let u = unit(&p);
+            let u = unit(&p, rows);
             if u != from {
                 to.insert(u);
             }
@@ -275,9 +291,16 @@ fn src_dir() -> PathBuf {
         .unwrap_or_else(|| crate_dir().join("src"))
 }
 
+fn layer_table() -> BTreeMap<String, BTreeSet<String>> {
+    let doc = std::fs::read_to_string(crate_dir().join("../ARCHITECTURE.md"))
+        .expect("ARCHITECTURE.md at the repository's root");
+    allowed(&doc)
+}
+
 #[test]
 fn no_module_imports_in_a_circle() {
-    let e = edges(&src_dir());
+    let rows = layer_table().into_keys().collect();
+    let e = edges(&src_dir(), &rows);
     if let Some(c) = cycle(&e) {
         panic!("import cycle: {}", c.join(" → "));
     }
@@ -285,12 +308,11 @@ fn no_module_imports_in_a_circle() {
 
 #[test]
 fn every_module_imports_only_what_architecture_md_allows() {
-    let doc = std::fs::read_to_string(crate_dir().join("../ARCHITECTURE.md"))
-        .expect("ARCHITECTURE.md at the repository's root");
-    let rules = allowed(&doc);
+    let rules = layer_table();
     assert!(rules.len() >= 5, "the layer table was not found: {rules:?}");
+    let rows = rules.keys().cloned().collect();
     let mut wrong = Vec::new();
-    for (from, to) in edges(&src_dir()) {
+    for (from, to) in edges(&src_dir(), &rows) {
         let Some(may) = rules.get(&from) else {
             wrong.push(format!("{from}: not in ARCHITECTURE.md's layer table"));
             continue;
@@ -318,9 +340,17 @@ fn the_checker_sees_inline_and_macro_paths() {
         "fn g() { tracing::info!(\"{}\", crate::a::X); let _ = super::T; }",
     )
     .expect("write");
-    let e = edges(&dir);
+    let e = edges(&dir, &BTreeSet::new());
     assert_eq!(e["a"], BTreeSet::from(["b".to_string()]));
     assert_eq!(e["b"], BTreeSet::from(["a".to_string()]));
     assert!(cycle(&e).is_some());
+    // With a row for `b/c`, it is a unit of its own: `super::T` is an import of `b`.
+    let e = edges(&dir, &BTreeSet::from(["b/c".to_string()]));
+    assert_eq!(e["b/c"], BTreeSet::from(["a".to_string(), "b".to_string()]));
+    assert!(e["b"].is_empty(), "b/mod.rs imports nothing");
+    // `super::` inside an inline module is its parent: here, the file's own module.
+    std::fs::write(dir.join("b/c.rs"), "mod tests { use super::T; }").expect("write");
+    let e = edges(&dir, &BTreeSet::from(["b/c".to_string()]));
+    assert!(e["b/c"].is_empty(), "{e:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }

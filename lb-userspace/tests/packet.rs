@@ -18,8 +18,8 @@ use etherparse::{
 };
 use lb_common::{Flow, FlowKey, NatReverse, Reason};
 use lb_userspace::{
-    balancer::{Balancer, Desired},
-    dataplane::{self, Dataplane},
+    l4::dataplane::{self, Dataplane},
+    l4::{Balancer, Desired},
     model::{BackendMode, BackendSpec, Limits, Mac, Mode, Protocol, VipSpec},
     registry::InstanceKey,
 };

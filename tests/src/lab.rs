@@ -194,7 +194,7 @@ impl Lab {
         for port in ports {
             let port = port.to_string();
             let ebpf = self.sw.run(move || -> Result<Ebpf> {
-                let mut ebpf = Ebpf::load(lb_userspace::dataplane::PASS_OBJECT)?;
+                let mut ebpf = Ebpf::load(lb_userspace::l4::dataplane::PASS_OBJECT)?;
                 let prog: &mut Xdp = ebpf.program_mut("lb_pass").context("lb_pass")?.try_into()?;
                 prog.load()?;
                 prog.attach(&port, XdpMode::Driver)?;

@@ -13,7 +13,7 @@ use lb_tests::{
     server::{who, Conn},
 };
 use lb_userspace::{
-    maglev::{Member, Table},
+    l4::maglev::{Member, Table},
     model::addr_words,
 };
 

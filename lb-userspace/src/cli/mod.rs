@@ -242,7 +242,7 @@ fn run(cli: Cli) -> Result<()> {
                 XdpModeArg::Generic => AttachMode::Generic,
             };
             require_privileges("decap")?;
-            let _attached = crate::dataplane::attach_decap(&iface, mode)?;
+            let _attached = crate::l4::dataplane::attach_decap(&iface, mode)?;
             tracing::info!(iface, "decapsulating IP-in-IP until SIGTERM/SIGINT");
             tokio::runtime::Runtime::new()?.block_on(async {
                 let mut term =
@@ -265,7 +265,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Detach { config } => {
             require_privileges("detach")?;
             let c = crate::config::load(&config)?;
-            let removed = crate::dataplane::detach(&c.pin_root, &c.instance)?;
+            let removed = crate::l4::dataplane::detach(&c.pin_root, &c.instance)?;
             println!(
                 "{}",
                 if removed {

@@ -59,4 +59,10 @@ pub enum Event {
     },
     /// The API store changed (it is read directly by the loop).
     StoreChanged { at: Instant },
+    /// The neighbour task found the MAC of a backend that needed one.
+    Neighbour {
+        address: std::net::IpAddr,
+        mac: crate::model::Mac,
+        at: Instant,
+    },
 }

@@ -2,15 +2,79 @@
 //!
 //! DSR rewrites only the destination MAC, so the agent must know each backend's MAC. It asks the
 //! kernel, which already speaks ARP/NDP: a datagram to the backend's discard port makes the kernel
-//! resolve the neighbour, then `ip neigh` reports it. Unresolved backends are retried periodically.
+//! resolve the neighbour, then `ip neigh` reports it.
+//!
+//! This is the only code that runs a process. It runs as its own task ([`run`]), fed the set of
+//! addresses still without a MAC; what it finds goes back to the control loop as an event, so the
+//! control lock is never held while `ip` runs or ARP is awaited.
 
 use std::{
+    collections::BTreeSet,
     net::{IpAddr, SocketAddr, UdpSocket},
     process::Command,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
+use tokio::sync::watch;
+
 use crate::model::Mac;
+
+/// How often addresses that did not answer are tried again.
+pub const RETRY: Duration = Duration::from_secs(2);
+
+/// At most this many resolutions wait on ARP/NDP at once.
+const PARALLEL: usize = 32;
+
+/// Resolves every address in `wanted` as it appears, retrying the ones that did not answer every
+/// [`RETRY`], and hands each MAC found to `found`. Ends when the sender is dropped.
+pub async fn run<F>(mut wanted: watch::Receiver<BTreeSet<IpAddr>>, found: F)
+where
+    F: Fn(IpAddr, Mac) + Send + Sync + 'static,
+{
+    let found = Arc::new(found);
+    let mut tried = BTreeSet::new();
+    let mut retry = tokio::time::interval(RETRY);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let now = wanted.borrow_and_update().clone();
+        tried.retain(|a| now.contains(a));
+        let todo: BTreeSet<IpAddr> = now.difference(&tried).copied().collect();
+        tried.extend(todo.iter().copied());
+        if !todo.is_empty() {
+            let f = found.clone();
+            let r = tokio::task::spawn_blocking(move || {
+                for (addr, mac) in resolve_many(&todo) {
+                    f(addr, mac);
+                }
+            })
+            .await;
+            if let Err(e) = r {
+                tracing::warn!("neighbour resolution task: {e}");
+            }
+        }
+        tokio::select! {
+            r = wanted.changed() => if r.is_err() { return },
+            _ = retry.tick() => tried.clear(),
+        }
+    }
+}
+
+/// Resolves `addrs`, [`PARALLEL`] at a time; each waits up to a second. Blocking.
+pub fn resolve_many(addrs: &BTreeSet<IpAddr>) -> Vec<(IpAddr, Mac)> {
+    let addrs: Vec<IpAddr> = addrs.iter().copied().collect();
+    let mut out = Vec::new();
+    for chunk in addrs.chunks(PARALLEL) {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = chunk
+                .iter()
+                .map(|&a| s.spawn(move || resolve(a).map(|m| (a, m))))
+                .collect();
+            out.extend(handles.into_iter().filter_map(|h| h.join().ok().flatten()));
+        });
+    }
+    out
+}
 
 /// Resolves the MAC frames for `addr` must carry: its own when it is on a local segment, its
 /// gateway's when it is routed. Waits up to one second for ARP/NDP to answer.

@@ -6,6 +6,7 @@
 //! stops, the program keeps forwarding; a restarted agent reuses the maps (flows survive) and swaps
 //! its program into the existing links atomically; `lb detach` removes both.
 
+use super::plan::Gates;
 use crate::model::{AttachMode, Limits};
 use std::{
     collections::HashMap as StdHashMap,
@@ -20,7 +21,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    gate, Backend, Counters, Flow, FlowKey, NatReverse, Reason, VipKey, VipMeta, LAYOUT_VERSION,
+    Backend, Counters, Flow, FlowKey, NatReverse, Reason, VipKey, VipMeta, LAYOUT_VERSION,
     REASON_COUNT,
 };
 use tracing::{info, warn};
@@ -81,56 +82,6 @@ fn write_changed<T: aya::Pod + PartialEq>(
         }
     }
     Ok(writes)
-}
-
-/// What lets a packet that is not for a VIP skip lookups ([`lb_common::gate`]).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Gates {
-    pub nat_ports: Vec<u64>,
-    pub wildcard: Vec<u32>,
-    pub vip_addrs: Vec<u64>,
-}
-
-impl Default for Gates {
-    fn default() -> Self {
-        Gates {
-            nat_ports: vec![0; gate::NAT_PORT_WORDS as usize],
-            wildcard: vec![0; gate::PROTOCOLS as usize],
-            vip_addrs: vec![0; gate::VIP_ADDR_WORDS as usize],
-        }
-    }
-}
-
-impl Gates {
-    /// Every gate open: the program looks everything up, as if there were no gates.
-    pub fn open() -> Self {
-        Gates {
-            nat_ports: vec![u64::MAX; gate::NAT_PORT_WORDS as usize],
-            wildcard: vec![1; gate::PROTOCOLS as usize],
-            vip_addrs: vec![u64::MAX; gate::VIP_ADDR_WORDS as usize],
-        }
-    }
-
-    /// A NAT backend may answer from `port`; 0 means any port (a port-0 VIP whose backends keep
-    /// the client's destination port).
-    pub fn nat_port(&mut self, port: u16) {
-        if port == 0 {
-            self.nat_ports.fill(u64::MAX);
-        } else {
-            self.nat_ports[port as usize / 64] |= 1 << (port % 64);
-        }
-    }
-
-    /// A VIP of protocol `proto` takes every port.
-    pub fn wildcard(&mut self, proto: u8) {
-        self.wildcard[proto as usize] = 1;
-    }
-
-    /// A VIP's address, as the maps store it.
-    pub fn vip_addr(&mut self, addr: &[u32; 4]) {
-        let bit = gate::addr_bit(addr) as usize;
-        self.vip_addrs[bit / 64] |= 1 << (bit % 64);
-    }
 }
 
 /// The reader of the program's log ring buffer (aya-log), writing to the `log` facade.
