@@ -135,7 +135,7 @@ impl RequestInfo {
             .map(|a| a.as_str().to_string())
             .unwrap_or_else(|| h("host"));
         RequestInfo {
-            time: SystemTime::now(),
+            time: crate::clock::wall(),
             client,
             entrypoint: entrypoint.to_string(),
             method: req.method().as_str().to_string(),
@@ -307,7 +307,7 @@ impl AccessLog {
                 .status
                 .iter()
                 .any(|r| (r.lo..=r.hi).contains(&status));
-        listed && (self.spec.sample >= 1.0 || rand::random::<f64>() < self.spec.sample)
+        listed && (self.spec.sample >= 1.0 || crate::clock::random::<f64>() < self.spec.sample)
     }
 
     /// Queues a line; never waits. A full queue drops it (counted).

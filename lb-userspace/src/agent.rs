@@ -10,7 +10,7 @@ use std::{
     os::unix::fs::MetadataExt as _,
     path::Path,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -87,7 +87,7 @@ fn api_token(cfg: &Config, env: Option<String>) -> Result<String> {
         return Ok(t);
     }
     use rand::Rng as _;
-    let token: String = rand::thread_rng()
+    let token: String = crate::clock::rng()
         .sample_iter(rand::distributions::Alphanumeric)
         .take(32)
         .map(char::from)
@@ -223,7 +223,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         &cfg.state_dir
             .join(format!("api-store-{}.json", cfg.instance)),
     )?;
-    let started = Instant::now();
+    let started = crate::clock::now();
     // Redis and etcd are read once before the first apply too (bounded: an unreachable store
     // only delays its instances until its provider connects).
     let kv_first = initial_kv_reads(&cfg).await;
@@ -238,12 +238,8 @@ pub async fn run(config_path: &Path) -> Result<()> {
             let mut src = providers::file::FileSource::new(&f.path);
             let (services, errors) = src.reload();
             let name = format!("file:{}", f.path.display());
-            c.registry.update(
-                &name,
-                providers::Rank::FILE,
-                services,
-                std::time::SystemTime::now(),
-            );
+            c.registry
+                .update(&name, providers::Rank::FILE, services, crate::clock::wall());
             for e in errors {
                 warn!(provider = name, "rejected: {e}");
                 c.registry.fail(&name, providers::Rank::FILE, e.to_string());
@@ -253,7 +249,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
             match read {
                 Ok((services, errors)) => {
                     c.registry
-                        .update(name, rank, services, std::time::SystemTime::now());
+                        .update(name, rank, services, crate::clock::wall());
                     for e in errors {
                         warn!(provider = name, "rejected: {e}");
                         c.registry.fail(name, rank, format!("rejected {e}"));
@@ -372,7 +368,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
             let _ = found.try_send(providers::Event::Neighbour {
                 address,
                 mac,
-                at: Instant::now(),
+                at: crate::clock::now(),
             });
         },
     )));
@@ -760,7 +756,7 @@ async fn watch_config(
             .await
             .is_ok_and(|x| x.is_some())
         {}
-        let started = Instant::now();
+        let started = crate::clock::now();
         let new = match config::load(&path) {
             Ok(c) => c,
             Err(e) => {

@@ -8,10 +8,10 @@
 //! call returns, so a `204` means the maps already say so. The API never touches maps itself.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use axum::{
@@ -291,9 +291,10 @@ async fn with_control<T: Send + 'static>(
     f: impl FnOnce(&mut Control) -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     let c = s.control.clone();
-    tokio::task::spawn_blocking(move || {
+    let (r, waiting) = tokio::task::spawn_blocking(move || {
         let mut guard = crate::control::lock(&c);
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut guard))) {
+        let before = guard.balancer.unresolved();
+        let r = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut guard))) {
             Ok(r) => r,
             Err(panic) => {
                 let what = crate::control::panic_text(&panic);
@@ -301,14 +302,35 @@ async fn with_control<T: Send + 'static>(
                 guard.stats.last_apply_error = Some(format!("admin API handler panicked: {what}"));
                 Err(internal())
             }
-        }
+        };
+        let new: BTreeSet<IpAddr> = guard
+            .balancer
+            .unresolved()
+            .difference(&before)
+            .copied()
+            .collect();
+        let watch = (!new.is_empty())
+            .then(|| guard.balancer.neighbour_watch())
+            .flatten();
+        (r, watch.map(|w| (new, w)))
     })
     .await
     .map_err(|e| {
         tracing::error!("admin API: control task: {e}");
         internal()
-    })?
+    })?;
+    // A backend this call added that needs a MAC: the answer waits (without the lock) for the
+    // neighbour task, so that when it comes the backend takes traffic, as far as its neighbour
+    // answers within a second.
+    if let Some((new, mut watch)) = waiting {
+        let resolved = watch.wait_for(|left| new.iter().all(|a| !left.contains(a)));
+        let _ = tokio::time::timeout(NEIGHBOUR_WAIT, resolved).await;
+    }
+    r
 }
+
+/// How long a change waits for the MACs of the backends it added.
+const NEIGHBOUR_WAIT: Duration = Duration::from_secs(1);
 
 /// After a store change: re-read it into the registry and apply now. When the apply fails, the
 /// store goes back to `before` and that is applied again, so the last good state stays in force
@@ -479,12 +501,12 @@ async fn register_into(
 ) -> Result<Response, ApiError> {
     let Json(reg) = body.map_err(|e| bad_request(e.body_text()))?;
     let (instance, ttl) = reg.into_instance()?;
-    let started = Instant::now();
+    let started = crate::clock::now();
     let created = with_control(s, move |c| {
         let before = c.store.checkpoint();
         let created = c
             .store
-            .register(&service, instance, ttl, SystemTime::now())?;
+            .register(&service, instance, ttl, crate::clock::wall())?;
         commit(c, before, started)?;
         Ok(created)
     })
@@ -528,7 +550,7 @@ async fn remove_from(
     backend: String,
 ) -> Result<StatusCode, ApiError> {
     let (addr, port) = parse_backend(&backend)?;
-    let started = Instant::now();
+    let started = crate::clock::now();
     with_control(s, move |c| {
         let service = match (service, vip) {
             (Some(svc), _) => svc,
@@ -573,7 +595,7 @@ async fn drain_backend(
     Path((vip, backend)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let (addr, port) = parse_backend(&backend)?;
-    let started = Instant::now();
+    let started = crate::clock::now();
     with_control(&s, move |c| {
         let service = service_of(c, &vip)?;
         let key = find_instance(c, &service, addr, port)?;

@@ -139,7 +139,7 @@ struct RawTls {
 struct RawHttpService {
     name: Spanned<String>,
     #[serde(default = "d_algorithm")]
-    algorithm: crate::proxy::balance::Algorithm,
+    algorithm: crate::model::l7::Algorithm,
     #[serde(default = "d_passive_failures")]
     passive_failures: u32,
     #[serde(default = "d_passive_backoff")]
@@ -201,8 +201,8 @@ fn d_mirror_body() -> usize {
     64 * 1024
 }
 
-fn d_algorithm() -> crate::proxy::balance::Algorithm {
-    crate::proxy::balance::Algorithm::WeightedRoundRobin
+fn d_algorithm() -> crate::model::l7::Algorithm {
+    crate::model::l7::Algorithm::WeightedRoundRobin
 }
 fn d_passive_failures() -> u32 {
     3
@@ -222,7 +222,7 @@ struct RawEntryPoint {
     client_ca_file: Option<PathBuf>,
     #[serde(default)]
     forwarded_trusted_ips: Vec<String>,
-    /// Bounds on client connections ([`crate::proxy::limits`]); every one has a safe default.
+    /// Bounds on client connections ([`crate::model::l7::ConnLimits`]); every one has a safe default.
     #[serde(default)]
     header_timeout_secs: Option<Spanned<u64>>,
     #[serde(default)]
@@ -284,7 +284,7 @@ struct RawTcpRouter {
 struct RawMiddleware {
     name: Spanned<String>,
     #[serde(flatten)]
-    kind: crate::proxy::middleware::MiddlewareConfig,
+    kind: crate::model::middleware::MiddlewareConfig,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -587,20 +587,20 @@ pub struct Config {
     pub providers: ProvidersSpec,
     pub vips: Vec<VipSpec>,
     /// L7: listeners and routers (empty: no proxy).
-    pub entrypoints: Vec<crate::proxy::EntryPointSpec>,
-    pub routers: Vec<crate::proxy::RouterSpec>,
+    pub entrypoints: Vec<crate::model::l7::EntryPointSpec>,
+    pub routers: Vec<crate::model::l7::RouterSpec>,
     /// L4 routers on the entry points: by TLS server name, passthrough, termination or plain.
-    pub tcp_routers: Vec<crate::proxy::tcp::TcpRouterSpec>,
+    pub tcp_routers: Vec<crate::model::l7::TcpRouterSpec>,
     /// L7 balancing per registry service (default: smooth WRR, passive health 3 × / 10 s).
-    pub http_services: std::collections::HashMap<String, crate::proxy::ServiceSpec>,
+    pub http_services: std::collections::HashMap<String, crate::model::l7::ServiceSpec>,
     /// TLS certificates for the entry points with `tls = true` (chosen by SNI).
-    pub certificates: Vec<crate::proxy::tls::CertSpec>,
+    pub certificates: Vec<crate::model::l7::CertSpec>,
     /// `[tls] dev_ca`: a development CA issues certificates for names no certificate covers.
     pub tls_dev_ca: bool,
     /// `[acme]`: certificates ordered from an ACME CA.
-    pub acme: Option<crate::proxy::acme::AcmeSpec>,
+    pub acme: Option<crate::model::l7::AcmeSpec>,
     /// Middlewares by name (validated: each builds).
-    pub middlewares: Vec<(String, crate::proxy::middleware::MiddlewareConfig)>,
+    pub middlewares: Vec<(String, crate::model::middleware::MiddlewareConfig)>,
     /// `[access_log]`: off when absent.
     pub access_log: Option<crate::access_log::AccessLogSpec>,
 }
@@ -641,10 +641,10 @@ fn line_of(text: &str, offset: usize) -> usize {
 /// `[[tcp_router]]`s, checked against the entry points.
 fn tcp_routers(
     raw: &RawConfig,
-    entrypoints: &[crate::proxy::EntryPointSpec],
+    entrypoints: &[crate::model::l7::EntryPointSpec],
     err: &dyn Fn(std::ops::Range<usize>, String, String) -> ConfigError,
-) -> Result<Vec<crate::proxy::tcp::TcpRouterSpec>, ConfigError> {
-    use crate::proxy::tcp::{TcpRouterSpec, TlsMode};
+) -> Result<Vec<crate::model::l7::TcpRouterSpec>, ConfigError> {
+    use crate::model::l7::{TcpRouterSpec, TlsMode};
     let mut out: Vec<TcpRouterSpec> = Vec::new();
     for (i, r) in raw.tcp_router.iter().enumerate() {
         let r = r.get_ref();
@@ -670,7 +670,7 @@ fn tcp_routers(
             }
         };
         let text = r.rule.get_ref().clone();
-        let rule = crate::proxy::rule::TcpRule::parse(&text, tls != TlsMode::Plain)
+        let rule = crate::model::rule::TcpRule::parse(&text, tls != TlsMode::Plain)
             .map_err(|e| err(r.rule.span(), field("rule"), e.to_string()))?;
         if !valid_name(r.service.get_ref()) {
             return Err(err(
@@ -1049,7 +1049,7 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
         }),
         None => None,
     };
-    let mut entrypoints: Vec<crate::proxy::EntryPointSpec> = Vec::new();
+    let mut entrypoints: Vec<crate::model::l7::EntryPointSpec> = Vec::new();
     for (i, e) in raw.entrypoint.iter().enumerate() {
         let e = e.get_ref();
         let name = e.name.get_ref().clone();
@@ -1089,7 +1089,7 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
             trusted_ips.push(net);
         }
         let limits = entrypoint_limits(e, i, &err)?;
-        entrypoints.push(crate::proxy::EntryPointSpec {
+        entrypoints.push(crate::model::l7::EntryPointSpec {
             name,
             address,
             tls: e.tls,
@@ -1098,7 +1098,7 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
             limits,
         });
     }
-    let mut middlewares: Vec<(String, crate::proxy::middleware::MiddlewareConfig)> = Vec::new();
+    let mut middlewares: Vec<(String, crate::model::middleware::MiddlewareConfig)> = Vec::new();
     for (i, m) in raw.middleware.iter().enumerate() {
         let span = m.span();
         let m = m.get_ref();
@@ -1115,7 +1115,7 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
         }
         middlewares.push((name, m.kind.clone()));
     }
-    let mut routers: Vec<crate::proxy::RouterSpec> = Vec::new();
+    let mut routers: Vec<crate::model::l7::RouterSpec> = Vec::new();
     for (i, r) in raw.router.iter().enumerate() {
         let r = r.get_ref();
         let name = r.name.get_ref().clone();
@@ -1127,7 +1127,7 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
             ));
         }
         let text = r.rule.get_ref().clone();
-        let rule = crate::proxy::rule::Rule::parse(&text)
+        let rule = crate::model::rule::Rule::parse(&text)
             .map_err(|e| err(r.rule.span(), format!("router[{i}].rule"), e.to_string()))?;
         if !valid_name(r.service.get_ref()) {
             return Err(err(
@@ -1154,7 +1154,7 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
                 ));
             }
         }
-        routers.push(crate::proxy::RouterSpec {
+        routers.push(crate::model::l7::RouterSpec {
             name,
             entrypoints: r.entrypoints.clone(),
             rule,
@@ -1183,7 +1183,7 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
                 "must be ≥ 1".into(),
             ));
         }
-        let passive = crate::proxy::balance::Passive {
+        let passive = crate::model::l7::Passive {
             failures: h.passive_failures,
             backoff: Duration::from_secs(h.passive_backoff_secs.max(1)),
         };
@@ -1203,7 +1203,7 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
             None => None,
             Some(t) => {
                 let r = t.get_ref();
-                let spec = crate::proxy::client::UpstreamTls {
+                let spec = crate::model::l7::UpstreamTls {
                     ca_file: r.ca_file.clone(),
                     cert_file: r.cert_file.clone(),
                     key_file: r.key_file.clone(),
@@ -1230,7 +1230,7 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
                         "expected a service name and a percent in 0..=100".into(),
                     ));
                 }
-                Some(crate::proxy::Mirror {
+                Some(crate::model::l7::Mirror {
                     service: r.service.clone(),
                     percent: r.percent,
                     max_body_bytes: r.max_body_bytes,
@@ -1239,7 +1239,7 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
         };
         http_services.insert(
             name,
-            crate::proxy::ServiceSpec {
+            crate::model::l7::ServiceSpec {
                 algorithm: h.algorithm,
                 passive,
                 retries: h.retries.min(10),
@@ -1257,18 +1257,18 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
                     "",
                     &err,
                 )?
-                .map_or(crate::proxy::DEFAULT_MAX_UPSTREAM_CONNECTIONS, |n| {
+                .map_or(crate::model::l7::DEFAULT_MAX_UPSTREAM_CONNECTIONS, |n| {
                     n as usize
                 }),
             },
         );
     }
-    let certificates: Vec<crate::proxy::tls::CertSpec> = raw
+    let certificates: Vec<crate::model::l7::CertSpec> = raw
         .certificate
         .iter()
         .map(|c| {
             let c = c.get_ref();
-            crate::proxy::tls::CertSpec {
+            crate::model::l7::CertSpec {
                 cert_file: c.cert_file.clone(),
                 key_file: c.key_file.clone(),
                 default: c.default,
@@ -1430,13 +1430,13 @@ fn entrypoint_limits(
     e: &RawEntryPoint,
     i: usize,
     err: ErrFn<'_>,
-) -> Result<crate::proxy::limits::ConnLimits, ConfigError> {
-    let d = crate::proxy::limits::ConnLimits::default();
+) -> Result<crate::model::l7::ConnLimits, ConfigError> {
+    let d = crate::model::l7::ConnLimits::default();
     let f = |name: &str| format!("entrypoint[{i}].{name}");
     let secs = |v: &Option<Spanned<u64>>, name: &str, dflt: Duration| {
         bounded(v, 1..=86_400, f(name), " s", err).map(|v| v.map_or(dflt, Duration::from_secs))
     };
-    Ok(crate::proxy::limits::ConnLimits {
+    Ok(crate::model::l7::ConnLimits {
         header_timeout: secs(
             &e.header_timeout_secs,
             "header_timeout_secs",
@@ -1480,10 +1480,10 @@ fn entrypoint_limits(
 
 fn validate_acme(
     a: &RawAcme,
-    entrypoints: &[crate::proxy::EntryPointSpec],
+    entrypoints: &[crate::model::l7::EntryPointSpec],
     err: &dyn Fn(std::ops::Range<usize>, String, String) -> ConfigError,
-) -> Result<crate::proxy::acme::AcmeSpec, ConfigError> {
-    use crate::proxy::acme::{AcmeSpec, ChallengeKind};
+) -> Result<crate::model::l7::AcmeSpec, ConfigError> {
+    use crate::model::l7::{AcmeSpec, ChallengeKind};
     let dir = a.directory.get_ref();
     let https = dir
         .parse::<hyper::Uri>()
@@ -1637,7 +1637,7 @@ address = "10.0.1.2"
         let c = parse(Path::new("lb.toml"), &format!("{GOOD}{ep}")).expect("valid");
         assert_eq!(
             c.entrypoints[0].limits,
-            crate::proxy::limits::ConnLimits::default()
+            crate::model::l7::ConnLimits::default()
         );
         let set = "header_timeout_secs = 5\nidle_timeout_secs = 7\nbody_timeout_secs = 9\nbody_min_rate = 0\nwrite_timeout_secs = 11\nh2_keepalive_secs = 0\nh2_max_streams = 32\nmax_connections = 500\n";
         let c = parse(Path::new("lb.toml"), &format!("{GOOD}{ep}{set}")).expect("valid");
@@ -1691,7 +1691,7 @@ address = "10.0.1.2"
         let c = parse(Path::new("lb.toml"), &format!("{GOOD}{svc}")).expect("valid");
         assert_eq!(
             c.http_services["web"].max_connections,
-            crate::proxy::DEFAULT_MAX_UPSTREAM_CONNECTIONS
+            crate::model::l7::DEFAULT_MAX_UPSTREAM_CONNECTIONS
         );
         let e = parse_err(&format!("{GOOD}{svc}max_connections = 0\n"));
         assert_eq!(e.field, "http_service[0].max_connections");
@@ -1881,7 +1881,7 @@ address = "10.0.1.2"
         let c = parse(Path::new("lb.toml"), &ok).expect("valid");
         let a = c.acme.expect("acme");
         assert_eq!(a.domains, vec!["a.example.test", "b.example.test"]);
-        assert_eq!(a.challenge, crate::proxy::acme::ChallengeKind::Http01);
+        assert_eq!(a.challenge, crate::model::l7::ChallengeKind::Http01);
         assert_eq!(a.renew_before, Duration::from_secs(30 * 86_400));
         let line_of_text = |needle: &str| ok[..ok.find(needle).unwrap()].matches('\n').count() + 1;
         let e = parse_err(&ok.replace("https://127", "http://127"));
@@ -1947,7 +1947,7 @@ service = "echo"
 "#
         );
         let c = parse(Path::new("lb.toml"), &ok).unwrap_or_else(|e| panic!("{e}"));
-        use crate::proxy::tcp::TlsMode;
+        use crate::model::l7::TlsMode;
         let modes: Vec<_> = c
             .tcp_routers
             .iter()

@@ -10,7 +10,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
     sync::{Arc, Mutex, MutexGuard},
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use anyhow::Result;
@@ -104,7 +104,7 @@ fn config_services(vips: &[VipSpec]) -> Services {
 impl Control {
     pub fn new(balancer: Balancer, store: Store, vips: Vec<VipSpec>) -> Control {
         let mut registry = Registry::default();
-        let now = SystemTime::now();
+        let now = crate::clock::wall();
         registry.update("config", Rank::CONFIG, config_services(&vips), now);
         registry.update("api", Rank::API, store.snapshot(now), now);
         Control {
@@ -135,7 +135,7 @@ impl Control {
                 ..
             } => {
                 self.registry
-                    .update(&provider, rank, services, SystemTime::now());
+                    .update(&provider, rank, services, crate::clock::wall());
             }
             Event::Error {
                 provider,
@@ -183,13 +183,13 @@ impl Control {
             "config",
             Rank::CONFIG,
             config_services(vips),
-            SystemTime::now(),
+            crate::clock::wall(),
         );
     }
 
     /// Re-reads the API store into the registry (after an API change or an expiry).
     pub fn refresh_store(&mut self) {
-        let now = SystemTime::now();
+        let now = crate::clock::wall();
         self.registry
             .update("api", Rank::API, self.store.snapshot(now), now);
     }
@@ -358,14 +358,14 @@ pub async fn run(control: Arc<Mutex<Control>>, mut rx: mpsc::Receiver<Event>) {
         let since;
         tokio::select! {
             ev = rx.recv() => match ev {
-                Some(ev) => { since = Instant::now(); batch.push(ev); }
+                Some(ev) => { since = crate::clock::now(); batch.push(ev); }
                 None => return,
             },
             _ = expiry.tick() => {
-                since = Instant::now();
+                since = crate::clock::now();
                 let c = control.clone();
                 let expired = tokio::task::spawn_blocking(move || {
-                    lock(&c).store.expire(SystemTime::now())
+                    lock(&c).store.expire(crate::clock::wall())
                 }).await;
                 match expired {
                     Ok(Ok(true)) => batch.push(Event::StoreChanged { at: since }),
@@ -376,7 +376,7 @@ pub async fn run(control: Arc<Mutex<Control>>, mut rx: mpsc::Receiver<Event>) {
                 if batch.is_empty() { continue; }
             }
         }
-        let deadline = tokio::time::Instant::now() + COALESCE;
+        let deadline = crate::clock::timer_now() + COALESCE;
         while let Ok(Some(ev)) = tokio::time::timeout_at(deadline, rx.recv()).await {
             batch.push(ev);
         }

@@ -152,7 +152,7 @@ pub async fn monitor(
             probes.spawn(async move { (k, probe(&spec, addr).await) });
         }
         let results = probes.join_all().await;
-        let now = Instant::now();
+        let now = crate::clock::now();
         let mut changes = Vec::new();
         {
             let mut t = table
@@ -202,7 +202,7 @@ mod tests {
 
     #[test]
     fn fall_then_rise() {
-        let (s, t) = (spec(), Instant::now());
+        let (s, t) = (spec(), crate::clock::now());
         let mut v = Verdict::default();
         assert_eq!(v.observe(false, &s, t), None);
         assert_eq!(v.observe(false, &s, t), None);
@@ -225,7 +225,7 @@ mod tests {
 
     #[test]
     fn flapping_is_damped_and_damping_decays() {
-        let (s, t0) = (spec(), Instant::now());
+        let (s, t0) = (spec(), crate::clock::now());
         let mut v = Verdict::default();
         let mut t = t0;
         let mut successes_needed = Vec::new();

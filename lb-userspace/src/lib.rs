@@ -10,6 +10,7 @@ pub mod access_log;
 pub mod agent;
 pub mod api;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod health;

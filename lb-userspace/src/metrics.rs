@@ -65,7 +65,7 @@ impl Snapshot {
         proxy: Option<&crate::proxy::Proxy>,
     ) -> Result<Snapshot> {
         let vips = c.balancer.list()?;
-        let rebuilds = c.balancer.rebuilds().clone();
+        let rebuilds = c.balancer.rebuilds();
         let flow_capacity = c.balancer.dataplane().limits().max_flows;
         let dp = c.balancer.dataplane();
         let reasons = dp.reason_counters()?;

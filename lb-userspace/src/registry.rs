@@ -207,7 +207,7 @@ mod tests {
     #[test]
     fn merges_by_name_and_rank_wins() {
         let mut r = Registry::default();
-        let now = SystemTime::now();
+        let now = crate::clock::wall();
         r.update(
             "file",
             1,
@@ -234,7 +234,7 @@ mod tests {
     #[test]
     fn a_failing_provider_keeps_its_last_good_state() {
         let mut r = Registry::default();
-        let now = SystemTime::now();
+        let now = crate::clock::wall();
         r.update("redis", 2, services("web", &[inst("10.0.0.1", 1)]), now);
         let gen = r.generation;
         r.fail("redis", 2, "connection refused".into());

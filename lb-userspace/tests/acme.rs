@@ -8,6 +8,7 @@
 //!
 //! Everything listens on 127.0.0.1; pebble and the DNS server are killed and the temporary
 //! directory removed by Drop guards, whatever the outcome. Every wait is bounded.
+#![allow(clippy::disallowed_methods)] // tests drive real time and real processes
 
 use std::{
     collections::BTreeMap,

@@ -8,6 +8,7 @@
 //!
 //! Needs root and BPF (the maps are real), like the packet fixtures; each test pins under its own
 //! root, removed at the end.
+#![allow(clippy::disallowed_methods)] // tests drive real time and real processes
 
 use std::{
     net::SocketAddr,

@@ -1,6 +1,7 @@
 //! A change storm through the real control loop onto real (test-pinned) maps: 1,000 provider
 //! snapshots in a second are coalesced into a few applies, the last one wins, and the time from a
 //! change to the maps is measured. Needs root and BPF.
+#![allow(clippy::disallowed_methods)] // tests drive real time and real processes
 
 use std::{
     collections::BTreeMap,

@@ -1,6 +1,7 @@
 //! Expected failures of `lb run` read as errors: one `error:` line with its cause and what to do,
 //! exit status 1, and no backtrace even with RUST_BACKTRACE=1 (a backtrace is for panics).
 //! Runs as root (as `cargo xtask test` does): the unprivileged case drops to `nobody` itself.
+#![allow(clippy::disallowed_methods)] // tests drive real time and real processes
 
 use std::{
     net::TcpListener,

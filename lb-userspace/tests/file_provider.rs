@@ -1,5 +1,6 @@
 //! The file provider on a real directory with a real inotify watch: edit, atomic rename,
 //! truncated write, invalid file, deletion — each with the expected snapshot or error.
+#![allow(clippy::disallowed_methods)] // tests drive real time and real processes
 
 use std::{
     path::{Path, PathBuf},

@@ -2,6 +2,7 @@
 //! and redirects, headers and CORS, API keys, ForwardAuth against a real auth server,
 //! buffering limits, retries, the circuit breaker, compression (decoded again and compared),
 //! mirroring, TLS to upstreams with mutual authentication, and refused smuggling attempts.
+#![allow(clippy::disallowed_methods)] // tests drive real time and real processes
 
 use std::{
     collections::HashMap,

@@ -1,6 +1,7 @@
 //! The proxy's metrics and access log with real upstreams on loopback and a real client: exact
 //! request counts in a parsed `/metrics` exposition, access log fields for a proxied request, a
 //! 404 and an upstream failure, the common format with a status filter, and reopening (rotation).
+#![allow(clippy::disallowed_methods)] // tests drive real time and real processes
 
 use std::{
     collections::HashMap,

@@ -5,6 +5,7 @@
 //!
 //! Needs root and BPF. Each test runs in a thread with a private network namespace (made with
 //! unshare, gone when the thread ends) and its own pin root, removed on drop.
+#![allow(clippy::disallowed_methods)] // tests drive real time and real processes
 
 use std::{
     net::IpAddr,
@@ -1905,4 +1906,38 @@ fn malformed_nat_replies_pass_untouched() {
         }
         assert_all_untouched(failures, total);
     });
+}
+
+/// What the verifier processed for each program, the measure the architecture issue asks to
+/// compare before and after a change to lb-ebpf (`cargo test -p lb-userspace --test packet
+/// verifier -- --nocapture`). Each count must be known on this kernel and under its limit of one
+/// million processed instructions; the numbers themselves are printed, not asserted.
+#[test]
+fn verifier_instruction_counts() {
+    use aya::programs::Xdp;
+    let mut env = Env::new();
+    let info = env
+        .b()
+        .dataplane()
+        .program()
+        .expect("program")
+        .info()
+        .expect("program info");
+    let lb = info.verified_instruction_count().expect("verified_insns");
+    let mut decap = aya::Ebpf::load(dataplane::DECAP_OBJECT).expect("load decap");
+    let prog: &mut Xdp = decap
+        .program_mut("lb_decap")
+        .expect("lb_decap")
+        .try_into()
+        .expect("xdp");
+    prog.load().expect("verifier");
+    let dec = prog
+        .info()
+        .expect("program info")
+        .verified_instruction_count()
+        .expect("verified_insns");
+    println!("verifier: lb {lb} instructions processed, lb_decap {dec}");
+    for (name, n) in [("lb", lb), ("lb_decap", dec)] {
+        assert!(n > 0 && n < 1_000_000, "{name}: {n}");
+    }
 }

@@ -4,6 +4,7 @@
 //!
 //! Each test drives the provider's `run` with a channel and asserts on the snapshots and errors it
 //! sends; every wait is bounded.
+#![allow(clippy::disallowed_methods)] // tests drive real time and real processes
 
 use std::{
     collections::BTreeSet,

@@ -1,5 +1,6 @@
 //! The proxy with real upstream servers on loopback and a real hyper client: routing, priorities,
 //! balancing, error answers, forwarded headers, h2c, and table swaps under load.
+#![allow(clippy::disallowed_methods)] // tests drive real time and real processes
 
 use std::{
     collections::{BTreeMap, HashMap},

@@ -2,6 +2,7 @@
 //! real upstreams on loopback (holes 7 and 8 of the reliability issue). Each test uses an entry
 //! point with short bounds and asserts what was let go: connections closed, streams reset,
 //! upstream responses dropped, and how many upstream connections were ever open at once.
+#![allow(clippy::disallowed_methods)] // tests drive real time and real processes
 
 use std::{
     collections::HashMap,

@@ -6,6 +6,7 @@
 //! Every upstream answers each line it receives with `<name>: <line>` and, when the client's side
 //! closes, `<name>: eof` before closing its own: so a test sees who answered, that bytes arrived
 //! as plaintext, and that half-closes travel both ways.
+#![allow(clippy::disallowed_methods)] // tests drive real time and real processes
 
 use std::{
     collections::{BTreeMap, HashMap},

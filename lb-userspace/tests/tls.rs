@@ -1,6 +1,7 @@
 //! TLS entry points with real handshakes: HTTP/2 over TLS through ALPN, SNI choosing the
 //! certificate, the default certificate, and mTLS refusing a client without a certificate.
 //! Certificates are made by rcgen for the test (a CA, two servers, a client).
+#![allow(clippy::disallowed_methods)] // tests drive real time and real processes
 
 use std::{
     collections::BTreeMap,

@@ -331,6 +331,20 @@ fn test_phases(phases: &mut Phases) -> Result<()> {
         build(false)?;
         run(cargo().args(["build", "--tests", "--workspace", "--exclude", "lb-ebpf"]))
     })?;
+    phases.run("the agent's bans (lb-userspace/clippy.toml)", || {
+        // Only the bans: other lints change with the toolchain and must not turn CI red.
+        run(cargo().args([
+            "clippy",
+            "-p",
+            "lb-userspace",
+            "--all-targets",
+            "--",
+            "-A",
+            "clippy::all",
+            "-D",
+            "clippy::disallowed_methods",
+        ]))
+    })?;
     clean_leftovers();
     phases.run("unit and packet tests", || {
         run(cargo().args([

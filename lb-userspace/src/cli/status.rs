@@ -27,7 +27,7 @@ pub fn fetch(api: &ApiClient) -> Result<Sample> {
         services: api.get_json("/api/v1/services")?,
         status: api.get_json("/api/v1/status")?,
         routers: api.get_json("/api/v1/routers")?,
-        at: Instant::now(),
+        at: crate::clock::now(),
     })
 }
 
@@ -197,7 +197,7 @@ pub fn render(prev: Option<&Sample>, cur: &Sample) -> String {
         "  {:<28} {:<8} {:>9} {:>14} {:>7}  LAST ERROR",
         "NAME", "STATUS", "INSTANCES", "LAST SUCCESS", "ERRORS"
     );
-    let now = std::time::SystemTime::now()
+    let now = crate::clock::wall()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
@@ -249,7 +249,7 @@ mod tests {
 
     #[test]
     fn shows_states_health_rates_and_errors() {
-        let t0 = Instant::now();
+        let t0 = crate::clock::now();
         let a = sample(t0, 1000, 10);
         let b = sample(t0 + std::time::Duration::from_secs(2), 3000, 30);
         let out = render(Some(&a), &b);

@@ -294,7 +294,6 @@ mod tests {
     use lb_common::{proto, FlowKey, DEFAULT_RING_SIZE};
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
-    use std::time::{Duration, Instant};
 
     const M: u32 = DEFAULT_RING_SIZE;
 
@@ -579,20 +578,13 @@ mod tests {
 
     #[test]
     fn build_time() {
+        // How long it takes is the bench's (`benches/maglev.rs`); here, that a 1,000-member
+        // table at the default size is whole and gives every member a share.
         let ids = identities(1000);
         let members = equal(&ids);
-        let mut best = Duration::MAX;
-        for _ in 0..5 {
-            let start = Instant::now();
-            let table = Table::build(&members, M).unwrap();
-            best = best.min(start.elapsed());
-            assert_eq!(table.size(), M);
-        }
-        println!("1000 members at M = {M}: built in {best:?} (best of 5)");
-        // The agent rebuilds on every backend change; only meaningful with optimisations.
-        if !cfg!(debug_assertions) {
-            assert!(best < Duration::from_millis(100), "{best:?}");
-        }
+        let table = Table::build(&members, M).unwrap();
+        assert_eq!(table.size(), M);
+        assert!(table.counts().iter().all(|&c| c > 0));
     }
 
     #[test]

@@ -90,7 +90,7 @@ impl Balancer {
             state: state.clone(),
             wanted_neighbours: None,
         };
-        bal.carry_out(state, plan, Instant::now())?;
+        bal.carry_out(state, plan, crate::clock::now())?;
         if bal.state.adoptable() > 0 {
             info!(
                 backends = bal.state.adoptable(),
@@ -120,17 +120,22 @@ impl Balancer {
         self.state.unresolved()
     }
 
+    /// The addresses still waiting, as the neighbour task sees them: shrinks as MACs are applied.
+    pub fn neighbour_watch(&self) -> Option<tokio::sync::watch::Receiver<BTreeSet<IpAddr>>> {
+        self.wanted_neighbours.as_ref().map(|tx| tx.subscribe())
+    }
+
     /// Releases adoptable ids no apply claimed: those backends are gone from every source.
     pub fn finish_adoption(&mut self) -> Result<()> {
         let (next, plan) = self.state.finish_adoption();
-        self.carry_out(next, plan, Instant::now())?;
+        self.carry_out(next, plan, crate::clock::now())?;
         Ok(())
     }
 
     /// Brings a VIP's backends to `desired` ([`L4State::plan`]). Returns the number of map
     /// writes.
     pub fn apply(&mut self, vip_name: &str, desired: &[Desired]) -> Result<usize> {
-        let started = Instant::now();
+        let started = crate::clock::now();
         let (next, plan) = self.state.plan(vip_name, desired)?;
         self.carry_out(next, plan, started)
     }
@@ -165,6 +170,9 @@ impl Balancer {
             }
         }
         self.state = next;
+        if !plan.writes.is_empty() {
+            self.publish_unresolved();
+        }
         let elapsed_us = started.elapsed().as_micros() as u64;
         for (p, n) in plan.published.iter().zip(slot_writes) {
             info!(
@@ -175,7 +183,6 @@ impl Balancer {
                 "published Maglev table"
             );
         }
-        self.publish_unresolved();
         Ok(writes)
     }
 
@@ -197,7 +204,7 @@ impl Balancer {
     }
 
     /// Maglev tables published per VIP since this agent started.
-    pub fn rebuilds(&self) -> &std::collections::BTreeMap<String, u64> {
+    pub fn rebuilds(&self) -> std::collections::BTreeMap<String, u64> {
         self.state.rebuilds()
     }
 
@@ -224,7 +231,7 @@ impl Balancer {
                             state: b.state,
                             id: b.id,
                             mac: b.mac,
-                            slots: self.state.slots(b.id),
+                            slots: b.slots,
                             counters: self.dp.backend_counters(b.id)?.into(),
                         })
                     })

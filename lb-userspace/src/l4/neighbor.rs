@@ -13,7 +13,7 @@ use std::{
     net::{IpAddr, SocketAddr, UdpSocket},
     process::Command,
     sync::Arc,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use tokio::sync::watch;
@@ -84,6 +84,7 @@ pub fn resolve(addr: IpAddr) -> Option<Mac> {
 }
 
 /// The gateway `ip route get` names for `addr`, if it is routed.
+#[allow(clippy::disallowed_methods)] // the neighbour task is where processes run
 fn next_hop(addr: IpAddr) -> Option<IpAddr> {
     let out = Command::new("ip")
         .args(["route", "get", &addr.to_string()])
@@ -112,8 +113,8 @@ fn resolve_neighbor(addr: IpAddr) -> Option<Mac> {
     if let Ok(sock) = UdpSocket::bind(bind) {
         let _ = sock.send_to(&[], SocketAddr::new(addr, 9));
     }
-    let deadline = Instant::now() + Duration::from_secs(1);
-    while Instant::now() < deadline {
+    let deadline = crate::clock::now() + Duration::from_secs(1);
+    while crate::clock::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
         if let Some(mac) = lookup(addr) {
             return Some(mac);
@@ -123,6 +124,7 @@ fn resolve_neighbor(addr: IpAddr) -> Option<Mac> {
 }
 
 /// The neighbour table's entry for `addr`, if it has a link-layer address.
+#[allow(clippy::disallowed_methods)] // the neighbour task is where processes run
 fn lookup(addr: IpAddr) -> Option<Mac> {
     let out = Command::new("ip")
         .args(["neigh", "show", "to", &addr.to_string()])

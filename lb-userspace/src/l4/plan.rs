@@ -20,11 +20,12 @@
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
     net::IpAddr,
+    sync::Arc,
 };
 
 use lb_common::{backend_flags, family, gate, Backend, VipKey, VipMeta};
 
-use super::maglev::{Member, Table};
+use super::maglev::{MaglevError, Member, Table};
 use crate::{
     model::{addr_words, BackendMode, Limits, Mac, Mode, VipSpec},
     registry::InstanceKey,
@@ -139,14 +140,15 @@ impl Gates {
 
 /// Ids handed out in FIFO order of release, so a freed id is reused as late as possible: ids
 /// never used come first (ascending, skipping those a previous agent left), then released ones
-/// in the order they were released. Cheap to copy: the unused ids are a counter, not a list.
+/// in the order they were released. Cheap to copy: the unused ids are a counter, and the
+/// released ones are shared until a plan takes or gives one.
 #[derive(Clone, Debug)]
 struct IdPool {
     next: u32,
     end: u32,
     /// Ids at or above `next` that are in use (adopted from a previous agent).
     taken: BTreeSet<u32>,
-    released: VecDeque<u32>,
+    released: Arc<VecDeque<u32>>,
 }
 
 impl IdPool {
@@ -159,7 +161,7 @@ impl IdPool {
                 .copied()
                 .filter(|i| range.contains(i))
                 .collect(),
-            released: VecDeque::new(),
+            released: Arc::new(VecDeque::new()),
         }
     }
 
@@ -171,11 +173,14 @@ impl IdPool {
                 return Some(id);
             }
         }
-        self.released.pop_front()
+        if self.released.is_empty() {
+            return None;
+        }
+        Arc::make_mut(&mut self.released).pop_front()
     }
 
     fn give_back(&mut self, id: u32) {
-        self.released.push_back(id);
+        Arc::make_mut(&mut self.released).push_back(id);
     }
 }
 
@@ -187,6 +192,8 @@ pub struct VipState {
     /// The live half of the ring (mirrors `VipMeta::ring_slot`).
     pub slot: u8,
     pub backends: BTreeMap<InstanceKey, BackendState>,
+    /// Tables published since this agent started (for metrics).
+    pub rebuilds: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -196,6 +203,8 @@ pub struct BackendState {
     pub state: BackendMode,
     /// For modes that rewrite the MAC: the one in use; `None` until the neighbour is known.
     pub mac: Option<Mac>,
+    /// Maglev slots it owns in the live table (for the API).
+    pub slots: u32,
 }
 
 /// What a previous agent left in the pinned maps.
@@ -206,24 +215,22 @@ pub struct Existing {
     pub backends: Vec<(u32, Backend)>,
 }
 
-/// The agent's model of the maps, advanced only by plans whose writes all succeeded.
+/// The agent's model of the maps, advanced only by plans whose writes all succeeded. A plan
+/// works on a copy, so copying is cheap: each VIP, the gates and the neighbours are shared until
+/// a plan changes them, and a plan changes one VIP.
 #[derive(Clone, Debug)]
 pub struct L4State {
-    vips: BTreeMap<String, VipState>,
+    vips: BTreeMap<String, Arc<VipState>>,
     vip_ids: IdPool,
     backend_ids: IdPool,
     /// Backend ids a previous agent left, by (vip id, instance): claimed by the first plans so
     /// tracked flows keep their backend across a restart; the rest go with
     /// [`L4State::finish_adoption`].
     adoptable: BTreeMap<(u32, InstanceKey), u32>,
-    /// Slot counts of each backend in its VIP's live table (for the API).
-    slot_counts: BTreeMap<u32, u32>,
-    /// Tables published per VIP (for metrics).
-    rebuilds: BTreeMap<String, u64>,
     /// MACs the neighbour task found, by backend address.
-    neighbours: BTreeMap<IpAddr, Mac>,
+    neighbours: Arc<BTreeMap<IpAddr, Mac>>,
     /// The gates as last written.
-    gates: Gates,
+    gates: Arc<Gates>,
     ring_size: u32,
 }
 
@@ -286,28 +293,24 @@ pub fn backend_entry(
     }
 }
 
-#[derive(Debug, PartialEq, Eq)]
+/// Why a plan could not be made; the state it started from is unchanged.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
+    #[error("no VIP {0}")]
     NoVip(String),
+    #[error("VIP {0:?} exists")]
     VipExists(String),
+    #[error("max_vips reached")]
     MaxVips,
+    #[error("max_backends reached")]
     MaxBackends,
-    Table { vip: String, error: String },
+    #[error("VIP {vip}: {source}")]
+    Table {
+        vip: String,
+        #[source]
+        source: MaglevError,
+    },
 }
-
-impl std::fmt::Display for PlanError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            PlanError::NoVip(n) => write!(f, "no VIP {n}"),
-            PlanError::VipExists(n) => write!(f, "VIP {n:?} exists"),
-            PlanError::MaxVips => f.write_str("max_vips reached"),
-            PlanError::MaxBackends => f.write_str("max_backends reached"),
-            PlanError::Table { vip, error } => write!(f, "VIP {vip}: {error}"),
-        }
-    }
-}
-
-impl std::error::Error for PlanError {}
 
 impl L4State {
     /// Takes over what a previous agent left: keeps the ids of VIPs `vips` still has (so its
@@ -332,6 +335,18 @@ impl L4State {
         }
         let mut adoptable = BTreeMap::new();
         let mut backend_taken = BTreeSet::new();
+        // The MACs a previous agent resolved are in its entries: its DSR and ipip backends stay
+        // in their tables across the restart instead of waiting for the neighbour task.
+        let mut neighbours = BTreeMap::new();
+        let rewrites_mac: BTreeSet<u32> = existing
+            .vips
+            .iter()
+            .filter(|(k, m)| {
+                wanted.contains(k)
+                    && (m.mode == Mode::Dsr.number() || m.mode == Mode::Ipip.number())
+            })
+            .map(|(_, m)| m.id)
+            .collect();
         for (id, b) in &existing.backends {
             let Some(address) = words_addr(b.addr, b.family) else {
                 continue;
@@ -343,6 +358,9 @@ impl L4State {
                 address,
                 port: u16::from_be(b.port),
             };
+            if rewrites_mac.contains(&b.vip_id) && b.mac != [0; 6] {
+                neighbours.insert(address, Mac(b.mac));
+            }
             adoptable.insert((b.vip_id, key), *id);
             backend_taken.insert(*id);
         }
@@ -351,10 +369,8 @@ impl L4State {
             vip_ids: IdPool::new(0..limits.max_vips, &vip_taken),
             backend_ids: IdPool::new(1..limits.max_backends, &backend_taken),
             adoptable,
-            slot_counts: BTreeMap::new(),
-            rebuilds: BTreeMap::new(),
-            neighbours: BTreeMap::new(),
-            gates: Gates::open(),
+            neighbours: Arc::new(neighbours),
+            gates: Arc::new(Gates::open()),
             ring_size: limits.ring_size,
         };
         for spec in vips {
@@ -386,12 +402,13 @@ impl L4State {
         let name = spec.name.clone();
         self.vips.insert(
             name.clone(),
-            VipState {
+            Arc::new(VipState {
                 spec,
                 id,
                 slot,
                 backends: BTreeMap::new(),
-            },
+                rebuilds: 0,
+            }),
         );
         if adopted.is_none() {
             // A new VIP starts with an empty table (every slot "none") until its backends arrive.
@@ -446,7 +463,7 @@ impl L4State {
             self.set_gates(gates, plan);
         }
         let neighbours = &self.neighbours;
-        let Some(vip) = self.vips.get_mut(vip_name) else {
+        let Some(vip) = self.vips.get_mut(vip_name).map(Arc::make_mut) else {
             return Err(PlanError::NoVip(vip_name.into()));
         };
         let vip_id = vip.id;
@@ -477,6 +494,7 @@ impl L4State {
                         weight: d.weight,
                         state: d.state,
                         mac,
+                        slots: b.slots,
                     };
                     let was = member(b);
                     let now = member(&next);
@@ -509,6 +527,7 @@ impl L4State {
                         weight: d.weight,
                         state: d.state,
                         mac,
+                        slots: 0,
                     };
                     table_changed |= member(&b);
                     vip.backends.insert(*key, b);
@@ -526,25 +545,27 @@ impl L4State {
                 id: b.id,
                 entry: Backend::default(),
             });
-            self.slot_counts.remove(&b.id);
             self.backend_ids.give_back(b.id);
         }
         if spec.mode == Mode::Nat {
             let gates = self.wanted_gates();
             self.set_gates(gates, plan);
         }
-        let in_use: BTreeSet<IpAddr> = self
-            .vips
-            .values()
-            .flat_map(|v| v.backends.keys().map(|k| k.address))
-            .collect();
-        self.neighbours.retain(|a, _| in_use.contains(a));
+        if !gone.is_empty() && !self.neighbours.is_empty() {
+            let in_use: BTreeSet<IpAddr> = self
+                .vips
+                .values()
+                .flat_map(|v| v.backends.keys().map(|k| k.address))
+                .chain(self.adoptable.keys().map(|(_, k)| k.address))
+                .collect();
+            Arc::make_mut(&mut self.neighbours).retain(|a, _| in_use.contains(a));
+        }
         Ok(())
     }
 
     /// Builds the VIP's table from its members and publishes it: the spare half, then the flip.
     fn publish(&mut self, name: &str, plan: &mut Plan) -> Result<(), PlanError> {
-        let Some(vip) = self.vips.get_mut(name) else {
+        let Some(vip) = self.vips.get_mut(name).map(Arc::make_mut) else {
             return Err(PlanError::NoVip(name.into()));
         };
         let needs_mac = vip.spec.mode.needs_mac();
@@ -559,9 +580,7 @@ impl L4State {
             .collect();
         // The table depends on member order: sort by identity so every node agrees.
         active.sort();
-        for b in vip.backends.values() {
-            self.slot_counts.insert(b.id, 0);
-        }
+        let mut slots = BTreeMap::new();
         let ids: Vec<u32> = if active.is_empty() {
             vec![lb_common::BACKEND_NONE; self.ring_size as usize]
         } else {
@@ -572,12 +591,13 @@ impl L4State {
                     weight: *w,
                 })
                 .collect();
-            let table = Table::build(&members, self.ring_size).map_err(|e| PlanError::Table {
-                vip: name.into(),
-                error: e.to_string(),
-            })?;
+            let table =
+                Table::build(&members, self.ring_size).map_err(|source| PlanError::Table {
+                    vip: name.into(),
+                    source,
+                })?;
             for (i, count) in table.counts().into_iter().enumerate() {
-                self.slot_counts.insert(active[i].2, count);
+                slots.insert(active[i].2, count);
             }
             table
                 .slots()
@@ -601,7 +621,10 @@ impl L4State {
             },
         });
         vip.slot = spare;
-        *self.rebuilds.entry(name.to_string()).or_default() += 1;
+        vip.rebuilds += 1;
+        for b in vip.backends.values_mut() {
+            b.slots = slots.get(&b.id).copied().unwrap_or(0);
+        }
         plan.published.push(Published {
             vip: name.into(),
             members: active.len(),
@@ -634,8 +657,8 @@ impl L4State {
     }
 
     fn set_gates(&mut self, gates: Gates, plan: &mut Plan) {
-        if gates != self.gates {
-            self.gates = gates.clone();
+        if gates != *self.gates {
+            self.gates = Arc::new(gates.clone());
             plan.writes.push(Write::Gates(gates));
         }
     }
@@ -643,7 +666,11 @@ impl L4State {
     /// A MAC the neighbour task found. The next plan of its VIP puts it in the backend's entry
     /// and the backend in the table. Returns whether it was news.
     pub fn learn_neighbour(&mut self, address: IpAddr, mac: Mac) -> bool {
-        self.neighbours.insert(address, mac) != Some(mac)
+        if self.neighbours.get(&address) == Some(&mac) {
+            return false;
+        }
+        Arc::make_mut(&mut self.neighbours).insert(address, mac);
+        true
     }
 
     /// Addresses of backends that need a MAC and have none: what the neighbour task resolves.
@@ -663,27 +690,26 @@ impl L4State {
         for w in done {
             if let Write::Vip { key, meta } = w {
                 if let Some(v) = self.vips.values_mut().find(|v| vip_key(&v.spec) == *key) {
-                    v.slot = meta.ring_slot & 1;
+                    Arc::make_mut(v).slot = meta.ring_slot & 1;
                 }
             }
         }
     }
 
     pub fn vips(&self) -> impl Iterator<Item = &VipState> {
-        self.vips.values()
+        self.vips.values().map(|v| &**v)
     }
 
     pub fn vip_names(&self) -> Vec<String> {
         self.vips.keys().cloned().collect()
     }
 
-    /// Maglev slots a backend owns in its VIP's live table.
-    pub fn slots(&self, backend: u32) -> u32 {
-        self.slot_counts.get(&backend).copied().unwrap_or(0)
-    }
-
-    pub fn rebuilds(&self) -> &BTreeMap<String, u64> {
-        &self.rebuilds
+    /// Tables published per VIP since this agent started.
+    pub fn rebuilds(&self) -> BTreeMap<String, u64> {
+        self.vips
+            .iter()
+            .map(|(n, v)| (n.clone(), v.rebuilds))
+            .collect()
     }
 
     pub fn adoptable(&self) -> usize {

@@ -1,7 +1,10 @@
 //! Pure types: what the agent is asked to do, as values. No sockets, no maps, no tasks; this
-//! layer imports only lb-common (and std, serde). Every other layer may use it.
+//! layer imports only lb-common (and std and value crates: serde, regex, ipnet). Every other layer may use it.
 
 pub mod l4;
+pub mod l7;
+pub mod middleware;
+pub mod rule;
 pub mod sources;
 
 pub use l4::{

@@ -160,7 +160,7 @@ async fn session(
     backoff: &mut Backoff,
 ) -> Result<()> {
     let mut client = connect(spec).await?;
-    let at = Instant::now();
+    let at = crate::clock::now();
     let key = layout.key_prefix();
     let (revision, mut entries) = get_all(&mut client, &key).await?;
     info!(
@@ -188,11 +188,11 @@ async fn session(
         if !apply(&mut entries, &resp)? {
             continue;
         }
-        let at = Instant::now();
+        let at = crate::clock::now();
         // Debounce: a burst of changes costs one snapshot.
-        let deadline = tokio::time::Instant::now() + MAX_DELAY;
+        let deadline = crate::clock::timer_now() + MAX_DELAY;
         loop {
-            let quiet = (tokio::time::Instant::now() + DEBOUNCE).min(deadline);
+            let quiet = (crate::clock::timer_now() + DEBOUNCE).min(deadline);
             match tokio::time::timeout_at(quiet, stream.message()).await {
                 Ok(r) => {
                     let resp = r

@@ -92,7 +92,7 @@ fn is_services_file(path: &Path) -> bool {
 #[derive(Debug, Default)]
 pub struct Doc {
     pub services: Services,
-    pub routing: crate::proxy::dynamic::Dynamic,
+    pub routing: crate::model::l7::Dynamic,
     pub unsupported: Vec<String>,
 }
 
@@ -323,7 +323,7 @@ impl FileSource {
 /// The routing of every file of a source.
 #[derive(Debug, Default)]
 pub struct Routing {
-    pub dynamic: crate::proxy::dynamic::Dynamic,
+    pub dynamic: crate::model::l7::Dynamic,
     pub unsupported: Vec<String>,
 }
 
@@ -336,7 +336,7 @@ pub async fn run(spec: FileProviderSpec, events: mpsc::Sender<Event>) -> Result<
         // Our own reads raise open/close (access) events: reacting to them would reload forever.
         if let Ok(ev) = res {
             if !matches!(ev.kind, notify::EventKind::Access(_)) {
-                let _ = tx.send(Instant::now());
+                let _ = tx.send(crate::clock::now());
             }
         }
     })
@@ -353,7 +353,7 @@ pub async fn run(spec: FileProviderSpec, events: mpsc::Sender<Event>) -> Result<
         .watch(&watch_dir, RecursiveMode::NonRecursive)
         .map_err(|e| anyhow!("watching {}: {e}", watch_dir.display()))?;
     info!(provider = name, dir = %watch_dir.display(), "watching");
-    let mut first = Some(Instant::now());
+    let mut first = Some(crate::clock::now());
     loop {
         let at = match first.take() {
             Some(at) => at,

@@ -53,7 +53,7 @@ pub enum Event {
     Routing {
         provider: String,
         rank: u8,
-        routing: crate::proxy::dynamic::Dynamic,
+        routing: crate::model::l7::Dynamic,
         /// Key paths lb does not support.
         unsupported: Vec<String>,
     },

@@ -259,7 +259,7 @@ async fn session(
         .map_err(|_| anyhow!("PSUBSCRIBE: timed out"))?
         .map_err(failed("PSUBSCRIBE"))?;
     let mut messages = pubsub.into_on_message();
-    let at = Instant::now();
+    let at = crate::clock::now();
     let (entries, errors) = read_range(&mut con, &key_prefix).await?;
     info!(
         provider = name,
@@ -270,8 +270,7 @@ async fn session(
         return Ok(());
     }
     backoff.reset();
-    let mut resync =
-        tokio::time::interval_at(tokio::time::Instant::now() + spec.resync, spec.resync);
+    let mut resync = tokio::time::interval_at(crate::clock::timer_now() + spec.resync, spec.resync);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let at = tokio::select! {
@@ -279,11 +278,11 @@ async fn session(
                 if m.is_none() {
                     bail!("the pub/sub connection closed");
                 }
-                let at = Instant::now();
+                let at = crate::clock::now();
                 // Debounce: a burst of changes costs one read.
-                let deadline = tokio::time::Instant::now() + MAX_DELAY;
+                let deadline = crate::clock::timer_now() + MAX_DELAY;
                 loop {
-                    let quiet = (tokio::time::Instant::now() + DEBOUNCE).min(deadline);
+                    let quiet = (crate::clock::timer_now() + DEBOUNCE).min(deadline);
                     match tokio::time::timeout_at(quiet, messages.next()).await {
                         Ok(Some(_)) => continue,
                         Ok(None) => bail!("the pub/sub connection closed"),
@@ -294,7 +293,7 @@ async fn session(
             }
             _ = resync.tick() => {
                 debug!(provider = name, "resync");
-                Instant::now()
+                crate::clock::now()
             }
         };
         let (entries, errors) = read_range(&mut con, &key_prefix).await?;

@@ -288,7 +288,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("lb-store-ttl-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let mut s = Store::open(&dir.join("api-store.json")).unwrap();
-        let now = SystemTime::now();
+        let now = crate::clock::wall();
         s.register("web", inst("10.0.0.1"), None, now).unwrap();
         let r = s.register(
             "web",

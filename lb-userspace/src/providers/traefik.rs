@@ -31,30 +31,21 @@ use std::{
 
 use serde_json::{Map, Value};
 
-use crate::{
-    proxy::{
-        balance::{Algorithm, Passive},
-        client::UpstreamTls,
-        dynamic::Dynamic,
-        middleware::{
-            auth::{BasicAuthConfig, ForwardAuthConfig},
-            compress::CompressConfig,
-            headers::{CorsConfig, HeadersConfig},
-            limit::{BufferingConfig, InFlightReqConfig, IpAllowListConfig, RateLimitConfig},
-            path::{
-                AddPrefixConfig, RedirectRegexConfig, RedirectSchemeConfig, ReplacePathConfig,
-                ReplacePathRegexConfig, StripPrefixConfig, StripPrefixRegexConfig,
-            },
-            resilience::{CircuitBreakerConfig, RetryConfig},
-            MiddlewareConfig,
-        },
-        rule::{Rule, TcpRule},
-        tcp::{TcpRouterSpec, TlsMode},
-        tls::CertSpec,
-        Mirror, RouterSpec, ServiceSpec,
+use crate::model::{
+    l7::{
+        Algorithm, CertSpec, Dynamic, Mirror, Passive, RouterSpec, ServiceSpec, TcpRouterSpec,
+        TlsMode, UpstreamTls,
     },
-    registry::{Instance, Services},
+    middleware::{
+        AddPrefixConfig, BasicAuthConfig, BufferingConfig, CircuitBreakerConfig, CompressConfig,
+        CorsConfig, ForwardAuthConfig, HeadersConfig, InFlightReqConfig, IpAllowListConfig,
+        MiddlewareConfig, RateLimitConfig, RedirectRegexConfig, RedirectSchemeConfig,
+        ReplacePathConfig, ReplacePathRegexConfig, RetryConfig, StripPrefixConfig,
+        StripPrefixRegexConfig,
+    },
+    rule::{Rule, TcpRule},
 };
+use crate::registry::{Instance, Services};
 
 /// A translated document.
 #[derive(Debug, Default)]

@@ -29,6 +29,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+pub use crate::model::l7::{AcmeSpec, ChallengeKind};
 use anyhow::{anyhow, bail, Context as _, Result};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -52,29 +53,6 @@ const LAST_RETRY: Duration = Duration::from_secs(3600);
 const MAX_SLEEP: Duration = Duration::from_secs(3600);
 /// One order, from creation to the certificate, must finish within this.
 const ORDER_TIMEOUT: Duration = Duration::from_secs(180);
-
-/// How the CA validates control of a name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChallengeKind {
-    /// The CA fetches `http://<name>/.well-known/acme-challenge/<token>` (port 80).
-    Http01,
-    /// The CA connects with TLS to `<name>:443` offering only ALPN `acme-tls/1`.
-    TlsAlpn01,
-}
-
-/// `[acme]` as configured.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AcmeSpec {
-    /// The directory URL (https).
-    pub directory: String,
-    pub email: Option<String>,
-    pub challenge: ChallengeKind,
-    /// One certificate per name; lowercase DNS names, no wildcards.
-    pub domains: Vec<String>,
-    /// A root trusted for the directory's HTTPS besides the system's (a private or test CA).
-    pub ca_file: Option<PathBuf>,
-    pub renew_before: Duration,
-}
 
 /// What the ACME client shares with the listeners: pending challenges and issued certificates.
 #[derive(Default)]
@@ -354,7 +332,7 @@ impl Acme {
     /// Installs the stored certificates that are still good for their names; returns how many.
     /// The others (missing, unreadable, expired) are ordered by [`Acme::run`].
     pub fn load_stored(&mut self) -> usize {
-        let now = SystemTime::now();
+        let now = crate::clock::wall();
         let mut loaded = 0;
         for name in self.spec.domains.clone() {
             let (crt, key) = (self.cert_path(&name), self.key_path(&name));
@@ -388,9 +366,9 @@ impl Acme {
     /// Orders what is missing or due, then sleeps until the next renewal or retry; forever.
     pub async fn run(mut self) {
         loop {
-            let mut wake = Instant::now() + MAX_SLEEP;
+            let mut wake = crate::clock::now() + MAX_SLEEP;
             for name in self.spec.domains.clone() {
-                let now = Instant::now();
+                let now = crate::clock::now();
                 let Some(d) = self.domains.get(&name) else {
                     continue;
                 };
@@ -400,7 +378,7 @@ impl Acme {
                 }
                 if let Some((nb, na)) = d.validity {
                     let due = renewal_time(nb, na, self.spec.renew_before);
-                    if let Ok(wait) = due.duration_since(SystemTime::now()) {
+                    if let Ok(wait) = due.duration_since(crate::clock::wall()) {
                         wake = wake.min(now + wait);
                         continue;
                     }
@@ -418,11 +396,11 @@ impl Acme {
                         d.validity = Some(v);
                         d.failures = 0;
                         d.retry_at = None;
-                        if renewal_time(v.0, v.1, self.spec.renew_before) <= SystemTime::now() {
+                        if renewal_time(v.0, v.1, self.spec.renew_before) <= crate::clock::wall() {
                             // Due the moment it arrives (a wrong clock, here or at the CA):
                             // ordering again at once would only repeat that.
                             warn!(domain = name, "the new certificate is already due for renewal; is the clock right?");
-                            d.retry_at = Some(Instant::now() + LAST_RETRY);
+                            d.retry_at = Some(crate::clock::now() + LAST_RETRY);
                         }
                         let expires = v.1.duration_since(UNIX_EPOCH).unwrap_or_default();
                         info!(
@@ -432,7 +410,7 @@ impl Acme {
                             "ACME certificate installed"
                         );
                         // Checked again on the next pass (its renewal time is in the future).
-                        wake = Instant::now();
+                        wake = crate::clock::now();
                     }
                     Err(e) => {
                         self.stats.failures.fetch_add(1, Ordering::Relaxed);
@@ -440,8 +418,8 @@ impl Acme {
                         let delay = FIRST_RETRY
                             .saturating_mul(1 << (d.failures - 1).min(10))
                             .min(LAST_RETRY);
-                        d.retry_at = Some(Instant::now() + delay);
-                        wake = wake.min(Instant::now() + delay);
+                        d.retry_at = Some(crate::clock::now() + delay);
+                        wake = wake.min(crate::clock::now() + delay);
                         warn!(
                             domain = name,
                             retry_in_secs = delay.as_secs(),

@@ -5,6 +5,7 @@
 //! change neither forgets an ejection nor resets least-requests accounting. Time and randomness
 //! come in as arguments where a decision depends on them, so the logic is tested exactly.
 
+pub use crate::model::l7::{Algorithm, Passive};
 use std::{
     net::SocketAddr,
     sync::{
@@ -13,39 +14,6 @@ use std::{
     },
     time::{Duration, Instant},
 };
-
-/// How a pool picks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Algorithm {
-    /// Smooth weighted round robin (nginx's): strict rotation for equal weights, interleaved
-    /// otherwise.
-    #[serde(alias = "wrr", alias = "round_robin")]
-    WeightedRoundRobin,
-    /// Uniform over the weights.
-    Random,
-    /// Fewest requests in flight (weighted: in-flight / weight), ties by rotation.
-    LeastRequests,
-    /// Power of two choices: two random candidates, the lower `latency EWMA × (in flight + 1)`.
-    P2c,
-}
-
-/// Passive health: consecutive failures (connect errors, 5xx) eject an upstream for a back-off
-/// that doubles with each ejection in a row, up to 16×.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Passive {
-    pub failures: u32,
-    pub backoff: Duration,
-}
-
-impl Default for Passive {
-    fn default() -> Self {
-        Passive {
-            failures: 3,
-            backoff: Duration::from_secs(10),
-        }
-    }
-}
 
 /// One upstream's live state.
 #[derive(Debug)]
@@ -426,7 +394,7 @@ mod tests {
             Algorithm::WeightedRoundRobin,
             vec![(u[0].clone(), 5), (u[1].clone(), 1), (u[2].clone(), 1)],
         );
-        let now = Instant::now();
+        let now = crate::clock::now();
         let seq: Vec<u8> = (0..7)
             .map(|_| {
                 p.pick(now, &mut rng(1))
@@ -457,7 +425,7 @@ mod tests {
             Algorithm::Random,
             vec![(u[0].clone(), 1), (u[1].clone(), 3)],
         );
-        let t = tally(&p, 40_000, Instant::now(), &mut rng(7));
+        let t = tally(&p, 40_000, crate::clock::now(), &mut rng(7));
         let share = t[1] as f64 / 40_000.0;
         assert!((share - 0.75).abs() < 0.01, "{t:?}");
     }
@@ -469,7 +437,7 @@ mod tests {
             Algorithm::LeastRequests,
             u.iter().map(|x| (x.clone(), 1)).collect(),
         );
-        let now = Instant::now();
+        let now = crate::clock::now();
         u[0].in_flight.store(5, Ordering::Relaxed);
         u[1].in_flight.store(1, Ordering::Relaxed);
         u[2].in_flight.store(3, Ordering::Relaxed);
@@ -485,7 +453,7 @@ mod tests {
     fn p2c_avoids_the_slow_and_the_busy() {
         let u = ups(4);
         let p = Pool::new(Algorithm::P2c, u.iter().map(|x| (x.clone(), 1)).collect());
-        let now = Instant::now();
+        let now = crate::clock::now();
         let passive = Passive::default();
         for (i, x) in u.iter().enumerate() {
             let ms = if i == 0 { 50 } else { 5 };
@@ -508,7 +476,7 @@ mod tests {
             failures: 3,
             backoff: Duration::from_secs(10),
         };
-        let t0 = Instant::now();
+        let t0 = crate::clock::now();
         for _ in 0..2 {
             u[0].record(false, Duration::from_millis(1), &passive, t0);
         }
@@ -548,7 +516,7 @@ mod tests {
         let waiter = {
             let u = u.clone();
             tokio::spawn(async move {
-                let until = tokio::time::Instant::now() + Duration::from_secs(5);
+                let until = crate::clock::timer_now() + Duration::from_secs(5);
                 Upstream::slot(&u, 2, until).await.is_some()
             })
         };
@@ -559,7 +527,7 @@ mod tests {
             "a freed slot goes to the waiter"
         );
         // Nothing frees: the wait ends at its deadline, empty-handed.
-        let start = tokio::time::Instant::now();
+        let start = crate::clock::timer_now();
         let until = start + Duration::from_secs(2);
         let _c = Upstream::try_slot(&u, 2);
         assert!(Upstream::slot(&u, 2, until).await.is_none());

@@ -24,18 +24,7 @@ use rustls::{crypto::ring::default_provider, ClientConfig, RootCertStore};
 use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName};
 
 use super::Body;
-
-/// How lb talks TLS to a service's upstreams.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
-pub struct UpstreamTls {
-    /// Roots the upstream's certificate must chain to; the system's bundle when absent.
-    pub ca_file: Option<PathBuf>,
-    /// lb's client certificate and key (mTLS), both or neither.
-    pub cert_file: Option<PathBuf>,
-    pub key_file: Option<PathBuf>,
-    /// The name the upstream's certificate must carry (SNI too); the address otherwise.
-    pub server_name: Option<String>,
-}
+pub use crate::model::l7::UpstreamTls;
 
 /// What distinguishes one upstream client from another: its TLS and its timeouts.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -51,8 +40,8 @@ impl Default for ClientKey {
     fn default() -> Self {
         ClientKey {
             tls: None,
-            connect_timeout: Duration::from_secs(5),
-            idle_timeout: Duration::from_secs(90),
+            connect_timeout: crate::model::l7::DEFAULT_CONNECT_TIMEOUT,
+            idle_timeout: crate::model::l7::DEFAULT_UPSTREAM_IDLE_TIMEOUT,
         }
     }
 }

@@ -142,7 +142,7 @@ pub struct Client {
 /// Serves a client connection until it closes. `h2`: ALPN chose HTTP/2; otherwise the first
 /// bytes say (the h2c preface or HTTP/1).
 pub async fn serve<S: Socket>(io: S, h2: bool, client: Arc<Client>) {
-    let deadline = Instant::now() + client.limits.header_timeout;
+    let deadline = crate::clock::timer_now() + client.limits.header_timeout;
     let mut io = Prefixed::new(io, Vec::new());
     let h2 = h2 || {
         // Nothing of hyper's exists until the client has said something.
@@ -286,7 +286,7 @@ async fn http1<S: Socket>(mut io: Prefixed<S>, mut deadline: Instant, client: &A
                 return;
             }
             // Bytes came: the head they begin has its own time from now.
-            deadline = Instant::now() + limits.header_timeout;
+            deadline = crate::clock::timer_now() + limits.header_timeout;
         }
         let turn = Arc::new(Turn::default());
         // Boxed: a parked connection's task must not keep room for a hyper connection. hyper
@@ -340,7 +340,7 @@ async fn http1<S: Socket>(mut io: Prefixed<S>, mut deadline: Instant, client: &A
             return;
         }
         io = rest;
-        deadline = Instant::now() + limits.idle_timeout;
+        deadline = crate::clock::timer_now() + limits.idle_timeout;
     }
 }
 

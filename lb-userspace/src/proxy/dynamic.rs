@@ -7,21 +7,8 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use super::{
-    middleware::{Middleware, MiddlewareConfig},
-    tls::CertSpec,
-    L7Config, RouterSpec, ServiceSpec,
-};
-
-/// One provider's L7 configuration.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Dynamic {
-    pub routers: Vec<RouterSpec>,
-    pub services: HashMap<String, ServiceSpec>,
-    pub middlewares: Vec<(String, MiddlewareConfig)>,
-    pub certificates: Vec<CertSpec>,
-    pub tcp_routers: Vec<super::tcp::TcpRouterSpec>,
-}
+use super::{middleware::Middleware, L7Config};
+pub use crate::model::l7::Dynamic;
 
 /// A provider's part with its middlewares built.
 pub struct Built {
@@ -136,7 +123,7 @@ pub fn merge<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::rule::Rule;
+    use crate::model::{l7::RouterSpec, middleware::MiddlewareConfig, rule::Rule};
     use std::collections::BTreeMap;
 
     fn router(name: &str, service: &str, mws: &[&str]) -> RouterSpec {
@@ -160,11 +147,10 @@ mod tests {
             middlewares: HashMap::new(),
             tcp_routers: Vec::new(),
         };
-        let strip =
-            MiddlewareConfig::StripPrefix(crate::proxy::middleware::path::StripPrefixConfig {
-                prefixes: vec!["/a".into()],
-            });
-        let bad = MiddlewareConfig::AddPrefix(crate::proxy::middleware::path::AddPrefixConfig {
+        let strip = MiddlewareConfig::StripPrefix(crate::model::middleware::StripPrefixConfig {
+            prefixes: vec!["/a".into()],
+        });
+        let bad = MiddlewareConfig::AddPrefix(crate::model::middleware::AddPrefixConfig {
             prefix: "no-slash".into(),
         });
         let (built, problems) = Built::new(

@@ -39,38 +39,7 @@ use hyper::body::{Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
 use super::{Body, BoxError};
-
-/// One entry point's bounds (see the module's text).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConnLimits {
-    pub header_timeout: Duration,
-    pub idle_timeout: Duration,
-    pub body_timeout: Duration,
-    /// Bytes per second; 0: only the gap counts.
-    pub body_min_rate: u64,
-    pub write_timeout: Duration,
-    /// `None`: no PINGs.
-    pub h2_keepalive: Option<Duration>,
-    pub h2_max_streams: u32,
-    pub max_connections: usize,
-}
-
-impl Default for ConnLimits {
-    /// Safe for a server on the internet: nginx's and Traefik's orders of magnitude, and an
-    /// upload at dial-up speed still gets through.
-    fn default() -> Self {
-        ConnLimits {
-            header_timeout: Duration::from_secs(30),
-            idle_timeout: Duration::from_secs(60),
-            body_timeout: Duration::from_secs(30),
-            body_min_rate: 512,
-            write_timeout: Duration::from_secs(60),
-            h2_keepalive: Some(Duration::from_secs(30)),
-            h2_max_streams: 100,
-            max_connections: 10_000,
-        }
-    }
-}
+pub use crate::model::l7::ConnLimits;
 
 /// A request body cut because the client sent it too slowly.
 #[derive(Debug)]
@@ -147,7 +116,7 @@ impl hyper::body::Body for SlowBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.body).poll_frame(cx);
-        let now = Instant::now();
+        let now = crate::clock::timer_now();
         if r.is_ready() {
             if let Some(since) = this.waiting_since.take() {
                 this.waited += now.saturating_duration_since(since);
@@ -192,7 +161,7 @@ pub struct Clock {
 impl Clock {
     pub fn new() -> Clock {
         Clock {
-            base: Instant::now(),
+            base: crate::clock::timer_now(),
         }
     }
     pub fn now(&self) -> u64 {
@@ -460,7 +429,7 @@ mod tests {
         let mut b = SlowBody::new(body, &limits(1000, 0));
         tx.send(Bytes::from_static(b"abc")).await.unwrap();
         assert!(b.frame().await.unwrap().is_ok());
-        let start = Instant::now();
+        let start = crate::clock::timer_now();
         let e = b.frame().await.unwrap().unwrap_err();
         assert!(is_too_slow(&*e));
         assert_eq!(start.elapsed(), Duration::from_millis(1000));
@@ -481,7 +450,7 @@ mod tests {
                 }
             }
         });
-        let start = Instant::now();
+        let start = crate::clock::timer_now();
         let mut got = 0;
         let cut = loop {
             match b.frame().await {

@@ -17,7 +17,7 @@ pub mod limits;
 pub mod middleware;
 pub mod normalise;
 pub mod obs;
-pub mod rule;
+pub use crate::model::rule;
 pub mod tcp;
 pub mod tls;
 
@@ -25,7 +25,6 @@ use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::{atomic::Ordering, Arc},
-    time::Instant,
 };
 
 use arc_swap::ArcSwap;
@@ -41,11 +40,14 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+pub use crate::model::l7::{
+    EntryPointSpec, Mirror, RouterSpec, ServiceSpec, DEFAULT_MAX_UPSTREAM_CONNECTIONS,
+};
 use crate::registry::Services;
-use balance::{Algorithm, Passive, Pool, Upstream};
-use client::{ClientKey, UpstreamClient, UpstreamTls};
+use balance::{Pool, Upstream};
+use client::{ClientKey, UpstreamClient};
 use middleware::{ClientFault, Ctx, Flow, UpstreamFailure};
-use rule::{RequestView, Rule};
+use rule::RequestView;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Bodies in both directions, boxed: middlewares may replace them (buffered, compressed).
@@ -54,118 +56,12 @@ pub type Body = BoxBody<Bytes, BoxError>;
 /// A TLS entry point's server configuration, replaceable while it listens.
 pub type TlsConfig = Arc<ArcSwap<rustls::ServerConfig>>;
 
-/// A router as configured.
-#[derive(Debug, Clone)]
-pub struct RouterSpec {
-    pub name: String,
-    /// Entry points it serves; empty: all.
-    pub entrypoints: Vec<String>,
-    pub rule: Rule,
-    pub rule_text: String,
-    pub priority: Option<i64>,
-    pub service: String,
-    /// Names of `[[middleware]]`s, run in this order.
-    pub middlewares: Vec<String>,
-}
-
-/// Equal when configured the same (the compiled rule follows from its text).
-impl PartialEq for RouterSpec {
-    fn eq(&self, o: &Self) -> bool {
-        (
-            &self.name,
-            &self.entrypoints,
-            &self.rule_text,
-            self.priority,
-            &self.service,
-        ) == (
-            &o.name,
-            &o.entrypoints,
-            &o.rule_text,
-            o.priority,
-            &o.service,
-        )
-    }
-}
-
-impl Eq for RouterSpec {}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EntryPointSpec {
-    pub name: String,
-    pub address: SocketAddr,
-    /// Terminate TLS here (certificates from `[[certificate]]`).
-    pub tls: bool,
-    /// mTLS: clients must present a certificate signed by this CA.
-    pub client_ca_file: Option<std::path::PathBuf>,
-    /// Clients whose `X-Forwarded-*` / `Forwarded` headers are believed (other proxies). From
-    /// anyone else those headers are replaced, never extended: a client cannot forge its origin.
-    pub trusted_ips: Vec<ipnet::IpNet>,
-    /// How long, and how much, a client connection may hold while it does nothing useful.
-    pub limits: limits::ConnLimits,
-}
-
-/// How a service's upstreams are balanced, checked, retried and timed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServiceSpec {
-    pub algorithm: Algorithm,
-    pub passive: Passive,
-    /// Extra attempts on other upstreams for a replayable request that got no answer.
-    pub retries: u32,
-    /// No answer within this: 504 (and a failure for passive health).
-    pub request_timeout: Option<std::time::Duration>,
-    /// Sticky sessions: the cookie that pins a client to its upstream.
-    pub sticky_cookie: Option<String>,
-    /// TLS to the upstreams (verified; optionally with lb's client certificate).
-    pub tls: Option<UpstreamTls>,
-    /// A copy of a share of the requests goes to another service; its answers are dropped.
-    pub mirror: Option<Mirror>,
-    /// Connecting to an upstream (TCP and TLS) must finish within this.
-    pub connect_timeout: std::time::Duration,
-    /// Pooled keep-alive connections to the upstreams unused this long are closed.
-    pub idle_timeout: std::time::Duration,
-    /// Connections in use to each upstream (one per request in flight, from the send to the
-    /// answer's end). Beyond it a request waits up to `connect_timeout`, then gets a `503`.
-    pub max_connections: usize,
-}
-
 impl ServiceSpec {
     fn client_key(&self) -> ClientKey {
         ClientKey {
             tls: self.tls.clone(),
             connect_timeout: self.connect_timeout,
             idle_timeout: self.idle_timeout,
-        }
-    }
-}
-
-/// Connections in use to one upstream, unless a service says otherwise.
-pub const DEFAULT_MAX_UPSTREAM_CONNECTIONS: usize = 1024;
-
-/// Shadow traffic: `percent` of requests are also sent to `service` (fire and forget). A
-/// request with a body is mirrored only when the body is at most `max_body_bytes` (it is read
-/// whole to be sent twice).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Mirror {
-    pub service: String,
-    pub percent: f64,
-    pub max_body_bytes: usize,
-}
-
-impl Eq for Mirror {}
-
-impl Default for ServiceSpec {
-    fn default() -> Self {
-        ServiceSpec {
-            algorithm: Algorithm::WeightedRoundRobin,
-            passive: Passive::default(),
-            retries: 0,
-            request_timeout: None,
-            sticky_cookie: None,
-            tls: None,
-            mirror: None,
-            connect_timeout: ClientKey::default().connect_timeout,
-            idle_timeout: ClientKey::default().idle_timeout,
-            max_connections: DEFAULT_MAX_UPSTREAM_CONNECTIONS,
         }
     }
 }
@@ -452,7 +348,7 @@ pub(crate) fn strip_hop_by_hop(h: &mut hyper::HeaderMap) {
 /// A fresh request id: 128 random bits as 32 lowercase hex digits.
 pub(crate) fn new_request_id() -> HeaderValue {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut n = rand::random::<u128>();
+    let mut n = crate::clock::random::<u128>();
     let mut digits = [0u8; 32];
     for d in digits.iter_mut().rev() {
         *d = HEX[(n & 0xf) as usize];
@@ -983,7 +879,7 @@ impl Proxy {
         trace.route = route.obs.get(entrypoint).cloned();
         // Middlewares, in order; one may answer instead of the upstream, and the ones before
         // it still see that answer on its way back.
-        let mut ctx = Ctx::new(client_ip, scheme, host, Instant::now());
+        let mut ctx = Ctx::new(client_ip, scheme, host, crate::clock::now());
         let mut answered = None;
         for (i, m) in route.chain.iter().enumerate() {
             let early = match m.request(&mut ctx, &mut req) {
@@ -1080,7 +976,7 @@ impl Proxy {
         };
         let mut body = Some(body);
         if let Some(m) = &spec.mirror {
-            if rand::random::<f64>() * 100.0 < m.percent && upgrade.is_none() {
+            if crate::clock::random::<f64>() * 100.0 < m.percent && upgrade.is_none() {
                 if replay.is_none() {
                     match read_small(&parts.headers, &mut body, m.max_body_bytes).await {
                         Ok(b) => replay = b,
@@ -1112,7 +1008,7 @@ impl Proxy {
                     tokio::time::sleep(wait).await;
                 }
             }
-            let now = Instant::now();
+            let now = crate::clock::now();
             let sticky_hit = if tried.is_empty() {
                 sticky.and_then(|k| pool.by_key(k, now))
             } else {
@@ -1121,10 +1017,11 @@ impl Proxy {
             let picked = sticky_hit.clone().or_else(|| {
                 // Prefer an upstream this request has not failed on yet.
                 (0..4)
-                    .filter_map(|_| pool.pick(now, &mut || rand::random::<u64>()))
+                    .filter_map(|_| pool.pick(now, &mut || crate::clock::random::<u64>()))
                     .find(|u| !tried.contains(&u.addr))
             });
-            let Some(upstream) = picked.or_else(|| pool.pick(now, &mut || rand::random::<u64>()))
+            let Some(upstream) =
+                picked.or_else(|| pool.pick(now, &mut || crate::clock::random::<u64>()))
             else {
                 return failure(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -1137,7 +1034,7 @@ impl Proxy {
             // One connection's worth of the upstream, held to the answer's end; beyond the
             // cap the request waits in line as long as a connect may take. Not the upstream's
             // failure, nor the client's: lb is at the limit it was given.
-            let until = tokio::time::Instant::now() + spec.connect_timeout;
+            let until = crate::clock::timer_now() + spec.connect_timeout;
             let Some(slot) = Upstream::slot(&upstream, spec.max_connections, until).await else {
                 warn!(
                     router = route.spec.name,
@@ -1167,7 +1064,7 @@ impl Proxy {
             let mut attempt = Request::from_parts(head, this_body);
             *attempt.uri_mut() = uri;
             *attempt.version_mut() = hyper::Version::HTTP_11;
-            let started = Instant::now();
+            let started = crate::clock::now();
             let in_flight = Upstream::start(&upstream);
             let sent = svc.client.request(attempt);
             let result: Result<Result<Response<Incoming>, _>, ()> = match spec.request_timeout {
@@ -1190,7 +1087,7 @@ impl Proxy {
                             resp.status().as_u16() < 500,
                             started.elapsed(),
                             &spec.passive,
-                            Instant::now(),
+                            crate::clock::now(),
                         );
                     }
                     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -1242,7 +1139,7 @@ impl Proxy {
                 }
                 None => {}
             }
-            upstream.record(false, started.elapsed(), &spec.passive, Instant::now());
+            upstream.record(false, started.elapsed(), &spec.passive, crate::clock::now());
             tried.push(upstream.addr);
             let never_connected = error.as_ref().is_some_and(|e| e.is_connect());
             trace.upstream_failed(never_connected, error.is_none());
@@ -1273,7 +1170,7 @@ impl Proxy {
     fn mirror(&self, shadow: &Svc, parts: &hyper::http::request::Parts, body: Bytes) {
         let Some(upstream) = shadow
             .pool
-            .pick(Instant::now(), &mut || rand::random::<u64>())
+            .pick(crate::clock::now(), &mut || crate::clock::random::<u64>())
         else {
             return;
         };

@@ -350,7 +350,7 @@ impl Http {
             Box::new(RequestInfo::of(entrypoint, client, req))
         });
         Trace {
-            started: Instant::now(),
+            started: crate::clock::now(),
             route: None,
             upstream: None,
             attempts: 0,

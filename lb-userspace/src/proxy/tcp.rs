@@ -26,7 +26,7 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use tokio::{
@@ -37,9 +37,10 @@ use tracing::{debug, warn};
 
 use super::{
     balance::{Passive, Pool, Upstream},
-    rule::{ConnView, TcpRule},
+    rule::ConnView,
     EntryPointSpec, Proxy, TlsConfig,
 };
+pub use crate::model::l7::{TcpRouterSpec, TlsMode};
 use client_hello::{ClientHello, Parsed};
 
 /// The most bytes read from a client before a route is chosen.
@@ -55,54 +56,6 @@ const MAX_ATTEMPTS: usize = 4;
 
 /// The ALPN protocol of ACME's TLS-ALPN-01 validations (RFC 8737).
 const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
-
-/// What a TCP router does with TLS.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TlsMode {
-    /// Not TLS: bytes relayed as they come (only `HostSNI(`*`)` can match).
-    Plain,
-    /// TLS relayed encrypted; the upstream terminates it.
-    Passthrough,
-    /// lb terminates TLS with its certificates; the upstream gets the plaintext.
-    Terminate,
-}
-
-/// A `[[tcp_router]]` as configured.
-#[derive(Debug, Clone)]
-pub struct TcpRouterSpec {
-    pub name: String,
-    /// Entry points it serves; empty: all.
-    pub entrypoints: Vec<String>,
-    pub rule: TcpRule,
-    pub rule_text: String,
-    pub priority: Option<i64>,
-    /// A registry service: its instances are the upstreams.
-    pub service: String,
-    pub tls: TlsMode,
-}
-
-/// Equal when configured the same (the compiled rule follows from its text).
-impl PartialEq for TcpRouterSpec {
-    fn eq(&self, o: &Self) -> bool {
-        (
-            &self.name,
-            &self.entrypoints,
-            &self.rule_text,
-            self.priority,
-            &self.service,
-            self.tls,
-        ) == (
-            &o.name,
-            &o.entrypoints,
-            &o.rule_text,
-            o.priority,
-            &o.service,
-            o.tls,
-        )
-    }
-}
-
-impl Eq for TcpRouterSpec {}
 
 pub(super) struct TcpRoute {
     spec: TcpRouterSpec,
@@ -233,7 +186,7 @@ enum Seen {
 
 /// Reads until the first bytes are a whole ClientHello or clearly something else.
 async fn inspect(stream: &mut TcpStream) -> (Vec<u8>, Seen) {
-    let deadline = tokio::time::Instant::now() + PEEK_TIMEOUT;
+    let deadline = crate::clock::timer_now() + PEEK_TIMEOUT;
     let mut buf: Vec<u8> = Vec::new();
     loop {
         match client_hello::parse(&buf) {
@@ -398,24 +351,24 @@ async fn connect(
 ) -> Option<(TcpStream, Arc<Upstream>)> {
     let mut tried: Vec<SocketAddr> = Vec::new();
     for _ in 0..pool.len().min(MAX_ATTEMPTS) {
-        let now = Instant::now();
+        let now = crate::clock::now();
         let picked = (0..4)
-            .filter_map(|_| pool.pick(now, &mut || rand::random::<u64>()))
+            .filter_map(|_| pool.pick(now, &mut || crate::clock::random::<u64>()))
             .find(|u| !tried.contains(&u.addr));
         let upstream = picked?;
-        let started = Instant::now();
+        let started = crate::clock::now();
         let error =
             match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(upstream.addr)).await {
                 Ok(Ok(s)) => {
                     let _ = s.set_nodelay(true);
-                    upstream.record(true, started.elapsed(), passive, Instant::now());
+                    upstream.record(true, started.elapsed(), passive, crate::clock::now());
                     return Some((s, upstream));
                 }
                 Ok(Err(e)) => e.to_string(),
                 Err(_) => "timed out".to_string(),
             };
         warn!(router, upstream = %upstream.addr, "connect: {error}");
-        upstream.record(false, started.elapsed(), passive, Instant::now());
+        upstream.record(false, started.elapsed(), passive, crate::clock::now());
         tried.push(upstream.addr);
     }
     None

@@ -16,6 +16,7 @@
 
 use std::{fmt, path::Path, sync::Arc};
 
+pub use crate::model::l7::CertSpec;
 use anyhow::{anyhow, Context as _, Result};
 use rustls::{
     crypto::ring::{default_provider, sign::any_supported_type},
@@ -24,15 +25,6 @@ use rustls::{
     RootCertStore, ServerConfig,
 };
 use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName};
-
-/// A certificate as configured.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CertSpec {
-    pub cert_file: std::path::PathBuf,
-    pub key_file: std::path::PathBuf,
-    /// Served when the client's name matches no certificate (or it sends none).
-    pub default: bool,
-}
 
 struct Entry {
     leaf: CertificateDer<'static>,

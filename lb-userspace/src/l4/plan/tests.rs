@@ -446,3 +446,31 @@ fn a_wildcard_vip_opens_its_protocol_and_any_nat_reply_port() {
         "replies come from any port"
     );
 }
+
+#[test]
+fn a_restarted_agent_keeps_the_macs_its_predecessor_resolved() {
+    let web = vip("web", "10.9.0.1", 80, Mode::Dsr);
+    let mac = Mac([2, 0, 0, 0, 0, 11]);
+    let a = key("10.0.0.11", 0);
+    let existing = Existing {
+        vips: vec![(
+            vip_key(&web),
+            VipMeta {
+                id: 0,
+                mode: Mode::Dsr.number(),
+                ring_slot: 0,
+                _pad: [0; 2],
+            },
+        )],
+        backends: vec![(1, backend_entry(&a, 0, Some(mac), BackendMode::Active))],
+    };
+    let (s, _) = L4State::adopt(&limits(8), &existing, &[web]).expect("adopt");
+    let (s, plan) = s.plan("web", &[active("10.0.0.11", 0)]).expect("plan");
+    assert_eq!(
+        words(&plan),
+        ["backend 1 usable mac", "ring 0.1", "flip 0→1"],
+        "the first table after a restart has the backend: no packet meets an empty table"
+    );
+    assert!(ring(&plan).iter().all(|&id| id == 1));
+    assert!(s.unresolved().is_empty());
+}

@@ -26,26 +26,9 @@ use hyper::{
     header::{self, HeaderName, HeaderValue},
     Request, Response, StatusCode, Uri,
 };
-use serde::Deserialize;
 
 use super::{answer, full, Ctx, Flow, Middleware, Req};
 use crate::proxy::{client::UpstreamClient, Body, BoxError};
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct BasicAuthConfig {
-    /// `user:hash` lines, as htpasswd writes them (bcrypt or argon2).
-    pub users: Vec<String>,
-    #[serde(default = "realm")]
-    pub realm: String,
-    /// Passes the authenticated user's name to the upstream in this header.
-    #[serde(default)]
-    pub header_field: Option<String>,
-}
-
-fn realm() -> String {
-    "lb".into()
-}
 
 impl BasicAuthConfig {
     pub fn build(&self) -> Result<BasicAuth, String> {
@@ -215,22 +198,7 @@ impl Middleware for BasicAuth {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct ApiKeyConfig {
-    /// `sha256:<hex>` digests of the accepted keys.
-    pub keys: Vec<String>,
-    /// The header that carries the key.
-    #[serde(default = "api_key_header")]
-    pub header: String,
-    /// Also accepted as this query parameter (removed before forwarding).
-    #[serde(default)]
-    pub query: Option<String>,
-}
-
-fn api_key_header() -> String {
-    "X-API-Key".into()
-}
+pub use crate::model::middleware::{ApiKeyConfig, BasicAuthConfig, ForwardAuthConfig};
 
 impl ApiKeyConfig {
     pub fn build(&self) -> Result<ApiKey, String> {
@@ -333,31 +301,6 @@ impl Middleware for ApiKey {
         }
         Flow::Next
     }
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct ForwardAuthConfig {
-    /// The authentication service (`http://` or `https://`).
-    pub address: String,
-    /// Keep the client's `X-Forwarded-*` headers (only when lb sits behind trusted proxies).
-    #[serde(default)]
-    pub trust_forward_header: bool,
-    /// Headers of the auth service's 2xx answer copied onto the request.
-    #[serde(default)]
-    pub auth_response_headers: Vec<String>,
-    /// Request headers sent to the auth service; empty: all of them.
-    #[serde(default)]
-    pub auth_request_headers: Vec<String>,
-    #[serde(default = "auth_timeout")]
-    pub timeout_ms: u64,
-    /// CA for an `https://` address (the system's roots otherwise).
-    #[serde(default)]
-    pub ca_file: Option<std::path::PathBuf>,
-}
-
-fn auth_timeout() -> u64 {
-    5000
 }
 
 impl ForwardAuthConfig {
@@ -508,6 +451,7 @@ impl Middleware for ForwardAuth {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::middleware::api_key_header;
 
     #[test]
     fn basic_auth_accepts_hashes_only() {
@@ -545,7 +489,7 @@ mod tests {
             "127.0.0.1".parse().unwrap(),
             "http",
             "a.test".into(),
-            std::time::Instant::now(),
+            crate::clock::now(),
         );
         let mut req = request(user, pass);
         let answer = match auth.request(&mut ctx, &mut req) {
@@ -564,7 +508,7 @@ mod tests {
         let time = |user: &'static str| {
             let auth = &auth;
             async move {
-                let t = std::time::Instant::now();
+                let t = crate::clock::now();
                 for _ in 0..3 {
                     assert_eq!(run(auth, user, "wrong").await, Some(401), "{user}");
                 }

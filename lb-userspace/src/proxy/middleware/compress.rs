@@ -19,9 +19,9 @@ use hyper::{
     header::{self, HeaderValue},
     Method, Response, StatusCode,
 };
-use serde::Deserialize;
 
 use super::{BoxFuture, Ctx, Flow, Middleware, Req};
+pub use crate::model::middleware::CompressConfig;
 use crate::proxy::Body;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,25 +87,6 @@ pub fn negotiate(accept: &str, order: &[Encoding]) -> Option<Encoding> {
         }
     }
     best.map(|(e, _)| e)
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct CompressConfig {
-    #[serde(default = "default_encodings")]
-    pub encodings: Vec<String>,
-    #[serde(default = "default_min")]
-    pub min_response_body_bytes: u64,
-    #[serde(default)]
-    pub excluded_content_types: Vec<String>,
-}
-
-fn default_encodings() -> Vec<String> {
-    vec!["zstd".into(), "br".into(), "gzip".into()]
-}
-
-fn default_min() -> u64 {
-    1024
 }
 
 impl CompressConfig {

@@ -21,46 +21,10 @@ use hyper::{
     header::{self, HeaderName, HeaderValue},
     Method, Response, StatusCode,
 };
-use serde::Deserialize;
 
 use super::{full, BoxFuture, Ctx, Flow, Middleware, Req};
+pub use crate::model::middleware::{CorsConfig, HeadersConfig};
 use crate::proxy::Body;
-
-#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
-#[serde(deny_unknown_fields)]
-pub struct CorsConfig {
-    /// Origins allowed (`*`: any).
-    pub allow_origins: Vec<String>,
-    #[serde(default)]
-    pub allow_methods: Vec<String>,
-    #[serde(default)]
-    pub allow_headers: Vec<String>,
-    #[serde(default)]
-    pub expose_headers: Vec<String>,
-    #[serde(default)]
-    pub allow_credentials: bool,
-    #[serde(default)]
-    pub max_age_secs: Option<u64>,
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
-#[serde(deny_unknown_fields)]
-pub struct HeadersConfig {
-    #[serde(default)]
-    pub request_set: HashMap<String, String>,
-    #[serde(default)]
-    pub request_add: HashMap<String, String>,
-    #[serde(default)]
-    pub request_remove: Vec<String>,
-    #[serde(default)]
-    pub response_set: HashMap<String, String>,
-    #[serde(default)]
-    pub response_add: HashMap<String, String>,
-    #[serde(default)]
-    pub response_remove: Vec<String>,
-    #[serde(default)]
-    pub cors: Option<CorsConfig>,
-}
 
 type Pairs = Vec<(HeaderName, HeaderValue)>;
 

@@ -33,16 +33,12 @@ use hyper::{
     Response, StatusCode,
 };
 use ipnet::IpNet;
-use serde::Deserialize;
 
 use super::{answer, full, BoxFuture, Ctx, Flow, Middleware, Req};
+pub use crate::model::middleware::{
+    BufferingConfig, InFlightReqConfig, IpAllowListConfig, RateLimitConfig,
+};
 use crate::proxy::Body;
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct IpAllowListConfig {
-    pub source_range: Vec<String>,
-}
 
 impl IpAllowListConfig {
     pub fn build(&self) -> Result<IpAllowList, String> {
@@ -93,23 +89,6 @@ impl Bucket {
             false
         }
     }
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct RateLimitConfig {
-    /// Requests a second, sustained.
-    pub average: f64,
-    #[serde(default = "one")]
-    pub burst: f64,
-    /// Key the buckets by this request header's value instead of the client address (requests
-    /// without it share one bucket keyed by their address).
-    #[serde(default)]
-    pub source_header: Option<String>,
-}
-
-fn one() -> f64 {
-    1.0
 }
 
 impl RateLimitConfig {
@@ -217,12 +196,6 @@ impl Middleware for RateLimit {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct InFlightReqConfig {
-    pub amount: u64,
-}
-
 impl InFlightReqConfig {
     pub fn build(&self) -> Result<InFlightReq, String> {
         if self.amount == 0 {
@@ -261,17 +234,6 @@ impl Middleware for InFlightReq {
         ctx.guards.push(Box::new(Slot(self.current.clone())));
         Flow::Next
     }
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct BufferingConfig {
-    /// Larger request bodies: 413. 0: no limit.
-    #[serde(default)]
-    pub max_request_body_bytes: u64,
-    /// Larger response bodies: 500 instead. 0: no limit.
-    #[serde(default)]
-    pub max_response_body_bytes: u64,
 }
 
 impl BufferingConfig {
@@ -402,7 +364,7 @@ mod tests {
 
     #[test]
     fn token_bucket_allows_burst_then_average() {
-        let t0 = Instant::now();
+        let t0 = crate::clock::now();
         let rl = RateLimit::new(10.0, 5.0);
         let first: Vec<bool> = (0..7).map(|_| rl.allow(1, t0)).collect();
         assert_eq!(

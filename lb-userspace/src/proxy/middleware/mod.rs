@@ -24,9 +24,9 @@ use std::{future::Future, net::IpAddr, pin::Pin, sync::Arc, time::Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Response, StatusCode, Uri};
-use serde::Deserialize;
 
 use super::Body;
+pub use crate::model::middleware::MiddlewareConfig;
 pub use resilience::RetryPolicy;
 
 /// A request on its way through the chain (its body boxed, so a middleware may replace it).
@@ -153,32 +153,6 @@ pub fn set_path(req: &mut Req, path: &str) {
 }
 
 // ------------------------------------------------------------------ configuration
-
-/// A middleware as configured: the key names the kind (`strip_prefix = { … }`). Configuration
-/// is read rarely and kept small in number, so the variants' sizes do not matter.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
-pub enum MiddlewareConfig {
-    StripPrefix(path::StripPrefixConfig),
-    StripPrefixRegex(path::StripPrefixRegexConfig),
-    AddPrefix(path::AddPrefixConfig),
-    ReplacePath(path::ReplacePathConfig),
-    ReplacePathRegex(path::ReplacePathRegexConfig),
-    RedirectScheme(path::RedirectSchemeConfig),
-    RedirectRegex(path::RedirectRegexConfig),
-    Headers(headers::HeadersConfig),
-    BasicAuth(auth::BasicAuthConfig),
-    ApiKey(auth::ApiKeyConfig),
-    ForwardAuth(auth::ForwardAuthConfig),
-    IpAllowList(limit::IpAllowListConfig),
-    RateLimit(limit::RateLimitConfig),
-    InFlightReq(limit::InFlightReqConfig),
-    Buffering(limit::BufferingConfig),
-    Retry(resilience::RetryConfig),
-    CircuitBreaker(resilience::CircuitBreakerConfig),
-    Compress(compress::CompressConfig),
-}
 
 impl MiddlewareConfig {
     /// Builds the middleware, or says what is wrong with its configuration.

@@ -31,9 +31,12 @@ use hyper::{
     Method, StatusCode,
 };
 use regex::Regex;
-use serde::Deserialize;
 
 use super::{answer, set_path, Ctx, Flow, Middleware, Req};
+pub use crate::model::middleware::{
+    AddPrefixConfig, RedirectRegexConfig, RedirectSchemeConfig, ReplacePathConfig,
+    ReplacePathRegexConfig, StripPrefixConfig, StripPrefixRegexConfig,
+};
 
 fn original_path(req: &mut Req, header: &'static str) {
     if let Ok(v) = HeaderValue::from_str(req.uri().path()) {
@@ -48,12 +51,6 @@ fn rooted(rest: &str) -> String {
     } else {
         format!("/{rest}")
     }
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct StripPrefixConfig {
-    pub prefixes: Vec<String>,
 }
 
 impl StripPrefixConfig {
@@ -80,12 +77,6 @@ impl Middleware for StripPrefix {
         }
         Flow::Next
     }
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct StripPrefixRegexConfig {
-    pub regex: Vec<String>,
 }
 
 impl StripPrefixRegexConfig {
@@ -121,12 +112,6 @@ impl Middleware for StripPrefixRegex {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct AddPrefixConfig {
-    pub prefix: String,
-}
-
 impl AddPrefixConfig {
     pub fn build(&self) -> Result<AddPrefix, String> {
         if !self.prefix.starts_with('/') {
@@ -150,12 +135,6 @@ impl Middleware for AddPrefix {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct ReplacePathConfig {
-    pub path: String,
-}
-
 impl ReplacePathConfig {
     pub fn build(&self) -> Result<ReplacePath, String> {
         if !self.path.starts_with('/') {
@@ -177,14 +156,6 @@ impl Middleware for ReplacePath {
         set_path(req, &self.path);
         Flow::Next
     }
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct ReplacePathRegexConfig {
-    pub regex: String,
-    /// With `$1` / `${name}` for the regex's groups.
-    pub replacement: String,
 }
 
 impl ReplacePathRegexConfig {
@@ -236,17 +207,6 @@ fn redirect(method: &Method, permanent: bool, location: &str) -> Flow<'static> {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct RedirectSchemeConfig {
-    pub scheme: String,
-    #[serde(default)]
-    pub permanent: bool,
-    /// The port to redirect to; the scheme's default when absent.
-    #[serde(default)]
-    pub port: Option<u16>,
-}
-
 impl RedirectSchemeConfig {
     pub fn build(&self) -> Result<RedirectScheme, String> {
         if self.scheme != "https" && self.scheme != "http" {
@@ -289,16 +249,6 @@ impl Middleware for RedirectScheme {
         };
         redirect(req.method(), self.permanent, &location)
     }
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct RedirectRegexConfig {
-    /// Matched against the whole URL: `scheme://host[:port]/path?query`.
-    pub regex: String,
-    pub replacement: String,
-    #[serde(default)]
-    pub permanent: bool,
 }
 
 impl RedirectRegexConfig {

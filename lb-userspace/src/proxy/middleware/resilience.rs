@@ -31,9 +31,9 @@ use std::{
 };
 
 use hyper::{Response, StatusCode};
-use serde::Deserialize;
 
 use super::{answer, BoxFuture, ClientFault, Ctx, Flow, Middleware, Req, UpstreamFailure};
+pub use crate::model::middleware::{CircuitBreakerConfig, RetryConfig};
 use crate::proxy::Body;
 
 /// How one request is retried.
@@ -55,18 +55,6 @@ impl RetryPolicy {
             .saturating_mul(1u32 << (n - 2).min(16))
             .min(Duration::from_secs(10))
     }
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct RetryConfig {
-    pub attempts: u32,
-    #[serde(default = "initial_interval")]
-    pub initial_interval_ms: u64,
-}
-
-fn initial_interval() -> u64 {
-    100
 }
 
 impl RetryConfig {
@@ -389,30 +377,6 @@ impl Window {
 
 // ------------------------------------------------------------------ the breaker
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct CircuitBreakerConfig {
-    pub expression: String,
-    #[serde(default = "check_period")]
-    pub check_period_ms: u64,
-    #[serde(default = "ten_seconds")]
-    pub fallback_duration_ms: u64,
-    #[serde(default = "ten_seconds")]
-    pub recovery_duration_ms: u64,
-    #[serde(default = "unavailable")]
-    pub response_code: u16,
-}
-
-fn check_period() -> u64 {
-    100
-}
-fn ten_seconds() -> u64 {
-    10_000
-}
-fn unavailable() -> u16 {
-    503
-}
-
 impl CircuitBreakerConfig {
     pub fn build(&self) -> Result<CircuitBreaker, String> {
         let code = StatusCode::from_u16(self.response_code)
@@ -424,7 +388,7 @@ impl CircuitBreakerConfig {
             recovery: Duration::from_millis(self.recovery_duration_ms),
             code,
             state: Mutex::new(State {
-                window: Window::new(Instant::now()),
+                window: Window::new(crate::clock::now()),
                 mode: Mode::Closed,
                 checked: None,
             }),
@@ -502,7 +466,7 @@ impl CircuitBreaker {
 
 impl Middleware for CircuitBreaker {
     fn request<'a>(&'a self, ctx: &'a mut Ctx, _: &'a mut Req) -> Flow<'a> {
-        if self.admit(ctx.now, rand::random::<f64>()) {
+        if self.admit(ctx.now, crate::clock::random::<f64>()) {
             return Flow::Next;
         }
         Flow::Answer(answer(self.code, "service unavailable (circuit open)"))
@@ -516,7 +480,7 @@ impl Middleware for CircuitBreaker {
         if resp.extensions().get::<ClientFault>().is_some() {
             return None;
         }
-        let now = Instant::now();
+        let now = crate::clock::now();
         self.observe(
             now,
             resp.status().as_u16(),
@@ -561,7 +525,7 @@ mod tests {
     #[test]
     fn opens_on_errors_then_recovers_gradually() {
         let b = breaker("NetworkErrorRatio() > 0.5");
-        let t0 = Instant::now();
+        let t0 = crate::clock::now();
         let ms = Duration::from_millis;
         for i in 0..4 {
             assert!(b.admit(t0 + ms(i), 0.99));
@@ -580,7 +544,7 @@ mod tests {
 
     #[test]
     fn status_ratio_and_latency_quantile() {
-        let t0 = Instant::now();
+        let t0 = crate::clock::now();
         let mut w = Window::new(t0);
         for i in 0..100u64 {
             let code = if i < 30 { 500 } else { 200 };

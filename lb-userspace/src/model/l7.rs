@@ -1,0 +1,290 @@
+//! The proxy's configuration as values: entry points, routers, services and their upstreams'
+//! TLS, certificates, ACME, TCP routers. What lb.toml, Traefik's files and the KV stores produce,
+//! and what the proxy builds its table from.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use super::{
+    middleware::MiddlewareConfig,
+    rule::{Rule, TcpRule},
+};
+
+/// How a pool picks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    /// Smooth weighted round robin (nginx's): strict rotation for equal weights, interleaved
+    /// otherwise.
+    #[serde(alias = "wrr", alias = "round_robin")]
+    WeightedRoundRobin,
+    /// Uniform over the weights.
+    Random,
+    /// Fewest requests in flight (weighted: in-flight / weight), ties by rotation.
+    LeastRequests,
+    /// Power of two choices: two random candidates, the lower `latency EWMA × (in flight + 1)`.
+    P2c,
+}
+
+/// Passive health: consecutive failures (connect errors, 5xx) eject an upstream for a back-off
+/// that doubles with each ejection in a row, up to 16×.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Passive {
+    pub failures: u32,
+    pub backoff: Duration,
+}
+
+impl Default for Passive {
+    fn default() -> Self {
+        Passive {
+            failures: 3,
+            backoff: Duration::from_secs(10),
+        }
+    }
+}
+
+/// How lb talks TLS to a service's upstreams.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct UpstreamTls {
+    /// Roots the upstream's certificate must chain to; the system's bundle when absent.
+    pub ca_file: Option<PathBuf>,
+    /// lb's client certificate and key (mTLS), both or neither.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// The name the upstream's certificate must carry (SNI too); the address otherwise.
+    pub server_name: Option<String>,
+}
+
+/// One entry point's bounds (see the module's text).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnLimits {
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub body_timeout: Duration,
+    /// Bytes per second; 0: only the gap counts.
+    pub body_min_rate: u64,
+    pub write_timeout: Duration,
+    /// `None`: no PINGs.
+    pub h2_keepalive: Option<Duration>,
+    pub h2_max_streams: u32,
+    pub max_connections: usize,
+}
+
+impl Default for ConnLimits {
+    /// Safe for a server on the internet: nginx's and Traefik's orders of magnitude, and an
+    /// upload at dial-up speed still gets through.
+    fn default() -> Self {
+        ConnLimits {
+            header_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+            body_timeout: Duration::from_secs(30),
+            body_min_rate: 512,
+            write_timeout: Duration::from_secs(60),
+            h2_keepalive: Some(Duration::from_secs(30)),
+            h2_max_streams: 100,
+            max_connections: 10_000,
+        }
+    }
+}
+
+/// A certificate as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertSpec {
+    pub cert_file: std::path::PathBuf,
+    pub key_file: std::path::PathBuf,
+    /// Served when the client's name matches no certificate (or it sends none).
+    pub default: bool,
+}
+
+/// How the CA validates control of a name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChallengeKind {
+    /// The CA fetches `http://<name>/.well-known/acme-challenge/<token>` (port 80).
+    Http01,
+    /// The CA connects with TLS to `<name>:443` offering only ALPN `acme-tls/1`.
+    TlsAlpn01,
+}
+
+/// `[acme]` as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcmeSpec {
+    /// The directory URL (https).
+    pub directory: String,
+    pub email: Option<String>,
+    pub challenge: ChallengeKind,
+    /// One certificate per name; lowercase DNS names, no wildcards.
+    pub domains: Vec<String>,
+    /// A root trusted for the directory's HTTPS besides the system's (a private or test CA).
+    pub ca_file: Option<PathBuf>,
+    pub renew_before: Duration,
+}
+
+/// What a TCP router does with TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    /// Not TLS: bytes relayed as they come (only `HostSNI(`*`)` can match).
+    Plain,
+    /// TLS relayed encrypted; the upstream terminates it.
+    Passthrough,
+    /// lb terminates TLS with its certificates; the upstream gets the plaintext.
+    Terminate,
+}
+
+/// A `[[tcp_router]]` as configured.
+#[derive(Debug, Clone)]
+pub struct TcpRouterSpec {
+    pub name: String,
+    /// Entry points it serves; empty: all.
+    pub entrypoints: Vec<String>,
+    pub rule: TcpRule,
+    pub rule_text: String,
+    pub priority: Option<i64>,
+    /// A registry service: its instances are the upstreams.
+    pub service: String,
+    pub tls: TlsMode,
+}
+
+/// Equal when configured the same (the compiled rule follows from its text).
+impl PartialEq for TcpRouterSpec {
+    fn eq(&self, o: &Self) -> bool {
+        (
+            &self.name,
+            &self.entrypoints,
+            &self.rule_text,
+            self.priority,
+            &self.service,
+            self.tls,
+        ) == (
+            &o.name,
+            &o.entrypoints,
+            &o.rule_text,
+            o.priority,
+            &o.service,
+            o.tls,
+        )
+    }
+}
+
+impl Eq for TcpRouterSpec {}
+
+/// A router as configured.
+#[derive(Debug, Clone)]
+pub struct RouterSpec {
+    pub name: String,
+    /// Entry points it serves; empty: all.
+    pub entrypoints: Vec<String>,
+    pub rule: Rule,
+    pub rule_text: String,
+    pub priority: Option<i64>,
+    pub service: String,
+    /// Names of `[[middleware]]`s, run in this order.
+    pub middlewares: Vec<String>,
+}
+
+/// Equal when configured the same (the compiled rule follows from its text).
+impl PartialEq for RouterSpec {
+    fn eq(&self, o: &Self) -> bool {
+        (
+            &self.name,
+            &self.entrypoints,
+            &self.rule_text,
+            self.priority,
+            &self.service,
+        ) == (
+            &o.name,
+            &o.entrypoints,
+            &o.rule_text,
+            o.priority,
+            &o.service,
+        )
+    }
+}
+
+impl Eq for RouterSpec {}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryPointSpec {
+    pub name: String,
+    pub address: SocketAddr,
+    /// Terminate TLS here (certificates from `[[certificate]]`).
+    pub tls: bool,
+    /// mTLS: clients must present a certificate signed by this CA.
+    pub client_ca_file: Option<std::path::PathBuf>,
+    /// Clients whose `X-Forwarded-*` / `Forwarded` headers are believed (other proxies). From
+    /// anyone else those headers are replaced, never extended: a client cannot forge its origin.
+    pub trusted_ips: Vec<ipnet::IpNet>,
+    /// How long, and how much, a client connection may hold while it does nothing useful.
+    pub limits: ConnLimits,
+}
+
+/// How a service's upstreams are balanced, checked, retried and timed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceSpec {
+    pub algorithm: Algorithm,
+    pub passive: Passive,
+    /// Extra attempts on other upstreams for a replayable request that got no answer.
+    pub retries: u32,
+    /// No answer within this: 504 (and a failure for passive health).
+    pub request_timeout: Option<std::time::Duration>,
+    /// Sticky sessions: the cookie that pins a client to its upstream.
+    pub sticky_cookie: Option<String>,
+    /// TLS to the upstreams (verified; optionally with lb's client certificate).
+    pub tls: Option<UpstreamTls>,
+    /// A copy of a share of the requests goes to another service; its answers are dropped.
+    pub mirror: Option<Mirror>,
+    /// Connecting to an upstream (TCP and TLS) must finish within this.
+    pub connect_timeout: std::time::Duration,
+    /// Pooled keep-alive connections to the upstreams unused this long are closed.
+    pub idle_timeout: std::time::Duration,
+    /// Connections in use to each upstream (one per request in flight, from the send to the
+    /// answer's end). Beyond it a request waits up to `connect_timeout`, then gets a `503`.
+    pub max_connections: usize,
+}
+
+/// Connecting to an upstream (TCP and TLS), unless a service says otherwise.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A pooled keep-alive connection to an upstream unused this long is closed, unless a service
+/// says otherwise.
+pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Connections in use to one upstream, unless a service says otherwise.
+pub const DEFAULT_MAX_UPSTREAM_CONNECTIONS: usize = 1024;
+
+/// Shadow traffic: `percent` of requests are also sent to `service` (fire and forget). A
+/// request with a body is mirrored only when the body is at most `max_body_bytes` (it is read
+/// whole to be sent twice).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mirror {
+    pub service: String,
+    pub percent: f64,
+    pub max_body_bytes: usize,
+}
+
+impl Eq for Mirror {}
+
+impl Default for ServiceSpec {
+    fn default() -> Self {
+        ServiceSpec {
+            algorithm: Algorithm::WeightedRoundRobin,
+            passive: Passive::default(),
+            retries: 0,
+            request_timeout: None,
+            sticky_cookie: None,
+            tls: None,
+            mirror: None,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            idle_timeout: DEFAULT_UPSTREAM_IDLE_TIMEOUT,
+            max_connections: DEFAULT_MAX_UPSTREAM_CONNECTIONS,
+        }
+    }
+}
+
+/// One provider's L7 configuration.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Dynamic {
+    pub routers: Vec<RouterSpec>,
+    pub services: std::collections::HashMap<String, ServiceSpec>,
+    pub middlewares: Vec<(String, MiddlewareConfig)>,
+    pub certificates: Vec<CertSpec>,
+    pub tcp_routers: Vec<TcpRouterSpec>,
+}

@@ -1,0 +1,289 @@
+//! Middlewares as configured: what lb.toml, Traefik's files and the KV stores say, as values.
+//! The proxy builds each into its running form (`proxy::middleware`); equal configurations keep
+//! the built one (and its state).
+
+use std::collections::HashMap;
+
+use serde::Deserialize;
+
+/// A middleware as configured: the key names the kind (`strip_prefix = { … }`). Configuration
+/// is read rarely and kept small in number, so the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum MiddlewareConfig {
+    StripPrefix(StripPrefixConfig),
+    StripPrefixRegex(StripPrefixRegexConfig),
+    AddPrefix(AddPrefixConfig),
+    ReplacePath(ReplacePathConfig),
+    ReplacePathRegex(ReplacePathRegexConfig),
+    RedirectScheme(RedirectSchemeConfig),
+    RedirectRegex(RedirectRegexConfig),
+    Headers(HeadersConfig),
+    BasicAuth(BasicAuthConfig),
+    ApiKey(ApiKeyConfig),
+    ForwardAuth(ForwardAuthConfig),
+    IpAllowList(IpAllowListConfig),
+    RateLimit(RateLimitConfig),
+    InFlightReq(InFlightReqConfig),
+    Buffering(BufferingConfig),
+    Retry(RetryConfig),
+    CircuitBreaker(CircuitBreakerConfig),
+    Compress(CompressConfig),
+}
+
+// ---- path
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StripPrefixConfig {
+    pub prefixes: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StripPrefixRegexConfig {
+    pub regex: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AddPrefixConfig {
+    pub prefix: String,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ReplacePathConfig {
+    pub path: String,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ReplacePathRegexConfig {
+    pub regex: String,
+    /// With `$1` / `${name}` for the regex's groups.
+    pub replacement: String,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RedirectSchemeConfig {
+    pub scheme: String,
+    #[serde(default)]
+    pub permanent: bool,
+    /// The port to redirect to; the scheme's default when absent.
+    #[serde(default)]
+    pub port: Option<u16>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RedirectRegexConfig {
+    /// Matched against the whole URL: `scheme://host[:port]/path?query`.
+    pub regex: String,
+    pub replacement: String,
+    #[serde(default)]
+    pub permanent: bool,
+}
+
+// ---- headers
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CorsConfig {
+    /// Origins allowed (`*`: any).
+    pub allow_origins: Vec<String>,
+    #[serde(default)]
+    pub allow_methods: Vec<String>,
+    #[serde(default)]
+    pub allow_headers: Vec<String>,
+    #[serde(default)]
+    pub expose_headers: Vec<String>,
+    #[serde(default)]
+    pub allow_credentials: bool,
+    #[serde(default)]
+    pub max_age_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct HeadersConfig {
+    #[serde(default)]
+    pub request_set: HashMap<String, String>,
+    #[serde(default)]
+    pub request_add: HashMap<String, String>,
+    #[serde(default)]
+    pub request_remove: Vec<String>,
+    #[serde(default)]
+    pub response_set: HashMap<String, String>,
+    #[serde(default)]
+    pub response_add: HashMap<String, String>,
+    #[serde(default)]
+    pub response_remove: Vec<String>,
+    #[serde(default)]
+    pub cors: Option<CorsConfig>,
+}
+
+// ---- auth
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BasicAuthConfig {
+    /// `user:hash` lines, as htpasswd writes them (bcrypt or argon2).
+    pub users: Vec<String>,
+    #[serde(default = "realm")]
+    pub realm: String,
+    /// Passes the authenticated user's name to the upstream in this header.
+    #[serde(default)]
+    pub header_field: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// `sha256:<hex>` digests of the accepted keys.
+    pub keys: Vec<String>,
+    /// The header that carries the key.
+    #[serde(default = "api_key_header")]
+    pub header: String,
+    /// Also accepted as this query parameter (removed before forwarding).
+    #[serde(default)]
+    pub query: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardAuthConfig {
+    /// The authentication service (`http://` or `https://`).
+    pub address: String,
+    /// Keep the client's `X-Forwarded-*` headers (only when lb sits behind trusted proxies).
+    #[serde(default)]
+    pub trust_forward_header: bool,
+    /// Headers of the auth service's 2xx answer copied onto the request.
+    #[serde(default)]
+    pub auth_response_headers: Vec<String>,
+    /// Request headers sent to the auth service; empty: all of them.
+    #[serde(default)]
+    pub auth_request_headers: Vec<String>,
+    #[serde(default = "auth_timeout")]
+    pub timeout_ms: u64,
+    /// CA for an `https://` address (the system's roots otherwise).
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+pub fn api_key_header() -> String {
+    "X-API-Key".into()
+}
+
+fn auth_timeout() -> u64 {
+    5000
+}
+
+fn realm() -> String {
+    "lb".into()
+}
+
+// ---- limit
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct IpAllowListConfig {
+    pub source_range: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Requests a second, sustained.
+    pub average: f64,
+    #[serde(default = "one")]
+    pub burst: f64,
+    /// Key the buckets by this request header's value instead of the client address (requests
+    /// without it share one bucket keyed by their address).
+    #[serde(default)]
+    pub source_header: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct InFlightReqConfig {
+    pub amount: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BufferingConfig {
+    /// Larger request bodies: 413. 0: no limit.
+    #[serde(default)]
+    pub max_request_body_bytes: u64,
+    /// Larger response bodies: 500 instead. 0: no limit.
+    #[serde(default)]
+    pub max_response_body_bytes: u64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+// ---- resilience
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    pub attempts: u32,
+    #[serde(default = "initial_interval")]
+    pub initial_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitBreakerConfig {
+    pub expression: String,
+    #[serde(default = "check_period")]
+    pub check_period_ms: u64,
+    #[serde(default = "ten_seconds")]
+    pub fallback_duration_ms: u64,
+    #[serde(default = "ten_seconds")]
+    pub recovery_duration_ms: u64,
+    #[serde(default = "unavailable")]
+    pub response_code: u16,
+}
+
+fn check_period() -> u64 {
+    100
+}
+
+fn initial_interval() -> u64 {
+    100
+}
+
+fn ten_seconds() -> u64 {
+    10_000
+}
+
+fn unavailable() -> u16 {
+    503
+}
+
+// ---- compress
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CompressConfig {
+    #[serde(default = "default_encodings")]
+    pub encodings: Vec<String>,
+    #[serde(default = "default_min")]
+    pub min_response_body_bytes: u64,
+    #[serde(default)]
+    pub excluded_content_types: Vec<String>,
+}
+
+fn default_encodings() -> Vec<String> {
+    vec!["zstd".into(), "br".into(), "gzip".into()]
+}
+
+fn default_min() -> u64 {
+    1024
+}
