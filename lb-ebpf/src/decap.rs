@@ -11,21 +11,14 @@ use aya_ebpf::{
     bindings::xdp_action, helpers::bpf_xdp_adjust_head, macros::xdp, programs::XdpContext,
 };
 
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const ETH_P_8021Q: u16 = 0x8100;
-const IPPROTO_IPIP: u8 = 4;
-const IPPROTO_IPV6: u8 = 41;
+// The balancer's headers and bounds-checked reads, not a copy of them.
+#[allow(dead_code)]
+#[path = "shared/headers.rs"]
+mod headers;
 
-#[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
-    let p = ctx.data() + off;
-    if p + size_of::<T>() > ctx.data_end() {
-        return None;
-    }
-    Some(p as *mut T)
-}
+use headers::{ptr_at, EthHdr, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_IPIP, IPPROTO_IPV6};
+
+const ETH_HLEN: usize = size_of::<EthHdr>();
 
 #[xdp]
 pub fn lb_decap(ctx: XdpContext) -> u32 {
