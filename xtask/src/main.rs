@@ -332,6 +332,12 @@ fn test_phases(phases: &mut Phases) -> Result<()> {
         run(cargo().args(["build", "--tests", "--workspace", "--exclude", "lb-ebpf"]))
     })?;
     phases.run("the agent's bans (lb-userspace/clippy.toml)", || {
+        // rustup's minimal profile has no clippy.
+        if output(cargo().args(["clippy", "--version"])).is_none() {
+            eprintln!("xtask: adding clippy to the stable toolchain (one time)…");
+            run(Command::new("rustup").args(["component", "add", "clippy"]))
+                .context("adding clippy (rustup must reach static.rust-lang.org)")?;
+        }
         // Only the bans: other lints change with the toolchain and must not turn CI red.
         run(cargo().args([
             "clippy",
