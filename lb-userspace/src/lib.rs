@@ -6,6 +6,9 @@
 //! tables) as a value and carries them out through its dataplane — the only code touching maps
 //! and attachments. [`api`] reads and changes it at runtime; [`metrics`] and [`access_log`]
 //! observe both tiers; [`agent`] wires everything for `lb run`.
+//!
+//! No `unsafe` here but in `l4::dataplane`, the module that owns the maps' file descriptors.
+#![deny(unsafe_code)]
 pub mod access_log;
 pub mod agent;
 pub mod api;
