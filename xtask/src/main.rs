@@ -352,7 +352,7 @@ fn test_phases(phases: &mut Phases) -> Result<()> {
         ]))
     })?;
     clean_leftovers();
-    phases.run("unit and packet tests", || {
+    phases.run("unit and loopback tests (no root, no daemons)", || {
         run(cargo().args([
             "test",
             "--workspace",
@@ -363,7 +363,7 @@ fn test_phases(phases: &mut Phases) -> Result<()> {
         ]))
     })?;
     phases.run(
-        "end-to-end tests (one at a time: they share the kernel)",
+        "tests that need root, BPF, namespaces or daemons (one at a time: they share the kernel)",
         || {
             run(cargo().env("LB_BIN", lb_bin()).args([
                 "test",

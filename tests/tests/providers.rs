@@ -607,7 +607,7 @@ impl Drop for ChildGuard {
 }
 
 fn lb(args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_lb"));
+    let mut c = Command::new(lb_tests::lab::lb_bin());
     c.args(args).stdin(Stdio::null()).env("RUST_LOG", "warn");
     c
 }

@@ -79,7 +79,7 @@ fn a_bad_config_is_one_error_line_with_file_line_and_field() {
         "[agent]\ninstance = \"cli\"\n\n[[vip]]\nname = \"web\"\naddress = \"10.0.1.x\"\nport = 80\n",
     )
     .expect("write");
-    let out = lb(Path::new(env!("CARGO_BIN_EXE_lb")))
+    let out = lb(&lb_tests::lab::lb_bin())
         .args(["run", "-c"])
         .arg(&path)
         .output()
@@ -94,7 +94,7 @@ fn a_port_in_use_is_one_error_line_and_touches_no_dataplane() {
     let dir = TempDir::new("port");
     let pin_root = PathBuf::from(format!("/sys/fs/bpf/lb-test-cli-{}", std::process::id()));
     let cfg = config(&dir.0, &addr, &pin_root);
-    let out = lb(Path::new(env!("CARGO_BIN_EXE_lb")))
+    let out = lb(&lb_tests::lab::lb_bin())
         .args(["run", "-c"])
         .arg(&cfg)
         .output()
@@ -116,7 +116,7 @@ fn without_privileges_is_one_error_line_saying_run_as_root() {
     let dir = TempDir::new("nobody");
     // The build's binary may sit under a directory nobody cannot enter (/root).
     let bin = dir.0.join("lb");
-    std::fs::copy(env!("CARGO_BIN_EXE_lb"), &bin).expect("copy lb");
+    std::fs::copy(lb_tests::lab::lb_bin(), &bin).expect("copy lb");
     std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let pin_root = PathBuf::from(format!(
         "/sys/fs/bpf/lb-test-cli-nobody-{}",
