@@ -1209,7 +1209,7 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
                     key_file: r.key_file.clone(),
                     server_name: r.server_name.clone(),
                 };
-                if let Err(e) = crate::proxy::client::UpstreamClient::check(&spec) {
+                if let Err(e) = crate::tls_files::check_upstream(&spec) {
                     return Err(err(
                         t.span(),
                         format!("http_service[{i}].tls"),

@@ -23,3 +23,4 @@ pub mod model;
 pub mod providers;
 pub mod proxy;
 pub mod registry;
+pub mod tls_files;

@@ -12,16 +12,16 @@
 //! tls = { ca_file = "/etc/lb/mesh-ca.pem", cert_file = "/etc/lb/lb.pem", key_file = "/etc/lb/lb.key", server_name = "payments.internal" }
 //! ```
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::time::Duration;
 
-use anyhow::{anyhow, Context as _, Result};
+use anyhow::{anyhow, Result};
 use hyper_rustls::{FixedServerNameResolver, HttpsConnector};
 use hyper_util::{
     client::legacy::{connect::HttpConnector, Client, ResponseFuture},
     rt::TokioExecutor,
 };
-use rustls::{crypto::ring::default_provider, ClientConfig, RootCertStore};
-use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
+use rustls_pki_types::ServerName;
 
 use super::Body;
 pub use crate::model::l7::UpstreamTls;
@@ -44,43 +44,6 @@ impl Default for ClientKey {
             idle_timeout: crate::model::l7::DEFAULT_UPSTREAM_IDLE_TIMEOUT,
         }
     }
-}
-
-/// Debian's bundle of system roots.
-const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
-
-fn client_config(tls: &UpstreamTls) -> Result<ClientConfig> {
-    let mut roots = RootCertStore::empty();
-    let ca = tls
-        .ca_file
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(SYSTEM_ROOTS));
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&ca)
-        .with_context(|| format!("{}", ca.display()))?
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("{}", ca.display()))?;
-    let (added, _) = roots.add_parsable_certificates(certs);
-    if added == 0 {
-        return Err(anyhow!("{}: no CA certificate", ca.display()));
-    }
-    let builder = ClientConfig::builder_with_provider(Arc::new(default_provider()))
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-        .with_root_certificates(roots);
-    Ok(match (&tls.cert_file, &tls.key_file) {
-        (Some(c), Some(k)) => {
-            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(c)
-                .with_context(|| format!("{}", c.display()))?
-                .collect::<Result<_, _>>()
-                .with_context(|| format!("{}", c.display()))?;
-            let key =
-                PrivateKeyDer::from_pem_file(k).with_context(|| format!("{}", k.display()))?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .context("client certificate")?
-        }
-        (None, None) => builder.with_no_client_auth(),
-        _ => return Err(anyhow!("cert_file and key_file go together")),
-    })
 }
 
 /// A connector with one deadline over the TCP connect and the TLS handshake together (hyper's
@@ -140,13 +103,14 @@ impl UpstreamClient {
         http.set_connect_timeout(Some(key.connect_timeout));
         http.enforce_http(false);
         let config = match tls {
-            Some(t) => client_config(t)?,
+            Some(t) => crate::tls_files::upstream_client_config(t)?,
             // No system bundle: plain HTTP still works; an https:// URI then fails to verify.
-            None => client_config(&UpstreamTls::default()).unwrap_or_else(|_| {
-                ClientConfig::builder()
-                    .with_root_certificates(RootCertStore::empty())
-                    .with_no_client_auth()
-            }),
+            None => crate::tls_files::upstream_client_config(&UpstreamTls::default())
+                .unwrap_or_else(|_| {
+                    ClientConfig::builder()
+                        .with_root_certificates(RootCertStore::empty())
+                        .with_no_client_auth()
+                }),
         };
         let builder = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(config)
@@ -173,16 +137,6 @@ impl UpstreamClient {
             inner,
             tls: tls.is_some(),
         })
-    }
-
-    /// Whether the files and names of `tls` make a working client configuration.
-    pub fn check(tls: &UpstreamTls) -> Result<()> {
-        client_config(tls)?;
-        if let Some(name) = &tls.server_name {
-            ServerName::try_from(name.clone())
-                .map_err(|_| anyhow!("server_name {name:?} is not a DNS name or address"))?;
-        }
-        Ok(())
     }
 
     pub fn request(&self, req: hyper::Request<Body>) -> ResponseFuture {
