@@ -23,13 +23,13 @@ use tracing::{info, warn};
 
 use crate::{
     api::{self, ApiState},
-    config::{self, Config},
+    control::health,
     control::{self, Control},
-    health,
     l4::dataplane::Dataplane,
     l4::Balancer,
     model::VipSpec,
-    providers::{self, store::Store},
+    sources::config::{self, Config},
+    sources::{self, store::Store},
 };
 
 /// The state directory (the API store, a generated token, the development CA's and ACME's
@@ -235,14 +235,14 @@ pub async fn run(config_path: &Path) -> Result<()> {
         let mut c = Control::new(balancer, store, cfg.vips.clone());
         // Files are read once before the first apply, so a restart does not flap their backends.
         for f in &cfg.providers.files {
-            let mut src = providers::file::FileSource::new(&f.path);
+            let mut src = sources::file::FileSource::new(&f.path);
             let (services, errors) = src.reload();
             let name = format!("file:{}", f.path.display());
             c.registry
-                .update(&name, providers::Rank::FILE, services, crate::clock::wall());
+                .update(&name, sources::Rank::FILE, services, crate::clock::wall());
             for e in errors {
                 warn!(provider = name, "rejected: {e}");
-                c.registry.fail(&name, providers::Rank::FILE, e.to_string());
+                c.registry.fail(&name, sources::Rank::FILE, e.to_string());
             }
         }
         for (name, rank, read) in kv_first {
@@ -293,7 +293,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
     control.l7 = Some(feed);
     control.publish_l7();
     proxy.install(&l7_rx.borrow().clone());
-    let metrics = Arc::new(crate::metrics::Metrics::new(
+    let metrics = Arc::new(crate::observe::metrics::Metrics::new(
         proxy.obs().clone(),
         &control.obs,
     )?);
@@ -301,7 +301,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
     if let Some(spec) = cfg.access_log.clone() {
         proxy
             .obs()
-            .set_access_log(Some(crate::access_log::AccessLog::start(spec)?));
+            .set_access_log(Some(crate::observe::access_log::AccessLog::start(spec)?));
     }
     // Stored ACME certificates are installed before the listeners open; orders (validated on
     // those listeners) start after.
@@ -320,7 +320,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
     for f in cfg.providers.files.clone() {
         let events = events.clone();
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = providers::file::run(f, events).await {
+            if let Err(e) = sources::file::run(f, events).await {
                 warn!("file provider stopped: {e:#}");
             }
         }));
@@ -328,7 +328,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
     if let Some(spec) = cfg.providers.redis.clone() {
         let events = events.clone();
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = providers::redis::run(spec, events).await {
+            if let Err(e) = sources::redis::run(spec, events).await {
                 warn!("redis provider stopped: {e:#}");
             }
         }));
@@ -336,7 +336,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
     if let Some(spec) = cfg.providers.etcd.clone() {
         let events = events.clone();
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = providers::etcd::run(spec, events).await {
+            if let Err(e) = sources::etcd::run(spec, events).await {
                 warn!("etcd provider stopped: {e:#}");
             }
         }));
@@ -365,7 +365,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         wanted_rx,
         move |address, mac| {
             // A full queue loses nothing: the address stays wanted and is tried again.
-            let _ = found.try_send(providers::Event::Neighbour {
+            let _ = found.try_send(sources::Event::Neighbour {
                 address,
                 mac,
                 at: crate::clock::now(),
@@ -431,7 +431,7 @@ fn l7_config(
     }
 }
 
-type KvRead = Result<(crate::registry::Services, Vec<providers::kv::KeyError>)>;
+type KvRead = Result<(crate::registry::Services, Vec<sources::kv::KeyError>)>;
 
 /// The first read of each configured key-value provider, both at once, each bounded.
 async fn initial_kv_reads(cfg: &Config) -> Vec<(&'static str, u8, KvRead)> {
@@ -443,23 +443,23 @@ async fn initial_kv_reads(cfg: &Config) -> Vec<(&'static str, u8, KvRead)> {
     }
     let redis = async {
         match &cfg.providers.redis {
-            Some(spec) => Some(bounded(providers::redis::read_once(spec)).await),
+            Some(spec) => Some(bounded(sources::redis::read_once(spec)).await),
             None => None,
         }
     };
     let etcd = async {
         match &cfg.providers.etcd {
-            Some(spec) => Some(bounded(providers::etcd::read_once(spec)).await),
+            Some(spec) => Some(bounded(sources::etcd::read_once(spec)).await),
             None => None,
         }
     };
     let (redis, etcd) = tokio::join!(redis, etcd);
     let mut out = Vec::new();
     if let Some(r) = redis {
-        out.push((providers::redis::NAME, providers::Rank::REDIS, r));
+        out.push((sources::redis::NAME, sources::Rank::REDIS, r));
     }
     if let Some(r) = etcd {
-        out.push((providers::etcd::NAME, providers::Rank::ETCD, r));
+        out.push((sources::etcd::NAME, sources::Rank::ETCD, r));
     }
     out
 }
@@ -840,7 +840,7 @@ async fn watch_config(
             match new
                 .access_log
                 .clone()
-                .map(crate::access_log::AccessLog::start)
+                .map(crate::observe::access_log::AccessLog::start)
             {
                 None => proxy.obs().set_access_log(None),
                 Some(Ok(log)) => proxy.obs().set_access_log(Some(log)),

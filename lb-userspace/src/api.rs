@@ -26,8 +26,8 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::{
+    control::health,
     control::Control,
-    health,
     model::{valid_name, Mac},
     registry::{Instance, InstanceKey},
 };
@@ -153,7 +153,7 @@ pub struct ApiState {
     pub control: Arc<Mutex<Control>>,
     pub health: health::Table,
     pub token: Arc<str>,
-    pub metrics: Arc<crate::metrics::Metrics>,
+    pub metrics: Arc<crate::observe::metrics::Metrics>,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -226,10 +226,10 @@ fn token_matches(given: &[u8], want: &[u8]) -> bool {
 }
 
 /// Whether `given` (the header's value) carries the configured token. A configured token that
-/// breaks [`crate::config::check_token`] (possible only for a caller that skipped the config's
+/// breaks [`crate::sources::config::check_token`] (possible only for a caller that skipped the config's
 /// checks) lets nothing in: an empty token must never match an empty `Bearer `.
 fn authorized(given: Option<&str>, want: &str) -> bool {
-    if crate::config::check_token(want).is_err() {
+    if crate::sources::config::check_token(want).is_err() {
         return false;
     }
     given.is_some_and(|t| !t.is_empty() && token_matches(t.as_bytes(), want.as_bytes()))
@@ -337,7 +337,7 @@ const NEIGHBOUR_WAIT: Duration = Duration::from_secs(1);
 /// (not one half-applied) and the caller hears why.
 fn commit(
     c: &mut Control,
-    before: crate::providers::store::Checkpoint,
+    before: crate::sources::store::Checkpoint,
     started: Instant,
 ) -> Result<(), ApiError> {
     c.refresh_store();
@@ -675,7 +675,7 @@ async fn metrics(State(s): State<ApiState>) -> Result<Response, ApiError> {
     let health = s.health.clone();
     let proxy = s.proxy.clone();
     let snap = with_control(&s, move |c| {
-        Ok(crate::metrics::Snapshot::take(
+        Ok(crate::observe::metrics::Snapshot::take(
             c,
             &health,
             proxy.as_deref(),
@@ -683,7 +683,11 @@ async fn metrics(State(s): State<ApiState>) -> Result<Response, ApiError> {
     })
     .await?;
     let text = s.metrics.render(&snap)?;
-    Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
+    Ok((
+        [(header::CONTENT_TYPE, crate::observe::metrics::CONTENT_TYPE)],
+        text,
+    )
+        .into_response())
 }
 
 /// The proxy's routing as in force (lb.toml and providers merged): entry points, routers with

@@ -9,8 +9,8 @@ use std::{
 
 use lb_userspace::{
     model::FileProviderSpec,
-    providers::{file, Event},
     registry::Services,
+    sources::{file, Event},
 };
 use tokio::sync::mpsc;
 

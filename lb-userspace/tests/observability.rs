@@ -10,9 +10,9 @@ use std::{
 };
 
 use lb_userspace::{
-    access_log::{AccessLog, AccessLogSpec, Format},
     control::ControlObs,
-    metrics::{Metrics, Snapshot},
+    observe::access_log::{AccessLog, AccessLogSpec, Format},
+    observe::metrics::{Metrics, Snapshot},
 };
 
 mod common;

@@ -411,7 +411,7 @@ key_file = "{}"
         crt.display(),
         key.display()
     );
-    let cfg = lb_userspace::config::parse(Path::new("reload.toml"), &text)
+    let cfg = lb_userspace::sources::config::parse(Path::new("reload.toml"), &text)
         .unwrap_or_else(|e| panic!("{e}"));
     let up = upstream().await;
     let mut services = Services::new();

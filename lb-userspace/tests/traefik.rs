@@ -5,9 +5,9 @@
 use std::{collections::HashMap, path::Path, sync::Arc};
 
 use lb_userspace::{
-    providers::file::{parse_any, FileSource},
     proxy::Proxy,
     registry::Services,
+    sources::file::{parse_any, FileSource},
 };
 
 mod common;

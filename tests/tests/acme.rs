@@ -26,12 +26,12 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use lb_userspace::{
     agent::Listeners,
-    config::{self, Config},
     proxy::{
         acme::{Acme, Store},
         Proxy,
     },
     registry::{Instance, Services},
+    sources::config::{self, Config},
 };
 use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
 use tokio::net::{TcpListener, TcpStream};

@@ -29,8 +29,8 @@ use lb_userspace::{
     l4::dataplane::{self, Dataplane},
     l4::Balancer,
     model::{FileProviderSpec, Limits},
-    providers::{self, store::Store},
     proxy::Proxy,
+    sources::{self, store::Store},
 };
 use tokio::sync::mpsc;
 
@@ -44,7 +44,7 @@ struct Agent {
     pin_root: PathBuf,
     dir: PathBuf,
     proxy: Arc<Proxy>,
-    events: mpsc::Sender<providers::Event>,
+    events: mpsc::Sender<sources::Event>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -102,7 +102,7 @@ async fn start_with(token: &str, api_limits: api::ApiLimits) -> Agent {
     });
     c.l7 = Some(feed);
     let metrics = Arc::new(
-        lb_userspace::metrics::Metrics::new(proxy.obs().clone(), &c.obs).expect("metrics"),
+        lb_userspace::observe::metrics::Metrics::new(proxy.obs().clone(), &c.obs).expect("metrics"),
     );
     let control = Arc::new(Mutex::new(c));
     let (events, rx) = mpsc::channel(1024);
@@ -116,7 +116,7 @@ async fn start_with(token: &str, api_limits: api::ApiLimits) -> Agent {
         debounce: Duration::from_millis(50),
     };
     tasks.push(tokio::spawn(async move {
-        let _ = providers::file::run(spec, events).await;
+        let _ = sources::file::run(spec, events).await;
     }));
     let app = api::router(ApiState {
         proxy: Some(proxy.clone()),
@@ -491,7 +491,7 @@ async fn each_change_builds_the_routing_table_once_and_l4_changes_never() {
     for up in [false, true, false] {
         agent
             .events
-            .send(providers::Event::Health {
+            .send(sources::Event::Health {
                 vip: "web".into(),
                 key,
                 up,

@@ -15,8 +15,8 @@ use lb_userspace::{
     l4::dataplane::{self, Dataplane},
     l4::Balancer,
     model::{Limits, Mode, Protocol, VipSpec},
-    providers::{store::Store, Event},
     registry::{Instance, Services},
+    sources::{store::Store, Event},
 };
 
 struct Cleanup(PathBuf, PathBuf);

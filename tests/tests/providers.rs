@@ -18,8 +18,8 @@ use std::{
 
 use lb_userspace::{
     model::{EtcdSpec, RedisSpec},
-    providers::{etcd, redis, Event, Rank},
     registry::{Instance, InstanceKey},
+    sources::{etcd, redis, Event, Rank},
 };
 use tokio::{sync::mpsc, task::JoinHandle};
 

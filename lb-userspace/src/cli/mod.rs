@@ -185,7 +185,7 @@ fn run(cli: Cli) -> Result<()> {
             tokio::runtime::Runtime::new()?.block_on(crate::agent::run(&config))
         }
         Cmd::CheckConfig { config } => {
-            let c = crate::config::load(&config)?;
+            let c = crate::sources::config::load(&config)?;
             println!("{}: ok ({} VIPs)", config.display(), c.vips.len());
             Ok(())
         }
@@ -264,7 +264,7 @@ fn run(cli: Cli) -> Result<()> {
         } => status(&config, api, token, interval, watch),
         Cmd::Detach { config } => {
             require_privileges("detach")?;
-            let c = crate::config::load(&config)?;
+            let c = crate::sources::config::load(&config)?;
             let removed = crate::l4::dataplane::detach(&c.pin_root, &c.instance)?;
             println!(
                 "{}",
@@ -289,7 +289,7 @@ fn status(
 ) -> Result<()> {
     use status::{fetch, render};
     let cfg = match std::fs::metadata(config) {
-        Ok(_) => Some(crate::config::load(config)?),
+        Ok(_) => Some(crate::sources::config::load(config)?),
         Err(_) => None,
     };
     let api = api.unwrap_or_else(|| {

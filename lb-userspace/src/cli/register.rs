@@ -9,10 +9,10 @@ use tracing::warn;
 
 use super::client::ApiClient;
 use crate::{
-    config,
     model::{EtcdSpec, RedisSpec},
-    providers::{etcd, redis},
     registry::{Instance, InstanceKey},
+    sources::config,
+    sources::{etcd, redis},
 };
 
 /// Where `register` / `deregister` go, and how to reach the admin API otherwise.

@@ -2,7 +2,7 @@
 //! errors, retries, connections, TLS handshakes, and the access log's entries. A router's label
 //! handles are resolved once, when the routing table is built ([`Http::route`]), so a request
 //! only increments atomics: no label strings are built, hashed or allocated per request. The
-//! Prometheus renderer ([`crate::metrics`]) registers them; nothing here renders.
+//! Prometheus renderer ([`crate::observe::metrics`]) registers them; nothing here renders.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -21,7 +21,7 @@ use prometheus::{
 };
 
 use crate::{
-    access_log::{AccessLog, Entry, RequestInfo},
+    observe::access_log::{AccessLog, Entry, RequestInfo},
     proxy::{Body, BoxError},
 };
 

@@ -28,8 +28,8 @@ use prometheus::{
 };
 
 use crate::{
+    control::health,
     control::{ApplyStats, Control, ControlObs},
-    health,
     l4::VipView,
     model::BackendMode,
     proxy::obs::{not_after, Http},
@@ -180,8 +180,8 @@ impl Metrics {
         let registry = Registry::new();
         let mut collectors = http.collectors();
         collectors.push(Box::new(control.change_to_apply.clone()));
-        collectors.push(Box::new(crate::access_log::ENTRIES.clone()));
-        collectors.push(Box::new(crate::access_log::DROPPED.clone()));
+        collectors.push(Box::new(crate::observe::access_log::ENTRIES.clone()));
+        collectors.push(Box::new(crate::observe::access_log::DROPPED.clone()));
         for c in collectors {
             registry.register(c).context("registering metrics")?;
         }
@@ -696,7 +696,7 @@ mod tests {
             .filter(|l| !l.starts_with('#'))
             .filter_map(|l| l.split(['{', ' ']).next())
             .collect();
-        let dashboard = include_str!("../../contrib/grafana-lb.json");
+        let dashboard = include_str!("../../../contrib/grafana-lb.json");
         let v: serde_json::Value = serde_json::from_str(dashboard).expect("dashboard JSON");
         assert!(v["panels"].as_array().is_some_and(|p| p.len() > 20));
         let mut used = std::collections::BTreeSet::new();

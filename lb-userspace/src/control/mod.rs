@@ -6,6 +6,8 @@
 //! updates a second costs a few applies, never a queue that grows. The time from the oldest event
 //! of a batch to the maps being written is measured and logged (`change_to_map_us`).
 
+pub mod health;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
@@ -21,8 +23,8 @@ use tracing::{info, warn};
 use crate::{
     l4::{Balancer, Desired},
     model::{BackendMode, Mac, Mode, VipSpec},
-    providers::{store::Override, store::Store, Event, Rank},
     registry::{Instance, InstanceKey, Registry, Services},
+    sources::{store::Override, store::Store, Event, Rank},
 };
 
 /// How long the loop keeps collecting events after the first one before applying.
@@ -457,7 +459,7 @@ const APPLY_BUCKETS: &[f64] = &[
     10.0,
 ];
 
-/// What the control loop records as it applies (registered by [`crate::metrics::Metrics::new`]).
+/// What the control loop records as it applies (registered by [`crate::observe::metrics::Metrics::new`]).
 #[derive(Clone)]
 pub struct ControlObs {
     /// From the oldest change of a batch to the maps being written.

@@ -602,7 +602,7 @@ pub struct Config {
     /// Middlewares by name (validated: each builds).
     pub middlewares: Vec<(String, crate::model::middleware::MiddlewareConfig)>,
     /// `[access_log]`: off when absent.
-    pub access_log: Option<crate::access_log::AccessLogSpec>,
+    pub access_log: Option<crate::observe::access_log::AccessLogSpec>,
 }
 
 /// Reads and validates a config file.
@@ -1335,8 +1335,8 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
 fn validate_access_log(
     a: &RawAccessLog,
     err: &dyn Fn(std::ops::Range<usize>, String, String) -> ConfigError,
-) -> Result<crate::access_log::AccessLogSpec, ConfigError> {
-    use crate::access_log::{AccessLogSpec, Format};
+) -> Result<crate::observe::access_log::AccessLogSpec, ConfigError> {
+    use crate::observe::access_log::{AccessLogSpec, Format};
     let path = match &a.path {
         Some(p) if p.get_ref() == "stdout" || p.get_ref() == "-" => None,
         Some(p) if p.get_ref().is_empty() => {
@@ -1710,7 +1710,7 @@ address = "10.0.1.2"
 
     #[test]
     fn access_log_section() {
-        use crate::access_log::{Format, StatusRange};
+        use crate::observe::access_log::{Format, StatusRange};
         let c = parse(
             Path::new("lb.toml"),
             &format!("{GOOD}\n[access_log]\npath = \"/var/log/lb/access.log\"\nformat = \"common\"\nstatus = [\"4xx\", \"502-504\"]\nsample = 0.5\n"),
@@ -1861,7 +1861,7 @@ address = "10.0.1.2"
 
     #[test]
     fn the_example_config_is_valid() {
-        let text = include_str!("../../examples/lb.toml");
+        let text = include_str!("../../../examples/lb.toml");
         let c = parse(Path::new("examples/lb.toml"), text).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
             (c.vips.len(), c.routers.len(), c.middlewares.len()),

@@ -21,8 +21,8 @@ use tokio::{
 
 use crate::{
     model::{CheckKind, HealthSpec},
-    providers::Event,
     registry::InstanceKey,
+    sources::Event,
 };
 
 /// Damping window: down-transitions within it make the next recovery slower.

@@ -1,4 +1,5 @@
-//! Providers turn a source into registry snapshots, sent to the control loop as [`Event`]s.
+//! The sources: lb.toml ([`config`], read at start and on every change) and the providers, which
+//! turn a source into registry snapshots sent to the control loop as [`Event`]s.
 //!
 //! Each provider owns its source and reports *complete* snapshots (never deltas), so a lost or
 //! repeated event cannot leave the registry inconsistent; a provider that fails reports an error
@@ -8,6 +9,7 @@ use std::time::Instant;
 
 use crate::registry::{InstanceKey, Services};
 
+pub mod config;
 pub mod etcd;
 pub mod file;
 pub mod kv;
