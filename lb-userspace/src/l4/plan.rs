@@ -26,10 +26,7 @@ use std::{
 use lb_common::{backend_flags, family, gate, Backend, VipKey, VipMeta};
 
 use super::maglev::{MaglevError, Member, Table};
-use crate::{
-    model::{addr_words, BackendMode, Limits, Mac, Mode, VipSpec},
-    registry::InstanceKey,
-};
+use crate::model::{addr_words, instance::InstanceKey, BackendMode, Limits, Mac, Mode, VipSpec};
 
 /// What the control loop wants for one backend of a VIP.
 #[derive(Clone, Debug, PartialEq, Eq)]
