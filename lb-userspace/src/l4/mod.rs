@@ -85,12 +85,13 @@ impl Balancer {
             backends: dp.backend_entries()?,
         };
         let (state, plan) = L4State::adopt(dp.limits(), &existing, vips)?;
+        // Nothing is written yet, so a failed write leaves no state to keep: the balancer goes.
         let mut bal = Balancer {
             dp,
-            state: state.clone(),
+            state,
             wanted_neighbours: None,
         };
-        bal.carry_out(state, plan, crate::clock::now())?;
+        bal.write(&plan, crate::clock::now())?;
         if bal.state.adoptable() > 0 {
             info!(
                 backends = bal.state.adoptable(),
@@ -142,6 +143,17 @@ impl Balancer {
 
     /// Does a plan's writes in order; keeps `next` only if all of them succeeded.
     fn carry_out(&mut self, next: L4State, plan: Plan, started: Instant) -> Result<usize> {
+        let writes = self.write(&plan, started)?;
+        self.state = next;
+        if !plan.writes.is_empty() {
+            self.publish_unresolved();
+        }
+        Ok(writes)
+    }
+
+    /// The writes themselves, in order. On a failure the ring flips that did land are noted in
+    /// the current state, so the next table goes into the half that is really spare.
+    fn write(&mut self, plan: &Plan, started: Instant) -> Result<usize> {
         let mut writes = 0;
         let mut slot_writes = Vec::new();
         for (i, w) in plan.writes.iter().enumerate() {
@@ -168,10 +180,6 @@ impl Balancer {
                     return Err(e);
                 }
             }
-        }
-        self.state = next;
-        if !plan.writes.is_empty() {
-            self.publish_unresolved();
         }
         let elapsed_us = started.elapsed().as_micros() as u64;
         for (p, n) in plan.published.iter().zip(slot_writes) {

@@ -119,6 +119,7 @@ impl Gates {
         }
     }
 
+    #[cfg(test)]
     pub fn has_nat_port(&self, port: u16) -> bool {
         self.nat_ports[port as usize / 64] & (1 << (port % 64)) != 0
     }
