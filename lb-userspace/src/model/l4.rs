@@ -99,19 +99,21 @@ pub struct BackendSpec {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Mac(pub [u8; 6]);
 
+/// A `mac` value that is not six hex octets.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a MAC address (want aa:bb:cc:dd:ee:ff)")]
+pub struct NotAMac(pub String);
+
 impl std::str::FromStr for Mac {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = NotAMac;
+    fn from_str(s: &str) -> Result<Self, NotAMac> {
         let parts: Vec<&str> = s.split(':').collect();
         if parts.len() != 6 {
-            return Err(format!(
-                "{s:?} is not a MAC address (want aa:bb:cc:dd:ee:ff)"
-            ));
+            return Err(NotAMac(s.to_string()));
         }
         let mut mac = [0u8; 6];
         for (i, p) in parts.iter().enumerate() {
-            mac[i] = u8::from_str_radix(p, 16)
-                .map_err(|_| format!("{s:?} is not a MAC address (want aa:bb:cc:dd:ee:ff)"))?;
+            mac[i] = u8::from_str_radix(p, 16).map_err(|_| NotAMac(s.to_string()))?;
         }
         Ok(Mac(mac))
     }

@@ -73,10 +73,15 @@ pub struct StatusRange {
     pub hi: u16,
 }
 
+/// An access-log `status` filter that is none of the three forms.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?}: expected a status (404), a class (4xx) or a range (500-504)")]
+pub struct NotAStatusRange(pub String);
+
 impl std::str::FromStr for StatusRange {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("{s:?}: expected a status (404), a class (4xx) or a range (500-504)");
+    type Err = NotAStatusRange;
+    fn from_str(s: &str) -> Result<Self, NotAStatusRange> {
+        let bad = || NotAStatusRange(s.to_string());
         let code = |t: &str| {
             t.parse::<u16>()
                 .ok()

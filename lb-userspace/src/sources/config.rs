@@ -500,19 +500,23 @@ pub const MIN_TOKEN_LEN: usize = 16;
 /// Why `token` cannot guard the admin API, if it cannot: shorter than [`MIN_TOKEN_LEN`], or with
 /// characters an `Authorization` header cannot carry as they are (then it could never match,
 /// and an operator would be locked out wondering why).
-pub fn check_token(token: &str) -> Result<(), String> {
+pub fn check_token(token: &str) -> Result<(), TokenError> {
     if token.len() < MIN_TOKEN_LEN {
-        return Err(format!(
-            "{} characters: an admin token needs at least {MIN_TOKEN_LEN} (generate one with `openssl rand -hex 32`)",
-            token.len()
-        ));
+        return Err(TokenError::TooShort(token.len()));
     }
     if !token.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(
-            "only visible ASCII characters (no spaces) can be sent as a bearer token".into(),
-        );
+        return Err(TokenError::NotVisibleAscii);
     }
     Ok(())
+}
+
+/// Why [`check_token`] refuses a token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("{0} characters: an admin token needs at least {MIN_TOKEN_LEN} (generate one with `openssl rand -hex 32`)")]
+    TooShort(usize),
+    #[error("only visible ASCII characters (no spaces) can be sent as a bearer token")]
+    NotVisibleAscii,
 }
 
 impl Default for RawApi {
@@ -793,7 +797,7 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
         ));
     }
     if let Some(t) = &raw.api.token {
-        check_token(t.get_ref()).map_err(|why| err(t.span(), "api.token".into(), why))?;
+        check_token(t.get_ref()).map_err(|why| err(t.span(), "api.token".into(), why.to_string()))?;
     }
     let api_listen: SocketAddr = raw.api.listen.get_ref().parse().map_err(|_| {
         err(
@@ -900,7 +904,7 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
                 Some(m) => Some(
                     m.get_ref()
                         .parse::<Mac>()
-                        .map_err(|e| err(m.span(), field("mac"), e))?,
+                        .map_err(|e| err(m.span(), field("mac"), e.to_string()))?,
                 ),
                 None => None,
             };
@@ -1111,7 +1115,7 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
             ));
         }
         if let Err(e) = m.kind.build() {
-            return Err(err(span, format!("middleware[{i}] ({name})"), e));
+            return Err(err(span, format!("middleware[{i}] ({name})"), e.to_string()));
         }
         middlewares.push((name, m.kind.clone()));
     }
@@ -1375,8 +1379,8 @@ fn validate_access_log(
     for (i, s) in a.status.iter().enumerate() {
         status.push(
             s.get_ref()
-                .parse()
-                .map_err(|e| err(s.span(), format!("access_log.status[{i}]"), e))?,
+                .parse::<crate::observe::access_log::StatusRange>()
+                .map_err(|e| err(s.span(), format!("access_log.status[{i}]"), e.to_string()))?,
         );
     }
     let sample = match &a.sample {

@@ -27,19 +27,13 @@ use hyper::{
     Request, Response, StatusCode, Uri,
 };
 
-use super::{answer, full, Ctx, Flow, Middleware, Req};
+use super::{answer, full, header_name, BuildError, Ctx, Flow, Middleware, Req};
 use crate::proxy::{client::UpstreamClient, Body, BoxError};
 
 impl BasicAuthConfig {
-    pub fn build(&self) -> Result<BasicAuth, String> {
+    pub fn build(&self) -> Result<BasicAuth, BuildError> {
         let mut auth = BasicAuth::new(&self.users, &self.realm)?;
-        auth.header_field = self
-            .header_field
-            .as_deref()
-            .map(|h| {
-                HeaderName::from_bytes(h.as_bytes()).map_err(|_| format!("{h:?} is not a header"))
-            })
-            .transpose()?;
+        auth.header_field = self.header_field.as_deref().map(header_name).transpose()?;
         Ok(auth)
     }
 }
@@ -90,14 +84,18 @@ async fn verify_bounded(hash: Arc<str>, password: String) -> Option<bool> {
 }
 
 impl BasicAuth {
-    pub fn new(users: &[String], realm: &str) -> Result<BasicAuth, String> {
+    pub fn new(users: &[String], realm: &str) -> Result<BasicAuth, BuildError> {
         let mut map = HashMap::new();
         for u in users {
-            let (name, hash) = u
-                .split_once(':')
-                .ok_or_else(|| format!("{u:?}: expected user:hash"))?;
+            let (name, hash) = u.split_once(':').ok_or_else(|| BuildError::Expected {
+                field: "users",
+                value: u.clone(),
+                expected: "user:hash",
+            })?;
             if !(hash.starts_with("$2") || hash.starts_with("$argon2")) {
-                return Err(format!("user {name:?}: only bcrypt ($2…) or argon2 ($argon2…) hashes are accepted, never plain text"));
+                return Err(BuildError::PlainPassword {
+                    user: name.to_string(),
+                });
             }
             map.insert(name.to_string(), Arc::<str>::from(hash));
         }
@@ -201,14 +199,12 @@ impl Middleware for BasicAuth {
 pub use crate::model::middleware::{ApiKeyConfig, BasicAuthConfig, ForwardAuthConfig};
 
 impl ApiKeyConfig {
-    pub fn build(&self) -> Result<ApiKey, String> {
+    pub fn build(&self) -> Result<ApiKey, BuildError> {
         let digests = self
             .keys
             .iter()
             .map(|k| {
-                let hex = k.strip_prefix("sha256:").ok_or_else(|| {
-                    "keys are configured as sha256:<hex digest>, never in plain text".to_string()
-                })?;
+                let hex = k.strip_prefix("sha256:").ok_or(BuildError::PlainKey)?;
                 let bytes = (0..hex.len())
                     .step_by(2)
                     .map(|i| {
@@ -217,19 +213,22 @@ impl ApiKeyConfig {
                     })
                     .collect::<Option<Vec<u8>>>()
                     .filter(|b| b.len() == 32)
-                    .ok_or_else(|| format!("{k:?}: not 64 hex digits"))?;
+                    .ok_or_else(|| BuildError::Expected {
+                        field: "keys",
+                        value: k.clone(),
+                        expected: "sha256: and 64 hex digits",
+                    })?;
                 let mut d = [0u8; 32];
                 d.copy_from_slice(&bytes);
                 Ok(d)
             })
-            .collect::<Result<Vec<_>, String>>()?;
+            .collect::<Result<Vec<_>, BuildError>>()?;
         if digests.is_empty() {
-            return Err("no keys".into());
+            return Err(BuildError::Empty("keys"));
         }
         Ok(ApiKey {
             digests,
-            header: HeaderName::from_bytes(self.header.as_bytes())
-                .map_err(|_| format!("{:?} is not a header name", self.header))?,
+            header: header_name(&self.header)?,
             query: self.query.clone(),
         })
     }
@@ -304,23 +303,19 @@ impl Middleware for ApiKey {
 }
 
 impl ForwardAuthConfig {
-    pub fn build(&self) -> Result<ForwardAuth, String> {
-        let uri: Uri = self
-            .address
-            .parse()
-            .map_err(|e| format!("address {:?}: {e}", self.address))?;
+    pub fn build(&self) -> Result<ForwardAuth, BuildError> {
+        let bad_address = || BuildError::Expected {
+            field: "address",
+            value: self.address.clone(),
+            expected: "http://host[:port]/path or https://…",
+        };
+        let uri: Uri = self.address.parse().map_err(|_| bad_address())?;
         if !matches!(uri.scheme_str(), Some("http") | Some("https")) || uri.host().is_none() {
-            return Err(format!(
-                "address {:?}: expected http://host[:port]/path or https://…",
-                self.address
-            ));
+            return Err(bad_address());
         }
         let names = |list: &[String]| {
             list.iter()
-                .map(|h| {
-                    HeaderName::from_bytes(h.as_bytes())
-                        .map_err(|_| format!("{h:?} is not a header name"))
-                })
+                .map(|h| header_name(h))
                 .collect::<Result<Vec<_>, _>>()
         };
         // Plain http needs no CA (nor the system's bundle).
@@ -338,7 +333,7 @@ impl ForwardAuthConfig {
                 tls,
                 ..Default::default()
             })
-            .map_err(|e| format!("{e:#}"))?,
+            .map_err(|e| BuildError::Client(format!("{e:#}")))?,
         })
     }
 }

@@ -20,7 +20,7 @@ use hyper::{
     Method, Response, StatusCode,
 };
 
-use super::{BoxFuture, Ctx, Flow, Middleware, Req};
+use super::{BoxFuture, BuildError, Ctx, Flow, Middleware, Req};
 pub use crate::model::middleware::CompressConfig;
 use crate::proxy::Body;
 
@@ -90,17 +90,20 @@ pub fn negotiate(accept: &str, order: &[Encoding]) -> Option<Encoding> {
 }
 
 impl CompressConfig {
-    pub fn build(&self) -> Result<Compress, String> {
+    pub fn build(&self) -> Result<Compress, BuildError> {
         let order = self
             .encodings
             .iter()
             .map(|e| {
-                Encoding::parse(e)
-                    .ok_or_else(|| format!("encoding {e:?}: expected zstd, br or gzip"))
+                Encoding::parse(e).ok_or_else(|| BuildError::Expected {
+                    field: "encodings",
+                    value: e.clone(),
+                    expected: "zstd, br or gzip",
+                })
             })
             .collect::<Result<Vec<_>, _>>()?;
         if order.is_empty() {
-            return Err("no encodings".into());
+            return Err(BuildError::Empty("encodings"));
         }
         let mut excluded: Vec<String> = self
             .excluded_content_types

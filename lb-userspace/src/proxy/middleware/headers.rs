@@ -22,54 +22,49 @@ use hyper::{
     Method, Response, StatusCode,
 };
 
-use super::{full, BoxFuture, Ctx, Flow, Middleware, Req};
+use super::{full, header_name, BoxFuture, BuildError, Ctx, Flow, Middleware, Req};
 pub use crate::model::middleware::{CorsConfig, HeadersConfig};
 use crate::proxy::Body;
 
 type Pairs = Vec<(HeaderName, HeaderValue)>;
 
-fn pairs(map: &HashMap<String, String>) -> Result<Pairs, String> {
+fn pairs(map: &HashMap<String, String>) -> Result<Pairs, BuildError> {
     let mut v: Pairs = map
         .iter()
         .map(|(k, v)| {
-            let n = HeaderName::from_bytes(k.as_bytes())
-                .map_err(|_| format!("{k:?} is not a header name"))?;
-            let v = HeaderValue::from_str(v).map_err(|_| format!("{v:?} is not a header value"))?;
+            let n = header_name(k)?;
+            let v = HeaderValue::from_str(v).map_err(|_| BuildError::HeaderValue(v.clone()))?;
             Ok((n, v))
         })
-        .collect::<Result<_, String>>()?;
+        .collect::<Result<_, BuildError>>()?;
     v.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
     Ok(v)
 }
 
-fn names(list: &[String]) -> Result<Vec<HeaderName>, String> {
-    list.iter()
-        .map(|k| {
-            HeaderName::from_bytes(k.as_bytes()).map_err(|_| format!("{k:?} is not a header name"))
-        })
-        .collect()
+fn names(list: &[String]) -> Result<Vec<HeaderName>, BuildError> {
+    list.iter().map(|k| header_name(k)).collect()
 }
 
-fn joined(list: &[String]) -> Result<Option<HeaderValue>, String> {
+fn joined(list: &[String]) -> Result<Option<HeaderValue>, BuildError> {
     if list.is_empty() {
         return Ok(None);
     }
     let s = list.join(", ");
     HeaderValue::from_str(&s)
         .map(Some)
-        .map_err(|_| format!("{s:?} is not a header value"))
+        .map_err(|_| BuildError::HeaderValue(s))
 }
 
 impl HeadersConfig {
-    pub fn build(&self) -> Result<Headers, String> {
+    pub fn build(&self) -> Result<Headers, BuildError> {
         let cors = match &self.cors {
             None => None,
             Some(c) => {
                 if c.allow_origins.is_empty() {
-                    return Err("cors.allow_origins is empty".into());
+                    return Err(BuildError::Empty("cors.allow_origins"));
                 }
                 if c.allow_credentials && c.allow_origins.iter().any(|o| o == "*") {
-                    return Err("cors: allow_credentials with origin \"*\" is refused by browsers; list the origins".into());
+                    return Err(BuildError::CredentialedWildcard);
                 }
                 Some(Cors {
                     any_origin: c.allow_origins.iter().any(|o| o == "*"),

@@ -34,21 +34,25 @@ use hyper::{
 };
 use ipnet::IpNet;
 
-use super::{answer, full, BoxFuture, Ctx, Flow, Middleware, Req};
+use super::{answer, full, header_name, BoxFuture, BuildError, Ctx, Flow, Middleware, Req};
 pub use crate::model::middleware::{
     BufferingConfig, InFlightReqConfig, IpAllowListConfig, RateLimitConfig,
 };
 use crate::proxy::Body;
 
 impl IpAllowListConfig {
-    pub fn build(&self) -> Result<IpAllowList, String> {
+    pub fn build(&self) -> Result<IpAllowList, BuildError> {
         let ranges = self
             .source_range
             .iter()
             .map(|r| {
                 r.parse::<IpNet>()
                     .or_else(|_| r.parse::<IpAddr>().map(IpNet::from))
-                    .map_err(|_| format!("{r:?} is not an address or CIDR"))
+                    .map_err(|_| BuildError::Expected {
+                        field: "source_range",
+                        value: r.clone(),
+                        expected: "an address or a CIDR",
+                    })
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(IpAllowList { ranges })
@@ -92,18 +96,15 @@ impl Bucket {
 }
 
 impl RateLimitConfig {
-    pub fn build(&self) -> Result<RateLimit, String> {
+    pub fn build(&self) -> Result<RateLimit, BuildError> {
         if self.average <= 0.0 || self.average.is_nan() {
-            return Err("average must be > 0".into());
+            return Err(BuildError::OutOfRange {
+                field: "average",
+                bound: "> 0",
+            });
         }
         let mut r = RateLimit::new(self.average, self.burst);
-        r.source_header = self
-            .source_header
-            .as_deref()
-            .map(|h| {
-                HeaderName::from_bytes(h.as_bytes()).map_err(|_| format!("{h:?} is not a header"))
-            })
-            .transpose()?;
+        r.source_header = self.source_header.as_deref().map(header_name).transpose()?;
         Ok(r)
     }
 }
@@ -197,9 +198,12 @@ impl Middleware for RateLimit {
 }
 
 impl InFlightReqConfig {
-    pub fn build(&self) -> Result<InFlightReq, String> {
+    pub fn build(&self) -> Result<InFlightReq, BuildError> {
         if self.amount == 0 {
-            return Err("amount must be ≥ 1".into());
+            return Err(BuildError::OutOfRange {
+                field: "amount",
+                bound: "≥ 1",
+            });
         }
         Ok(InFlightReq {
             amount: self.amount,
@@ -237,7 +241,7 @@ impl Middleware for InFlightReq {
 }
 
 impl BufferingConfig {
-    pub fn build(&self) -> Result<Buffering, String> {
+    pub fn build(&self) -> Result<Buffering, BuildError> {
         Ok(Buffering {
             max_request: usize::try_from(self.max_request_body_bytes).unwrap_or(usize::MAX),
             max_response: usize::try_from(self.max_response_body_bytes).unwrap_or(usize::MAX),

@@ -154,9 +154,75 @@ pub fn set_path(req: &mut Req, path: &str) {
 
 // ------------------------------------------------------------------ configuration
 
+/// Why a middleware's configuration cannot be built. Every variant names the field and the value
+/// at fault: the config layer wraps it with the file, line and middleware name, and a Traefik or
+/// Redis source with its key path, so the operator sees one value to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("regex {pattern:?}: {source}")]
+    Regex {
+        pattern: String,
+        #[source]
+        source: regex::Error,
+    },
+    #[error("{0:?} is not a header name")]
+    HeaderName(String),
+    #[error("{0:?} is not a header value")]
+    HeaderValue(String),
+    #[error("{field} {value:?} must start with /")]
+    NotRooted { field: &'static str, value: String },
+    #[error("{field} {value:?}: expected {expected}")]
+    Expected {
+        field: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+    #[error("{field} must be {bound}")]
+    OutOfRange {
+        field: &'static str,
+        bound: &'static str,
+    },
+    #[error("{0} is empty")]
+    Empty(&'static str),
+    /// A circuit breaker's `expression`, at a 1-based column.
+    #[error("expression, column {column}: {what}")]
+    Expression { column: usize, what: &'static str },
+    /// Passwords are configured only as hashes, so a leaked config leaks no password.
+    #[error(
+        "user {user:?}: only bcrypt ($2…) or argon2 ($argon2…) hashes are accepted, never plain text"
+    )]
+    PlainPassword { user: String },
+    #[error("keys are configured as sha256:<hex digest>, never in plain text")]
+    PlainKey,
+    /// Browsers refuse credentials with `*`; lb says so rather than serve a CORS policy that
+    /// silently fails in every browser.
+    #[error(
+        "cors: allow_credentials with origin \"*\" is refused by browsers; list the origins"
+    )]
+    CredentialedWildcard,
+    /// forwardAuth's client (its CA file) could not be set up.
+    #[error("its HTTP client: {0}")]
+    Client(String),
+}
+
+impl BuildError {
+    fn regex(pattern: &str) -> impl FnOnce(regex::Error) -> BuildError + '_ {
+        move |source| BuildError::Regex {
+            pattern: pattern.to_string(),
+            source,
+        }
+    }
+}
+
+/// A header name from configuration.
+fn header_name(name: &str) -> Result<hyper::header::HeaderName, BuildError> {
+    hyper::header::HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| BuildError::HeaderName(name.to_string()))
+}
+
 impl MiddlewareConfig {
     /// Builds the middleware, or says what is wrong with its configuration.
-    pub fn build(&self) -> Result<Arc<dyn Middleware>, String> {
+    pub fn build(&self) -> Result<Arc<dyn Middleware>, BuildError> {
         Ok(match self {
             MiddlewareConfig::StripPrefix(c) => Arc::new(c.build()),
             MiddlewareConfig::StripPrefixRegex(c) => Arc::new(c.build()?),

@@ -32,7 +32,7 @@ use hyper::{
 };
 use regex::Regex;
 
-use super::{answer, set_path, Ctx, Flow, Middleware, Req};
+use super::{answer, set_path, BuildError, Ctx, Flow, Middleware, Req};
 pub use crate::model::middleware::{
     AddPrefixConfig, RedirectRegexConfig, RedirectSchemeConfig, ReplacePathConfig,
     ReplacePathRegexConfig, StripPrefixConfig, StripPrefixRegexConfig,
@@ -80,11 +80,11 @@ impl Middleware for StripPrefix {
 }
 
 impl StripPrefixRegexConfig {
-    pub fn build(&self) -> Result<StripPrefixRegex, String> {
+    pub fn build(&self) -> Result<StripPrefixRegex, BuildError> {
         let regex = self
             .regex
             .iter()
-            .map(|r| Regex::new(r).map_err(|e| format!("regex {r:?}: {e}")))
+            .map(|r| Regex::new(r).map_err(BuildError::regex(r)))
             .collect::<Result<_, _>>()?;
         Ok(StripPrefixRegex { regex })
     }
@@ -113,9 +113,12 @@ impl Middleware for StripPrefixRegex {
 }
 
 impl AddPrefixConfig {
-    pub fn build(&self) -> Result<AddPrefix, String> {
+    pub fn build(&self) -> Result<AddPrefix, BuildError> {
         if !self.prefix.starts_with('/') {
-            return Err(format!("prefix {:?} must start with /", self.prefix));
+            return Err(BuildError::NotRooted {
+                field: "prefix",
+                value: self.prefix.clone(),
+            });
         }
         Ok(AddPrefix {
             prefix: self.prefix.trim_end_matches('/').to_string(),
@@ -136,9 +139,12 @@ impl Middleware for AddPrefix {
 }
 
 impl ReplacePathConfig {
-    pub fn build(&self) -> Result<ReplacePath, String> {
+    pub fn build(&self) -> Result<ReplacePath, BuildError> {
         if !self.path.starts_with('/') {
-            return Err(format!("path {:?} must start with /", self.path));
+            return Err(BuildError::NotRooted {
+                field: "path",
+                value: self.path.clone(),
+            });
         }
         Ok(ReplacePath {
             path: self.path.clone(),
@@ -159,9 +165,9 @@ impl Middleware for ReplacePath {
 }
 
 impl ReplacePathRegexConfig {
-    pub fn build(&self) -> Result<ReplacePathRegex, String> {
+    pub fn build(&self) -> Result<ReplacePathRegex, BuildError> {
         Ok(ReplacePathRegex {
-            regex: Regex::new(&self.regex).map_err(|e| format!("regex: {e}"))?,
+            regex: Regex::new(&self.regex).map_err(BuildError::regex(&self.regex))?,
             replacement: self.replacement.clone(),
         })
     }
@@ -208,9 +214,13 @@ fn redirect(method: &Method, permanent: bool, location: &str) -> Flow<'static> {
 }
 
 impl RedirectSchemeConfig {
-    pub fn build(&self) -> Result<RedirectScheme, String> {
+    pub fn build(&self) -> Result<RedirectScheme, BuildError> {
         if self.scheme != "https" && self.scheme != "http" {
-            return Err(format!("scheme {:?}: expected http or https", self.scheme));
+            return Err(BuildError::Expected {
+                field: "scheme",
+                value: self.scheme.clone(),
+                expected: "http or https",
+            });
         }
         let default_port = if self.scheme == "https" { 443 } else { 80 };
         Ok(RedirectScheme {
@@ -252,9 +262,9 @@ impl Middleware for RedirectScheme {
 }
 
 impl RedirectRegexConfig {
-    pub fn build(&self) -> Result<RedirectRegex, String> {
+    pub fn build(&self) -> Result<RedirectRegex, BuildError> {
         Ok(RedirectRegex {
-            regex: Regex::new(&self.regex).map_err(|e| format!("regex: {e}"))?,
+            regex: Regex::new(&self.regex).map_err(BuildError::regex(&self.regex))?,
             replacement: self.replacement.clone(),
             permanent: self.permanent,
         })

@@ -32,7 +32,9 @@ use std::{
 
 use hyper::{Response, StatusCode};
 
-use super::{answer, BoxFuture, ClientFault, Ctx, Flow, Middleware, Req, UpstreamFailure};
+use super::{
+    answer, BoxFuture, BuildError, ClientFault, Ctx, Flow, Middleware, Req, UpstreamFailure,
+};
 pub use crate::model::middleware::{CircuitBreakerConfig, RetryConfig};
 use crate::proxy::Body;
 
@@ -58,9 +60,12 @@ impl RetryPolicy {
 }
 
 impl RetryConfig {
-    pub fn build(&self) -> Result<Retry, String> {
+    pub fn build(&self) -> Result<Retry, BuildError> {
         if self.attempts == 0 || self.attempts > 10 {
-            return Err("attempts must be 1..=10".into());
+            return Err(BuildError::OutOfRange {
+                field: "attempts",
+                bound: "1..=10",
+            });
         }
         Ok(Retry(RetryPolicy {
             attempts: self.attempts,
@@ -116,8 +121,11 @@ impl Parser<'_> {
         }
     }
 
-    fn err<T>(&self, what: &str) -> Result<T, String> {
-        Err(format!("expression, column {}: {what}", self.at + 1))
+    fn err<T>(&self, what: &'static str) -> Result<T, BuildError> {
+        Err(BuildError::Expression {
+            column: self.at + 1,
+            what,
+        })
     }
 
     fn eat(&mut self, t: &str) -> bool {
@@ -130,7 +138,7 @@ impl Parser<'_> {
         }
     }
 
-    fn number(&mut self) -> Result<f64, String> {
+    fn number(&mut self) -> Result<f64, BuildError> {
         self.ws();
         let start = self.at;
         while self.at < self.s.len()
@@ -144,7 +152,7 @@ impl Parser<'_> {
             .map_or_else(|| self.err("expected a number"), Ok)
     }
 
-    fn or(&mut self) -> Result<Cond, String> {
+    fn or(&mut self) -> Result<Cond, BuildError> {
         let mut l = self.and()?;
         while self.eat("||") {
             l = Cond::Or(Box::new(l), Box::new(self.and()?));
@@ -152,7 +160,7 @@ impl Parser<'_> {
         Ok(l)
     }
 
-    fn and(&mut self) -> Result<Cond, String> {
+    fn and(&mut self) -> Result<Cond, BuildError> {
         let mut l = self.test()?;
         while self.eat("&&") {
             l = Cond::And(Box::new(l), Box::new(self.test()?));
@@ -160,7 +168,7 @@ impl Parser<'_> {
         Ok(l)
     }
 
-    fn test(&mut self) -> Result<Cond, String> {
+    fn test(&mut self) -> Result<Cond, BuildError> {
         if self.eat("(") {
             let c = self.or()?;
             if !self.eat(")") {
@@ -225,7 +233,7 @@ impl Parser<'_> {
     }
 }
 
-fn parse(expr: &str) -> Result<Cond, String> {
+fn parse(expr: &str) -> Result<Cond, BuildError> {
     let mut p = Parser {
         s: expr.as_bytes(),
         at: 0,
@@ -378,9 +386,12 @@ impl Window {
 // ------------------------------------------------------------------ the breaker
 
 impl CircuitBreakerConfig {
-    pub fn build(&self) -> Result<CircuitBreaker, String> {
-        let code = StatusCode::from_u16(self.response_code)
-            .map_err(|_| format!("response_code {} is not a status", self.response_code))?;
+    pub fn build(&self) -> Result<CircuitBreaker, BuildError> {
+        let code = StatusCode::from_u16(self.response_code).map_err(|_| BuildError::Expected {
+            field: "response_code",
+            value: self.response_code.to_string(),
+            expected: "a status (100..=999)",
+        })?;
         Ok(CircuitBreaker {
             cond: parse(&self.expression)?,
             check_period: Duration::from_millis(self.check_period_ms),
@@ -515,9 +526,9 @@ mod tests {
         )
         .is_ok());
         let e = parse("NetworkErrorRatio() >").unwrap_err();
-        assert!(e.contains("column 22"), "{e}");
+        assert!(e.to_string().contains("column 22"), "{e}");
         let e = parse("Bogus() > 1").unwrap_err();
-        assert!(e.contains("column 1"), "{e}");
+        assert!(e.to_string().contains("column 1"), "{e}");
         assert!(parse("NetworkErrorRatio() > 0.5 junk").is_err());
         assert!(parse("LatencyAtQuantileMS(120) > 1").is_err());
     }
