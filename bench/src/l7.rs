@@ -27,6 +27,8 @@ pub struct Opts {
     pub idle_conns: usize,
     pub cpus: Cpus,
     pub lb_bin: PathBuf,
+    /// Another commit's `lb`, run as one more contender: (its name, the binary).
+    pub baseline: Option<(String, PathBuf)>,
     pub out: PathBuf,
 }
 
@@ -38,13 +40,15 @@ const H2_STREAMS: u32 = 10;
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Lb,
+    /// [`Opts::baseline`]'s binary, with the same lb.toml as [`Kind::Lb`] on its own ports.
+    LbBaseline,
     Nginx,
     Haproxy,
 }
 
 struct Proxy {
     kind: Kind,
-    name: &'static str,
+    name: String,
     /// lb's pin root, removed with the proxy.
     pins: Option<PathBuf>,
     /// HTTP/1.1 port and HTTP/2 (prior knowledge) port.
@@ -94,7 +98,11 @@ pub fn run(o: &Opts) -> Result<Vec<Table>> {
 
     let mut generation = 0;
     let mut proxies = Vec::new();
-    for kind in [Kind::Lb, Kind::Nginx, Kind::Haproxy] {
+    let mut kinds = vec![Kind::Lb, Kind::Nginx, Kind::Haproxy];
+    if o.baseline.is_some() {
+        kinds.insert(1, Kind::LbBaseline);
+    }
+    for kind in kinds {
         generation += 1;
         let mut p = start(kind, o, &work, nofile, generation)?;
         ready(&ns, &mut p)?;
@@ -158,10 +166,10 @@ pub fn run(o: &Opts) -> Result<Vec<Table>> {
             let p = &mut proxies[i];
             ready(&ns, p)?;
             let (before, with) = idle_rss(&ns, p, o.idle_conns)?;
-            idle.add(p.name, "RSS before", before as f64 / 1024.0);
-            idle.add(p.name, "RSS with idle", with as f64 / 1024.0);
+            idle.add(&p.name, "RSS before", before as f64 / 1024.0);
+            idle.add(&p.name, "RSS with idle", with as f64 / 1024.0);
             idle.add(
-                p.name,
+                &p.name,
                 "per connection",
                 (with as f64 - before as f64) / o.idle_conns as f64,
             );
@@ -177,6 +185,12 @@ pub fn run(o: &Opts) -> Result<Vec<Table>> {
          the proxy's processes ÷ wall time; RSS after the run.",
         o.rounds, o.secs, o.cpus.work, o.cpus.load
     ));
+    if let Some((name, _)) = &o.baseline {
+        t.note(format!(
+            "`lb {name}`: that commit's `lb` binary with the same lb.toml (its own ports, pins \
+             and API port), in the same interleaved rounds."
+        ));
+    }
     idle.note(format!(
         "{} connections opened to each freshly started proxy's HTTP/1.1 port, one request each, \
          then held idle; RSS of the proxy's processes before opening and 0.5 s after the last one.",
@@ -454,7 +468,7 @@ fn idle_rss(ns: &Netns, p: &Proxy, n: usize) -> Result<(u64, u64)> {
     let pid = p.proc.pid();
     let before = sys::tree_rss_kib(pid);
     let addr: SocketAddr = ([127, 0, 0, 1], p.h1).into();
-    let name = p.name;
+    let name = p.name.clone();
     let conns = ns.run(move || -> Result<Vec<TcpStream>> {
         let mut v = Vec::with_capacity(n);
         for i in 0..n {
@@ -478,7 +492,8 @@ fn idle_rss(ns: &Netns, p: &Proxy, n: usize) -> Result<(u64, u64)> {
 
 fn start(kind: Kind, o: &Opts, cpu: &str, nofile: u64, generation: u32) -> Result<Proxy> {
     match kind {
-        Kind::Lb => start_lb(o, cpu, generation),
+        Kind::Lb => start_lb(o, cpu, generation, None),
+        Kind::LbBaseline => start_lb(o, cpu, generation, o.baseline.as_ref()),
         Kind::Nginx => start_nginx(o, cpu, nofile),
         Kind::Haproxy => start_haproxy(o, cpu, nofile),
     }
@@ -558,7 +573,7 @@ fn start_nginx(o: &Opts, cpu: &str, nofile: u64) -> Result<Proxy> {
     Ok(Proxy {
         kind: Kind::Nginx,
         pins: None,
-        name: "nginx",
+        name: "nginx".into(),
         h1,
         h2,
         proc,
@@ -597,7 +612,7 @@ fn start_haproxy(o: &Opts, cpu: &str, nofile: u64) -> Result<Proxy> {
     Ok(Proxy {
         kind: Kind::Haproxy,
         pins: None,
-        name: "HAProxy",
+        name: "HAProxy".into(),
         h1,
         h2,
         proc,
@@ -605,8 +620,18 @@ fn start_haproxy(o: &Opts, cpu: &str, nofile: u64) -> Result<Proxy> {
     })
 }
 
-fn start_lb(o: &Opts, cpu: &str, generation: u32) -> Result<Proxy> {
-    let (h1, h2) = (18080, 18090);
+/// This tree's `lb`, or with `baseline` another commit's on ports, pins, instance, state and
+/// API port of its own.
+fn start_lb(
+    o: &Opts,
+    cpu: &str,
+    generation: u32,
+    baseline: Option<&(String, PathBuf)>,
+) -> Result<Proxy> {
+    let (h1, h2, api, tag) = match baseline {
+        None => (18080, 18090, 19090, "lb"),
+        Some(_) => (18380, 18390, 19091, "lbbase"),
+    };
     let pins = PathBuf::from(format!(
         "/sys/fs/bpf/lbb-l7-{}-{generation}",
         std::process::id()
@@ -616,24 +641,24 @@ fn start_lb(o: &Opts, cpu: &str, generation: u32) -> Result<Proxy> {
         .map(|p| format!("\n[[vip.backend]]\naddress = \"127.0.0.1\"\nport = {p}\nweight = 1\n"))
         .collect();
     let conf = format!(
-        "[agent]\ninstance = \"lbb-l7\"\npin_root = \"{pins}\"\nstate_dir = \"{state}\"\n\n\
-         [api]\nlisten = \"127.0.0.1:19090\"\ntoken = \"bench-token-0123456789\"\n\n\
+        "[agent]\ninstance = \"lbb-{tag}\"\npin_root = \"{pins}\"\nstate_dir = \"{state}\"\n\n\
+         [api]\nlisten = \"127.0.0.1:{api}\"\ntoken = \"bench-token-0123456789\"\n\n\
          [[vip]]\nname = \"web\"\naddress = \"127.0.0.1\"\nport = {h1}\nprotocol = \"tcp\"\nmode = \"local\"\n{backends}\n\
          [[entrypoint]]\nname = \"web\"\naddress = \"127.0.0.1:{h1}\"\n\n\
          [[entrypoint]]\nname = \"web2\"\naddress = \"127.0.0.1:{h2}\"\n\n\
          [[router]]\nname = \"all\"\nrule = \"PathPrefix(`/`)\"\nservice = \"web\"\n",
         pins = pins.display(),
-        state = o.out.join("lb-state").display(),
+        state = o.out.join(format!("{tag}-state")).display(),
     );
     // A directory of its own, as /etc/lb would be: lb watches its config file's directory, and
     // the logs written next to it during a run (h2load's, one line per request) would wake
     // lb's watcher on its CPU for every write.
-    let dir = o.out.join("lb-conf");
+    let dir = o.out.join(format!("{tag}-conf"));
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("lb.toml");
     std::fs::write(&path, conf)?;
-    let log = o.out.join("lb.log");
-    let bin = o.lb_bin.display().to_string();
+    let log = o.out.join(format!("{tag}.log"));
+    let bin = baseline.map_or(&o.lb_bin, |(_, b)| b).display().to_string();
     let p = path.display().to_string();
     // No per-request logging in any of the three.
     let proc = Proc::spawn(
@@ -644,9 +669,13 @@ fn start_lb(o: &Opts, cpu: &str, generation: u32) -> Result<Proxy> {
         &log,
     )?;
     Ok(Proxy {
-        kind: Kind::Lb,
+        kind: if baseline.is_some() {
+            Kind::LbBaseline
+        } else {
+            Kind::Lb
+        },
         pins: Some(pins),
-        name: "lb",
+        name: baseline.map_or_else(|| "lb".to_string(), |(n, _)| format!("lb {n}")),
         h1,
         h2,
         proc,

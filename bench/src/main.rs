@@ -16,7 +16,7 @@ mod xdp;
 
 use std::{path::PathBuf, process::Command};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context as _, Result};
 use clap::Parser;
 
 use crate::{report::Machine, sys::Cpus};
@@ -38,6 +38,16 @@ struct Cli {
     /// Criterion's output directory (`<target>/criterion`), for the Maglev build times.
     #[arg(long)]
     criterion: Option<PathBuf>,
+    /// Another commit's build to time beside this one (`cargo xtask bench --baseline <commit>`):
+    /// its name in the tables…
+    #[arg(long, requires_all = ["baseline_bin", "baseline_object"])]
+    baseline_name: Option<String>,
+    /// … its `lb` binary (the L7 table) …
+    #[arg(long)]
+    baseline_bin: Option<PathBuf>,
+    /// … and its XDP object (the XDP table).
+    #[arg(long)]
+    baseline_object: Option<PathBuf>,
     /// The command line to print in the report.
     #[arg(long, default_value = "cargo xtask bench")]
     command: String,
@@ -83,11 +93,20 @@ fn main() -> Result<()> {
         }
     };
     let quick = cli.quick;
+    let baseline_object = match (&cli.baseline_name, &cli.baseline_object) {
+        (Some(name), Some(path)) => Some((
+            name.clone(),
+            std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+        )),
+        _ => None,
+    };
+    let baseline_bin = cli.baseline_name.clone().zip(cli.baseline_bin.clone());
     section("xdp", &mut || {
         Ok(vec![xdp::run(xdp::Opts {
             rounds: if quick { 3 } else { 7 },
             repeat: if quick { 200_000 } else { 1_000_000 },
             cpu: cpus.work,
+            baseline: baseline_object.clone(),
         })?])
     });
     section("l7", &mut || {
@@ -97,6 +116,7 @@ fn main() -> Result<()> {
             idle_conns: 10_000,
             cpus,
             lb_bin: cli.lb_bin.clone(),
+            baseline: baseline_bin.clone(),
             out: cli.out.join("l7"),
         })
     });

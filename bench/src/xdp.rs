@@ -52,6 +52,8 @@ pub struct Opts {
     pub rounds: usize,
     pub repeat: u32,
     pub cpu: usize,
+    /// Another build's XDP object, timed beside this one in the same rounds: (its name, the ELF).
+    pub baseline: Option<(String, Vec<u8>)>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -354,8 +356,9 @@ enum Target {
 }
 
 impl Rig {
-    fn new(ifindex: u32) -> Result<Rig> {
-        let pin_root = PathBuf::from(format!("/sys/fs/bpf/lbb-xdp-{}", std::process::id()));
+    /// `object` is the balancer's ELF; `tag` keeps two rigs' pins apart.
+    fn new(ifindex: u32, object: &[u8], tag: &str) -> Result<Rig> {
+        let pin_root = PathBuf::from(format!("/sys/fs/bpf/lbb-xdp-{}-{tag}", std::process::id()));
         let _ = std::fs::remove_dir_all(&pin_root);
         let limits = Limits {
             max_vips: 16,
@@ -368,7 +371,8 @@ impl Rig {
         };
         // From here on the pins are removed on every exit path.
         let mut rig_pins = PinGuard(Some(pin_root.clone()));
-        let dp = Dataplane::open(&pin_root, "bench", &limits, false)?;
+        let dp = Dataplane::open_object(object, &pin_root, "bench", &limits, false)
+            .with_context(|| format!("loading the {tag} object"))?;
         let vips = vip_specs();
         let mut balancer = Balancer::new(dp, &vips)?;
         for v in &vips {
@@ -578,17 +582,17 @@ fn time_case(
     Ok((ns as f64, ns as f64 - harness))
 }
 
-fn record(t: &mut Table, row: &str, ns: f64, net: f64, floor: u64) {
-    t.add(row, "via harness", ns);
-    t.add(row, "lb", net);
-    if floor > 0 {
-        t.add(row, "× floor", net / floor as f64);
-    }
+/// One balancer build under test: its rig, and the offsets that keep its varying frames new.
+struct Contender {
+    rig: Rig,
+    offsets: Vec<u32>,
+    /// `Some(name)`: another commit's build, reported in the `name` column (net of its own
+    /// harness measurement); `None`: this tree's, whose columns are the table's first three.
+    baseline: Option<String>,
 }
 
 fn measure(opts: &Opts) -> Result<Table> {
     let ifindex = topology()?;
-    let mut rig = Rig::new(ifindex)?;
     let mut cases = cases()?;
     // For iterating on one path: `LB_BENCH_XDP_CASES="IPv4 TCP"` keeps rows containing any of
     // the comma-separated substrings.
@@ -604,15 +608,26 @@ fn measure(opts: &Opts) -> Result<Table> {
     )?)
     .ok_or_else(|| anyhow!("frame too large"))?;
 
-    let mut t = Table::new(
-        "xdp",
-        "XDP ns/packet (BPF_PROG_TEST_RUN)",
-        vec![
-            col("lb", "ns/packet", 1),
-            col("× floor", "", 2),
-            col("via harness", "ns", 1),
-        ],
-    );
+    let mut columns = vec![
+        col("lb", "ns/packet", 1),
+        col("× floor", "", 2),
+        col("via harness", "ns", 1),
+    ];
+    let mut contenders = vec![Contender {
+        rig: Rig::new(ifindex, dataplane::LB_OBJECT, "head")?,
+        offsets: vec![0; cases.len()],
+        baseline: None,
+    }];
+    if let Some((name, object)) = &opts.baseline {
+        columns.push(col(name, "ns/packet", 1));
+        columns.push(col(&format!("lb ÷ {name}"), "", 2));
+        contenders.push(Contender {
+            rig: Rig::new(ifindex, object, "baseline")?,
+            offsets: vec![0; cases.len()],
+            baseline: Some(name.clone()),
+        });
+    }
+    let mut t = Table::new("xdp", "XDP ns/packet (BPF_PROG_TEST_RUN)", columns);
     for r in [FLOOR_ROW, HARNESS_FLOOR_ROW, HARNESS_ROW] {
         t.row(r);
     }
@@ -620,57 +635,101 @@ fn measure(opts: &Opts) -> Result<Table> {
         t.row(&c.row);
     }
 
-    // Correctness first: floor and harness agree with a direct run, every case takes its path.
-    rig.set_target(Target::Floor)?;
-    rig.set_frame(&floor_frame)?;
-    let fdata = frame_bytes(&floor_frame).to_vec();
-    let (vd, _, outd) = rig.run(rig.floor_prog()?, &fdata, 1)?;
-    let (vh, _, outh) = rig.run_harness(&fdata, 1)?;
-    ensure!(
-        vd == XDP_TX && vh == XDP_TX && outd == outh,
-        "harness → floor differs from the floor run directly"
-    );
-    rig.set_target(Target::Lb)?;
-    for c in &cases {
-        verify(&mut rig, c)?;
-    }
-
-    // Steady state: lb's LRUs only ever lose entries by eviction, so on a balancer that has run
-    // for a while FLOWS and NAT_REVERSE are full and every new flow evicts one. Fill both first
-    // (a NAT miss inserts into each), else the first miss measurements would find free room.
-    let mut offsets = vec![0u32; cases.len()];
     let fill = cases
         .iter()
         .position(|c| c.varies && !c.room && c.expect == XDP_REDIRECT)
         .ok_or_else(|| anyhow!("no NAT miss case"))?;
-    fill_tables(&mut rig, &cases[fill], &mut offsets[fill])?;
-    for round in 0..opts.rounds {
-        // The floor and the harness's own cost, this round.
+    let fdata = frame_bytes(&floor_frame).to_vec();
+    for k in &mut contenders {
+        let rig = &mut k.rig;
+        // Correctness first: floor and harness agree with a direct run, every case takes its path.
         rig.set_target(Target::Floor)?;
         rig.set_frame(&floor_frame)?;
-        let (_, floor, _) = rig.run(rig.floor_prog()?, &fdata, opts.repeat)?;
-        let (v, hf, _) = rig.run_harness(&fdata, opts.repeat)?;
-        ensure!(v == XDP_TX, "harness → floor returned {v}");
-        let harness = hf as f64 - floor as f64;
-        t.add(FLOOR_ROW, "lb", floor as f64);
-        t.add(FLOOR_ROW, "× floor", 1.0);
-        t.add(HARNESS_FLOOR_ROW, "via harness", hf as f64);
-        t.add(HARNESS_ROW, "lb", harness);
+        let (vd, _, outd) = rig.run(rig.floor_prog()?, &fdata, 1)?;
+        let (vh, _, outh) = rig.run_harness(&fdata, 1)?;
+        ensure!(
+            vd == XDP_TX && vh == XDP_TX && outd == outh,
+            "harness → floor differs from the floor run directly"
+        );
         rig.set_target(Target::Lb)?;
-        // Tables with room first: emptied, the room cases, then filled again for the rest. Each
-        // group starts at a different case every round so no case always follows the same one.
-        rig.clear_flows()?;
-        let (room, rest): (Vec<usize>, Vec<usize>) = (0..cases.len()).partition(|&i| cases[i].room);
-        for k in 0..room.len() {
-            let i = room[(k + round) % room.len()];
-            let (ns, net) = time_case(&mut rig, &cases[i], &mut offsets[i], ROOM_REPEAT, harness)?;
-            record(&mut t, &cases[i].row, ns, net, floor);
+        for c in &cases {
+            verify(rig, c).with_context(|| match &k.baseline {
+                Some(name) => format!("the baseline {name}"),
+                None => "this tree's build".into(),
+            })?;
         }
-        fill_tables(&mut rig, &cases[fill], &mut offsets[fill])?;
-        for k in 0..rest.len() {
-            let i = rest[(k + round * 7) % rest.len()];
-            let (ns, net) = time_case(&mut rig, &cases[i], &mut offsets[i], opts.repeat, harness)?;
-            record(&mut t, &cases[i].row, ns, net, floor);
+        // Steady state: lb's LRUs only ever lose entries by eviction, so on a balancer that has
+        // run for a while FLOWS and NAT_REVERSE are full and every new flow evicts one. Fill both
+        // first (a NAT miss inserts into each), else the first misses would find free room.
+        fill_tables(rig, &cases[fill], &mut k.offsets[fill])?;
+    }
+
+    for round in 0..opts.rounds {
+        // This round's net ns per row and contender, for the ratio column.
+        let mut nets: Vec<std::collections::HashMap<String, f64>> =
+            vec![Default::default(); contenders.len()];
+        let n = contenders.len();
+        for j in 0..n {
+            // The contenders take turns going first.
+            let ki = (j + round) % n;
+            let k = &mut contenders[ki];
+            let (c_net, c_via) = match &k.baseline {
+                Some(name) => (name.clone(), None),
+                None => ("lb".to_string(), Some("via harness")),
+            };
+            let rig = &mut k.rig;
+            // The floor and the harness's own cost, this round.
+            rig.set_target(Target::Floor)?;
+            rig.set_frame(&floor_frame)?;
+            let (_, floor, _) = rig.run(rig.floor_prog()?, &fdata, opts.repeat)?;
+            let (v, hf, _) = rig.run_harness(&fdata, opts.repeat)?;
+            ensure!(v == XDP_TX, "harness → floor returned {v}");
+            let harness = hf as f64 - floor as f64;
+            t.add(FLOOR_ROW, &c_net, floor as f64);
+            t.add(HARNESS_ROW, &c_net, harness);
+            if let Some(via) = c_via {
+                t.add(FLOOR_ROW, "× floor", 1.0);
+                t.add(HARNESS_FLOOR_ROW, via, hf as f64);
+            }
+            rig.set_target(Target::Lb)?;
+            let mut record = |row: &str, ns: f64, net: f64| {
+                nets[ki].insert(row.to_string(), net);
+                t.add(row, &c_net, net);
+                if let Some(via) = c_via {
+                    t.add(row, via, ns);
+                    if floor > 0 {
+                        t.add(row, "× floor", net / floor as f64);
+                    }
+                }
+            };
+            // Tables with room first: emptied, the room cases, then filled again for the rest.
+            // Each group starts at a different case every round so no case always follows the
+            // same one.
+            rig.clear_flows()?;
+            let (room, rest): (Vec<usize>, Vec<usize>) =
+                (0..cases.len()).partition(|&i| cases[i].room);
+            for q in 0..room.len() {
+                let i = room[(q + round) % room.len()];
+                let (ns, net) = time_case(rig, &cases[i], &mut k.offsets[i], ROOM_REPEAT, harness)?;
+                record(&cases[i].row, ns, net);
+            }
+            fill_tables(rig, &cases[fill], &mut k.offsets[fill])?;
+            for q in 0..rest.len() {
+                let i = rest[(q + round * 7) % rest.len()];
+                let (ns, net) = time_case(rig, &cases[i], &mut k.offsets[i], opts.repeat, harness)?;
+                record(&cases[i].row, ns, net);
+            }
+        }
+        if let (Some(head), Some(base), Some(name)) = (
+            nets.first(),
+            nets.get(1),
+            contenders.get(1).and_then(|k| k.baseline.as_ref()),
+        ) {
+            for (row, net) in head {
+                if let Some(b) = base.get(row).filter(|b| **b > 0.0) {
+                    t.add(row, &format!("lb ÷ {name}"), net / b);
+                }
+            }
         }
     }
     t.note(format!(
@@ -679,6 +738,14 @@ fn measure(opts: &Opts) -> Result<Table> {
          from the same round.",
         opts.repeat, opts.rounds
     ));
+    if let Some((name, _)) = &opts.baseline {
+        t.note(format!(
+            "`{name}`: that commit's XDP object, loaded through this tree's writer into its own maps \
+             (same limits, VIPs and backends) and timed in the same rounds, the two builds taking \
+             turns to go first; its floor and harness rows are its own rig's. `lb ÷ {name}`: the \
+             ratio of the two nets within each round."
+        ));
+    }
     t.note(
         "Miss paths: the harness writes a new source address into every run's frame, so each run is \
          a new flow (a SYN goes straight to Maglev and an insert-if-absent; a UDP datagram is looked \

@@ -56,6 +56,10 @@ enum Cmd {
         /// Only these sections, comma-separated: xdp, l7, control, e2e.
         #[arg(long)]
         only: Option<String>,
+        /// A commit whose build runs as an extra contender in the XDP and L7 sections
+        /// (its XDP object and its `lb` binary, built from `git archive` under target/).
+        #[arg(long)]
+        baseline: Option<String>,
     },
     /// From nothing: a debootstrapped Debian 12 root with only the README's prerequisites, where
     /// the README's two commands run as written (tens of minutes; never beside the host's tests).
@@ -95,7 +99,11 @@ fn dispatch(cli: Cli) -> Result<()> {
         Cmd::Run { config: None } => demo(false),
         Cmd::Demo { check } => demo(check),
         Cmd::Test => test(),
-        Cmd::Bench { quick, only } => bench::bench(quick, only),
+        Cmd::Bench {
+            quick,
+            only,
+            baseline,
+        } => bench::bench(quick, only, baseline),
         Cmd::FreshCheck { dir, demo_only } => fresh::check(dir, demo_only),
     }
 }

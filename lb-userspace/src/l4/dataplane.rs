@@ -126,6 +126,19 @@ where
 impl Dataplane {
     /// Loads the program and creates (or reuses) the pinned map set.
     pub fn open(pin_root: &Path, instance: &str, limits: &Limits, debug: bool) -> Result<Self> {
+        Self::open_object(LB_OBJECT, pin_root, instance, limits, debug)
+    }
+
+    /// [`Dataplane::open`] with another build of the program, one with the same maps and
+    /// globals: `cargo xtask bench --baseline` times an older commit's object through this
+    /// writer, so both run on identical map contents.
+    pub fn open_object(
+        object: &[u8],
+        pin_root: &Path,
+        instance: &str,
+        limits: &Limits,
+        debug: bool,
+    ) -> Result<Self> {
         if !nix::unistd::geteuid().is_root() {
             bail!("lb needs root (CAP_BPF, CAP_NET_ADMIN) to load XDP programs");
         }
@@ -161,7 +174,7 @@ impl Dataplane {
                 true,
             )
             .override_global("AYA_LOG_LEVEL", &log_level, false)
-            .load(LB_OBJECT)
+            .load(object)
             .context("loading the XDP object (is BPF available on this kernel?)")?;
         let kernel_logs = match debug {
             true => aya_log::EbpfLogger::init(&mut ebpf)
