@@ -161,7 +161,9 @@ fn build_baseline(target: &Path, rev: &str) -> Result<Baseline> {
         .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
         .max()
         .map(|(_, p)| p)
-        .context("the baseline's build produced no XDP object (release/build/lb-userspace-*/out/lb)")?;
+        .context(
+            "the baseline's build produced no XDP object (release/build/lb-userspace-*/out/lb)",
+        )?;
     Ok(Baseline {
         name: rev.to_string(),
         bin,

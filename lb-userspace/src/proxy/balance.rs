@@ -208,6 +208,11 @@ impl RetryBudget {
     }
 }
 
+/// A stable, opaque id for an upstream in a sticky cookie (not its address).
+pub fn sticky_key(addr: SocketAddr) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(addr.to_string().as_bytes())
+}
+
 /// A service's upstreams as one routing table sees them.
 pub struct Pool {
     pub algorithm: Algorithm,
@@ -248,9 +253,7 @@ impl Pool {
         self.members
             .iter()
             .map(|(u, _)| u)
-            .find(|u| {
-                xxhash_rust::xxh3::xxh3_64(u.addr.to_string().as_bytes()) == key && !u.ejected(now)
-            })
+            .find(|u| sticky_key(u.addr) == key && !u.ejected(now))
             .cloned()
     }
 

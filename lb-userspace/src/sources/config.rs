@@ -797,7 +797,8 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
         ));
     }
     if let Some(t) = &raw.api.token {
-        check_token(t.get_ref()).map_err(|why| err(t.span(), "api.token".into(), why.to_string()))?;
+        check_token(t.get_ref())
+            .map_err(|why| err(t.span(), "api.token".into(), why.to_string()))?;
     }
     let api_listen: SocketAddr = raw.api.listen.get_ref().parse().map_err(|_| {
         err(
@@ -1115,7 +1116,11 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
             ));
         }
         if let Err(e) = m.kind.build() {
-            return Err(err(span, format!("middleware[{i}] ({name})"), e.to_string()));
+            return Err(err(
+                span,
+                format!("middleware[{i}] ({name})"),
+                e.to_string(),
+            ));
         }
         middlewares.push((name, m.kind.clone()));
     }

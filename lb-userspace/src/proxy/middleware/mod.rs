@@ -196,9 +196,7 @@ pub enum BuildError {
     PlainKey,
     /// Browsers refuse credentials with `*`; lb says so rather than serve a CORS policy that
     /// silently fails in every browser.
-    #[error(
-        "cors: allow_credentials with origin \"*\" is refused by browsers; list the origins"
-    )]
+    #[error("cors: allow_credentials with origin \"*\" is refused by browsers; list the origins")]
     CredentialedWildcard,
     /// forwardAuth's client (its CA file) could not be set up.
     #[error("its HTTP client: {0}")]
