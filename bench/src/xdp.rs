@@ -23,8 +23,8 @@ use lb_common::bench::BenchFrame;
 use lb_userspace::{
     l4::dataplane::{self, Dataplane, FLOOR_OBJECT, HARNESS_OBJECT},
     l4::{Balancer, Desired},
+    model::instance::InstanceKey,
     model::{BackendMode, BackendSpec, Limits, Mac, Mode, Protocol, VipSpec},
-    registry::InstanceKey,
 };
 
 use crate::{

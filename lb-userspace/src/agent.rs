@@ -431,7 +431,7 @@ fn l7_config(
     }
 }
 
-type KvRead = Result<(crate::registry::Services, Vec<sources::kv::KeyError>)>;
+type KvRead = Result<(crate::model::instance::Services, Vec<sources::kv::KeyError>)>;
 
 /// The first read of each configured key-value provider, both at once, each bounded.
 async fn initial_kv_reads(cfg: &Config) -> Vec<(&'static str, u8, KvRead)> {
@@ -497,7 +497,7 @@ fn build_middlewares(
 
 /// The ACME client for `spec`, its stored certificates already serving.
 fn acme_client(
-    spec: crate::proxy::acme::AcmeSpec,
+    spec: crate::model::l7::AcmeSpec,
     state_dir: &Path,
     proxy: &crate::proxy::Proxy,
 ) -> crate::proxy::acme::Acme {
@@ -556,7 +556,7 @@ pub struct Listeners {
     open: std::collections::HashMap<
         String,
         (
-            crate::proxy::EntryPointSpec,
+            crate::model::l7::EntryPointSpec,
             Serving,
             Option<crate::proxy::TlsConfig>,
             std::net::SocketAddr,

@@ -28,8 +28,8 @@ use serde_json::json;
 use crate::{
     control::health,
     control::Control,
+    model::instance::{Instance, InstanceKey},
     model::{valid_name, Mac},
-    registry::{Instance, InstanceKey},
 };
 
 /// Bounds on admin connections, as a client connection of an entry point is bounded: its
@@ -730,9 +730,9 @@ async fn list_routers(State(s): State<ApiState>) -> Result<impl IntoResponse, Ap
         .iter()
         .map(|r| {
             let tls = match r.tls {
-                crate::proxy::tcp::TlsMode::Plain => "plain",
-                crate::proxy::tcp::TlsMode::Passthrough => "passthrough",
-                crate::proxy::tcp::TlsMode::Terminate => "terminate",
+                crate::model::l7::TlsMode::Plain => "plain",
+                crate::model::l7::TlsMode::Passthrough => "passthrough",
+                crate::model::l7::TlsMode::Terminate => "terminate",
             };
             json!({
                 "name": r.name, "rule": r.rule_text, "service": r.service,

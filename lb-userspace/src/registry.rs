@@ -9,7 +9,7 @@ use std::{collections::BTreeMap, time::SystemTime};
 
 use serde::Serialize;
 
-pub use crate::model::instance::{Instance, InstanceKey, Services};
+use crate::model::instance::Services;
 
 /// Where a provider stands, for the API.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -138,6 +138,7 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::instance::Instance;
 
     fn inst(addr: &str, weight: u32) -> Instance {
         Instance {

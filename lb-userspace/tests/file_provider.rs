@@ -8,8 +8,8 @@ use std::{
 };
 
 use lb_userspace::{
+    model::instance::Services,
     model::FileProviderSpec,
-    registry::Services,
     sources::{file, Event},
 };
 use tokio::sync::mpsc;

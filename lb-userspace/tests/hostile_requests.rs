@@ -15,7 +15,10 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use lb_userspace::proxy::{middleware::Middleware, RouterSpec, ServiceSpec};
+use lb_userspace::{
+    model::l7::{RouterSpec, ServiceSpec},
+    proxy::middleware::Middleware,
+};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,

@@ -17,7 +17,10 @@ use std::{
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response};
-use lb_userspace::proxy::{client::UpstreamTls, middleware::Middleware, Mirror, ServiceSpec};
+use lb_userspace::{
+    model::l7::{Mirror, ServiceSpec, UpstreamTls},
+    proxy::middleware::Middleware,
+};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -64,7 +67,7 @@ fn routed(
     rule: &str,
     service: &str,
     chain: &[&str],
-) -> lb_userspace::proxy::RouterSpec {
+) -> lb_userspace::model::l7::RouterSpec {
     let mut r = router(name, rule, service, None);
     r.middlewares = chain.iter().map(|s| s.to_string()).collect();
     r
@@ -479,7 +482,7 @@ async fn buffering_limits_and_retries() {
     let specs = HashMap::from([(
         "flaky".to_string(),
         ServiceSpec {
-            passive: lb_userspace::proxy::balance::Passive {
+            passive: lb_userspace::model::l7::Passive {
                 failures: 1000,
                 backoff: Duration::from_secs(1),
             },

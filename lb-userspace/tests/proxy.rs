@@ -16,12 +16,9 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use lb_userspace::{
-    proxy::{
-        balance::{Algorithm, Passive},
-        middleware::Middleware,
-        EntryPointSpec, Proxy, RouterSpec, ServiceSpec,
-    },
-    registry::Services,
+    model::instance::Services,
+    model::l7::{Algorithm, EntryPointSpec, Passive, RouterSpec, ServiceSpec},
+    proxy::{middleware::Middleware, Proxy},
 };
 use tokio::net::TcpListener;
 

@@ -19,7 +19,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::{body::Frame, Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use lb_userspace::proxy::{limits::ConnLimits, ServiceSpec};
+use lb_userspace::model::l7::{ConnLimits, ServiceSpec};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},

@@ -25,13 +25,15 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use lb_userspace::{
-    proxy::{
+    model::instance::{Instance, Services},
+    model::{
+        l7::{CertSpec, EntryPointSpec, RouterSpec, TcpRouterSpec, TlsMode},
         rule::{Rule, TcpRule},
-        tcp::{TcpRouterSpec, TlsMode},
-        tls::{server_config, CertSpec, Certs},
-        EntryPointSpec, L7Config, Proxy, RouterSpec,
     },
-    registry::{Instance, Services},
+    proxy::{
+        tls::{server_config, Certs},
+        L7Config, Proxy,
+    },
 };
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};

@@ -17,12 +17,15 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use lb_userspace::{
-    proxy::{
+    model::instance::{Instance, Services},
+    model::{
+        l7::{CertSpec, EntryPointSpec, RouterSpec},
         rule::Rule,
-        tls::{server_config, CertSpec, Certs},
-        EntryPointSpec, Proxy, RouterSpec,
     },
-    registry::{Instance, Services},
+    proxy::{
+        tls::{server_config, Certs},
+        Proxy,
+    },
 };
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName};

@@ -5,8 +5,8 @@
 use std::{collections::HashMap, path::Path, sync::Arc};
 
 use lb_userspace::{
+    model::instance::Services,
     proxy::Proxy,
-    registry::Services,
     sources::file::{parse_any, FileSource},
 };
 

@@ -26,11 +26,11 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use lb_userspace::{
     agent::Listeners,
+    model::instance::{Instance, Services},
     proxy::{
         acme::{Acme, Store},
         Proxy,
     },
-    registry::{Instance, Services},
     sources::config::{self, Config},
 };
 use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};

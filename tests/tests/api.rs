@@ -484,7 +484,7 @@ async fn each_change_builds_the_routing_table_once_and_l4_changes_never() {
     );
 
     // A health verdict: L4 only.
-    let key = lb_userspace::registry::InstanceKey {
+    let key = lb_userspace::model::instance::InstanceKey {
         address: "127.0.0.2".parse().expect("address"),
         port: 0,
     };

@@ -14,8 +14,8 @@ use lb_userspace::{
     control::{self, Control},
     l4::dataplane::{self, Dataplane},
     l4::Balancer,
+    model::instance::{Instance, Services},
     model::{Limits, Mode, Protocol, VipSpec},
-    registry::{Instance, Services},
     sources::{store::Store, Event},
 };
 

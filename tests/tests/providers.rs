@@ -17,8 +17,8 @@ use std::{
 };
 
 use lb_userspace::{
+    model::instance::{Instance, InstanceKey},
     model::{EtcdSpec, RedisSpec},
-    registry::{Instance, InstanceKey},
     sources::{etcd, redis, Event, Rank},
 };
 use tokio::{sync::mpsc, task::JoinHandle};

@@ -11,8 +11,8 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
 use crate::{
+    model::instance::{Instance, InstanceKey},
     model::Mac,
-    registry::{Instance, InstanceKey},
 };
 use register::{deregister, destination, register, Target};
 

@@ -9,8 +9,8 @@ use tracing::warn;
 
 use super::client::ApiClient;
 use crate::{
+    model::instance::{Instance, InstanceKey},
     model::{EtcdSpec, RedisSpec},
-    registry::{Instance, InstanceKey},
     sources::config,
     sources::{etcd, redis},
 };

@@ -20,8 +20,8 @@ use tokio::{
 };
 
 use crate::{
+    model::instance::InstanceKey,
     model::{CheckKind, HealthSpec},
-    registry::InstanceKey,
     sources::Event,
 };
 

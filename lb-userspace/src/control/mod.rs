@@ -22,8 +22,9 @@ use tracing::{info, warn};
 
 use crate::{
     l4::{Balancer, Desired},
+    model::instance::{Instance, InstanceKey, Services},
     model::{BackendMode, Mac, Mode, VipSpec},
-    registry::{Instance, InstanceKey, Registry, Services},
+    registry::Registry,
     sources::{store::Override, store::Store, Event, Rank},
 };
 
@@ -424,7 +425,7 @@ pub async fn run(control: Arc<Mutex<Control>>, mut rx: mpsc::Receiver<Event>) {
 pub struct L7Feed {
     tx: tokio::sync::watch::Sender<Arc<crate::proxy::L7State>>,
     base: Arc<crate::proxy::L7Config>,
-    dynamic: BTreeMap<String, crate::proxy::dynamic::Dynamic>,
+    dynamic: BTreeMap<String, crate::model::l7::Dynamic>,
 }
 
 impl L7Feed {

@@ -29,7 +29,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-pub use crate::model::l7::{AcmeSpec, ChallengeKind};
+use crate::model::l7::{AcmeSpec, ChallengeKind};
 use anyhow::{anyhow, bail, Context as _, Result};
 use arc_swap::ArcSwap;
 use bytes::Bytes;

@@ -5,7 +5,7 @@
 //! change neither forgets an ejection nor resets least-requests accounting. Time and randomness
 //! come in as arguments where a decision depends on them, so the logic is tested exactly.
 
-pub use crate::model::l7::{Algorithm, Passive};
+use crate::model::l7::{Algorithm, Passive};
 use std::{
     net::SocketAddr,
     sync::{

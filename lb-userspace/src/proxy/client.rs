@@ -24,7 +24,7 @@ use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::ServerName;
 
 use super::Body;
-pub use crate::model::l7::UpstreamTls;
+use crate::model::l7::UpstreamTls;
 
 /// What distinguishes one upstream client from another: its TLS and its timeouts.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

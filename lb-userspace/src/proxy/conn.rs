@@ -56,8 +56,10 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use crate::model::l7::ConnLimits;
+
 use super::{
-    limits::{Activity, ConnLimits, H2Answer, SlowBody, StallExec, WriteStall},
+    limits::{Activity, H2Answer, SlowBody, StallExec, WriteStall},
     tcp::Prefixed,
     Body, BoxError, Proxy, MAX_HEADER_BYTES,
 };
@@ -136,7 +138,7 @@ pub struct Client {
     pub drain: CancellationToken,
     pub obs: super::obs::EntryPointObs,
     /// The entry point's bounds on what the connection may hold.
-    pub limits: ConnLimits,
+    pub limits: Arc<ConnLimits>,
 }
 
 /// Serves a client connection until it closes. `h2`: ALPN chose HTTP/2; otherwise the first
@@ -186,7 +188,7 @@ async fn sniff<S: Socket>(io: &mut Prefixed<S>) -> io::Result<bool> {
 }
 
 async fn http2<S: Socket>(io: Prefixed<S>, client: &Arc<Client>) {
-    let limits = client.limits;
+    let limits = &*client.limits;
     let activity = Activity::new();
     let svc = {
         let (client, activity) = (client.clone(), activity.clone());
@@ -245,7 +247,7 @@ async fn http2<S: Socket>(io: Prefixed<S>, client: &Arc<Client>) {
         if draining {
             return Poll::Pending;
         }
-        let Some(at) = activity.idle_deadline(&limits) else {
+        let Some(at) = activity.idle_deadline(limits) else {
             return Poll::Pending;
         };
         if idle.deadline() != at {
@@ -267,7 +269,7 @@ async fn http2<S: Socket>(io: Prefixed<S>, client: &Arc<Client>) {
 
 /// HTTP/1: a hyper connection while there is something to do, only the socket in between.
 async fn http1<S: Socket>(mut io: Prefixed<S>, mut deadline: Instant, client: &Arc<Client>) {
-    let limits = client.limits;
+    let limits = &*client.limits;
     loop {
         if !io.buffered() {
             // Parked.
@@ -453,7 +455,7 @@ impl hyper::service::Service<Request<Incoming>> for Svc {
             req.extensions_mut()
                 .insert(ClientUpgrade(Arc::new(Mutex::new(Some(rx)))));
         }
-        let limits = client.limits;
+        let limits = client.limits.clone();
         let req = req.map(|b| {
             let streamed = !b.is_end_stream();
             let b = RequestBody::new(b, turn.clone()).boxed();

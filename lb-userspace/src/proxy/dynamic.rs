@@ -8,7 +8,7 @@
 use std::{collections::HashMap, sync::Arc};
 
 use super::{middleware::Middleware, L7Config};
-pub use crate::model::l7::Dynamic;
+use crate::model::l7::Dynamic;
 
 /// A provider's part with its middlewares built.
 pub struct Built {

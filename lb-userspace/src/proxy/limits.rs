@@ -39,7 +39,7 @@ use hyper::body::{Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
 use super::{Body, BoxError};
-pub use crate::model::l7::ConnLimits;
+use crate::model::l7::ConnLimits;
 
 /// A request body cut because the client sent it too slowly.
 #[derive(Debug)]

@@ -19,7 +19,7 @@ pub mod middleware;
 pub mod normalise;
 pub mod obs;
 mod request;
-pub use crate::model::rule;
+use crate::model::rule;
 pub mod tcp;
 pub mod tls;
 
@@ -40,10 +40,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-pub use crate::model::l7::{
-    EntryPointSpec, Mirror, RouterSpec, ServiceSpec, DEFAULT_MAX_UPSTREAM_CONNECTIONS,
+use crate::model::instance::Services;
+use crate::model::l7::{
+    CertSpec, ConnLimits, Dynamic, EntryPointSpec, RouterSpec, ServiceSpec, TcpRouterSpec,
 };
-use crate::registry::Services;
 use balance::{Pool, Upstream};
 use client::{ClientKey, UpstreamClient};
 use middleware::{ClientFault, UpstreamFailure};
@@ -205,7 +205,7 @@ pub struct L7Config {
     pub routers: Vec<RouterSpec>,
     pub specs: HashMap<String, ServiceSpec>,
     pub middlewares: HashMap<String, Arc<dyn middleware::Middleware>>,
-    pub tcp_routers: Vec<tcp::TcpRouterSpec>,
+    pub tcp_routers: Vec<TcpRouterSpec>,
 }
 
 /// Everything the routing table is built from, as one value: lb.toml's part, each provider's
@@ -217,7 +217,7 @@ pub struct L7State {
     /// Counts publications, so a caller can wait for one to be in force ([`Proxy::installed`]).
     pub generation: u64,
     pub base: Arc<L7Config>,
-    pub dynamic: std::collections::BTreeMap<String, dynamic::Dynamic>,
+    pub dynamic: std::collections::BTreeMap<String, Dynamic>,
     pub services: Services,
 }
 
@@ -231,20 +231,19 @@ impl L7State {
 /// The registry services a configuration sends to: its routers' (HTTP and TCP) and its mirrors'.
 pub fn wanted_services<'a>(
     base: &L7Config,
-    dynamic: impl IntoIterator<Item = &'a dynamic::Dynamic>,
+    dynamic: impl IntoIterator<Item = &'a Dynamic>,
 ) -> Vec<String> {
     let mut v: Vec<String> = Vec::new();
-    let mut add = |routers: &[RouterSpec],
-                   tcp: &[tcp::TcpRouterSpec],
-                   specs: &HashMap<String, ServiceSpec>| {
-        v.extend(routers.iter().map(|r| r.service.clone()));
-        v.extend(tcp.iter().map(|r| r.service.clone()));
-        v.extend(
-            specs
-                .values()
-                .filter_map(|s| s.mirror.as_ref().map(|m| m.service.clone())),
-        );
-    };
+    let mut add =
+        |routers: &[RouterSpec], tcp: &[TcpRouterSpec], specs: &HashMap<String, ServiceSpec>| {
+            v.extend(routers.iter().map(|r| r.service.clone()));
+            v.extend(tcp.iter().map(|r| r.service.clone()));
+            v.extend(
+                specs
+                    .values()
+                    .filter_map(|s| s.mirror.as_ref().map(|m| m.service.clone())),
+            );
+        };
     add(&base.routers, &base.tcp_routers, &base.specs);
     for d in dynamic {
         add(&d.routers, &d.tcp_routers, &d.services);
@@ -259,8 +258,7 @@ pub struct Proxy {
     conf: std::sync::Mutex<Arc<L7Config>>,
     /// Each provider's part (Traefik dynamic configuration), by provider: as it came, and
     /// with its middlewares built.
-    dynamic:
-        std::sync::Mutex<std::collections::BTreeMap<String, (dynamic::Dynamic, dynamic::Built)>>,
+    dynamic: std::sync::Mutex<std::collections::BTreeMap<String, (Dynamic, dynamic::Built)>>,
     /// What each provider's part could not use (middlewares that do not build) …
     problems: std::sync::Mutex<std::collections::BTreeMap<String, Vec<String>>>,
     /// … and its clashes with lb.toml or another provider, found by the last merge.
@@ -562,7 +560,7 @@ impl Proxy {
 
     /// A provider's routing, replacing what it said before (empty: it takes everything back).
     /// Returns what could not be used, for the provider's status.
-    pub fn set_dynamic(&self, provider: &str, part: dynamic::Dynamic) -> Vec<String> {
+    pub fn set_dynamic(&self, provider: &str, part: Dynamic) -> Vec<String> {
         let mut s = self.current();
         s.dynamic.insert(provider.to_string(), part);
         self.install(&s);
@@ -575,7 +573,7 @@ impl Proxy {
     }
 
     /// Certificates the providers brought.
-    pub fn dynamic_certificates(&self) -> Vec<tls::CertSpec> {
+    pub fn dynamic_certificates(&self) -> Vec<CertSpec> {
         self.dynamic
             .lock()
             .map(|d| {
@@ -614,7 +612,7 @@ impl Proxy {
     }
 
     /// Sets the TCP routers (not among `new`'s arguments, which HTTP-only callers keep).
-    pub fn set_tcp_routers(&self, tcp_routers: Vec<tcp::TcpRouterSpec>) {
+    pub fn set_tcp_routers(&self, tcp_routers: Vec<TcpRouterSpec>) {
         let mut s = self.current();
         let mut conf = (*s.base).clone();
         conf.tcp_routers = tcp_routers;
@@ -705,10 +703,11 @@ impl Proxy {
             .entrypoints
             .iter()
             .find(|e| e.name == entrypoint)
-            .map_or(limits::ConnLimits::default().max_connections, |e| {
+            .map_or(ConnLimits::default().max_connections, |e| {
                 e.limits.max_connections
             });
         let slots = Arc::new(tokio::sync::Semaphore::new(cap));
+        let mut shared_limits: Option<Arc<ConnLimits>> = None;
         loop {
             let slot = tokio::select! {
                 s = slots.clone().acquire_owned() => match s {
@@ -742,6 +741,12 @@ impl Proxy {
                     )
                 })
                 .unwrap_or_default();
+            // One shared copy while the bounds stay what they were: a connection holds a
+            // pointer to them, not its own (10,000 idle connections, 1 MiB less).
+            if shared_limits.as_deref() != Some(&limits) {
+                shared_limits = Some(Arc::new(limits));
+            }
+            let limits = shared_limits.clone().unwrap_or_default();
             let client = Arc::new(conn::Client {
                 proxy: self.clone(),
                 entrypoint: name.clone(),

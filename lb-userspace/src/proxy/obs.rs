@@ -322,7 +322,7 @@ impl Http {
     }
 
     /// Reads the expiry of the configured certificate files (after a (re)load).
-    pub fn set_certificate_files(&self, specs: &[crate::proxy::tls::CertSpec]) {
+    pub fn set_certificate_files(&self, specs: &[crate::model::l7::CertSpec]) {
         let list = specs
             .iter()
             .filter_map(|s| {

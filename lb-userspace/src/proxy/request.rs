@@ -1001,7 +1001,7 @@ mod tests {
                 )
             })
             .collect();
-        Pool::new(balance::Algorithm::WeightedRoundRobin, members)
+        Pool::new(crate::model::l7::Algorithm::WeightedRoundRobin, members)
     }
 
     /// A retry goes to an upstream this request has not failed on, while there is one; when all

@@ -36,11 +36,11 @@ use tokio::{
 use tracing::{debug, warn};
 
 use super::{
-    balance::{Passive, Pool, Upstream},
+    balance::{Pool, Upstream},
     rule::ConnView,
     EntryPointSpec, Proxy, TlsConfig,
 };
-pub use crate::model::l7::{TcpRouterSpec, TlsMode};
+use crate::model::l7::{Passive, TcpRouterSpec, TlsMode};
 use client_hello::{ClientHello, Parsed};
 
 /// The most bytes read from a client before a route is chosen.

@@ -16,7 +16,7 @@
 
 use std::{fmt, path::Path, sync::Arc};
 
-pub use crate::model::l7::CertSpec;
+use crate::model::l7::CertSpec;
 use anyhow::{anyhow, Context as _, Result};
 use rustls::{
     crypto::ring::{default_provider, sign::any_supported_type},

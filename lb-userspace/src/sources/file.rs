@@ -37,8 +37,8 @@ use tracing::{info, warn};
 
 use super::{Event, Rank};
 use crate::{
+    model::instance::{Instance, Services},
     model::{valid_name, FileProviderSpec},
-    registry::{Instance, Services},
 };
 
 #[derive(Debug, Deserialize)]

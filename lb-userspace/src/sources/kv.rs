@@ -24,8 +24,8 @@ use tracing::debug;
 
 use super::Event;
 use crate::{
+    model::instance::{Instance, InstanceKey, Services},
     model::valid_name,
-    registry::{Instance, InstanceKey, Services},
 };
 
 /// `<prefix>services/`: everything the providers read is under it.

@@ -7,7 +7,7 @@
 
 use std::time::Instant;
 
-use crate::registry::{InstanceKey, Services};
+use crate::model::instance::{InstanceKey, Services};
 
 pub mod config;
 pub mod etcd;

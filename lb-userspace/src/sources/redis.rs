@@ -48,8 +48,8 @@ use super::{
     Event, Rank,
 };
 use crate::{
+    model::instance::{Instance, InstanceKey, Services},
     model::RedisSpec,
-    registry::{Instance, InstanceKey, Services},
 };
 
 /// The provider's name in the registry, the API and the logs.

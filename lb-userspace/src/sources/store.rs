@@ -15,7 +15,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::registry::{Instance, InstanceKey, Services};
+use crate::model::instance::{Instance, InstanceKey, Services};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

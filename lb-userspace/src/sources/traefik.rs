@@ -31,6 +31,7 @@ use std::{
 
 use serde_json::{Map, Value};
 
+use crate::model::instance::{Instance, Services};
 use crate::model::{
     l7::{
         Algorithm, CertSpec, Dynamic, Mirror, Passive, RouterSpec, ServiceSpec, TcpRouterSpec,
@@ -45,7 +46,6 @@ use crate::model::{
     },
     rule::{Rule, TcpRule},
 };
-use crate::registry::{Instance, Services};
 
 /// A translated document.
 #[derive(Debug, Default)]

@@ -17,12 +17,13 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo},
 };
 use lb_userspace::{
-    proxy::{
-        middleware::{Middleware, MiddlewareConfig},
+    model::instance::{Instance, Services},
+    model::{
+        l7::{EntryPointSpec, RouterSpec, ServiceSpec},
+        middleware::MiddlewareConfig,
         rule::Rule,
-        EntryPointSpec, Proxy, RouterSpec, ServiceSpec,
     },
-    registry::{Instance, Services},
+    proxy::{middleware::Middleware, Proxy},
 };
 use tokio::net::TcpListener;
 
@@ -151,7 +152,7 @@ pub async fn bound_limited(
     svcs: &Services,
     specs: HashMap<String, ServiceSpec>,
     mws: HashMap<String, Arc<dyn Middleware>>,
-    limits: lb_userspace::proxy::limits::ConnLimits,
+    limits: lb_userspace::model::l7::ConnLimits,
 ) -> (Arc<Proxy>, TcpListener) {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let ep = EntryPointSpec {
@@ -182,7 +183,7 @@ pub async fn start_limited(
     routers: Vec<RouterSpec>,
     svcs: &Services,
     specs: HashMap<String, ServiceSpec>,
-    limits: lb_userspace::proxy::limits::ConnLimits,
+    limits: lb_userspace::model::l7::ConnLimits,
 ) -> (Arc<Proxy>, SocketAddr) {
     let (proxy, l) = bound_limited(routers, svcs, specs, HashMap::new(), limits).await;
     let addr = l.local_addr().expect("addr");

@@ -196,7 +196,7 @@ impl Middleware for BasicAuth {
     }
 }
 
-pub use crate::model::middleware::{ApiKeyConfig, BasicAuthConfig, ForwardAuthConfig};
+use crate::model::middleware::{ApiKeyConfig, BasicAuthConfig, ForwardAuthConfig};
 
 impl ApiKeyConfig {
     pub fn build(&self) -> Result<ApiKey, BuildError> {
@@ -319,7 +319,7 @@ impl ForwardAuthConfig {
                 .collect::<Result<Vec<_>, _>>()
         };
         // Plain http needs no CA (nor the system's bundle).
-        let tls = (uri.scheme_str() == Some("https")).then(|| crate::proxy::client::UpstreamTls {
+        let tls = (uri.scheme_str() == Some("https")).then(|| crate::model::l7::UpstreamTls {
             ca_file: self.ca_file.clone(),
             ..Default::default()
         });

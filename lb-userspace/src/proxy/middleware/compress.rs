@@ -21,7 +21,7 @@ use hyper::{
 };
 
 use super::{BoxFuture, BuildError, Ctx, Flow, Middleware, Req};
-pub use crate::model::middleware::CompressConfig;
+use crate::model::middleware::CompressConfig;
 use crate::proxy::Body;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -23,7 +23,7 @@ use hyper::{
 };
 
 use super::{full, header_name, BoxFuture, BuildError, Ctx, Flow, Middleware, Req};
-pub use crate::model::middleware::{CorsConfig, HeadersConfig};
+use crate::model::middleware::HeadersConfig;
 use crate::proxy::Body;
 
 type Pairs = Vec<(HeaderName, HeaderValue)>;

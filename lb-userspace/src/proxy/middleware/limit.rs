@@ -35,7 +35,7 @@ use hyper::{
 use ipnet::IpNet;
 
 use super::{answer, full, header_name, BoxFuture, BuildError, Ctx, Flow, Middleware, Req};
-pub use crate::model::middleware::{
+use crate::model::middleware::{
     BufferingConfig, InFlightReqConfig, IpAllowListConfig, RateLimitConfig,
 };
 use crate::proxy::Body;

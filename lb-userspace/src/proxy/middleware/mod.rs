@@ -26,7 +26,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Response, StatusCode, Uri};
 
 use super::Body;
-pub use crate::model::middleware::MiddlewareConfig;
+use crate::model::middleware::MiddlewareConfig;
 pub use resilience::RetryPolicy;
 
 /// A request on its way through the chain (its body boxed, so a middleware may replace it).

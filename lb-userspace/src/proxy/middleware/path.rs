@@ -33,7 +33,7 @@ use hyper::{
 use regex::Regex;
 
 use super::{answer, set_path, BuildError, Ctx, Flow, Middleware, Req};
-pub use crate::model::middleware::{
+use crate::model::middleware::{
     AddPrefixConfig, RedirectRegexConfig, RedirectSchemeConfig, ReplacePathConfig,
     ReplacePathRegexConfig, StripPrefixConfig, StripPrefixRegexConfig,
 };

@@ -35,7 +35,7 @@ use hyper::{Response, StatusCode};
 use super::{
     answer, BoxFuture, BuildError, ClientFault, Ctx, Flow, Middleware, Req, UpstreamFailure,
 };
-pub use crate::model::middleware::{CircuitBreakerConfig, RetryConfig};
+use crate::model::middleware::{CircuitBreakerConfig, RetryConfig};
 use crate::proxy::Body;
 
 /// How one request is retried.
