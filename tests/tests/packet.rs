@@ -871,6 +871,31 @@ fixtures! {
         .counts(Reason::IcmpToBackend),
     ];
 
+    /// An error sent elsewhere than to the quoted packet's source (the host, here) is not about
+    /// a VIP's packet, whatever it quotes: found by the packet fuzzer, which turned the
+    /// destination into another address and saw the error steered.
+    icmp_error_not_sent_to_the_quoted_vip_passes_untouched: [
+        Case::pass("frag needed to the host, quoting a DSR flow", {
+            let mut f = frag_needed([10, 0, 0, 2], &quoted_v4(DSR_VIP, 80, 40000));
+            assert_eq!(&f[L3 + 16..L3 + 20], &[10, 0, 0, 2]);
+            fix_ip4_checksum(&mut f);
+            f
+        })
+        .counts(Reason::PassNotVip),
+        Case::pass(
+            "frag needed to the NAT VIP, quoting a DSR flow",
+            frag_needed(NAT_VIP, &quoted_v4(DSR_VIP, 80, 40000)),
+        )
+        .on(Port::C0)
+        .counts(Reason::PassNotVip),
+        Case::pass(
+            "too big to the client's address, quoting a NAT flow",
+            packet_too_big(CLIENT6, NAT_VIP6, 80, 40000, LB_MAC, ROUTER_MAC, 64, ROUTER6),
+        )
+        .on(Port::C0)
+        .counts(Reason::PassNotVip),
+    ];
+
     /// DSR: unchanged but for the MACs. NAT: destination and quoted source become the
     /// backend's; etherparse recomputes the ICMPv6 checksum (pseudo-header included).
     icmpv6_packet_too_big_reaches_dsr_and_nat_backends: [
@@ -1938,4 +1963,596 @@ fn ipip6(frame: &[u8]) -> Vec<u8> {
     outer.write(&mut want).expect("outer header");
     want.extend_from_slice(inner);
     want
+}
+
+// ------------------------------------------------------------------ fuzzing
+//
+// Frames made at random from every kind the program handles (each family and protocol to every
+// VIP and to none, NAT replies, ICMP errors, fragments, ARP), then dressed (VLAN stacks, IPv6
+// extension chains, every TCP flag, zero ports) and broken (truncated, bogus lengths, IHL and
+// data offsets, random bytes, bad checksums, padding). Each is judged by rules that need no
+// model of the balancer: a legal verdict, exactly one reason counted, no rewrite on a pass (but
+// the NAT no-neighbour one), the frame byte-identical when it is neither addressed to a VIP nor
+// from a NAT backend, and checksums on a rewritten frame checked by etherparse: valid when they
+// were, the same error when they were not.
+
+/// Frames per run: a bounded sample in `cargo xtask test`; `LB_PACKET_FUZZ_FRAMES` for the long
+/// mode (`cargo xtask fuzz --packets` sets 1,000,000).
+fn fuzz_frames() -> usize {
+    std::env::var("LB_PACKET_FUZZ_FRAMES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000)
+}
+
+/// The seed: `LB_PACKET_FUZZ_SEED` to replay a failure, else a fresh one (printed).
+fn fuzz_seed() -> u64 {
+    std::env::var("LB_PACKET_FUZZ_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        })
+}
+
+/// Every address a fixture VIP has: a frame to one of them may be steered.
+fn vip_addresses() -> Vec<Vec<u8>> {
+    fixture_vips()
+        .iter()
+        .map(|v| match v.address {
+            IpAddr::V4(a) => a.octets().to_vec(),
+            IpAddr::V6(a) => a.octets().to_vec(),
+        })
+        .collect()
+}
+
+/// The NAT backends' addresses: a frame from one may be a tracked reply.
+fn nat_backend_addresses() -> Vec<Vec<u8>> {
+    vec![
+        NAT_BACKEND.to_vec(),
+        NAT_BACKEND6.to_vec(),
+        UNRESOLVED_BACKEND.to_vec(),
+    ]
+}
+
+/// Where the IP header starts and which family it is, reading VLAN tags as the kernel would
+/// (any depth): the oracle's own, deliberately lax parse.
+fn ip_start(f: &[u8]) -> Option<(usize, u16)> {
+    let mut at = 12;
+    loop {
+        let t = u16::from_be_bytes([*f.get(at)?, *f.get(at + 1)?]);
+        match t {
+            0x8100 | 0x88a8 => at += 4,
+            0x0800 | 0x86dd => return Some((at + 2, t)),
+            _ => return None,
+        }
+    }
+}
+
+/// Whether the program may act on `f`: its destination is a VIP's address, or its source a NAT
+/// backend's. Everything else must reach the stack as it came.
+fn addressed_to_us(f: &[u8], vips: &[Vec<u8>], backends: &[Vec<u8>]) -> bool {
+    let Some((ip, family)) = ip_start(f) else {
+        return false;
+    };
+    let (src, dst) = if family == 0x0800 {
+        (f.get(ip + 12..ip + 16), f.get(ip + 16..ip + 20))
+    } else {
+        (f.get(ip + 8..ip + 24), f.get(ip + 24..ip + 40))
+    };
+    dst.is_some_and(|d| vips.iter().any(|v| v == d))
+        || src.is_some_and(|s| backends.iter().any(|b| b == s))
+}
+
+/// `a - b` in ones'-complement arithmetic, with the two zeros made one: how far a stored
+/// checksum is from the right one.
+fn ones_diff(a: u16, b: u16) -> u16 {
+    let s = a as u32 + (!b) as u32;
+    let s = ((s & 0xffff) + (s >> 16)) as u16;
+    if s == 0xffff {
+        0
+    } else {
+        s
+    }
+}
+
+/// What a frame's checksums are off by, as etherparse computes them: the outermost IPv4 header's
+/// (if any) and the innermost TCP or UDP segment's (through IP-in-IP), and whether the outer IP
+/// header carries IP. `None` when etherparse cannot slice the frame strictly.
+#[derive(Debug, PartialEq)]
+struct Checksums {
+    ip4: Option<u16>,
+    l4: Option<u16>,
+    encapsulated: bool,
+}
+
+fn checksums(f: &[u8]) -> Option<Checksums> {
+    use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+    let outer = SlicedPacket::from_ethernet(f).ok()?;
+    let ip4_of = |net: &NetSlice| match net {
+        NetSlice::Ipv4(v4) => {
+            let h = v4.header();
+            Some(ones_diff(
+                h.header_checksum(),
+                h.to_header().calc_header_checksum(),
+            ))
+        }
+        _ => None,
+    };
+    let net = outer.net.as_ref()?;
+    let ip4 = ip4_of(net);
+    let (payload, number) = match net {
+        NetSlice::Ipv4(v4) => (v4.payload().payload, v4.payload().ip_number),
+        NetSlice::Ipv6(v6) => (v6.payload().payload, v6.payload().ip_number),
+    };
+    let encapsulated = number == IpNumber::IPV4 || number == IpNumber::IPV6;
+    let inner;
+    let packet = if encapsulated {
+        inner = SlicedPacket::from_ip(payload).ok()?;
+        &inner
+    } else {
+        &outer
+    };
+    let (src, dst): (Vec<u8>, Vec<u8>) = match packet.net.as_ref()? {
+        NetSlice::Ipv4(v4) => (
+            v4.header().source().to_vec(),
+            v4.header().destination().to_vec(),
+        ),
+        NetSlice::Ipv6(v6) => (
+            v6.header().source().to_vec(),
+            v6.header().destination().to_vec(),
+        ),
+    };
+    let v4 = src.len() == 4;
+    let l4 = match &packet.transport {
+        Some(TransportSlice::Tcp(t)) => {
+            let right = if v4 {
+                t.calc_checksum_ipv4(src[..].try_into().ok()?, dst[..].try_into().ok()?)
+            } else {
+                t.calc_checksum_ipv6(src[..].try_into().ok()?, dst[..].try_into().ok()?)
+            };
+            Some(ones_diff(t.checksum(), right.ok()?))
+        }
+        // An IPv4 UDP checksum of 0 is "none".
+        Some(TransportSlice::Udp(u)) if !(v4 && u.checksum() == 0) => {
+            let h = u.to_header();
+            let right = if v4 {
+                h.calc_checksum_ipv4_raw(
+                    src[..].try_into().ok()?,
+                    dst[..].try_into().ok()?,
+                    u.payload(),
+                )
+            } else {
+                h.calc_checksum_ipv6_raw(
+                    src[..].try_into().ok()?,
+                    dst[..].try_into().ok()?,
+                    u.payload(),
+                )
+            };
+            Some(ones_diff(u.checksum(), right.ok()?))
+        }
+        _ => None,
+    };
+    Some(Checksums {
+        ip4,
+        l4,
+        encapsulated,
+    })
+}
+
+/// A well-formed frame of a random kind, and the interface it arrives on.
+fn random_frame(rng: &mut impl rand::Rng, nat_ports: &[u16]) -> (Vec<u8>, Port) {
+    use etherparse::TcpHeader;
+    let v4s = [
+        DSR_VIP,
+        NAT_VIP,
+        UDP_VIP,
+        WILD_VIP,
+        EMPTY_VIP,
+        TWO_VIP,
+        NONEIGH_VIP,
+        NAT_UDP_VIP,
+        LOCAL_VIP,
+        IPIP_VIP,
+        [10, 0, 0, 200],
+        [192, 0, 2, 1],
+    ];
+    let v6s = [DSR_VIP6, NAT_VIP6, IPIP_VIP6, CLIENT6];
+    let ports = [80u16, 53, 443, 0, 8080, 5300];
+    let port = |rng: &mut dyn rand::RngCore| {
+        if rng.next_u32().is_multiple_of(4) {
+            rng.next_u32() as u16
+        } else {
+            ports[rng.next_u32() as usize % ports.len()]
+        }
+    };
+    let client4 = [10, 0, 0, 1 + (rng.gen::<u8>() % 3)];
+    let sport = port(rng);
+    let dport = port(rng);
+    let flags = rng.gen::<u16>();
+    let tcp = |mut h: TcpHeader| {
+        h.fin = flags & 1 != 0;
+        h.syn = flags & 2 != 0;
+        h.rst = flags & 4 != 0;
+        h.psh = flags & 8 != 0;
+        h.ack = flags & 16 != 0;
+        h.urg = flags & 32 != 0;
+        h.ece = flags & 64 != 0;
+        h.cwr = flags & 128 != 0;
+        h.ns = flags & 256 != 0;
+        h
+    };
+    let payload: &[u8] = if rng.gen_bool(0.5) {
+        b""
+    } else {
+        b"hello, fuzz"
+    };
+    let mut f = Vec::new();
+    let port_in = if rng.gen_bool(0.5) {
+        Port::C0
+    } else {
+        Port::Any
+    };
+    match rng.gen_range(0..9) {
+        0 => {
+            let dst = v4s[rng.gen_range(0..v4s.len())];
+            PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+                .ipv4(client4, dst, 64)
+                .tcp_header(tcp(TcpHeader::new(sport, dport, rng.gen(), 64240)))
+                .write(&mut f, payload)
+                .expect("tcp4");
+        }
+        1 => {
+            let dst = v4s[rng.gen_range(0..v4s.len())];
+            PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+                .ipv4(client4, dst, 64)
+                .udp(sport, dport)
+                .write(&mut f, payload)
+                .expect("udp4");
+        }
+        2 => {
+            let dst = v6s[rng.gen_range(0..v6s.len())];
+            PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+                .ipv6(CLIENT6, dst, 64)
+                .tcp_header(tcp(TcpHeader::new(sport, dport, rng.gen(), 64240)))
+                .write(&mut f, payload)
+                .expect("tcp6");
+        }
+        3 => {
+            let dst = v6s[rng.gen_range(0..v6s.len())];
+            PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+                .ipv6(CLIENT6, dst, 64)
+                .udp(sport, dport)
+                .write(&mut f, payload)
+                .expect("udp6");
+        }
+        // A NAT backend answering: to a port a SYN opened, or to any.
+        4 => {
+            let to = if !nat_ports.is_empty() && rng.gen_bool(0.7) {
+                nat_ports[rng.gen_range(0..nat_ports.len())]
+            } else {
+                sport
+            };
+            let from = if rng.gen_bool(0.8) { 8080 } else { dport };
+            PacketBuilder::ethernet2(BACKEND_MAC, LB_B0_MAC)
+                .ipv4(NAT_BACKEND, CLIENT, 64)
+                .tcp_header(tcp(TcpHeader::new(from, to, rng.gen(), 64240)))
+                .write(&mut f, payload)
+                .expect("reply");
+            return (f, Port::B0);
+        }
+        5 => {
+            let vip = [DSR_VIP, NAT_VIP, IPIP_VIP, TWO_VIP][rng.gen_range(0..4)];
+            f = frag_needed(vip, &quoted_v4(vip, 80, sport));
+        }
+        6 => {
+            let vip = [DSR_VIP6, NAT_VIP6][rng.gen_range(0..2)];
+            f = packet_too_big(vip, vip, 80, sport, LB_MAC, ROUTER_MAC, 64, ROUTER6);
+        }
+        7 => {
+            let dst = [WILD_VIP, UDP_VIP, DSR_VIP][rng.gen_range(0..3)];
+            f = fragment4(dst, rng.gen(), rng.gen_range(0..4), &[9u8; 16]);
+        }
+        _ => f = arp(),
+    }
+    (f, port_in)
+}
+
+/// Dresses and breaks a frame: zero to three changes of what a hostile or broken sender does.
+fn random_change(rng: &mut impl rand::Rng, mut f: Vec<u8>) -> Vec<u8> {
+    for _ in 0..rng.gen_range(0..4) {
+        match rng.gen_range(0..9) {
+            // A VLAN tag (802.1Q or 802.1ad) in front of the ethertype.
+            0 => {
+                let tpid: u16 = if rng.gen_bool(0.5) { 0x8100 } else { 0x88a8 };
+                let tci: u16 = rng.gen::<u16>() & 0x0fff;
+                let tag = [tpid.to_be_bytes(), tci.to_be_bytes()].concat();
+                f.splice(12..12, tag);
+            }
+            // An IPv6 extension header (hop-by-hop or destination options, PadN) in front of
+            // the upper layer: the L4 checksum stays right.
+            1 => {
+                if let Some((ip, 0x86dd)) = ip_start(&f) {
+                    if f.len() >= ip + 40 {
+                        let next = f[ip + 6];
+                        let kind = if rng.gen_bool(0.5) { 0 } else { 60 };
+                        let ext = [next, 0, 1, 4, 0, 0, 0, 0];
+                        f.splice(ip + 40..ip + 40, ext);
+                        f[ip + 6] = kind;
+                        adjust16(&mut f, ip + 4, 8);
+                    }
+                }
+            }
+            2 => {
+                let at = rng.gen_range(14..f.len().max(15));
+                f.truncate(at);
+            }
+            // A length field, the IHL or the TCP data offset set to anything.
+            3 => {
+                if let Some((ip, family)) = ip_start(&f) {
+                    let field = match (family, rng.gen_range(0..4)) {
+                        (0x0800, 0) => ip + 2,
+                        (0x0800, 1) => {
+                            if let Some(b) = f.get_mut(ip) {
+                                *b = 0x40 | (rng.gen::<u8>() & 0x0f);
+                            }
+                            continue;
+                        }
+                        (_, 0 | 1) => ip + 4,
+                        (0x0800, _) => ip + 20 + if rng.gen_bool(0.5) { 4 } else { 12 },
+                        _ => ip + 40 + if rng.gen_bool(0.5) { 4 } else { 12 },
+                    };
+                    if f.len() >= field + 2 {
+                        let v: u16 = rng.gen();
+                        set16(&mut f, field, v);
+                    }
+                }
+            }
+            4 => {
+                let end = f.len().min(90);
+                let at = rng.gen_range(12..end.max(13));
+                if let Some(b) = f.get_mut(at) {
+                    *b = rng.gen();
+                }
+            }
+            // A bad L4 checksum: the fixed offset of TCP's and UDP's in an untagged,
+            // option-free frame (elsewhere it breaks some other byte, also fine).
+            5 => {
+                if let Some((ip, family)) = ip_start(&f) {
+                    let l4 = ip + if family == 0x0800 { 20 } else { 40 };
+                    let at = match f.get(if family == 0x0800 { ip + 9 } else { ip + 6 }) {
+                        Some(6) => l4 + 16,
+                        _ => l4 + 6,
+                    };
+                    if let Some(b) = f.get_mut(at) {
+                        *b ^= 1 << rng.gen_range(0..8);
+                    }
+                }
+            }
+            6 => f.extend((0..rng.gen_range(1..40)).map(|_| rng.gen::<u8>())),
+            // Zero ports.
+            7 => {
+                if let Some((ip, family)) = ip_start(&f) {
+                    let l4 = ip + if family == 0x0800 { 20 } else { 40 };
+                    if f.len() >= l4 + 4 {
+                        f[l4..l4 + 4].fill(0);
+                    }
+                }
+            }
+            // The IPv4 header checksum made right again after the others (often; not always).
+            _ => {
+                if let Some((ip, 0x0800)) = ip_start(&f) {
+                    if f.len() >= ip + 20 && ip == L3 {
+                        fix_ip4_checksum(&mut f);
+                    }
+                }
+            }
+        }
+    }
+    f
+}
+
+/// How one fuzzed frame broke the rules, if it did.
+fn judge(
+    env: &mut Env,
+    frame: &[u8],
+    ifindex: u32,
+    vips: &[Vec<u8>],
+    backends: &[Vec<u8>],
+    tally: &mut std::collections::BTreeMap<&'static str, usize>,
+) -> Option<String> {
+    let reasons = |env: &mut Env| env.b().dataplane().reason_counters().expect("counters");
+    let before = reasons(env);
+    let (verdict, out) = env.run(frame, ifindex);
+    let moved: Vec<(Reason, u64)> = reasons(env)
+        .iter()
+        .zip(&before)
+        .filter(|(a, b)| a.1 != b.1)
+        .map(|(a, b)| (a.0, a.1 - b.1))
+        .collect();
+    let mut wrong = Vec::new();
+    if !(XDP_DROP..=XDP_REDIRECT).contains(&verdict) {
+        wrong.push(format!("verdict {verdict}"));
+    }
+    if moved.len() != 1 || moved[0].1 != 1 {
+        let names: Vec<_> = moved
+            .iter()
+            .map(|(r, n)| format!("{}+{n}", r.name()))
+            .collect();
+        wrong.push(format!("counted as {names:?}"));
+    }
+    let no_neigh = moved.iter().any(|(r, _)| *r == Reason::PassNoNeigh);
+    if verdict == XDP_PASS && out != frame && !no_neigh {
+        wrong.push("passed rewritten".into());
+    }
+    let ours = addressed_to_us(frame, vips, backends);
+    if !ours && (verdict != XDP_PASS || out != frame) {
+        wrong.push(format!(
+            "not addressed to a VIP, yet verdict {verdict} or rewritten"
+        ));
+    }
+    *tally
+        .entry(if ours {
+            "addressed to us"
+        } else {
+            "checked byte-identical"
+        })
+        .or_default() += 1;
+    if out != frame {
+        *tally.entry("rewritten").or_default() += 1;
+        if let (Some(before), Some(after)) = (checksums(frame), checksums(&out)) {
+            *tally.entry("checksums compared").or_default() += 1;
+            // A new outer header is right; a rewritten one keeps the error it came with.
+            let ip4_want = if after.encapsulated && !before.encapsulated {
+                Some(0)
+            } else {
+                before.ip4
+            };
+            if after.ip4.is_some() && after.ip4 != ip4_want {
+                wrong.push(format!(
+                    "IPv4 header checksum off by {:?}, want {ip4_want:?}",
+                    after.ip4
+                ));
+            }
+            if after.l4 != before.l4 {
+                wrong.push(format!(
+                    "L4 checksum off by {:?}, came off by {:?}",
+                    after.l4, before.l4
+                ));
+            }
+            if before.l4.is_some_and(|d| d != 0) {
+                *tally.entry("bad checksums kept").or_default() += 1;
+            }
+        }
+    }
+    let verdict_name = match verdict {
+        XDP_DROP => "drop",
+        XDP_PASS => "pass",
+        XDP_TX => "tx",
+        XDP_REDIRECT => "redirect",
+        _ => "illegal",
+    };
+    *tally.entry(verdict_name).or_default() += 1;
+    (!wrong.is_empty()).then(|| format!("{}: {}", hex(frame), wrong.join(", ")))
+}
+
+fn hex(f: &[u8]) -> String {
+    f.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Every proper prefix of a well-formed frame of every mode and family (through the L4 header
+/// and into the payload) is truncated: the stack gets it as it came, and nothing is created.
+#[test]
+fn frames_truncated_at_every_offset_pass_untouched() {
+    in_netns(|| {
+        let (c0, b0) = nat_topology();
+        let mut env = Env::new();
+        let mut frames = tcp_targets(c0);
+        frames.extend(udp_targets(c0));
+        frames.push((
+            "icmp frag needed",
+            frag_needed(NAT_VIP, &quoted_v4(NAT_VIP, 80, 40000)),
+            c0,
+        ));
+        frames.push((
+            "icmpv6 too big",
+            packet_too_big(
+                DSR_VIP6, DSR_VIP6, 80, 40000, LB_MAC, ROUTER_MAC, 64, ROUTER6,
+            ),
+            0,
+        ));
+        frames.push((
+            "nat reply",
+            tcp4(
+                BACKEND_MAC,
+                LB_B0_MAC,
+                NAT_BACKEND,
+                CLIENT,
+                8080,
+                40000,
+                64,
+                false,
+            ),
+            b0,
+        ));
+        let mut failures = Vec::new();
+        let mut total = 0;
+        for (what, frame, ifindex) in &frames {
+            for cut in L3..frame.len() {
+                total += 1;
+                failures.extend(env.untouched(
+                    &format!("{what} cut at {cut}"),
+                    &frame[..cut],
+                    *ifindex,
+                ));
+            }
+        }
+        assert_all_untouched(failures, total);
+    });
+}
+
+#[test]
+fn frames_are_judged_legally_under_fuzzing() {
+    let (n, seed) = (fuzz_frames(), fuzz_seed());
+    eprintln!("packet fuzz: {n} frames, LB_PACKET_FUZZ_SEED={seed}");
+    let report = in_netns(move || {
+        use rand::SeedableRng;
+        let (c0, b0) = nat_topology();
+        let mut env = Env::new();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let (vips, backends) = (vip_addresses(), nat_backend_addresses());
+        let mut tally = std::collections::BTreeMap::new();
+        let mut failures = Vec::new();
+        // Flows for the replies to belong to.
+        let mut nat_ports = Vec::new();
+        for port in 41000..41016u16 {
+            env.run(
+                &tcp4(CLIENT_MAC, LB_MAC, CLIENT, NAT_VIP, port, 80, 64, true),
+                c0,
+            );
+            nat_ports.push(port);
+        }
+        for _ in 0..n {
+            let (frame, port) = random_frame(&mut rng, &nat_ports);
+            let frame = random_change(&mut rng, frame);
+            if frame.len() < L3 {
+                continue;
+            }
+            let ifindex = match port {
+                Port::Any => 0,
+                Port::C0 => c0,
+                Port::B0 => b0,
+            };
+            if let Some(f) = judge(&mut env, &frame, ifindex, &vips, &backends, &mut tally) {
+                failures.push(f);
+                if failures.len() >= 20 {
+                    break;
+                }
+            }
+        }
+        (tally, failures)
+    });
+    let (tally, failures) = report;
+    eprintln!("packet fuzz: {tally:?}");
+    assert!(
+        failures.is_empty(),
+        "seed {seed}: {} frames broke the rules (first 20):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    // The rules were put to work: each kind of check ran on a share of the frames.
+    let share = |k: &str| tally.get(k).copied().unwrap_or(0) * 100 / n.max(1);
+    for (kind, at_least) in [
+        ("checked byte-identical", 5),
+        ("rewritten", 5),
+        ("checksums compared", 2),
+    ] {
+        assert!(
+            share(kind) >= at_least,
+            "{kind}: {}% of frames, want ≥ {at_least}%: {tally:?}",
+            share(kind)
+        );
+    }
 }

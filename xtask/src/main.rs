@@ -61,6 +61,16 @@ enum Cmd {
         #[arg(long)]
         baseline: Option<String>,
     },
+    /// The long fuzz modes (as root): `--packets N` runs the packet fuzzer on N random frames
+    /// through BPF_PROG_TEST_RUN (`cargo xtask test` runs a bounded sample of it).
+    Fuzz {
+        /// Frames for the packet fuzzer.
+        #[arg(long, default_value_t = 1_000_000)]
+        packets: u64,
+        /// Replay a run: the seed a failure printed.
+        #[arg(long)]
+        seed: Option<u64>,
+    },
     /// From nothing: a debootstrapped Debian 12 root with only the README's prerequisites, where
     /// the README's two commands run as written (tens of minutes; never beside the host's tests).
     FreshCheck {
@@ -104,6 +114,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             only,
             baseline,
         } => bench::bench(quick, only, baseline),
+        Cmd::Fuzz { packets, seed } => fuzz(packets, seed),
         Cmd::FreshCheck { dir, demo_only } => fresh::check(dir, demo_only),
     }
 }
@@ -386,6 +397,29 @@ fn test_phases(phases: &mut Phases) -> Result<()> {
     phases.run("demo --check", || demo(true))?;
     clean_leftovers();
     Ok(())
+}
+
+/// The packet fuzzer's long mode: the same test as in `cargo xtask test`, with more frames.
+fn fuzz(packets: u64, seed: Option<u64>) -> Result<()> {
+    preflight(&[Group::Build, Group::Test])?;
+    ensure_toolchain()?;
+    build(false)?;
+    let mut c = cargo();
+    c.env("LB_PACKET_FUZZ_FRAMES", packets.to_string());
+    if let Some(seed) = seed {
+        c.env("LB_PACKET_FUZZ_SEED", seed.to_string());
+    }
+    run(c.args([
+        "test",
+        "-p",
+        "lb-tests",
+        "--test",
+        "packet",
+        "frames_are_judged_legally_under_fuzzing",
+        "--",
+        "--exact",
+        "--nocapture",
+    ]))
 }
 
 fn demo(check: bool) -> Result<()> {

@@ -16,14 +16,20 @@ pub(crate) struct IcmpHdr {
 
 /// The flow an ICMP error quotes, seen from the client (the quoted packet went VIP → client), its
 /// VIP and its backend, looked up without creating or refreshing a flow. Hashing the quoted header
-/// this way gives the same backend Maglev gives the flow itself.
+/// this way gives the same backend Maglev gives the flow itself. An error is about a VIP's packet
+/// only when it is sent to the packet's source: one addressed elsewhere (the host, another VIP) is
+/// not for a VIP whatever it quotes, and the stack gets it.
 #[inline(always)]
 pub(crate) fn quoted_flow(
+    outer_dst: [u32; 4],
     inner_src: [u32; 4],
     inner_dst: [u32; 4],
     ports: *const Ports,
     l4_proto: u8,
 ) -> Result<(FlowKey, VipMeta, Pick), Verdict> {
+    if outer_dst != inner_src {
+        return Err((PASS, Reason::PassNotVip));
+    }
     // SAFETY: the caller checked `ports` is inside the frame.
     let (sport, dport) = unsafe { ((*ports).sport, (*ports).dport) };
     let key = FlowKey {
@@ -96,8 +102,15 @@ pub(crate) fn icmp_v4(
     if quoted_l4 + QUOTED_L4_LEN > l3 + tot_len {
         return (PASS, Reason::PassTruncated);
     }
-    let (isrc, idst) = unsafe { ((*inner).saddr, (*inner).daddr) };
-    let (key, vip, pick) = match quoted_flow([isrc, 0, 0, 0], [idst, 0, 0, 0], ports, inner_proto) {
+    let (isrc, idst, odst) = unsafe { ((*inner).saddr, (*inner).daddr, (*ip).daddr) };
+    let quoted = quoted_flow(
+        [odst, 0, 0, 0],
+        [isrc, 0, 0, 0],
+        [idst, 0, 0, 0],
+        ports,
+        inner_proto,
+    );
+    let (key, vip, pick) = match quoted {
         Ok(x) => x,
         Err(v) => return v,
     };
@@ -215,8 +228,8 @@ pub(crate) fn icmp_v6(
     if quoted_l4 + QUOTED_L4_LEN > icmp_off + payload_len {
         return (PASS, Reason::PassTruncated);
     }
-    let (isrc, idst) = unsafe { ((*inner).saddr, (*inner).daddr) };
-    let (key, vip, pick) = match quoted_flow(isrc, idst, ports, inner_proto) {
+    let (isrc, idst, odst) = unsafe { ((*inner).saddr, (*inner).daddr, (*ip).daddr) };
+    let (key, vip, pick) = match quoted_flow(odst, isrc, idst, ports, inner_proto) {
         Ok(x) => x,
         Err(v) => return v,
     };
