@@ -807,6 +807,19 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
             format!("{:?} is not an address:port", raw.api.listen.get_ref()),
         )
     })?;
+    // The admin API speaks plain HTTP: off loopback its bearer token, and every change it
+    // allows, would cross the network in the clear.
+    if !api_listen.ip().is_loopback() {
+        return Err(err(
+            raw.api.listen.span(),
+            "api.listen".into(),
+            format!(
+                "{api_listen} is not a loopback address, and the admin API has no TLS: keep it \
+                 on 127.0.0.1 or [::1] and reach it over SSH, or through a TLS entry point \
+                 with a router to it"
+            ),
+        ));
+    }
     if raw.vip.len() > max_vips as usize {
         return Err(err(
             d.max_vips.span(),
@@ -1777,6 +1790,41 @@ address = "10.0.1.2"
         }
         let c = parse(Path::new("lb.toml"), &with("\"0123456789abcdef\"")).expect("16 characters");
         assert_eq!(c.api_token.as_deref(), Some("0123456789abcdef"));
+    }
+
+    /// The admin API has no TLS: an address off loopback would send its token in the clear.
+    #[test]
+    fn an_admin_api_off_loopback_is_refused_with_its_line() {
+        let line = GOOD
+            .lines()
+            .position(|l| l.starts_with("listen ="))
+            .expect("listen")
+            + 1;
+        for addr in [
+            "0.0.0.0:9999",
+            "10.0.0.1:9999",
+            "[::]:9999",
+            "[fd00::1]:9999",
+        ] {
+            let text = GOOD.replace(
+                "listen = \"127.0.0.1:9999\"",
+                &format!("listen = \"{addr}\""),
+            );
+            let e = parse_err(&text);
+            assert_eq!(
+                (e.line, e.field.as_str()),
+                (line, "api.listen"),
+                "{addr}: {e}"
+            );
+            assert!(e.to_string().contains("no TLS"), "{e}");
+        }
+        for addr in ["127.0.0.1:9999", "127.0.0.2:9999", "[::1]:9999"] {
+            let text = GOOD.replace(
+                "listen = \"127.0.0.1:9999\"",
+                &format!("listen = \"{addr}\""),
+            );
+            parse(Path::new("lb.toml"), &text).expect(addr);
+        }
     }
 
     #[test]
