@@ -489,6 +489,21 @@ impl Registration {
 
 type JsonBody<T> = Result<Json<T>, axum::extract::rejection::JsonRejection>;
 
+/// A registration body through the checks `register_into` makes (axum's `Json` is
+/// `serde_json::from_slice`), for the fuzzer: whatever it accepts is in range.
+pub fn check_registration_body(data: &[u8]) {
+    let Ok(reg) = serde_json::from_slice::<Registration>(data) else {
+        return;
+    };
+    if let Ok((instance, ttl)) = reg.into_instance() {
+        assert!(instance.weight <= 1000, "weight {}", instance.weight);
+        assert!(
+            ttl.is_none_or(|t| t.as_secs() <= MAX_TTL_SECS),
+            "ttl {ttl:?}"
+        );
+    }
+}
+
 async fn list_vips(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
     let vips = with_control(&s, |c| Ok(c.balancer.list()?)).await?;
     Ok(Json(json!({ "vips": vips })))

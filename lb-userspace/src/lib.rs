@@ -14,6 +14,7 @@ pub mod api;
 pub mod cli;
 pub mod clock;
 pub mod control;
+pub mod fuzz;
 pub mod l4;
 pub mod model;
 pub mod observe;

@@ -61,13 +61,21 @@ enum Cmd {
         #[arg(long)]
         baseline: Option<String>,
     },
-    /// The long fuzz modes (as root): `--packets N` runs the packet fuzzer on N random frames
-    /// through BPF_PROG_TEST_RUN (`cargo xtask test` runs a bounded sample of it).
+    /// The long fuzz modes: `--packets N` runs the packet fuzzer (root) on N random frames
+    /// through BPF_PROG_TEST_RUN; `--parsers` runs every cargo-fuzz target in fuzz/ for
+    /// `--minutes` each (installs cargo-fuzz). Neither flag: both. `cargo xtask test` runs a
+    /// bounded sample of the first and replays the second's corpora.
     Fuzz {
         /// Frames for the packet fuzzer.
-        #[arg(long, default_value_t = 1_000_000)]
-        packets: u64,
-        /// Replay a run: the seed a failure printed.
+        #[arg(long)]
+        packets: Option<u64>,
+        /// The parser targets under libFuzzer.
+        #[arg(long)]
+        parsers: bool,
+        /// Minutes per parser target.
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+        /// Replay a packet run: the seed a failure printed.
         #[arg(long)]
         seed: Option<u64>,
     },
@@ -114,7 +122,21 @@ fn dispatch(cli: Cli) -> Result<()> {
             only,
             baseline,
         } => bench::bench(quick, only, baseline),
-        Cmd::Fuzz { packets, seed } => fuzz(packets, seed),
+        Cmd::Fuzz {
+            packets,
+            parsers,
+            minutes,
+            seed,
+        } => {
+            let both = packets.is_none() && !parsers;
+            if let Some(n) = packets.or(both.then_some(1_000_000)) {
+                fuzz_packets(n, seed)?;
+            }
+            if parsers || both {
+                fuzz_parsers(minutes)?;
+            }
+            Ok(())
+        }
         Cmd::FreshCheck { dir, demo_only } => fresh::check(dir, demo_only),
     }
 }
@@ -400,7 +422,7 @@ fn test_phases(phases: &mut Phases) -> Result<()> {
 }
 
 /// The packet fuzzer's long mode: the same test as in `cargo xtask test`, with more frames.
-fn fuzz(packets: u64, seed: Option<u64>) -> Result<()> {
+fn fuzz_packets(packets: u64, seed: Option<u64>) -> Result<()> {
     preflight(&[Group::Build, Group::Test])?;
     ensure_toolchain()?;
     build(false)?;
@@ -420,6 +442,76 @@ fn fuzz(packets: u64, seed: Option<u64>) -> Result<()> {
         "--exact",
         "--nocapture",
     ]))
+}
+
+/// Each cargo-fuzz target for `minutes` under libFuzzer (ASan, the eBPF nightly), starting from
+/// its checked-in corpus; what it finds new goes to target/fuzz-corpus/, not into the repository.
+/// Prints the executions per target; a crash stops the run with libFuzzer's artifact path.
+fn fuzz_parsers(minutes: u64) -> Result<()> {
+    preflight(&[Group::Build])?;
+    ensure_toolchain()?;
+    if output(cargo().args(["fuzz", "--version"])).is_none() {
+        eprintln!("xtask: installing cargo-fuzz (one time, a few minutes)…");
+        run(cargo().args(["install", "cargo-fuzz", "--locked"]))
+            .context("installing cargo-fuzz (cargo must reach crates.io)")?;
+    }
+    let fuzz_dir = root().join("fuzz");
+    let targets: Vec<String> = std::fs::read_dir(fuzz_dir.join("fuzz_targets"))
+        .context("fuzz/fuzz_targets")?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.strip_suffix(".rs").map(str::to_string)
+        })
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut report = Vec::new();
+    for t in &targets {
+        let scratch = root().join("target/fuzz-corpus").join(t);
+        std::fs::create_dir_all(&scratch)?;
+        let log = root().join("target/fuzz-corpus").join(format!("{t}.log"));
+        eprintln!(
+            "xtask: fuzzing {t} for {minutes} min (log: {})",
+            log.display()
+        );
+        let file = std::fs::File::create(&log)?;
+        let status = Command::new("cargo")
+            .current_dir(&fuzz_dir)
+            .args([&format!("+{EBPF_TOOLCHAIN}"), "fuzz", "run", t])
+            .arg(&scratch)
+            .arg(fuzz_dir.join("corpus").join(t))
+            .args([
+                "--",
+                &format!("-max_total_time={}", minutes * 60),
+                "-print_final_stats=1",
+                "-timeout=10",
+                "-rss_limit_mb=2048",
+            ])
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .status()
+            .context("spawning cargo fuzz")?;
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let executions = text
+            .lines()
+            .find_map(|l| l.strip_prefix("stat::number_of_executed_units:"))
+            .map(|n| n.trim().to_string())
+            .unwrap_or_else(|| "?".into());
+        if !status.success() {
+            bail!(
+                "{t}: the fuzzer stopped ({status}) after {executions} executions; see {} \
+                 (a crash input is under fuzz/artifacts/{t}/: once fixed, add it to \
+                 fuzz/corpus/{t}/)",
+                log.display()
+            );
+        }
+        report.push(format!("{t}: {executions} executions in {minutes} min"));
+    }
+    for line in &report {
+        println!("{line}");
+    }
+    Ok(())
 }
 
 fn demo(check: bool) -> Result<()> {
