@@ -275,3 +275,87 @@ async fn common_format_with_a_status_filter() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A `tracing` writer into a shared buffer: what the agent would have logged.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Ok(mut b) = self.0.lock() {
+            b.extend_from_slice(buf);
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Requests with credentials everywhere a client puts them — `Authorization`, a cookie, an API
+/// key in its header and in the query, a token in the Referer's query, an access token in the
+/// query of a request no router takes — and neither the access log nor the log (every level)
+/// holds any of them afterwards; the rest of the query is still there.
+#[tokio::test]
+async fn credentials_never_reach_the_logs() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    // The test's runtime is this thread: the proxy's tasks log here too.
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let app = upstream("app").await;
+    let svcs = services(&[("app", &[(app, 1)])]);
+    // sha256("k3y-S3CRET-zz")
+    let digest = "sha256:8c557cf484c41f37a341f60617f975f8b0456dd2357343e1cf4ee1d62e28a25d";
+    let mws: HashMap<_, _> = [(
+        "key".to_string(),
+        mw(&format!(
+            r#"api_key = {{ keys = ["{digest}"], query = "api_key" }}"#
+        )),
+    )]
+    .into();
+    let mut keyed = router("keyed", "Host(`app.test`)", "app", None);
+    keyed.middlewares = vec!["key".into()];
+    let (proxy, addr) = start_full(vec![keyed], &svcs, HashMap::new(), mws).await;
+    let dir = temp_dir("secrets");
+    let log_path = dir.join("access.log");
+    proxy
+        .obs()
+        .set_access_log(Some(AccessLog::start(json_spec(&log_path)).expect("log")));
+    let c = client();
+    let with = [
+        ("authorization", "Bearer BEARER-S3CRET"),
+        ("cookie", "session=COOKIE-S3CRET; theme=dark"),
+        ("referer", "https://r.test/page?token=REF-S3CRET&x=1"),
+    ];
+    let key_path = "/a?b=1&api_key=k3y-S3CRET-zz&c=2";
+    assert_eq!(get(&c, addr, "app.test", key_path, &with).await.0, 200);
+    let header = [("x-api-key", "k3y-S3CRET-zz")];
+    assert_eq!(get(&c, addr, "app.test", "/h", &header).await.0, 200);
+    let wrong = "/a?api_key=WRONG-S3CRET";
+    assert_eq!(get(&c, addr, "app.test", wrong, &with).await.0, 401);
+    let nobody = "/x?access_token=TOK-S3CRET";
+    assert_eq!(get(&c, addr, "nobody.test", nobody, &with).await.0, 404);
+
+    let logged = lines(&log_path, 4).await;
+    assert_eq!(logged.len(), 4, "{logged:#?}");
+    let log = String::from_utf8_lossy(&captured.0.lock().expect("log").clone()).into_owned();
+    for (what, text) in [("access log", logged.join("\n")), ("log", log)] {
+        // Every secret above has this in it.
+        assert!(
+            !text.contains("S3CRET"),
+            "{what} holds a credential:\n{text}"
+        );
+    }
+    assert!(
+        logged[0].contains("/a?b=1&api_key=REDACTED&c=2"),
+        "{}",
+        logged[0]
+    );
+    assert!(logged[0].contains("token=REDACTED&x=1"), "{}", logged[0]);
+    let _ = std::fs::remove_dir_all(&dir);
+}

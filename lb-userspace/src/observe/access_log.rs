@@ -148,8 +148,7 @@ impl RequestInfo {
             uri: req
                 .uri()
                 .path_and_query()
-                .map(|p| p.as_str().to_string())
-                .unwrap_or_else(|| "/".into()),
+                .map_or_else(|| "/".into(), |p| redact_query(p.as_str())),
             proto: match req.version() {
                 hyper::Version::HTTP_09 => "HTTP/0.9",
                 hyper::Version::HTTP_10 => "HTTP/1.0",
@@ -158,10 +157,87 @@ impl RequestInfo {
                 _ => "HTTP/1.1",
             },
             user_agent: h("user-agent"),
-            referer: h("referer"),
+            referer: redact_query(&h("referer")),
             request_id: h("x-request-id"),
         }
     }
+}
+
+/// Query parameters whose values are credentials by their name (`api_key`, `access_token`,
+/// `password`, `X-Amz-Signature`, an OAuth `code`, …): matched case-insensitively, as a part of
+/// the name or the whole of it. Erring towards more: a value hidden by mistake costs a look at
+/// the upstream's log; a token written to the access log is a leak.
+const SECRET_PARTS: [&str; 8] = [
+    "token",
+    "key",
+    "secret",
+    "passw",
+    "auth",
+    "session",
+    "signature",
+    "credential",
+];
+const SECRET_NAMES: [&str; 5] = ["sig", "code", "pwd", "jwt", "sid"];
+
+/// The text of a URL or a path and query with every credential-named parameter's value replaced
+/// by `REDACTED`. Headers that carry credentials (`Authorization`, `Cookie`, API key headers)
+/// are never logged at all; a query is, so its secrets go here.
+pub fn redact_query(url: &str) -> String {
+    let Some((head, query)) = url.split_once('?') else {
+        return url.to_string();
+    };
+    let (query, fragment) = match query.split_once('#') {
+        Some((q, f)) => (q, Some(f)),
+        None => (query, None),
+    };
+    let secret = |name: &str| {
+        let name = percent_decoded_lower(name);
+        SECRET_PARTS.iter().any(|p| name.contains(p)) || SECRET_NAMES.contains(&name.as_str())
+    };
+    let mut out = String::with_capacity(url.len());
+    out.push_str(head);
+    out.push('?');
+    for (i, pair) in query.split('&').enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        match pair.split_once('=') {
+            Some((name, _)) if secret(name) => {
+                out.push_str(name);
+                out.push_str("=REDACTED");
+            }
+            _ => out.push_str(pair),
+        }
+    }
+    if let Some(f) = fragment {
+        out.push('#');
+        out.push_str(f);
+    }
+    out
+}
+
+/// `%5F`-style escapes and `+` read as a server would before comparing a parameter's name.
+fn percent_decoded_lower(name: &str) -> String {
+    let b = name.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match b[i] {
+            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).to_ascii_lowercase()
 }
 
 /// One access log line.
@@ -441,6 +517,32 @@ mod tests {
             rfc3339(t(4_102_444_800) + Duration::from_millis(7)),
             "2100-01-01T00:00:00.007Z"
         );
+    }
+
+    #[test]
+    fn credentials_in_a_query_are_redacted() {
+        for (url, want) in [
+            ("/a?api_key=s3cr3t&q=1", "/a?api_key=REDACTED&q=1"),
+            ("/a?q=1&ACCESS_TOKEN=s3cr3t", "/a?q=1&ACCESS_TOKEN=REDACTED"),
+            ("/a?api%5Fkey=s3cr3t", "/a?api%5Fkey=REDACTED"),
+            (
+                "/a?X-Amz-Signature=ab&X-Amz-Credential=cd",
+                "/a?X-Amz-Signature=REDACTED&X-Amz-Credential=REDACTED",
+            ),
+            ("/cb?code=abc&state=x", "/cb?code=REDACTED&state=x"),
+            (
+                "https://h.test/p?password=x#frag",
+                "https://h.test/p?password=REDACTED#frag",
+            ),
+            ("/a?q=1&page=2", "/a?q=1&page=2"),
+            ("/a?flag&token", "/a?flag&token"),
+            ("/no-query", "/no-query"),
+            ("", ""),
+            ("/a?%", "/a?%"),
+            ("/a?%4=1", "/a?%4=1"),
+        ] {
+            assert_eq!(redact_query(url), want, "{url}");
+        }
     }
 
     #[test]
