@@ -101,6 +101,12 @@ const PACKAGES: &[Package] = &[
         groups: &[Test],
     },
     Package {
+        name: "testssl.sh",
+        probe: "testssl",
+        why: "the TLS scan of an entry point",
+        groups: &[Test],
+    },
+    Package {
         name: "chromium",
         probe: "chromium",
         why: "the dashboard test's headless browser",

@@ -322,6 +322,9 @@ pub fn server_config(certs: Arc<Certs>, client_ca: Option<&Path>) -> Result<Arc<
     };
     let acme = certs.acme.is_some();
     let mut config = builder.with_cert_resolver(Arc::new(Sni(certs)));
+    // The server's order of cipher suites (rustls's: AEADs with forward secrecy, strongest first),
+    // not the client's: a client that lists a weaker suite first does not get it.
+    config.ignore_client_order = true;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     if acme {
         // Last: only a validator, which offers nothing else, ever selects it.
