@@ -634,3 +634,112 @@ async fn connection_cannot_remove_identity_headers() {
         );
     }
 }
+
+/// Request smuggling (part B): framing two parsers could read two ways — Content-Length beside
+/// Transfer-Encoding (CL.TE, TE.CL), Content-Lengths that disagree or are not a number, codings
+/// that do not end in chunked or hide it (`xchunked`, a space before the colon, a tab, a second
+/// header), bad chunk sizes, obsolete line folding — each followed in the same bytes by a request
+/// for `/smuggled`. lb re-frames everything it forwards, so the upstream can only see what lb
+/// answered for: as many requests as lb's 200s, none with both lengths or another coding; the
+/// framings RFC 9112 says a server MUST refuse get a 400 and reach no upstream at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smuggled_requests_reach_no_upstream() {
+    let (app, log) = recording("app").await;
+    let svcs = services(&[("app", &[(app, 1)])]);
+    let (_proxy, addr) = start(vec![router("app", "Host(`a.test`)", "app", None)], &svcs).await;
+    let next = "GET /smuggled HTTP/1.1\r\nHost: a.test\r\n\r\n";
+    let head = "POST /front HTTP/1.1\r\nHost: a.test\r\n";
+    // (name, headers and body after the request line and Host, refused by RFC 9112)
+    let probes: &[(&str, &str, bool)] = &[
+        (
+            "CL.TE",
+            "Content-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nX",
+            false,
+        ),
+        (
+            "TE.CL",
+            "Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n8\r\nSMUGGLED\r\n0\r\n\r\n",
+            false,
+        ),
+        (
+            "two Content-Lengths",
+            "Content-Length: 0\r\nContent-Length: 44\r\n\r\n",
+            true,
+        ),
+        ("Content-Length +0", "Content-Length: +0\r\n\r\n", true),
+        ("Content-Length -1", "Content-Length: -1\r\n\r\n", true),
+        ("Content-Length 0x0", "Content-Length: 0x0\r\n\r\n", true),
+        ("Content-Length list", "Content-Length: 0, 44\r\n\r\n", true),
+        (
+            "coding not ending in chunked",
+            "Transfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
+            true,
+        ),
+        (
+            "xchunked",
+            "Transfer-Encoding: xchunked\r\n\r\n0\r\n\r\n",
+            true,
+        ),
+        (
+            "space before the colon",
+            "Transfer-Encoding : chunked\r\n\r\n0\r\n\r\n",
+            true,
+        ),
+        (
+            "second coding header",
+            "Transfer-Encoding: chunked\r\nTransfer-Encoding: x\r\n\r\n0\r\n\r\n",
+            true,
+        ),
+        (
+            "chunk size overflow",
+            "Transfer-Encoding: chunked\r\n\r\nffffffffffffffffff1\r\nA\r\n0\r\n\r\n",
+            true,
+        ),
+        (
+            "chunk size not hex",
+            "Transfer-Encoding: chunked\r\n\r\nzz\r\nA\r\n0\r\n\r\n",
+            true,
+        ),
+        (
+            "obs-fold",
+            "X-A: a\r\n b\r\nContent-Length: 0\r\n\r\n",
+            true,
+        ),
+        // RFC 9112 §2.2 lets a recipient read a lone LF as the end of a line (hyper does); what
+        // the upstream gets is lb's own CRLF framing, so it cannot read the request otherwise.
+        (
+            "bare LF in a header",
+            "X-A: a\nContent-Length: 0\r\n\r\n",
+            false,
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (name, rest, refused) in probes {
+        taken(&log);
+        let answer = raw(addr, format!("{head}{rest}{next}").as_bytes()).await;
+        let codes: Vec<u16> = answer
+            .split("HTTP/1.1 ")
+            .skip(1)
+            .filter_map(|a| a.get(..3).and_then(|c| c.parse().ok()))
+            .collect();
+        let got = taken(&log);
+        let ok = codes.iter().filter(|c| **c == 200).count();
+        if got.len() != ok {
+            wrong.push(format!(
+                "{name}: lb answered {codes:?}, the upstream got {got:#?}"
+            ));
+        }
+        for r in &got {
+            let (cl, te) = (field(r, "content-length"), field(r, "transfer-encoding"));
+            if (cl.is_some() && te.is_some()) || te.is_some_and(|t| t != "chunked") {
+                wrong.push(format!(
+                    "{name}: the upstream got both or another framing:\n{r}"
+                ));
+            }
+        }
+        if *refused && (codes.first() != Some(&400) || !got.is_empty()) {
+            wrong.push(format!("{name}: must be a 400 reaching nothing; lb answered {codes:?}, the upstream got {} requests", got.len()));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
