@@ -392,6 +392,18 @@ impl Lab {
         Ok(())
     }
 
+    /// SIGKILL: a crash, not a shutdown (nothing of the agent's runs after it).
+    pub fn kill_agent(&mut self) -> Result<()> {
+        if let Some(mut c) = self.agent.take() {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            )?;
+            c.wait()?;
+        }
+        Ok(())
+    }
+
     /// `lb detach` with the lab's config.
     pub fn detach(&self) -> Result<()> {
         let out = Command::new("nsenter")

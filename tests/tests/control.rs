@@ -121,7 +121,18 @@ const UDP_PORT: u16 = 5353;
 /// pinned maps and swaps its program into the pinned link. Nothing may fail or be lost.
 #[test]
 fn agent_restart_loses_no_request_and_no_datagram() -> Result<()> {
-    let mut lab = Lab::new("lbt", "rst", Mode::Dsr, 3, false)?;
+    restart_under_load("rst", false)
+}
+
+/// The same with the agent killed (SIGKILL) instead: a crash loses no flow and no datagram either,
+/// since the pinned program forwards on its own until the next agent takes its maps over.
+#[test]
+fn agent_killed_loses_no_request_and_no_datagram() -> Result<()> {
+    restart_under_load("kill", true)
+}
+
+fn restart_under_load(name: &str, kill: bool) -> Result<()> {
+    let mut lab = Lab::new("lbt", name, Mode::Dsr, 3, false)?;
     lab.start_servers()?;
     let sinks: Vec<UdpSink> = lab
         .backends
@@ -199,7 +210,11 @@ fn agent_restart_loses_no_request_and_no_datagram() -> Result<()> {
         second.contains("another lb agent") && !second.contains("exit=0"),
         "second agent: {second}"
     );
-    lab.stop_agent()?;
+    if kill {
+        lab.kill_agent()?;
+    } else {
+        lab.stop_agent()?;
+    }
     // No agent at all for a while: the pinned program forwards on its own.
     std::thread::sleep(Duration::from_millis(700));
     let other_bin = lab.out_dir.join("lb-second-binary");
@@ -224,7 +239,8 @@ fn agent_restart_loses_no_request_and_no_datagram() -> Result<()> {
         requests.load(Ordering::SeqCst),
         tcp_failed.load(Ordering::SeqCst),
     );
-    println!("restart: {reqs} TCP requests, {failed} failed; {sent} datagrams, {lost} lost; program id {prog_before} → {prog_after}");
+    let how = if kill { "SIGKILL" } else { "SIGTERM" };
+    println!("restart after {how}: {reqs} TCP requests, {failed} failed; {sent} datagrams, {lost} lost; program id {prog_before} → {prog_after}");
     ensure!(
         failed == 0,
         "{failed} of {reqs} TCP requests failed across the restart"
