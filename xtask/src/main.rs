@@ -476,7 +476,13 @@ fn fuzz_parsers(minutes: u64) -> Result<()> {
             log.display()
         );
         let file = std::fs::File::create(&log)?;
+        // The rustup proxy with the nightly, as from a shell: not the `cargo` that runs xtask
+        // (its CARGO and RUSTUP_TOOLCHAIN would make cargo-fuzz build with stable, and afresh).
         let status = Command::new("cargo")
+            .env_remove("CARGO")
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("RUSTC")
+            .env_remove("CARGO_TARGET_DIR")
             .current_dir(&fuzz_dir)
             .args([&format!("+{EBPF_TOOLCHAIN}"), "fuzz", "run", t])
             .arg(&scratch)
