@@ -476,8 +476,9 @@ fn fuzz_parsers(minutes: u64) -> Result<()> {
             log.display()
         );
         let file = std::fs::File::create(&log)?;
-        // The rustup proxy with the nightly, as from a shell: not the `cargo` that runs xtask
-        // (its CARGO and RUSTUP_TOOLCHAIN would make cargo-fuzz build with stable, and afresh).
+        // The rustup proxy with the nightly, as from a shell: not the `cargo` that runs xtask,
+        // whose CARGO and RUSTUP_TOOLCHAIN cargo-fuzz would otherwise inherit. (The first run
+        // builds the targets with ASan: minutes; later runs reuse the build.)
         let status = Command::new("cargo")
             .env_remove("CARGO")
             .env_remove("RUSTUP_TOOLCHAIN")
