@@ -12,22 +12,6 @@ use std::{
 mod common;
 use common::*;
 
-/// `tracing` output into a buffer: counts the accept loop's warnings.
-#[derive(Clone, Default)]
-struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if let Ok(mut b) = self.0.lock() {
-            b.extend_from_slice(buf);
-        }
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 fn nofile() -> libc::rlimit {
     let mut r = libc::rlimit {
         rlim_cur: 0,
@@ -81,11 +65,7 @@ async fn accept_backs_off_when_descriptors_run_out_and_recovers() {
     // (`open_fds` counts the directory it reads, closed again when it returns.)
     set_nofile(open_fds(), before.rlim_max);
     let connected = std::net::TcpStream::connect(addr);
-    let warnings = |c: &Captured| {
-        String::from_utf8_lossy(&c.0.lock().expect("log"))
-            .matches("accept:")
-            .count()
-    };
+    let warnings = |c: &Captured| c.text().matches("accept:").count();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let in_a_second = warnings(&captured);
     set_nofile(before.rlim_cur, before.rlim_max);

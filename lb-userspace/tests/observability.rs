@@ -276,22 +276,6 @@ async fn common_format_with_a_status_filter() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A `tracing` writer into a shared buffer: what the agent would have logged.
-#[derive(Clone, Default)]
-struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if let Ok(mut b) = self.0.lock() {
-            b.extend_from_slice(buf);
-        }
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// Requests with credentials everywhere a client puts them — `Authorization`, a cookie, an API
 /// key in its header and in the query, a token in the Referer's query, an access token in the
 /// query of a request no router takes — and neither the access log nor the log (every level)
@@ -343,7 +327,7 @@ async fn credentials_never_reach_the_logs() {
 
     let logged = lines(&log_path, 4).await;
     assert_eq!(logged.len(), 4, "{logged:#?}");
-    let log = String::from_utf8_lossy(&captured.0.lock().expect("log").clone()).into_owned();
+    let log = captured.text();
     for (what, text) in [("access log", logged.join("\n")), ("log", log)] {
         // Every secret above has this in it.
         assert!(
