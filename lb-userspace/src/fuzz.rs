@@ -1,5 +1,5 @@
 //! The parsers' fuzz entry points: bytes from outside in, and no input may panic. Each also
-//! checks a property its parser promises (an error names a line that exists, a stored record
+//! checks a property its parser promises (an error names a line or a column that exists, a stored record
 //! reads back as itself, a prefix of a ClientHello is never malformed). The cargo-fuzz targets in
 //! `fuzz/` call them under libFuzzer (`cargo xtask fuzz --parsers`); `tests/fuzz_corpus.rs`
 //! replays the checked-in corpora through them in every test run, with no sanitizer build.
@@ -82,14 +82,19 @@ pub fn rule(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    for parsed in [
-        Rule::parse(text).map(|_| ()),
-        TcpRule::parse(text, false).map(|_| ()),
-        TcpRule::parse(text, true).map(|_| ()),
-    ] {
-        if let Err(e) = parsed {
-            let _ = e.to_string();
-        }
+    let errors = [
+        Rule::parse(text).err(),
+        TcpRule::parse(text, false).err(),
+        TcpRule::parse(text, true).err(),
+    ];
+    for e in errors.into_iter().flatten() {
+        // 1-based, at most one past the end (where a rule stops too soon).
+        assert!(
+            (1..=text.len() + 1).contains(&e.column),
+            "column {} of {}: {e}",
+            e.column,
+            text.len()
+        );
     }
 }
 
