@@ -1,7 +1,7 @@
 //! The parsers' fuzz entry points: bytes from outside in, and no input may panic. Each also
-//! checks a property its parser promises (an error names a line or a column that exists, a stored record
-//! reads back as itself, a prefix of a ClientHello is never malformed). The cargo-fuzz targets in
-//! `fuzz/` call them under libFuzzer (`cargo xtask fuzz --parsers`); `tests/fuzz_corpus.rs`
+//! checks a property its parser promises (an error names a line or a column that exists, a
+//! stored record reads back as itself, a prefix of a ClientHello is never malformed). The
+//! cargo-fuzz targets in `fuzz/` call them under libFuzzer (`cargo xtask fuzz --parsers`); `tests/fuzz_corpus.rs`
 //! replays the checked-in corpora through them in every test run, with no sanitizer build.
 
 use std::path::Path;
