@@ -277,9 +277,10 @@ async fn common_format_with_a_status_filter() {
 }
 
 /// Requests with credentials everywhere a client puts them — `Authorization`, a cookie, an API
-/// key in its header and in the query, a token in the Referer's query, an access token in the
-/// query of a request no router takes — and neither the access log nor the log (every level)
-/// holds any of them afterwards; the rest of the query is still there.
+/// key in its header and in the query (under a name that looks secret and one that does not), a
+/// token in the Referer's query, an access token in the query of a request no router takes — and
+/// neither the access log nor the log (every level) holds any of them afterwards; the rest of the
+/// query is still there.
 #[tokio::test]
 async fn credentials_never_reach_the_logs() {
     let captured = Captured::default();
@@ -295,16 +296,27 @@ async fn credentials_never_reach_the_logs() {
     let svcs = services(&[("app", &[(app, 1)])]);
     // sha256("k3y-S3CRET-zz")
     let digest = "sha256:8c557cf484c41f37a341f60617f975f8b0456dd2357343e1cf4ee1d62e28a25d";
-    let mws: HashMap<_, _> = [(
-        "key".to_string(),
-        mw(&format!(
-            r#"api_key = {{ keys = ["{digest}"], query = "api_key" }}"#
-        )),
-    )]
+    // The second key is read from a parameter whose name looks like nothing secret.
+    let mws: HashMap<_, _> = [
+        (
+            "key".to_string(),
+            mw(&format!(
+                r#"api_key = {{ keys = ["{digest}"], query = "api_key" }}"#
+            )),
+        ),
+        (
+            "plain".to_string(),
+            mw(&format!(
+                r#"api_key = {{ keys = ["{digest}"], query = "k" }}"#
+            )),
+        ),
+    ]
     .into();
     let mut keyed = router("keyed", "Host(`app.test`)", "app", None);
     keyed.middlewares = vec!["key".into()];
-    let (proxy, addr) = start_full(vec![keyed], &svcs, HashMap::new(), mws).await;
+    let mut plain = router("plain", "Host(`plain.test`)", "app", None);
+    plain.middlewares = vec!["plain".into()];
+    let (proxy, addr) = start_full(vec![keyed, plain], &svcs, HashMap::new(), mws).await;
     let dir = temp_dir("secrets");
     let log_path = dir.join("access.log");
     proxy
@@ -324,9 +336,11 @@ async fn credentials_never_reach_the_logs() {
     assert_eq!(get(&c, addr, "app.test", wrong, &with).await.0, 401);
     let nobody = "/x?access_token=TOK-S3CRET";
     assert_eq!(get(&c, addr, "nobody.test", nobody, &with).await.0, 404);
+    let plain_path = "/p?k=k3y-S3CRET-zz&b=1";
+    assert_eq!(get(&c, addr, "plain.test", plain_path, &[]).await.0, 200);
 
-    let logged = lines(&log_path, 4).await;
-    assert_eq!(logged.len(), 4, "{logged:#?}");
+    let logged = lines(&log_path, 5).await;
+    assert_eq!(logged.len(), 5, "{logged:#?}");
     let log = captured.text();
     for (what, text) in [("access log", logged.join("\n")), ("log", log)] {
         // Every secret above has this in it.
@@ -341,5 +355,6 @@ async fn credentials_never_reach_the_logs() {
         logged[0]
     );
     assert!(logged[0].contains("token=REDACTED&x=1"), "{}", logged[0]);
+    assert!(logged[4].contains("/p?k=REDACTED&b=1"), "{}", logged[4]);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -127,7 +127,14 @@ pub struct RequestInfo {
 }
 
 impl RequestInfo {
-    pub fn of<B>(entrypoint: &str, client: IpAddr, req: &Request<B>) -> RequestInfo {
+    /// `secrets`: lowercased query names configured to carry credentials, redacted besides
+    /// the names that look secret.
+    pub fn of<B>(
+        entrypoint: &str,
+        client: IpAddr,
+        req: &Request<B>,
+        secrets: &[String],
+    ) -> RequestInfo {
         let h = |name: &str| {
             req.headers()
                 .get(name)
@@ -148,7 +155,7 @@ impl RequestInfo {
             uri: req
                 .uri()
                 .path_and_query()
-                .map_or_else(|| "/".into(), |p| redact_query(p.as_str())),
+                .map_or_else(|| "/".into(), |p| redact_query(p.as_str(), secrets)),
             proto: match req.version() {
                 hyper::Version::HTTP_09 => "HTTP/0.9",
                 hyper::Version::HTTP_10 => "HTTP/1.0",
@@ -157,7 +164,7 @@ impl RequestInfo {
                 _ => "HTTP/1.1",
             },
             user_agent: h("user-agent"),
-            referer: redact_query(&h("referer")),
+            referer: redact_query(&h("referer"), secrets),
             request_id: h("x-request-id"),
         }
     }
@@ -180,9 +187,10 @@ const SECRET_PARTS: [&str; 8] = [
 const SECRET_NAMES: [&str; 5] = ["sig", "code", "pwd", "jwt", "sid"];
 
 /// The text of a URL or a path and query with every credential-named parameter's value replaced
-/// by `REDACTED`. Headers that carry credentials (`Authorization`, `Cookie`, API key headers)
-/// are never logged at all; a query is, so its secrets go here.
-pub fn redact_query(url: &str) -> String {
+/// by `REDACTED`, and so is every parameter named in `also` (lowercase). Headers that carry
+/// credentials (`Authorization`, `Cookie`, API key headers) are never logged at all; a query
+/// is, so its secrets go here.
+pub fn redact_query(url: &str, also: &[String]) -> String {
     let Some((head, query)) = url.split_once('?') else {
         return url.to_string();
     };
@@ -192,7 +200,9 @@ pub fn redact_query(url: &str) -> String {
     };
     let secret = |name: &str| {
         let name = percent_decoded_lower(name);
-        SECRET_PARTS.iter().any(|p| name.contains(p)) || SECRET_NAMES.contains(&name.as_str())
+        SECRET_PARTS.iter().any(|p| name.contains(p))
+            || SECRET_NAMES.contains(&name.as_str())
+            || also.iter().any(|a| *a == name)
     };
     let mut out = String::with_capacity(url.len());
     out.push_str(head);
@@ -541,8 +551,15 @@ mod tests {
             ("/a?%", "/a?%"),
             ("/a?%4=1", "/a?%4=1"),
         ] {
-            assert_eq!(redact_query(url), want, "{url}");
+            assert_eq!(redact_query(url, &[]), want, "{url}");
         }
+        // A name that does not look secret is redacted once a middleware reads a key from it.
+        let also = ["x".to_string(), "client".to_string()];
+        assert_eq!(
+            redact_query("/a?Client=k&clients=1&x=2&x%79=3", &also),
+            "/a?Client=REDACTED&clients=1&x=REDACTED&x%79=3"
+        );
+        assert_eq!(redact_query("/a?client=k", &[]), "/a?client=k");
     }
 
     #[test]

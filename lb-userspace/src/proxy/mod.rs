@@ -657,6 +657,12 @@ impl Proxy {
             }
         };
         let table = Table::build(&conf, &services, &mut get, &mut client, &self.obs);
+        self.obs.set_secret_queries(
+            conf.middlewares
+                .values()
+                .filter_map(|m| m.secret_query())
+                .map(str::to_string),
+        );
         *clients = used;
         *known = keep;
         self.table.store(Arc::new(table));

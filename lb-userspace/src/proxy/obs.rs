@@ -84,6 +84,9 @@ pub struct Http {
     /// Requests no router took (404, 431, ACME answers), per entry point.
     unrouted: RwLock<HashMap<String, Arc<RouteStats>>>,
     access_log: arc_swap::ArcSwapOption<AccessLog>,
+    /// Query parameters the configured middlewares read credentials from (an API key's
+    /// `query`), lowercased: redacted in the access log besides the names that look secret.
+    secret_queries: arc_swap::ArcSwap<Vec<String>>,
     /// Expiry of the configured certificate files (ACME's are read at scrape time).
     cert_files: Mutex<Vec<(String, f64)>>,
 }
@@ -152,6 +155,7 @@ impl Default for Http {
             routes: Mutex::new(HashMap::new()),
             unrouted: RwLock::new(HashMap::new()),
             access_log: arc_swap::ArcSwapOption::empty(),
+            secret_queries: arc_swap::ArcSwap::from_pointee(Vec::new()),
             cert_files: Mutex::new(Vec::new()),
         }
     }
@@ -317,6 +321,14 @@ impl Http {
         self.access_log.store(log);
     }
 
+    /// The credential-carrying query names of the middlewares now configured.
+    pub fn set_secret_queries(&self, names: impl IntoIterator<Item = String>) {
+        let mut names: Vec<String> = names.into_iter().map(|n| n.to_ascii_lowercase()).collect();
+        names.sort();
+        names.dedup();
+        self.secret_queries.store(Arc::new(names));
+    }
+
     pub fn access_log(&self) -> Option<Arc<AccessLog>> {
         self.access_log.load_full()
     }
@@ -347,7 +359,12 @@ impl Http {
                 req.headers_mut()
                     .insert(crate::proxy::X_REQUEST_ID, crate::proxy::new_request_id());
             }
-            Box::new(RequestInfo::of(entrypoint, client, req))
+            Box::new(RequestInfo::of(
+                entrypoint,
+                client,
+                req,
+                &self.secret_queries.load(),
+            ))
         });
         Trace {
             started: crate::clock::now(),

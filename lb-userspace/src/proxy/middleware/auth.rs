@@ -257,6 +257,10 @@ impl ApiKey {
 }
 
 impl Middleware for ApiKey {
+    fn secret_query(&self) -> Option<&str> {
+        self.query.as_deref()
+    }
+
     fn request<'a>(&'a self, _: &'a mut Ctx, req: &'a mut Req) -> Flow<'a> {
         let from_header = req
             .headers()

@@ -90,6 +90,11 @@ pub trait Middleware: Send + Sync {
     ) -> Option<BoxFuture<'a, ()>> {
         None
     }
+    /// A query parameter that carries a credential this middleware reads (an API key's custom
+    /// `query` name): the access log redacts it whatever it is called.
+    fn secret_query(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// Marks a response lb made because the upstream could not be reached or did not answer in
