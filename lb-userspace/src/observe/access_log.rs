@@ -202,7 +202,7 @@ pub fn redact_query(url: &str, also: &[String]) -> String {
         let name = percent_decoded_lower(name);
         SECRET_PARTS.iter().any(|p| name.contains(p))
             || SECRET_NAMES.contains(&name.as_str())
-            || also.iter().any(|a| *a == name)
+            || also.contains(&name)
     };
     let mut out = String::with_capacity(url.len());
     out.push_str(head);
