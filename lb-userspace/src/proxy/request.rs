@@ -23,7 +23,7 @@
 use std::{
     net::{IpAddr, SocketAddr},
     sync::{atomic::Ordering, Arc},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -179,8 +179,13 @@ impl Proxy {
             let last = !out.replayable() || tried.len() + 1 >= attempts;
             let request = out.upstream_request(uri, last);
             let (error, fault) = match self.attempt(svc, &upstream, &out, request, trace).await {
-                Attempt::Answered(resp) => {
-                    return upstream_response(resp, slot, &upstream, spec, &mut out);
+                Attempt::Answered { resp, pending } => {
+                    let outcome = pending.map(|latency| Outcome {
+                        upstream: upstream.clone(),
+                        latency,
+                        passive: spec.passive,
+                    });
+                    return upstream_response(resp, slot, &upstream, spec, &mut out, outcome);
                 }
                 Attempt::Failed { error, fault } => (error, fault),
             };
@@ -255,9 +260,20 @@ impl Proxy {
             }
         };
         match result {
+            // A good head is not yet a good answer: an upstream that dies mid-body has failed,
+            // so the body's end decides (its latency is the head's, as the balancer wants).
+            Some(Ok(resp)) if resp.status().as_u16() < 500 && fault.is_none() => {
+                Attempt::Answered {
+                    resp,
+                    pending: Some(started.elapsed()),
+                }
+            }
             Some(Ok(resp)) => {
                 answered(resp.status().as_u16() < 500);
-                Attempt::Answered(resp)
+                Attempt::Answered {
+                    resp,
+                    pending: None,
+                }
             }
             Some(Err(e)) => {
                 answered(false);
@@ -553,7 +569,11 @@ impl Outgoing {
 
 /// What one attempt came to.
 enum Attempt {
-    Answered(Response<Incoming>),
+    /// Headers came. With `pending`, the outcome is the body's: recorded when it ends.
+    Answered {
+        resp: Response<Incoming>,
+        pending: Option<Duration>,
+    },
     /// No answer: `error` is `None` when the request timeout ran out; `fault` says whether the
     /// client's body was to blame.
     Failed {
@@ -571,8 +591,13 @@ fn upstream_response(
     upstream: &Upstream,
     spec: &ServiceSpec,
     out: &mut Outgoing,
+    mut outcome: Option<Outcome>,
 ) -> Response<Body> {
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        // The upgrade was answered: that is the upstream's whole part.
+        if let Some(o) = outcome.take() {
+            o.record(true);
+        }
         if let Some(client_side) = out.client_upgrade.take() {
             let upstream_side = hyper::upgrade::on(&mut resp);
             tokio::spawn(async move {
@@ -595,7 +620,29 @@ fn upstream_response(
             }
         }
     }
-    Response::from_parts(parts, Holding { body, _slot: slot }.boxed())
+    Response::from_parts(
+        parts,
+        Holding {
+            body,
+            _slot: slot,
+            outcome,
+        }
+        .boxed(),
+    )
+}
+
+/// The passive-health record an answer owes its upstream until its body ends.
+struct Outcome {
+    upstream: Arc<Upstream>,
+    latency: Duration,
+    passive: crate::model::l7::Passive,
+}
+
+impl Outcome {
+    fn record(self, ok: bool) {
+        self.upstream
+            .record(ok, self.latency, &self.passive, crate::clock::now());
+    }
 }
 
 /// How the client's part of a failed attempt went wrong.
@@ -611,6 +658,20 @@ enum ClientBodyFault {
 struct Holding {
     body: Incoming,
     _slot: balance::Slot,
+    /// Recorded as a success when the body ends, a failure when the upstream breaks it; a
+    /// client that goes away first leaves it unrecorded (that says nothing of the upstream).
+    outcome: Option<Outcome>,
+}
+
+impl Drop for Holding {
+    fn drop(&mut self) {
+        // An empty body (HEAD, 204, 304) may never be polled.
+        if hyper::body::Body::is_end_stream(&self.body) {
+            if let Some(o) = self.outcome.take() {
+                o.record(true);
+            }
+        }
+    }
 }
 
 impl hyper::body::Body for Holding {
@@ -621,9 +682,20 @@ impl hyper::body::Body for Holding {
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
-        std::pin::Pin::new(&mut self.get_mut().body)
-            .poll_frame(cx)
-            .map_err(|e| Box::new(e) as BoxError)
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.body).poll_frame(cx);
+        let ended = match &polled {
+            std::task::Poll::Ready(Some(Err(_))) => Some(false),
+            std::task::Poll::Ready(None) => Some(true),
+            std::task::Poll::Ready(Some(Ok(_))) if this.body.is_end_stream() => Some(true),
+            _ => None,
+        };
+        if let Some(ok) = ended {
+            if let Some(o) = this.outcome.take() {
+                o.record(ok);
+            }
+        }
+        polled.map_err(|e| Box::new(e) as BoxError)
     }
     fn is_end_stream(&self) -> bool {
         self.body.is_end_stream()
