@@ -1,8 +1,9 @@
 //! A backend server and the clients that talk to it, all real TCP in real namespaces.
 //!
-//! One server speaks two protocols on one port: HTTP (a `GET` gets "hello from NAME") for curl and
-//! the demo, and a line protocol for tests: `who` answers the server's name, then every further
-//! line is echoed, so a test knows which backend holds each connection and whether it still works.
+//! One server speaks two protocols on one port: HTTP (a `GET` gets "hello from NAME", on a
+//! connection kept alive unless the client closes it) for curl, the proxy and the demo, and a line
+//! protocol for tests: `who` answers the server's name, then every further line is echoed, so a
+//! test knows which backend holds each connection and whether it still works.
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -143,16 +144,32 @@ fn serve(conn: TcpStream, name: &str) -> Result<()> {
     if r.read_line(&mut line)? == 0 {
         return Ok(());
     }
-    if line.starts_with("GET ") || line.starts_with("HEAD ") {
+    // HTTP keeps the connection unless the client says otherwise: a proxy's pool reuses it.
+    while line.starts_with("GET ") || line.starts_with("HEAD ") {
+        let head = line.starts_with("HEAD ");
+        let mut close = line.trim_end().ends_with("HTTP/1.0");
         loop {
             let mut h = String::new();
             if r.read_line(&mut h)? == 0 || h == "\r\n" || h == "\n" {
                 break;
             }
+            let h = h.to_ascii_lowercase();
+            if h.starts_with("connection:") && h.contains("close") {
+                close = true;
+            }
         }
         let body = format!("hello from {name}\n");
-        write!(w, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\nX-Backend: {name}\r\n\r\n{body}", body.len())?;
-        return Ok(());
+        let conn = if close { "close" } else { "keep-alive" };
+        let mut resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: {conn}\r\nX-Backend: {name}\r\n\r\n", body.len());
+        if !head {
+            resp += &body;
+        }
+        // One write: a head and a body in two would wait for a delayed ACK (Nagle).
+        w.write_all(resp.as_bytes())?;
+        line.clear();
+        if close || r.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
     }
     if line.trim() != "who" {
         return Ok(());

@@ -14,7 +14,7 @@ use std::{
 use anyhow::{bail, ensure, Result};
 use lb_tests::{
     lab::{lb_bin, Lab, Mode, VIP4},
-    server::{who, Conn, UdpSink},
+    server::{http, who, Conn, UdpSink},
 };
 
 /// Polls the API until backend `addr` of the VIP is in `state`; returns how long it took.
@@ -118,7 +118,9 @@ const UDP_PORT: u16 = 5353;
 
 /// Restart under load: new TCP connections opened throughout, long-lived ones used throughout, and
 /// a paced UDP stream; the agent is stopped (SIGTERM), then a second binary starts on the same
-/// pinned maps and swaps its program into the pinned link. Nothing may fail or be lost.
+/// pinned maps and swaps its program into the pinned link. Nothing may fail or be lost. The L7
+/// proxy runs in the agent, so it is away while the agent is: that gap is measured (a request
+/// every 5 ms) and must end once the next agent is up.
 #[test]
 fn agent_restart_loses_no_request_and_no_datagram() -> Result<()> {
     restart_under_load("rst", false)
@@ -148,6 +150,22 @@ fn restart_under_load(name: &str, kill: bool) -> Result<()> {
             lab.backend_addr(i, false)
         );
     }
+    // The proxy on the balancer's own address, its upstreams the backends' servers.
+    let services = lab.out_dir.join("services.toml");
+    let mut doc = "[[service]]\nname = \"app\"\n".to_string();
+    for i in 0..3 {
+        doc += &format!(
+            "[[service.instance]]\naddress = \"{}\"\nport = 80\n",
+            lab.backend_addr(i, false)
+        );
+    }
+    std::fs::write(&services, doc)?;
+    udp_vip += &format!(
+        "\n[[entrypoint]]\nname = \"web\"\naddress = \"0.0.0.0:8000\"\n\n\
+         [[router]]\nname = \"all\"\nrule = \"PathPrefix(`/`)\"\nservice = \"app\"\n\n\
+         [[providers.file]]\npath = \"{}\"\n",
+        services.display()
+    );
     lab.start_agent_with(&[1, 1, 1], &udp_vip, &lb_bin())?;
     lab.assert_native()?;
     let prog_before = xdp_prog_id(&lab)?;
@@ -199,6 +217,21 @@ fn restart_under_load(name: &str, kill: bool) -> Result<()> {
         })
     };
 
+    let l7: SocketAddr = "10.0.0.2:8000".parse()?;
+    let probes = {
+        let stop = stop.clone();
+        lab.client.spawn(move || {
+            // (when the answer came, whether it was a 200)
+            let mut seen = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                let ok = http(l7, "GET", "/", None, None).is_ok_and(|r| r.0 == 200);
+                seen.push((Instant::now(), ok));
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            seen
+        })
+    };
+
     std::thread::sleep(Duration::from_millis(700));
     // A second agent on the same interface is refused, and the running one is not disturbed.
     let second = lab.lb.exec(&format!(
@@ -210,6 +243,7 @@ fn restart_under_load(name: &str, kill: bool) -> Result<()> {
         second.contains("another lb agent") && !second.contains("exit=0"),
         "second agent: {second}"
     );
+    let dead_from = Instant::now();
     if kill {
         lab.kill_agent()?;
     } else {
@@ -220,12 +254,28 @@ fn restart_under_load(name: &str, kill: bool) -> Result<()> {
     let other_bin = lab.out_dir.join("lb-second-binary");
     std::fs::copy(lb_bin(), &other_bin)?;
     lab.start_agent_with(&[1, 1, 1], &udp_vip, &other_bin)?;
+    let restarted = Instant::now();
+    // The proxy answers again (its file provider read) before the load stops.
+    let t0 = Instant::now();
+    while !lab
+        .client
+        .run(move || http(l7, "GET", "/", None, None).is_ok_and(|r| r.0 == 200))?
+    {
+        ensure!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the proxy did not answer within 10 s of the restart"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     std::thread::sleep(Duration::from_millis(700));
     stop.store(true, Ordering::SeqCst);
     tcp.join()
         .map_err(|_| anyhow::anyhow!("tcp client panicked"))???;
     udp.join()
         .map_err(|_| anyhow::anyhow!("udp client panicked"))???;
+    let probes = probes
+        .join()
+        .map_err(|_| anyhow::anyhow!("L7 prober panicked"))??;
     std::thread::sleep(Duration::from_millis(300));
 
     let prog_after = xdp_prog_id(&lab)?;
@@ -239,8 +289,27 @@ fn restart_under_load(name: &str, kill: bool) -> Result<()> {
         requests.load(Ordering::SeqCst),
         tcp_failed.load(Ordering::SeqCst),
     );
+    // The gap: the longest time between two answers of the proxy.
+    let answers: Vec<Instant> = probes.iter().filter(|p| p.1).map(|p| p.0).collect();
+    let gap = answers
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or_default();
+    let refused = probes.iter().filter(|p| !p.1).count();
     let how = if kill { "SIGKILL" } else { "SIGTERM" };
     println!("restart after {how}: {reqs} TCP requests, {failed} failed; {sent} datagrams, {lost} lost; program id {prog_before} → {prog_after}");
+    println!(
+        "restart after {how}: L7 {} requests, {refused} not answered; longest gap {} ms (from \
+         the signal to the next agent's API: {} ms, 700 of them with no agent)",
+        probes.len(),
+        gap.as_millis(),
+        (restarted - dead_from).as_millis()
+    );
+    ensure!(
+        answers.last().is_some_and(|t| *t > restarted),
+        "the proxy answered nothing after the restart"
+    );
     ensure!(
         failed == 0,
         "{failed} of {reqs} TCP requests failed across the restart"

@@ -79,6 +79,12 @@ enum Cmd {
         #[arg(long)]
         seed: Option<u64>,
     },
+    /// The reload soak's long mode (root): CHANGES configuration changes (file and API, L4 and
+    /// L7) under wrk and TCP flows through the XDP tier; `cargo xtask test` runs 100.
+    Soak {
+        #[arg(long, default_value_t = 1000)]
+        changes: u32,
+    },
     /// From nothing: a debootstrapped Debian 12 root with only the README's prerequisites, where
     /// the README's two commands run as written (tens of minutes; never beside the host's tests).
     FreshCheck {
@@ -137,6 +143,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Soak { changes } => soak(changes),
         Cmd::FreshCheck { dir, demo_only } => fresh::check(dir, demo_only),
     }
 }
@@ -419,6 +426,25 @@ fn test_phases(phases: &mut Phases) -> Result<()> {
     phases.run("demo --check", || demo(true))?;
     clean_leftovers();
     Ok(())
+}
+
+/// The reload soak's long mode: the same test as in `cargo xtask test`, with more changes.
+fn soak(changes: u32) -> Result<()> {
+    preflight(&[Group::Build, Group::Test])?;
+    ensure_toolchain()?;
+    build(false)?;
+    run(cargo()
+        .env("LB_BIN", lb_bin())
+        .env("LB_SOAK_CHANGES", changes.to_string())
+        .args([
+            "test",
+            "-p",
+            "lb-tests",
+            "--test",
+            "soak",
+            "--",
+            "--nocapture",
+        ]))
 }
 
 /// The packet fuzzer's long mode: the same test as in `cargo xtask test`, with more frames.

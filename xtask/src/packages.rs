@@ -121,8 +121,8 @@ const PACKAGES: &[Package] = &[
     Package {
         name: "wrk",
         probe: "wrk",
-        why: "HTTP/1.1 load",
-        groups: &[Bench],
+        why: "HTTP/1.1 load (the bench; the reload soak's traffic)",
+        groups: &[Test, Bench],
     },
     Package {
         name: "nghttp2-client",
