@@ -849,9 +849,10 @@ async fn serve_tls(
     obs: &obs::EntryPointObs,
 ) {
     // The configuration in force when the client connects (certificates reload). A handshake
-    // has 10 s: a client that stalls in it holds nothing longer.
+    // has 10 s, or the entry point's header timeout when that is shorter: a client that stalls
+    // in it holds nothing longer.
     let accepted = tokio::time::timeout(
-        TLS_HANDSHAKE_TIMEOUT,
+        TLS_HANDSHAKE_TIMEOUT.min(client.limits.header_timeout),
         tokio_rustls::TlsAcceptor::from(config.load_full()).accept(stream),
     )
     .await
