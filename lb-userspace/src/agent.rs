@@ -206,6 +206,67 @@ async fn bind(
     })
 }
 
+/// What the running agent uses, for as long as it runs: loading, attaching and replacing XDP
+/// programs and writing maps (BPF, PERFMON, NET_ADMIN, SYS_ADMIN for bpffs pins, SYS_RESOURCE
+/// and IPC_LOCK for locked map memory on kernels that still count it), binding entry points
+/// below 1024 when a reload opens one (NET_BIND_SERVICE), `ip` for neighbours (NET_ADMIN,
+/// NET_RAW), and reading operators' files and keeping its state directory (DAC_OVERRIDE,
+/// DAC_READ_SEARCH, FOWNER, CHOWN).
+const KEPT_CAPABILITIES: [caps::Capability; 13] = {
+    use caps::Capability::*;
+    [
+        CAP_BPF,
+        CAP_PERFMON,
+        CAP_NET_ADMIN,
+        CAP_NET_RAW,
+        CAP_NET_BIND_SERVICE,
+        CAP_SYS_ADMIN,
+        CAP_SYS_RESOURCE,
+        CAP_IPC_LOCK,
+        CAP_DAC_OVERRIDE,
+        CAP_DAC_READ_SEARCH,
+        CAP_FOWNER,
+        CAP_CHOWN,
+        // Also what lets this process give up the others.
+        CAP_SETPCAP,
+    ]
+};
+
+/// Gives up every capability the agent never uses (modules, ptrace, raw I/O, setuid, the
+/// clock, …), from the bounding set too, so neither a compromised agent nor a program it runs
+/// (`ip`) can take them back. A root in a container that may not drop them keeps them, with a
+/// warning: that is no weaker than before.
+pub fn drop_capabilities() {
+    use caps::CapSet;
+    let keep: caps::CapsHashSet = KEPT_CAPABILITIES.into_iter().collect();
+    let mut failed = Vec::new();
+    // A capability this kernel does not know is not there to drop.
+    let known = caps::runtime::procfs_all_supported(None).unwrap_or_else(|_| caps::all());
+    for c in known.iter().filter(|c| !keep.contains(c)) {
+        if let Err(e) = caps::drop(None, CapSet::Bounding, *c) {
+            failed.push(format!("{c}: {e}"));
+        }
+    }
+    let permitted = caps::read(None, CapSet::Permitted).unwrap_or_default();
+    let kept: caps::CapsHashSet = permitted.intersection(&keep).copied().collect();
+    for (set, value) in [
+        (CapSet::Ambient, caps::CapsHashSet::new()),
+        (CapSet::Inheritable, caps::CapsHashSet::new()),
+        (CapSet::Effective, kept.clone()),
+        (CapSet::Permitted, kept),
+    ] {
+        if let Err(e) = caps::set(None, set, &value) {
+            failed.push(format!("{set:?}: {e}"));
+        }
+    }
+    if !failed.is_empty() {
+        warn!(
+            "could not give up the capabilities lb does not use ({}); running with them",
+            failed.join(", ")
+        );
+    }
+}
+
 pub async fn run(config_path: &Path) -> Result<()> {
     let cfg = config::load(config_path)?;
     secure_state_dir(&cfg.state_dir)?;

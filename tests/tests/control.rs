@@ -169,6 +169,31 @@ fn restart_under_load(name: &str, kill: bool) -> Result<()> {
     lab.start_agent_with(&[1, 1, 1], &udp_vip, &lb_bin())?;
     lab.assert_native()?;
     let prog_before = xdp_prog_id(&lab)?;
+    // The agent gave up what it never uses, from its bounding set too; it kept what it uses.
+    let pid = lab.agent_pid().ok_or_else(|| anyhow::anyhow!("no agent"))?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let mask = |field: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .unwrap_or(0)
+    };
+    let (eff, bnd) = (mask("CapEff:"), mask("CapBnd:"));
+    // CAP_SYS_MODULE 16, CAP_SYS_RAWIO 17, CAP_SYS_PTRACE 19, CAP_SETUID 7, CAP_SYS_TIME 25
+    for bit in [16, 17, 19, 7, 25] {
+        ensure!(
+            eff & (1 << bit) == 0 && bnd & (1 << bit) == 0,
+            "capability {bit} kept: CapEff {eff:x}, CapBnd {bnd:x}"
+        );
+    }
+    // CAP_BPF 39, CAP_NET_ADMIN 12, CAP_SYS_ADMIN 21
+    for bit in [39, 12, 21] {
+        ensure!(
+            eff & (1 << bit) != 0,
+            "capability {bit} lost: CapEff {eff:x}"
+        );
+    }
 
     let stop = Arc::new(AtomicBool::new(false));
     let (requests, tcp_failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));

@@ -182,6 +182,8 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Run { config } => {
             require_privileges("run")?;
+            // Capabilities are per thread: before the runtime starts any.
+            crate::agent::drop_capabilities();
             tokio::runtime::Runtime::new()?.block_on(crate::agent::run(&config))
         }
         Cmd::CheckConfig { config } => {
