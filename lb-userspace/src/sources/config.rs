@@ -827,6 +827,19 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
             format!("{} VIPs configured, max_vips is {max_vips}", raw.vip.len()),
         ));
     }
+    // Each VIP's backend takes an id of its own; id 0 means "none".
+    let inline: usize = raw.vip.iter().map(|v| v.get_ref().backend.len()).sum();
+    if inline >= max_backends as usize {
+        return Err(err(
+            d.max_backends.span(),
+            "dataplane.max_backends".into(),
+            format!(
+                "{inline} backends configured, max_backends {max_backends} holds {} (id 0 is \
+                 reserved)",
+                max_backends - 1
+            ),
+        ));
+    }
     let mut names = BTreeSet::new();
     let mut keys = BTreeSet::new();
     let mut vips = Vec::new();
@@ -1869,6 +1882,22 @@ address = "10.0.1.2"
     fn type_error_is_reported_with_its_line() {
         let e = parse_err(&GOOD.replace("port = 80\n", "port = \"eighty\"\n"));
         assert_eq!(e.line, 12, "{e}");
+    }
+
+    /// More VIPs or inline backends than the maps hold: refused at load, naming the limit.
+    #[test]
+    fn more_than_the_maps_hold_is_refused_with_its_line() {
+        let e = parse_err(&format!("[dataplane]\nmax_backends = 2\n{GOOD}"));
+        assert_eq!((e.line, e.field.as_str()), (2, "dataplane.max_backends"));
+        assert!(e.reason.contains("2 backends configured"), "{e}");
+        parse(
+            Path::new("lb.toml"),
+            &format!("[dataplane]\nmax_backends = 3\n{GOOD}"),
+        )
+        .expect("two backends fit in ids 1 and 2");
+        let two = format!("{GOOD}\n[[vip]]\nname = \"b\"\naddress = \"10.0.0.101\"\n");
+        let e = parse_err(&format!("[dataplane]\nmax_vips = 1\n{two}"));
+        assert_eq!((e.line, e.field.as_str()), (2, "dataplane.max_vips"));
     }
 
     #[test]
