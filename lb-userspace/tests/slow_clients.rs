@@ -503,3 +503,46 @@ async fn upstream_connections_are_capped() {
     let busy = counts.busy_peak.load(Ordering::SeqCst);
     assert!(busy <= 8, "{busy} upstream requests from one connection");
 }
+
+/// One keep-alive request on `s`: the first bytes of the answer.
+async fn ask(s: &mut TcpStream) -> String {
+    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = [0u8; 1024];
+    let n = s.read(&mut buf).await.expect("read");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// An entry point's connection cap: with 8 open, a ninth waits in the kernel's backlog, unserved
+/// and costing lb nothing; when one of the 8 closes, the ninth is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entry_point_connections_are_capped() {
+    let up = upstream("up").await;
+    let limits = ConnLimits {
+        max_connections: 8,
+        ..ConnLimits::default()
+    };
+    let addr = proxy_to(up, ServiceSpec::default(), limits).await;
+    let mut open = Vec::new();
+    for _ in 0..8 {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        assert!(ask(&mut s).await.starts_with("HTTP/1.1 200"));
+        open.push(s);
+    }
+    let mut ninth = TcpStream::connect(addr)
+        .await
+        .expect("the backlog takes it");
+    let waiting = tokio::time::timeout(Duration::from_millis(700), ask(&mut ninth)).await;
+    assert!(
+        waiting.is_err(),
+        "the ninth was served past the cap: {waiting:?}"
+    );
+    drop(open.pop());
+    let mut buf = [0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(3), ninth.read(&mut buf))
+        .await
+        .expect("served once one closed")
+        .expect("read");
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
+}
