@@ -549,7 +549,7 @@ fn build_middlewares(
     cfg.middlewares
         .iter()
         .map(|(n, m)| {
-            m.build()
+            m.build_named(n)
                 .map(|b| (n.clone(), b))
                 .map_err(|e| anyhow!("middleware {n}: {e}"))
         })

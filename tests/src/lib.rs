@@ -1,5 +1,7 @@
-//! End-to-end test support: namespaces, the lab topology, backend servers and clients. Used by
+//! End-to-end test support: namespaces, the lab topology, backend servers and clients, and the
+//! daemons (Redis, etcd) tests start. Used by
 //! the tests in `tests/` and by the demo (`cargo xtask demo`).
+pub mod daemons;
 pub mod lab;
 pub mod netns;
 pub mod server;

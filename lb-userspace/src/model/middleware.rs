@@ -204,6 +204,41 @@ pub struct RateLimitConfig {
     /// without it share one bucket keyed by their address).
     #[serde(default)]
     pub source_header: Option<String>,
+    /// Buckets kept in Redis, shared by every node that names the same server and middleware.
+    #[serde(default)]
+    pub redis: Option<RateLimitRedis>,
+}
+
+/// A rate limit's buckets in Redis: one atomic script per decision.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitRedis {
+    /// `redis://[user:password@]host:port/db`.
+    pub url: String,
+    /// Keys are `<prefix><middleware name>:<client key hash>`.
+    #[serde(default = "rate_limit_prefix")]
+    pub prefix: String,
+    /// What a request gets when Redis cannot decide in time: no default, each router chooses.
+    pub on_error: RateLimitFailure,
+    /// The most a decision may wait for Redis (connect included).
+    #[serde(default = "rate_limit_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+/// Redis unreachable: let requests through (counted, logged) or refuse them (`503`).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RateLimitFailure {
+    Open,
+    Closed,
+}
+
+fn rate_limit_prefix() -> String {
+    "lb/ratelimit/".into()
+}
+
+fn rate_limit_timeout_ms() -> u64 {
+    100
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

@@ -182,6 +182,9 @@ impl Metrics {
         collectors.push(Box::new(control.change_to_apply.clone()));
         collectors.push(Box::new(crate::observe::access_log::ENTRIES.clone()));
         collectors.push(Box::new(crate::observe::access_log::DROPPED.clone()));
+        collectors.push(Box::new(
+            crate::proxy::middleware::limit::STORE_ERRORS.clone(),
+        ));
         for c in collectors {
             registry.register(c).context("registering metrics")?;
         }

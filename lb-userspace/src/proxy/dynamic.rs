@@ -38,7 +38,7 @@ impl Built {
                 middlewares.insert(name.clone(), m);
                 continue;
             }
-            match cfg.build() {
+            match cfg.build_named(name) {
                 Ok(m) => {
                     middlewares.insert(name.clone(), m);
                 }

@@ -1170,6 +1170,7 @@ fn middleware(
                 average: average / period.as_secs_f64(),
                 burst: b.number("burst")?.unwrap_or(1.0),
                 source_header,
+                redis: None,
             }))
         }
         "inflightreq" => {

@@ -11,6 +11,9 @@
 //! name = "per-tenant"
 //! rate_limit = { average = 10, burst = 10, source_header = "X-Tenant" }
 //! [[middleware]]
+//! name = "cluster-wide"                                       # one bucket per client for every node
+//! rate_limit = { average = 100, burst = 50, redis = { url = "redis://10.0.0.5:6379/0", on_error = "open" } }
+//! [[middleware]]
 //! name = "one-at-a-time"
 //! in_flight_req = { amount = 1 }
 //! [[middleware]]
@@ -36,7 +39,7 @@ use ipnet::IpNet;
 
 use super::{answer, full, header_name, BoxFuture, BuildError, Ctx, Flow, Middleware, Req};
 use crate::model::middleware::{
-    BufferingConfig, InFlightReqConfig, IpAllowListConfig, RateLimitConfig,
+    BufferingConfig, InFlightReqConfig, IpAllowListConfig, RateLimitConfig, RateLimitFailure,
 };
 use crate::proxy::Body;
 
@@ -97,16 +100,329 @@ impl Bucket {
 
 impl RateLimitConfig {
     pub fn build(&self) -> Result<RateLimit, BuildError> {
-        if self.average <= 0.0 || self.average.is_nan() {
+        self.build_named("unnamed")
+    }
+
+    /// `name` keys the buckets in Redis: the same middleware on every node shares them.
+    pub fn build_named(&self, name: &str) -> Result<RateLimit, BuildError> {
+        if self.average <= 0.0 || !self.average.is_finite() {
             return Err(BuildError::OutOfRange {
                 field: "average",
                 bound: "> 0",
             });
         }
+        if !self.burst.is_finite() {
+            return Err(BuildError::OutOfRange {
+                field: "burst",
+                bound: "a number",
+            });
+        }
         let mut r = RateLimit::new(self.average, self.burst);
         r.source_header = self.source_header.as_deref().map(header_name).transpose()?;
+        if let Some(c) = &self.redis {
+            if !(1..=10_000).contains(&c.timeout_ms) {
+                return Err(BuildError::OutOfRange {
+                    field: "redis.timeout_ms",
+                    bound: "1 ..= 10000",
+                });
+            }
+            let client = redis::Client::open(c.url.as_str()).map_err(|_| BuildError::Expected {
+                field: "redis.url",
+                // The URL may hold a password: it is not repeated.
+                value: String::new(),
+                expected: "redis://[user:password@]host:port/db",
+            })?;
+            r.store = Store::Redis(Box::new(RedisBuckets {
+                client,
+                key_prefix: format!("{}{name}:", c.prefix),
+                name: name.to_string(),
+                on_error: c.on_error,
+                timeout: std::time::Duration::from_millis(c.timeout_ms),
+                conn: Mutex::new(None),
+                last_connect: Mutex::new(None),
+                last_warning: Mutex::new(None),
+            }));
+        }
         Ok(r)
     }
+}
+
+/// Counts the decisions Redis could not make, by what the request got.
+pub static STORE_ERRORS: std::sync::LazyLock<prometheus::IntCounterVec> =
+    std::sync::LazyLock::new(|| {
+        prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "lb_rate_limit_store_errors_total",
+                "Rate-limit decisions Redis could not make in time, by middleware and what the \
+                 request got (allowed: on_error = open; refused: closed)",
+            ),
+            &["middleware", "outcome"],
+        )
+        .unwrap_or_else(|_| panic!("static metric definition"))
+    });
+
+/// The token bucket of [`Bucket::take`], in Redis, atomic: refill for the time since the last
+/// call (Redis's clock, one for the cluster; or ARGV[3] in µs, for tests), then take a token if
+/// there is one. The key expires once the bucket would be full again.
+const TAKE_SCRIPT: &str = r#"
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local now
+if ARGV[3] then
+  now = tonumber(ARGV[3])
+else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local b = redis.call('HMGET', KEYS[1], 't', 'at')
+local tokens = tonumber(b[1])
+local at = tonumber(b[2])
+if tokens == nil or at == nil then
+  tokens = burst
+  at = now
+end
+local dt = now - at
+if dt < 0 then dt = 0 end
+tokens = math.min(burst, tokens + dt * rate / 1000000)
+local ok = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+  ok = 1
+end
+if now > at then at = now end
+redis.call('HSET', KEYS[1], 't', string.format('%.17g', tokens), 'at', string.format('%d', at))
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
+return ok
+"#;
+
+/// Where a rate limit keeps its buckets.
+enum Store {
+    Local(Mutex<Buckets>),
+    Redis(Box<RedisBuckets>),
+}
+
+/// Buckets in Redis, reached over one multiplexed connection made when first needed and again
+/// after it failed (at most every 500 ms: a Redis that is down is not asked on every request).
+pub struct RedisBuckets {
+    client: redis::Client,
+    key_prefix: String,
+    name: String,
+    on_error: RateLimitFailure,
+    timeout: std::time::Duration,
+    conn: Mutex<Option<redis::aio::MultiplexedConnection>>,
+    last_connect: Mutex<Option<Instant>>,
+    last_warning: Mutex<Option<Instant>>,
+}
+
+impl RedisBuckets {
+    async fn connection(&self) -> Result<redis::aio::MultiplexedConnection, String> {
+        if let Some(c) = self.conn.lock().ok().and_then(|c| c.clone()) {
+            return Ok(c);
+        }
+        {
+            let now = crate::clock::now();
+            let mut last = self
+                .last_connect
+                .lock()
+                .map_err(|_| "poisoned".to_string())?;
+            if last.is_some_and(|t| now.saturating_duration_since(t).as_millis() < 500) {
+                return Err("Redis unreachable (reconnecting)".into());
+            }
+            *last = Some(now);
+        }
+        let cfg = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(self.timeout)
+            .set_response_timeout(self.timeout);
+        let c = tokio::time::timeout(
+            self.timeout,
+            self.client
+                .get_multiplexed_async_connection_with_config(&cfg),
+        )
+        .await
+        .map_err(|_| "connecting to Redis: timed out".to_string())?
+        .map_err(|e| format!("connecting to Redis: {e}"))?;
+        if let Ok(mut slot) = self.conn.lock() {
+            *slot = Some(c.clone());
+        }
+        Ok(c)
+    }
+
+    /// Takes a token from `key`'s bucket: whether there was one. `now_us`: the clock to use
+    /// instead of Redis's (tests).
+    pub async fn take(
+        &self,
+        key: u64,
+        average: f64,
+        burst: f64,
+        now_us: Option<u64>,
+    ) -> Result<bool, String> {
+        let sha = script_sha();
+        let work = async {
+            let mut c = self.connection().await?;
+            let bucket = format!("{}{key:016x}", self.key_prefix);
+            let call = |script: bool| {
+                let mut cmd = if script {
+                    let mut cmd = redis::cmd("EVAL");
+                    cmd.arg(TAKE_SCRIPT);
+                    cmd
+                } else {
+                    let mut cmd = redis::cmd("EVALSHA");
+                    cmd.arg(&sha);
+                    cmd
+                };
+                cmd.arg(1).arg(&bucket).arg(average).arg(burst);
+                if let Some(t) = now_us {
+                    cmd.arg(t);
+                }
+                cmd
+            };
+            let first: Result<i64, redis::RedisError> = call(false).query_async(&mut c).await;
+            let took = match first {
+                // Not cached on this server yet (or it restarted): EVAL caches it.
+                Err(e) if e.code() == Some("NOSCRIPT") => call(true).query_async(&mut c).await,
+                other => other,
+            };
+            took.map(|n| n == 1).map_err(|e| {
+                if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() {
+                    if let Ok(mut slot) = self.conn.lock() {
+                        *slot = None;
+                    }
+                }
+                format!("Redis: {e}")
+            })
+        };
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .map_err(|_| format!("Redis: no answer within {:?}", self.timeout))?
+    }
+
+    /// Redis could not decide: what `on_error` says, counted, and logged at most every 10 s.
+    fn failed(&self, why: &str) -> Option<Response<Body>> {
+        let outcome = match self.on_error {
+            RateLimitFailure::Open => "allowed",
+            RateLimitFailure::Closed => "refused",
+        };
+        STORE_ERRORS
+            .with_label_values(&[self.name.as_str(), outcome])
+            .inc();
+        let now = crate::clock::now();
+        if let Ok(mut last) = self.last_warning.lock() {
+            if last.is_none_or(|t| now.saturating_duration_since(t).as_secs() >= 10) {
+                *last = Some(now);
+                tracing::warn!(
+                    middleware = self.name,
+                    "rate limit: {why}; requests {outcome}"
+                );
+            }
+        }
+        match self.on_error {
+            RateLimitFailure::Open => None,
+            RateLimitFailure::Closed => {
+                let mut r = answer(StatusCode::SERVICE_UNAVAILABLE, "rate limit unavailable");
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                Some(r)
+            }
+        }
+    }
+}
+
+/// The script's SHA-1, as EVALSHA names it.
+fn script_sha() -> String {
+    static SHA: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        let d = ring::digest::digest(
+            &ring::digest::SHA1_FOR_LEGACY_USE_ONLY,
+            TAKE_SCRIPT.as_bytes(),
+        );
+        d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    });
+    SHA.clone()
+}
+
+/// One case of the limiter's contract: its `average` and `burst`, and decisions in order —
+/// (client key, milliseconds since the start, allowed).
+pub struct BucketCase {
+    pub what: &'static str,
+    pub average: f64,
+    pub burst: f64,
+    pub steps: &'static [(u64, u64, bool)],
+}
+
+/// The contract, one table for every store: the in-memory limiter's unit test and the Redis
+/// store's test against a real server both run it.
+pub const BUCKET_CASES: &[BucketCase] = &[
+    BucketCase {
+        what: "a burst, then the average",
+        average: 10.0,
+        burst: 5.0,
+        steps: &[
+            (1, 0, true),
+            (1, 0, true),
+            (1, 0, true),
+            (1, 0, true),
+            (1, 0, true),
+            (1, 0, false),
+            (1, 0, false),
+            (1, 100, true),
+            (1, 110, false),
+        ],
+    },
+    BucketCase {
+        what: "each client its own bucket",
+        average: 10.0,
+        burst: 2.0,
+        steps: &[
+            (1, 0, true),
+            (1, 0, true),
+            (1, 0, false),
+            (2, 0, true),
+            (2, 0, true),
+            (2, 0, false),
+            (1, 100, true),
+            (2, 50, false),
+        ],
+    },
+    BucketCase {
+        what: "refilled up to the burst, never past it",
+        average: 1.0,
+        burst: 3.0,
+        steps: &[
+            (1, 0, true),
+            (1, 0, true),
+            (1, 0, true),
+            (1, 0, false),
+            (1, 10_000, true),
+            (1, 10_000, true),
+            (1, 10_000, true),
+            (1, 10_000, false),
+        ],
+    },
+    BucketCase {
+        what: "fractions of a token add up",
+        average: 4.0,
+        burst: 1.0,
+        steps: &[
+            (1, 0, true),
+            (1, 100, false),
+            (1, 200, false),
+            (1, 300, true),
+            (1, 310, false),
+            (1, 560, true),
+        ],
+    },
+    BucketCase {
+        what: "a burst below one is one",
+        average: 2.0,
+        burst: 0.0,
+        steps: &[(1, 0, true), (1, 0, false), (1, 400, false), (1, 600, true)],
+    },
+];
+
+fn too_many() -> Response<Body> {
+    let mut r = answer(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded");
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
 }
 
 /// Token buckets per client key; over the limit: 429. The bucket map is bounded: when it is
@@ -116,7 +432,7 @@ pub struct RateLimit {
     burst: f64,
     source_header: Option<HeaderName>,
     /// By a hash of the key: fixed-size entries whatever clients send.
-    buckets: Mutex<Buckets>,
+    store: Store,
 }
 
 #[derive(Default)]
@@ -134,12 +450,33 @@ impl RateLimit {
             average,
             burst: burst.max(1.0),
             source_header: None,
-            buckets: Mutex::new(Buckets::default()),
+            store: Store::Local(Mutex::new(Buckets::default())),
         }
     }
 
+    /// The Redis store, when the buckets are there.
+    pub fn redis(&self) -> Option<&RedisBuckets> {
+        match &self.store {
+            Store::Redis(r) => Some(r),
+            Store::Local(_) => None,
+        }
+    }
+
+    /// A decision with the clock given: this process's (`now`) for local buckets, `now` as µs
+    /// since a fixed point for Redis ones (tests run one table of cases through both).
+    pub async fn allow_at(&self, key: u64, now: Instant, redis_us: u64) -> Result<bool, String> {
+        match &self.store {
+            Store::Local(_) => Ok(self.allow(key, now)),
+            Store::Redis(r) => r.take(key, self.average, self.burst, Some(redis_us)).await,
+        }
+    }
+
+    /// Local buckets only (Redis ones always allow here: see [`RateLimit::allow_at`]).
     pub fn allow(&self, key: u64, now: Instant) -> bool {
-        let Ok(mut guard) = self.buckets.lock() else {
+        let Store::Local(buckets) = &self.store else {
+            return true;
+        };
+        let Ok(mut guard) = buckets.lock() else {
             return true;
         };
         let b = &mut *guard;
@@ -187,13 +524,20 @@ impl RateLimit {
 
 impl Middleware for RateLimit {
     fn request<'a>(&'a self, ctx: &'a mut Ctx, req: &'a mut Req) -> Flow<'a> {
-        if self.allow(self.key(ctx, req), ctx.now) {
+        let key = self.key(ctx, req);
+        if let Store::Redis(r) = &self.store {
+            return Flow::Wait(Box::pin(async move {
+                match r.take(key, self.average, self.burst, None).await {
+                    Ok(true) => None,
+                    Ok(false) => Some(too_many()),
+                    Err(why) => r.failed(&why),
+                }
+            }));
+        }
+        if self.allow(key, ctx.now) {
             return Flow::Next;
         }
-        let mut r = answer(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded");
-        r.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        Flow::Answer(r)
+        Flow::Answer(too_many())
     }
 }
 
@@ -365,6 +709,20 @@ impl Middleware for Buffering {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    /// The contract's table on the in-memory buckets (tests/tests/rate_limit.rs runs it on
+    /// Redis's).
+    #[test]
+    fn the_bucket_cases_hold_in_memory() {
+        for case in BUCKET_CASES {
+            let rl = RateLimit::new(case.average, case.burst);
+            let t0 = crate::clock::now();
+            for (i, &(key, ms, want)) in case.steps.iter().enumerate() {
+                let got = rl.allow(key, t0 + Duration::from_millis(ms));
+                assert_eq!(got, want, "{}: step {i}", case.what);
+            }
+        }
+    }
 
     #[test]
     fn token_bucket_allows_burst_then_average() {

@@ -226,6 +226,12 @@ fn header_name(name: &str) -> Result<hyper::header::HeaderName, BuildError> {
 impl MiddlewareConfig {
     /// Builds the middleware, or says what is wrong with its configuration.
     pub fn build(&self) -> Result<Arc<dyn Middleware>, BuildError> {
+        self.build_named("unnamed")
+    }
+
+    /// [`MiddlewareConfig::build`] for the middleware called `name` (what names its state
+    /// shared with other nodes: a Redis rate limit's keys).
+    pub fn build_named(&self, name: &str) -> Result<Arc<dyn Middleware>, BuildError> {
         Ok(match self {
             MiddlewareConfig::StripPrefix(c) => Arc::new(c.build()),
             MiddlewareConfig::StripPrefixRegex(c) => Arc::new(c.build()?),
@@ -239,7 +245,7 @@ impl MiddlewareConfig {
             MiddlewareConfig::ApiKey(c) => Arc::new(c.build()?),
             MiddlewareConfig::ForwardAuth(c) => Arc::new(c.build()?),
             MiddlewareConfig::IpAllowList(c) => Arc::new(c.build()?),
-            MiddlewareConfig::RateLimit(c) => Arc::new(c.build()?),
+            MiddlewareConfig::RateLimit(c) => Arc::new(c.build_named(name)?),
             MiddlewareConfig::InFlightReq(c) => Arc::new(c.build()?),
             MiddlewareConfig::Buffering(c) => Arc::new(c.build()?),
             MiddlewareConfig::Retry(c) => Arc::new(c.build()?),
