@@ -34,6 +34,10 @@ pub struct VipView {
     pub mode: Mode,
     pub service: String,
     pub id: u32,
+    /// The live Maglev table as slot → backend `address:port`, hashed (16 hex digits): the
+    /// same on every node that sees the same backends, whatever ids each gave them. `None`
+    /// until this agent published a table of its own.
+    pub table_digest: Option<String>,
     pub counters: CountersView,
     pub backends: Vec<BackendView>,
 }
@@ -252,6 +256,7 @@ impl Balancer {
                     mode: v.spec.mode,
                     service: v.spec.service.clone(),
                     id: v.id,
+                    table_digest: (v.rebuilds > 0).then(|| format!("{:016x}", v.digest)),
                     counters: self.dp.vip_counters(v.id)?.into(),
                     backends,
                 })

@@ -192,6 +192,26 @@ pub struct VipState {
     pub backends: BTreeMap<InstanceKey, BackendState>,
     /// Tables published since this agent started (for metrics).
     pub rebuilds: u64,
+    /// The live table as slot → backend identity, hashed ([`table_digest`]): what nodes
+    /// compare, since the ids in the ring are each agent's own.
+    pub digest: u64,
+}
+
+/// A digest of a table as slot → backend identity (`address:port`), independent of the ids
+/// an agent gave its backends: two nodes whose digests agree send every flow hash to the same
+/// backend. xxh3 over the sorted identities, then each slot's index into them; an empty table
+/// is the digest of no identities and `M` empty slots.
+pub fn table_digest(identities: &[&str], slots: impl Iterator<Item = Option<u32>>) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(&(identities.len() as u64).to_le_bytes());
+    for id in identities {
+        h.update(id.as_bytes());
+        h.update(&[0]);
+    }
+    for s in slots {
+        h.update(&s.unwrap_or(u32::MAX).to_le_bytes());
+    }
+    h.digest()
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -406,6 +426,8 @@ impl L4State {
                 slot,
                 backends: BTreeMap::new(),
                 rebuilds: 0,
+                // Not known until this agent publishes a table of its own.
+                digest: 0,
             }),
         );
         if adopted.is_none() {
@@ -579,7 +601,10 @@ impl L4State {
         // The table depends on member order: sort by identity so every node agrees.
         active.sort();
         let mut slots = BTreeMap::new();
+        let identities: Vec<&str> = active.iter().map(|(i, _, _)| i.as_str()).collect();
+        let digest;
         let ids: Vec<u32> = if active.is_empty() {
+            digest = table_digest(&[], (0..self.ring_size).map(|_| None));
             vec![lb_common::BACKEND_NONE; self.ring_size as usize]
         } else {
             let members: Vec<Member<'_>> = active
@@ -597,6 +622,7 @@ impl L4State {
             for (i, count) in table.counts().into_iter().enumerate() {
                 slots.insert(active[i].2, count);
             }
+            digest = table_digest(&identities, table.slots().iter().map(|&m| Some(m)));
             table
                 .slots()
                 .iter()
@@ -620,6 +646,7 @@ impl L4State {
         });
         vip.slot = spare;
         vip.rebuilds += 1;
+        vip.digest = digest;
         for b in vip.backends.values_mut() {
             b.slots = slots.get(&b.id).copied().unwrap_or(0);
         }

@@ -487,6 +487,7 @@ mod tests {
             mode: crate::model::Mode::Dsr,
             service: "web".into(),
             id: 0,
+            table_digest: None,
             counters: counters(30, 3000, 4),
             backends: vec![
                 backend("10.0.0.11", BackendMode::Active, counters(20, 2000, 3)),
