@@ -34,21 +34,7 @@ use tokio::{
 };
 
 mod common;
-
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-fn fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
-}
+use common::{fds, rss_kib};
 
 /// Reads until the peer closes; how long that took, or `None` if it answered bytes instead
 /// (TLS alerts aside: a handshake cut short may send one).

@@ -249,3 +249,20 @@ impl std::io::Write for Captured {
         Ok(())
     }
 }
+
+/// This process's resident memory, KiB (the tests that bound it run in binaries of their own).
+pub fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// This process's open descriptors.
+pub fn fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+}
