@@ -280,10 +280,24 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let _locks = take_locks(&cfg, &pin_dir)?;
     // Bound before the dataplane is touched: a port in use must not leave a half-started agent.
     let listener = bind(cfg.api_listen, "the admin API", "[api] listen").await?;
-    let store = Store::open(
-        &cfg.state_dir
-            .join(format!("api-store-{}.json", cfg.instance)),
-    )?;
+    let cluster = cfg
+        .cluster
+        .clone()
+        .map(|spec| Arc::new(sources::cluster::Shared::new(spec)));
+    let store = match &cluster {
+        None => Store::open(
+            &cfg.state_dir
+                .join(format!("api-store-{}.json", cfg.instance)),
+        )?,
+        Some(shared) => {
+            let copy = cfg.state_dir.join(format!(
+                "cluster-store-{}-{}.json",
+                shared.spec.name, cfg.instance
+            ));
+            info!(cluster = %shared.spec.name, node = %shared.spec.node, "joining the cluster");
+            Store::open_cluster(shared.clone(), &copy).await?
+        }
+    };
     let started = crate::clock::now();
     // Redis and etcd are read once before the first apply too (bounded: an unreachable store
     // only delays its instances until its provider connects).
@@ -402,6 +416,19 @@ pub async fn run(config_path: &Path) -> Result<()> {
             }
         }));
     }
+    let (stop_status, stop_rx) = tokio::sync::watch::channel(false);
+    let mut status_task = None;
+    if let Some(shared) = cluster.clone() {
+        tasks.push(tokio::spawn(sources::cluster::watch(
+            shared.clone(),
+            events.clone(),
+        )));
+        status_task = Some(tokio::spawn(control::cluster::publish(
+            shared,
+            control.clone(),
+            stop_rx,
+        )));
+    }
     let health_table: health::Table = Default::default();
     for v in cfg.vips.iter().filter(|v| v.health.is_some()) {
         let (vip, spec) = (
@@ -458,6 +485,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         health: health_table,
         token: token.into(),
         metrics,
+        cluster,
     });
 
     let mut term = signal(SignalKind::terminate())?;
@@ -471,6 +499,11 @@ pub async fn run(config_path: &Path) -> Result<()> {
     api::serve(listener, app, api::ApiLimits::default(), shutdown).await;
     // The entry points stop accepting; requests in progress get DRAIN to finish.
     listeners.lock().await.close_all().await;
+    // The node leaves the cluster's view now rather than a TTL later.
+    let _ = stop_status.send(true);
+    if let Some(t) = status_task {
+        let _ = tokio::time::timeout(Duration::from_secs(3), t).await;
+    }
     for t in tasks {
         t.abort();
     }
@@ -843,6 +876,9 @@ async fn watch_config(
             || new.interfaces != current.interfaces
         {
             warn!("VIP definitions, interfaces or dataplane sizes changed: they take effect at the next restart");
+        }
+        if new.cluster != current.cluster {
+            warn!("[cluster] changed: it takes effect at the next restart");
         }
         let middlewares = match build_middlewares(&new) {
             Ok(m) => m,

@@ -154,6 +154,8 @@ pub struct ApiState {
     pub health: health::Table,
     pub token: Arc<str>,
     pub metrics: Arc<crate::observe::metrics::Metrics>,
+    /// `[cluster]`: the etcd the nodes share (their status is read from it).
+    pub cluster: Option<Arc<crate::sources::cluster::Shared>>,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -178,6 +180,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/stats", get(stats))
         .route("/api/v1/flows/clear", post(clear_flows))
         .route("/api/v1/routers", get(list_routers))
+        .route("/api/v1/cluster", get(cluster_view))
         .route("/metrics", get(metrics))
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
@@ -262,7 +265,16 @@ impl IntoResponse for ApiError {
 
 impl From<anyhow::Error> for ApiError {
     fn from(e: anyhow::Error) -> Self {
-        ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))
+        // The cluster's etcd did not take a change: nothing changed, and a retry may work.
+        let code = if e
+            .downcast_ref::<crate::sources::store::Unavailable>()
+            .is_some()
+        {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::INTERNAL_SERVER_ERROR
+        };
+        ApiError(code, format!("{e:#}"))
     }
 }
 
@@ -707,6 +719,19 @@ async fn metrics(State(s): State<ApiState>) -> Result<Response, ApiError> {
 
 /// The proxy's routing as in force (lb.toml and providers merged): entry points, routers with
 /// their middlewares and request counts, TCP routers, middlewares.
+/// Every node's status as the cluster's etcd has it, and where they disagree.
+async fn cluster_view(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
+    let Some(shared) = s.cluster.clone() else {
+        return Err(not_found(
+            "this node is not in a cluster (lb.toml has no [cluster])".into(),
+        ));
+    };
+    let view = crate::control::cluster::view(&shared)
+        .await
+        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")))?;
+    Ok(Json(view))
+}
+
 async fn list_routers(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
     let Some(proxy) = s.proxy.clone() else {
         return Ok(Json(

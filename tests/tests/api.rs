@@ -124,6 +124,7 @@ async fn start_with(token: &str, api_limits: api::ApiLimits) -> Agent {
         health: Default::default(),
         token: token.into(),
         metrics,
+        cluster: None,
     });
     let l = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

@@ -42,6 +42,8 @@ fn etcd_spec(port: u16) -> EtcdSpec {
         prefix: "lb/".into(),
         traefik_root: None,
         traefik_file_dirs: Vec::new(),
+        auth: None,
+        tls: None,
     }
 }
 

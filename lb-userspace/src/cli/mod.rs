@@ -112,6 +112,9 @@ enum Cmd {
         /// Redraw every interval until interrupted.
         #[arg(long)]
         watch: bool,
+        /// Every node of the cluster (from its etcd), and whether their tables agree.
+        #[arg(long)]
+        cluster: bool,
     },
     /// Detach the program and remove the pinned maps of an instance.
     Detach {
@@ -263,7 +266,8 @@ fn run(cli: Cli) -> Result<()> {
             token,
             interval,
             watch,
-        } => status(&config, api, token, interval, watch),
+            cluster,
+        } => status(&config, api, token, interval, watch, cluster),
         Cmd::Detach { config } => {
             require_privileges("detach")?;
             let c = crate::sources::config::load(&config)?;
@@ -288,6 +292,7 @@ fn status(
     token: Option<String>,
     interval: f64,
     watch: bool,
+    cluster: bool,
 ) -> Result<()> {
     use status::{fetch, render};
     let cfg = match std::fs::metadata(config) {
@@ -332,6 +337,15 @@ fn status(
     }
     let period = Duration::from_secs_f64(interval);
     let client = client::ApiClient::new(&api, &token);
+    if cluster {
+        let view = client.get_json("/api/v1/cluster")?;
+        print!("{}", status::render_cluster(&view));
+        // Disagreeing nodes are a failed check, for scripts.
+        if view["agree"].as_bool() != Some(true) {
+            std::process::exit(2);
+        }
+        return Ok(());
+    }
     let mut prev = fetch(&client)?;
     std::thread::sleep(period);
     loop {

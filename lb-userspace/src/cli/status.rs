@@ -279,3 +279,108 @@ mod tests {
         );
     }
 }
+
+/// `lb status --cluster`: one line per node, one per VIP with each node's table digest, and the
+/// nodes that part from the majority marked `!` (pure: tested on a recorded answer).
+pub fn render_cluster(v: &Value) -> String {
+    let mut out = String::new();
+    let nodes = v["nodes"].as_array().cloned().unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "cluster {} (answered by {}): {} node{}, {}",
+        s(&v["cluster"]),
+        s(&v["node"]),
+        nodes.len(),
+        if nodes.len() == 1 { "" } else { "s" },
+        if v["agree"].as_bool() == Some(true) {
+            "tables agree"
+        } else {
+            "TABLES DISAGREE"
+        }
+    );
+    let _ = writeln!(
+        out,
+        "\n{:<20} {:>10} {:>10}  version",
+        "node", "store rev", "generation"
+    );
+    for n in &nodes {
+        let _ = writeln!(
+            out,
+            "{:<20} {:>10} {:>10}  {}",
+            s(&n["node"]),
+            n["store_revision"].as_i64().unwrap_or(0),
+            u(&n["generation"]),
+            s(&n["version"])
+        );
+    }
+    let flagged: Vec<(String, String)> = v["disagreements"]
+        .as_array()
+        .map(|d| {
+            d.iter()
+                .map(|x| (s(&x["node"]).to_string(), s(&x["vip"]).to_string()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut vips: BTreeMap<String, Vec<(String, String, String)>> = BTreeMap::new();
+    for n in &nodes {
+        for x in n["vips"].as_array().into_iter().flatten() {
+            vips.entry(s(&x["name"]).to_string()).or_default().push((
+                s(&n["node"]).to_string(),
+                x["table_digest"].as_str().unwrap_or("-").to_string(),
+                format!("{}/{}", u(&x["active"]), u(&x["backends"])),
+            ));
+        }
+    }
+    for (vip, seen) in &vips {
+        let _ = writeln!(out, "\nvip {vip}");
+        for (node, digest, active) in seen {
+            let mark = if flagged.iter().any(|(n, v)| n == node && v == vip) {
+                "!"
+            } else {
+                " "
+            };
+            let _ = writeln!(
+                out,
+                " {mark} {node:<18} table {digest:<16}  active {active}"
+            );
+        }
+    }
+    for (node, vip) in &flagged {
+        if !vips
+            .get(vip)
+            .is_some_and(|s| s.iter().any(|(n, _, _)| n == node))
+        {
+            let _ = writeln!(out, "\n! {node} has no VIP {vip}");
+        }
+    }
+    for r in v["rejected"].as_array().into_iter().flatten() {
+        let _ = writeln!(out, "rejected status record {}", s(r));
+    }
+    out
+}
+
+#[cfg(test)]
+mod cluster_tests {
+    use super::*;
+
+    #[test]
+    fn a_node_with_another_table_is_marked() {
+        let v = serde_json::json!({
+            "cluster": "edge", "node": "a", "agree": false,
+            "nodes": [
+                {"node": "a", "store_revision": 7, "generation": 3, "version": "0.1.0",
+                 "vips": [{"name": "web", "table_digest": "00aa", "active": 2, "backends": 2}]},
+                {"node": "b", "store_revision": 7, "generation": 5, "version": "0.1.0",
+                 "vips": [{"name": "web", "table_digest": "00bb", "active": 1, "backends": 2}]},
+                {"node": "c", "store_revision": 7, "generation": 4, "version": "0.1.0",
+                 "vips": [{"name": "web", "table_digest": "00aa", "active": 2, "backends": 2}]}
+            ],
+            "disagreements": [{"node": "b", "vip": "web", "digest": "00bb", "majority": "00aa"}],
+            "rejected": []
+        });
+        let out = render_cluster(&v);
+        assert!(out.contains("3 nodes, TABLES DISAGREE"), "{out}");
+        assert!(out.contains(" ! b                  table 00bb"), "{out}");
+        assert!(out.contains("   a                  table 00aa"), "{out}");
+    }
+}

@@ -6,6 +6,7 @@
 //! updates a second costs a few applies, never a queue that grows. The time from the oldest event
 //! of a batch to the maps being written is measured and logged (`change_to_map_us`).
 
+pub mod cluster;
 pub mod health;
 
 use std::{
@@ -156,6 +157,22 @@ impl Control {
                 }
             }
             Event::StoreChanged { .. } => self.refresh_store(),
+            Event::ClusterStore {
+                data,
+                revision,
+                rejected,
+                ..
+            } => {
+                if self.store.adopt(*data, revision) {
+                    info!(revision, "cluster store changed");
+                }
+                // Refreshed either way: it clears an error the watch reported before.
+                self.refresh_store();
+                for r in rejected {
+                    self.registry
+                        .fail("api", Rank::API, format!("cluster store: rejected {r}"));
+                }
+            }
             Event::Neighbour { address, mac, .. } => {
                 if self.balancer.learn_neighbour(address, mac) {
                     info!(backend = %address, %mac, "neighbour resolved");
@@ -389,6 +406,7 @@ pub async fn run(control: Arc<Mutex<Control>>, mut rx: mpsc::Receiver<Event>) {
                 Event::Snapshot { at, .. }
                 | Event::Health { at, .. }
                 | Event::StoreChanged { at }
+                | Event::ClusterStore { at, .. }
                 | Event::Neighbour { at, .. } => Some(*at),
                 Event::Error { .. } | Event::Routing { .. } => None,
             })

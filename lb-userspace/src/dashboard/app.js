@@ -240,6 +240,32 @@ function renderProviders(d) {
   );
 }
 
+// One row per node, one column per VIP with the node's table digest; a digest that parts from
+// the majority is flagged (that node would send some flows elsewhere after an ECMP rehash).
+function renderCluster(d) {
+  const c = d.cluster;
+  $("cluster-box").hidden = !c;
+  if (!c) return;
+  $("cluster-name").textContent = c.cluster + (c.agree ? "" : " — nodes disagree");
+  const vips = [...new Set(c.nodes.flatMap(n => n.vips.map(v => v.name)))].sort();
+  const off = new Set(c.disagreements.map(x => x.node + "|" + x.vip));
+  const rows = c.nodes.map(n =>
+    el("tr", { "data-node": n.node },
+      el("td", {}, n.node + (n.node === c.node ? " (this node)" : "")),
+      el("td", { class: "num" }, n.store_revision),
+      el("td", {}, ago(n.updated_unix)),
+      ...vips.map(name => {
+        const v = n.vips.find(x => x.name === name);
+        const bad = off.has(n.node + "|" + name);
+        return el("td", { class: "mono" }, v ? (v.table_digest || "–") + " " : "absent ",
+          bad ? badge("differs", "bad") : badge(v ? v.active + "/" + v.backends : "", "ok"));
+      })));
+  $("cluster").replaceChildren(
+    el("thead", {}, el("tr", {}, el("th", {}, "Node"), el("th", { class: "num" }, "Store rev"), el("th", {}, "Updated"), ...vips.map(v => el("th", {}, v)))),
+    el("tbody", {}, rows),
+  );
+}
+
 function renderVerdicts(d) {
   const rows = Object.entries(d.stats.verdicts)
     .filter(([, n]) => n > 0)
@@ -260,7 +286,12 @@ async function refresh() {
       api("/api/v1/vips", token), api("/api/v1/services", token), api("/api/v1/status", token),
       api("/api/v1/stats", token), api("/api/v1/routers", token),
     ]);
-    d = { vips: v.vips, services, status, stats, routers, health: {} };
+    // Not in a cluster: 404, and the panel stays hidden.
+    const cluster = await api("/api/v1/cluster", token).catch(e => {
+      if (e instanceof Unauthorized) throw e;
+      return null;
+    });
+    d = { vips: v.vips, services, status, stats, routers, cluster, health: {} };
   } catch (e) {
     if (e instanceof Unauthorized) {
       sessionStorage.removeItem(KEY);
@@ -299,6 +330,7 @@ async function refresh() {
   renderRouters(d, dt);
   renderServices(d);
   renderProviders(d);
+  renderCluster(d);
   renderVerdicts(d);
   previous = { at: now, vips: {}, backends: {}, routers: {} };
   for (const v of d.vips) {

@@ -12,7 +12,9 @@ pub use l4::{
     addr_words, AttachMode, BackendMode, BackendSpec, CheckKind, HealthSpec, Limits, Mac, Mode,
     Protocol, VipSpec,
 };
-pub use sources::{EtcdSpec, FileProviderSpec, ProvidersSpec, RedisSpec};
+pub use sources::{
+    ClusterSpec, EtcdAuth, EtcdSpec, EtcdTls, FileProviderSpec, ProvidersSpec, RedisSpec,
+};
 
 /// Names of VIPs and services: they appear in API paths and store keys.
 pub fn valid_name(name: &str) -> bool {

@@ -35,4 +35,45 @@ pub struct EtcdSpec {
     pub traefik_root: Option<String>,
     /// As [`RedisSpec::traefik_file_dirs`].
     pub traefik_file_dirs: Vec<PathBuf>,
+    pub auth: Option<EtcdAuth>,
+    pub tls: Option<EtcdTls>,
+}
+
+/// TLS to etcd (its endpoints are then `https://`): the CA that signed etcd's certificate, and
+/// a client certificate when etcd asks for one (`--client-cert-auth`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EtcdTls {
+    pub ca: PathBuf,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// The name etcd's certificate must carry, when it is not the endpoint's host.
+    pub server_name: Option<String>,
+}
+
+/// etcd's own authentication: a user of etcd's RBAC. The password is read from a file at load
+/// time, so it is never in lb.toml (nor in `lb check-config`'s output).
+#[derive(Clone, PartialEq, Eq)]
+pub struct EtcdAuth {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for EtcdAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdAuth")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// `[cluster]`: the nodes that share one etcd prefix. The API store lives in etcd under
+/// `<prefix>clusters/<name>/store/`, and each node's status under `…/nodes/<node>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterSpec {
+    pub name: String,
+    pub node: String,
+    pub etcd: EtcdSpec,
+    /// A node's status key lives this long after its last refresh (the lease's TTL).
+    pub status_ttl: Duration,
 }

@@ -17,8 +17,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::model::{
-    valid_name, AttachMode, BackendSpec, CheckKind, EtcdSpec, FileProviderSpec, HealthSpec, Limits,
-    Mac, Mode, Protocol, ProvidersSpec, RedisSpec, VipSpec,
+    valid_name, AttachMode, BackendSpec, CheckKind, ClusterSpec, EtcdAuth, EtcdSpec, EtcdTls,
+    FileProviderSpec, HealthSpec, Limits, Mac, Mode, Protocol, ProvidersSpec, RedisSpec, VipSpec,
 };
 
 /// A configuration error: where it is and what is wrong.
@@ -80,6 +80,8 @@ struct RawConfig {
     acme: Option<Spanned<RawAcme>>,
     #[serde(default)]
     access_log: Option<Spanned<RawAccessLog>>,
+    #[serde(default)]
+    cluster: Option<Spanned<RawCluster>>,
 }
 
 /// `[access_log]`: one line per proxied request.
@@ -336,6 +338,39 @@ struct RawEtcd {
     traefik_root: Option<String>,
     #[serde(default)]
     traefik_file_dirs: Vec<Spanned<PathBuf>>,
+    // How lb reaches etcd, the same for the provider and the cluster store.
+    /// etcd's RBAC user; its password is read from `password_file`.
+    #[serde(default)]
+    username: Option<Spanned<String>>,
+    #[serde(default)]
+    password_file: Option<Spanned<PathBuf>>,
+    /// TLS: the CA of etcd's certificate (the endpoints must be `https://`).
+    #[serde(default)]
+    ca: Option<Spanned<PathBuf>>,
+    #[serde(default)]
+    cert: Option<Spanned<PathBuf>>,
+    #[serde(default)]
+    key: Option<Spanned<PathBuf>>,
+    #[serde(default)]
+    server_name: Option<Spanned<String>>,
+}
+
+/// `[cluster]`: nodes that share the API store and publish their status in one etcd prefix.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    name: Spanned<String>,
+    /// Default: the host name.
+    #[serde(default)]
+    node: Option<Spanned<String>>,
+    #[serde(default = "d_status_ttl")]
+    status_ttl_secs: Spanned<u64>,
+    /// As `[providers.etcd]`, without a Traefik root: the store's layout is lb's own.
+    etcd: Spanned<RawEtcd>,
+}
+
+fn d_status_ttl() -> Spanned<u64> {
+    Spanned::new(0..0, 10)
 }
 
 fn d_prefix() -> String {
@@ -607,6 +642,185 @@ pub struct Config {
     pub middlewares: Vec<(String, crate::model::middleware::MiddlewareConfig)>,
     /// `[access_log]`: off when absent.
     pub access_log: Option<crate::observe::access_log::AccessLogSpec>,
+    /// `[cluster]`: absent, the node is alone (its API store is a file).
+    pub cluster: Option<ClusterSpec>,
+}
+
+/// The etcd user and TLS settings shared by `[providers.etcd]` and `[cluster.etcd]`. The
+/// password file is read now, so a missing one is a config error, not a failure later.
+fn etcd_access(
+    a: &RawEtcd,
+    endpoints: &[String],
+    at: &str,
+    err: ErrFn<'_>,
+) -> Result<(Option<EtcdAuth>, Option<EtcdTls>), ConfigError> {
+    let auth = match (&a.username, &a.password_file) {
+        (None, None) => None,
+        (Some(u), Some(p)) => {
+            let password = std::fs::read_to_string(p.get_ref()).map_err(|e| {
+                err(
+                    p.span(),
+                    format!("{at}.password_file"),
+                    format!("{}: {e}", p.get_ref().display()),
+                )
+            })?;
+            let password = password.trim_end_matches(['\n', '\r']).to_string();
+            if u.get_ref().is_empty() || password.is_empty() {
+                return Err(err(
+                    u.span(),
+                    format!("{at}.username"),
+                    "the user and its password must not be empty".into(),
+                ));
+            }
+            Some(EtcdAuth {
+                username: u.get_ref().clone(),
+                password,
+            })
+        }
+        (Some(u), None) => {
+            return Err(err(
+                u.span(),
+                format!("{at}.password_file"),
+                "a username needs its password_file".into(),
+            ))
+        }
+        (None, Some(p)) => {
+            return Err(err(
+                p.span(),
+                format!("{at}.username"),
+                "a password_file needs its username".into(),
+            ))
+        }
+    };
+    let tls = match &a.ca {
+        None => {
+            if let Some(c) = a.cert.as_ref().or(a.key.as_ref()) {
+                return Err(err(
+                    c.span(),
+                    format!("{at}.ca"),
+                    "a client certificate needs the CA of etcd's (TLS to etcd)".into(),
+                ));
+            }
+            None
+        }
+        Some(ca) => {
+            for (what, f) in [
+                ("ca", Some(ca)),
+                ("cert", a.cert.as_ref()),
+                ("key", a.key.as_ref()),
+            ] {
+                if let Some(f) = f {
+                    if let Err(e) = std::fs::metadata(f.get_ref()) {
+                        return Err(err(
+                            f.span(),
+                            format!("{at}.{what}"),
+                            format!("{}: {e}", f.get_ref().display()),
+                        ));
+                    }
+                }
+            }
+            if a.cert.is_some() != a.key.is_some() {
+                let s = a.cert.as_ref().or(a.key.as_ref()).map(|s| s.span());
+                return Err(err(
+                    s.unwrap_or(0..0),
+                    format!("{at}.cert"),
+                    "a client certificate needs both cert and key".into(),
+                ));
+            }
+            Some(EtcdTls {
+                ca: ca.get_ref().clone(),
+                cert: a.cert.as_ref().map(|c| c.get_ref().clone()),
+                key: a.key.as_ref().map(|c| c.get_ref().clone()),
+                server_name: a.server_name.as_ref().map(|c| c.get_ref().clone()),
+            })
+        }
+    };
+    let scheme = if tls.is_some() { "https://" } else { "http://" };
+    if endpoints.is_empty() {
+        return Err(err(0..0, format!("{at}.endpoints"), "empty".into()));
+    }
+    if let Some((i, e)) = endpoints
+        .iter()
+        .enumerate()
+        .find(|(_, e)| !e.starts_with(scheme))
+    {
+        let why = if tls.is_some() {
+            "with ca (TLS) every endpoint is https://"
+        } else {
+            "without ca every endpoint is http:// (set ca for TLS)"
+        };
+        return Err(err(
+            0..0,
+            format!("{at}.endpoints[{i}]"),
+            format!("{e:?}: {why}"),
+        ));
+    }
+    Ok((auth, tls))
+}
+
+fn cluster_spec(c: &Spanned<RawCluster>, err: ErrFn<'_>) -> Result<ClusterSpec, ConfigError> {
+    let r = c.get_ref();
+    let label = |s: &Spanned<String>, field: &str| -> Result<String, ConfigError> {
+        let v = s.get_ref();
+        if v.is_empty()
+            || v.len() > 63
+            || !v
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        {
+            return Err(err(
+                s.span(),
+                format!("cluster.{field}"),
+                format!("{v:?}: must be 1 to 63 of [A-Za-z0-9_.-]"),
+            ));
+        }
+        Ok(v.clone())
+    };
+    let name = label(&r.name, "name")?;
+    let node = match &r.node {
+        Some(n) => label(n, "node")?,
+        None => {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            label(&Spanned::new(c.span(), host.trim().to_string()), "node").map_err(|e| {
+                ConfigError {
+                    reason: format!("{} (the host name; set cluster.node)", e.reason),
+                    ..e
+                }
+            })?
+        }
+    };
+    let ttl = *r.status_ttl_secs.get_ref();
+    if !(3..=300).contains(&ttl) {
+        return Err(err(
+            r.status_ttl_secs.span(),
+            "cluster.status_ttl_secs".into(),
+            format!("{ttl}: out of range 3..=300"),
+        ));
+    }
+    let e = r.etcd.get_ref();
+    if e.traefik_root.is_some() || !e.traefik_file_dirs.is_empty() {
+        return Err(err(
+            r.etcd.span(),
+            "cluster.etcd.traefik_root".into(),
+            "a Traefik configuration in etcd is read by [providers.etcd]".into(),
+        ));
+    }
+    let (auth, tls) = etcd_access(e, &e.endpoints, "cluster.etcd", &|s, f, m| {
+        err(if s == (0..0) { r.etcd.span() } else { s }, f, m)
+    })?;
+    Ok(ClusterSpec {
+        name,
+        node,
+        status_ttl: Duration::from_secs(ttl),
+        etcd: EtcdSpec {
+            endpoints: e.endpoints.clone(),
+            prefix: e.prefix.clone(),
+            traefik_root: None,
+            traefik_file_dirs: Vec::new(),
+            auth,
+            tls,
+        },
+    })
 }
 
 /// Reads and validates a config file.
@@ -1072,12 +1286,21 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
         None => None,
     };
     let etcd = match &raw.providers.etcd {
-        Some(e) => Some(EtcdSpec {
-            endpoints: e.endpoints.clone(),
-            prefix: e.prefix.clone(),
-            traefik_root: e.traefik_root.clone(),
-            traefik_file_dirs: file_dirs(&e.traefik_file_dirs, "etcd")?,
-        }),
+        Some(e) => {
+            let (auth, tls) = etcd_access(e, &e.endpoints, "providers.etcd", &err)?;
+            Some(EtcdSpec {
+                endpoints: e.endpoints.clone(),
+                prefix: e.prefix.clone(),
+                traefik_root: e.traefik_root.clone(),
+                traefik_file_dirs: file_dirs(&e.traefik_file_dirs, "etcd")?,
+                auth,
+                tls,
+            })
+        }
+        None => None,
+    };
+    let cluster = match &raw.cluster {
+        Some(c) => Some(cluster_spec(c, &err)?),
         None => None,
     };
     let mut entrypoints: Vec<crate::model::l7::EntryPointSpec> = Vec::new();
@@ -1346,6 +1569,7 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
         routers,
         tcp_routers,
         providers: ProvidersSpec { files, redis, etcd },
+        cluster,
         instance: instance.clone(),
         pin_root: a.pin_root.clone(),
         state_dir: a.state_dir.clone(),
@@ -1858,6 +2082,65 @@ address = "10.0.1.2"
             c.providers.etcd.expect("etcd").traefik_file_dirs.is_empty(),
             "none by default"
         );
+    }
+
+    #[test]
+    fn cluster_and_etcd_access_are_checked_with_their_field() {
+        let dir = std::env::temp_dir().join(format!("lb-cfg-cluster-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pw = dir.join("pw");
+        std::fs::write(&pw, "s3cret\n").unwrap();
+        let ca = dir.join("ca.pem");
+        std::fs::write(&ca, "not read at load").unwrap();
+        let cluster = |etcd: &str| {
+            format!("{GOOD}\n[cluster]\nname = \"edge\"\nnode = \"lb-a\"\n[cluster.etcd]\n{etcd}\n")
+        };
+        let ok = cluster(&format!(
+            "endpoints = [\"https://10.0.0.5:2379\"]\nca = \"{}\"\nusername = \"lb\"\npassword_file = \"{}\"",
+            ca.display(),
+            pw.display()
+        ));
+        let c = parse(Path::new("lb.toml"), &ok).expect("valid");
+        let cl = c.cluster.expect("cluster");
+        assert_eq!((cl.name.as_str(), cl.node.as_str()), ("edge", "lb-a"));
+        let auth = cl.etcd.auth.expect("auth");
+        assert_eq!(
+            auth.password, "s3cret",
+            "the file's line, without its newline"
+        );
+        assert!(!format!("{auth:?}").contains("s3cret"), "never printed");
+        assert_eq!(cl.etcd.tls.expect("tls").ca, ca);
+        for (etcd, field) in [
+            ("endpoints = [\"https://10.0.0.5:2379\"]", "cluster.etcd.endpoints[0]"),
+            ("endpoints = []", "cluster.etcd.endpoints"),
+            (
+                "endpoints = [\"http://10.0.0.5:2379\"]\nusername = \"lb\"",
+                "cluster.etcd.password_file",
+            ),
+            (
+                "endpoints = [\"http://10.0.0.5:2379\"]\nusername = \"lb\"\npassword_file = \"/nonexistent/pw\"",
+                "cluster.etcd.password_file",
+            ),
+            (
+                "endpoints = [\"http://10.0.0.5:2379\"]\ncert = \"/etc/lb/c.pem\"",
+                "cluster.etcd.ca",
+            ),
+            (
+                "endpoints = [\"http://10.0.0.5:2379\"]\ntraefik_root = \"traefik\"",
+                "cluster.etcd.traefik_root",
+            ),
+        ] {
+            let e = parse_err(&cluster(etcd));
+            assert_eq!(e.field, field, "{etcd}: {e}");
+            assert!(e.line > 0, "{etcd}: {e}");
+        }
+        let e = parse_err(&ok.replace("\"lb-a\"", "\"lb a\""));
+        assert_eq!(e.field, "cluster.node", "{e}");
+        let e = parse_err(
+            &format!("{ok}\n").replace("[cluster.etcd]", "status_ttl_secs = 1\n[cluster.etcd]"),
+        );
+        assert_eq!(e.field, "cluster.status_ttl_secs", "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -58,17 +58,36 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 const DEBOUNCE: Duration = Duration::from_millis(20);
 const MAX_DELAY: Duration = Duration::from_millis(200);
 
-async fn connect(spec: &EtcdSpec) -> Result<Client> {
+/// A client for `spec`: its user when one is set, TLS when a CA is (files read at every
+/// connect, so a renewed client certificate is picked up at the next reconnection).
+pub(crate) async fn connect(spec: &EtcdSpec) -> Result<Client> {
     if spec.endpoints.is_empty() {
-        bail!("providers.etcd.endpoints is empty");
+        bail!("etcd endpoints: empty");
     }
-    let opts = ConnectOptions::new()
+    let mut opts = ConnectOptions::new()
         .with_connect_timeout(CONNECT_TIMEOUT)
         // HTTP/2 pings: a silently dead connection fails the watch instead of hanging it.
         .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
         .with_keep_alive_while_idle(true)
         // A member cut off from the quorum refuses, rather than serving stale data.
         .with_require_leader(true);
+    if let Some(a) = &spec.auth {
+        opts = opts.with_user(a.username.clone(), a.password.clone());
+    }
+    if let Some(t) = &spec.tls {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).with_context(|| format!("etcd TLS: reading {}", p.display()))
+        };
+        let mut tls = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(read(&t.ca)?));
+        if let (Some(cert), Some(key)) = (&t.cert, &t.key) {
+            tls = tls.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
+        }
+        if let Some(name) = &t.server_name {
+            tls = tls.domain_name(name.clone());
+        }
+        opts = opts.with_tls(tls);
+    }
     timeout(
         CONNECT_TIMEOUT,
         Client::connect(spec.endpoints.clone(), Some(opts)),
@@ -79,7 +98,7 @@ async fn connect(spec: &EtcdSpec) -> Result<Client> {
 }
 
 /// Bounds a request: a balanced channel with no reachable endpoint waits rather than failing.
-async fn bounded<T, E: std::error::Error + Send + Sync + 'static>(
+pub(crate) async fn bounded<T, E: std::error::Error + Send + Sync + 'static>(
     what: &str,
     f: impl std::future::Future<Output = Result<T, E>>,
 ) -> Result<T> {
@@ -89,10 +108,10 @@ async fn bounded<T, E: std::error::Error + Send + Sync + 'static>(
         .with_context(|| what.to_string())
 }
 
-type Entries = BTreeMap<Vec<u8>, Vec<u8>>;
+pub(crate) type Entries = BTreeMap<Vec<u8>, Vec<u8>>;
 
 /// Every entry whose key starts with `key`, and the revision they are at.
-async fn get_all(client: &mut Client, key: &str) -> Result<(i64, Entries)> {
+pub(crate) async fn get_all(client: &mut Client, key: &str) -> Result<(i64, Entries)> {
     let resp = bounded(
         "GET",
         client.get(key, Some(GetOptions::new().with_prefix())),
@@ -125,7 +144,7 @@ pub async fn read_once(spec: &EtcdSpec) -> Result<(Services, Vec<KeyError>)> {
 }
 
 /// Folds a watch response into the copy of the prefix; false when it carried no change.
-fn apply(entries: &mut Entries, resp: &WatchResponse) -> Result<bool> {
+pub(crate) fn apply(entries: &mut Entries, resp: &WatchResponse) -> Result<bool> {
     if resp.canceled() {
         if resp.compact_revision() > 0 {
             bail!(

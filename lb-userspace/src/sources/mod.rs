@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use crate::model::instance::{InstanceKey, Services};
 
+pub mod cluster;
 pub mod config;
 pub mod etcd;
 pub mod file;
@@ -61,6 +62,14 @@ pub enum Event {
     },
     /// The API store changed (it is read directly by the loop).
     StoreChanged { at: Instant },
+    /// The cluster's store at an etcd revision, whole (its watch's news).
+    ClusterStore {
+        data: Box<store::Data>,
+        revision: i64,
+        /// Records refused, by key.
+        rejected: Vec<String>,
+        at: Instant,
+    },
     /// The neighbour task found the MAC of a backend that needed one.
     Neighbour {
         address: std::net::IpAddr,

@@ -14,6 +14,9 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+use super::cluster::Shared;
 
 use crate::model::instance::{Instance, InstanceKey, Services};
 
@@ -25,33 +28,59 @@ pub enum Override {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-struct Registered {
-    service: String,
-    instance: Instance,
+#[serde(deny_unknown_fields)]
+pub(super) struct Registered {
+    pub(super) service: String,
+    pub(super) instance: Instance,
     /// Unix seconds; absent: never expires.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    expires_unix: Option<u64>,
+    pub(super) expires_unix: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-struct OverrideEntry {
-    service: String,
-    key: InstanceKey,
-    kind: Override,
+#[serde(deny_unknown_fields)]
+pub(super) struct OverrideEntry {
+    pub(super) service: String,
+    pub(super) key: InstanceKey,
+    pub(super) kind: Override,
 }
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-struct Data {
+/// The store's content: what the file holds, or what the cluster's keys say.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Data {
     #[serde(default)]
-    instances: Vec<Registered>,
+    pub(super) instances: Vec<Registered>,
     #[serde(default)]
-    overrides: Vec<OverrideEntry>,
+    pub(super) overrides: Vec<OverrideEntry>,
+}
+
+/// Where the store's content is kept.
+enum Backend {
+    /// One JSON file: the node is alone.
+    File(PathBuf),
+    /// The cluster's etcd prefix, and a local copy of it for a start while etcd is away.
+    Cluster { shared: Arc<Shared>, copy: PathBuf },
 }
 
 pub struct Store {
-    path: PathBuf,
+    backend: Backend,
     data: Data,
+    /// Cluster: the etcd revision of `data` (a watch's older news is not applied over it).
+    revision: i64,
 }
+
+/// A change that could not be stored because the cluster's etcd did not take it: nothing
+/// changed, and trying again later is the remedy (the API says `503`).
+#[derive(Debug)]
+pub struct Unavailable(pub String);
+
+impl std::fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the cluster store did not take the change: {}", self.0)
+    }
+}
+
+impl std::error::Error for Unavailable {}
 
 /// The store's content at one moment, to go back to when what followed could not be applied.
 pub struct Checkpoint(Data);
@@ -66,26 +95,105 @@ impl Store {
     /// Opens (or starts) the store at `path`. An unreadable store is an error, not an empty one:
     /// starting empty would silently drop every change an operator made.
     pub fn open(path: &Path) -> Result<Store> {
-        let data = match std::fs::read_to_string(path) {
+        Ok(Store {
+            data: Self::read_file(path)?,
+            backend: Backend::File(path.to_path_buf()),
+            revision: 0,
+        })
+    }
+
+    fn read_file(path: &Path) -> Result<Data> {
+        match std::fs::read_to_string(path) {
             Ok(text) => serde_json::from_str(&text).with_context(|| {
                 format!(
                     "{}: the API store is corrupt; move it aside to start empty",
                     path.display()
                 )
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Data::default(),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Data::default()),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    /// The cluster's store, as etcd has it; when etcd does not answer, the local copy this node
+    /// kept of it (the watch brings the rest once etcd is back).
+    pub async fn open_cluster(shared: Arc<Shared>, copy: &Path) -> Result<Store> {
+        const FIRST_READ: Duration = Duration::from_secs(3);
+        let read = tokio::time::timeout(FIRST_READ, shared.read())
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("timed out after {FIRST_READ:?}")));
+        let (data, revision) = match read {
+            Ok((revision, data, rejected)) => {
+                for r in rejected {
+                    tracing::warn!("cluster store: rejected {r}");
+                }
+                if let Err(e) = Self::persist(copy, &data) {
+                    tracing::warn!("cluster store: keeping a local copy: {e:#}");
+                }
+                (data, revision)
+            }
+            Err(e) => {
+                let data = Self::read_file(copy)?;
+                tracing::warn!(
+                    copy = %copy.display(),
+                    instances = data.instances.len(),
+                    "cluster store: etcd did not answer ({e:#}); starting on the local copy"
+                );
+                (data, 0)
+            }
         };
         Ok(Store {
-            path: path.to_path_buf(),
+            backend: Backend::Cluster {
+                shared,
+                copy: copy.to_path_buf(),
+            },
             data,
+            revision,
         })
     }
 
-    /// Makes `next` the store's content: written to disk first, and only then in force, so a
-    /// write that fails leaves both the file and the memory as they were.
+    /// The watch's news: the cluster's store at `revision`. False when it is older than what
+    /// this node has applied, or the same.
+    pub fn adopt(&mut self, data: Data, revision: i64) -> bool {
+        let Backend::Cluster { copy, .. } = &self.backend else {
+            return false;
+        };
+        if revision < self.revision || (revision == self.revision && data == self.data) {
+            return false;
+        }
+        if let Err(e) = Self::persist(copy, &data) {
+            tracing::warn!("cluster store: keeping a local copy: {e:#}");
+        }
+        self.revision = revision;
+        let changed = data != self.data;
+        self.data = data;
+        changed
+    }
+
+    /// The etcd revision in force (0: not in a cluster, or not heard from etcd yet).
+    pub fn revision(&self) -> i64 {
+        self.revision
+    }
+
+    /// Makes `next` the store's content: stored first (on disk, or in the cluster's etcd), and
+    /// only then in force, so a write that fails leaves both as they were.
     fn replace(&mut self, next: Data) -> Result<()> {
-        Self::persist(&self.path, &next)?;
+        match &self.backend {
+            Backend::File(path) => Self::persist(path, &next)?,
+            Backend::Cluster { shared, copy } => {
+                let handle = tokio::runtime::Handle::try_current()
+                    .map_err(|e| Unavailable(format!("no runtime to reach etcd: {e}")))?;
+                let written = handle
+                    .block_on(shared.write(&self.data, &next))
+                    .map_err(|e| Unavailable(format!("{e:#}")))?;
+                if let Some(r) = written {
+                    self.revision = self.revision.max(r);
+                }
+                if let Err(e) = Self::persist(copy, &next) {
+                    tracing::warn!("cluster store: keeping a local copy: {e:#}");
+                }
+            }
+        }
         self.data = next;
         Ok(())
     }

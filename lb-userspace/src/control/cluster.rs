@@ -1,0 +1,365 @@
+//! A node's part in a cluster: its status, kept in etcd under a lease (so a node that dies
+//! disappears after the lease's TTL), and the cluster's view built from every node's status —
+//! what `lb status --cluster` and the dashboard show, with the nodes that disagree flagged.
+//!
+//! Nodes agree when each VIP's Maglev table digest (slot → backend address:port, the same on
+//! every node that sees the same backends, whatever ids each gave them) is the same on all of
+//! them. A node whose digest differs from the majority's, or that lacks a VIP the others have,
+//! would send some flows to other backends than its peers after an ECMP rehash.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{anyhow, Context as _, Result};
+use etcd_client::{GetOptions, PutOptions};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use super::Control;
+use crate::sources::cluster::Shared;
+
+/// A node's status record is small; anything far larger under the nodes' prefix is not one.
+const MAX_STATUS: usize = 1 << 20;
+/// At most this many backends that are not active are listed per VIP (the count is exact).
+const MAX_LISTED: usize = 32;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub node: String,
+    pub version: String,
+    pub started_unix: u64,
+    pub updated_unix: u64,
+    /// This node's registry generation: a local count of the changes it applied.
+    pub generation: u64,
+    /// The cluster store's etcd revision this node has applied.
+    pub store_revision: i64,
+    pub vips: Vec<VipStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VipStatus {
+    pub name: String,
+    pub address: String,
+    pub port: u16,
+    pub table_digest: Option<String>,
+    pub backends: usize,
+    /// Backends taking new flows.
+    pub active: usize,
+    /// The others, as `address:port state` (at most 32).
+    pub not_active: Vec<String>,
+}
+
+/// Where a node parts from the majority.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Disagreement {
+    pub node: String,
+    pub vip: String,
+    /// This node's table digest (`None`: it has no table for the VIP, or lacks the VIP).
+    pub digest: Option<String>,
+    /// The digest most nodes have; `None` when no digest has a majority.
+    pub majority: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ClusterView {
+    pub cluster: String,
+    /// The node that answered.
+    pub node: String,
+    pub nodes: Vec<NodeStatus>,
+    pub agree: bool,
+    pub disagreements: Vec<Disagreement>,
+    /// Records under the nodes' prefix that are not a node's status.
+    pub rejected: Vec<String>,
+}
+
+fn unix(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// This node's status now.
+pub fn status_of(c: &Control, node: &str, started_unix: u64) -> Result<NodeStatus> {
+    let vips = c
+        .balancer
+        .list()?
+        .into_iter()
+        .map(|v| {
+            let active = v
+                .backends
+                .iter()
+                .filter(|b| b.state == crate::model::BackendMode::Active)
+                .count();
+            let not_active = v
+                .backends
+                .iter()
+                .filter(|b| b.state != crate::model::BackendMode::Active)
+                .take(MAX_LISTED)
+                .map(|b| {
+                    let state = serde_json::to_value(b.state)
+                        .ok()
+                        .and_then(|s| s.as_str().map(str::to_string))
+                        .unwrap_or_default();
+                    format!("{} {state}", std::net::SocketAddr::new(b.address, b.port))
+                })
+                .collect();
+            VipStatus {
+                name: v.name,
+                address: v.address.to_string(),
+                port: v.port,
+                table_digest: v.table_digest,
+                backends: v.backends.len(),
+                active,
+                not_active,
+            }
+        })
+        .collect();
+    Ok(NodeStatus {
+        node: node.to_string(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        started_unix,
+        updated_unix: unix(crate::clock::wall()),
+        generation: c.registry.generation,
+        store_revision: c.store.revision(),
+        vips,
+    })
+}
+
+/// Every VIP's majority digest, and each node that parts from it.
+pub fn disagreements(nodes: &[NodeStatus]) -> Vec<Disagreement> {
+    let mut by_vip: BTreeMap<&str, Vec<(&str, Option<&str>)>> = BTreeMap::new();
+    for n in nodes {
+        for v in &n.vips {
+            by_vip
+                .entry(&v.name)
+                .or_default()
+                .push((&n.node, v.table_digest.as_deref()));
+        }
+    }
+    let mut out = Vec::new();
+    for (vip, mut seen) in by_vip {
+        // A node without the VIP counts as a node without its table.
+        for n in nodes {
+            if !seen.iter().any(|(name, _)| *name == n.node) {
+                seen.push((&n.node, None));
+            }
+        }
+        let mut counts: BTreeMap<Option<&str>, usize> = BTreeMap::new();
+        for (_, d) in &seen {
+            *counts.entry(*d).or_default() += 1;
+        }
+        let top = counts.values().copied().max().unwrap_or(0);
+        let leaders: Vec<Option<&str>> = counts
+            .iter()
+            .filter(|(_, c)| **c == top)
+            .map(|(d, _)| *d)
+            .collect();
+        let majority = match leaders.as_slice() {
+            [one] => *one,
+            _ => None,
+        };
+        let unique = leaders.len() == 1;
+        for (node, d) in seen {
+            if !unique || d != majority || d.is_none() {
+                out.push(Disagreement {
+                    node: node.to_string(),
+                    vip: vip.to_string(),
+                    digest: d.map(str::to_string),
+                    majority: majority.map(str::to_string),
+                });
+            }
+        }
+    }
+    out.sort_by(|a, b| (&a.vip, &a.node).cmp(&(&b.vip, &b.node)));
+    out
+}
+
+/// The cluster as etcd has it now.
+pub async fn view(shared: &Shared) -> Result<ClusterView> {
+    let mut client = shared.client().await?;
+    let prefix = shared.keys.nodes.clone();
+    let resp = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.get(prefix.as_str(), Some(GetOptions::new().with_prefix())),
+    )
+    .await
+    .map_err(|_| anyhow!("reading the nodes' status from etcd: timed out"))?
+    .context("reading the nodes' status from etcd")?;
+    let mut nodes = Vec::new();
+    let mut rejected = Vec::new();
+    for kv in resp.kvs() {
+        let key = String::from_utf8_lossy(kv.key()).into_owned();
+        let name = key.strip_prefix(&prefix).unwrap_or(&key).to_string();
+        let parsed = if kv.value().len() > MAX_STATUS {
+            Err(anyhow!("longer than {MAX_STATUS} bytes"))
+        } else {
+            serde_json::from_slice::<NodeStatus>(kv.value())
+                .context("not a node's status")
+                .and_then(|s| {
+                    anyhow::ensure!(s.node == name, "it names node {:?}", s.node);
+                    Ok(s)
+                })
+        };
+        match parsed {
+            Ok(s) => nodes.push(s),
+            Err(e) => rejected.push(format!(
+                "{:?}: {e:#}",
+                name.chars().take(100).collect::<String>()
+            )),
+        }
+    }
+    nodes.sort_by(|a, b| a.node.cmp(&b.node));
+    let disagreements = disagreements(&nodes);
+    Ok(ClusterView {
+        cluster: shared.spec.name.clone(),
+        node: shared.spec.node.clone(),
+        agree: disagreements.is_empty() && !nodes.is_empty(),
+        nodes,
+        disagreements,
+        rejected,
+    })
+}
+
+/// Keeps this node's status in etcd until `stop` turns true, then revokes its lease (the status
+/// goes at once, not a TTL later). Refreshed every third of the TTL, so a node is only gone from
+/// the view when it missed three refreshes.
+pub async fn publish(
+    shared: Arc<Shared>,
+    control: Arc<Mutex<Control>>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let ttl = shared.spec.status_ttl;
+    let period = (ttl / 3).max(Duration::from_secs(1));
+    let key = shared.keys.node(&shared.spec.node);
+    let started = unix(crate::clock::wall());
+    let mut lease: Option<(
+        i64,
+        etcd_client::LeaseKeeper,
+        etcd_client::LeaseKeepAliveStream,
+    )> = None;
+    let mut failing = false;
+    loop {
+        let r = async {
+            let c = control.clone();
+            let node = shared.spec.node.clone();
+            let status =
+                tokio::task::spawn_blocking(move || status_of(&super::lock(&c), &node, started))
+                    .await
+                    .map_err(|e| anyhow!("status task: {e}"))??;
+            let mut client = shared.client().await?;
+            let bound = Duration::from_secs(5);
+            // The lease is kept alive each round; one that lapsed (etcd away longer than the
+            // TTL) is granted again.
+            let alive = match lease.as_mut() {
+                Some((_, keeper, stream)) => tokio::time::timeout(bound, async {
+                    keeper.keep_alive().await?;
+                    stream.message().await
+                })
+                .await
+                .map_err(|_| anyhow!("lease keep-alive: timed out"))?
+                .context("lease keep-alive")?
+                .is_some_and(|r| r.ttl() > 0),
+                None => false,
+            };
+            if !alive {
+                let secs = ttl.as_secs() as i64;
+                let granted = tokio::time::timeout(bound, client.lease_grant(secs, None))
+                    .await
+                    .map_err(|_| anyhow!("lease grant: timed out"))??;
+                let (keeper, stream) =
+                    tokio::time::timeout(bound, client.lease_keep_alive(granted.id()))
+                        .await
+                        .map_err(|_| anyhow!("lease keep-alive: timed out"))??;
+                lease = Some((granted.id(), keeper, stream));
+            }
+            let id = lease.as_ref().map(|l| l.0).unwrap_or_default();
+            let value = serde_json::to_vec(&status)?;
+            tokio::time::timeout(
+                bound,
+                client.put(key.as_str(), value, Some(PutOptions::new().with_lease(id))),
+            )
+            .await
+            .map_err(|_| anyhow!("put: timed out"))??;
+            Ok::<_, anyhow::Error>(())
+        }
+        .await;
+        match r {
+            Ok(()) if failing => {
+                info!("cluster: status published again");
+                failing = false;
+            }
+            Ok(()) => {}
+            Err(e) => {
+                if !failing {
+                    warn!("cluster: publishing this node's status: {e:#}");
+                }
+                failing = true;
+                lease = None;
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = stop.wait_for(|s| *s) => break,
+        }
+    }
+    if let Some((id, _, _)) = lease {
+        if let Ok(mut client) = shared.client().await {
+            let _ = tokio::time::timeout(Duration::from_secs(2), client.lease_revoke(id)).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, vips: &[(&str, Option<&str>)]) -> NodeStatus {
+        NodeStatus {
+            node: name.into(),
+            version: "0".into(),
+            started_unix: 0,
+            updated_unix: 0,
+            generation: 0,
+            store_revision: 0,
+            vips: vips
+                .iter()
+                .map(|(v, d)| VipStatus {
+                    name: v.to_string(),
+                    address: "10.0.0.100".into(),
+                    port: 80,
+                    table_digest: d.map(str::to_string),
+                    backends: 1,
+                    active: 1,
+                    not_active: vec![],
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn the_node_that_parts_from_the_majority_is_flagged() {
+        let same = [("web", Some("aa")), ("dns", Some("bb"))];
+        let ok = [node("a", &same), node("b", &same), node("c", &same)];
+        assert!(disagreements(&ok).is_empty());
+        let odd = [
+            node("a", &same),
+            node("b", &[("web", Some("cc")), ("dns", Some("bb"))]),
+            node("c", &same),
+        ];
+        let d = disagreements(&odd);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert_eq!((d[0].node.as_str(), d[0].vip.as_str()), ("b", "web"));
+        assert_eq!(d[0].majority.as_deref(), Some("aa"));
+        // A node without a VIP the others have is flagged for it.
+        let lacking = [node("a", &same), node("b", &[("dns", Some("bb"))])];
+        let d = disagreements(&lacking);
+        assert_eq!(d.len(), 2, "two nodes, no majority for web: {d:?}");
+        assert!(d.iter().all(|x| x.vip == "web" && x.majority.is_none()));
+        // No table yet is never agreement.
+        let none = [node("a", &[("web", None)]), node("b", &[("web", None)])];
+        assert_eq!(disagreements(&none).len(), 2);
+    }
+}
