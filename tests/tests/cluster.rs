@@ -318,3 +318,184 @@ fn nodes_share_the_store_agree_and_outlive_etcd() {
     });
     println!("a killed node left the view after {lapsed:?} (TTL 6 s)");
 }
+
+fn port_open(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+/// A CA, a certificate signed by it for `names` with `usage`, and its key, as PEM files.
+fn issue(
+    dir: &std::path::Path,
+    ca: &(rcgen::Certificate, rcgen::KeyPair),
+    name: &str,
+    names: &[&str],
+    usage: rcgen::ExtendedKeyUsagePurpose,
+) -> (PathBuf, PathBuf) {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut p =
+        rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .expect("params");
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, name.to_string());
+    p.extended_key_usages = vec![usage];
+    let cert = p.signed_by(&key, &ca.0, &ca.1).expect("sign");
+    let (c, k) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    );
+    std::fs::write(&c, cert.pem()).expect("cert");
+    std::fs::write(&k, key.serialize_pem()).expect("key");
+    (c, k)
+}
+
+/// The cluster store through etcd with TLS, a client certificate (`--client-cert-auth`) and an
+/// etcd user restricted to lb's prefix: a registration written by one node's store is read by
+/// another's; a wrong password, or no client certificate, is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_store_speaks_tls_and_etcd_users() {
+    use lb_userspace::{
+        model::{instance::Instance, ClusterSpec, EtcdAuth, EtcdSpec, EtcdTls},
+        sources::{cluster::Shared, store::Store},
+    };
+    let dir = TempDir::new("cluster-tls");
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = (ca_params.self_signed(&ca_key).expect("ca"), ca_key);
+    let ca_file = dir.0.join("ca.pem");
+    std::fs::write(&ca_file, ca.0.pem()).expect("ca");
+    let (srv_cert, srv_key) = issue(
+        &dir.0,
+        &ca,
+        "etcd",
+        &["127.0.0.1", "localhost"],
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    let (cli_cert, cli_key) = issue(
+        &dir.0,
+        &ca,
+        "lb-node",
+        &[],
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    );
+    let (port, peer) = (free_port(), free_port());
+    let client_url = format!("https://127.0.0.1:{port}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let s = |p: &PathBuf| p.display().to_string();
+    let _etcd = lb_tests::daemons::Server::start(
+        "/usr/bin/etcd",
+        vec![
+            "--name".into(),
+            "lbtls".into(),
+            "--data-dir".into(),
+            s(&dir.0.join("data")),
+            "--listen-client-urls".into(),
+            client_url.clone(),
+            "--advertise-client-urls".into(),
+            client_url.clone(),
+            "--listen-peer-urls".into(),
+            peer_url.clone(),
+            "--initial-advertise-peer-urls".into(),
+            peer_url.clone(),
+            "--initial-cluster".into(),
+            format!("lbtls={peer_url}"),
+            "--cert-file".into(),
+            s(&srv_cert),
+            "--key-file".into(),
+            s(&srv_key),
+            "--trusted-ca-file".into(),
+            s(&ca_file),
+            "--client-cert-auth".into(),
+        ],
+        dir.0.join("etcd.log"),
+        port,
+        port_open,
+    );
+    let tls = EtcdTls {
+        ca: ca_file.clone(),
+        cert: Some(cli_cert),
+        key: Some(cli_key),
+        server_name: None,
+    };
+    let spec = |auth: Option<EtcdAuth>, tls: Option<EtcdTls>, node: &str| ClusterSpec {
+        name: "tls".into(),
+        node: node.into(),
+        status_ttl: Duration::from_secs(6),
+        etcd: EtcdSpec {
+            endpoints: vec![client_url.clone()],
+            prefix: "lbtest/".into(),
+            traefik_root: None,
+            traefik_file_dirs: Vec::new(),
+            auth,
+            tls,
+        },
+    };
+    // Users: root (etcd needs one to enable auth) and lb, which may only touch lbtest/.
+    let admin = Shared::new(spec(None, Some(tls.clone()), "admin"));
+    let mut c = tokio::time::timeout(WAIT, admin.client())
+        .await
+        .expect("in time")
+        .expect("TLS with a client certificate connects");
+    c.user_add("root", "root-pw", None).await.expect("root");
+    c.user_grant_role("root", "root").await.expect("root role");
+    c.role_add("lb").await.expect("role");
+    c.role_grant_permission(
+        "lb",
+        etcd_client::Permission::read_write("lbtest/").with_prefix(),
+    )
+    .await
+    .expect("grant");
+    c.user_add("lb", "lb-pw", None).await.expect("user");
+    c.user_grant_role("lb", "lb").await.expect("user role");
+    c.auth_enable().await.expect("auth enable");
+
+    let user = |pw: &str| {
+        Some(EtcdAuth {
+            username: "lb".into(),
+            password: pw.into(),
+        })
+    };
+    let a = std::sync::Arc::new(Shared::new(spec(user("lb-pw"), Some(tls.clone()), "a")));
+    let copy = dir.0.join("a-copy.json");
+    let mut store = Store::open_cluster(a.clone(), &copy).await.expect("open");
+    assert!(store.revision() > 0, "read from etcd, not from the copy");
+    let inst: Instance =
+        serde_json::from_str(r#"{"address":"10.200.1.1","port":8080}"#).expect("instance");
+    let store = tokio::task::spawn_blocking(move || {
+        store
+            .register("web", inst, None, std::time::SystemTime::now())
+            .expect("written through TLS as user lb");
+        store
+    })
+    .await
+    .expect("task");
+    let b = std::sync::Arc::new(Shared::new(spec(user("lb-pw"), Some(tls.clone()), "b")));
+    let (rev, _, rejected) = b.read().await.expect("b reads");
+    assert!(rev >= store.revision() && rejected.is_empty());
+    let seen = Store::open_cluster(b, &dir.0.join("b-copy.json"))
+        .await
+        .expect("open")
+        .snapshot(std::time::SystemTime::now());
+    assert_eq!(seen["web"].len(), 1, "b sees a's registration");
+
+    let wrong = Shared::new(spec(user("nope"), Some(tls.clone()), "c"));
+    let e = tokio::time::timeout(WAIT, wrong.read())
+        .await
+        .expect("in time");
+    let e = e.expect_err("a wrong password is refused");
+    assert!(format!("{e:#}").contains("authentication failed"), "{e:#}");
+    let no_cert = Shared::new(spec(
+        user("lb-pw"),
+        Some(EtcdTls {
+            cert: None,
+            key: None,
+            ..tls.clone()
+        }),
+        "d",
+    ));
+    let e = tokio::time::timeout(WAIT, no_cert.read())
+        .await
+        .expect("in time");
+    let e = e.expect_err("no client certificate is refused");
+    println!("without a client certificate: {e:#}");
+}
