@@ -416,7 +416,30 @@ pub async fn run(config_path: &Path) -> Result<()> {
             }
         }));
     }
+    if let Some(spec) = cfg.bgp.clone() {
+        let node = cfg
+            .cluster
+            .as_ref()
+            .map(|c| c.node.clone())
+            .unwrap_or_else(|| cfg.instance.clone());
+        let (want, want_rx) = tokio::sync::watch::channel(Default::default());
+        let (status_tx, status_rx) = tokio::sync::watch::channel(Default::default());
+        {
+            let mut c = control::lock(&control);
+            c.interfaces = cfg.interfaces.clone();
+            c.announce = Some(want);
+            c.bgp_status = Some(status_rx);
+            c.announce();
+        }
+        info!(include = %spec.include.display(), socket = %spec.socket.display(), "bgp: announcing through bird");
+        tasks.push(tokio::spawn(crate::bgp::run(
+            spec, node, want_rx, status_tx,
+        )));
+    }
     let (stop_status, stop_rx) = tokio::sync::watch::channel(false);
+    // `lb leave`: set once the node has withdrawn and drained.
+    let (leave, mut left) = tokio::sync::watch::channel(false);
+    let leave = Arc::new(leave);
     let mut status_task = None;
     if let Some(shared) = cluster.clone() {
         tasks.push(tokio::spawn(sources::cluster::watch(
@@ -486,6 +509,10 @@ pub async fn run(config_path: &Path) -> Result<()> {
         token: token.into(),
         metrics,
         cluster,
+        bgp: cfg.bgp.clone().map(|spec| api::Leave {
+            spec: Arc::new(spec),
+            stop: leave.clone(),
+        }),
     });
 
     let mut term = signal(SignalKind::terminate())?;
@@ -494,6 +521,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         tokio::select! {
             _ = term.recv() => info!("SIGTERM"),
             _ = int.recv() => info!("SIGINT"),
+            _ = left.wait_for(|l| *l) => info!("left the fleet"),
         }
     };
     api::serve(listener, app, api::ApiLimits::default(), shutdown).await;

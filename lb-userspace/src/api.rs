@@ -156,6 +156,15 @@ pub struct ApiState {
     pub metrics: Arc<crate::observe::metrics::Metrics>,
     /// `[cluster]`: the etcd the nodes share (their status is read from it).
     pub cluster: Option<Arc<crate::sources::cluster::Shared>>,
+    /// `[bgp]`: bird, and the agent's stop once `lb leave` has drained.
+    pub bgp: Option<Leave>,
+}
+
+/// What `POST /api/v1/leave` needs: bird's settings, and the switch that stops the agent.
+#[derive(Clone)]
+pub struct Leave {
+    pub spec: Arc<crate::model::bgp::BgpSpec>,
+    pub stop: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -181,6 +190,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/flows/clear", post(clear_flows))
         .route("/api/v1/routers", get(list_routers))
         .route("/api/v1/cluster", get(cluster_view))
+        .route("/api/v1/leave", post(leave))
         .route("/metrics", get(metrics))
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
@@ -719,6 +729,73 @@ async fn metrics(State(s): State<ApiState>) -> Result<Response, ApiError> {
 
 /// The proxy's routing as in force (lb.toml and providers merged): entry points, routers with
 /// their middlewares and request counts, TCP routers, middlewares.
+/// How long bird has to tell the neighbours once the routes are gone.
+const WITHDRAW_WITHIN: Duration = Duration::from_secs(10);
+/// After bird exports nothing: the router has the withdrawal within a round trip; this leaves it
+/// time to install the new next hops before the node stops taking the flows that still arrive.
+const SETTLE: Duration = Duration::from_secs(1);
+
+/// `lb leave`: withdraw every VIP, wait until bird exports nothing to any neighbour, then keep
+/// forwarding for the drain time and stop the agent. The answer comes once the withdrawal is
+/// done; the agent exits a drain time later.
+async fn leave(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
+    let Some(bgp) = s.bgp.clone() else {
+        return Err(not_found(
+            "no [bgp]: nothing is announced; stop the agent with SIGTERM".into(),
+        ));
+    };
+    let started = crate::clock::now();
+    with_control(&s, |c| {
+        c.leaving = true;
+        c.announce();
+        Ok(())
+    })
+    .await?;
+    loop {
+        let spec = bgp.spec.clone();
+        let done = tokio::task::spawn_blocking(move || crate::bgp::withdrawn(&spec))
+            .await
+            .map_err(|_| internal())?;
+        match done {
+            Ok(true) => break,
+            Ok(false) => {}
+            Err(e) if started.elapsed() > WITHDRAW_WITHIN => {
+                return Err(ApiError(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("bird did not withdraw (the node stays out; retry): {e:#}"),
+                ))
+            }
+            Err(_) => {}
+        }
+        if started.elapsed() > WITHDRAW_WITHIN {
+            return Err(ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "bird still exports routes (the node stays out; retry)".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let withdrawn_ms = started.elapsed().as_millis() as u64;
+    tokio::time::sleep(SETTLE).await;
+    let drain = bgp.spec.drain;
+    tracing::info!(
+        withdrawn_ms,
+        drain_secs = drain.as_secs(),
+        "leaving: withdrawn, draining"
+    );
+    let stop = bgp.stop.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(drain).await;
+        tracing::info!("leaving: drained, stopping");
+        let _ = stop.send(true);
+    });
+    Ok(Json(json!({
+        "withdrawn_ms": withdrawn_ms,
+        "settle_ms": SETTLE.as_millis() as u64,
+        "drain_secs": drain.as_secs(),
+    })))
+}
+
 /// Every node's status as the cluster's etcd has it, and where they disagree.
 async fn cluster_view(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
     let Some(shared) = s.cluster.clone() else {

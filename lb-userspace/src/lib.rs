@@ -11,6 +11,7 @@
 #![deny(unsafe_code)]
 pub mod agent;
 pub mod api;
+pub mod bgp;
 pub mod cli;
 pub mod clock;
 pub mod control;

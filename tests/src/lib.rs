@@ -2,6 +2,7 @@
 //! daemons (Redis, etcd) tests start. Used by
 //! the tests in `tests/` and by the demo (`cargo xtask demo`).
 pub mod daemons;
+pub mod fleet;
 pub mod lab;
 pub mod netns;
 pub mod server;

@@ -125,6 +125,7 @@ async fn start_with(token: &str, api_limits: api::ApiLimits) -> Agent {
         token: token.into(),
         metrics,
         cluster: None,
+        bgp: None,
     });
     let l = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

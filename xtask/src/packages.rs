@@ -95,6 +95,12 @@ const PACKAGES: &[Package] = &[
         groups: &[Test],
     },
     Package {
+        name: "bird2",
+        probe: "bird",
+        why: "the fleet tests' BGP routers (a router namespace and one bird per lb node)",
+        groups: &[Test],
+    },
+    Package {
         name: "pebble",
         probe: "pebble-challtestsrv",
         why: "the ACME tests' CA and its DNS server",
@@ -158,7 +164,7 @@ const PACKAGES: &[Package] = &[
 
 /// Services some of these packages would start: the tests and benchmarks run their own instances
 /// on their own ports, so the packaged ones must not hold those ports or CPU.
-const SERVICES: &[&str] = &["nginx", "haproxy", "redis-server", "etcd"];
+const SERVICES: &[&str] = &["nginx", "haproxy", "redis-server", "etcd", "bird"];
 
 fn present(probe: &str) -> bool {
     if probe.starts_with('/') {

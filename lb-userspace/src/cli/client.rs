@@ -49,6 +49,25 @@ impl ApiClient {
         }
     }
 
+    /// `POST path` (no body) as JSON, waiting up to `within` (blocking).
+    pub fn post_json(&self, path: &str, within: Duration) -> Result<Value> {
+        let url = self.url(path);
+        match ureq::post(&url)
+            .set("Authorization", &self.auth)
+            .timeout(within)
+            .call()
+        {
+            Ok(r) => r
+                .into_json()
+                .with_context(|| format!("POST {url}: not JSON")),
+            Err(ureq::Error::Status(code, r)) => Err(anyhow!(
+                "POST {url}: {code} {}",
+                r.into_string().unwrap_or_default()
+            )),
+            Err(e) => Err(anyhow!("POST {url}: {e}")),
+        }
+    }
+
     /// `method path` with an optional JSON body, off the runtime: its status, or
     /// `Err((status, answer))` when the API refused it.
     pub async fn send(

@@ -116,7 +116,18 @@ enum Cmd {
         #[arg(long)]
         cluster: bool,
     },
-    /// Detach the program and remove the pinned maps of an instance.
+    /// Leave the fleet: withdraw every VIP through bird, wait until bird exports nothing,
+    /// drain ([bgp] drain_secs) and stop the agent.
+    Leave {
+        #[arg(long, short, default_value = "lb.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        api: Option<String>,
+        #[arg(long, env = "LB_API_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
+    /// Detach the program and remove the pinned maps of an instance (with [bgp], withdraw its
+    /// VIPs first: with no program, nothing may be announced).
     Detach {
         #[arg(long, short, default_value = "lb.toml")]
         config: PathBuf,
@@ -268,9 +279,23 @@ fn run(cli: Cli) -> Result<()> {
             watch,
             cluster,
         } => status(&config, api, token, interval, watch, cluster),
+        Cmd::Leave { config, api, token } => leave(&config, api, token),
         Cmd::Detach { config } => {
             require_privileges("detach")?;
             let c = crate::sources::config::load(&config)?;
+            if let Some(spec) = &c.bgp {
+                let node = c
+                    .cluster
+                    .as_ref()
+                    .map_or(c.instance.as_str(), |x| x.node.as_str());
+                match crate::bgp::withdraw_all(spec, node) {
+                    Ok(()) => println!("withdrawn: bird announces nothing for this node"),
+                    Err(e) => eprintln!(
+                        "warning: bird did not take the withdrawal ({e:#}); {} announces nothing, bird reads it when it answers",
+                        spec.include.display()
+                    ),
+                }
+            }
             let removed = crate::l4::dataplane::detach(&c.pin_root, &c.instance)?;
             println!(
                 "{}",
@@ -285,16 +310,13 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// `lb status`: two samples `interval` apart (rates), or a redraw every interval with `--watch`.
-fn status(
+/// The admin API's address and token: `--api`/`--token` (or `$LB_API_TOKEN`), else the
+/// config's `[api]`, else `<state_dir>/api-token`.
+fn api_access(
     config: &std::path::Path,
     api: Option<String>,
     token: Option<String>,
-    interval: f64,
-    watch: bool,
-    cluster: bool,
-) -> Result<()> {
-    use status::{fetch, render};
+) -> Result<(String, String)> {
     let cfg = match std::fs::metadata(config) {
         Ok(_) => Some(crate::sources::config::load(config)?),
         Err(_) => None,
@@ -332,6 +354,42 @@ fn status(
             }
         }
     };
+    Ok((api, token))
+}
+
+/// `lb leave`: the agent withdraws every VIP, waits until bird exports nothing, drains and
+/// exits; this waits for that exit.
+fn leave(config: &std::path::Path, api: Option<String>, token: Option<String>) -> Result<()> {
+    let (api, token) = api_access(config, api, token)?;
+    let client = client::ApiClient::new(&api, &token);
+    let done = client.post_json("/api/v1/leave", Duration::from_secs(30))?;
+    let drain = done["drain_secs"].as_u64().unwrap_or(0);
+    println!(
+        "withdrawn: bird exported nothing after {} ms; draining for {drain} s",
+        done["withdrawn_ms"].as_u64().unwrap_or(0)
+    );
+    let deadline = crate::clock::now() + Duration::from_secs(drain + 30);
+    while client.get_json("/healthz").is_ok() {
+        if crate::clock::now() > deadline {
+            bail!("the agent still answers {} s after its drain", drain + 30);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!("left: the agent has stopped (bird announces nothing for it)");
+    Ok(())
+}
+
+/// `lb status`: two samples `interval` apart (rates), or a redraw every interval with `--watch`.
+fn status(
+    config: &std::path::Path,
+    api: Option<String>,
+    token: Option<String>,
+    interval: f64,
+    watch: bool,
+    cluster: bool,
+) -> Result<()> {
+    use status::{fetch, render};
+    let (api, token) = api_access(config, api, token)?;
     if !(interval > 0.0 && interval <= 3600.0) {
         bail!("--interval must be in (0, 3600] seconds");
     }

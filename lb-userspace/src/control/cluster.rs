@@ -37,6 +37,9 @@ pub struct NodeStatus {
     /// The cluster store's etcd revision this node has applied.
     pub store_revision: i64,
     pub vips: Vec<VipStatus>,
+    /// `[bgp]`: what bird was told to announce and its sessions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bgp: Option<crate::model::bgp::BgpStatus>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,6 +128,7 @@ pub fn status_of(c: &Control, node: &str, started_unix: u64) -> Result<NodeStatu
         generation: c.registry.generation,
         store_revision: c.store.revision(),
         vips,
+        bgp: c.bgp_status.as_ref().map(|r| r.borrow().clone()),
     })
 }
 
@@ -324,6 +328,7 @@ mod tests {
             updated_unix: 0,
             generation: 0,
             store_revision: 0,
+            bgp: None,
             vips: vips
                 .iter()
                 .map(|(v, d)| VipStatus {

@@ -80,6 +80,14 @@ pub struct Control {
     pub l7: Option<L7Feed>,
     /// Change-to-apply latency for `/metrics`.
     pub obs: ControlObs,
+    /// `[bgp]`: the VIP addresses to announce, for the announcer (`None`: no `[bgp]`).
+    pub announce: Option<tokio::sync::watch::Sender<crate::model::bgp::Announce>>,
+    /// What the announcer last said of bird (for the node's status).
+    pub bgp_status: Option<tokio::sync::watch::Receiver<crate::model::bgp::BgpStatus>>,
+    /// The interfaces the program must be attached to for this node to be announced.
+    pub interfaces: Vec<String>,
+    /// `lb leave`: announce nothing from now on.
+    pub leaving: bool,
 }
 
 /// The config file's inline backends, as the `config` provider's snapshot.
@@ -121,6 +129,10 @@ impl Control {
             adopted: false,
             l7: None,
             obs: Default::default(),
+            announce: None,
+            bgp_status: None,
+            interfaces: Vec::new(),
+            leaving: false,
         }
     }
 
@@ -325,12 +337,51 @@ impl Control {
         generation
     }
 
+    /// What should be announced now: each VIP address with a backend taking new flows in
+    /// `desired` (one VIP with backends is enough for its address), while the program is
+    /// attached on every interface and the node is not leaving.
+    pub fn announce_set(
+        &self,
+        desired: &BTreeMap<String, Vec<Desired>>,
+    ) -> crate::model::bgp::Announce {
+        if self.leaving || !self.balancer.serving(&self.interfaces) {
+            return Default::default();
+        }
+        self.vips
+            .iter()
+            .filter(|v| {
+                desired.get(&v.name).is_some_and(|d| {
+                    d.iter()
+                        .any(|b| b.state == BackendMode::Active && b.weight > 0)
+                })
+            })
+            .map(|v| v.address)
+            .collect()
+    }
+
+    /// Tells the announcer what to announce, when that changed.
+    pub fn announce(&mut self) {
+        if self.announce.is_none() {
+            return;
+        }
+        let set = self.announce_set(&self.desired());
+        if let Some(tx) = &self.announce {
+            tx.send_if_modified(|cur| {
+                let changed = *cur != set;
+                *cur = set;
+                changed
+            });
+        }
+    }
+
     fn apply_inner(&mut self, since: Instant) -> Result<usize> {
         self.publish_l7();
         let mut writes = 0;
         for (vip, desired) in self.desired() {
             writes += self.balancer.apply(&vip, &desired)?;
         }
+        // After the maps have it: a VIP is announced once its table is written.
+        self.announce();
         if !self.adopted {
             self.balancer.finish_adoption()?;
             self.adopted = true;
@@ -385,7 +436,10 @@ pub async fn run(control: Arc<Mutex<Control>>, mut rx: mpsc::Receiver<Event>) {
                 since = crate::clock::now();
                 let c = control.clone();
                 let expired = tokio::task::spawn_blocking(move || {
-                    lock(&c).store.expire(crate::clock::wall())
+                    let mut c = lock(&c);
+                    // A program detached or a link deleted since: withdrawn within a second.
+                    c.announce();
+                    c.store.expire(crate::clock::wall())
                 }).await;
                 match expired {
                     Ok(Ok(true)) => batch.push(Event::StoreChanged { at: since }),

@@ -64,6 +64,9 @@ pub struct Dataplane {
     fresh_rings: bool,
     /// `debug`: the program's aya-log messages, for the agent to forward.
     kernel_logs: Option<KernelLogs>,
+    /// The interfaces this agent attached to, with their index then: a link deleted (or
+    /// deleted and made again) no longer has it.
+    attached: StdHashMap<String, u32>,
 }
 
 /// Writes `new` into `map` from index `base`, skipping entries equal to `old`'s (all are written
@@ -210,6 +213,7 @@ impl Dataplane {
             written: StdHashMap::new(),
             fresh_rings,
             kernel_logs,
+            attached: StdHashMap::new(),
         };
         if dp.backends.len() != limits.max_backends || dp.stats_vip.len() != limits.max_vips {
             bail!(
@@ -254,6 +258,24 @@ impl Dataplane {
         self.dir.join("links").join(iface)
     }
 
+    fn note_attached(&mut self, iface: &str) {
+        if let Ok(i) = nix::net::if_::if_nametoindex(iface) {
+            self.attached.insert(iface.to_string(), i);
+        }
+    }
+
+    /// Whether the program is still attached on every one of `ifaces`: its link is pinned
+    /// (`lb detach` removes the pin) and the interface is the one it was attached to (a deleted
+    /// link takes the program with it). False with no interface at all.
+    pub fn serving(&self, ifaces: &[String]) -> bool {
+        !ifaces.is_empty()
+            && ifaces.iter().all(|i| {
+                self.link_path(i).exists()
+                    && nix::net::if_::if_nametoindex(i.as_str()).ok()
+                        == self.attached.get(i).copied()
+            })
+    }
+
     /// Attaches to `iface`, or swaps this program into the link a previous agent pinned there
     /// (atomic: packets see the old program or the new one, never none). Returns the mode used.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<&'static str> {
@@ -275,6 +297,7 @@ impl Dataplane {
             // The pin keeps the link alive: dropping our handle closes an fd, it does not detach.
             drop(prog.take_link(id)?);
             info!(iface, "replaced the program in the existing link");
+            self.note_attached(iface);
             return Ok("existing link");
         }
         let attempts: &[(XdpMode, &'static str)] = match mode {
@@ -300,6 +323,7 @@ impl Dataplane {
                     fd.pin(&link_path)
                         .with_context(|| format!("pinning link at {}", link_path.display()))?;
                     info!(iface, mode = name, "attached");
+                    self.note_attached(iface);
                     return Ok(name);
                 }
                 Err(e) => last_err = Some(e),

@@ -109,6 +109,11 @@ impl Balancer {
         &mut self.dp
     }
 
+    /// See [`Dataplane::serving`].
+    pub fn serving(&self, ifaces: &[String]) -> bool {
+        self.dp.serving(ifaces)
+    }
+
     /// Where the addresses still needing a MAC are published for the neighbour task.
     pub fn want_neighbours(&mut self, tx: tokio::sync::watch::Sender<BTreeSet<IpAddr>>) {
         self.wanted_neighbours = Some(tx);

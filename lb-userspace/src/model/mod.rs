@@ -1,6 +1,7 @@
 //! Pure types: what the agent is asked to do, as values. No sockets, no maps, no tasks; this
 //! layer imports only lb-common (and std and value crates: serde, regex, ipnet). Every other layer may use it.
 
+pub mod bgp;
 pub mod instance;
 pub mod l4;
 pub mod l7;

@@ -82,6 +82,56 @@ struct RawConfig {
     access_log: Option<Spanned<RawAccessLog>>,
     #[serde(default)]
     cluster: Option<Spanned<RawCluster>>,
+    #[serde(default)]
+    bgp: Option<Spanned<RawBgp>>,
+}
+
+/// `[bgp]`: announcing the VIPs through the bird2 beside the agent.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBgp {
+    #[serde(default = "d_bird_socket")]
+    socket: Spanned<PathBuf>,
+    include: Spanned<PathBuf>,
+    local_as: Spanned<u32>,
+    #[serde(default = "d_hold")]
+    hold_time_secs: Spanned<u64>,
+    #[serde(default)]
+    med: Option<u32>,
+    #[serde(default)]
+    communities: Vec<Spanned<String>>,
+    #[serde(default)]
+    large_communities: Vec<Spanned<String>>,
+    /// Default: the first of `agent.interfaces`.
+    #[serde(default)]
+    interface: Option<Spanned<String>>,
+    #[serde(default = "d_drain")]
+    drain_secs: Spanned<u64>,
+    #[serde(default)]
+    neighbor: Vec<Spanned<RawNeighbor>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNeighbor {
+    address: Spanned<String>,
+    #[serde(rename = "as")]
+    asn: Spanned<u32>,
+    #[serde(default = "d_bgp_port")]
+    port: u16,
+}
+
+fn d_bird_socket() -> Spanned<PathBuf> {
+    Spanned::new(0..0, PathBuf::from("/run/bird/bird.ctl"))
+}
+fn d_hold() -> Spanned<u64> {
+    Spanned::new(0..0, 90)
+}
+fn d_drain() -> Spanned<u64> {
+    Spanned::new(0..0, 5)
+}
+fn d_bgp_port() -> u16 {
+    179
 }
 
 /// `[access_log]`: one line per proxied request.
@@ -644,6 +694,135 @@ pub struct Config {
     pub access_log: Option<crate::observe::access_log::AccessLogSpec>,
     /// `[cluster]`: absent, the node is alone (its API store is a file).
     pub cluster: Option<ClusterSpec>,
+    /// `[bgp]`: absent, nothing is announced (the routers are configured by hand).
+    pub bgp: Option<crate::model::bgp::BgpSpec>,
+}
+
+fn bgp_spec(
+    b: &Spanned<RawBgp>,
+    interfaces: &[String],
+    err: ErrFn<'_>,
+) -> Result<crate::model::bgp::BgpSpec, ConfigError> {
+    let r = b.get_ref();
+    let at = |s: std::ops::Range<usize>| if s == (0..0) { b.span() } else { s };
+    for (what, p) in [("socket", &r.socket), ("include", &r.include)] {
+        if !p.get_ref().is_absolute() {
+            return Err(err(
+                at(p.span()),
+                format!("bgp.{what}"),
+                format!("{:?}: must be an absolute path", p.get_ref()),
+            ));
+        }
+    }
+    let asn_ok = |a: u32| (1..=4_294_967_294).contains(&a);
+    if !asn_ok(*r.local_as.get_ref()) {
+        return Err(err(
+            r.local_as.span(),
+            "bgp.local_as".into(),
+            "out of range 1..=4294967294".into(),
+        ));
+    }
+    let hold = *r.hold_time_secs.get_ref();
+    if !(3..=65_535).contains(&hold) {
+        return Err(err(
+            at(r.hold_time_secs.span()),
+            "bgp.hold_time_secs".into(),
+            format!("{hold}: out of range 3..=65535"),
+        ));
+    }
+    if r.neighbor.is_empty() {
+        return Err(err(
+            b.span(),
+            "bgp.neighbor".into(),
+            "at least one [[bgp.neighbor]] (address, as)".into(),
+        ));
+    }
+    let mut neighbors = Vec::new();
+    for (i, n) in r.neighbor.iter().enumerate() {
+        let n = n.get_ref();
+        let address = n.address.get_ref().parse::<IpAddr>().map_err(|_| {
+            err(
+                n.address.span(),
+                format!("bgp.neighbor[{i}].address"),
+                format!("{:?} is not an IP address", n.address.get_ref()),
+            )
+        })?;
+        if !asn_ok(*n.asn.get_ref()) {
+            return Err(err(
+                n.asn.span(),
+                format!("bgp.neighbor[{i}].as"),
+                "out of range 1..=4294967294".into(),
+            ));
+        }
+        neighbors.push(crate::model::bgp::Neighbor {
+            address,
+            asn: *n.asn.get_ref(),
+            port: n.port,
+        });
+    }
+    let mut communities = Vec::new();
+    for (i, c) in r.communities.iter().enumerate() {
+        let parsed = c
+            .get_ref()
+            .split_once(':')
+            .and_then(|(a, b)| Some((a.parse::<u16>().ok()?, b.parse::<u16>().ok()?)));
+        communities.push(parsed.ok_or_else(|| {
+            err(
+                c.span(),
+                format!("bgp.communities[{i}]"),
+                format!(
+                    "{:?}: a community is \"asn:value\", each 0..=65535",
+                    c.get_ref()
+                ),
+            )
+        })?);
+    }
+    let mut large_communities = Vec::new();
+    for (i, c) in r.large_communities.iter().enumerate() {
+        let parts: Vec<Option<u32>> = c.get_ref().split(':').map(|p| p.parse().ok()).collect();
+        match parts.as_slice() {
+            [Some(a), Some(b), Some(c)] => large_communities.push((*a, *b, *c)),
+            _ => {
+                return Err(err(
+                    c.span(),
+                    format!("bgp.large_communities[{i}]"),
+                    format!(
+                        "{:?}: a large community is \"global:local1:local2\"",
+                        c.get_ref()
+                    ),
+                ))
+            }
+        }
+    }
+    let interface = match &r.interface {
+        Some(i) if interfaces.contains(i.get_ref()) => i.get_ref().clone(),
+        Some(i) => {
+            return Err(err(
+                i.span(),
+                "bgp.interface".into(),
+                format!("{:?} is not one of agent.interfaces", i.get_ref()),
+            ))
+        }
+        None => interfaces.first().cloned().ok_or_else(|| {
+            err(
+                b.span(),
+                "bgp.interface".into(),
+                "the VIPs' routes need an interface: set agent.interfaces".into(),
+            )
+        })?,
+    };
+    Ok(crate::model::bgp::BgpSpec {
+        socket: r.socket.get_ref().clone(),
+        include: r.include.get_ref().clone(),
+        local_as: *r.local_as.get_ref(),
+        neighbors,
+        hold_time: Duration::from_secs(hold),
+        med: r.med,
+        communities,
+        large_communities,
+        interface,
+        drain: Duration::from_secs(*r.drain_secs.get_ref().min(&3600)),
+    })
 }
 
 /// The etcd user and TLS settings shared by `[providers.etcd]` and `[cluster.etcd]`. The
@@ -1303,6 +1482,10 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
         Some(c) => Some(cluster_spec(c, &err)?),
         None => None,
     };
+    let bgp = match &raw.bgp {
+        Some(b) => Some(bgp_spec(b, &interfaces, &err)?),
+        None => None,
+    };
     let mut entrypoints: Vec<crate::model::l7::EntryPointSpec> = Vec::new();
     for (i, e) in raw.entrypoint.iter().enumerate() {
         let e = e.get_ref();
@@ -1570,6 +1753,7 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
         tcp_routers,
         providers: ProvidersSpec { files, redis, etcd },
         cluster,
+        bgp,
         instance: instance.clone(),
         pin_root: a.pin_root.clone(),
         state_dir: a.state_dir.clone(),
@@ -2141,6 +2325,42 @@ address = "10.0.1.2"
         );
         assert_eq!(e.field, "cluster.status_ttl_secs", "{e}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn bgp_settings_are_checked_with_their_field() {
+        let bgp = |body: &str| {
+            format!(
+                "{GOOD}\n[bgp]\ninclude = \"/etc/bird/lb.conf\"\nlocal_as = 65001\n{body}\n\
+                 [[bgp.neighbor]]\naddress = \"10.0.0.254\"\nas = 65000\n"
+            )
+        };
+        let c = parse(
+            Path::new("lb.toml"),
+            &bgp("hold_time_secs = 9\nmed = 5\ncommunities = [\"65001:100\"]\nlarge_communities = [\"65001:1:2\"]"),
+        )
+        .expect("valid");
+        let b = c.bgp.expect("bgp");
+        assert_eq!(b.interface, "eth0", "the first of agent.interfaces");
+        assert_eq!(b.socket, PathBuf::from("/run/bird/bird.ctl"));
+        assert_eq!((b.hold_time.as_secs(), b.med), (9, Some(5)));
+        assert_eq!(b.communities, vec![(65001, 100)]);
+        assert_eq!(b.large_communities, vec![(65001, 1, 2)]);
+        for (body, field) in [
+            ("hold_time_secs = 2", "bgp.hold_time_secs"),
+            ("communities = [\"65001:70000\"]", "bgp.communities[0]"),
+            ("large_communities = [\"1:2\"]", "bgp.large_communities[0]"),
+            ("interface = \"eth9\"", "bgp.interface"),
+            ("socket = \"bird.ctl\"", "bgp.socket"),
+        ] {
+            let e = parse_err(&bgp(body));
+            assert_eq!(e.field, field, "{body}: {e}");
+            assert!(e.line > 0, "{body}: {e}");
+        }
+        let e = parse_err(&bgp("").replace("address = \"10.0.0.254\"", "address = \"router\""));
+        assert_eq!(e.field, "bgp.neighbor[0].address", "{e}");
+        let e = parse_err(&bgp("").replace("local_as = 65001", "local_as = 0"));
+        assert_eq!(e.field, "bgp.local_as", "{e}");
     }
 
     #[test]
