@@ -679,8 +679,11 @@ async fn list_services(State(s): State<ApiState>) -> Result<impl IntoResponse, A
 }
 
 async fn status(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
-    let (mut providers, apply) =
-        with_control(&s, |c| Ok((c.registry.status(), c.stats.clone()))).await?;
+    let (mut providers, apply, bgp) = with_control(&s, |c| {
+        let bgp = c.bgp_status.as_ref().map(|r| r.borrow().clone());
+        Ok((c.registry.status(), c.stats.clone(), bgp))
+    })
+    .await?;
     // What a provider's routing could not be built into, as the proxy found it.
     if let Some(p) = &s.proxy {
         for (provider, problems) in p.problems() {
@@ -689,7 +692,9 @@ async fn status(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError
             }
         }
     }
-    Ok(Json(json!({ "providers": providers, "apply": apply })))
+    Ok(Json(
+        json!({ "providers": providers, "apply": apply, "bgp": bgp }),
+    ))
 }
 
 async fn stats(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError> {

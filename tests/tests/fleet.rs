@@ -152,6 +152,24 @@ fn a_fleet_behind_bgp_keeps_every_flow_when_a_node_goes() {
     assert!(text.contains("BGP.med: 10"), "{text}");
     assert!(text.contains("BGP.community: (65001,100)"), "{text}");
 
+    // `lb status` shows what the node announces and its sessions (refreshed every 2 s).
+    let mut status = String::new();
+    until(
+        "lb status shows both sessions established",
+        Duration::from_secs(10),
+        || {
+            status = f
+                .lb(0, &["status", "--interval", "0.2"])
+                .unwrap_or_default();
+            status.matches("Established").count() == 2
+        },
+    );
+    assert!(
+        status.contains(&format!("BGP   announcing {VIP4}, {VIP6}")),
+        "{status}"
+    );
+    assert!(status.contains("1 exported"), "{status}");
+
     // Consistency: the same 5-tuple through each node reaches the same backend.
     let ports = 20_000..21_000;
     let through: Vec<Vec<String>> = (0..3)

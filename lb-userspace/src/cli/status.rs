@@ -216,6 +216,40 @@ pub fn render(prev: Option<&Sample>, cur: &Sample) -> String {
             err.unwrap_or("-"),
         );
     }
+    let bgp = &cur.status["bgp"];
+    if bgp.is_object() {
+        let announced: Vec<&str> = bgp["announced"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        let _ = writeln!(
+            o,
+            "\nBGP   announcing {}",
+            if announced.is_empty() {
+                "nothing".to_string()
+            } else {
+                announced.join(", ")
+            }
+        );
+        if let Some(e) = bgp["error"].as_str() {
+            let _ = writeln!(o, "  error: {e}");
+        }
+        for x in bgp["sessions"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                o,
+                "  {:<8} {:<28} {:<6} {:>4} exported  {}",
+                s(&x["name"]),
+                s(&x["neighbor"]),
+                s(&x["state"]),
+                x["exported"]
+                    .as_u64()
+                    .map_or("-".to_string(), |n| n.to_string()),
+                s(&x["info"]),
+            );
+        }
+    }
     o
 }
 
