@@ -378,12 +378,16 @@ pub async fn run(config_path: &Path) -> Result<()> {
             .obs()
             .set_access_log(Some(crate::observe::access_log::AccessLog::start(spec)?));
     }
+    // In a cluster, the ACME account and certificates are the cluster's.
+    let acme_shared: Option<Arc<dyn crate::proxy::acme::Shared>> = cluster.clone().map(|c| {
+        Arc::new(control::cluster::AcmeShared::new(c)) as Arc<dyn crate::proxy::acme::Shared>
+    });
     // Stored ACME certificates are installed before the listeners open; orders (validated on
     // those listeners) start after.
     let acme = cfg
         .acme
         .clone()
-        .map(|spec| acme_client(spec, &cfg.state_dir, &proxy));
+        .map(|spec| acme_client(spec, &cfg.state_dir, &proxy, acme_shared.clone()));
     let mut listeners = Listeners::default();
     listeners.reconcile(&proxy, &cfg).await?;
     // Shared with the shutdown below, which drains the entry points.
@@ -436,6 +440,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
             spec, node, want_rx, status_tx,
         )));
     }
+    let api_proxy_store = proxy.acme_store();
     let (stop_status, stop_rx) = tokio::sync::watch::channel(false);
     // `lb leave`: set once the node has withdrawn and drained.
     let (leave, mut left) = tokio::sync::watch::channel(false);
@@ -445,6 +450,10 @@ pub async fn run(config_path: &Path) -> Result<()> {
         tasks.push(tokio::spawn(sources::cluster::watch(
             shared.clone(),
             events.clone(),
+        )));
+        tasks.push(tokio::spawn(control::cluster::follow_challenges(
+            shared.clone(),
+            api_proxy_store.clone(),
         )));
         status_task = Some(tokio::spawn(control::cluster::publish(
             shared,
@@ -499,6 +508,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         proxy,
         listeners.clone(),
         acme,
+        acme_shared,
     )));
 
     info!(listen = %cfg.api_listen, "admin API up");
@@ -622,8 +632,12 @@ fn acme_client(
     spec: crate::model::l7::AcmeSpec,
     state_dir: &Path,
     proxy: &crate::proxy::Proxy,
+    shared: Option<Arc<dyn crate::proxy::acme::Shared>>,
 ) -> crate::proxy::acme::Acme {
     let mut client = crate::proxy::acme::Acme::new(spec, state_dir, proxy.acme_store());
+    if let Some(shared) = shared {
+        client = client.with_shared(shared);
+    }
     let stored = client.load_stored();
     info!(stored, dir = %client.dir().display(), "ACME certificates loaded");
     client
@@ -815,6 +829,7 @@ async fn watch_config(
     proxy: Arc<crate::proxy::Proxy>,
     listeners: Arc<tokio::sync::Mutex<Listeners>>,
     mut acme: Option<AcmeTask>,
+    acme_shared: Option<Arc<dyn crate::proxy::acme::Shared>>,
 ) {
     use notify::Watcher as _;
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
@@ -922,7 +937,7 @@ async fn watch_config(
             proxy.acme_store().clear();
             new.acme
                 .clone()
-                .map(|spec| acme_client(spec, &new.state_dir, &proxy))
+                .map(|spec| acme_client(spec, &new.state_dir, &proxy, acme_shared.clone()))
         } else {
             None
         };

@@ -24,6 +24,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use lb_tests::daemons::TempDir;
 use lb_userspace::{
     agent::Listeners,
     model::instance::{Instance, Services},
@@ -37,23 +38,6 @@ use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
 use tokio::net::{TcpListener, TcpStream};
 
 const BOUND: Duration = Duration::from_secs(90);
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let d = std::env::temp_dir().join(format!("lb-acme-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        TempDir(d)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A child process killed (and reaped) on drop.
 struct Proc(Child);
@@ -143,6 +127,8 @@ fn pebble_pki(dir: &Path) -> PebblePki {
 /// pebble and its DNS server, validating on the given ports of 127.0.0.1.
 struct Pebble {
     mgmt_port: u16,
+    /// pebble-challtestsrv's management API (plain HTTP): where the names resolve.
+    dns_mgmt: u16,
     ca_der: CertificateDer<'static>,
     // Dropped (killed) in this order.
     _pebble: Proc,
@@ -172,6 +158,7 @@ async fn start_pebble(
     http_port: u16,
     tls_port: u16,
     validity: Option<u64>,
+    answer_ip: &str,
 ) -> Pebble {
     let PebbleSetup {
         pki,
@@ -195,7 +182,7 @@ async fn start_pebble(
                 "-management",
                 &format!("127.0.0.1:{dns_mgmt}"),
                 "-defaultIPv4",
-                "127.0.0.1",
+                answer_ip,
                 "-defaultIPv6",
                 "",
             ])
@@ -248,6 +235,7 @@ async fn start_pebble(
     wait_tcp(mgmt_port, "pebble (management)", &mut pebble).await;
     Pebble {
         mgmt_port,
+        dns_mgmt,
         ca_der: pki.ca_der.clone(),
         _pebble: pebble,
         _dns: dns,
@@ -334,9 +322,13 @@ fn acme_section(p: &PebbleSetup, challenge: &str, domains: &[&str]) -> String {
     )
 }
 
-/// A TLS client to 127.0.0.1:`port` with `sni`, trusting `roots`.
+fn lo(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A TLS client to `addr` with `sni`, trusting `roots`.
 async fn tls_connect(
-    port: u16,
+    addr: SocketAddr,
     sni: &str,
     roots: &[CertificateDer<'static>],
 ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
@@ -352,7 +344,7 @@ async fn tls_connect(
     .with_root_certificates(store)
     .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
+    let tcp = TcpStream::connect(addr).await?;
     tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from(sni.to_string()).unwrap(), tcp)
         .await
@@ -384,9 +376,13 @@ where
 /// pebble's root and intermediate, from its management API.
 async fn pebble_chain(p: &Pebble) -> (CertificateDer<'static>, CertificateDer<'static>) {
     let fetch = |path: &'static str| async move {
-        let s = tls_connect(p.mgmt_port, "127.0.0.1", std::slice::from_ref(&p.ca_der))
-            .await
-            .expect("pebble management TLS");
+        let s = tls_connect(
+            lo(p.mgmt_port),
+            "127.0.0.1",
+            std::slice::from_ref(&p.ca_der),
+        )
+        .await
+        .expect("pebble management TLS");
         let (code, pem) = get(s, "127.0.0.1", path).await;
         assert_eq!(code, 200, "{path}: {pem}");
         CertificateDer::from_pem_slice(pem.as_bytes()).expect("PEM certificate")
@@ -411,12 +407,12 @@ async fn wait_issued(store: &Store, names: &[&str], stats: &lb_userspace::proxy:
 /// A handshake for `name` chained to pebble's root, with pebble's intermediate sent along, and a
 /// request through the proxy; returns the leaf certificate.
 async fn check_served(
-    tls_port: u16,
+    addr: SocketAddr,
     name: &str,
     root: &CertificateDer<'static>,
     intermediate: &CertificateDer<'static>,
 ) -> CertificateDer<'static> {
-    let s = tls_connect(tls_port, name, std::slice::from_ref(root))
+    let s = tls_connect(addr, name, std::slice::from_ref(root))
         .await
         .unwrap_or_else(|e| panic!("{name}: handshake with pebble's root trusted: {e}"));
     let chain = s.get_ref().1.peer_certificates().unwrap().to_vec();
@@ -451,7 +447,7 @@ async fn http01_issues_through_the_proxy_and_a_restart_reuses_the_certificates()
     let (proxy, listeners) = proxy_for(&cfg, up).await;
     let web = listeners.local_addr("web").unwrap().port();
     let websecure = listeners.local_addr("websecure").unwrap().port();
-    let pebble = start_pebble(&tmp.0, &setup, web, websecure, None).await;
+    let pebble = start_pebble(&tmp.0, &setup, web, websecure, None, "127.0.0.1").await;
 
     let mut client = Acme::new(
         cfg.acme.clone().unwrap(),
@@ -467,7 +463,7 @@ async fn http01_issues_through_the_proxy_and_a_restart_reuses_the_certificates()
     let (root, intermediate) = pebble_chain(&pebble).await;
     let mut leaves = Vec::new();
     for n in names {
-        leaves.push(check_served(websecure, n, &root, &intermediate).await);
+        leaves.push(check_served(lo(websecure), n, &root, &intermediate).await);
     }
     assert_ne!(leaves[0], leaves[1], "one certificate per name");
     // The plain entry point still routes everything else, challenge path included.
@@ -513,7 +509,7 @@ async fn http01_issues_through_the_proxy_and_a_restart_reuses_the_certificates()
     // the way — validated through the proxy (so this client fills the proxy's store) and
     // replaced; the good one is kept.
     drop(pebble);
-    let pebble = start_pebble(&tmp.0, &setup, web, websecure, None).await;
+    let pebble = start_pebble(&tmp.0, &setup, web, websecure, None, "127.0.0.1").await;
     let old_account = std::fs::read(dir.join("account.json")).unwrap();
     std::fs::write(dir.join("b.example.test.crt"), "garbage").unwrap();
     let store = proxy.acme_store();
@@ -537,7 +533,7 @@ async fn http01_issues_through_the_proxy_and_a_restart_reuses_the_certificates()
         old_account
     );
     let (root, intermediate) = pebble_chain(&pebble).await;
-    check_served(websecure, "b.example.test", &root, &intermediate).await;
+    check_served(lo(websecure), "b.example.test", &root, &intermediate).await;
     task.abort();
 }
 
@@ -555,7 +551,7 @@ async fn tls_alpn01_issues_and_renews_inside_the_window() {
     let websecure = listeners.local_addr("websecure").unwrap().port();
     // 30-second certificates: renewal is due halfway (renew_before_days = 30 is longer than the
     // whole life, so the half-life cap applies).
-    let pebble = start_pebble(&tmp.0, &setup, web, websecure, Some(30)).await;
+    let pebble = start_pebble(&tmp.0, &setup, web, websecure, Some(30), "127.0.0.1").await;
     assert_eq!(
         cfg.acme.as_ref().unwrap().renew_before,
         Duration::from_secs(30 * 86_400)
@@ -571,7 +567,7 @@ async fn tls_alpn01_issues_and_renews_inside_the_window() {
     let store = proxy.acme_store();
     wait_issued(&store, &names, &stats).await;
     let (root, intermediate) = pebble_chain(&pebble).await;
-    let first = check_served(websecure, names[0], &root, &intermediate).await;
+    let first = check_served(lo(websecure), names[0], &root, &intermediate).await;
     assert_eq!(stats.orders.load(Ordering::Relaxed), 1);
     // A client offering acme-tls/1 without a pending challenge gets no handshake at all.
     {
@@ -607,7 +603,325 @@ async fn tls_alpn01_issues_and_renews_inside_the_window() {
         "renewed too early"
     );
     assert_eq!(stats.orders.load(Ordering::Relaxed), 2);
-    let renewed = check_served(websecure, names[0], &root, &intermediate).await;
+    let renewed = check_served(lo(websecure), names[0], &root, &intermediate).await;
     assert_ne!(renewed, first);
     task.abort();
+}
+
+/// One node of an ACME cluster, in this process: its proxy on `ip` (the same ports on every
+/// node, as behind a router), its share of the cluster's etcd, and its tasks.
+struct Node {
+    ip: [u8; 4],
+    proxy: Arc<Proxy>,
+    listeners: Option<Listeners>,
+    cfg: Config,
+    shared: Arc<lb_userspace::sources::cluster::Shared>,
+    follow: tokio::task::JoinHandle<()>,
+    acme: Option<(
+        tokio::task::JoinHandle<()>,
+        Arc<lb_userspace::proxy::acme::Stats>,
+    )>,
+}
+
+impl Node {
+    #[allow(clippy::too_many_arguments)]
+    async fn start(
+        dir: &Path,
+        name: &str,
+        ip: [u8; 4],
+        (web, websecure): (u16, u16),
+        etcd: u16,
+        acme: &str,
+        up: SocketAddr,
+    ) -> Node {
+        let at = std::net::Ipv4Addr::from(ip);
+        let text = format!(
+            r#"
+[agent]
+state_dir = "{state}"
+
+[[entrypoint]]
+name = "web"
+address = "{at}:{web}"
+
+[[entrypoint]]
+name = "websecure"
+address = "{at}:{websecure}"
+tls = true
+
+[[router]]
+name = "all"
+rule = "PathPrefix(`/`)"
+service = "s"
+
+[cluster]
+name = "acme"
+node = "{name}"
+
+[cluster.etcd]
+endpoints = ["http://127.0.0.1:{etcd}"]
+prefix = "lbtest/"
+
+{acme}
+"#,
+            state = dir.join(name).display()
+        );
+        let cfg =
+            config::parse(Path::new("acme-cluster.toml"), &text).unwrap_or_else(|e| panic!("{e}"));
+        let (proxy, listeners) = proxy_for(&cfg, up).await;
+        let shared = Arc::new(lb_userspace::sources::cluster::Shared::new(
+            cfg.cluster.clone().expect("[cluster]"),
+        ));
+        let follow = tokio::spawn(lb_userspace::control::cluster::follow_challenges(
+            shared.clone(),
+            proxy.acme_store(),
+        ));
+        Node {
+            ip,
+            proxy,
+            listeners: Some(listeners),
+            cfg,
+            shared,
+            follow,
+            acme: None,
+        }
+    }
+
+    /// Starts the node's ACME client on the cluster's store.
+    fn start_acme(&mut self) {
+        let mut client = Acme::new(
+            self.cfg.acme.clone().unwrap(),
+            &self.cfg.state_dir,
+            self.proxy.acme_store(),
+        )
+        .with_shared(Arc::new(lb_userspace::control::cluster::AcmeShared::new(
+            self.shared.clone(),
+        )));
+        assert_eq!(client.load_stored(), 0, "nothing stored on this node yet");
+        let stats = client.stats();
+        self.acme = Some((tokio::spawn(client.run()), stats));
+    }
+
+    fn stats(&self) -> Arc<lb_userspace::proxy::acme::Stats> {
+        self.acme.as_ref().expect("ACME started").1.clone()
+    }
+
+    fn websecure(&self) -> SocketAddr {
+        let port = self
+            .listeners
+            .as_ref()
+            .unwrap()
+            .local_addr("websecure")
+            .unwrap()
+            .port();
+        SocketAddr::from((self.ip, port))
+    }
+
+    /// The node dies: no more orders, no lease kept alive, no more answers.
+    fn kill(&mut self) {
+        if let Some((task, _)) = self.acme.take() {
+            task.abort();
+        }
+        self.follow.abort();
+        self.listeners = None;
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Points `names` at `ip` in pebble's DNS server.
+fn resolve_to(p: &Pebble, names: &[&str], ip: [u8; 4]) {
+    let at = std::net::Ipv4Addr::from(ip).to_string();
+    for n in names {
+        ureq::post(&format!("http://127.0.0.1:{}/add-a", p.dns_mgmt))
+            .timeout(Duration::from_secs(5))
+            .send_json(serde_json::json!({"host": n, "addresses": [at]}))
+            .unwrap_or_else(|e| panic!("challtestsrv add-a {n}: {e}"));
+    }
+}
+
+/// The cluster's ACME keys in etcd: key → (value, lease).
+async fn acme_keys(node: &Node) -> BTreeMap<String, (Vec<u8>, i64)> {
+    let mut c = node.shared.client().await.expect("etcd");
+    let r = tokio::time::timeout(
+        Duration::from_secs(5),
+        c.get(
+            "lbtest/clusters/acme/acme/",
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        ),
+    )
+    .await
+    .expect("etcd GET in time")
+    .expect("etcd GET");
+    r.kvs()
+        .iter()
+        .map(|kv| {
+            (
+                String::from_utf8_lossy(kv.key()).into_owned(),
+                (kv.value().to_vec(), kv.lease()),
+            )
+        })
+        .collect()
+}
+
+/// Two nodes share one ACME account and one certificate per name in etcd: the first node orders
+/// each name once, while the CA's validation reaches the *other* node (pebble's DNS points
+/// there), which answers the challenge it saw in etcd; the second node then serves the stored
+/// certificates without ordering. At renewal, the node that holds a name's lock is killed
+/// mid-order (its challenge shared, its lease not revoked): the survivor takes the lock once
+/// the lease ends and renews.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_orders_each_name_once_and_a_dead_writer_is_taken_over() {
+    init_log();
+    let tmp = TempDir::new("acme-cluster");
+    std::fs::create_dir_all(tmp.0.join("etcd")).unwrap();
+    let etcd = lb_tests::daemons::start_etcd(&tmp.0.join("etcd"));
+    let up = upstream().await;
+    let names = ["a.example.test", "b.example.test"];
+    let setup = pebble_setup(&tmp.0);
+    let acme = acme_section(&setup, "http-01", &names);
+    let ports = (free_port(), free_port());
+    let (ip_a, ip_b) = ([127, 0, 0, 2], [127, 0, 0, 3]);
+    let mut a = Node::start(&tmp.0, "node-a", ip_a, ports, etcd.port, &acme, up).await;
+    let mut b = Node::start(&tmp.0, "node-b", ip_b, ports, etcd.port, &acme, up).await;
+    // Certificates last 60 s: renewed 30 s in.
+    let pebble = start_pebble(&tmp.0, &setup, ports.0, ports.1, Some(60), "127.0.0.3").await;
+
+    // Node a orders; pebble validates at node b, which has no client of its own yet.
+    a.start_acme();
+    let started = Instant::now();
+    wait_issued(&a.proxy.acme_store(), &names, &a.stats()).await;
+    println!("node a: both names issued in {:?}", started.elapsed());
+    assert_eq!(
+        a.stats().orders.load(Ordering::Relaxed),
+        2,
+        "one order per name"
+    );
+    let (root, intermediate) = pebble_chain(&pebble).await;
+    let keys = acme_keys(&a).await;
+    assert_eq!(
+        keys.keys().filter(|k| k.ends_with("/account.json")).count(),
+        1,
+        "one account for the cluster: {:?}",
+        keys.keys()
+    );
+    assert!(
+        !keys
+            .keys()
+            .any(|k| k.contains("/challenges/") || k.contains("/locks/")),
+        "challenges and locks end with the order: {:?}",
+        keys.keys()
+    );
+
+    // Node b takes what is stored: nothing ordered, the same certificates served.
+    b.start_acme();
+    wait_issued(&b.proxy.acme_store(), &names, &b.stats()).await;
+    assert_eq!(b.stats().orders.load(Ordering::Relaxed), 0);
+    assert_eq!(b.stats().adopted.load(Ordering::Relaxed), 2);
+    let mut first = Vec::new();
+    for n in names {
+        let leaf = check_served(a.websecure(), n, &root, &intermediate).await;
+        assert_eq!(
+            check_served(b.websecure(), n, &root, &intermediate).await,
+            leaf,
+            "{n}"
+        );
+        first.push(leaf);
+    }
+
+    // Renewal: catch the holder of a.example.test's lock with its challenge shared under the
+    // same lease, and kill it there.
+    let lock_suffix = "/locks/a.example.test";
+    let watch_from = Instant::now();
+    let (holder, lease) = loop {
+        assert!(
+            watch_from.elapsed() < BOUND,
+            "no renewal of {} under way within {BOUND:?}",
+            names[0]
+        );
+        let keys = acme_keys(&a).await;
+        let lock = keys.iter().find(|(k, _)| k.ends_with(lock_suffix));
+        if let Some((_, (node, lease))) = lock {
+            if keys
+                .iter()
+                .any(|(k, (_, l))| k.contains("/challenges/http01/") && l == lease)
+            {
+                break (String::from_utf8_lossy(node).into_owned(), *lease);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let (dead, survivor) = match holder.as_str() {
+        "node-a" => (&mut a, &mut b),
+        "node-b" => (&mut b, &mut a),
+        other => panic!("the lock names {other}"),
+    };
+    let orders_before = survivor.stats().orders.load(Ordering::Relaxed);
+    dead.kill();
+    let killed = Instant::now();
+    resolve_to(&pebble, &names, survivor.ip);
+    println!(
+        "killed {holder} mid-renewal of {} (lease {lease:x}), {:?} after the watch began",
+        names[0],
+        watch_from.elapsed()
+    );
+
+    // The lock is free when the dead node's lease ends (10 s), with its challenge.
+    let freed = loop {
+        let keys = acme_keys(survivor).await;
+        if !keys.values().any(|(_, l)| *l == lease) {
+            break killed.elapsed();
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(20),
+            "the dead node's lease lives on"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!("the dead node's lock and challenge went after {freed:?}");
+    assert!(
+        freed >= Duration::from_secs(5),
+        "the lock went in {freed:?}: it was released, not expired"
+    );
+
+    // The survivor renews both names and serves them (the dead node's order never finished).
+    let store = survivor.proxy.acme_store();
+    loop {
+        let renewed = names
+            .iter()
+            .zip(&first)
+            .all(|(n, leaf)| store.certificate(n).is_some_and(|k| &k.cert[0] != leaf));
+        if renewed {
+            break;
+        }
+        assert_eq!(
+            survivor.stats().failures.load(Ordering::Relaxed),
+            0,
+            "an ACME attempt failed"
+        );
+        assert!(
+            killed.elapsed() < BOUND,
+            "the survivor did not renew within {BOUND:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "the survivor renewed both names {:?} after the kill",
+        killed.elapsed()
+    );
+    assert!(survivor.stats().orders.load(Ordering::Relaxed) > orders_before);
+    for (n, leaf) in names.iter().zip(&first) {
+        let now = check_served(survivor.websecure(), n, &root, &intermediate).await;
+        assert_ne!(&now, leaf, "{n}");
+    }
+    let keys = acme_keys(survivor).await;
+    assert!(
+        !keys.keys().any(|k| k.contains("/locks/a.example.test")),
+        "{:?}",
+        keys.keys()
+    );
 }

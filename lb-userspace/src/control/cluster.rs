@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{anyhow, Context as _, Result};
+use anyhow::{anyhow, bail, Context as _, Result};
 use etcd_client::{GetOptions, PutOptions};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -313,6 +313,256 @@ pub async fn publish(
         if let Ok(mut client) = shared.client().await {
             let _ = tokio::time::timeout(Duration::from_secs(2), client.lease_revoke(id)).await;
         }
+    }
+}
+
+/// The cluster's ACME store in etcd: `<prefix>clusters/<cluster>/acme/<key>`. A lock is a key
+/// created only if absent (a transaction on its create revision), attached to a lease this node
+/// keeps alive: if the node dies, etcd deletes the key when the lease ends.
+pub struct AcmeShared {
+    shared: Arc<Shared>,
+    root: String,
+}
+
+/// A lock's lease: its time to live, kept alive every third of it.
+const LOCK_TTL: i64 = 10;
+
+impl AcmeShared {
+    pub fn new(shared: Arc<Shared>) -> AcmeShared {
+        let root = format!("{}acme/", shared.keys.nodes.trim_end_matches("nodes/"));
+        AcmeShared { shared, root }
+    }
+
+    /// Where the cluster's ACME keys are.
+    pub fn root(&self) -> &str {
+        &self.root
+    }
+}
+
+async fn bounded<T>(
+    what: &str,
+    f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T> {
+    tokio::time::timeout(Duration::from_secs(5), f)
+        .await
+        .map_err(|_| anyhow!("{what}: timed out"))?
+        .with_context(|| what.to_string())
+}
+
+fn txn_puts(root: &str, pairs: Vec<(String, Vec<u8>)>, lease: Option<i64>) -> etcd_client::Txn {
+    let ops: Vec<etcd_client::TxnOp> = pairs
+        .into_iter()
+        .map(|(k, v)| {
+            etcd_client::TxnOp::put(
+                format!("{root}{k}"),
+                v,
+                lease.map(|l| PutOptions::new().with_lease(l)),
+            )
+        })
+        .collect();
+    etcd_client::Txn::new().and_then(ops)
+}
+
+impl crate::proxy::acme::Shared for AcmeShared {
+    fn read(
+        &self,
+        keys: Vec<String>,
+    ) -> crate::proxy::acme::SharedFuture<'_, Vec<Option<Vec<u8>>>> {
+        Box::pin(async move {
+            let mut c = self.shared.client().await?;
+            let gets: Vec<etcd_client::TxnOp> = keys
+                .iter()
+                .map(|k| etcd_client::TxnOp::get(format!("{}{k}", self.root), None))
+                .collect();
+            let r = bounded("ACME: GET", c.txn(etcd_client::Txn::new().and_then(gets))).await?;
+            let mut out = Vec::with_capacity(keys.len());
+            for op in r.op_responses() {
+                let etcd_client::TxnOpResponse::Get(g) = op else {
+                    bail!("ACME: etcd answered a GET with something else");
+                };
+                out.push(g.kvs().first().map(|kv| kv.value().to_vec()));
+            }
+            if out.len() != keys.len() {
+                bail!("ACME: etcd answered {} of {} GETs", out.len(), keys.len());
+            }
+            Ok(out)
+        })
+    }
+
+    fn write(&self, pairs: Vec<(String, Vec<u8>)>) -> crate::proxy::acme::SharedFuture<'_, ()> {
+        Box::pin(async move {
+            let mut c = self.shared.client().await?;
+            bounded("ACME: TXN", c.txn(txn_puts(&self.root, pairs, None))).await?;
+            Ok(())
+        })
+    }
+
+    fn try_lock(
+        &self,
+        key: String,
+    ) -> crate::proxy::acme::SharedFuture<'_, Option<Box<dyn crate::proxy::acme::Held>>> {
+        Box::pin(async move {
+            let mut c = self.shared.client().await?;
+            let lease = bounded("ACME: LEASE GRANT", c.lease_grant(LOCK_TTL, None))
+                .await?
+                .id();
+            let full = format!("{}{key}", self.root);
+            let txn = etcd_client::Txn::new()
+                .when([etcd_client::Compare::create_revision(
+                    full.as_str(),
+                    etcd_client::CompareOp::Equal,
+                    0,
+                )])
+                .and_then([etcd_client::TxnOp::put(
+                    full.as_str(),
+                    self.shared.spec.node.as_str(),
+                    Some(PutOptions::new().with_lease(lease)),
+                )]);
+            let won = bounded("ACME: lock TXN", c.txn(txn)).await?.succeeded();
+            if !won {
+                let _ = bounded("ACME: LEASE REVOKE", c.lease_revoke(lease)).await;
+                return Ok(None);
+            }
+            let (mut keeper, mut stream) =
+                bounded("ACME: LEASE KEEPALIVE", c.lease_keep_alive(lease)).await?;
+            let alive = tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs((LOCK_TTL / 3) as u64)).await;
+                    if keeper.keep_alive().await.is_err() {
+                        warn!("ACME: the lock's lease could not be kept alive");
+                    }
+                    let _ = stream.message().await;
+                }
+            });
+            info!(lock = %key, "ACME: lock taken");
+            Ok(Some(Box::new(Lock {
+                client: c,
+                lease,
+                root: self.root.clone(),
+                alive,
+            }) as Box<dyn crate::proxy::acme::Held>))
+        })
+    }
+}
+
+struct Lock {
+    client: etcd_client::Client,
+    lease: i64,
+    root: String,
+    alive: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Lock {
+    /// A holder that is dropped without releasing (its task aborted: the node going down)
+    /// stops keeping the lease alive, and etcd lets go of the lock when it ends.
+    fn drop(&mut self) {
+        self.alive.abort();
+    }
+}
+
+impl crate::proxy::acme::Held for Lock {
+    fn write(&self, pairs: Vec<(String, Vec<u8>)>) -> crate::proxy::acme::SharedFuture<'_, ()> {
+        Box::pin(async move {
+            let mut c = self.client.clone();
+            bounded(
+                "ACME: TXN",
+                c.txn(txn_puts(&self.root, pairs, Some(self.lease))),
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn release(self: Box<Self>) -> crate::proxy::acme::SharedFuture<'static, ()> {
+        Box::pin(async move {
+            let mut c = self.client.clone();
+            // Revoking deletes the lock and every key under its lease (the challenges).
+            bounded("ACME: LEASE REVOKE", c.lease_revoke(self.lease)).await?;
+            Ok(())
+        })
+    }
+}
+
+/// Answers the challenges other nodes' orders share, as long as the agent runs: a GET of the
+/// challenges, then a watch from its revision; starts over with a GET when the watch fails (and
+/// forgets what went from etcd meanwhile).
+pub async fn follow_challenges(shared: Arc<Shared>, store: Arc<crate::proxy::acme::Store>) {
+    use crate::proxy::acme::SharedChallenge;
+    let root = AcmeShared::new(shared.clone()).root;
+    // The keys answered now, to forget those that went while the watch was down.
+    let mut known: std::collections::BTreeSet<String> = Default::default();
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let r = async {
+            let mut c = shared.client().await?;
+            let resp = bounded(
+                "ACME challenges: GET",
+                c.get(root.as_str(), Some(GetOptions::new().with_prefix())),
+            )
+            .await?;
+            let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+            let before = std::mem::take(&mut known);
+            for kv in resp.kvs() {
+                answer(
+                    &store,
+                    &mut known,
+                    &String::from_utf8_lossy(kv.key()),
+                    kv.value(),
+                );
+            }
+            for gone in before.difference(&known) {
+                if let Some(ch) = SharedChallenge::parse(gone) {
+                    store.unshare_challenge(&ch);
+                }
+            }
+            let opts = etcd_client::WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(revision + 1);
+            let mut stream =
+                bounded("ACME challenges: WATCH", c.watch(root.as_str(), Some(opts))).await?;
+            delay = Duration::from_millis(200);
+            while let Some(resp) = stream.message().await.context("watch")? {
+                for ev in resp.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    let key = String::from_utf8_lossy(kv.key()).into_owned();
+                    let Some(ch) = SharedChallenge::parse(&key) else {
+                        continue;
+                    };
+                    match ev.event_type() {
+                        etcd_client::EventType::Put => answer(&store, &mut known, &key, kv.value()),
+                        etcd_client::EventType::Delete => {
+                            store.unshare_challenge(&ch);
+                            known.remove(&key);
+                        }
+                    }
+                }
+            }
+            Ok::<_, anyhow::Error>(())
+        }
+        .await;
+        if let Err(e) = r {
+            warn!("ACME challenges: {e:#} (again in {delay:?})");
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Installs one shared challenge's answer (checked: it comes from etcd).
+fn answer(
+    store: &crate::proxy::acme::Store,
+    known: &mut std::collections::BTreeSet<String>,
+    key: &str,
+    value: &[u8],
+) {
+    let Some(ch) = crate::proxy::acme::SharedChallenge::parse(key) else {
+        return;
+    };
+    match store.share_challenge(&ch, value) {
+        Ok(()) => {
+            known.insert(key.to_string());
+        }
+        Err(e) => warn!(key, "ACME: a shared challenge not used: {e:#}"),
     }
 }
 

@@ -18,6 +18,11 @@
 //!   (a `renew_before` longer than the lifetime would otherwise renew in a loop). Failures are
 //!   logged and retried with exponential backoff (30 s doubling to 1 h): the current certificate
 //!   keeps serving meanwhile, and the agent never stops for a CA's sake.
+//! - In a cluster ([`Shared`], the cluster's etcd), the account and the certificates are the
+//!   cluster's: a node orders or renews a name only while it holds that name's lock (an etcd key
+//!   under a lease, so a writer that dies lets go when its lease ends), and every node installs
+//!   what the writer stored. The challenges' answers are shared too, under the writer's lease:
+//!   the CA's validation may reach any node behind the router.
 
 use std::{
     collections::HashMap,
@@ -53,6 +58,63 @@ const LAST_RETRY: Duration = Duration::from_secs(3600);
 const MAX_SLEEP: Duration = Duration::from_secs(3600);
 /// One order, from creation to the certificate, must finish within this.
 const ORDER_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// A future as the [`Shared`] store returns it.
+pub type SharedFuture<'a, T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T>> + Send + 'a>>;
+
+/// The cluster's store for ACME (the agent gives an etcd-backed one): keys are relative to the
+/// cluster's ACME root.
+pub trait Shared: Send + Sync {
+    /// Reads every key at one revision (a certificate and its key are never torn apart).
+    fn read(&self, keys: Vec<String>) -> SharedFuture<'_, Vec<Option<Vec<u8>>>>;
+    /// Writes every pair at once (one transaction).
+    fn write(&self, pairs: Vec<(String, Vec<u8>)>) -> SharedFuture<'_, ()>;
+    /// Takes `key` for this node unless another node holds it: `None` then.
+    fn try_lock(&self, key: String) -> SharedFuture<'_, Option<Box<dyn Held>>>;
+}
+
+/// A lock held: kept alive until released, or until its holder dies (then its lease ends).
+pub trait Held: Send + Sync {
+    /// Writes pairs that live only as long as the lock (the challenges' answers).
+    fn write(&self, pairs: Vec<(String, Vec<u8>)>) -> SharedFuture<'_, ()>;
+    fn release(self: Box<Self>) -> SharedFuture<'static, ()>;
+}
+
+/// A shared challenge's key, relative to the ACME root: `<dir>/challenges/http01/<token>` (the
+/// key authorization) or `<dir>/challenges/alpn/<name>` (the digest, hex).
+pub enum SharedChallenge<'a> {
+    Http01 { token: &'a str },
+    Alpn { name: &'a str },
+}
+
+impl SharedChallenge<'_> {
+    /// Which challenge a key under the ACME root names, if any.
+    pub fn parse(key: &str) -> Option<SharedChallenge<'_>> {
+        let (_, rest) = key.split_once("/challenges/")?;
+        // Tokens are base64url (RFC 8555 §8.3), names DNS names: nothing else is answered.
+        let fits = |s: &str, max: usize, ok: fn(u8) -> bool| {
+            !s.is_empty() && s.len() <= max && s.bytes().all(ok)
+        };
+        match rest.split_once('/')? {
+            ("http01", token)
+                if fits(token, 128, |b| {
+                    b.is_ascii_alphanumeric() || b == b'-' || b == b'_'
+                }) =>
+            {
+                Some(SharedChallenge::Http01 { token })
+            }
+            ("alpn", name)
+                if fits(name, 253, |b| {
+                    b.is_ascii_alphanumeric() || b == b'-' || b == b'.'
+                }) =>
+            {
+                Some(SharedChallenge::Alpn { name })
+            }
+            _ => None,
+        }
+    }
+}
 
 /// What the ACME client shares with the listeners: pending challenges and issued certificates.
 #[derive(Default)]
@@ -132,6 +194,58 @@ impl Store {
     pub fn clear(&self) {
         self.issued.store(Arc::new(Vec::new()));
     }
+
+    /// Another node's challenge, seen in the cluster's store: answered here too, since the
+    /// CA's validation may reach this node. `value` is the key authorization (HTTP-01) or the
+    /// digest in hex (TLS-ALPN-01); bounded, as anything from outside.
+    pub fn share_challenge(&self, c: &SharedChallenge<'_>, value: &[u8]) -> Result<()> {
+        if value.len() > 512 {
+            bail!("a challenge's answer is at most 512 bytes");
+        }
+        match c {
+            SharedChallenge::Http01 { token } => {
+                let answer = std::str::from_utf8(value).context("not UTF-8")?;
+                self.http01
+                    .lock()
+                    .map_err(|_| anyhow!("challenge store poisoned"))?
+                    .insert(token.to_string(), answer.to_string());
+            }
+            SharedChallenge::Alpn { name } => {
+                let text = std::str::from_utf8(value).context("not UTF-8")?;
+                let digest = (0..text.len())
+                    .step_by(2)
+                    .map(|i| {
+                        text.get(i..i + 2)
+                            .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    })
+                    .collect::<Option<Vec<u8>>>()
+                    .filter(|d| d.len() == 32)
+                    .ok_or_else(|| anyhow!("not a SHA-256 digest in hex"))?;
+                let cert = alpn_certificate(name, &digest)?;
+                self.tls_alpn01
+                    .lock()
+                    .map_err(|_| anyhow!("challenge store poisoned"))?
+                    .insert(name.to_ascii_lowercase(), cert);
+            }
+        }
+        Ok(())
+    }
+
+    /// The challenge is over (its key went from the cluster's store).
+    pub fn unshare_challenge(&self, c: &SharedChallenge<'_>) {
+        match c {
+            SharedChallenge::Http01 { token } => {
+                if let Ok(mut m) = self.http01.lock() {
+                    m.remove(*token);
+                }
+            }
+            SharedChallenge::Alpn { name } => {
+                if let Ok(mut m) = self.tls_alpn01.lock() {
+                    m.remove(&name.to_ascii_lowercase());
+                }
+            }
+        }
+    }
 }
 
 /// True when the handshake was a TLS-ALPN-01 validation: the connection has served its purpose
@@ -147,6 +261,8 @@ pub struct Stats {
     pub orders: AtomicU64,
     /// Certificates obtained and installed.
     pub issued: AtomicU64,
+    /// Of those, certificates another node of the cluster ordered.
+    pub adopted: AtomicU64,
     /// Failed attempts (each one retried later).
     pub failures: AtomicU64,
 }
@@ -168,6 +284,25 @@ pub struct Acme {
     stats: Arc<Stats>,
     account: Option<Account>,
     domains: HashMap<String, Domain>,
+    /// `[cluster]`: the account and certificates are the cluster's.
+    shared: Option<Arc<dyn Shared>>,
+    /// `<directory hash>`: this directory's keys in the shared store start with it.
+    root: String,
+}
+
+/// While another node holds a name's lock, this node looks for its result this often.
+const OTHERS_POLL: Duration = Duration::from_secs(2);
+/// The other nodes see a shared challenge within this (a watch), before the CA is told to look.
+const SHARE_DELAY: Duration = Duration::from_secs(1);
+
+/// How a due name was dealt with on one pass.
+enum Got {
+    /// This node ordered it: notBefore, notAfter.
+    Ordered((SystemTime, SystemTime)),
+    /// Another node of the cluster ordered and stored it.
+    Adopted((SystemTime, SystemTime)),
+    /// Another node holds the name's lock.
+    Busy,
 }
 
 /// When a certificate valid from `not_before` to `not_after` is due for renewal.
@@ -299,6 +434,8 @@ impl Acme {
     pub fn new(spec: AcmeSpec, state_dir: &Path, store: Arc<Store>) -> Acme {
         let hash = xxhash_rust::xxh3::xxh3_64(spec.directory.as_bytes());
         Acme {
+            root: format!("{hash:016x}"),
+            shared: None,
             dir: state_dir.join("acme").join(format!("{hash:016x}")),
             domains: spec
                 .domains
@@ -314,6 +451,88 @@ impl Acme {
 
     pub fn stats(&self) -> Arc<Stats> {
         self.stats.clone()
+    }
+
+    /// Makes the account and certificates the cluster's (see the module's notes).
+    pub fn with_shared(mut self, shared: Arc<dyn Shared>) -> Acme {
+        self.shared = Some(shared);
+        self
+    }
+
+    fn shared_key(&self, what: &str) -> String {
+        format!("{}/{what}", self.root)
+    }
+
+    /// The cluster's certificate for `name`, installed (and kept in the local copy) when it is
+    /// good for the name and lasts longer than the one in use. True when it is in use now.
+    async fn adopt_shared(&mut self, name: &str) -> Result<bool> {
+        let Some(shared) = self.shared.clone() else {
+            return Ok(false);
+        };
+        let mut got = shared
+            .read(vec![
+                self.shared_key(&format!("certs/{name}/crt")),
+                self.shared_key(&format!("certs/{name}/key")),
+            ])
+            .await?
+            .into_iter();
+        let (Some(Some(chain)), Some(Some(key))) = (got.next(), got.next()) else {
+            return Ok(false);
+        };
+        let cur = self.domains.get(name).and_then(|d| d.validity);
+        let certified = check_pair(name, &chain, &key)?;
+        let v = validity(&certified.cert[0])?;
+        if v.1 <= crate::clock::wall() || cur.is_some_and(|c| c.1 >= v.1) {
+            return Ok(false);
+        }
+        self.ensure_dir()?;
+        write_atomic(&self.key_path(name), &key, 0o600)?;
+        write_atomic(&self.cert_path(name), &chain, 0o644)?;
+        self.store.set_issued(&self.spec.domains, name, certified);
+        if let Some(d) = self.domains.get_mut(name) {
+            d.validity = Some(v);
+        }
+        tracing::debug!(domain = name, "ACME certificate taken from the cluster");
+        Ok(true)
+    }
+
+    /// The cluster's certificate for `name` when it is in use now and not due.
+    async fn adopted(&mut self, name: &str) -> Result<Option<(SystemTime, SystemTime)>> {
+        if !self.adopt_shared(name).await? {
+            return Ok(None);
+        }
+        Ok(self
+            .domains
+            .get(name)
+            .and_then(|d| d.validity)
+            .filter(|v| renewal_time(v.0, v.1, self.spec.renew_before) > crate::clock::wall()))
+    }
+
+    /// What this node does for a name that is due: takes the certificate another node stored,
+    /// or orders one under the name's lock, or waits while another node holds it.
+    async fn obtain_shared(&mut self, name: &str) -> Result<Got> {
+        let Some(shared) = self.shared.clone() else {
+            return self.obtain(name, None).await.map(Got::Ordered);
+        };
+        if let Some(v) = self.adopted(name).await? {
+            return Ok(Got::Adopted(v));
+        }
+        let Some(held) = shared
+            .try_lock(self.shared_key(&format!("locks/{name}")))
+            .await?
+        else {
+            return Ok(Got::Busy);
+        };
+        // Another node may have finished just before the lock was ours.
+        let got = match self.adopted(name).await {
+            Ok(Some(v)) => Ok(Got::Adopted(v)),
+            _ => self
+                .obtain(name, Some(held.as_ref()))
+                .await
+                .map(Got::Ordered),
+        };
+        held.release().await?;
+        got
     }
 
     /// Where the account and certificates are kept.
@@ -384,15 +603,24 @@ impl Acme {
                     }
                 }
                 let renewal = d.validity.is_some();
-                let got = tokio::time::timeout(ORDER_TIMEOUT, self.obtain(&name))
+                let got = tokio::time::timeout(ORDER_TIMEOUT, self.obtain_shared(&name))
                     .await
                     .unwrap_or_else(|_| Err(anyhow!("no certificate within {ORDER_TIMEOUT:?}")));
+                let adopted = matches!(got, Ok(Got::Adopted(_)));
                 let Some(d) = self.domains.get_mut(&name) else {
                     continue;
                 };
                 match got {
-                    Ok(v) => {
+                    Ok(Got::Busy) => {
+                        // Another node is ordering: its result is looked for again shortly.
+                        d.retry_at = Some(crate::clock::now() + OTHERS_POLL);
+                        wake = wake.min(crate::clock::now() + OTHERS_POLL);
+                    }
+                    Ok(Got::Ordered(v) | Got::Adopted(v)) => {
                         self.stats.issued.fetch_add(1, Ordering::Relaxed);
+                        if adopted {
+                            self.stats.adopted.fetch_add(1, Ordering::Relaxed);
+                        }
                         d.validity = Some(v);
                         d.failures = 0;
                         d.retry_at = None;
@@ -406,6 +634,7 @@ impl Acme {
                         info!(
                             domain = name,
                             renewal,
+                            from_cluster = adopted,
                             expires_unix = expires.as_secs(),
                             "ACME certificate installed"
                         );
@@ -439,6 +668,9 @@ impl Acme {
         }
         let path = self.dir.join("account.json");
         let http = || http_client(self.spec.ca_file.as_deref());
+        if let Some(shared) = self.shared.clone() {
+            return self.shared_account(shared).await;
+        }
         let stored = match std::fs::read(&path) {
             Ok(b) => match serde_json::from_slice::<AccountCredentials>(&b) {
                 Ok(c) => Some(c),
@@ -461,20 +693,7 @@ impl Acme {
                 .await
                 .context("restoring the ACME account")?,
             None => {
-                let contact = self.spec.email.as_ref().map(|e| format!("mailto:{e}"));
-                let contacts: Vec<&str> = contact.iter().map(String::as_str).collect();
-                let (account, creds) = Account::builder_with_http(http()?)
-                    .create(
-                        &NewAccount {
-                            contact: &contacts,
-                            terms_of_service_agreed: true,
-                            only_return_existing: false,
-                        },
-                        self.spec.directory.clone(),
-                        None,
-                    )
-                    .await
-                    .with_context(|| format!("creating an account at {}", self.spec.directory))?;
+                let (account, creds) = self.new_account().await?;
                 self.ensure_dir()?;
                 write_atomic(&path, &serde_json::to_vec(&creds)?, 0o600)?;
                 info!(
@@ -489,6 +708,73 @@ impl Acme {
         Ok(account)
     }
 
+    /// The cluster's account: stored, or created by the one node that holds the account's lock
+    /// while the others wait for it (one account per directory for the whole cluster).
+    async fn shared_account(&mut self, shared: Arc<dyn Shared>) -> Result<Account> {
+        let key = self.shared_key("account.json");
+        let http = || http_client(self.spec.ca_file.as_deref());
+        let started = crate::clock::now();
+        loop {
+            if let Some(b) = read_one(shared.as_ref(), &key).await? {
+                let creds: AccountCredentials =
+                    serde_json::from_slice(&b).context("the cluster's ACME account")?;
+                let account = Account::builder_with_http(http()?)
+                    .from_credentials(creds)
+                    .await
+                    .context("restoring the cluster's ACME account")?;
+                self.account = Some(account.clone());
+                return Ok(account);
+            }
+            if let Some(held) = shared.try_lock(self.shared_key("locks/@account")).await? {
+                if read_one(shared.as_ref(), &key).await?.is_some() {
+                    held.release().await?;
+                    continue;
+                }
+                let created = self.new_account().await;
+                let stored = match &created {
+                    Ok((_, creds)) => {
+                        shared
+                            .write(vec![(key.clone(), serde_json::to_vec(creds)?)])
+                            .await
+                    }
+                    Err(_) => Ok(()),
+                };
+                held.release().await?;
+                let (account, _) = created?;
+                stored?;
+                info!(
+                    directory = self.spec.directory,
+                    id = account.id(),
+                    "ACME account created for the cluster"
+                );
+                self.account = Some(account.clone());
+                return Ok(account);
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                bail!("another node holds the account's lock and stored no account in 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// A new account at the CA, with the configured contact.
+    async fn new_account(&self) -> Result<(Account, AccountCredentials)> {
+        let contact = self.spec.email.as_ref().map(|e| format!("mailto:{e}"));
+        let contacts: Vec<&str> = contact.iter().map(String::as_str).collect();
+        Account::builder_with_http(http_client(self.spec.ca_file.as_deref())?)
+            .create(
+                &NewAccount {
+                    contact: &contacts,
+                    terms_of_service_agreed: true,
+                    only_return_existing: false,
+                },
+                self.spec.directory.clone(),
+                None,
+            )
+            .await
+            .with_context(|| format!("creating an account at {}", self.spec.directory))
+    }
+
     fn ensure_dir(&self) -> Result<()> {
         use std::os::unix::fs::DirBuilderExt as _;
         std::fs::DirBuilder::new()
@@ -499,7 +785,11 @@ impl Acme {
     }
 
     /// One order for `name`, through its challenge to the certificate, stored and installed.
-    async fn obtain(&mut self, name: &str) -> Result<(SystemTime, SystemTime)> {
+    async fn obtain(
+        &mut self,
+        name: &str,
+        held: Option<&dyn Held>,
+    ) -> Result<(SystemTime, SystemTime)> {
         let account = self.account().await?;
         let ids = [Identifier::Dns(name.to_string())];
         let mut order = match account.new_order(&NewOrder::new(&ids)).await {
@@ -548,7 +838,7 @@ impl Acme {
                 .challenge(kind.clone())
                 .ok_or_else(|| anyhow!("the CA offers no {kind:?} challenge for {name}"))?;
             let answer = challenge.key_authorization();
-            match self.spec.challenge {
+            let shared_pair = match self.spec.challenge {
                 ChallengeKind::Http01 => {
                     let token = challenge.token.clone();
                     store
@@ -556,17 +846,34 @@ impl Acme {
                         .lock()
                         .map_err(|_| anyhow!("challenge store poisoned"))?
                         .insert(token.clone(), answer.as_str().to_string());
-                    pending.tokens.push(token);
+                    pending.tokens.push(token.clone());
+                    (
+                        self.shared_key(&format!("challenges/http01/{token}")),
+                        answer.as_str().as_bytes().to_vec(),
+                    )
                 }
                 ChallengeKind::TlsAlpn01 => {
-                    let cert = alpn_certificate(name, answer.digest().as_ref())?;
+                    let digest = answer.digest();
+                    let cert = alpn_certificate(name, digest.as_ref())?;
                     store
                         .tls_alpn01
                         .lock()
                         .map_err(|_| anyhow!("challenge store poisoned"))?
                         .insert(name.to_string(), cert);
                     pending.names.push(name.to_string());
+                    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+                    (
+                        self.shared_key(&format!("challenges/alpn/{name}")),
+                        hex.into_bytes(),
+                    )
                 }
+            };
+            // Every node answers: the CA's validation may reach any of them.
+            if let Some(h) = held {
+                h.write(vec![shared_pair])
+                    .await
+                    .context("sharing the challenge")?;
+                tokio::time::sleep(SHARE_DELAY).await;
             }
             challenge.set_ready().await.context("challenge ready")?;
         }
@@ -597,30 +904,33 @@ impl Acme {
             .await
             .context("certificate")?;
         self.install(name, chain_pem.as_bytes(), key_pem.as_bytes())
+            .await
     }
 
     /// Checks a new certificate, writes it (key first: a crash in between leaves a pair that does
-    /// not match, which is ordered again) and serves it.
-    fn install(
+    /// not match, which is ordered again; in a cluster both at once) and serves it.
+    async fn install(
         &mut self,
         name: &str,
         chain_pem: &[u8],
         key_pem: &[u8],
     ) -> Result<(SystemTime, SystemTime)> {
-        let chain = CertificateDer::pem_slice_iter(chain_pem)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| anyhow!("certificate from the CA: {e:?}"))?;
-        let first = chain
-            .first()
-            .ok_or_else(|| anyhow!("the CA sent no certificate"))?;
-        let v = validity(first)?;
-        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| anyhow!("key: {e:?}"))?;
-        let certified = Arc::new(CertifiedKey::new(chain, any_supported_type(&key)?));
-        certified
-            .keys_match()
-            .map_err(|e| anyhow!("the CA's certificate does not match our key: {e}"))?;
-        if !super::tls::covers(&certified, name) {
-            bail!("the CA's certificate is not valid for {name}");
+        let certified = check_pair(name, chain_pem, key_pem)?;
+        let v = validity(&certified.cert[0])?;
+        if let Some(shared) = &self.shared {
+            shared
+                .write(vec![
+                    (
+                        self.shared_key(&format!("certs/{name}/key")),
+                        key_pem.to_vec(),
+                    ),
+                    (
+                        self.shared_key(&format!("certs/{name}/crt")),
+                        chain_pem.to_vec(),
+                    ),
+                ])
+                .await
+                .context("storing the certificate in the cluster")?;
         }
         self.ensure_dir()?;
         write_atomic(&self.key_path(name), key_pem, 0o600)?;
@@ -628,6 +938,30 @@ impl Acme {
         self.store.set_issued(&self.spec.domains, name, certified);
         Ok(v)
     }
+}
+
+async fn read_one(shared: &dyn Shared, key: &str) -> Result<Option<Vec<u8>>> {
+    Ok(shared.read(vec![key.to_string()]).await?.pop().flatten())
+}
+
+/// A certificate chain and its key, as the CA sent them or the cluster stored them: parsed,
+/// matching, and valid for `name`.
+fn check_pair(name: &str, chain_pem: &[u8], key_pem: &[u8]) -> Result<Arc<CertifiedKey>> {
+    let chain = CertificateDer::pem_slice_iter(chain_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow!("certificate: {e:?}"))?;
+    if chain.is_empty() {
+        bail!("no certificate");
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| anyhow!("key: {e:?}"))?;
+    let certified = Arc::new(CertifiedKey::new(chain, any_supported_type(&key)?));
+    certified
+        .keys_match()
+        .map_err(|e| anyhow!("the certificate does not match its key: {e}"))?;
+    if !super::tls::covers(&certified, name) {
+        bail!("the certificate is not valid for {name}");
+    }
+    Ok(certified)
 }
 
 #[cfg(test)]
@@ -683,6 +1017,75 @@ mod tests {
                 &req(Method::POST, "/.well-known/acme-challenge/tok")
             )
             .is_none());
+    }
+
+    #[test]
+    fn shared_challenges_are_parsed_strictly_and_answered() {
+        let p = |k| SharedChallenge::parse(k);
+        assert!(matches!(
+            p("lb/acme/0a/challenges/http01/Ab-_9"),
+            Some(SharedChallenge::Http01 { token: "Ab-_9" })
+        ));
+        assert!(matches!(
+            p("0a/challenges/alpn/a.example.test"),
+            Some(SharedChallenge::Alpn {
+                name: "a.example.test"
+            })
+        ));
+        for bad in [
+            "0a/challenges/http01/",
+            "0a/challenges/http01/a/b",
+            "0a/challenges/http01/a.b",
+            "0a/challenges/alpn/a b",
+            "0a/challenges/alpn/",
+            "0a/challenges/dns01/x",
+            "0a/certs/a.example.test/crt",
+        ] {
+            assert!(p(bad).is_none(), "{bad}");
+        }
+        let long = format!("0a/challenges/http01/{}", "a".repeat(129));
+        assert!(p(&long).is_none());
+
+        let store = Store::default();
+        let tok = SharedChallenge::Http01 { token: "tok" };
+        store.share_challenge(&tok, b"tok.thumb").unwrap();
+        let req = Request::get("/.well-known/acme-challenge/tok")
+            .body(())
+            .unwrap();
+        assert!(store.http01_response("http", &req).is_some());
+        store.unshare_challenge(&tok);
+        assert!(store.http01_response("http", &req).is_none());
+        assert!(store.share_challenge(&tok, &[b'a'; 513]).is_err());
+        assert!(store.share_challenge(&tok, &[0xff, 0xfe]).is_err());
+
+        let name = SharedChallenge::Alpn {
+            name: "A.example.test",
+        };
+        let hex: String = [7u8; 32].iter().map(|b| format!("{b:02x}")).collect();
+        store.share_challenge(&name, hex.as_bytes()).unwrap();
+        let k = store
+            .challenge_certificate("a.example.test")
+            .expect("answered");
+        let (_, cert) = x509_parser::parse_x509_certificate(k.cert[0].as_ref()).unwrap();
+        let ext = cert
+            .extensions()
+            .iter()
+            .find(|e| e.oid.to_id_string() == "1.3.6.1.5.5.7.1.31")
+            .expect("acmeIdentifier");
+        assert_eq!(&ext.value[2..], &[7u8; 32]);
+        store.unshare_challenge(&name);
+        assert!(store.challenge_certificate("a.example.test").is_none());
+        for bad in [
+            &hex[..62],
+            "zz",
+            &format!("{hex}00"),
+            &hex.replace('0', "g"),
+        ] {
+            assert!(
+                store.share_challenge(&name, bad.as_bytes()).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
