@@ -175,6 +175,8 @@ impl Drop for Node {
             .args(["detach", "--config"])
             .arg(&self.config)
             .output();
+        // The nodes share one pin root: the last to go (it is empty then) removes it.
+        let _ = std::fs::remove_dir(format!("/sys/fs/bpf/lbcl-{}", std::process::id()));
     }
 }
 
