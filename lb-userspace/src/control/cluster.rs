@@ -181,6 +181,15 @@ pub fn disagreements(nodes: &[NodeStatus]) -> Vec<Disagreement> {
     out
 }
 
+/// One node's status record as read from etcd (another process wrote it): bounded, and it must
+/// name the node its key names.
+fn parse_status(name: &str, value: &[u8]) -> Result<NodeStatus> {
+    anyhow::ensure!(value.len() <= MAX_STATUS, "longer than {MAX_STATUS} bytes");
+    let s = serde_json::from_slice::<NodeStatus>(value).context("not a node's status")?;
+    anyhow::ensure!(s.node == name, "it names node {:?}", s.node);
+    Ok(s)
+}
+
 /// The cluster as etcd has it now.
 pub async fn view(shared: &Shared) -> Result<ClusterView> {
     let mut client = shared.client().await?;
@@ -197,16 +206,7 @@ pub async fn view(shared: &Shared) -> Result<ClusterView> {
     for kv in resp.kvs() {
         let key = String::from_utf8_lossy(kv.key()).into_owned();
         let name = key.strip_prefix(&prefix).unwrap_or(&key).to_string();
-        let parsed = if kv.value().len() > MAX_STATUS {
-            Err(anyhow!("longer than {MAX_STATUS} bytes"))
-        } else {
-            serde_json::from_slice::<NodeStatus>(kv.value())
-                .context("not a node's status")
-                .and_then(|s| {
-                    anyhow::ensure!(s.node == name, "it names node {:?}", s.node);
-                    Ok(s)
-                })
-        };
+        let parsed = parse_status(&name, kv.value());
         match parsed {
             Ok(s) => nodes.push(s),
             Err(e) => rejected.push(format!(
@@ -616,5 +616,19 @@ mod tests {
         // No table yet is never agreement.
         let none = [node("a", &[("web", None)]), node("b", &[("web", None)])];
         assert_eq!(disagreements(&none).len(), 2);
+    }
+
+    #[test]
+    fn a_status_record_is_refused_unless_it_is_bounded_and_names_its_key() {
+        let good = serde_json::to_vec(&node("a", &[("web", Some("aa"))])).unwrap();
+        assert_eq!(parse_status("a", &good).unwrap().node, "a");
+        let e = parse_status("b", &good).unwrap_err();
+        assert!(format!("{e:#}").contains("names node \"a\""), "{e:#}");
+        let e = parse_status("a", b"{\"node\": 1}").unwrap_err();
+        assert!(format!("{e:#}").contains("not a node's status"), "{e:#}");
+        let mut big = good.clone();
+        big.resize(MAX_STATUS + 1, b' ');
+        let e = parse_status("a", &big).unwrap_err();
+        assert!(format!("{e:#}").contains("longer than"), "{e:#}");
     }
 }
