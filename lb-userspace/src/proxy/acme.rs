@@ -1066,13 +1066,9 @@ mod tests {
         let k = store
             .challenge_certificate("a.example.test")
             .expect("answered");
-        let (_, cert) = x509_parser::parse_x509_certificate(k.cert[0].as_ref()).unwrap();
-        let ext = cert
-            .extensions()
-            .iter()
-            .find(|e| e.oid.to_id_string() == "1.3.6.1.5.5.7.1.31")
-            .expect("acmeIdentifier");
-        assert_eq!(&ext.value[2..], &[7u8; 32]);
+        let (critical, value) = acme_identifier(&k);
+        assert!(critical);
+        assert_eq!(&value[2..], &[7u8; 32]);
         store.unshare_challenge(&name);
         assert!(store.challenge_certificate("a.example.test").is_none());
         for bad in [
@@ -1086,6 +1082,17 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    /// The acmeIdentifier extension of a TLS-ALPN-01 certificate: (critical, value).
+    fn acme_identifier(k: &CertifiedKey) -> (bool, Vec<u8>) {
+        let (_, cert) = x509_parser::parse_x509_certificate(k.cert[0].as_ref()).unwrap();
+        let ext = cert
+            .extensions()
+            .iter()
+            .find(|e| e.oid.to_id_string() == "1.3.6.1.5.5.7.1.31")
+            .expect("acmeIdentifier");
+        (ext.critical, ext.value.to_vec())
     }
 
     #[test]
