@@ -13,7 +13,35 @@ use std::{
 /// How long a server has to answer after it starts.
 const WAIT: Duration = Duration::from_secs(10);
 
+/// A loopback port free for TCP and UDP alike, taken from below the kernel's ephemeral range.
+/// A port from `bind(:0)` is one the kernel may hand out again, to any `connect()` or `bind(:0)`
+/// in the time between this call and the daemon's own bind, and then the daemon dies with
+/// "address in use" (CI saw pebble's management port go that way). Ports under the range are
+/// never given out implicitly; the start point moves with the pid so concurrent test processes
+/// rarely probe the same ones.
 pub fn free_port() -> u16 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    const FLOOR: u32 = 10_000;
+    if low > FLOOR + 1_000 {
+        let span = low - FLOOR;
+        let base = std::process::id().wrapping_mul(7919);
+        for _ in 0..span {
+            let port = FLOOR + base.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+            let Ok(port) = u16::try_from(port) else {
+                continue;
+            };
+            if TcpListener::bind(("127.0.0.1", port)).is_ok()
+                && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+            {
+                return port;
+            }
+        }
+    }
+    // The range starts too low to leave room below it: the kernel's choice, with the race.
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -134,7 +162,12 @@ pub fn redis_ready(port: u16) -> bool {
 }
 
 pub fn etcd_ready(port: u16) -> bool {
-    ureq::get(&format!("http://127.0.0.1:{port}/health"))
+    etcd_healthy(&format!("http://127.0.0.1:{port}/health"))
+}
+
+/// etcd's `/health` at `url` says it is.
+pub fn etcd_healthy(url: &str) -> bool {
+    ureq::get(url)
         .timeout(Duration::from_secs(1))
         .call()
         .ok()

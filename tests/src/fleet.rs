@@ -41,6 +41,8 @@ pub const TOKEN: &str = "fleet-test-token-0123456789";
 /// BGP hold time on both sides (≥ 9 s: keepalives lag on two busy cores).
 pub const HOLD: u64 = 9;
 const API: &str = "127.0.0.1:9090";
+/// etcd's client address, on the fabric (in the probe namespace), when the fleet is a cluster.
+pub const ETCD: &str = "10.20.0.5:2379";
 
 pub struct Fleet {
     pub name: String,
@@ -59,6 +61,9 @@ pub struct Fleet {
     servers: Vec<Server>,
     pass: Vec<Ebpf>,
     runs: u32,
+    /// Every node's lb.toml gets a `[cluster]` on [`ETCD`] (set before the agents start).
+    pub cluster: bool,
+    etcd: Option<Child>,
 }
 
 impl Fleet {
@@ -86,6 +91,8 @@ impl Fleet {
             servers: Vec::new(),
             pass: Vec::new(),
             runs: 0,
+            cluster: false,
+            etcd: None,
         };
         for i in 0..nodes {
             f.nodes.push(Netns::new(&format!("{p}-n{i}"))?);
@@ -309,6 +316,13 @@ impl Fleet {
             self.dir.join(format!("n{i}-bird.ctl")).display(),
             self.include(i).display(),
         );
+        if self.cluster {
+            cfg += &format!(
+                "\n[cluster]\nname = \"f{}\"\nnode = \"n{i}\"\nstatus_ttl_secs = 6\n\n\
+                 [cluster.etcd]\nendpoints = [\"http://{ETCD}\"]\nprefix = \"lbfleet/\"\n",
+                self.name
+            );
+        }
         for (name, vip, v6) in [("web", VIP4, false), ("web6", VIP6, true)] {
             cfg += &format!(
                 "\n[[vip]]\nname = \"{name}\"\naddress = \"{vip}\"\nport = {PORT}\nprotocol = \"tcp\"\nmode = \"dsr\"\n"
@@ -377,6 +391,68 @@ impl Fleet {
                 b.as_deref(),
             )
         })?
+    }
+
+    /// SIGTERM node `i`'s agent and waits for it: a restart's first half (the program keeps
+    /// forwarding, bird keeps announcing).
+    pub fn stop_agent(&mut self, i: usize) -> Result<()> {
+        if let Some(c) = self.agents[i].as_ref() {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(c.id())?);
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        }
+        self.wait_agent_exit(i, Duration::from_secs(15))
+    }
+
+    /// etcd on the fabric (in the probe namespace, at [`ETCD`]): the cluster's one store. Its
+    /// data directory outlives a stop, as a real member's does.
+    pub fn start_etcd(&mut self) -> Result<()> {
+        let peer = "http://10.20.0.5:2380";
+        let client = format!("http://{ETCD}");
+        let data = self.dir.join("etcd-data").display().to_string();
+        let args: Vec<String> = [
+            "--name",
+            "fleet",
+            "--data-dir",
+            &data,
+            "--listen-client-urls",
+            &client,
+            "--advertise-client-urls",
+            &client,
+            "--listen-peer-urls",
+            peer,
+            "--initial-advertise-peer-urls",
+            peer,
+            "--initial-cluster",
+            &format!("fleet={peer}"),
+        ]
+        .map(String::from)
+        .to_vec();
+        let ns = self.probe.name.clone();
+        self.etcd =
+            Some(self.spawn_in(&ns, "etcd", std::path::Path::new("/usr/bin/etcd"), &args)?);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let health = format!("http://{ETCD}/health");
+        loop {
+            let h = health.clone();
+            if self.probe.run(move || crate::daemons::etcd_healthy(&h))? {
+                return Ok(());
+            }
+            if let Some(st) = self.etcd.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("etcd exited ({st}); see {}", self.dir.display());
+            }
+            if Instant::now() > deadline {
+                bail!("etcd not healthy after 15 s; see {}", self.dir.display());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGKILL etcd: the store gone, not shut down.
+    pub fn stop_etcd(&mut self) {
+        if let Some(mut c) = self.etcd.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     /// SIGKILL node `i`'s agent (its program keeps forwarding; bird keeps announcing).
@@ -515,6 +591,7 @@ impl Drop for Fleet {
                 let _ = c.wait();
             }
         }
+        self.stop_etcd();
         self.servers.clear();
         let _ = std::fs::remove_dir_all(&self.pin_root);
     }

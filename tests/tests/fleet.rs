@@ -4,7 +4,9 @@
 //! (`lb leave`) withdraws first and no request fails; a node lost with traffic flowing —
 //! SIGKILL and `lb detach`, then a deleted link — is withdrawn (at once, and within the hold
 //! time), and every long-lived connection that entered through it carries on through a
-//! survivor to the same backend. Times are measured and printed.
+//! survivor to the same backend. A second fleet shares one etcd: a change through one node's
+//! API reaches the other, and with etcd gone for 30 s both keep forwarding on their last state.
+//! Times are measured and printed.
 #![allow(clippy::disallowed_methods)] // tests drive real time and real processes
 
 use std::{
@@ -69,6 +71,19 @@ fn via(f: &Fleet, conns: &[Conn]) -> Vec<Option<IpAddr>> {
         .iter()
         .map(|c| f.next_hop_of(c.local.is_ipv6(), c.local.port()))
         .collect()
+}
+
+/// VIP `name` as node `i`'s API shows it: its table digest and its backends' addresses.
+fn table(f: &Fleet, i: usize, name: &str) -> Option<(String, Vec<String>)> {
+    let (_, body) = f.api(i, "GET", "/api/v1/vips", None).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    let vip = v["vips"].as_array()?.iter().find(|x| x["name"] == name)?;
+    let backends = vip["backends"]
+        .as_array()?
+        .iter()
+        .filter_map(|b| b["address"].as_str().map(str::to_string))
+        .collect();
+    Some((vip["table_digest"].as_str()?.to_string(), backends))
 }
 
 /// Short connections from the client in a loop until stopped: (answered, failed).
@@ -243,13 +258,7 @@ fn a_fleet_behind_bgp_keeps_every_flow_when_a_node_goes() {
         )
         .expect("api");
     assert!(code == 200 || code == 201, "{code} {body}");
-    let digest = |i: usize| -> Option<String> {
-        let (_, body) = f.api(i, "GET", "/api/v1/vips", None).ok()?;
-        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
-        v["vips"].as_array()?.iter().find(|x| x["name"] == "web")?["table_digest"]
-            .as_str()
-            .map(str::to_string)
-    };
+    let digest = |i: usize| table(&f, i, "web").map(|t| t.0);
     until(
         "node 1's table is the others' again",
         Duration::from_secs(5),
@@ -351,4 +360,128 @@ fn a_fleet_behind_bgp_keeps_every_flow_when_a_node_goes() {
         conns.len()
     );
     assert_eq!(survived, conns.len());
+}
+
+/// Two nodes sharing one etcd (on the fabric, reachable from every node's namespace): a change
+/// through one node's API reaches the other's maps (measured); with etcd gone for 30 s, both
+/// nodes keep forwarding on their last state, long-lived and new connections alike, a node
+/// restarted meanwhile comes back on its local copy, a write is refused rather than lost, and
+/// the nodes converge once etcd is back.
+#[test]
+fn a_fleet_sharing_etcd_forwards_on_its_last_state_while_etcd_is_away() {
+    let name = format!("e{:x}", std::process::id() % 0xfff);
+    let mut f = Fleet::new(&name, 2, 3).expect("topology");
+    f.cluster = true;
+    f.start_etcd().expect("etcd");
+    f.start_servers().expect("servers");
+    for i in 0..2 {
+        f.start_agent(i).expect("agent");
+    }
+    f.start_router_bird().expect("router bird");
+    for i in 0..2 {
+        f.start_node_bird(i).expect("node bird");
+    }
+    until(
+        "the router learns both VIPs from both nodes",
+        Duration::from_secs(40),
+        || f.next_hops(VIP4) == nodes(&[0, 1], false) && f.next_hops(VIP6) == nodes(&[0, 1], true),
+    );
+
+    // A change through node 0's API reaches node 1's maps.
+    let b2 = Fleet::backend_addr(2, false).to_string();
+    let (code, body) = f
+        .api(
+            0,
+            "DELETE",
+            &format!("/api/v1/vips/web/backends/{b2}:80"),
+            None,
+        )
+        .expect("api");
+    assert_eq!(code, 204, "{body}");
+    let reached = until("node 1 drops b2 too", Duration::from_secs(10), || {
+        let (a, b) = (table(&f, 0, "web"), table(&f, 1, "web"));
+        b.as_ref()
+            .is_some_and(|t| t.1.len() == 2 && !t.1.contains(&b2))
+            && a == b
+    });
+    println!("an API change on node 0 reached node 1's maps in {reached:?}");
+    let ports = 20_000..20_300;
+    let through0 = f.probe_through(0, false, ports.clone()).expect("probe");
+    let through1 = f.probe_through(1, false, ports).expect("probe");
+    assert_eq!(through0, through1, "both nodes pick the same backends");
+    assert!(!through0.iter().any(|b| b == "b2"), "b2 is out on both");
+    let state = (table(&f, 0, "web"), table(&f, 0, "web6"));
+    assert!(state.0.is_some() && state.1.is_some(), "{state:?}");
+
+    let mut conns = open(&f, false, 100);
+    conns.extend(open(&f, true, 40));
+    assert_eq!(echo_all(&mut conns, "start"), conns.len());
+    let load = Load::start(&f);
+    std::thread::sleep(Duration::from_millis(500));
+
+    // etcd gone: forwarding goes on, writes are refused, a restart starts on the local copy.
+    f.stop_etcd();
+    let away = Instant::now();
+    let (code, body) = f
+        .api(
+            1,
+            "POST",
+            "/api/v1/vips/web/backends",
+            Some(&format!(r#"{{"address":"{b2}","port":80}}"#)),
+        )
+        .expect("api");
+    assert_eq!(code, 503, "a write without the store is refused: {body}");
+    f.stop_agent(1).expect("node 1 stops");
+    f.start_agent(1).expect("node 1 starts without etcd");
+    for i in 0..2 {
+        assert_eq!(
+            (table(&f, i, "web"), table(&f, i, "web6")),
+            state,
+            "node {i} runs on its last state"
+        );
+    }
+    let mut rounds = 0;
+    while away.elapsed() < Duration::from_secs(30) {
+        rounds += 1;
+        assert_eq!(
+            echo_all(&mut conns, &format!("away-{rounds}")),
+            conns.len(),
+            "long-lived connections carry on without etcd"
+        );
+        for i in 0..2 {
+            assert_eq!(table(&f, i, "web"), state.0, "node {i} keeps its state");
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    assert_eq!(
+        f.next_hops(VIP4),
+        nodes(&[0, 1], false),
+        "both nodes still announce"
+    );
+
+    // etcd back: a change through node 1 reaches node 0.
+    f.start_etcd().expect("etcd again");
+    let back = Instant::now();
+    until("node 1 writes again", Duration::from_secs(20), || {
+        f.api(
+            1,
+            "POST",
+            "/api/v1/vips/web/backends",
+            Some(&format!(r#"{{"address":"{b2}","port":80}}"#)),
+        )
+        .is_ok_and(|(code, _)| code == 201 || code == 200)
+    });
+    until("node 0 has b2 again", Duration::from_secs(20), || {
+        let (a, b) = (table(&f, 0, "web"), table(&f, 1, "web"));
+        a.as_ref().is_some_and(|t| t.1.len() == 3) && a == b
+    });
+    println!(
+        "etcd back: node 1's change reached node 0 {:?} after etcd started",
+        back.elapsed()
+    );
+    let (ok, failed) = load.stop();
+    println!("while etcd was away (and node 1 restarted): {ok} requests answered, {failed} failed");
+    assert_eq!(failed, 0);
+    assert!(ok > 500, "the load ran ({ok})");
+    assert_eq!(echo_all(&mut conns, "end"), conns.len());
 }

@@ -139,7 +139,13 @@ impl Bird<'_> {
         loop {
             let mut line = String::new();
             if r.read_line(&mut line).context("reading bird's reply")? == 0 {
-                bail!("bird closed the control connection");
+                // An I/O error like the others of the connection: bird went away, it refused
+                // nothing (see `configure`).
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "bird closed the control connection",
+                )
+                .into());
             }
             let (code, fin, _) = split_line(line.trim_end_matches('\n'), last);
             last = code;
@@ -163,10 +169,16 @@ impl Bird<'_> {
     }
 
     /// Checks the configuration (ours included) and then applies it. A configuration bird
-    /// refuses is not applied: the error says where.
+    /// refuses is not applied: the error says where. Only bird's answer is a refusal: a socket
+    /// that is not there (bird not started yet) or a connection that breaks is "unreachable",
+    /// and the include must then stay for bird to read when it starts.
     pub fn configure(&self) -> Result<()> {
-        self.command("configure check")
-            .context("bird refused the configuration")?;
+        if let Err(e) = self.command("configure check") {
+            if e.chain().any(|c| c.is::<std::io::Error>()) {
+                return Err(e.context("bird is unreachable"));
+            }
+            return Err(e.context(REFUSED));
+        }
         self.command("configure")?;
         Ok(())
     }
@@ -216,6 +228,9 @@ impl Bird<'_> {
     }
 }
 
+/// What a configuration bird answered with an error is said as.
+const REFUSED: &str = "bird refused the configuration";
+
 /// Replaces `path` with `text` (write, fsync, rename), so bird never reads half of it.
 pub fn write_include(path: &Path, text: &str) -> Result<()> {
     let tmp = path.with_extension("lb-tmp");
@@ -238,7 +253,7 @@ pub fn apply(spec: &BgpSpec, node: &str, announce: &Announce) -> Result<()> {
     match bird.configure() {
         Ok(()) => Ok(()),
         Err(e) => {
-            let refused = format!("{e:#}").contains("refused the configuration");
+            let refused = format!("{e:#}").contains(REFUSED);
             if refused {
                 match &before {
                     Some(old) => write_include(&spec.include, old)?,
@@ -326,5 +341,36 @@ mod tests {
                    8002 /etc/bird/lb.conf:4:5 syntax error, unexpected CF_SYM_UNDEFINED\n";
         let e = parse_reply(bad).unwrap_err().to_string();
         assert!(e.contains("lb.conf:4:5 syntax error"), "{e}");
+    }
+
+    /// bird not started yet (its socket absent, or nobody listening on it): the include is
+    /// written and stays, for bird to read when it starts. CI saw the opposite once: the file
+    /// taken back, and the bird started next refusing to start without it.
+    #[test]
+    fn an_unreachable_bird_keeps_the_include() {
+        let dir = std::env::temp_dir().join(format!("lb-bird-absent-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut spec = spec();
+        spec.include = dir.join("lb.conf");
+        let announce: Announce = ["10.0.0.100".parse().unwrap()].into_iter().collect();
+        // No socket at all.
+        spec.socket = dir.join("absent.ctl");
+        let e = apply(&spec, "lb-a", &announce).expect_err("no bird");
+        assert!(format!("{e:#}").contains("unreachable"), "{e:#}");
+        assert_eq!(
+            std::fs::read_to_string(&spec.include).unwrap(),
+            render(&spec, "lb-a", &announce)
+        );
+        // A socket file nobody listens on (bird died): the same.
+        spec.socket = dir.join("dead.ctl");
+        drop(std::os::unix::net::UnixListener::bind(&spec.socket).unwrap());
+        let more: Announce = ["10.0.0.101".parse().unwrap()].into_iter().collect();
+        let e = apply(&spec, "lb-a", &more).expect_err("no bird");
+        assert!(format!("{e:#}").contains("unreachable"), "{e:#}");
+        assert_eq!(
+            std::fs::read_to_string(&spec.include).unwrap(),
+            render(&spec, "lb-a", &more)
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

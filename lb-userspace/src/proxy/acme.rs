@@ -480,8 +480,21 @@ impl Acme {
             return Ok(false);
         };
         let cur = self.domains.get(name).and_then(|d| d.validity);
-        let certified = check_pair(name, &chain, &key)?;
-        let v = validity(&certified.cert[0])?;
+        // A pair that fails the checks is treated as absent, never as an error: an error here
+        // would stop every node from ordering, so one bad record in etcd would let the name
+        // expire cluster-wide. Absent, the lock holder orders and overwrites it.
+        let checked =
+            check_pair(name, &chain, &key).and_then(|c| validity(&c.cert[0]).map(|v| (c, v)));
+        let (certified, v) = match checked {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(
+                    domain = name,
+                    "the cluster's stored certificate is not used: {e:#}"
+                );
+                return Ok(false);
+            }
+        };
         if v.1 <= crate::clock::wall() || cur.is_some_and(|c| c.1 >= v.1) {
             return Ok(false);
         }
@@ -1117,5 +1130,115 @@ mod tests {
                 "a.example.test"
             )]
         );
+    }
+
+    /// The cluster's store as a map: enough for what `adopt_shared` reads.
+    #[derive(Default)]
+    struct MemShared(Mutex<HashMap<String, Vec<u8>>>);
+
+    impl Shared for MemShared {
+        fn read(&self, keys: Vec<String>) -> SharedFuture<'_, Vec<Option<Vec<u8>>>> {
+            let m = self.0.lock().unwrap();
+            let got = keys.iter().map(|k| m.get(k).cloned()).collect();
+            Box::pin(async move { Ok(got) })
+        }
+        fn write(&self, pairs: Vec<(String, Vec<u8>)>) -> SharedFuture<'_, ()> {
+            self.0.lock().unwrap().extend(pairs);
+            Box::pin(async { Ok(()) })
+        }
+        fn try_lock(&self, _key: String) -> SharedFuture<'_, Option<Box<dyn Held>>> {
+            Box::pin(async { Ok(None) })
+        }
+    }
+
+    /// A certificate for `names` (PEM) and its key (PEM), valid until `until` (year).
+    fn pair(names: &[&str], until: i32) -> (Vec<u8>, Vec<u8>) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params.not_before = rcgen::date_time_ymd(1999, 1, 1);
+        params.not_after = rcgen::date_time_ymd(until, 1, 1);
+        let cert = params.self_signed(&key).unwrap();
+        (cert.pem().into_bytes(), key.serialize_pem().into_bytes())
+    }
+
+    /// What another node (or anyone with write access to etcd) stored is checked like a CA's
+    /// answer: a bad pair is refused, counts as absent, and the certificate in use stays.
+    #[tokio::test]
+    async fn a_bad_certificate_in_the_cluster_is_refused_and_the_served_one_stays() {
+        let name = "a.example.test";
+        let dir = std::env::temp_dir().join(format!("lb-acme-adopt-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let spec = AcmeSpec {
+            directory: "https://ca.example.test/dir".into(),
+            email: None,
+            challenge: ChallengeKind::Http01,
+            domains: vec![name.into()],
+            ca_file: None,
+            renew_before: 30 * DAY,
+        };
+        let store = Arc::new(Store::default());
+        let shared = Arc::new(MemShared::default());
+        let mut acme = Acme::new(spec, &dir, store.clone()).with_shared(shared.clone());
+        let (c, k) = (acme_key(&acme, name, "crt"), acme_key(&acme, name, "key"));
+        let put = |crt: &[u8], key: &[u8]| {
+            let pairs = [(c.clone(), crt.to_vec()), (k.clone(), key.to_vec())];
+            shared.0.lock().unwrap().extend(pairs);
+        };
+
+        // Nothing stored: nothing adopted.
+        assert!(!acme.adopt_shared(name).await.unwrap());
+        // A good pair is adopted, served and kept in the local copy.
+        let (good_crt, good_key) = pair(&[name], 2090);
+        put(&good_crt, &good_key);
+        assert!(acme.adopt_shared(name).await.unwrap());
+        let served = store.certificate(name).expect("served").cert[0].clone();
+        assert_eq!(std::fs::read(acme.cert_path(name)).unwrap(), good_crt);
+
+        // Each bad pair lasts longer than the one in use, so only the checks stop it.
+        let (other_crt, other_key) = pair(&["b.example.test"], 2095);
+        let (crt2, _) = pair(&[name], 2095);
+        let (_, key3) = pair(&[name], 2095);
+        let (old_crt, old_key) = pair(&[name], 2001);
+        let cases: [(&str, &[u8], &[u8]); 6] = [
+            ("another name's certificate", &other_crt, &other_key),
+            ("a key that does not match", &crt2, &key3),
+            ("not PEM", b"garbage", &good_key),
+            ("no certificate in the PEM", b"", &good_key),
+            (
+                "a key that is not a key",
+                &crt2,
+                b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+            ),
+            ("an expired certificate", &old_crt, &old_key),
+        ];
+        for (what, crt, key) in cases {
+            put(crt, key);
+            assert!(!acme.adopt_shared(name).await.unwrap(), "{what}");
+            assert_eq!(
+                store.certificate(name).expect("still served").cert[0],
+                served,
+                "{what}"
+            );
+            assert_eq!(
+                std::fs::read(acme.cert_path(name)).unwrap(),
+                good_crt,
+                "{what}"
+            );
+        }
+        // A shorter-lived good one is not taken over the longer one in use; a longer one is.
+        let (short_crt, short_key) = pair(&[name], 2080);
+        put(&short_crt, &short_key);
+        assert!(!acme.adopt_shared(name).await.unwrap());
+        let (long_crt, long_key) = pair(&[name], 2099);
+        put(&long_crt, &long_key);
+        assert!(acme.adopt_shared(name).await.unwrap());
+        assert_ne!(store.certificate(name).unwrap().cert[0], served);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn acme_key(acme: &Acme, name: &str, what: &str) -> String {
+        acme.shared_key(&format!("certs/{name}/{what}"))
     }
 }
