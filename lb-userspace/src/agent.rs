@@ -267,6 +267,14 @@ pub fn drop_capabilities() {
     }
 }
 
+/// What the proxy would leave out of one provider's routing (a middleware whose values do not
+/// build, and its routers), in the words the agent logs: `lb check-config` prints them without
+/// starting a proxy. Returns the routers that would be served, and the problems.
+pub fn proxy_check(dynamic: crate::model::l7::Dynamic) -> (usize, Vec<String>) {
+    let (built, problems) = crate::proxy::dynamic::Built::new(dynamic, None);
+    (built.dynamic.routers.len(), problems)
+}
+
 pub async fn run(config_path: &Path) -> Result<()> {
     let cfg = config::load(config_path)?;
     secure_state_dir(&cfg.state_dir)?;
@@ -663,18 +671,13 @@ fn certificates(
     proxy: &crate::proxy::Proxy,
     cfg: &Config,
 ) -> Result<Arc<crate::proxy::tls::Certs>> {
-    // The providers' certificates (Traefik's tls.certificates) after lb.toml's; if theirs do not
-    // load, lb.toml's still do.
-    let mut all = cfg.certificates.clone();
-    all.extend(proxy.dynamic_certificates());
-    let mut certs = match crate::proxy::tls::Certs::load(&all) {
-        Ok(c) => c,
-        Err(e) if all.len() > cfg.certificates.len() => {
-            warn!("provider certificates left out: {e:#}");
-            crate::proxy::tls::Certs::load(&cfg.certificates)?
-        }
-        Err(e) => return Err(e),
-    };
+    // The providers' certificates (Traefik's tls.certificates) after lb.toml's, each on its
+    // own: one that does not load is left out alone, and lb.toml's must all load.
+    let (mut certs, left_out) =
+        crate::proxy::tls::Certs::load_with(&cfg.certificates, &proxy.dynamic_certificates())?;
+    for e in left_out {
+        warn!("provider certificate left out: {e:#}");
+    }
     if cfg.acme.is_some() {
         certs = certs.with_acme(proxy.acme_store());
     }

@@ -817,7 +817,7 @@ async fn cluster_view(State(s): State<ApiState>) -> Result<impl IntoResponse, Ap
 async fn list_routers(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
     let Some(proxy) = s.proxy.clone() else {
         return Ok(Json(
-            json!({ "entrypoints": [], "routers": [], "tcp_routers": [], "middlewares": [] }),
+            json!({ "entrypoints": [], "routers": [], "tcp_routers": [], "middlewares": [], "checks": [] }),
         ));
     };
     let conf = proxy.routing();
@@ -864,11 +864,17 @@ async fn list_routers(State(s): State<ApiState>) -> Result<impl IntoResponse, Ap
         .collect();
     let mut middlewares: Vec<&String> = conf.middlewares.keys().collect();
     middlewares.sort();
+    let checks: Vec<serde_json::Value> = proxy
+        .active_checks()
+        .into_iter()
+        .map(|(service, server, up)| json!({ "service": service, "server": server, "up": up }))
+        .collect();
     Ok(Json(json!({
         "entrypoints": entrypoints,
         "routers": routers,
         "tcp_routers": tcp_routers,
         "middlewares": middlewares,
+        "checks": checks,
     })))
 }
 

@@ -27,6 +27,10 @@ pub struct ProviderStatus {
     /// What it said that lb does not support, by key path.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub unsupported: Vec<String>,
+    /// Items of its routing lb could not use, each kept at its last good version or left out
+    /// (the rest of its routing applies), by file, line and key path.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub broken: Vec<String>,
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -87,10 +91,18 @@ impl Registry {
     }
 
     /// Records what a provider's routing brought and what of it lb could not use.
-    pub fn routing(&mut self, provider: &str, rank: u8, routers: usize, unsupported: Vec<String>) {
+    pub fn routing(
+        &mut self,
+        provider: &str,
+        rank: u8,
+        routers: usize,
+        unsupported: Vec<String>,
+        broken: Vec<String>,
+    ) {
         let src = self.source(provider, rank);
         src.status.routers = routers;
         src.status.unsupported = unsupported;
+        src.status.broken = broken;
     }
 
     /// Records a provider failure; its last good snapshot stays.

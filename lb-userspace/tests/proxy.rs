@@ -301,6 +301,348 @@ async fn passive_health_ejects_a_failing_upstream_and_lets_it_back() {
     assert_eq!(back, 5, "after the back-off it takes its share again");
 }
 
+/// An upstream whose `/health` answers 503 while `sick` is set (its other paths stay 200),
+/// and which counts the checks it got with lb's user agent, Host and header.
+async fn checked(name: &'static str, sick: Arc<AtomicBool>, checks: Arc<AtomicU64>) -> SocketAddr {
+    serve(move |req: Request<hyper::body::Incoming>| {
+        let (sick, checks) = (sick.load(Ordering::SeqCst), checks.clone());
+        async move {
+            let h = |k: &str| {
+                req.headers()
+                    .get(k)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+            };
+            if req.uri().path() == "/health" {
+                if h("user-agent").as_deref() == Some("lb-health")
+                    && h("host").as_deref() == Some("health.test")
+                    && h("x-check").as_deref() == Some("1")
+                    && req.method() == hyper::Method::HEAD
+                {
+                    checks.fetch_add(1, Ordering::SeqCst);
+                }
+                let mut r = Response::new(Full::new(Bytes::new()));
+                if sick {
+                    *r.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+                }
+                return r;
+            }
+            Response::new(Full::new(Bytes::from(name)))
+        }
+    })
+    .await
+}
+
+/// Who answers `n` requests to the catch-all router's host.
+async fn answers(c: &C, addr: SocketAddr, n: usize) -> BTreeMap<String, usize> {
+    answers_for(c, addr, "t", n).await
+}
+
+/// Polls until `n` requests are all answered as `want` says, for at most 5 s.
+async fn until_answers(c: &C, addr: SocketAddr, want: &[(&str, usize)]) -> std::time::Duration {
+    let t = std::time::Instant::now();
+    let want: BTreeMap<String, usize> = want.iter().map(|(k, n)| (k.to_string(), *n)).collect();
+    let n = want.values().sum();
+    loop {
+        let got = answers(c, addr, n).await;
+        if got == want {
+            return t.elapsed();
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(5),
+            "after 5 s: {got:?}, expected {want:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// `loadBalancer.healthCheck` / `[http_service] health`: an upstream failing its check leaves
+/// the pool although its other paths answer (real requests succeeding do not bring it back),
+/// every upstream down is a 503, and a passing check brings it back. The check's own request
+/// (method, Host, header) is what was configured, and `lb_http_server_up` says the verdicts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_checks_take_an_upstream_out_and_bring_it_back() {
+    let (sick_a, sick_b) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let (checks_a, checks_b) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let a = checked("a", sick_a.clone(), checks_a.clone()).await;
+    let b = checked("b", sick_b.clone(), checks_b.clone()).await;
+    let ms = std::time::Duration::from_millis;
+    let spec = ServiceSpec {
+        health: Some(lb_userspace::model::l7::ActiveCheck {
+            interval: ms(100),
+            unhealthy_interval: ms(100),
+            timeout: ms(100),
+            path: "/health".into(),
+            method: "HEAD".into(),
+            hostname: Some("health.test".into()),
+            headers: vec![("x-check".into(), "1".into())],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let (p, addr) = start_with(
+        vec![router("all", "PathPrefix(`/`)", "s", None)],
+        &services(&[("s", &[(a, 1), (b, 1)])]),
+        HashMap::from([("s".to_string(), spec)]),
+    )
+    .await;
+    let c = client();
+    until_answers(&c, addr, &[("200 a", 10), ("200 b", 10)]).await;
+    sick_a.store(true, Ordering::SeqCst);
+    let out = until_answers(&c, addr, &[("200 b", 20)]).await;
+    eprintln!("a failing its check was out of the pool after {out:?}");
+    // Its requests would succeed, and still it stays out: only the check brings it back.
+    assert_eq!(
+        answers(&c, addr, 40).await,
+        BTreeMap::from([("200 b".to_string(), 40)])
+    );
+    sick_b.store(true, Ordering::SeqCst);
+    // Every upstream down: no one to send to.
+    until_answers(&c, addr, &[("503", 4)]).await;
+    let registry = prometheus::Registry::new();
+    for col in p.obs().collectors() {
+        registry.register(col).expect("register");
+    }
+    let text = {
+        let mut buf = Vec::new();
+        prometheus::Encoder::encode(
+            &prometheus::TextEncoder::new(),
+            &registry.gather(),
+            &mut buf,
+        )
+        .expect("encode");
+        String::from_utf8(buf).expect("utf-8")
+    };
+    let mut all_down = vec![("s".to_string(), a, false), ("s".to_string(), b, false)];
+    all_down.sort();
+    assert_eq!(p.active_checks(), all_down, "as /api/v1/routers lists them");
+    for u in [a, b] {
+        assert!(
+            text.contains(&format!(
+                "lb_http_server_up{{server=\"{u}\",service=\"s\"}} 0"
+            )),
+            "{text}"
+        );
+    }
+    sick_a.store(false, Ordering::SeqCst);
+    let back = until_answers(&c, addr, &[("200 a", 20)]).await;
+    eprintln!("a passing its check again was back after {back:?}");
+    sick_b.store(false, Ordering::SeqCst);
+    until_answers(&c, addr, &[("200 a", 10), ("200 b", 10)]).await;
+    assert!(
+        checks_a.load(Ordering::SeqCst) >= 5 && checks_b.load(Ordering::SeqCst) >= 5,
+        "the checks went as configured (HEAD, Host, header): {checks_a:?} {checks_b:?}"
+    );
+    // An upstream gone from the registry: its checks stop and its series goes.
+    p.update_services(&services(&[("s", &[(b, 1)])]));
+    let before = checks_a.load(Ordering::SeqCst);
+    tokio::time::sleep(ms(400)).await;
+    assert!(
+        checks_a.load(Ordering::SeqCst) <= before + 1,
+        "no more checks of a"
+    );
+    let mut buf = Vec::new();
+    prometheus::Encoder::encode(
+        &prometheus::TextEncoder::new(),
+        &registry.gather(),
+        &mut buf,
+    )
+    .expect("encode");
+    let text = String::from_utf8(buf).expect("utf-8");
+    assert!(!text.contains(&format!("server=\"{a}\"")), "{text}");
+    assert!(
+        text.contains(&format!(
+            "lb_http_server_up{{server=\"{b}\",service=\"s\"}} 1"
+        )),
+        "{text}"
+    );
+}
+
+/// Who answers `n` requests to `host`: `200 <body>`, or the status alone.
+async fn answers_for(c: &C, addr: SocketAddr, host: &str, n: usize) -> BTreeMap<String, usize> {
+    let mut seen = BTreeMap::new();
+    for _ in 0..n {
+        let (code, body) = get(c, addr, host, "/", &[]).await;
+        let key = if code == 200 {
+            format!("200 {body}")
+        } else {
+            code.to_string()
+        };
+        *seen.entry(key).or_default() += 1;
+    }
+    seen
+}
+
+/// Traefik's `weighted` and `failover` services (lb.toml's `weighted`/`failover`): requests
+/// shared 3:1 between two services in the exact smooth-WRR order, a weighted service passing
+/// over the one whose upstreams are all down, and a failover going to its fallback while its
+/// main service's checks fail and back when they pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weighted_and_failover_services_follow_weights_and_checks() {
+    use lb_userspace::model::l7::{ActiveCheck, Composite};
+    let sick = Arc::new(AtomicBool::new(false));
+    let a = checked("a", sick.clone(), Arc::default()).await;
+    let b = upstream("b").await;
+    let ms = std::time::Duration::from_millis;
+    let check = ActiveCheck {
+        interval: ms(100),
+        unhealthy_interval: ms(100),
+        timeout: ms(100),
+        path: "/health".into(),
+        ..Default::default()
+    };
+    let specs = HashMap::from([
+        (
+            "v1".to_string(),
+            ServiceSpec {
+                health: Some(check),
+                ..Default::default()
+            },
+        ),
+        (
+            "w".to_string(),
+            ServiceSpec {
+                composite: Some(Composite::Weighted(vec![
+                    ("v1".into(), 3),
+                    ("v2".into(), 1),
+                ])),
+                ..Default::default()
+            },
+        ),
+        (
+            "f".to_string(),
+            ServiceSpec {
+                composite: Some(Composite::Failover {
+                    main: "v1".into(),
+                    fallback: "v2".into(),
+                }),
+                ..Default::default()
+            },
+        ),
+        // Composites of composites: all of `w`, by weight, through one more level.
+        (
+            "outer".to_string(),
+            ServiceSpec {
+                composite: Some(Composite::Weighted(vec![("w".into(), 1)])),
+                ..Default::default()
+            },
+        ),
+    ]);
+    let (p, addr) = start_with(
+        vec![
+            router("w", "Host(`w.test`)", "w", None),
+            router("f", "Host(`f.test`)", "f", None),
+            router("outer", "Host(`outer.test`)", "outer", None),
+        ],
+        &services(&[("v1", &[(a, 1)]), ("v2", &[(b, 1)])]),
+        specs,
+    )
+    .await;
+    assert!(
+        p.service_names().contains(&"v2".to_string()),
+        "a composite's services are asked of the registry: {:?}",
+        p.service_names()
+    );
+    let c = client();
+    let mut order = Vec::new();
+    for _ in 0..8 {
+        let (code, body) = get(&c, addr, "w.test", "/", &[]).await;
+        assert_eq!(code, 200);
+        order.push(body.split(' ').next().unwrap_or("").to_string());
+    }
+    assert_eq!(
+        order,
+        ["a", "a", "b", "a", "a", "a", "b", "a"],
+        "smooth WRR, 3:1"
+    );
+    let outer = answers_for(&c, addr, "outer.test", 8).await;
+    assert_eq!(outer.get("200 a"), Some(&6), "{outer:?}");
+    let f = answers_for(&c, addr, "f.test", 10).await;
+    assert_eq!(
+        f,
+        BTreeMap::from([("200 a".to_string(), 10)]),
+        "failover: all to main"
+    );
+    sick.store(true, Ordering::SeqCst);
+    let t = std::time::Instant::now();
+    loop {
+        let f = answers_for(&c, addr, "f.test", 10).await;
+        if f.keys().all(|k| k.starts_with("200 b")) {
+            break;
+        }
+        assert!(t.elapsed() < std::time::Duration::from_secs(5), "{f:?}");
+        tokio::time::sleep(ms(20)).await;
+    }
+    eprintln!(
+        "failover to the fallback {:?} after main's check failed",
+        t.elapsed()
+    );
+    let w = answers_for(&c, addr, "w.test", 12).await;
+    assert!(
+        w.keys().all(|k| k.starts_with("200 b")),
+        "weighted passes over a service with no upstream up: {w:?}"
+    );
+    sick.store(false, Ordering::SeqCst);
+    let t = std::time::Instant::now();
+    loop {
+        let f = answers_for(&c, addr, "f.test", 10).await;
+        if f == BTreeMap::from([("200 a".to_string(), 10)]) {
+            break;
+        }
+        assert!(t.elapsed() < std::time::Duration::from_secs(5), "{f:?}");
+        tokio::time::sleep(ms(20)).await;
+    }
+    eprintln!("back to main {:?} after its check passed", t.elapsed());
+}
+
+/// `passHostHeader: false` (lb.toml's `pass_host_header = false`): the upstream gets the name
+/// its server URL had, or its address, as `Host`; the client's goes on in `X-Forwarded-Host`.
+/// By default the client's `Host` is passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pass_host_header_false_sends_the_upstreams_own_host() {
+    let (a, b) = (upstream("a").await, upstream("b").await);
+    let specs = HashMap::from([
+        (
+            "named".to_string(),
+            ServiceSpec {
+                upstream_host: Some(BTreeMap::from([(a, "app.internal:8080".to_string())])),
+                ..Default::default()
+            },
+        ),
+        (
+            "addressed".to_string(),
+            ServiceSpec {
+                upstream_host: Some(BTreeMap::new()),
+                ..Default::default()
+            },
+        ),
+    ]);
+    let (_p, addr) = start_with(
+        vec![
+            router("named", "Host(`n.test`)", "named", None),
+            router("addressed", "Host(`a.test`)", "addressed", None),
+            router("passed", "Host(`p.test`)", "passed", None),
+        ],
+        &services(&[
+            ("named", &[(a, 1)]),
+            ("addressed", &[(b, 1)]),
+            ("passed", &[(b, 1)]),
+        ]),
+        specs,
+    )
+    .await;
+    let c = client();
+    let (_, body) = get(&c, addr, "n.test", "/", &[]).await;
+    assert!(body.contains("host=app.internal:8080"), "{body}");
+    let (_, body) = get(&c, addr, "a.test", "/", &[]).await;
+    assert!(body.contains(&format!("host={b}")), "{body}");
+    let (_, body) = get(&c, addr, "p.test", "/", &[]).await;
+    assert!(body.contains("host=p.test"), "{body}");
+}
+
 /// A slow upstream gets fewer requests under least-requests and P2C than its fast peers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn least_requests_and_p2c_steer_around_a_slow_upstream() {
@@ -534,6 +876,163 @@ async fn in_flight_limit_refuses_the_excess() {
         get(&client(), addr, "t", "/", &[]).await.0,
         200,
         "the slot is free again"
+    );
+}
+
+/// `inFlightReq` per source (Traefik's default, and its `sourceCriterion.requestHeaderName`):
+/// one tenant's request in flight does not count against another's, while a second of its own
+/// gets a 429; the per-source counts go when the requests end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_limit_per_source_counts_each_source_alone() {
+    let slow = slow(300).await;
+    let mws: HashMap<String, Arc<dyn Middleware>> = HashMap::from([
+        (
+            "tenant".to_string(),
+            mw("in_flight_req = { amount = 1, per = \"header\", source_header = \"x-tenant\" }"),
+        ),
+        (
+            "ip".to_string(),
+            mw("in_flight_req = { amount = 1, per = \"client_ip\" }"),
+        ),
+    ]);
+    let mut by_tenant = router("t", "Host(`t.test`)", "s", None);
+    by_tenant.middlewares = vec!["tenant".into()];
+    let mut by_ip = router("i", "Host(`i.test`)", "s", None);
+    by_ip.middlewares = vec!["ip".into()];
+    let (_p, addr) = start_full(
+        vec![by_tenant, by_ip],
+        &services(&[("s", &[(slow, 1)])]),
+        HashMap::new(),
+        mws,
+    )
+    .await;
+    let first = tokio::spawn(async move {
+        get(&client(), addr, "t.test", "/", &[("x-tenant", "a")])
+            .await
+            .0
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let other = tokio::spawn(async move {
+        get(&client(), addr, "t.test", "/", &[("x-tenant", "b")])
+            .await
+            .0
+    });
+    assert_eq!(
+        get(&client(), addr, "t.test", "/", &[("x-tenant", "a")])
+            .await
+            .0,
+        429,
+        "a second of a's while its first is in flight"
+    );
+    assert_eq!(
+        other.await.expect("b"),
+        200,
+        "another tenant is not held back"
+    );
+    assert_eq!(first.await.expect("first"), 200);
+    assert_eq!(
+        get(&client(), addr, "t.test", "/", &[("x-tenant", "a")])
+            .await
+            .0,
+        200,
+        "a's place is free again"
+    );
+    let first = tokio::spawn(async move { get(&client(), addr, "i.test", "/", &[]).await.0 });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert_eq!(
+        get(&client(), addr, "i.test", "/", &[]).await.0,
+        429,
+        "the same address, a second in flight"
+    );
+    assert_eq!(first.await.expect("first"), 200);
+    assert_eq!(
+        get(&client(), addr, "i.test", "/", &[]).await.0,
+        200,
+        "free again"
+    );
+}
+
+/// Retry's `status`, `disableRetryOnNetworkError` and `timeout` (Traefik's reference:
+/// routing/http/middlewares/retry): a 500 from one upstream is sent again to the other, so every
+/// request gets the good answer; without `status` the 500s come through; a refused connection
+/// is not tried again when network errors are excluded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_on_status_and_without_network_errors() {
+    let failing = Arc::new(AtomicBool::new(true));
+    let (bad, good) = (flaky("bad", failing.clone()).await, upstream("good").await);
+    let mws: HashMap<String, Arc<dyn Middleware>> = HashMap::from([
+        (
+            "on5xx".to_string(),
+            mw("retry = { attempts = 2, status = [\"500-599\"], timeout_ms = 5000 }"),
+        ),
+        ("plain".to_string(), mw("retry = { attempts = 2 }")),
+        (
+            "nonet".to_string(),
+            mw("retry = { attempts = 2, disable_retry_on_network_error = true }"),
+        ),
+    ]);
+    let mut on5xx = router("s", "Host(`s.test`)", "s", None);
+    on5xx.middlewares = vec!["on5xx".into()];
+    let mut plain = router("p", "Host(`p.test`)", "s", None);
+    plain.middlewares = vec!["plain".into()];
+    let mut nonet = router("n", "Host(`n.test`)", "d", None);
+    nonet.middlewares = vec!["nonet".into()];
+    let mut net = router("net", "Host(`net.test`)", "d", None);
+    net.middlewares = vec!["plain".into()];
+    let dead = dead();
+    let passive = ServiceSpec {
+        // Ejection would hide what the retries do.
+        passive: Passive {
+            failures: 1_000_000,
+            backoff: std::time::Duration::from_secs(1),
+        },
+        ..Default::default()
+    };
+    let (_p, addr) = start_full(
+        vec![on5xx, plain, nonet, net],
+        &services(&[
+            ("s", &[(bad, 1), (good, 1)]),
+            ("d", &[(dead, 1), (good, 1)]),
+        ]),
+        HashMap::from([
+            ("s".to_string(), passive.clone()),
+            ("d".to_string(), passive),
+        ]),
+        mws,
+    )
+    .await;
+    let c = client();
+    let tally = |host: &'static str| {
+        let c = c.clone();
+        async move {
+            let mut codes = BTreeMap::new();
+            for _ in 0..10 {
+                *codes
+                    .entry(get(&c, addr, host, "/", &[]).await.0)
+                    .or_insert(0) += 1;
+            }
+            codes
+        }
+    };
+    assert_eq!(
+        tally("s.test").await,
+        BTreeMap::from([(200, 10)]),
+        "500s sent again"
+    );
+    assert_eq!(
+        tally("p.test").await,
+        BTreeMap::from([(200, 5), (500, 5)]),
+        "an answer is an answer"
+    );
+    assert_eq!(
+        tally("net.test").await,
+        BTreeMap::from([(200, 10)]),
+        "refused: tried again"
+    );
+    assert_eq!(
+        tally("n.test").await,
+        BTreeMap::from([(200, 5), (502, 5)]),
+        "network errors excluded: not tried again"
     );
 }
 

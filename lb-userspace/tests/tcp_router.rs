@@ -277,6 +277,7 @@ fn tcp(
         priority,
         service: service.into(),
         tls,
+        guards: Default::default(),
     }
 }
 
@@ -864,4 +865,65 @@ async fn an_open_tcp_relay_does_not_hold_the_drain() {
     // The relay itself goes on.
     s.write_all(b"second\n").await.unwrap();
     assert_eq!(read_line(&mut s).await.expect("answer"), "echo: second");
+}
+
+/// Traefik's TCP middlewares, honoured (its reference: routing/tcp/middlewares): an `ipAllowList`
+/// that leaves this client out closes its connection before any upstream is contacted, one
+/// that includes it serves it; `inFlightConn` holds one client address to N connections at
+/// once, refusing the next until one closes, across a reload of the routers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_allow_lists_and_in_flight_limits_are_honoured() {
+    let echo = plain_upstream("echo", None).await;
+    let svcs = services(&[("echo", &[echo.addr])]);
+    let guarded = |allow: &[&str], in_flight: Option<u32>| {
+        let mut r = tcp("guarded", "HostSNI(`*`)", "echo", TlsMode::Plain, None);
+        r.guards.allow = vec![allow.iter().map(|a| a.parse().expect("cidr")).collect()];
+        r.guards.in_flight_per_ip = in_flight;
+        r
+    };
+    // Out of the list: closed, the upstream never contacted.
+    let before = echo.accepted.load(Ordering::SeqCst);
+    let (_p, addr) = start(None, vec![], vec![guarded(&["192.0.2.0/24"], None)], &svcs).await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    closed(&mut s).await;
+    assert_eq!(echo.accepted.load(Ordering::SeqCst), before);
+    // In it: served.
+    let (p, addr) = start(
+        None,
+        vec![],
+        vec![guarded(&["192.0.2.0/24", "127.0.0.0/8"], Some(2))],
+        &svcs,
+    )
+    .await;
+    let mut a = TcpStream::connect(addr).await.unwrap();
+    assert_eq!(exchange_open(&mut a, "one").await, "echo: one");
+    let mut b = TcpStream::connect(addr).await.unwrap();
+    assert_eq!(exchange_open(&mut b, "two").await, "echo: two");
+    // A third from the same address: closed while two are open, even after a reload.
+    p.set_tcp_routers(vec![guarded(&["127.0.0.0/8"], Some(2))]);
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    closed(&mut c).await;
+    drop(a);
+    // The count follows the closed connection down (its task ends when the relay does).
+    let t = Instant::now();
+    loop {
+        let mut d = TcpStream::connect(addr).await.unwrap();
+        d.write_all(b"three\n").await.unwrap();
+        if let Ok(Ok(line)) = tokio::time::timeout(Duration::from_secs(1), read_line(&mut d)).await
+        {
+            assert_eq!(line, "echo: three");
+            break;
+        }
+        assert!(t.elapsed() < WAIT, "a freed place never came back");
+    }
+    drop(b);
+}
+
+/// Sends one line and reads the answer, leaving the connection open.
+async fn exchange_open(s: &mut TcpStream, line: &str) -> String {
+    s.write_all(format!("{line}\n").as_bytes()).await.unwrap();
+    tokio::time::timeout(WAIT, read_line(s))
+        .await
+        .expect("answer in time")
+        .expect("answer")
 }

@@ -261,13 +261,11 @@ async fn traefik_yaml_and_toml_route_the_same() {
         );
     }
     assert_eq!(reports[0], reports[1], "YAML and TOML report the same");
-    assert_eq!(
-        reports[0],
-        vec![
-            "http.services.api.loadBalancer.healthCheck",
-            "http.services.both.weighted",
-        ],
-        "each unsupported key, by path (minVersion TLS 1.2 is what lb does: honoured, not reported)"
+    assert!(
+        reports[0].is_empty(),
+        "nothing unsupported (minVersion TLS 1.2 is what lb does: honoured, not reported; the \
+         healthCheck runs, against upstreams that answer it; `weighted` is served): {:?}",
+        reports[0]
     );
 }
 
@@ -280,11 +278,16 @@ fn bad_values_name_the_key_and_the_line() {
         "$2y$04$abcdefghijklmnopqrstuu5JvDPBbA2yQYTHX3Y6JQhM6l1pDq6Sy",
     )
     .replace("Host(`www.test`)", "Hots(`www.test`)");
-    let e = parse_any(Path::new("dynamic.yml"), &text).expect_err("a bad rule");
+    // The broken router is left out alone, at its line; the rest of the file applies.
+    let doc = parse_any(Path::new("dynamic.yml"), &text).expect("the rest applies");
+    let e = &doc.broken[0];
+    assert_eq!(doc.broken.len(), 1, "{:?}", doc.broken);
     assert!(
-        e.reason.starts_with("http.routers.site.rule: column 1"),
+        e.reason.starts_with("http.routers.site.rule: column 1") && e.reason.ends_with("left out"),
         "{e}"
     );
+    assert!(!doc.routing.routers.iter().any(|r| r.name == "site"));
+    assert!(!doc.routing.routers.is_empty(), "the other routers stay");
     let line = text
         .lines()
         .position(|l| l.contains("Hots("))
@@ -293,22 +296,30 @@ fn bad_values_name_the_key_and_the_line() {
     assert_eq!(e.line, line, "{e}");
 
     let text = toml_text(1, 2, 3, "$2y$04$x").replace("http://127.0.0.1:3", "ftp://127.0.0.1:3");
-    let e = parse_any(Path::new("dynamic.toml"), &text).expect_err("a bad URL");
+    let doc = parse_any(Path::new("dynamic.toml"), &text).expect("the rest applies");
     assert!(
-        e.reason
-            .contains("http.services.site.loadBalancer.servers[0].url"),
-        "{e}"
+        doc.broken.iter().any(|e| e
+            .reason
+            .contains("http.services.site.loadBalancer.servers[0].url")),
+        "{:?}",
+        doc.broken
+    );
+    assert!(
+        !doc.routing.routers.iter().any(|r| r.service == "site"),
+        "its routers go with it"
     );
     // An allow list that would check another address than the one meant is refused outright.
     let text = yaml(1, 2, 3, "$2y$04$x").replace(
         "    limit:\n",
         "    office:\n      ipAllowList:\n        sourceRange: [\"10.0.0.0/8\"]\n        ipStrategy:\n          depth: 1\n    limit:\n",
     );
-    let e = parse_any(Path::new("dynamic.yml"), &text).expect_err("ipStrategy");
+    let doc = parse_any(Path::new("dynamic.yml"), &text).expect("the rest applies");
     assert!(
-        e.reason
-            .starts_with("http.middlewares.office.ipAllowList.ipStrategy"),
-        "{e}"
+        doc.broken.iter().any(|e| e
+            .reason
+            .starts_with("http.middlewares.office.ipAllowList.ipStrategy")),
+        "{:?}",
+        doc.broken
     );
     let plain = yaml(1, 2, 3, "secret");
     let doc = parse_any(Path::new("d.yml"), &plain).expect("parses");
@@ -400,8 +411,14 @@ tcp:
   routers:
     db:
       rule: "HostSNI(`*`)"
+      entryPoints: [postgres]
       service: db
       middlewares: [office]
+    odddb:
+      rule: "HostSNI(`*`)"
+      entryPoints: [postgres]
+      service: db
+      middlewares: [odd]
     tlsdb:
       rule: "HostSNI(`db.test`)"
       service: db
@@ -417,6 +434,11 @@ tcp:
     office:
       ipAllowList:
         sourceRange: ["10.0.0.0/8"]
+    odd:
+      ipAllowList:
+        sourceRange: ["10.0.0.0/8"]
+        ipStrategy:
+          depth: 1
   services:
     db:
       loadBalancer:
@@ -462,21 +484,30 @@ async fn security_options_lb_cannot_honour_leave_their_routers_out() {
         .collect();
     assert_eq!(
         tcp,
-        vec!["passdb"],
-        "passthrough terminates no TLS: options do not apply"
+        vec!["db", "passdb"],
+        "passthrough terminates no TLS: options do not apply; an ipAllowList is honoured"
+    );
+    assert_eq!(
+        built.dynamic.tcp_routers[0].guards.allow,
+        vec![vec!["10.0.0.0/8".parse::<ipnet::IpNet>().expect("cidr")]]
     );
     // Each router left out is reported with what it needed.
-    let said = format!("{:?} {problems:?}", doc.unsupported);
+    let broken: Vec<String> = doc.broken.iter().map(|b| b.to_string()).collect();
+    let said = format!("{:?} {problems:?} {broken:?}", doc.unsupported);
     for (router, why) in [
         ("http.routers.mtls", "RequireAndVerifyClientCert"),
         ("http.routers.cafiles", "RequireAndVerifyClientCert"),
         ("http.routers.modern", "VersionTLS13"),
-        ("tcp.routers.db", "office"),
+        (
+            "tcp.middlewares.odd.ipAllowList.ipStrategy",
+            "not supported",
+        ),
+        ("tcp.routers.odddb: left out", "odd"),
         ("tcp.routers.tlsdb", "RequireAndVerifyClientCert"),
         ("http.middlewares.sso", "authResponseHeadersRegex"),
         ("http.middlewares.onlyhosts", "allowedHosts"),
-        ("router sso: left out", "sso"),
-        ("router hosts: left out", "onlyhosts"),
+        ("http.routers.sso: left out", "sso"),
+        ("http.routers.hosts: left out", "onlyhosts"),
     ] {
         assert!(
             said.contains(router) && said.contains(why),
@@ -521,4 +552,371 @@ fn default_tls_options_lb_cannot_honour_leave_every_tls_router_out() {
         said.contains("VerifyClientCertIfGiven") && said.contains("http.routers.a"),
         "{said}"
     );
+}
+
+/// `loadBalancer.healthCheck` and `passiveHealthCheck` as Traefik's reference writes them
+/// (docs/content/reference/routing-configuration/http/load-balancing/service.md, "Health
+/// Check" and "Passive Health Check", v3.7), in YAML and TOML, translate to the same checks;
+/// what lb cannot check as asked leaves the service (and its routers) out, by key.
+#[test]
+fn health_checks_translate_the_same_from_yaml_and_toml() {
+    let yaml = r#"
+http:
+  routers:
+    app:
+      rule: "Host(`app.test`)"
+      service: app
+  services:
+    app:
+      loadBalancer:
+        servers:
+          - url: "http://127.0.0.1:8081"
+        healthCheck:
+          path: /health?full=1
+          method: head
+          interval: 10s
+          unhealthyInterval: 2s
+          timeout: 3s
+          hostname: app.internal
+          port: 9000
+          status: 204
+          followRedirects: true
+          headers:
+            X-Check: lb
+        passiveHealthCheck:
+          failureWindow: 30s
+          maxFailedAttempts: 5
+"#;
+    let toml = r#"
+[http.routers.app]
+rule = "Host(`app.test`)"
+service = "app"
+
+[http.services.app.loadBalancer]
+[[http.services.app.loadBalancer.servers]]
+url = "http://127.0.0.1:8081"
+[http.services.app.loadBalancer.healthCheck]
+path = "/health?full=1"
+method = "head"
+interval = "10s"
+unhealthyInterval = "2s"
+timeout = "3s"
+hostname = "app.internal"
+port = 9000
+status = 204
+followRedirects = true
+[http.services.app.loadBalancer.healthCheck.headers]
+X-Check = "lb"
+[http.services.app.loadBalancer.passiveHealthCheck]
+failureWindow = "30s"
+maxFailedAttempts = 5
+"#;
+    let s = std::time::Duration::from_secs;
+    let want = lb_userspace::model::l7::ActiveCheck {
+        interval: s(10),
+        unhealthy_interval: s(2),
+        timeout: s(3),
+        path: "/health?full=1".into(),
+        method: "HEAD".into(),
+        hostname: Some("app.internal".into()),
+        port: Some(9000),
+        status: Some(204),
+        headers: vec![("X-Check".into(), "lb".into())],
+        rise: 1,
+        fall: 1,
+    };
+    for (file, text) in [("d.yml", yaml), ("d.toml", toml)] {
+        let doc = parse_any(Path::new(file), text).expect("parses");
+        assert!(doc.broken.is_empty(), "{file}: {:?}", doc.broken);
+        assert!(doc.unsupported.is_empty(), "{file}: {:?}", doc.unsupported);
+        let spec = &doc.routing.services["app"];
+        assert_eq!(spec.health.as_ref(), Some(&want), "{file}");
+        assert_eq!(
+            (spec.passive.failures, spec.passive.backoff),
+            (5, s(30)),
+            "{file}"
+        );
+        assert_eq!(doc.routing.routers.len(), 1);
+    }
+    // Traefik's defaults (interval 30s, timeout 5s, GET /), when only the path is said.
+    let doc = parse_any(
+        Path::new("d.yml"),
+        &yaml.replace(
+            "          method: head\n          interval: 10s\n          unhealthyInterval: 2s\n          timeout: 3s\n          hostname: app.internal\n          port: 9000\n          status: 204\n          followRedirects: true\n          headers:\n            X-Check: lb\n",
+            "",
+        ),
+    )
+    .expect("parses");
+    let h = doc.routing.services["app"].health.clone().expect("checked");
+    assert_eq!(
+        (
+            h.interval,
+            h.unhealthy_interval,
+            h.timeout,
+            h.method.as_str(),
+            h.status
+        ),
+        (s(30), s(30), s(5), "GET", None)
+    );
+    // What lb cannot check as asked: the service is left out with its router, by key.
+    for (from, to, says) in [
+        ("method: head", "mode: grpc", "healthCheck.mode"),
+        ("path: /health?full=1", "path: health", "healthCheck: path"),
+        ("method: head", "scheme: https", "healthCheck.scheme"),
+        ("timeout: 3s", "timeout: 1m", "healthCheck: timeout"),
+        (
+            "maxFailedAttempts: 5",
+            "maxFailedAttempts: 0",
+            "maxFailedAttempts",
+        ),
+    ] {
+        let doc = parse_any(Path::new("d.yml"), &yaml.replace(from, to)).expect("parses");
+        assert!(
+            doc.broken.iter().any(|e| e.reason.contains(says)),
+            "{to}: {:?}",
+            doc.broken
+        );
+        assert!(doc.routing.routers.is_empty(), "{to}: its router goes too");
+    }
+}
+
+/// `weighted` and `failover` services as Traefik's reference writes them
+/// (docs/content/reference/routing-configuration/http/load-balancing/service.md, "Weighted
+/// Round Robin" and "Failover", v3.7), in YAML and TOML: translated to the same composites, the
+/// services they name asked of the registry; one naming a service that is missing, broken or in
+/// a loop is left out with its routers, by key.
+#[test]
+fn weighted_and_failover_services_translate_the_same_from_yaml_and_toml() {
+    use lb_userspace::model::l7::Composite;
+    let yaml = r#"
+http:
+  routers:
+    canary:
+      rule: "Host(`app.test`)"
+      service: canary
+    ha:
+      rule: "Host(`ha.test`)"
+      service: ha@file
+  services:
+    canary:
+      weighted:
+        services:
+          - name: v1
+            weight: 3
+          - name: v2@file
+            weight: 1
+        healthCheck: {}
+    ha:
+      failover:
+        service: v1
+        fallback: canary
+        healthCheck: {}
+    v1:
+      loadBalancer:
+        servers:
+          - url: "http://127.0.0.1:8081"
+        healthCheck:
+          path: /health
+    v2:
+      loadBalancer:
+        servers:
+          - url: "http://127.0.0.1:8082"
+"#;
+    let toml = r#"
+[http.routers.canary]
+rule = "Host(`app.test`)"
+service = "canary"
+[http.routers.ha]
+rule = "Host(`ha.test`)"
+service = "ha@file"
+
+[http.services.canary.weighted]
+healthCheck = {}
+[[http.services.canary.weighted.services]]
+name = "v1"
+weight = 3
+[[http.services.canary.weighted.services]]
+name = "v2@file"
+weight = 1
+
+[http.services.ha.failover]
+service = "v1"
+fallback = "canary"
+healthCheck = {}
+
+[http.services.v1.loadBalancer]
+[[http.services.v1.loadBalancer.servers]]
+url = "http://127.0.0.1:8081"
+[http.services.v1.loadBalancer.healthCheck]
+path = "/health"
+
+[http.services.v2.loadBalancer]
+[[http.services.v2.loadBalancer.servers]]
+url = "http://127.0.0.1:8082"
+"#;
+    for (file, text) in [("d.yml", yaml), ("d.toml", toml)] {
+        let doc = parse_any(Path::new(file), text).expect("parses");
+        assert!(doc.broken.is_empty(), "{file}: {:?}", doc.broken);
+        assert!(doc.unsupported.is_empty(), "{file}: {:?}", doc.unsupported);
+        let s = &doc.routing.services;
+        assert_eq!(
+            s["canary"].composite,
+            Some(Composite::Weighted(vec![
+                ("v1".into(), 3),
+                ("v2".into(), 1)
+            ])),
+            "{file}"
+        );
+        assert_eq!(
+            s["ha"].composite,
+            Some(Composite::Failover {
+                main: "v1".into(),
+                fallback: "canary".into()
+            }),
+            "{file}"
+        );
+        assert_eq!(doc.routing.routers.len(), 2, "{file}");
+        assert!(doc.services.contains_key("v1") && doc.services.contains_key("v2"));
+    }
+    for (from, to, says, router) in [
+        ("name: v2@file", "name: v3", "no service \"v3\"", "canary"),
+        (
+            "fallback: canary",
+            "fallback: gone",
+            "no service \"gone\"",
+            "ha",
+        ),
+        (
+            "          - url: \"http://127.0.0.1:8082\"",
+            "          - url: \"ftp://127.0.0.1:8082\"",
+            "its service \"v2\" is not usable",
+            "canary",
+        ),
+        (
+            "            weight: 3",
+            "            weight: -3",
+            "weight",
+            "canary",
+        ),
+    ] {
+        let doc = parse_any(Path::new("d.yml"), &yaml.replace(from, to)).expect("parses");
+        assert!(
+            doc.broken.iter().any(|e| e.reason.contains(says)),
+            "{to}: {:?}",
+            doc.broken
+        );
+        assert!(
+            !doc.routing.routers.iter().any(|r| r.name == router),
+            "{to}: the router on the broken composite goes"
+        );
+    }
+    // Two composites naming each other: both broken, as a loop.
+    let looped = yaml.replace("name: v2@file", "name: ha");
+    let doc = parse_any(Path::new("d.yml"), &looped).expect("parses");
+    assert!(
+        doc.broken
+            .iter()
+            .any(|e| e.reason.contains("part of a loop")),
+        "{:?}",
+        doc.broken
+    );
+    assert!(doc.routing.routers.is_empty(), "{:?}", doc.routing.routers);
+}
+
+/// `passHostHeader: false` (Traefik's reference: routing/services, "Pass Host Header"): each
+/// server gets its URL's host and port as written; `true`, the default, passes the client's.
+#[test]
+fn pass_host_header_false_keeps_each_servers_url_host() {
+    let yaml = r#"
+http:
+  routers:
+    app:
+      rule: "Host(`app.test`)"
+      service: app
+  services:
+    app:
+      loadBalancer:
+        passHostHeader: false
+        servers:
+          - url: "http://localhost:8081/"
+          - url: "http://127.0.0.1:8082"
+"#;
+    let doc = parse_any(Path::new("d.yml"), yaml).expect("parses");
+    assert!(doc.unsupported.is_empty(), "{:?}", doc.unsupported);
+    let hosts = doc.routing.services["app"]
+        .upstream_host
+        .clone()
+        .expect("not the client's Host");
+    let mut values: Vec<&str> = hosts.values().map(String::as_str).collect();
+    values.sort();
+    assert_eq!(values, ["127.0.0.1:8082", "localhost:8081"]);
+    let doc = parse_any(
+        Path::new("d.yml"),
+        &yaml.replace("passHostHeader: false", "passHostHeader: true"),
+    )
+    .expect("parses");
+    assert_eq!(doc.routing.services["app"].upstream_host, None);
+}
+
+/// Retry as Traefik's reference writes it (routing/http/middlewares/retry, v3.7): every option
+/// read, `maxRequestBodyBytes` reported (lb replays only what a buffering middleware holds).
+#[test]
+fn retry_options_translate_from_yaml_and_toml() {
+    let yaml = r#"
+http:
+  middlewares:
+    test-retry:
+      retry:
+        attempts: 4
+        initialInterval: 100ms
+        timeout: 60s
+        maxRequestBodyBytes: 1024
+        status:
+          - "400"
+          - "500-599"
+        disableRetryOnNetworkError: true
+        retryNonIdempotentMethod: true
+"#;
+    let toml = r#"
+[http.middlewares.test-retry.retry]
+attempts = 4
+initialInterval = "100ms"
+timeout = "60s"
+maxRequestBodyBytes = 1024
+status = ["400", "500-599"]
+disableRetryOnNetworkError = true
+retryNonIdempotentMethod = true
+"#;
+    for (file, text) in [("d.yml", yaml), ("d.toml", toml)] {
+        let doc = parse_any(Path::new(file), text).expect("parses");
+        let Some((_, lb_userspace::model::middleware::MiddlewareConfig::Retry(r))) =
+            doc.routing.middlewares.first()
+        else {
+            panic!("{file}: {:?}", doc.routing.middlewares)
+        };
+        assert_eq!(
+            (
+                r.attempts,
+                r.initial_interval_ms,
+                r.timeout_ms,
+                r.status.clone(),
+                r.disable_retry_on_network_error,
+                r.retry_non_idempotent_method
+            ),
+            (
+                4,
+                100,
+                60_000,
+                vec!["400".to_string(), "500-599".to_string()],
+                true,
+                true
+            ),
+            "{file}"
+        );
+        assert_eq!(
+            unsupported(&doc.unsupported),
+            ["http.middlewares.test-retry.retry.maxRequestBodyBytes"],
+            "{file}"
+        );
+    }
 }

@@ -167,8 +167,10 @@ fn config_reloads_under_load_lose_no_request() -> Result<()> {
 }
 
 /// A Traefik dynamic configuration in a watched directory, as a Traefik user has it: its router
-/// and middleware serve through the running agent, what lb does not support shows in the
-/// provider's status, and removing the file takes the router away.
+/// and the middleware from another file of the directory serve through the running agent, what
+/// lb does not support shows in the provider's status, a broken router (a new one, and an edit
+/// of the serving one) is reported by file and line while the serving one keeps its last good
+/// version, and removing the files takes the router away.
 #[test]
 fn traefik_dynamic_configuration_routes_through_the_agent() -> Result<()> {
     use std::time::{Duration, Instant};
@@ -176,11 +178,19 @@ fn traefik_dynamic_configuration_routes_through_the_agent() -> Result<()> {
     lab.start_servers()?;
     let dir = lab.out_dir.join("dynamic");
     std::fs::create_dir_all(&dir)?;
-    let traefik = "http:\n  routers:\n    from-traefik:\n      rule: \"PathPrefix(`/t/`)\"\n      \
-                   service: web\n      middlewares:\n        - strip-t@file\n      observability:\n        \
-                   accessLogs: false\n  middlewares:\n    strip-t:\n      stripPrefix:\n        prefixes:\n          \
-                   - /t\n";
-    std::fs::write(dir.join("dynamic.yml"), traefik)?;
+    let router = |rule: &str| {
+        format!(
+            "http:\n  routers:\n    from-traefik:\n      rule: \"{rule}\"\n      \
+             service: web\n      middlewares:\n        - strip-t@file\n      observability:\n        \
+             accessLogs: false\n"
+        )
+    };
+    std::fs::write(dir.join("dynamic.yml"), router("PathPrefix(`/t/`)"))?;
+    // The middleware in another file: the directory is one configuration.
+    std::fs::write(
+        dir.join("middlewares.yml"),
+        "http:\n  middlewares:\n    strip-t:\n      stripPrefix:\n        prefixes:\n          - /t\n",
+    )?;
     let extra = format!(
         "\n[[entrypoint]]\nname = \"web\"\naddress = \"0.0.0.0:80\"\n\n\
          [[router]]\nname = \"only-root\"\nrule = \"Path(`/`)\"\nservice = \"web\"\n\n\
@@ -208,7 +218,32 @@ fn traefik_dynamic_configuration_routes_through_the_agent() -> Result<()> {
         status.contains("from-traefik.observability: not supported"),
         "the unsupported key is not reported: {status}"
     );
-    std::fs::remove_file(dir.join("dynamic.yml"))?;
+
+    // A new router without a rule, and the serving router's rule broken.
+    std::fs::write(
+        dir.join("more.yml"),
+        "http:\n  routers:\n    no-rule:\n      service: web\n",
+    )?;
+    std::fs::write(dir.join("dynamic.yml"), router("PathPrefix(`/t/`"))?;
+    let broken = || -> Result<String> {
+        let (_, status) = lab.api("GET", "/api/v1/status", None)?;
+        Ok(status)
+    };
+    wait_until("both broken routers reported", &|| {
+        let s = broken()?;
+        Ok(
+            s.contains("more.yml:3: http.routers.no-rule: rule is required; left out")
+                && s.contains("dynamic.yml:4: http.routers.from-traefik.rule")
+                && s.contains("keeping its last good version"),
+        )
+    })?;
+    ensure!(
+        get("/t/hello")? == 200,
+        "the serving router keeps its last good version"
+    );
+    for f in ["dynamic.yml", "middlewares.yml", "more.yml"] {
+        std::fs::remove_file(dir.join(f))?;
+    }
     wait_until("the router's removal", &|| Ok(get("/t/hello")? == 404))?;
     ensure!(get("/")? == 200, "lb.toml's router stays");
     Ok(())

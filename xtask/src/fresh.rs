@@ -239,6 +239,26 @@ fn count_tests(log: &str) -> (u64, u64) {
     (passed, failed)
 }
 
+/// What a passed check's root held at its largest (32 GiB measured), with room to spare.
+const NEEDED_BYTES: u64 = 40 << 30;
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Bytes an unprivileged writer could still put on the file system holding `path`.
+fn free_bytes(path: &Path) -> Result<u64> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a NUL-terminated path and `st` is written by statvfs before it is read.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("statvfs {}", path.display()));
+    }
+    // SAFETY: statvfs returned 0, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    Ok(st.f_bavail * st.f_frsize)
+}
+
 fn make_root(dir: &Path) -> Result<Root> {
     if dir.exists() {
         // A mount left under the old root would make removing it reach into the host's /dev.
@@ -258,6 +278,17 @@ fn make_root(dir: &Path) -> Result<Root> {
     }
     let root = dir.join("root");
     std::fs::create_dir_all(&root)?;
+    // A full disk shows up twenty minutes later as a linker's bus error, so refuse up front.
+    let free = free_bytes(&root)?;
+    if free < NEEDED_BYTES {
+        bail!(
+            "{} has {:.1} GiB free; the check needs {} GiB (the root, its toolchain and two \
+             builds of the workspace): free some (cargo clean) and run it again",
+            root.display(),
+            free as f64 / GIB,
+            NEEDED_BYTES / (1 << 30)
+        );
+    }
     let log = dir.join("debootstrap.log");
     let status = Command::new("debootstrap")
         .args([SUITE])

@@ -47,7 +47,8 @@ enum Cmd {
         #[arg(long, short, default_value = "lb.toml")]
         config: PathBuf,
     },
-    /// Check a config file and print what is wrong (file:line: field: reason).
+    /// Check a config file and the provider files it names; print what is wrong
+    /// (file:line: field: reason) and exit non-zero on any error.
     CheckConfig {
         #[arg(long, short, default_value = "lb.toml")]
         config: PathBuf,
@@ -200,11 +201,7 @@ fn run(cli: Cli) -> Result<()> {
             crate::agent::drop_capabilities();
             tokio::runtime::Runtime::new()?.block_on(crate::agent::run(&config))
         }
-        Cmd::CheckConfig { config } => {
-            let c = crate::sources::config::load(&config)?;
-            println!("{}: ok ({} VIPs)", config.display(), c.vips.len());
-            Ok(())
-        }
+        Cmd::CheckConfig { config } => check_config(&config),
         Cmd::Register {
             service,
             addr,
@@ -423,4 +420,53 @@ fn status(
         prev = cur;
         std::thread::sleep(period);
     }
+}
+
+/// `lb check-config`: lb.toml, then every file provider's files read as the agent reads them
+/// (Traefik directories merged, item by item), with the agent's messages. Redis and etcd are not
+/// reached: their records are checked when the agent reads them.
+fn check_config(config: &std::path::Path) -> Result<()> {
+    let c = crate::sources::config::load(config)?;
+    println!("{}: ok ({} VIPs)", config.display(), c.vips.len());
+    let mut errors = 0;
+    for f in &c.providers.files {
+        let mut src = crate::sources::file::FileSource::new(&f.path);
+        let (services, routing, rejected) = src.reload_all();
+        for e in &rejected {
+            println!("error: {e}");
+        }
+        for b in &routing.broken {
+            println!("error: {b}");
+        }
+        // What the proxy would refuse to build (a middleware's values), as the agent says it.
+        let (routers, problems) = crate::agent::proxy_check(routing.dynamic);
+        for p in &problems {
+            println!("error: {}: {p}", f.path.display());
+        }
+        let mut left_out = 0;
+        for u in &routing.unsupported {
+            if u.contains(": left out") {
+                left_out += 1;
+                println!("error: {u}");
+            } else {
+                println!("warning: {u}");
+            }
+        }
+        errors += rejected.len() + routing.broken.len() + problems.len() + left_out;
+        println!(
+            "{}: {} services, {} routers{}",
+            f.path.display(),
+            services.len(),
+            routers,
+            if rejected.is_empty() && routing.broken.is_empty() {
+                ""
+            } else {
+                " (after what is above)"
+            }
+        );
+    }
+    if errors > 0 {
+        bail!("{errors} errors (above); the agent would leave out what they name");
+    }
+    Ok(())
 }

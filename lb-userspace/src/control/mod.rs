@@ -195,16 +195,21 @@ impl Control {
                 rank,
                 routing,
                 unsupported,
+                broken,
             } => {
                 let routers = routing.routers.len();
                 for u in &unsupported {
                     warn!(provider, "routing: {u}");
                 }
+                for b in &broken {
+                    warn!(provider, "routing: broken: {b}");
+                }
                 // What the proxy cannot build from it, it reports itself (`Proxy::problems`).
                 if let Some(f) = &mut self.l7 {
                     f.dynamic.insert(provider.clone(), routing);
                 }
-                self.registry.routing(&provider, rank, routers, unsupported);
+                self.registry
+                    .routing(&provider, rank, routers, unsupported, broken);
             }
         }
     }

@@ -128,6 +128,10 @@ function renderAlerts(d) {
     if (p.last_error) {
       out.push(el("div", { class: "alert warn" }, el("b", {}, "Provider " + name), p.last_error));
     }
+    // Broken routers, services, middlewares: each kept at its last good version or left out.
+    for (const b of p.broken || []) {
+      out.push(el("div", { class: "alert warn", "data-broken": name }, el("b", {}, "Provider " + name + ": broken item"), b));
+    }
   }
   $("alerts").replaceChildren(...out);
 }

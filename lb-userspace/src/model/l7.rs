@@ -42,6 +42,97 @@ impl Default for Passive {
     }
 }
 
+/// Active checks of a service's upstreams, Traefik's `loadBalancer.healthCheck`: each upstream
+/// gets a request every `interval` (every `unhealthy_interval` while it is down); `fall` failed
+/// answers in a row take it out of the pool, `rise` good ones bring it back (Traefik: 1 and 1).
+/// A request to a service whose upstreams are all down gets a `503`: the check has said they
+/// cannot answer, and, unlike passive ejection, that is not a guess from a few errors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActiveCheck {
+    pub interval: Duration,
+    pub unhealthy_interval: Duration,
+    pub timeout: Duration,
+    /// Path and query, starting with `/`.
+    pub path: String,
+    /// An HTTP method token (`GET` by default, `HEAD` is common).
+    pub method: String,
+    /// The `Host` header (and nothing else: the address is the upstream's).
+    pub hostname: Option<String>,
+    /// Another port than the upstream's.
+    pub port: Option<u16>,
+    /// The one status that means healthy; any 2xx or 3xx when absent.
+    pub status: Option<u16>,
+    /// Extra request headers, validated.
+    pub headers: Vec<(String, String)>,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+impl Default for ActiveCheck {
+    /// Traefik's defaults.
+    fn default() -> Self {
+        ActiveCheck {
+            interval: Duration::from_secs(30),
+            unhealthy_interval: Duration::from_secs(30),
+            timeout: Duration::from_secs(5),
+            path: "/".into(),
+            method: "GET".into(),
+            hostname: None,
+            port: None,
+            status: None,
+            headers: Vec::new(),
+            rise: 1,
+            fall: 1,
+        }
+    }
+}
+
+impl ActiveCheck {
+    /// What a check must be to be sent as written: the same words for lb.toml and Traefik's
+    /// files (the caller names the key).
+    pub fn validate(&self) -> Result<(), String> {
+        let printable = |s: &str| s.bytes().all(|b| b.is_ascii_graphic());
+        if !self.path.starts_with('/') || !printable(&self.path) || self.path.len() > 2048 {
+            return Err(format!(
+                "path {:?}: expected an absolute path (and query) without spaces",
+                self.path
+            ));
+        }
+        if hyper::Method::from_bytes(self.method.as_bytes()).is_err() {
+            return Err(format!("method {:?} is not an HTTP method", self.method));
+        }
+        if let Some(h) = &self.hostname {
+            if h.is_empty() || !printable(h) || h.contains(['/', '@']) {
+                return Err(format!("hostname {h:?}: expected a host name"));
+            }
+        }
+        if self.port == Some(0) {
+            return Err("port 0".into());
+        }
+        if self.status.is_some_and(|s| !(100..=599).contains(&s)) {
+            return Err("status: expected 100..=599".into());
+        }
+        for (k, v) in &self.headers {
+            if hyper::header::HeaderName::from_bytes(k.as_bytes()).is_err()
+                || hyper::header::HeaderValue::from_str(v).is_err()
+            {
+                return Err(format!("header {k:?}: not a valid header name and value"));
+            }
+        }
+        let ms = Duration::from_millis;
+        if self.interval < ms(100) || self.unhealthy_interval < ms(100) {
+            return Err("interval and unhealthyInterval must be at least 100ms".into());
+        }
+        if self.timeout.is_zero() || self.timeout > self.interval.max(self.unhealthy_interval) {
+            return Err("timeout must be above 0 and at most the interval".into());
+        }
+        if self.rise == 0 || self.fall == 0 {
+            return Err("rise and fall must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
 /// How lb talks TLS to a service's upstreams.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct UpstreamTls {
@@ -141,6 +232,17 @@ pub struct TcpRouterSpec {
     /// A registry service: its instances are the upstreams.
     pub service: String,
     pub tls: TlsMode,
+    /// What a connection must pass before it is served (Traefik's TCP middlewares).
+    pub guards: TcpGuards,
+}
+
+/// Traefik's TCP middlewares: checked on every connection before anything is read or relayed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TcpGuards {
+    /// `ipAllowList`s: the client's address must be in each of them (one list per middleware).
+    pub allow: Vec<Vec<ipnet::IpNet>>,
+    /// `inFlightConn`: connections at once from one client address (the smallest of several).
+    pub in_flight_per_ip: Option<u32>,
 }
 
 /// Equal when configured the same (the compiled rule follows from its text).
@@ -153,6 +255,7 @@ impl PartialEq for TcpRouterSpec {
             self.priority,
             &self.service,
             self.tls,
+            &self.guards,
         ) == (
             &o.name,
             &o.entrypoints,
@@ -160,6 +263,7 @@ impl PartialEq for TcpRouterSpec {
             o.priority,
             &o.service,
             o.tls,
+            &o.guards,
         )
     }
 }
@@ -238,6 +342,39 @@ pub struct ServiceSpec {
     /// Connections in use to each upstream (one per request in flight, from the send to the
     /// answer's end). Beyond it a request waits up to `connect_timeout`, then gets a `503`.
     pub max_connections: usize,
+    /// Active checks of its upstreams; passive ejection only when absent.
+    pub health: Option<ActiveCheck>,
+    /// A service made of services: it has no upstreams of its own.
+    pub composite: Option<Composite>,
+    /// `None`: the upstreams get the client's `Host` (Traefik's `passHostHeader: true`).
+    /// `Some`: each gets its own, the name its server URL had (by address), or else its
+    /// address; the client's stays in `X-Forwarded-Host`.
+    pub upstream_host: Option<std::collections::BTreeMap<SocketAddr, String>>,
+}
+
+/// A service made of other services (Traefik's `weighted` and `failover`), by name. A service it
+/// names may be a composite too, up to [`MAX_COMPOSITE_DEPTH`] deep; one that has no upstream to
+/// send to (all taken out by their active checks, or none) is passed over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Composite {
+    /// Requests shared by weight (smooth weighted round robin) among the services that can take
+    /// them.
+    Weighted(Vec<(String, u32)>),
+    /// Everything to `main` while it has an upstream to send to, else to `fallback`.
+    Failover { main: String, fallback: String },
+}
+
+/// How many composites a request may pass through to reach upstreams (a loop would be endless).
+pub const MAX_COMPOSITE_DEPTH: usize = 8;
+
+impl Composite {
+    /// The services it names.
+    pub fn children(&self) -> Vec<&str> {
+        match self {
+            Composite::Weighted(list) => list.iter().map(|(n, _)| n.as_str()).collect(),
+            Composite::Failover { main, fallback } => vec![main.as_str(), fallback.as_str()],
+        }
+    }
 }
 
 /// Connecting to an upstream (TCP and TLS), unless a service says otherwise.
@@ -275,6 +412,9 @@ impl Default for ServiceSpec {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             idle_timeout: DEFAULT_UPSTREAM_IDLE_TIMEOUT,
             max_connections: DEFAULT_MAX_UPSTREAM_CONNECTIONS,
+            health: None,
+            composite: None,
+            upstream_host: None,
         }
     }
 }

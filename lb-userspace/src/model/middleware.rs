@@ -245,6 +245,22 @@ fn rate_limit_timeout_ms() -> u64 {
 #[serde(deny_unknown_fields)]
 pub struct InFlightReqConfig {
     pub amount: u64,
+    /// Whose requests are counted together: the router's all together (the default in
+    /// lb.toml), each client address's (Traefik's default), or each value of a header.
+    #[serde(default)]
+    pub per: InFlightPer,
+    /// With `per = "header"`: the header (requests without it count by client address).
+    #[serde(default)]
+    pub source_header: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum InFlightPer {
+    #[default]
+    Router,
+    ClientIp,
+    Header,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -270,6 +286,18 @@ pub struct RetryConfig {
     pub attempts: u32,
     #[serde(default = "initial_interval")]
     pub initial_interval_ms: u64,
+    /// Answers to send again too: statuses and ranges (`"502"`, `"500-599"`).
+    #[serde(default)]
+    pub status: Vec<String>,
+    /// No retry once this long has passed since the first attempt (0: no bound).
+    #[serde(default)]
+    pub timeout_ms: u64,
+    /// An attempt that got no answer is not sent again.
+    #[serde(default)]
+    pub disable_retry_on_network_error: bool,
+    /// POST, PATCH and the like are sent again too (when their body can be).
+    #[serde(default)]
+    pub retry_non_idempotent_method: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -321,4 +349,16 @@ fn default_encodings() -> Vec<String> {
 
 fn default_min() -> u64 {
     1024
+}
+
+/// What is weak about a hash lb accepts only because htpasswd and Traefik's documentation make
+/// them: `None` for bcrypt and argon2 (and for what is not a hash at all).
+pub fn weak_hash(hash: &str) -> Option<&'static str> {
+    if hash.starts_with("$apr1$") {
+        Some("$apr1$ is MD5, fast to guess (use htpasswd -B for bcrypt)")
+    } else if hash.starts_with("{SHA}") {
+        Some("{SHA} is unsalted SHA-1, fast to guess (use htpasswd -B for bcrypt)")
+    } else {
+        None
+    }
 }

@@ -17,6 +17,14 @@ pub use sources::{
     ClusterSpec, EtcdAuth, EtcdSpec, EtcdTls, FileProviderSpec, ProvidersSpec, RedisSpec,
 };
 
+/// A CIDR, or a bare address as its own /32 or /128: how every allow list, trusted-proxy list
+/// and `ClientIP` rule is written.
+pub fn ip_net(s: &str) -> Option<ipnet::IpNet> {
+    s.parse::<ipnet::IpNet>()
+        .ok()
+        .or_else(|| s.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
+}
+
 /// Names of VIPs and services: they appear in API paths and store keys.
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()

@@ -3,8 +3,11 @@
 //! ```text
 //! Host(`example.com`) && (PathPrefix(`/api`) || Header(`X-Api`, `1`)) && !Method(`DELETE`)
 //! ```
-//! Matchers: `Host`, `HostRegexp`, `Path`, `PathPrefix`, `PathRegexp`, `Method`, `Header`, `Query`,
-//! `ClientIP` (an address or CIDR). Arguments are in backticks or double quotes; `Host`, `Method`
+//! Matchers: `Host`, `HostRegexp`, `Path`, `PathPrefix`, `PathRegexp`, `Method`, `Header`,
+//! `HeaderRegexp`, `Query`, `QueryRegexp` (the query decoded as Go's `url.ParseQuery` decodes it,
+//! which is what Traefik matches), `ClientIP` (an address or CIDR). lb's own rules match a regex
+//! against the whole value; a Traefik file's match it anywhere, as Traefik v3 does
+//! ([`Rule::parse_traefik`]). Arguments are in backticks or double quotes; `Host`, `Method`
 //! and `ClientIP` accept several (any may match). A rule is compiled once per configuration —
 //! regexes included — into a [`Rule`] evaluated per request without allocating. Errors give the
 //! column (1-based) where the rule stops making sense.
@@ -43,7 +46,10 @@ enum Expr {
     PathRegexp(Regex),
     Method(Vec<String>),
     Header(String, String),
+    HeaderRegexp(String, Regex),
+    /// A query parameter (percent-decoded, `+` a space, as Go's `url.ParseQuery`) and a value.
     Query(String, String),
+    QueryRegexp(String, Regex),
     ClientIp(Vec<IpNet>),
     /// TCP: server names (lowercase), `*.suffix` wildcards and `*`.
     HostSni(Vec<String>),
@@ -183,6 +189,8 @@ struct Parser<'a> {
     pos: usize,
     end_col: usize,
     dialect: Dialect,
+    /// lb's own rules match a regex against the whole value; Traefik's (v3) anywhere in it.
+    anchored: bool,
 }
 
 impl Parser<'_> {
@@ -280,8 +288,14 @@ impl Parser<'_> {
             }
             Ok(())
         };
+        let anchored = self.anchored;
         let regex = |(col, s): &(usize, String)| {
-            Regex::new(&format!("^(?:{s})$")).map_err(|e| RuleError {
+            let re = if anchored {
+                format!("^(?:{s})$")
+            } else {
+                s.clone()
+            };
+            Regex::new(&re).map_err(|e| RuleError {
                 column: *col,
                 message: format!("bad regex: {e}"),
             })
@@ -370,9 +384,21 @@ impl Parser<'_> {
                 arity(2)?;
                 Expr::Header(args[0].1.to_ascii_lowercase(), args[1].1.clone())
             }
+            "HeaderRegexp" => {
+                arity(2)?;
+                Expr::HeaderRegexp(args[0].1.to_ascii_lowercase(), regex(&args[1])?)
+            }
+            // With one argument, the parameter is there with an empty value (`?debug`).
+            "Query" | "QueryRegexp" if args.len() == 1 => {
+                Expr::Query(args[0].1.clone(), String::new())
+            }
             "Query" => {
                 arity(2)?;
                 Expr::Query(args[0].1.clone(), args[1].1.clone())
+            }
+            "QueryRegexp" => {
+                arity(2)?;
+                Expr::QueryRegexp(args[0].1.clone(), regex(&args[1])?)
             }
             "ClientIP" => Expr::ClientIp(client_ips(&args)?),
             other => {
@@ -388,12 +414,10 @@ impl Parser<'_> {
 fn client_ips(args: &[(usize, String)]) -> Result<Vec<IpNet>, RuleError> {
     args.iter()
         .map(|(col, a)| {
-            a.parse::<IpNet>()
-                .or_else(|_| a.parse::<IpAddr>().map(IpNet::from))
-                .map_err(|_| RuleError {
-                    column: *col,
-                    message: format!("{a:?} is not an address or CIDR"),
-                })
+            super::ip_net(a).ok_or_else(|| RuleError {
+                column: *col,
+                message: format!("{a:?} is not an address or CIDR"),
+            })
         })
         .collect()
 }
@@ -445,13 +469,14 @@ fn sni_matches(pattern: &str, sni: Option<&str>) -> bool {
     }
 }
 
-fn parse_expr(src: &str, dialect: Dialect) -> Result<Expr, RuleError> {
+fn parse_expr(src: &str, dialect: Dialect, anchored: bool) -> Result<Expr, RuleError> {
     let toks = lex(src)?;
     let mut p = Parser {
         toks: &toks,
         pos: 0,
         end_col: src.chars().count() + 1,
         dialect,
+        anchored,
     };
     let expr = p.or()?;
     if p.pos != toks.len() {
@@ -461,9 +486,19 @@ fn parse_expr(src: &str, dialect: Dialect) -> Result<Expr, RuleError> {
 }
 
 impl Rule {
+    /// A rule of lb's own configuration: its regexes match whole values.
     pub fn parse(src: &str) -> Result<Rule, RuleError> {
         Ok(Rule {
-            expr: parse_expr(src, Dialect::Http)?,
+            expr: parse_expr(src, Dialect::Http, true)?,
+            default_priority: src.len() as i64,
+        })
+    }
+
+    /// A rule from a Traefik file, as Traefik v3 reads it: a regex matches anywhere in the value
+    /// unless it anchors itself (`^…$`), as Go's `regexp.MatchString` does.
+    pub fn parse_traefik(src: &str) -> Result<Rule, RuleError> {
+        Ok(Rule {
+            expr: parse_expr(src, Dialect::Http, false)?,
             default_priority: src.len() as i64,
         })
     }
@@ -478,7 +513,15 @@ impl TcpRule {
     /// termination), else plain TCP, where only `HostSNI(`*`)` and `ClientIP` can mean anything.
     pub fn parse(src: &str, tls: bool) -> Result<TcpRule, RuleError> {
         Ok(TcpRule {
-            expr: parse_expr(src, Dialect::Tcp { tls })?,
+            expr: parse_expr(src, Dialect::Tcp { tls }, true)?,
+            default_priority: src.len() as i64,
+        })
+    }
+
+    /// A TCP rule from a Traefik file: regexes unanchored, as in [`Rule::parse_traefik`].
+    pub fn parse_traefik(src: &str, tls: bool) -> Result<TcpRule, RuleError> {
+        Ok(TcpRule {
+            expr: parse_expr(src, Dialect::Tcp { tls }, false)?,
             default_priority: src.len() as i64,
         })
     }
@@ -532,15 +575,60 @@ impl Subject for RequestView<'_> {
                 .get_all(k.as_str())
                 .iter()
                 .any(|x| x.as_bytes() == v.as_bytes()),
-            Expr::Query(k, v) => r.query.is_some_and(|q| {
-                q.split('&').any(|kv| {
-                    kv.split_once('=').map_or((kv, ""), |(a, b)| (a, b)) == (k.as_str(), v.as_str())
-                })
-            }),
+            Expr::HeaderRegexp(k, re) => r
+                .headers
+                .get_all(k.as_str())
+                .iter()
+                .any(|x| std::str::from_utf8(x.as_bytes()).is_ok_and(|x| re.is_match(x))),
+            Expr::Query(k, v) => query_values(r.query, k).any(|x| x == v.as_str()),
+            Expr::QueryRegexp(k, re) => query_values(r.query, k).any(|x| re.is_match(&x)),
             Expr::ClientIp(nets) => nets.iter().any(|n| n.contains(&r.client_ip)),
             _ => false,
         }
     }
+}
+
+/// The values of parameter `key` in a query, decoded as Go's `url.ParseQuery` decodes them
+/// (what Traefik matches): `+` is a space, `%XX` a byte; a pair with a `;` or a bad escape is
+/// skipped, and so is one that does not decode to UTF-8.
+fn query_values<'a>(
+    query: Option<&'a str>,
+    key: &'a str,
+) -> impl Iterator<Item = std::borrow::Cow<'a, str>> + 'a {
+    query
+        .unwrap_or("")
+        .split('&')
+        .filter(|kv| !kv.is_empty() && !kv.contains(';'))
+        .filter_map(move |kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (unescape(k)? == key).then(|| unescape(v)).flatten()
+        })
+}
+
+/// `application/x-www-form-urlencoded` decoding; `None` for a bad escape or bytes that are not
+/// UTF-8. Borrows when there is nothing to decode (the usual case).
+fn unescape(s: &str) -> Option<std::borrow::Cow<'_, str>> {
+    if !s.contains(['%', '+']) {
+        return Some(std::borrow::Cow::Borrowed(s));
+    }
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = |c: u8| (c as char).to_digit(16);
+                let hi = hex(*b.get(i + 1)?)?;
+                let lo = hex(*b.get(i + 2)?)?;
+                out.push((hi * 16 + lo) as u8);
+                i += 2;
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok().map(std::borrow::Cow::Owned)
 }
 
 #[cfg(test)]
@@ -617,6 +705,63 @@ mod tests {
             let r2 = Rule::parse(rule).unwrap_or_else(|e| panic!("{rule}: {e}"));
             assert_eq!(r2.matches(&r), *want, "{rule}");
         }
+    }
+
+    /// Traefik v3's `HeaderRegexp`, `QueryRegexp` and `Query` (its reference: routing/routers,
+    /// "Rules"): header values and decoded query values, regexes unanchored in a Traefik rule and
+    /// whole-value in lb's own.
+    #[test]
+    fn header_and_query_matchers_read_as_traefik_reads_them() {
+        let mut h = hyper::HeaderMap::new();
+        h.append("x-version", "v2.1".parse().unwrap());
+        h.append("x-version", "beta".parse().unwrap());
+        let r = view(
+            "example.com",
+            "/api/v2/users",
+            "GET",
+            Some("name=J%C3%BCrgen+M&flag&debug=&bad=%zz&a;b=1&tag=x1&tag=y22"),
+            &h,
+        );
+        let both: &[(&str, bool)] = &[
+            ("HeaderRegexp(`X-Version`, `^v[0-9]+\\.[0-9]+$`)", true),
+            ("HeaderRegexp(`X-Version`, `^gamma$`)", false),
+            ("HeaderRegexp(`X-Other`, `.*`)", false),
+            ("Query(`name`, `Jürgen M`)", true),
+            ("Query(`name`, `J%C3%BCrgen+M`)", false),
+            ("Query(`flag`)", true),
+            ("Query(`debug`)", true),
+            ("Query(`missing`)", false),
+            ("Query(`bad`, `%zz`)", false),
+            ("Query(`b`, `1`)", false),
+            ("QueryRegexp(`tag`, `^y[0-9]+$`)", true),
+            ("QueryRegexp(`tag`, `^z`)", false),
+            ("QueryRegexp(`flag`)", true),
+        ];
+        for (rule, want) in both {
+            for parse in [Rule::parse, Rule::parse_traefik] {
+                let got = parse(rule)
+                    .unwrap_or_else(|e| panic!("{rule}: {e}"))
+                    .matches(&r);
+                assert_eq!(got, *want, "{rule}");
+            }
+        }
+        // A regex that does not anchor itself: anywhere in a Traefik rule, the whole value in lb's.
+        for (rule, traefik, lb) in [
+            ("PathRegexp(`/v[0-9]+/`)", true, false),
+            ("PathRegexp(`^/api/v[0-9]+/users$`)", true, true),
+            ("HostRegexp(`example`)", true, false),
+            ("HeaderRegexp(`X-Version`, `et`)", true, false),
+            ("QueryRegexp(`tag`, `2`)", true, false),
+        ] {
+            assert_eq!(
+                Rule::parse_traefik(rule).unwrap().matches(&r),
+                traefik,
+                "{rule}"
+            );
+            assert_eq!(Rule::parse(rule).unwrap().matches(&r), lb, "{rule}");
+        }
+        assert!(Rule::parse("HeaderRegexp(`X-A`)").is_err());
+        assert!(Rule::parse("QueryRegexp(`a`, `(`)").is_err());
     }
 
     #[test]

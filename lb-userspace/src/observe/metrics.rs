@@ -392,6 +392,13 @@ fn control_plane(s: &mut Scrape, snap: &Snapshot) -> Result<()> {
         }),
     )?;
     s.gauge(
+        "lb_provider_broken_items",
+        "Items of a provider's routing lb could not use (each kept at its last good version or left out; the rest applies)",
+        &["provider"],
+        p.iter()
+            .map(|(n, st)| (vec![n.as_str()], st.broken.len() as f64)),
+    )?;
+    s.gauge(
         "lb_provider_instances",
         "Instances a provider reports",
         &["provider"],

@@ -218,6 +218,9 @@ pub struct Pool {
     pub algorithm: Algorithm,
     pub budget: RetryBudget,
     members: Vec<(Arc<Upstream>, i64)>,
+    /// Per member, the active checks' verdict (`true`: down) when the service is checked;
+    /// empty when it is not.
+    down: Vec<Option<Arc<AtomicBool>>>,
     /// Every member's index: the candidates when none is ejected (or all are).
     all: Vec<usize>,
     /// Smooth WRR's current weights.
@@ -238,23 +241,51 @@ impl Pool {
             algorithm,
             all: (0..n).collect(),
             members,
+            down: Vec::new(),
             budget: RetryBudget::default(),
             current: Mutex::new(vec![0; n]),
             cursor: Default::default(),
         }
     }
 
+    /// Attaches the active checks' verdicts: `verdict(addr)` is the flag its checker keeps.
+    pub fn with_checks(mut self, verdict: impl Fn(SocketAddr) -> Option<Arc<AtomicBool>>) -> Pool {
+        self.down = self.members.iter().map(|(u, _)| verdict(u.addr)).collect();
+        self
+    }
+
     pub fn len(&self) -> usize {
         self.members.len()
     }
 
-    /// The upstream a sticky cookie names, if it is still in the pool and not ejected.
+    /// Its members' addresses.
+    pub fn addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.members.iter().map(|(u, _)| u.addr)
+    }
+
+    /// Whether a request could go to one of its upstreams: one its active checks did not take
+    /// out (a passively ejected one still answers when it is the last).
+    pub fn available(&self) -> bool {
+        (0..self.members.len()).any(|i| !self.checked_down(i))
+    }
+
+    /// Whether the active checks have taken member `i` out.
+    fn checked_down(&self, i: usize) -> bool {
+        self.down
+            .get(i)
+            .and_then(Option::as_ref)
+            .is_some_and(|d| d.load(Ordering::Acquire))
+    }
+
+    /// The upstream a sticky cookie names, if it is still in the pool and neither ejected nor
+    /// down.
     pub fn by_key(&self, key: u64, now: Instant) -> Option<Arc<Upstream>> {
-        self.members
-            .iter()
-            .map(|(u, _)| u)
-            .find(|u| sticky_key(u.addr) == key && !u.ejected(now))
-            .cloned()
+        (0..self.members.len())
+            .find(|&i| {
+                let u = &self.members[i].0;
+                sticky_key(u.addr) == key && !u.ejected(now) && !self.checked_down(i)
+            })
+            .map(|i| self.members[i].0.clone())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -262,21 +293,30 @@ impl Pool {
     }
 
     /// Picks an upstream. Ejected ones are skipped while any other is available (if all are
-    /// ejected, they are all candidates: answering beats refusing). `rand` gives uniform u64s.
+    /// ejected, they are all candidates: answering beats refusing). Ones the active checks took
+    /// out are never candidates: with all of them down there is none. `rand` gives uniform u64s.
     pub fn pick(&self, now: Instant, rand: &mut impl FnMut() -> u64) -> Option<Arc<Upstream>> {
-        // Usually none is ejected: every member is a candidate, from a list made once.
+        // Usually none is ejected or down: every member is a candidate, from a list made once.
         let healthy: Vec<usize>;
-        let cands: &[usize] = if self.members.iter().all(|(u, _)| !u.ejected(now)) {
+        let cands: &[usize] = if (0..self.members.len())
+            .all(|i| !self.members[i].0.ejected(now) && !self.checked_down(i))
+        {
             &self.all
         } else {
-            healthy = (0..self.members.len())
+            let alive: Vec<usize> = (0..self.members.len())
+                .filter(|&i| !self.checked_down(i))
+                .collect();
+            let answering: Vec<usize> = alive
+                .iter()
+                .copied()
                 .filter(|&i| !self.members[i].0.ejected(now))
                 .collect();
-            if healthy.is_empty() {
-                &self.all
+            healthy = if answering.is_empty() {
+                alive
             } else {
-                &healthy
-            }
+                answering
+            };
+            &healthy
         };
         if cands.is_empty() {
             return None;
@@ -537,5 +577,53 @@ mod tests {
         assert_eq!(start.elapsed(), Duration::from_secs(2));
         drop(b);
         assert_eq!(u.busy(), 1, "only `_c` is held: every other slot came back");
+    }
+
+    #[test]
+    fn members_the_checks_took_out_are_never_picked() {
+        let u = ups(3);
+        let flags: Vec<Arc<AtomicBool>> = (0..3).map(|_| Arc::default()).collect();
+        let verdict = |a: SocketAddr| u.iter().position(|x| x.addr == a).map(|i| flags[i].clone());
+        let now = crate::clock::now();
+        for alg in [
+            Algorithm::WeightedRoundRobin,
+            Algorithm::Random,
+            Algorithm::LeastRequests,
+            Algorithm::P2c,
+        ] {
+            let p = Pool::new(alg, u.iter().map(|x| (x.clone(), 1)).collect()).with_checks(verdict);
+            flags[1].store(true, Ordering::Release);
+            let t = tally(&p, 300, now, &mut rng(3));
+            assert_eq!(t[1], 0, "{alg:?}: {t:?}");
+            assert!(t[0] > 0 && t[2] > 0, "{alg:?}: {t:?}");
+            assert!(p.by_key(sticky_key(u[1].addr), now).is_none());
+            assert!(p.by_key(sticky_key(u[0].addr), now).is_some());
+            // Passive ejection of the others does not bring a checked-down member back.
+            let passive = Passive {
+                failures: 1,
+                backoff: Duration::from_secs(60),
+            };
+            u[0].record(false, Duration::from_millis(1), &passive, now);
+            u[2].record(false, Duration::from_millis(1), &passive, now);
+            for _ in 0..20 {
+                let got = p
+                    .pick(now, &mut rng(5))
+                    .expect("an ejected member still answers");
+                assert_ne!(got.addr, u[1].addr, "{alg:?}");
+            }
+            // All down: no upstream, so the caller answers 503.
+            flags[0].store(true, Ordering::Release);
+            flags[2].store(true, Ordering::Release);
+            assert!(p.pick(now, &mut rng(5)).is_none(), "{alg:?}");
+            // Back up: picked again.
+            flags[1].store(false, Ordering::Release);
+            assert_eq!(p.pick(now, &mut rng(5)).expect("up").addr, u[1].addr);
+            for f in &flags {
+                f.store(false, Ordering::Release);
+            }
+            let later = now + Duration::from_secs(3600);
+            u[0].record(true, Duration::from_millis(1), &passive, later);
+            u[2].record(true, Duration::from_millis(1), &passive, later);
+        }
     }
 }

@@ -14,6 +14,7 @@ pub mod balance;
 pub mod client;
 pub mod conn;
 pub mod dynamic;
+pub mod health;
 pub mod limits;
 pub mod middleware;
 pub mod normalise;
@@ -106,11 +107,112 @@ struct Svc {
     client: UpstreamClient,
 }
 
+/// Starts (or keeps) a checked service's active checks on its upstreams; returns their flags.
+type Checked<'a> = dyn FnMut(
+        &str,
+        &ServiceSpec,
+        &UpstreamClient,
+        &[SocketAddr],
+    ) -> HashMap<SocketAddr, Arc<std::sync::atomic::AtomicBool>>
+    + 'a;
+
 /// Routes per entry point (highest priority first) and a pool per service.
 pub struct Table {
     routes: HashMap<String, Vec<Arc<Route>>>,
     pools: HashMap<String, Svc>,
+    /// Services made of services, by name.
+    composites: HashMap<String, Mixed>,
     tcp: tcp::Routes,
+}
+
+/// A composite as the table holds it.
+enum Mixed {
+    /// Smooth WRR over the named services, with its current weights.
+    Weighted(Vec<(String, i64)>, std::sync::Mutex<Vec<i64>>),
+    Failover {
+        main: String,
+        fallback: String,
+    },
+}
+
+impl Table {
+    /// The service with upstreams a request to `name` goes to: composites resolved (weighted by
+    /// their weights among the services that have an upstream to send to, failover to `main`
+    /// while it has one), at most [`MAX_COMPOSITE_DEPTH`] deep.
+    fn service(&self, name: &str) -> Option<&Svc> {
+        let mut name = name;
+        for _ in 0..=crate::model::l7::MAX_COMPOSITE_DEPTH {
+            if let Some(s) = self.pools.get(name) {
+                return Some(s);
+            }
+            name = match self.composites.get(name)? {
+                Mixed::Weighted(children, current) => {
+                    let up: Vec<usize> = (0..children.len())
+                        .filter(|&i| self.available(&children[i].0, 0))
+                        .collect();
+                    let mut cur = current.lock().unwrap_or_else(|p| p.into_inner());
+                    let total: i64 = up.iter().map(|&i| children[i].1).sum();
+                    let mut best: Option<usize> = None;
+                    for &i in &up {
+                        cur[i] += children[i].1;
+                        if best.is_none_or(|b| cur[i] > cur[b]) {
+                            best = Some(i);
+                        }
+                    }
+                    let b = best?;
+                    cur[b] -= total;
+                    &children[b].0
+                }
+                Mixed::Failover { main, fallback } => {
+                    if self.available(main, 0) {
+                        main
+                    } else {
+                        fallback
+                    }
+                }
+            };
+        }
+        None
+    }
+
+    /// Whether `name` has an upstream a request could go to now (one its active checks did not
+    /// take out; passive ejection is a guess, and the pool still answers through it).
+    fn available(&self, name: &str, depth: usize) -> bool {
+        if depth > crate::model::l7::MAX_COMPOSITE_DEPTH {
+            return false;
+        }
+        if let Some(s) = self.pools.get(name) {
+            return s.pool.available();
+        }
+        match self.composites.get(name) {
+            Some(Mixed::Weighted(children, _)) => {
+                children.iter().any(|(c, _)| self.available(c, depth + 1))
+            }
+            Some(Mixed::Failover { main, fallback }) => {
+                self.available(main, depth + 1) || self.available(fallback, depth + 1)
+            }
+            None => false,
+        }
+    }
+}
+
+/// The services `names` send to, through composites: what needs a pool and instances.
+fn with_children(names: Vec<String>, specs: &HashMap<String, ServiceSpec>) -> Vec<String> {
+    let mut seen: std::collections::HashSet<String> = names.iter().cloned().collect();
+    let mut out = names.clone();
+    let mut todo = names;
+    while let Some(n) = todo.pop() {
+        let Some(c) = specs.get(&n).and_then(|s| s.composite.as_ref()) else {
+            continue;
+        };
+        for child in c.children() {
+            if seen.insert(child.to_string()) {
+                out.push(child.to_string());
+                todo.push(child.to_string());
+            }
+        }
+    }
+    out
 }
 
 impl Table {
@@ -119,6 +221,7 @@ impl Table {
         services: &Services,
         upstream: &mut dyn FnMut(SocketAddr) -> Arc<Upstream>,
         client: &mut dyn FnMut(ClientKey) -> Option<UpstreamClient>,
+        checked: &mut Checked<'_>,
         metrics: &obs::Http,
     ) -> Table {
         let L7Config {
@@ -163,9 +266,33 @@ impl Table {
             .chain(tcp_routers.iter().map(|r| r.service.clone()))
             .chain(mirrors)
             .collect();
-        for name in wanted {
-            if pools.contains_key(&name) {
+        let mut composites = HashMap::new();
+        for name in with_children(wanted, specs) {
+            if pools.contains_key(&name) || composites.contains_key(&name) {
                 continue;
+            }
+            match specs.get(&name).and_then(|s| s.composite.as_ref()) {
+                Some(crate::model::l7::Composite::Weighted(list)) => {
+                    let list: Vec<(String, i64)> = list
+                        .iter()
+                        .filter(|(_, w)| *w > 0)
+                        .map(|(n, w)| (n.clone(), i64::from(*w)))
+                        .collect();
+                    let current = std::sync::Mutex::new(vec![0; list.len()]);
+                    composites.insert(name, Mixed::Weighted(list, current));
+                    continue;
+                }
+                Some(crate::model::l7::Composite::Failover { main, fallback }) => {
+                    composites.insert(
+                        name,
+                        Mixed::Failover {
+                            main: main.clone(),
+                            fallback: fallback.clone(),
+                        },
+                    );
+                    continue;
+                }
+                None => {}
             }
             let members: Vec<(Arc<Upstream>, u32)> = services
                 .get(&name)
@@ -181,10 +308,16 @@ impl Table {
             let Some(client) = client(spec.client_key()) else {
                 continue;
             };
+            let mut pool = Pool::new(spec.algorithm, members);
+            if spec.health.is_some() {
+                let addrs: Vec<SocketAddr> = pool.addrs().collect();
+                let flags = checked(&name, &spec, &client, &addrs);
+                pool = pool.with_checks(|a| flags.get(&a).cloned());
+            }
             pools.insert(
                 name,
                 Svc {
-                    pool: Arc::new(Pool::new(spec.algorithm, members)),
+                    pool: Arc::new(pool),
                     spec,
                     client,
                 },
@@ -193,6 +326,7 @@ impl Table {
         Table {
             routes,
             pools,
+            composites,
             tcp: tcp::Routes::build(entrypoints, tcp_routers),
         }
     }
@@ -245,9 +379,12 @@ pub fn wanted_services<'a>(
             );
         };
     add(&base.routers, &base.tcp_routers, &base.specs);
+    let mut specs = base.specs.clone();
     for d in dynamic {
         add(&d.routers, &d.tcp_routers, &d.services);
+        specs.extend(d.services.iter().map(|(k, v)| (k.clone(), v.clone())));
     }
+    let mut v = with_children(v, &specs);
     v.sort();
     v.dedup();
     v
@@ -287,6 +424,10 @@ pub struct Proxy {
     updating: std::sync::Mutex<()>,
     /// Request metrics and the access log.
     obs: Arc<obs::Http>,
+    /// Active checks of the services that have them; their verdicts outlive table swaps.
+    checks: health::Checks,
+    /// TCP routers' connections per client address (`inFlightConn`), across table swaps.
+    tcp_in_flight: tcp::InFlightConns,
 }
 
 /// The most mirror copies in flight at once; beyond it copies are skipped.
@@ -371,6 +512,7 @@ impl Proxy {
         let empty = Table {
             routes: HashMap::new(),
             pools: HashMap::new(),
+            composites: HashMap::new(),
             tcp: Default::default(),
         };
         let conf = Arc::new(L7Config {
@@ -397,6 +539,8 @@ impl Proxy {
             certificates_changed: tokio::sync::Notify::new(),
             updating: std::sync::Mutex::new(()),
             obs: Default::default(),
+            checks: Default::default(),
+            tcp_in_flight: Default::default(),
         };
         proxy.update_services(services);
         proxy
@@ -656,7 +800,24 @@ impl Proxy {
                 }
             }
         };
-        let table = Table::build(&conf, &services, &mut get, &mut client, &self.obs);
+        let mut checked_services = std::collections::HashSet::new();
+        let mut checked =
+            |name: &str, spec: &ServiceSpec, client: &UpstreamClient, addrs: &[SocketAddr]| {
+                let Some(check) = &spec.health else {
+                    return HashMap::new();
+                };
+                checked_services.insert(name.to_string());
+                self.checks.sync(name, check, client, addrs, &self.obs)
+            };
+        let table = Table::build(
+            &conf,
+            &services,
+            &mut get,
+            &mut client,
+            &mut checked,
+            &self.obs,
+        );
+        self.checks.keep_only(&checked_services, &self.obs);
         self.obs.set_secret_queries(
             conf.middlewares
                 .values()
@@ -667,6 +828,11 @@ impl Proxy {
         *known = keep;
         self.table.store(Arc::new(table));
         self.builds.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Every actively checked upstream, by service, and whether it passes.
+    pub fn active_checks(&self) -> Vec<(String, SocketAddr, bool)> {
+        self.checks.verdicts()
     }
 
     /// The registry services the routers (HTTP and TCP) send to.

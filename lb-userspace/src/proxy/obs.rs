@@ -79,6 +79,8 @@ pub struct Http {
     idle_connections: IntGaugeVec,
     connections: IntCounterVec,
     handshakes: IntCounterVec,
+    /// 1 while a checked upstream passes its service's active checks, 0 while it fails them.
+    server_up: IntGaugeVec,
     /// Every (entry point, router, service) handed out, to reuse handles across rebuilds.
     routes: Mutex<HashMap<(String, String, String), Arc<RouteStats>>>,
     /// Requests no router took (404, 431, ACME answers), per entry point.
@@ -151,6 +153,11 @@ impl Default for Http {
                 "lb_tls_handshakes_total",
                 "TLS handshakes on an entry point, by result (ok, error)",
                 &["entrypoint", "result"],
+            ),
+            server_up: gauge_vec(
+                "lb_http_server_up",
+                "1 while an upstream passes its service's active health checks, 0 while it fails them",
+                &["service", "server"],
             ),
             routes: Mutex::new(HashMap::new()),
             unrouted: RwLock::new(HashMap::new()),
@@ -228,7 +235,25 @@ impl Http {
             Box::new(self.idle_connections.clone()),
             Box::new(self.connections.clone()),
             Box::new(self.handshakes.clone()),
+            Box::new(self.server_up.clone()),
         ]
+    }
+
+    /// The gauge of `server`'s active checks in `service`.
+    pub fn server_up(&self, service: &str, server: std::net::SocketAddr) -> prometheus::IntGauge {
+        let g = self
+            .server_up
+            .with_label_values(&[service, &server.to_string()]);
+        // Up until a check says otherwise, as the pools see it.
+        g.set(1);
+        g
+    }
+
+    /// Drops the series of an upstream no longer checked.
+    pub fn forget_server(&self, service: &str, server: std::net::SocketAddr) {
+        let _ = self
+            .server_up
+            .remove_label_values(&[service, &server.to_string()]);
     }
 
     /// The handles of `router` (to `service`) on `entrypoint`: created once, reused by every

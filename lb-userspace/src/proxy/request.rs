@@ -114,7 +114,7 @@ impl Proxy {
         req: Request<Body>,
         trace: &mut obs::Trace,
     ) -> Response<Body> {
-        let Some(svc) = table.pools.get(&route.spec.service) else {
+        let Some(svc) = table.service(&route.spec.service) else {
             return failure(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no upstream for this service",
@@ -131,13 +131,14 @@ impl Proxy {
                         Err(()) => return text(StatusCode::BAD_REQUEST, "incomplete request body"),
                     }
                 }
-                if let (Some(b), Some(shadow)) = (&out.replay, table.pools.get(&m.service)) {
+                if let (Some(b), Some(shadow)) = (&out.replay, table.service(&m.service)) {
                     self.mirror(shadow, &out.parts, b.clone());
                 }
             }
         }
         let attempts = ctx.retry.map_or(spec.retries + 1, |p| p.attempts) as usize;
         let mut tried: Vec<SocketAddr> = Vec::new();
+        let began = crate::clock::now();
         pool.budget.deposit();
         loop {
             if let Some(p) = ctx.retry {
@@ -177,9 +178,49 @@ impl Proxy {
             };
             // No attempt can follow this one: the head moves instead of being copied.
             let last = !out.replayable() || tried.len() + 1 >= attempts;
-            let request = out.upstream_request(uri, last);
+            let mut request = out.upstream_request(uri, last);
+            if let Some(hosts) = &spec.upstream_host {
+                let host = match hosts.get(&upstream.addr) {
+                    Some(h) => HeaderValue::from_str(h).ok(),
+                    None => upstream
+                        .authority
+                        .as_ref()
+                        .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+                };
+                if let Some(h) = host {
+                    request.headers_mut().insert(header::HOST, h);
+                }
+            }
             let (error, fault) = match self.attempt(svc, &upstream, &out, request, trace).await {
                 Attempt::Answered { resp, pending } => {
+                    // A status the router's retry names: sent again, as a failed attempt is,
+                    // when the request can be and time and the budget allow.
+                    if let Some(p) = ctx
+                        .retry
+                        .filter(|p| p.retries_status(resp.status().as_u16()))
+                    {
+                        let again = retry_allowed(
+                            out.replayable(),
+                            false,
+                            out.idempotent || p.non_idempotent,
+                            tried.len(),
+                            attempts,
+                        ) && p.timeout.is_none_or(|t| began.elapsed() < t);
+                        if again && pool.budget.withdraw() {
+                            if let Some(latency) = pending {
+                                upstream.record(
+                                    resp.status().as_u16() < 500,
+                                    latency,
+                                    &spec.passive,
+                                    crate::clock::now(),
+                                );
+                            }
+                            drop((resp, slot));
+                            tried.push(upstream.addr);
+                            trace.retried();
+                            continue;
+                        }
+                    }
                     let outcome = pending.map(|latency| Outcome {
                         upstream: upstream.clone(),
                         latency,
@@ -214,13 +255,15 @@ impl Proxy {
                     warn!(router = route.spec.name, upstream = %upstream.addr, "upstream: timed out")
                 }
             }
+            let policy = ctx.retry;
             let again = retry_allowed(
                 out.replayable(),
                 never_connected,
-                out.idempotent,
+                out.idempotent || policy.is_some_and(|p| p.non_idempotent),
                 tried.len(),
                 attempts,
-            );
+            ) && policy
+                .is_none_or(|p| p.network_errors && p.timeout.is_none_or(|t| began.elapsed() < t));
             if again && pool.budget.withdraw() {
                 trace.retried();
                 continue;

@@ -84,6 +84,43 @@ impl Routes {
     }
 }
 
+/// Connections in progress per (TCP router, client address), for `inFlightConn`. It lives in the
+/// proxy, not the table, so a reload (a new table) does not reset what is counted.
+#[derive(Default)]
+pub struct InFlightConns(std::sync::Mutex<HashMap<(String, std::net::IpAddr), u32>>);
+
+/// One connection counted until it ends.
+pub struct Held<'a> {
+    of: &'a InFlightConns,
+    key: (String, std::net::IpAddr),
+}
+
+impl InFlightConns {
+    /// Counts one more of `router`'s connections from `ip`, unless `max` are open already.
+    fn take(&self, router: &str, ip: std::net::IpAddr, max: u32) -> Option<Held<'_>> {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (router.to_string(), ip);
+        let n = m.entry(key.clone()).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Held { of: self, key })
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        let mut m = self.of.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.key);
+            }
+        }
+    }
+}
+
 /// A stream whose first bytes were already read: they are read again first. This is how a
 /// connection inspected for its ClientHello reaches rustls or hyper as if untouched.
 pub struct Prefixed<S> {
@@ -279,9 +316,29 @@ pub(super) async fn intercept(
         }
         return None;
     };
+    // The router's guards, before anything is relayed: a client they refuse is closed.
+    let ip = client_ip.to_canonical();
+    let guards = &route.spec.guards;
+    if !guards
+        .allow
+        .iter()
+        .all(|l| l.iter().any(|n| n.contains(&ip)))
+    {
+        debug!(entrypoint, %peer, router = route.spec.name, "not in the router's ipAllowList: closed");
+        return None;
+    }
+    let _held = match guards.in_flight_per_ip {
+        None => None,
+        Some(max) => match proxy.tcp_in_flight.take(&route.spec.name, ip, max) {
+            Some(held) => Some(held),
+            None => {
+                debug!(entrypoint, %peer, router = route.spec.name, max, "inFlightConn: at the limit for this address: closed");
+                return None;
+            }
+        },
+    };
     let (pool, spec) = table
-        .pools
-        .get(&route.spec.service)
+        .service(&route.spec.service)
         .map(|s| (s.pool.clone(), s.spec.clone()))?;
     drop(table);
     let router = route.spec.name.as_str();

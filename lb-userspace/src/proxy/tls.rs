@@ -256,6 +256,32 @@ impl Certs {
         })
     }
 
+    /// [`Certs::load`] of `specs`, then each of `extra` that loads (the providers'); the others
+    /// are returned, each with its error. A failure in `specs` fails it all.
+    pub fn load_with(
+        specs: &[CertSpec],
+        extra: &[CertSpec],
+    ) -> Result<(Certs, Vec<anyhow::Error>)> {
+        let mut certs = Certs::load(specs)?;
+        let mut left_out = Vec::new();
+        let any_default = specs.iter().chain(extra).any(|s| s.default);
+        for s in extra {
+            match load_pair(&s.cert_file, &s.key_file) {
+                Ok(certified) => {
+                    if s.default || certs.default.is_none() && !any_default {
+                        certs.default = Some(certified.clone());
+                    }
+                    certs.entries.push(Entry {
+                        leaf: certified.cert[0].clone(),
+                        key: certified,
+                    });
+                }
+                Err(e) => left_out.push(e),
+            }
+        }
+        Ok((certs, left_out))
+    }
+
     /// The certificate for `name`: the first configured one valid for it, else ACME's, else the
     /// development CA's, else the default (without any `[[certificate]]`: ACME's first domain).
     pub fn for_name(&self, name: Option<&str>) -> Option<Arc<CertifiedKey>> {

@@ -212,6 +212,103 @@ struct RawHttpService {
     idle_timeout_secs: u64,
     #[serde(default)]
     max_connections: Option<Spanned<u64>>,
+    #[serde(default)]
+    health: Option<Spanned<RawActiveCheck>>,
+    /// A service made of services: `weighted = [{ service = "v1", weight = 9 }, …]` …
+    #[serde(default)]
+    weighted: Option<Spanned<Vec<RawWeighted>>>,
+    /// … or `failover = { main = "eu", fallback = "us" }`.
+    #[serde(default)]
+    failover: Option<Spanned<RawFailover>>,
+    /// `false`: the upstreams get their own address as `Host` (Traefik's `passHostHeader`).
+    #[serde(default = "d_true")]
+    pass_host_header: bool,
+}
+
+fn d_true() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWeighted {
+    service: String,
+    #[serde(default = "d_one")]
+    weight: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFailover {
+    main: String,
+    fallback: String,
+}
+
+/// `health = { path = "/healthz", interval_ms = 2000 }` of an `[[http_service]]`: active
+/// checks of its upstreams (Traefik's defaults where unsaid, but 1 s timeouts and 10 s
+/// intervals are more usual here, so say them).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawActiveCheck {
+    #[serde(default = "d_check_path")]
+    path: String,
+    #[serde(default = "d_check_method")]
+    method: String,
+    #[serde(default = "d_check_interval")]
+    interval_ms: u64,
+    #[serde(default)]
+    unhealthy_interval_ms: Option<u64>,
+    #[serde(default = "d_check_timeout")]
+    timeout_ms: u64,
+    #[serde(default)]
+    hostname: Option<String>,
+    #[serde(default)]
+    port: Option<u16>,
+    #[serde(default)]
+    status: Option<u16>,
+    #[serde(default)]
+    headers: std::collections::BTreeMap<String, String>,
+    #[serde(default = "d_one")]
+    rise: u32,
+    #[serde(default = "d_one")]
+    fall: u32,
+}
+
+fn d_check_path() -> String {
+    "/".into()
+}
+fn d_check_method() -> String {
+    "GET".into()
+}
+fn d_check_interval() -> u64 {
+    30_000
+}
+fn d_check_timeout() -> u64 {
+    5_000
+}
+fn d_one() -> u32 {
+    1
+}
+
+/// Whether following `name`'s composites comes back to a service on `path` (left holding the
+/// loop when it does).
+fn composite_loop(
+    services: &std::collections::HashMap<String, crate::model::l7::ServiceSpec>,
+    name: &str,
+    path: &mut Vec<String>,
+) -> bool {
+    let Some(c) = services.get(name).and_then(|s| s.composite.as_ref()) else {
+        return false;
+    };
+    for child in c.children() {
+        let seen = path.iter().any(|p| p == child);
+        path.push(child.to_string());
+        if seen || composite_loop(services, child, path) {
+            return true;
+        }
+        path.pop();
+    }
+    false
 }
 
 fn d_connect_timeout() -> u64 {
@@ -329,6 +426,12 @@ struct RawTcpRouter {
     /// "passthrough" or "terminate"; absent: plain TCP.
     #[serde(default)]
     tls: Option<Spanned<String>>,
+    /// Only clients from these addresses or CIDRs are served (Traefik's TCP `ipAllowList`).
+    #[serde(default)]
+    allow_ips: Option<Spanned<Vec<String>>>,
+    /// Connections at once from one client address (Traefik's `inFlightConn`).
+    #[serde(default)]
+    in_flight_per_ip: Option<Spanned<u64>>,
 }
 
 /// `[[middleware]]`: a name and exactly one kind (`strip_prefix = { … }`, …).
@@ -1106,6 +1209,36 @@ fn tcp_routers(
                 ));
             }
         }
+        let mut guards = crate::model::l7::TcpGuards::default();
+        if let Some(a) = &r.allow_ips {
+            let mut list = Vec::new();
+            for ip in a.get_ref() {
+                let net = crate::model::ip_net(ip).ok_or_else(|| {
+                    err(
+                        a.span(),
+                        field("allow_ips"),
+                        format!("{ip:?} is not an address or CIDR"),
+                    )
+                })?;
+                list.push(net);
+            }
+            if list.is_empty() {
+                return Err(err(
+                    a.span(),
+                    field("allow_ips"),
+                    "empty: it would refuse everyone (leave it out to allow all)".into(),
+                ));
+            }
+            guards.allow.push(list);
+        }
+        guards.in_flight_per_ip = bounded(
+            &r.in_flight_per_ip,
+            1..=1_000_000,
+            field("in_flight_per_ip"),
+            "",
+            err,
+        )?
+        .map(|n| n as u32);
         out.push(TcpRouterSpec {
             name,
             entrypoints: eps,
@@ -1114,6 +1247,7 @@ fn tcp_routers(
             priority: r.priority,
             service: r.service.get_ref().clone(),
             tls,
+            guards,
         });
     }
     Ok(out)
@@ -1513,16 +1647,13 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
         }
         let mut trusted_ips = Vec::new();
         for t in &e.forwarded_trusted_ips {
-            let net = t
-                .parse::<ipnet::IpNet>()
-                .or_else(|_| t.parse::<IpAddr>().map(ipnet::IpNet::from))
-                .map_err(|_| {
-                    err(
-                        e.name.span(),
-                        format!("entrypoint[{i}].forwarded_trusted_ips"),
-                        format!("{t:?} is not an address or CIDR"),
-                    )
-                })?;
+            let net = crate::model::ip_net(t).ok_or_else(|| {
+                err(
+                    e.name.span(),
+                    format!("entrypoint[{i}].forwarded_trusted_ips"),
+                    format!("{t:?} is not an address or CIDR"),
+                )
+            })?;
             trusted_ips.push(net);
         }
         let limits = entrypoint_limits(e, i, &err)?;
@@ -1678,9 +1809,87 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
                 })
             }
         };
+        let health = match &h.health {
+            None => None,
+            Some(c) => {
+                let r = c.get_ref();
+                let check = crate::model::l7::ActiveCheck {
+                    interval: Duration::from_millis(r.interval_ms),
+                    unhealthy_interval: Duration::from_millis(
+                        r.unhealthy_interval_ms.unwrap_or(r.interval_ms),
+                    ),
+                    timeout: Duration::from_millis(r.timeout_ms),
+                    path: r.path.clone(),
+                    method: r.method.to_ascii_uppercase(),
+                    hostname: r.hostname.clone(),
+                    port: r.port,
+                    status: r.status,
+                    headers: r
+                        .headers
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
+                    rise: r.rise,
+                    fall: r.fall,
+                };
+                if let Err(e) = check.validate() {
+                    return Err(err(c.span(), format!("http_service[{i}].health"), e));
+                }
+                Some(check)
+            }
+        };
+        let composite = match (&h.weighted, &h.failover) {
+            (Some(_), Some(f)) => {
+                return Err(err(
+                    f.span(),
+                    format!("http_service[{i}]"),
+                    "weighted or failover, not both".into(),
+                ))
+            }
+            (Some(w), None) => {
+                let list = w.get_ref();
+                if list.is_empty()
+                    || list.iter().all(|x| x.weight == 0)
+                    || list
+                        .iter()
+                        .any(|x| !valid_name(&x.service) || x.weight > 1000 || x.service == name)
+                {
+                    return Err(err(
+                        w.span(),
+                        format!("http_service[{i}].weighted"),
+                        "expected services by name (not this one) with weights 0..=1000, one above 0".into(),
+                    ));
+                }
+                Some(crate::model::l7::Composite::Weighted(
+                    list.iter().map(|x| (x.service.clone(), x.weight)).collect(),
+                ))
+            }
+            (None, Some(f)) => {
+                let r = f.get_ref();
+                if [&r.main, &r.fallback]
+                    .iter()
+                    .any(|n| !valid_name(n) || **n == name)
+                    || r.main == r.fallback
+                {
+                    return Err(err(
+                        f.span(),
+                        format!("http_service[{i}].failover"),
+                        "expected two other services by name".into(),
+                    ));
+                }
+                Some(crate::model::l7::Composite::Failover {
+                    main: r.main.clone(),
+                    fallback: r.fallback.clone(),
+                })
+            }
+            (None, None) => None,
+        };
         http_services.insert(
             name,
             crate::model::l7::ServiceSpec {
+                upstream_host: (!h.pass_host_header).then(Default::default),
+                composite,
+                health,
                 algorithm: h.algorithm,
                 passive,
                 retries: h.retries.min(10),
@@ -1703,6 +1912,18 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
                 }),
             },
         );
+    }
+    // A loop of composites would send a request round for ever: refused, by its first service.
+    for (i, h) in raw.http_service.iter().enumerate() {
+        let start = h.get_ref().name.get_ref();
+        let mut path = vec![start.clone()];
+        if composite_loop(&http_services, start, &mut path) {
+            return Err(err(
+                h.span(),
+                format!("http_service[{i}]"),
+                format!("its services loop: {}", path.join(" → ")),
+            ));
+        }
     }
     let certificates: Vec<crate::model::l7::CertSpec> = raw
         .certificate
@@ -2138,6 +2359,71 @@ address = "10.0.1.2"
         );
         let e = parse_err(&format!("{GOOD}{svc}max_connections = 0\n"));
         assert_eq!(e.field, "http_service[0].max_connections");
+        let c = parse(
+            Path::new("lb.toml"),
+            &format!("{GOOD}{svc}health = {{ path = \"/healthz\", interval_ms = 2000, timeout_ms = 500, status = 204, headers = {{ x-check = \"lb\" }}, fall = 2 }}\n"),
+        )
+        .expect("valid");
+        let h = c.http_services["web"].health.clone().expect("checked");
+        assert_eq!(
+            (
+                h.path.as_str(),
+                h.interval,
+                h.unhealthy_interval,
+                h.timeout,
+                h.status,
+                h.fall,
+                h.rise
+            ),
+            (
+                "/healthz",
+                Duration::from_secs(2),
+                Duration::from_secs(2),
+                Duration::from_millis(500),
+                Some(204),
+                2,
+                1
+            )
+        );
+        assert_eq!(h.headers, vec![("x-check".to_string(), "lb".to_string())]);
+        let c = parse(
+            Path::new("lb.toml"),
+            &format!("{GOOD}{svc}weighted = [{{ service = \"v1\", weight = 9 }}, {{ service = \"v2\" }}]\n[[http_service]]\nname = \"ha\"\nfailover = {{ main = \"web\", fallback = \"v1\" }}\n"),
+        )
+        .expect("valid");
+        assert_eq!(
+            c.http_services["web"].composite,
+            Some(crate::model::l7::Composite::Weighted(vec![
+                ("v1".into(), 9),
+                ("v2".into(), 1)
+            ]))
+        );
+        assert_eq!(
+            c.http_services["ha"].composite,
+            Some(crate::model::l7::Composite::Failover {
+                main: "web".into(),
+                fallback: "v1".into()
+            })
+        );
+        let e = parse_err(&format!("{GOOD}{svc}weighted = [{{ service = \"ha\" }}]\n[[http_service]]\nname = \"ha\"\nfailover = {{ main = \"web\", fallback = \"v1\" }}\n"));
+        assert!(e.to_string().contains("loop: web → ha → web"), "{e}");
+        for bad in [
+            "weighted = [{ service = \"web\" }]",
+            "weighted = [{ service = \"v1\", weight = 0 }]",
+            "failover = { main = \"v1\", fallback = \"v1\" }",
+        ] {
+            let e = parse_err(&format!("{GOOD}{svc}{bad}\n"));
+            assert!(e.field.starts_with("http_service[0]"), "{bad}: {e}");
+        }
+        for bad in [
+            "health = { path = \"healthz\" }",
+            "health = { timeout_ms = 60000 }",
+            "health = { method = \"GE T\" }",
+            "health = { headers = { \"bad header\" = \"x\" } }",
+        ] {
+            let e = parse_err(&format!("{GOOD}{svc}{bad}\n"));
+            assert_eq!(e.field, "http_service[0].health", "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -248,7 +248,12 @@ pub async fn run(spec: EtcdSpec, events: mpsc::Sender<Event>) -> Result<()> {
         let file_dirs = spec.traefik_file_dirs.clone();
         let (spec, events) = (spec.clone(), events.clone());
         tokio::spawn(async move {
-            run_range(spec, kv::Layout::Traefik { root, file_dirs }, events).await
+            let layout = kv::Layout::Traefik {
+                root,
+                file_dirs,
+                kept: Default::default(),
+            };
+            run_range(spec, layout, events).await
         });
     }
     let layout = kv::Layout::Lb {

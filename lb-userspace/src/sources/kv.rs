@@ -184,7 +184,28 @@ pub enum Layout {
     Traefik {
         root: String,
         file_dirs: Vec<std::path::PathBuf>,
+        /// The last good version of each item, across reads and reconnections.
+        kept: KeptItems,
     },
+}
+
+/// A range's [`super::traefik::keep::Kept`], shared by the provider's sessions (a layout is
+/// cloned into each). Layouts compare by what they read; this compares by identity.
+#[derive(Clone, Default)]
+pub struct KeptItems(std::sync::Arc<std::sync::Mutex<super::traefik::keep::Kept>>);
+
+impl PartialEq for KeptItems {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for KeptItems {}
+
+impl std::fmt::Debug for KeptItems {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeptItems")
+    }
 }
 
 impl Layout {
@@ -226,7 +247,11 @@ pub async fn report_range(
             );
             report(events, &provider, rank, services, errors, at).await
         }
-        Layout::Traefik { root, file_dirs } => {
+        Layout::Traefik {
+            root,
+            file_dirs,
+            kept,
+        } => {
             let pairs: Vec<(String, String)> = entries
                 .iter()
                 .map(|(k, v)| {
@@ -239,27 +264,44 @@ pub async fn report_range(
             // Translating resolves server host names: blocking work, off the runtime's threads.
             let root_owned = root.clone();
             let files = super::traefik::Files::Within(file_dirs.clone());
+            let kept = kept.clone();
             let translated = tokio::task::spawn_blocking(move || {
                 let doc = super::traefik::from_kv(
                     &root_owned,
                     pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())),
                 );
-                super::traefik::translate_with(&doc, &files)
+                let mut kept = kept.0.lock().unwrap_or_else(|p| p.into_inner());
+                kept.translate(doc, &files)
             })
             .await
             .unwrap_or_else(|e| {
                 Err(super::traefik::TraefikError {
                     path: String::new(),
                     reason: format!("translation failed: {e}"),
+                    item: None,
                 })
             });
+            let key_of = |path: &str| {
+                format!(
+                    "{}/{}",
+                    root.trim_end_matches('/'),
+                    path.replace('[', "/").replace(']', "").replace('.', "/")
+                )
+            };
             match translated {
-                Ok(t) => {
+                Ok(o) => {
+                    let t = o.translated;
+                    let broken = o
+                        .broken
+                        .iter()
+                        .map(|b| format!("key {:?}: {b}", key_of(&b.error.path)))
+                        .collect();
                     let routing = Event::Routing {
                         provider: provider.clone(),
                         rank,
                         routing: t.dynamic,
                         unsupported: t.unsupported,
+                        broken,
                     };
                     if events.send(routing).await.is_err() {
                         return false;
@@ -267,11 +309,7 @@ pub async fn report_range(
                     report(events, &provider, rank, t.services, Vec::new(), at).await
                 }
                 Err(e) => {
-                    let key = format!(
-                        "{}/{}",
-                        root.trim_end_matches('/'),
-                        e.path.replace('[', "/").replace(']', "").replace('.', "/")
-                    );
+                    let key = key_of(&e.path);
                     let ev = Event::Error {
                         provider,
                         rank,

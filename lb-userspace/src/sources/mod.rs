@@ -59,6 +59,8 @@ pub enum Event {
         routing: crate::model::l7::Dynamic,
         /// Key paths lb does not support.
         unsupported: Vec<String>,
+        /// Items it could not use, each kept at its last good version or left out, as said.
+        broken: Vec<String>,
     },
     /// The API store changed (it is read directly by the loop).
     StoreChanged { at: Instant },

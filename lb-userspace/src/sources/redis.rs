@@ -339,7 +339,11 @@ pub async fn run(spec: RedisSpec, events: mpsc::Sender<Event>) -> Result<()> {
             run_range(
                 client,
                 spec,
-                kv::Layout::Traefik { root, file_dirs },
+                kv::Layout::Traefik {
+                    root,
+                    file_dirs,
+                    kept: Default::default(),
+                },
                 events,
             )
             .await

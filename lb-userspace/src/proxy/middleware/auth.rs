@@ -28,6 +28,7 @@ use hyper::{
 };
 
 use super::{answer, full, header_name, BuildError, Ctx, Flow, Middleware, Req};
+pub use crate::model::middleware::weak_hash;
 use crate::proxy::{client::UpstreamClient, Body, BoxError};
 
 impl BasicAuthConfig {
@@ -38,8 +39,10 @@ impl BasicAuthConfig {
     }
 }
 
-/// HTTP Basic authentication against bcrypt (`$2…`) or argon2 (`$argon2…`) hashes; plain-text
-/// passwords are refused when the configuration is loaded.
+/// HTTP Basic authentication against bcrypt (`$2…`) or argon2 (`$argon2…`) hashes, and the
+/// weak ones htpasswd and Traefik's documentation still produce (`$apr1$`, `{SHA}`), accepted
+/// with a warning ([`weak_hash`]); plain-text passwords are refused when the configuration is
+/// loaded.
 pub struct BasicAuth {
     /// user → hash.
     users: HashMap<String, Arc<str>>,
@@ -92,10 +95,17 @@ impl BasicAuth {
                 value: u.clone(),
                 expected: "user:hash",
             })?;
-            if !(hash.starts_with("$2") || hash.starts_with("$argon2")) {
+            if !(hash.starts_with("$2") || hash.starts_with("$argon2") || weak_hash(hash).is_some())
+            {
                 return Err(BuildError::PlainPassword {
                     user: name.to_string(),
                 });
+            }
+            if let Some(why) = weak_hash(hash) {
+                tracing::warn!(
+                    user = name,
+                    "basic auth: weak password hash accepted: {why}"
+                );
             }
             map.insert(name.to_string(), Arc::<str>::from(hash));
         }
@@ -136,8 +146,96 @@ impl BasicAuth {
     }
 }
 
+/// Apache's MD5-crypt (`$apr1$<salt>$<digest>`): MD5 rounds over the password and salt, as
+/// htpasswd -m writes them. Only `digest` is returned, in crypt's base-64.
+fn apr1(password: &[u8], salt: &[u8]) -> String {
+    use md5::{Digest as _, Md5};
+    const MAGIC: &[u8] = b"$apr1$";
+    let alt = Md5::new()
+        .chain_update(password)
+        .chain_update(salt)
+        .chain_update(password)
+        .finalize();
+    let mut ctx = Md5::new()
+        .chain_update(password)
+        .chain_update(MAGIC)
+        .chain_update(salt);
+    for chunk in password.chunks(16) {
+        ctx.update(&alt[..chunk.len()]);
+    }
+    let mut n = password.len();
+    while n > 0 {
+        if n & 1 == 1 {
+            ctx.update([0u8]);
+        } else {
+            ctx.update(&password[..1]);
+        }
+        n >>= 1;
+    }
+    let mut f = ctx.finalize();
+    for i in 0..1000 {
+        let mut c = Md5::new();
+        if i & 1 == 1 {
+            c.update(password);
+        } else {
+            c.update(f);
+        }
+        if i % 3 != 0 {
+            c.update(salt);
+        }
+        if i % 7 != 0 {
+            c.update(password);
+        }
+        if i & 1 == 1 {
+            c.update(f);
+        } else {
+            c.update(password);
+        }
+        f = c.finalize();
+    }
+    const ITOA64: &[u8; 64] = b"./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let mut out = String::with_capacity(22);
+    let mut put = |v: u32, n: usize| {
+        let mut v = v;
+        for _ in 0..n {
+            out.push(char::from(ITOA64[(v & 0x3f) as usize]));
+            v >>= 6;
+        }
+    };
+    for (a, b, c) in [(0, 6, 12), (1, 7, 13), (2, 8, 14), (3, 9, 15), (4, 10, 5)] {
+        put(
+            (u32::from(f[a]) << 16) | (u32::from(f[b]) << 8) | u32::from(f[c]),
+            4,
+        );
+    }
+    put(u32::from(f[11]), 2);
+    out
+}
+
+/// Equal bytes, in a time that depends only on the length.
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// Checks a password against a bcrypt or argon2 hash: deliberately slow (milliseconds).
 fn verify_hash(hash: &str, password: &str) -> bool {
+    if let Some(rest) = hash.strip_prefix("$apr1$") {
+        let Some((salt, digest)) = rest.split_once('$') else {
+            return false;
+        };
+        // htpasswd's salts are 8 characters; crypt reads at most 8.
+        let salt = &salt.as_bytes()[..salt.len().min(8)];
+        return same_bytes(
+            apr1(password.as_bytes(), salt).as_bytes(),
+            digest.as_bytes(),
+        );
+    }
+    if let Some(b64) = hash.strip_prefix("{SHA}") {
+        use base64::Engine as _;
+        let d = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, password.as_bytes());
+        let want = base64::engine::general_purpose::STANDARD.encode(d.as_ref());
+        return same_bytes(want.as_bytes(), b64.as_bytes());
+    }
     if hash.starts_with("$argon2") {
         use argon2::{password_hash::PasswordHash, PasswordVerifier as _};
         return PasswordHash::new(hash).is_ok_and(|h| {
@@ -451,6 +549,31 @@ impl Middleware for ForwardAuth {
 mod tests {
     use super::*;
     use crate::model::middleware::api_key_header;
+
+    /// The vectors are `openssl passwd -apr1 -salt …` and `openssl dgst -sha1 -binary | base64`.
+    #[test]
+    fn htpasswd_weak_hashes_verify_and_are_called_weak() {
+        for (hash, pass) in [
+            ("$apr1$saltsalt$64vPg1.FPS6FtcYJ7Ti1V.", "s3cret"),
+            ("$apr1$ab$vZXhMKiOqO1yMl8FLQFrs0", "password"),
+            ("{SHA}/vNB+F2HQ559kaLUZbmHHvZrXpg=", "s3cret"),
+        ] {
+            assert!(verify_hash(hash, pass), "{hash}");
+            assert!(!verify_hash(hash, "wrong"), "{hash}");
+            assert!(!verify_hash(hash, ""), "{hash}");
+            assert!(weak_hash(hash).is_some(), "{hash}");
+            let auth = BasicAuth::new(&[format!("alice:{hash}")], "r").expect("accepted");
+            assert!(auth.verify("alice", pass));
+        }
+        assert!(!verify_hash("$apr1$saltsalt", "s3cret"), "no digest");
+        assert!(!verify_hash(
+            "$apr1$saltsalt$64vPg1.FPS6FtcYJ7Ti1V",
+            "s3cret"
+        ));
+        let long = "x".repeat(40);
+        assert!(!verify_hash("$apr1$saltsalt$64vPg1.FPS6FtcYJ7Ti1V.", &long));
+        assert!(weak_hash("$2y$05$abc").is_none());
+    }
 
     #[test]
     fn basic_auth_accepts_hashes_only() {

@@ -49,13 +49,11 @@ impl IpAllowListConfig {
             .source_range
             .iter()
             .map(|r| {
-                r.parse::<IpNet>()
-                    .or_else(|_| r.parse::<IpAddr>().map(IpNet::from))
-                    .map_err(|_| BuildError::Expected {
-                        field: "source_range",
-                        value: r.clone(),
-                        expected: "an address or a CIDR",
-                    })
+                crate::model::ip_net(r).ok_or_else(|| BuildError::Expected {
+                    field: "source_range",
+                    value: r.clone(),
+                    expected: "an address or a CIDR",
+                })
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(IpAllowList { ranges })
@@ -549,17 +547,36 @@ impl InFlightReqConfig {
                 bound: "≥ 1",
             });
         }
+        let header = match (self.per, &self.source_header) {
+            (crate::model::middleware::InFlightPer::Header, Some(h)) => Some(header_name(h)?),
+            (crate::model::middleware::InFlightPer::Header, None) => {
+                return Err(BuildError::OutOfRange {
+                    field: "source_header",
+                    bound: "required with per = \"header\"",
+                })
+            }
+            _ => None,
+        };
         Ok(InFlightReq {
             amount: self.amount,
+            per: self.per,
+            header,
             current: Arc::new(AtomicU64::new(0)),
+            by_source: Arc::default(),
         })
     }
 }
 
-/// At most `amount` requests of this router in flight; the rest get 429 at once.
+/// At most `amount` requests in flight, of the router or of each source; the rest get 429 at
+/// once.
 pub struct InFlightReq {
     amount: u64,
+    per: crate::model::middleware::InFlightPer,
+    header: Option<HeaderName>,
     current: Arc<AtomicU64>,
+    /// Per source: requests in flight by the source's key. An entry lives while its source has
+    /// one in flight, so the map is no larger than the requests in flight.
+    by_source: Arc<Mutex<HashMap<u64, u64>>>,
 }
 
 struct Slot(Arc<AtomicU64>);
@@ -570,17 +587,65 @@ impl Drop for Slot {
     }
 }
 
+struct SourceSlot(Arc<Mutex<HashMap<u64, u64>>>, u64);
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
+}
+
 impl Middleware for InFlightReq {
-    fn request<'a>(&'a self, ctx: &'a mut Ctx, _: &'a mut Req) -> Flow<'a> {
-        if self.current.fetch_add(1, Ordering::SeqCst) >= self.amount {
-            self.current.fetch_sub(1, Ordering::SeqCst);
-            return Flow::Answer(answer(
+    fn request<'a>(&'a self, ctx: &'a mut Ctx, req: &'a mut Req) -> Flow<'a> {
+        use crate::model::middleware::InFlightPer;
+        let refuse = || {
+            Flow::Answer(answer(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too many requests in flight",
-            ));
+            ))
+        };
+        if self.per == InFlightPer::Router {
+            if self.current.fetch_add(1, Ordering::SeqCst) >= self.amount {
+                self.current.fetch_sub(1, Ordering::SeqCst);
+                return refuse();
+            }
+            ctx.guards.push(Box::new(Slot(self.current.clone())));
+            return Flow::Next;
         }
-        ctx.guards.push(Box::new(Slot(self.current.clone())));
+        let key = source_key(self.header.as_ref(), ctx, req);
+        {
+            let mut m = self.by_source.lock().unwrap_or_else(|p| p.into_inner());
+            let n = m.entry(key).or_insert(0);
+            if *n >= self.amount {
+                return refuse();
+            }
+            *n += 1;
+        }
+        ctx.guards
+            .push(Box::new(SourceSlot(self.by_source.clone(), key)));
         Flow::Next
+    }
+}
+
+/// A request's source, as the limits count it: the header's value when there is one, else
+/// the client's address (the one the entry point believes: its peer, or a trusted proxy's
+/// word). Keyed, not compared: xxh3 with a per-process seed, so a client cannot aim at
+/// another's key.
+fn source_key(header: Option<&HeaderName>, ctx: &Ctx, req: &Req) -> u64 {
+    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let seed = *SEED.get_or_init(crate::clock::random::<u64>);
+    match header.and_then(|h| req.headers().get(h)) {
+        Some(v) => xxhash_rust::xxh3::xxh3_64_with_seed(v.as_bytes(), seed ^ 1),
+        None => match ctx.client_ip {
+            IpAddr::V4(a) => xxhash_rust::xxh3::xxh3_64_with_seed(&a.octets(), seed),
+            IpAddr::V6(a) => xxhash_rust::xxh3::xxh3_64_with_seed(&a.octets(), seed),
+        },
     }
 }
 

@@ -45,9 +45,29 @@ pub struct RetryPolicy {
     pub attempts: u32,
     /// Back-off before the second attempt; doubled for each one after.
     pub initial_interval: Duration,
+    /// Answers with these statuses are sent again (bit `s - 100` for status `s`).
+    pub status: [u64; 8],
+    /// No retry once this long has passed since the first attempt.
+    pub timeout: Option<Duration>,
+    /// Whether an attempt that got no answer is sent again.
+    pub network_errors: bool,
+    /// Whether methods that are not idempotent are sent again.
+    pub non_idempotent: bool,
 }
 
 impl RetryPolicy {
+    /// Whether an answer with `status` is sent again.
+    pub fn retries_status(&self, status: u16) -> bool {
+        let Some(i) = status
+            .checked_sub(100)
+            .map(usize::from)
+            .filter(|i| *i < 512)
+        else {
+            return false;
+        };
+        self.status[i / 64] & (1 << (i % 64)) != 0
+    }
+
     /// The wait before attempt `n` (1-based; attempt 1 waits nothing).
     pub fn backoff(&self, n: u32) -> Duration {
         if n <= 1 {
@@ -67,9 +87,36 @@ impl RetryConfig {
                 bound: "1..=10",
             });
         }
+        let mut status = [0u64; 8];
+        for s in &self.status {
+            let bad = || BuildError::Expected {
+                field: "status",
+                value: s.clone(),
+                expected: "a status (502) or a range (500-599) within 100..=599",
+            };
+            let (a, b) = match s.trim().split_once('-') {
+                Some((a, b)) => (a.trim(), b.trim()),
+                None => (s.trim(), s.trim()),
+            };
+            let (a, b) = (
+                a.parse::<u16>().map_err(|_| bad())?,
+                b.parse::<u16>().map_err(|_| bad())?,
+            );
+            if !(100..=599).contains(&a) || !(a..=599).contains(&b) {
+                return Err(bad());
+            }
+            for code in a..=b {
+                let i = usize::from(code - 100);
+                status[i / 64] |= 1 << (i % 64);
+            }
+        }
         Ok(Retry(RetryPolicy {
             attempts: self.attempts,
             initial_interval: Duration::from_millis(self.initial_interval_ms),
+            status,
+            timeout: (self.timeout_ms > 0).then(|| Duration::from_millis(self.timeout_ms)),
+            network_errors: !self.disable_retry_on_network_error,
+            non_idempotent: self.retry_non_idempotent_method,
         }))
     }
 }
@@ -505,6 +552,35 @@ impl Middleware for CircuitBreaker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_statuses_are_ranges_and_bad_ones_are_refused() {
+        let cfg = |status: &[&str]| RetryConfig {
+            attempts: 2,
+            initial_interval_ms: 0,
+            status: status.iter().map(|s| s.to_string()).collect(),
+            timeout_ms: 0,
+            disable_retry_on_network_error: false,
+            retry_non_idempotent_method: false,
+        };
+        let Retry(p) = cfg(&["400", "500-503", " 599 "]).build().expect("valid");
+        for (code, want) in [
+            (400, true),
+            (401, false),
+            (500, true),
+            (503, true),
+            (504, false),
+            (599, true),
+            (100, false),
+            (99, false),
+            (600, false),
+        ] {
+            assert_eq!(p.retries_status(code), want, "{code}");
+        }
+        for bad in ["600", "99", "503-500", "5xx", "", "500-"] {
+            assert!(cfg(&[bad]).build().is_err(), "{bad:?}");
+        }
+    }
 
     fn breaker(expr: &str) -> CircuitBreaker {
         CircuitBreakerConfig {

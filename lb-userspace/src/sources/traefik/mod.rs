@@ -4,15 +4,20 @@
 //! `traefik/…`).
 //!
 //! Everything lb has is translated; everything else is reported by its key path
-//! (`http.services.api.loadBalancer.healthCheck: not supported`), never silently dropped. A
-//! value lb cannot use (a rule that does not parse, a server URL without an address) is an
-//! error with the key path, and the whole document is rejected, as lb.toml is.
+//! (`http.services.api.loadBalancer.responseForwarding: not supported`), never silently dropped. A
+//! value lb cannot use (a rule that does not parse, a server URL without an address) breaks its
+//! item only (`http.routers.api`): that item keeps its last good version or is left out, with
+//! whatever names it, and the rest applies ([`keep`]). Only a document of the wrong shape is
+//! refused whole. A directory of files is one configuration ([`merge`]).
 //!
 //! Differences a Traefik user should know: keys are matched case-insensitively as in Traefik;
-//! `name@provider` references lose their provider suffix (everything here is one provider's);
-//! a server's host name is resolved when the configuration is read; `inFlightReq` limits per
-//! router rather than per source; lb's TLS policy is fixed (1.2+, AEAD suites with forward
-//! secrecy), so `tls.options` are checked rather than applied.
+//! `name@provider` references lose their provider suffix (everything here is one provider's),
+//! and a router to an `@internal` service is left out, by name;
+//! a server's host name is resolved when the configuration is read; `inFlightReq` counts by the
+//! client address the entry point believes (its `ipStrategy` is reported); lb's TLS policy is fixed (1.2+, AEAD suites with forward
+//! secrecy), so `tls.options` are checked rather than applied; a `healthCheck` runs at once
+//! rather than after its first interval, through the service's own connections (so in its
+//! scheme), and counts a redirect as healthy rather than following it.
 //!
 //! Fail closed: what guards access and cannot be honoured leaves out what it guards, never
 //! serves it unguarded. A router whose `tls.options` (its own, or `default`) require client
@@ -23,26 +28,30 @@
 //! allowed ([`Files`]).
 
 use std::{
-    collections::HashMap,
-    net::ToSocketAddrs,
+    cell::RefCell,
+    collections::{HashMap, HashSet},
+    net::{SocketAddr, ToSocketAddrs},
     path::{Path, PathBuf},
     time::Duration,
 };
+
+pub mod keep;
+pub mod merge;
 
 use serde_json::{Map, Value};
 
 use crate::model::instance::{Instance, Services};
 use crate::model::{
     l7::{
-        Algorithm, CertSpec, Dynamic, Mirror, Passive, RouterSpec, ServiceSpec, TcpRouterSpec,
-        TlsMode, UpstreamTls,
+        ActiveCheck, Algorithm, CertSpec, Composite, Dynamic, Mirror, Passive, RouterSpec,
+        ServiceSpec, TcpGuards, TcpRouterSpec, TlsMode, UpstreamTls,
     },
     middleware::{
         AddPrefixConfig, BasicAuthConfig, BufferingConfig, CircuitBreakerConfig, CompressConfig,
-        CorsConfig, ForwardAuthConfig, HeadersConfig, InFlightReqConfig, IpAllowListConfig,
-        MiddlewareConfig, RateLimitConfig, RedirectRegexConfig, RedirectSchemeConfig,
-        ReplacePathConfig, ReplacePathRegexConfig, RetryConfig, StripPrefixConfig,
-        StripPrefixRegexConfig,
+        CorsConfig, ForwardAuthConfig, HeadersConfig, InFlightPer, InFlightReqConfig,
+        IpAllowListConfig, MiddlewareConfig, RateLimitConfig, RedirectRegexConfig,
+        RedirectSchemeConfig, ReplacePathConfig, ReplacePathRegexConfig, RetryConfig,
+        StripPrefixConfig, StripPrefixRegexConfig,
     },
     rule::{Rule, TcpRule},
 };
@@ -55,6 +64,8 @@ pub struct Translated {
     pub dynamic: Dynamic,
     /// Key paths lb does not support (reported, not fatal).
     pub unsupported: Vec<String>,
+    /// Items with a value lb cannot use, each left out (the rest of the document applies).
+    pub errors: Vec<TraefikError>,
 }
 
 /// A value lb cannot use: where (key path) and why.
@@ -62,6 +73,17 @@ pub struct Translated {
 pub struct TraefikError {
     pub path: String,
     pub reason: String,
+    /// The item it breaks (`http.routers.api`): only that item is left out (or kept at its last
+    /// good version, see [`keep`]). `None`: the document's shape is wrong, and all of it is
+    /// refused.
+    pub item: Option<String>,
+}
+
+impl TraefikError {
+    fn in_item(mut self, item: &str) -> TraefikError {
+        self.item = Some(item.to_string());
+        self
+    }
 }
 
 impl std::fmt::Display for TraefikError {
@@ -76,6 +98,7 @@ fn fail<T>(path: &str, reason: impl Into<String>) -> R<T> {
     Err(TraefikError {
         path: path.to_string(),
         reason: reason.into(),
+        item: None,
     })
 }
 
@@ -143,6 +166,10 @@ pub fn is_traefik(doc: &Value) -> bool {
 /// turn after the previous one; 0 when not found. Good enough for TOML and YAML as people write
 /// them, and it lets an error point into the file like lb.toml's do.
 pub fn line_of(text: &str, path: &str) -> usize {
+    // Keys are case-insensitive (a merged directory's come out in lowercase); ASCII lowercase
+    // keeps every byte where it was.
+    let text = text.to_ascii_lowercase();
+    let path = path.to_ascii_lowercase();
     let mut at = 0;
     let mut found = None;
     for key in path.split('.') {
@@ -170,10 +197,13 @@ struct Obj<'a> {
 
 impl<'a> Obj<'a> {
     fn new(v: &'a Value, path: &str) -> R<Obj<'a>> {
-        let Some(m) = v.as_object() else {
-            return fail(path, "expected a table");
-        };
-        Ok(Obj::of(m, path))
+        static EMPTY: std::sync::OnceLock<Map<String, Value>> = std::sync::OnceLock::new();
+        match v {
+            Value::Object(m) => Ok(Obj::of(m, path)),
+            // `services:` with nothing (or only a comment) under it, as Traefik accepts it.
+            Value::Null => Ok(Obj::of(EMPTY.get_or_init(Map::new), path)),
+            _ => fail(path, "expected a table"),
+        }
     }
 
     fn of(m: &'a Map<String, Value>, path: &str) -> Obj<'a> {
@@ -368,45 +398,197 @@ pub fn translate(doc: &Value) -> R<Translated> {
 
 /// Translates a whole document; `files` says which files it may name.
 pub fn translate_with(doc: &Value, files: &Files) -> R<Translated> {
+    translate_in(doc, &Cx::new(files), &HashSet::new())
+}
+
+/// What a translation uses besides the document, kept across the passes of [`keep::Kept`].
+pub struct Cx<'a> {
+    files: &'a Files,
+    /// Host names resolved once per reload however many passes it takes: `(host, port)` →
+    /// the first address, or why there is none.
+    dns: RefCell<HashMap<(String, u16), Result<SocketAddr, String>>>,
+}
+
+impl<'a> Cx<'a> {
+    pub fn new(files: &'a Files) -> Cx<'a> {
+        Cx {
+            files,
+            dns: RefCell::new(HashMap::new()),
+        }
+    }
+
+    fn resolve(&self, host: &str, port: u16) -> Result<SocketAddr, String> {
+        let key = (host.to_string(), port);
+        if let Some(r) = self.dns.borrow().get(&key) {
+            return r.clone();
+        }
+        let r = match (host, port).to_socket_addrs() {
+            Ok(mut a) => a.next().ok_or_else(|| format!("{host:?} has no address")),
+            Err(e) => Err(format!("{host:?}: {e}")),
+        };
+        self.dns.borrow_mut().insert(key, r.clone());
+        r
+    }
+}
+
+/// Takes in the `weighted` and `failover` services whose services are all usable, rounds until
+/// none more is; the rest are broken by the first service they name that is not (left out,
+/// undefined, or in a loop of composites).
+fn composed(
+    mut pending: Vec<(String, Composite, String)>,
+    out: &mut Translated,
+    left: &mut HashSet<String>,
+) {
+    loop {
+        let before = pending.len();
+        pending.retain(|(name, c, _)| {
+            let ready = c
+                .children()
+                .iter()
+                .all(|child| out.dynamic.services.contains_key(*child));
+            if ready {
+                out.dynamic.services.insert(
+                    name.clone(),
+                    ServiceSpec {
+                        composite: Some(c.clone()),
+                        ..Default::default()
+                    },
+                );
+            }
+            !ready
+        });
+        if pending.len() == before {
+            break;
+        }
+    }
+    let waiting: HashSet<String> = pending.iter().map(|(n, _, _)| n.clone()).collect();
+    for (name, c, path) in pending {
+        let Some(child) = c
+            .children()
+            .into_iter()
+            .find(|child| !out.dynamic.services.contains_key(*child))
+        else {
+            continue;
+        };
+        let reason = if left.contains(&format!("http.services.{child}")) {
+            format!("its service {child:?} is not usable")
+        } else if waiting.contains(child) {
+            format!("its service {child:?} is part of a loop of weighted/failover services")
+        } else {
+            format!("no service {child:?}")
+        };
+        let e = TraefikError {
+            path,
+            reason,
+            item: None,
+        };
+        broke(out, left, format!("http.services.{name}"), e);
+    }
+}
+
+/// Records an item's error: it is left out, and so is whatever names it.
+fn broke(out: &mut Translated, left: &mut HashSet<String>, key: String, e: TraefikError) {
+    out.errors.push(e.in_item(&key));
+    left.insert(key);
+}
+
+/// Says why a router is left out, by what it names.
+fn left_out_because(path: &str, what: &str, unsupported: &mut Vec<String>) {
+    unsupported.push(format!(
+        "{path}: left out: {what}; lb does not serve a router without what it names"
+    ));
+}
+
+/// Translates a document. Each item (`http.routers.api`, `tls.certificates[0]`, …) stands
+/// alone: one lb cannot use goes to [`Translated::errors`] and is left out with whatever names
+/// it, and the rest applies. `gone` names items already taken out of `doc` (broken, with no last
+/// good version): what names them is left out too. Only a document of the wrong shape (a section
+/// that is not a table) is an error as a whole.
+pub fn translate_in(doc: &Value, cx: &Cx<'_>, gone: &HashSet<String>) -> R<Translated> {
     let mut out = Translated::default();
-    let options = tls_options(doc, &mut out.unsupported)?;
+    let mut left = gone.clone();
+    let options = tls_options(doc, &mut out, &mut left)?;
     let mut top = Obj::new(doc, "")?;
     let mut transports: HashMap<String, UpstreamTls> = HashMap::new();
     if let Some((p, http)) = top.take("http") {
         let mut http = Obj::new(http, &p)?;
         if let Some((p, st)) = http.take("serverstransports") {
-            transports = servers_transports(st, &p, files, &mut out.unsupported)?;
+            let m = Obj::new(st, &p)?;
+            for (_, name, v) in &m.entries {
+                let key = format!("http.serverstransports.{name}");
+                match servers_transport(v, &m.sub(name), cx.files, &mut out.unsupported) {
+                    Ok(t) => {
+                        transports.insert(name.to_string(), t);
+                    }
+                    Err(e) => broke(&mut out, &mut left, key, e),
+                }
+            }
         }
         let mut chains: HashMap<String, Vec<String>> = HashMap::new();
         if let Some((p, mws)) = http.take("middlewares") {
             let m = Obj::new(mws, &p)?;
             for (_, name, v) in &m.entries {
                 let path = m.sub(name);
-                check_name(name, &path)?;
-                match middleware(v, &path, files, &mut out.unsupported)? {
-                    Some(Kind::One(cfg)) => out.dynamic.middlewares.push((name.to_string(), *cfg)),
-                    Some(Kind::Chain(list)) => {
+                let key = format!("http.middlewares.{name}");
+                let got = check_name(name, &path)
+                    .and_then(|()| middleware(v, &path, cx.files, &mut out.unsupported));
+                match got {
+                    Ok(Some(Kind::One(cfg))) => {
+                        out.dynamic.middlewares.push((name.to_string(), *cfg))
+                    }
+                    Ok(Some(Kind::Chain(list))) => {
                         chains.insert(name.to_string(), list);
                     }
-                    None => {}
+                    Ok(None) => {
+                        left.insert(key);
+                    }
+                    Err(e) => broke(&mut out, &mut left, key, e),
                 }
             }
         }
         if let Some((p, svcs)) = http.take("services") {
             let m = Obj::new(svcs, &p)?;
             let mut mirrors = Vec::new();
+            let mut composites = Vec::new();
             for (_, name, v) in &m.entries {
                 let path = m.sub(name);
-                check_name(name, &path)?;
-                service(name, v, &path, &transports, &mut out, &mut mirrors)?;
+                let key = format!("http.services.{name}");
+                let got = check_name(name, &path).and_then(|()| {
+                    service(
+                        name,
+                        v,
+                        &path,
+                        &transports,
+                        &left,
+                        cx,
+                        &mut out,
+                        &mut mirrors,
+                        &mut composites,
+                    )
+                });
+                match got {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        left.insert(key);
+                    }
+                    Err(e) => broke(&mut out, &mut left, key, e),
+                }
             }
+            composed(composites, &mut out, &mut left);
             // A mirroring service sends to its main service's servers, with copies elsewhere.
             for (name, main, mirror, path) in mirrors {
-                let Some(instances) = out.services.get(&main).cloned() else {
-                    return fail(
-                        &path,
-                        format!("service {main:?} is not a loadBalancer service here"),
-                    );
+                let key = format!("http.services.{name}");
+                let usable = !left.contains(&format!("http.services.{main}"));
+                let Some(instances) = out.services.get(&main).cloned().filter(|_| usable) else {
+                    let e = TraefikError {
+                        path,
+                        reason: format!(
+                            "service {main:?} is not a usable loadBalancer service here"
+                        ),
+                        item: None,
+                    };
+                    broke(&mut out, &mut left, key, e);
+                    continue;
                 };
                 let mut spec = out.dynamic.services.get(&main).cloned().unwrap_or_default();
                 spec.mirror = Some(mirror);
@@ -418,38 +600,77 @@ pub fn translate_with(doc: &Value, files: &Files) -> R<Translated> {
             let m = Obj::new(routers, &p)?;
             for (_, name, v) in &m.entries {
                 let path = m.sub(name);
-                check_name(name, &path)?;
-                if let Some(r) = router(name, v, &path, &chains, &options, &mut out.unsupported)? {
-                    out.dynamic.routers.push(r);
+                let key = format!("http.routers.{name}");
+                let got = check_name(name, &path).and_then(|()| {
+                    router(
+                        name,
+                        v,
+                        &path,
+                        &chains,
+                        &options,
+                        &left,
+                        &mut out.unsupported,
+                    )
+                });
+                match got {
+                    Ok(Some(r)) => out.dynamic.routers.push(r),
+                    Ok(None) => {}
+                    Err(e) => broke(&mut out, &mut left, key, e),
                 }
             }
         }
         http.rest(&mut out.unsupported);
     }
     if let Some((p, tcp)) = top.take("tcp") {
-        tcp_section(tcp, &p, &options, &mut out)?;
+        tcp_section(tcp, &p, &options, cx, &mut left, &mut out)?;
     }
     if let Some((p, tls)) = top.take("tls") {
         let mut tls = Obj::new(tls, &p)?;
-        for mut c in tls.tables("certificates")? {
-            let _stores = c.take("stores");
-            if let Some(cert) = cert_pair(c, false, files, &mut out.unsupported)? {
-                out.dynamic.certificates.push(cert);
+        let certs = match tls.take("certificates") {
+            None => Vec::new(),
+            Some((_, Value::Null)) => Vec::new(),
+            Some((p, Value::Array(a))) => a
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (format!("{p}[{i}]"), i, c))
+                .collect(),
+            Some((p, _)) => return fail(&p, "expected a list"),
+        };
+        for (cp, i, c) in certs {
+            // Taken out by `keep`: the others keep their indexes.
+            if c.is_null() {
+                continue;
+            }
+            let key = format!("tls.certificates[{i}]");
+            let got = Obj::new(c, &cp).and_then(|mut c| {
+                let _stores = c.take("stores");
+                cert_pair(c, false, cx.files, &mut out.unsupported)
+            });
+            match got {
+                Ok(Some(cert)) => out.dynamic.certificates.push(cert),
+                Ok(None) => {}
+                Err(e) => broke(&mut out, &mut left, key, e),
             }
         }
         if let Some((p, stores)) = tls.take("stores") {
-            let mut stores = Obj::new(stores, &p)?;
-            if let Some((p, default)) = stores.take("default") {
-                let mut d = Obj::new(default, &p)?;
-                if let Some((p, dc)) = d.take("defaultcertificate") {
-                    let pair = cert_pair(Obj::new(dc, &p)?, true, files, &mut out.unsupported)?;
-                    if let Some(cert) = pair {
-                        out.dynamic.certificates.push(cert);
-                    }
+            let stores = Obj::new(stores, &p)?;
+            for (_, name, v) in &stores.entries {
+                let key = format!("tls.stores.{name}");
+                let sp = stores.sub(name);
+                let got = if name.eq_ignore_ascii_case("default") {
+                    default_store(v, &sp, cx.files, &mut out.unsupported)
+                } else {
+                    out.unsupported.push(format!(
+                        "{sp}: not supported (lb has one certificate store: default)"
+                    ));
+                    Ok(None)
+                };
+                match got {
+                    Ok(Some(cert)) => out.dynamic.certificates.push(cert),
+                    Ok(None) => {}
+                    Err(e) => broke(&mut out, &mut left, key, e),
                 }
-                d.rest(&mut out.unsupported);
             }
-            stores.rest(&mut out.unsupported);
         }
         // Read (and reported) first, by tls_options.
         let _ = tls.take("options");
@@ -459,70 +680,109 @@ pub fn translate_with(doc: &Value, files: &Files) -> R<Translated> {
     Ok(out)
 }
 
+/// `tls.stores.default`: its default certificate, if it has one lb may read.
+fn default_store(
+    v: &Value,
+    path: &str,
+    files: &Files,
+    unsupported: &mut Vec<String>,
+) -> R<Option<CertSpec>> {
+    let mut d = Obj::new(v, path)?;
+    let mut cert = None;
+    if let Some((p, dc)) = d.take("defaultcertificate") {
+        cert = cert_pair(Obj::new(dc, &p)?, true, files, unsupported)?;
+    }
+    d.rest(unsupported);
+    Ok(cert)
+}
+
 /// What each `tls.options` entry asks that lb cannot give, by name: `Some(why)` when a router
 /// using it must be left out. lb's policy is TLS 1.2 and 1.3 with AEAD suites and forward secrecy,
 /// and no client certificates per router (an entry point's `client_ca_file` verifies them for
 /// the whole entry point); settings that only narrow compatibility are reported and served.
-fn tls_options(doc: &Value, unsupported: &mut Vec<String>) -> R<HashMap<String, Option<String>>> {
-    let mut out = HashMap::new();
+fn tls_options(
+    doc: &Value,
+    out: &mut Translated,
+    left: &mut HashSet<String>,
+) -> R<HashMap<String, Option<String>>> {
+    let mut options = HashMap::new();
     let Some((tls_key, tls)) = doc
         .as_object()
         .and_then(|m| m.iter().find(|(k, _)| k.eq_ignore_ascii_case("tls")))
     else {
-        return Ok(out);
+        return Ok(options);
     };
-    let Some((opt_key, options)) = tls
+    let Some((opt_key, opts)) = tls
         .as_object()
         .and_then(|m| m.iter().find(|(k, _)| k.eq_ignore_ascii_case("options")))
     else {
-        return Ok(out);
+        return Ok(options);
     };
-    let m = Obj::new(options, &format!("{tls_key}.{opt_key}"))?;
+    let m = Obj::new(opts, &format!("{tls_key}.{opt_key}"))?;
     for (_, name, v) in &m.entries {
-        let p = m.sub(name);
-        let mut o = Obj::new(v, &p)?;
-        let mut refused = None;
-        if let Some((cp, ca)) = o.take("clientauth") {
-            let mut c = Obj::new(ca, &cp)?;
-            let cas = c.strings("cafiles")?.unwrap_or_default();
-            let kind = c.string("clientauthtype")?;
-            c.rest(unsupported);
-            // Traefik: CA files without a type require and verify a certificate.
-            let kind = kind.unwrap_or_else(|| {
-                match cas.is_empty() {
-                    true => "NoClientCert",
-                    false => "RequireAndVerifyClientCert",
-                }
-                .into()
-            });
-            match kind.as_str() {
-                "NoClientCert" => {}
-                "RequestClientCert" => unsupported.push(format!(
-                    "{cp}.clientAuthType: RequestClientCert: lb does not ask for client certificates (none is verified either way)"
-                )),
-                other => {
-                    refused = Some(format!(
-                        "{cp} asks {other}: lb cannot verify client certificates per router (an entry point's client_ca_file verifies them for all of it)"
-                    ))
-                }
+        let key = format!("tls.options.{name}");
+        match tls_option(v, &m.sub(name), &mut out.unsupported) {
+            Ok(refused) => {
+                options.insert(name.to_string(), refused);
+            }
+            Err(e) => {
+                options.insert(
+                    name.to_string(),
+                    Some(format!(
+                        "its tls.options {name:?} are broken ({})",
+                        e.reason
+                    )),
+                );
+                broke(out, left, key, e);
             }
         }
-        if let Some(v) = o.string("minversion")? {
-            if !matches!(v.as_str(), "VersionTLS10" | "VersionTLS11" | "VersionTLS12") {
-                refused = refused.or(Some(format!(
-                    "{p}.minVersion is {v}: lb serves TLS 1.2 and 1.3, and cannot refuse 1.2 per router"
-                )));
-            }
-        }
-        for (_, key, _) in &o.entries {
-            unsupported.push(format!(
-                "{}: not supported (lb's TLS policy is fixed: TLS 1.2+, AEAD suites with forward secrecy)",
-                o.sub(key)
-            ));
-        }
-        out.insert(name.to_string(), refused);
     }
-    Ok(out)
+    Ok(options)
+}
+
+/// One `tls.options` entry: `Some(why)` when a router using it must be left out.
+fn tls_option(v: &Value, p: &str, unsupported: &mut Vec<String>) -> R<Option<String>> {
+    let mut o = Obj::new(v, p)?;
+    let mut refused = None;
+    if let Some((cp, ca)) = o.take("clientauth") {
+        let mut c = Obj::new(ca, &cp)?;
+        let cas = c.strings("cafiles")?.unwrap_or_default();
+        let kind = c.string("clientauthtype")?;
+        c.rest(unsupported);
+        // Traefik: CA files without a type require and verify a certificate.
+        let kind = kind.unwrap_or_else(|| {
+            match cas.is_empty() {
+                true => "NoClientCert",
+                false => "RequireAndVerifyClientCert",
+            }
+            .into()
+        });
+        match kind.as_str() {
+            "NoClientCert" => {}
+            "RequestClientCert" => unsupported.push(format!(
+                "{cp}.clientAuthType: RequestClientCert: lb does not ask for client certificates (none is verified either way)"
+            )),
+            other => {
+                refused = Some(format!(
+                    "{cp} asks {other}: lb cannot verify client certificates per router (an entry point's client_ca_file verifies them for all of it)"
+                ))
+            }
+        }
+    }
+    if let Some(v) = o.string("minversion")? {
+        if !matches!(v.as_str(), "VersionTLS10" | "VersionTLS11" | "VersionTLS12") {
+            refused = refused.or(Some(format!(
+                "{p}.minVersion is {v}: lb serves TLS 1.2 and 1.3, and cannot refuse 1.2 per router"
+            )));
+        }
+    }
+    for (_, key, _) in &o.entries {
+        unsupported.push(format!(
+            "{}: not supported (lb's TLS policy is fixed: TLS 1.2+, AEAD suites with forward secrecy)",
+            o.sub(key)
+        ));
+    }
+    Ok(refused)
 }
 
 /// Whether a router using TLS options `named` (none: `default`, as in Traefik) may be served,
@@ -543,11 +803,13 @@ fn tls_allows(
 }
 
 /// `tcp.routers` (HostSNI rules; `tls.passthrough` relays TLS, any other `tls` terminates it,
-/// none is plain TCP) and `tcp.services` (`loadBalancer.servers[].address`).
+/// none is plain TCP) and `tcp.services` (`loadBalancer.servers[].address`), each item alone.
 fn tcp_section(
     v: &Value,
     path: &str,
     options: &HashMap<String, Option<String>>,
+    cx: &Cx<'_>,
+    left: &mut HashSet<String>,
     out: &mut Translated,
 ) -> R<()> {
     let mut tcp = Obj::new(v, path)?;
@@ -555,42 +817,38 @@ fn tcp_section(
         let m = Obj::new(svcs, &p)?;
         for (_, name, v) in &m.entries {
             let sp = m.sub(name);
-            check_name(name, &sp)?;
-            let mut s = Obj::new(v, &sp)?;
-            let Some((lp, lb)) = s.take("loadbalancer") else {
-                s.rest(&mut out.unsupported);
-                continue;
-            };
-            s.rest(&mut out.unsupported);
-            let mut lb = Obj::new(lb, &lp)?;
-            let mut instances = std::collections::BTreeMap::new();
-            for mut x in lb.tables("servers")? {
-                let ip = x.path.clone();
-                let address = x.string("address")?;
-                let weight = x.number("weight")?.unwrap_or(1.0);
-                x.rest(&mut out.unsupported);
-                let Some(address) = address else {
-                    return fail(&ip, "address is required");
-                };
-                let addr = match address.to_socket_addrs() {
-                    Ok(mut a) => match a.next() {
-                        Some(a) => a,
-                        None => return fail(&format!("{ip}.address"), "no address"),
-                    },
-                    Err(e) => return fail(&format!("{ip}.address"), format!("{address:?}: {e}")),
-                };
-                let inst = Instance {
-                    address: addr.ip(),
-                    port: addr.port(),
-                    weight: weight.clamp(0.0, 1000.0) as u32,
-                    zone: None,
-                    metadata: Default::default(),
-                };
-                instances.insert(inst.key(), inst);
+            let key = format!("tcp.services.{name}");
+            match check_name(name, &sp).and_then(|()| tcp_service(v, &sp, cx, &mut out.unsupported))
+            {
+                Ok(Some(instances)) => {
+                    if out.services.contains_key(*name) {
+                        let e = TraefikError {
+                            path: sp,
+                            reason: "an http service has this name too".into(),
+                            item: None,
+                        };
+                        broke(out, left, key, e);
+                    } else {
+                        out.services.insert(name.to_string(), instances);
+                    }
+                }
+                Ok(None) => {
+                    left.insert(key);
+                }
+                Err(e) => broke(out, left, key, e),
             }
-            lb.rest(&mut out.unsupported);
-            if out.services.insert(name.to_string(), instances).is_some() {
-                return fail(&sp, "an http service has this name too");
+        }
+    }
+    let mut middlewares = HashMap::new();
+    if let Some((p, mws)) = tcp.take("middlewares") {
+        let m = Obj::new(mws, &p)?;
+        for (_, name, v) in &m.entries {
+            let key = format!("tcp.middlewares.{name}");
+            match check_name(name, &m.sub(name)).and_then(|()| tcp_middleware(v, &m.sub(name))) {
+                Ok(mw) => {
+                    middlewares.insert(name.to_string(), mw);
+                }
+                Err(e) => broke(out, left, key, e),
             }
         }
     }
@@ -598,68 +856,226 @@ fn tcp_section(
         let m = Obj::new(routers, &p)?;
         for (_, name, v) in &m.entries {
             let rp = m.sub(name);
-            check_name(name, &rp)?;
-            let mut r = Obj::new(v, &rp)?;
-            let Some(rule_text) = r.string("rule")? else {
-                return fail(&rp, "rule is required");
-            };
-            let Some(service) = r.string("service")? else {
-                return fail(&rp, "service is required");
-            };
-            let mut named_options = None;
-            let mode = match r.take("tls") {
-                None => TlsMode::Plain,
-                Some((tp, tls)) => {
-                    let mut t = Obj::new(tls, &tp)?;
-                    let pass = t.bool("passthrough")?.unwrap_or(false);
-                    named_options = t.string("options")?;
-                    for k in ["certresolver", "domains"] {
-                        if let Some((kp, _)) = t.take(k) {
-                            out.unsupported.push(format!("{kp}: not supported (certificates come from [[certificate]], [acme] or tls.certificates)"));
-                        }
-                    }
-                    t.rest(&mut out.unsupported);
-                    if pass {
-                        TlsMode::Passthrough
-                    } else {
-                        TlsMode::Terminate
-                    }
-                }
-            };
-            // A passthrough router terminates no TLS: options do not apply to it.
-            if mode == TlsMode::Terminate {
-                if let Err(why) = tls_allows(options, named_options.as_deref()) {
-                    out.unsupported.push(format!(
-                        "{rp}: left out: {why}; lb does not serve a router without the protection it asks for"
-                    ));
-                    continue;
-                }
-            }
-            let rule = TcpRule::parse(&rule_text, mode != TlsMode::Plain)
-                .or_else(|e| fail(&format!("{rp}.rule"), e.to_string()))?;
-            let (priority, entrypoints) = r.placement()?;
-            if let Some(names) = r.strings("middlewares")? {
-                // An ipAllowList (or any TCP middleware) guards the router: without it, the
-                // router would serve everyone.
-                out.unsupported.push(format!(
-                    "{rp}: left out: it uses TCP middlewares {names:?}, which lb does not support (ipAllowList, inFlightConn); lb does not serve a router without what guards it"
-                ));
-                continue;
-            }
-            r.rest(&mut out.unsupported);
-            out.dynamic.tcp_routers.push(TcpRouterSpec {
-                name: name.to_string(),
-                entrypoints,
-                rule,
-                rule_text,
-                priority,
-                service: local(&service),
-                tls: mode,
+            let key = format!("tcp.routers.{name}");
+            let got = check_name(name, &rp).and_then(|()| {
+                tcp_router(
+                    name,
+                    v,
+                    &rp,
+                    options,
+                    &middlewares,
+                    left,
+                    &mut out.unsupported,
+                )
             });
+            match got {
+                Ok(Some(r)) => out.dynamic.tcp_routers.push(r),
+                Ok(None) => {}
+                Err(e) => broke(out, left, key, e),
+            }
         }
     }
     tcp.rest(&mut out.unsupported);
     Ok(())
+}
+
+/// One `tcp.services` entry's servers; `None` (reported) when it has no kind lb supports.
+fn tcp_service(
+    v: &Value,
+    sp: &str,
+    cx: &Cx<'_>,
+    unsupported: &mut Vec<String>,
+) -> R<Option<std::collections::BTreeMap<crate::model::instance::InstanceKey, Instance>>> {
+    let mut s = Obj::new(v, sp)?;
+    let Some((lp, lb)) = s.take("loadbalancer") else {
+        for (_, k, _) in &s.entries {
+            unsupported.push(format!(
+                "{}: not supported; the routers using the service are left out",
+                s.sub(k)
+            ));
+        }
+        return Ok(None);
+    };
+    s.rest(unsupported);
+    let mut lb = Obj::new(lb, &lp)?;
+    let mut instances = std::collections::BTreeMap::new();
+    for mut x in lb.tables("servers")? {
+        let ip = x.path.clone();
+        let address = x.string("address")?;
+        let weight = x.number("weight")?.unwrap_or(1.0);
+        x.rest(unsupported);
+        let Some(address) = address else {
+            return fail(&ip, "address is required");
+        };
+        let Some((host, port)) = address.rsplit_once(':') else {
+            return fail(
+                &format!("{ip}.address"),
+                format!("{address:?}: expected host:port"),
+            );
+        };
+        let Ok(port) = port.parse::<u16>() else {
+            return fail(&format!("{ip}.address"), format!("{address:?}: bad port"));
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let addr = cx
+            .resolve(host, port)
+            .or_else(|why| fail(&format!("{ip}.address"), why))?;
+        let inst = Instance {
+            address: addr.ip(),
+            port: addr.port(),
+            weight: weight.clamp(0.0, 1000.0) as u32,
+            zone: None,
+            metadata: Default::default(),
+        };
+        instances.insert(inst.key(), inst);
+    }
+    lb.rest(unsupported);
+    Ok(Some(instances))
+}
+
+/// One `tcp.routers` entry; `None` (reported) when it is left out.
+fn tcp_router(
+    name: &str,
+    v: &Value,
+    rp: &str,
+    options: &HashMap<String, Option<String>>,
+    middlewares: &HashMap<String, TcpMiddleware>,
+    left: &HashSet<String>,
+    unsupported: &mut Vec<String>,
+) -> R<Option<TcpRouterSpec>> {
+    let mut r = Obj::new(v, rp)?;
+    let Some(rule_text) = r.string("rule")? else {
+        return fail(rp, "rule is required");
+    };
+    let Some(service) = r.string("service")? else {
+        return fail(rp, "service is required");
+    };
+    let mut named_options = None;
+    let mode = match r.take("tls") {
+        None => TlsMode::Plain,
+        Some((tp, tls)) => {
+            let mut t = Obj::new(tls, &tp)?;
+            let pass = t.bool("passthrough")?.unwrap_or(false);
+            named_options = t.string("options")?;
+            for k in ["certresolver", "domains"] {
+                if let Some((kp, _)) = t.take(k) {
+                    unsupported.push(format!("{kp}: not supported (certificates come from [[certificate]], [acme] or tls.certificates)"));
+                }
+            }
+            t.rest(unsupported);
+            if pass {
+                TlsMode::Passthrough
+            } else {
+                TlsMode::Terminate
+            }
+        }
+    };
+    let rule = TcpRule::parse_traefik(&rule_text, mode != TlsMode::Plain)
+        .or_else(|e| fail(&format!("{rp}.rule"), e.to_string()))?;
+    let (priority, entrypoints) = r.placement()?;
+    // A passthrough router terminates no TLS: options do not apply to it.
+    if mode == TlsMode::Terminate {
+        if let Err(why) = tls_allows(options, named_options.as_deref()) {
+            unsupported.push(format!(
+                "{rp}: left out: {why}; lb does not serve a router without the protection it asks for"
+            ));
+            return Ok(None);
+        }
+    }
+    let mut guards = TcpGuards::default();
+    for m in r.strings("middlewares")?.unwrap_or_default() {
+        let m = local(&m);
+        // A middleware guards the router: without it, the router would serve everyone.
+        match middlewares.get(&m) {
+            Some(TcpMiddleware::Allow(list)) => guards.allow.push(list.clone()),
+            Some(TcpMiddleware::InFlight(n)) => {
+                guards.in_flight_per_ip = Some(guards.in_flight_per_ip.map_or(*n, |o| o.min(*n)))
+            }
+            None => {
+                left_out_because(
+                    rp,
+                    &format!("its TCP middleware {m:?} is not usable"),
+                    unsupported,
+                );
+                return Ok(None);
+            }
+        }
+    }
+    let service = local(&service);
+    if left.contains(&format!("tcp.services.{service}")) {
+        left_out_because(
+            rp,
+            &format!("its service {service:?} is not usable"),
+            unsupported,
+        );
+        return Ok(None);
+    }
+    r.rest(unsupported);
+    Ok(Some(TcpRouterSpec {
+        name: name.to_string(),
+        entrypoints,
+        rule,
+        rule_text,
+        priority,
+        service,
+        tls: mode,
+        guards,
+    }))
+}
+
+/// A `tcp.middlewares` entry lb honours.
+enum TcpMiddleware {
+    Allow(Vec<ipnet::IpNet>),
+    InFlight(u32),
+}
+
+/// One `tcp.middlewares` entry (Traefik's reference: routing/tcp/middlewares, `ipAllowList`
+/// and `inFlightConn`). Another kind, or an option lb lacks, is an error: its routers are left
+/// out, never served unguarded.
+fn tcp_middleware(v: &Value, path: &str) -> R<TcpMiddleware> {
+    let m = Obj::new(v, path)?;
+    if m.entries.len() != 1 {
+        return fail(path, "expected exactly one middleware kind");
+    }
+    let (kind, name, body) = m.entries[0].clone();
+    let bp = m.sub(name);
+    let mut b = Obj::new(body, &bp)?;
+    let got = match kind.as_str() {
+        "ipallowlist" | "ipwhitelist" => {
+            let ranges = b.strings("sourcerange")?.unwrap_or_default();
+            if ranges.is_empty() {
+                return fail(&format!("{bp}.sourceRange"), "at least one range is required");
+            }
+            let mut list = Vec::new();
+            for r in &ranges {
+                let Some(net) = crate::model::ip_net(r) else {
+                    return fail(
+                        &format!("{bp}.sourceRange"),
+                        format!("{r:?} is not an address or CIDR"),
+                    );
+                };
+                list.push(net);
+            }
+            TcpMiddleware::Allow(list)
+        }
+        "inflightconn" => match b.number("amount")? {
+            Some(n) if n >= 1.0 && n.fract() == 0.0 && n <= 1e6 => TcpMiddleware::InFlight(n as u32),
+            _ => return fail(&format!("{bp}.amount"), "expected a whole number 1..=1000000"),
+        },
+        _ => {
+            return fail(
+                &bp,
+                format!("the TCP middleware {name:?} is not supported (lb has ipAllowList and inFlightConn)"),
+            )
+        }
+    };
+    if let Some((_, k, _)) = b.entries.first() {
+        return fail(
+            &b.sub(k),
+            "not supported; lb does not serve a TCP router without what guards it",
+        );
+    }
+    Ok(got)
 }
 
 /// A `{certFile, keyFile}` table as a certificate to serve; `None` (reported) when `files` does
@@ -695,75 +1111,76 @@ fn cert_pair(
     }
 }
 
-fn servers_transports(
+/// One `http.serversTransports` entry, as the TLS lb speaks to a service's servers.
+fn servers_transport(
     v: &Value,
-    path: &str,
+    p: &str,
     files: &Files,
     unsupported: &mut Vec<String>,
-) -> R<HashMap<String, UpstreamTls>> {
-    let m = Obj::new(v, path)?;
-    let mut out = HashMap::new();
-    for (_, name, v) in &m.entries {
-        let p = m.sub(name);
-        let mut t = Obj::new(v, &p)?;
-        let mut tls = UpstreamTls {
-            server_name: t.string("servername")?,
-            ..Default::default()
+) -> R<UpstreamTls> {
+    let mut t = Obj::new(v, p)?;
+    let mut tls = UpstreamTls {
+        server_name: t.string("servername")?,
+        ..Default::default()
+    };
+    if let Some(cas) = t.strings("rootcas")? {
+        if cas.len() > 1 {
+            unsupported.push(format!("{p}.rootCAs: only the first CA file is used"));
+        }
+        tls.ca_file = match cas.first() {
+            Some(ca) => Some(files.allow_at(ca, &format!("{p}.rootCAs[0]"))?),
+            None => None,
         };
-        if let Some(cas) = t.strings("rootcas")? {
-            if cas.len() > 1 {
-                unsupported.push(format!("{p}.rootCAs: only the first CA file is used"));
-            }
-            tls.ca_file = match cas.first() {
-                Some(ca) => Some(files.allow_at(ca, &format!("{p}.rootCAs[0]"))?),
-                None => None,
-            };
+    }
+    let certs = t.tables("certificates")?;
+    if certs.len() > 1 {
+        unsupported.push(format!(
+            "{p}.certificates: only the first client certificate is used"
+        ));
+    }
+    if let Some(mut c) = certs.into_iter().next() {
+        let cp = c.path.clone();
+        if let Some(f) = c.string("certfile")? {
+            tls.cert_file = Some(files.allow_at(&f, &format!("{cp}.certFile"))?);
         }
-        let certs = t.tables("certificates")?;
-        if certs.len() > 1 {
-            unsupported.push(format!(
-                "{p}.certificates: only the first client certificate is used"
-            ));
+        if let Some(f) = c.string("keyfile")? {
+            tls.key_file = Some(files.allow_at(&f, &format!("{cp}.keyFile"))?);
         }
-        if let Some(mut c) = certs.into_iter().next() {
-            let cp = c.path.clone();
-            if let Some(f) = c.string("certfile")? {
-                tls.cert_file = Some(files.allow_at(&f, &format!("{cp}.certFile"))?);
-            }
-            if let Some(f) = c.string("keyfile")? {
-                tls.key_file = Some(files.allow_at(&f, &format!("{cp}.keyFile"))?);
-            }
-            c.rest(unsupported);
-        }
-        if t.bool("insecureskipverify")? == Some(true) {
+        c.rest(unsupported);
+    }
+    if t.bool("insecureskipverify")? == Some(true) {
+        return fail(
+            &format!("{p}.insecureSkipVerify"),
+            "lb always verifies upstream certificates: give rootCAs instead",
+        );
+    }
+    // Checks on who the upstream is that lb would skip: refused, not weakened.
+    for k in ["spiffe", "peercerturi"] {
+        if let Some((kp, _)) = t.take(k) {
             return fail(
-                &format!("{p}.insecureSkipVerify"),
-                "lb always verifies upstream certificates: give rootCAs instead",
+                &kp,
+                "not supported: lb verifies the upstream's chain and name (serverName), not SPIFFE IDs or URI SANs",
             );
         }
-        // Checks on who the upstream is that lb would skip: refused, not weakened.
-        for k in ["spiffe", "peercerturi"] {
-            if let Some((kp, _)) = t.take(k) {
-                return fail(
-                    &kp,
-                    "not supported: lb verifies the upstream's chain and name (serverName), not SPIFFE IDs or URI SANs",
-                );
-            }
-        }
-        t.rest(unsupported);
-        out.insert(name.to_string(), tls);
     }
-    Ok(out)
+    t.rest(unsupported);
+    Ok(tls)
 }
 
+/// One `http.services` entry. False (reported) when it has no kind lb supports: the routers
+/// using it are left out, never served a 503.
+#[allow(clippy::too_many_arguments)]
 fn service(
     name: &str,
     v: &Value,
     path: &str,
     transports: &HashMap<String, UpstreamTls>,
+    left: &HashSet<String>,
+    cx: &Cx<'_>,
     out: &mut Translated,
     mirrors: &mut Vec<(String, String, Mirror, String)>,
-) -> R<()> {
+    composites: &mut Vec<(String, Composite, String)>,
+) -> R<bool> {
     let mut s = Obj::new(v, path)?;
     if let Some((p, m)) = s.take("mirroring") {
         let mut m = Obj::new(m, &p)?;
@@ -796,15 +1213,81 @@ fn service(
             });
         }
         m.rest(&mut out.unsupported);
-        if let Some(mirror) = mirror {
-            mirrors.push((name.to_string(), local(&main), mirror, p));
-        }
         s.rest(&mut out.unsupported);
-        return Ok(());
+        let Some(mirror) = mirror else {
+            return fail(&p, "mirrors: at least one is required");
+        };
+        mirrors.push((name.to_string(), local(&main), mirror, p));
+        return Ok(true);
+    }
+    if let Some((wp, w)) = s.take("weighted") {
+        let mut w = Obj::new(w, &wp)?;
+        let mut list = Vec::new();
+        for mut x in w.tables("services")? {
+            let xp = x.path.clone();
+            let child = x.string("name")?;
+            let weight = x.number("weight")?.unwrap_or(1.0);
+            x.rest(&mut out.unsupported);
+            let Some(child) = child else {
+                return fail(&xp, "name is required");
+            };
+            if !(0.0..=1000.0).contains(&weight) || weight.fract() != 0.0 {
+                return fail(&format!("{xp}.weight"), "expected 0..=1000");
+            }
+            list.push((local(&child), weight as u32));
+        }
+        if list.iter().all(|(_, w)| *w == 0) {
+            return fail(
+                &format!("{wp}.services"),
+                "at least one with a weight above 0",
+            );
+        }
+        if let Some((sp, _)) = w.take("sticky") {
+            out.unsupported.push(format!(
+                "{sp}: not supported (each request is shared by weight; a loadBalancer's sticky cookie still pins within it)"
+            ));
+        }
+        // lb always passes over a service with no upstream up; Traefik's `healthCheck: {}` asks
+        // for that.
+        let _ = w.take("healthcheck");
+        w.rest(&mut out.unsupported);
+        s.rest(&mut out.unsupported);
+        composites.push((name.to_string(), Composite::Weighted(list), wp));
+        return Ok(true);
+    }
+    if let Some((fp, f)) = s.take("failover") {
+        let mut f = Obj::new(f, &fp)?;
+        let main = f.string("service")?;
+        let fallback = f.string("fallback")?;
+        let _ = f.take("healthcheck");
+        f.rest(&mut out.unsupported);
+        s.rest(&mut out.unsupported);
+        let (Some(main), Some(fallback)) = (main, fallback) else {
+            return fail(&fp, "service and fallback are required");
+        };
+        composites.push((
+            name.to_string(),
+            Composite::Failover {
+                main: local(&main),
+                fallback: local(&fallback),
+            },
+            fp,
+        ));
+        return Ok(true);
     }
     let Some((lp, lb)) = s.take("loadbalancer") else {
-        s.rest(&mut out.unsupported);
-        return Ok(());
+        for (_, k, _) in &s.entries {
+            out.unsupported.push(format!(
+                "{}: not supported; the routers using the service are left out",
+                s.sub(k)
+            ));
+        }
+        if s.entries.is_empty() {
+            out.unsupported.push(format!(
+                "{path}: no loadBalancer; the routers using the service are left out"
+            ));
+        }
+        return Ok(false);
     };
     s.rest(&mut out.unsupported);
     let mut lb = Obj::new(lb, &lp)?;
@@ -841,14 +1324,38 @@ fn service(
         }
         st.rest(&mut out.unsupported);
     }
-    if let Some(false) = lb.bool("passhostheader")? {
-        out.unsupported.push(format!(
-            "{lp}.passHostHeader: false is not supported (lb always passes Host)"
-        ));
+    let health = lb.take("healthcheck");
+    if let Some((pp, p)) = lb.take("passivehealthcheck") {
+        let mut p = Obj::new(p, &pp)?;
+        // Traefik counts failures within the window and keeps the server out for the window;
+        // lb counts them in a row and doubles the time out with each ejection in a row.
+        if let Some(n) = p.number("maxfailedattempts")? {
+            if !(1.0..=1000.0).contains(&n) || n.fract() != 0.0 {
+                return fail(&format!("{pp}.maxFailedAttempts"), "expected 1..=1000");
+            }
+            spec.passive.failures = n as u32;
+        }
+        if let Some(w) = p.duration("failurewindow")? {
+            if w.is_zero() {
+                return fail(
+                    &format!("{pp}.failureWindow"),
+                    "expected a duration above 0",
+                );
+            }
+            spec.passive.backoff = w;
+        }
+        p.rest(&mut out.unsupported);
     }
+    let pass_host = lb.bool("passhostheader")?.unwrap_or(true);
     let transport = match lb.string("serverstransport")? {
         Some(t) => match transports.get(&local(&t)) {
             Some(tls) => Some(tls.clone()),
+            None if left.contains(&format!("http.serverstransports.{}", local(&t))) => {
+                return fail(
+                    &format!("{lp}.serversTransport"),
+                    format!("serversTransport {t:?} is not usable"),
+                )
+            }
             None => {
                 return fail(
                     &format!("{lp}.serversTransport"),
@@ -859,6 +1366,7 @@ fn service(
         None => None,
     };
     let mut instances = std::collections::BTreeMap::new();
+    let mut hosts = std::collections::BTreeMap::new();
     let mut https = None;
     for mut x in lb.tables("servers")? {
         let xp = x.path.clone();
@@ -868,7 +1376,18 @@ fn service(
         let Some(url) = url else {
             return fail(&xp, "url is required");
         };
-        let (addr, tls) = server_address(&url, &format!("{xp}.url"))?;
+        let (addr, tls) = server_address(&url, &format!("{xp}.url"), cx)?;
+        if !pass_host {
+            // Traefik's `Host` is then the URL's host (and port) as written, not its address.
+            if let Some(a) = url
+                .parse::<hyper::Uri>()
+                .ok()
+                .and_then(|u| u.authority().cloned())
+            {
+                let host = a.as_str().rsplit('@').next().unwrap_or("").to_string();
+                hosts.insert(addr, host);
+            }
+        }
         if https.is_some_and(|h| h != tls) {
             return fail(&xp, "all servers of a service use the same scheme");
         }
@@ -888,21 +1407,111 @@ fn service(
     if https == Some(true) || transport.is_some() {
         spec.tls = Some(transport.unwrap_or_default());
     }
+    if let Some((hp, h)) = health {
+        spec.health = Some(health_check(h, &hp, spec.tls.is_some(), out)?);
+    }
+    if !pass_host {
+        spec.upstream_host = Some(hosts);
+    }
     lb.rest(&mut out.unsupported);
     out.services.insert(name.to_string(), instances);
     out.dynamic.services.insert(name.to_string(), spec);
-    Ok(())
+    Ok(true)
+}
+
+/// `loadBalancer.healthCheck` (Traefik's reference: routing/services, "Health Check"). Its
+/// scheme must be the servers' own: lb checks through the service's client, as it sends.
+fn health_check(v: &Value, path: &str, https: bool, out: &mut Translated) -> R<ActiveCheck> {
+    let mut h = Obj::new(v, path)?;
+    let mut c = ActiveCheck::default();
+    if let Some(mode) = h.string("mode")? {
+        if !mode.eq_ignore_ascii_case("http") {
+            return fail(
+                &h.sub("mode"),
+                format!("{mode:?}: only http checks are supported (not gRPC's health protocol)"),
+            );
+        }
+    }
+    if let Some(scheme) = h.string("scheme")? {
+        let tls = match scheme.to_ascii_lowercase().as_str() {
+            "http" => false,
+            "https" => true,
+            other => {
+                return fail(
+                    &h.sub("scheme"),
+                    format!("{other:?}: expected http or https"),
+                )
+            }
+        };
+        if https != tls {
+            return fail(
+                &h.sub("scheme"),
+                "a check in another scheme than the servers' is not supported (lb checks through the service's own connections)",
+            );
+        }
+    }
+    if let Some(p) = h.string("path")? {
+        c.path = p;
+    }
+    if let Some(m) = h.string("method")? {
+        c.method = m.to_ascii_uppercase();
+    }
+    if let Some(s) = h.number("status")? {
+        if s.fract() != 0.0 {
+            return fail(&h.sub("status"), "expected an HTTP status");
+        }
+        c.status = Some(s as u16).filter(|s| *s != 0);
+        if !(0.0..=599.0).contains(&s) {
+            return fail(&h.sub("status"), "expected an HTTP status");
+        }
+    }
+    if let Some(p) = h.number("port")? {
+        if !(1.0..=65535.0).contains(&p) || p.fract() != 0.0 {
+            return fail(&h.sub("port"), "expected a port 1..=65535");
+        }
+        c.port = Some(p as u16);
+    }
+    if let Some(i) = h.duration("interval")? {
+        c.interval = i;
+        c.unhealthy_interval = i;
+    }
+    if let Some(i) = h.duration("unhealthyinterval")? {
+        c.unhealthy_interval = i;
+    }
+    if let Some(t) = h.duration("timeout")? {
+        c.timeout = t;
+    }
+    c.hostname = h.string("hostname")?;
+    if let Some(true) = h.bool("followredirects")? {
+        // Traefik's default; lb counts the redirect itself (a 3xx is healthy).
+    }
+    if let Some((hp, headers)) = h.take("headers") {
+        let m = Obj::new(headers, &hp)?;
+        for (_, name, v) in &m.entries {
+            c.headers.push((name.to_string(), scalar(v, &m.sub(name))?));
+        }
+    }
+    h.rest(&mut out.unsupported);
+    c.validate().or_else(|e| fail(path, e))?;
+    Ok(c)
 }
 
 /// A server URL's address (a host name is resolved now) and whether it is `https`.
-fn server_address(url: &str, path: &str) -> R<(std::net::SocketAddr, bool)> {
+fn server_address(url: &str, path: &str, cx: &Cx<'_>) -> R<(SocketAddr, bool)> {
     let uri: hyper::Uri = match url.parse() {
         Ok(u) => u,
         Err(e) => return fail(path, format!("{url:?}: {e}")),
     };
     let https = match uri.scheme_str() {
-        Some("http") | Some("h2c") => false,
+        Some("http") => false,
         Some("https") => true,
+        // Spoken to in HTTP/1.1, gRPC would break without a word.
+        Some("h2c") => {
+            return fail(
+                path,
+                format!("{url:?}: h2c (HTTP/2 without TLS) to servers is not supported yet"),
+            )
+        }
         _ => return fail(path, format!("{url:?}: expected http:// or https://")),
     };
     let Some(host) = uri.host() else {
@@ -910,13 +1519,9 @@ fn server_address(url: &str, path: &str) -> R<(std::net::SocketAddr, bool)> {
     };
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-    match (host, port).to_socket_addrs() {
-        Ok(mut a) => match a.next() {
-            Some(addr) => Ok((addr, https)),
-            None => fail(path, format!("{host:?} has no address")),
-        },
-        Err(e) => fail(path, format!("{host:?}: {e}")),
-    }
+    cx.resolve(host, port)
+        .map(|a| (a, https))
+        .or_else(|why| fail(path, why))
 }
 
 /// One HTTP router; `None` (reported) when it is left out.
@@ -926,13 +1531,24 @@ fn router(
     path: &str,
     chains: &HashMap<String, Vec<String>>,
     options: &HashMap<String, Option<String>>,
+    left: &HashSet<String>,
     unsupported: &mut Vec<String>,
 ) -> R<Option<RouterSpec>> {
     let mut r = Obj::new(v, path)?;
+    // Before the rule: a v2 rule read as v3 fails with a message about the rule, not the syntax.
+    if let Some(syntax) = r.string("rulesyntax")? {
+        if !syntax.eq_ignore_ascii_case("v3") {
+            return fail(
+                &format!("{path}.ruleSyntax"),
+                format!("{syntax:?}: only Traefik's v3 rule syntax is supported (drop ruleSyntax and write the rule in v3)"),
+            );
+        }
+    }
     let Some(rule_text) = r.string("rule")? else {
         return fail(path, "rule is required");
     };
-    let rule = Rule::parse(&rule_text).or_else(|e| fail(&format!("{path}.rule"), e.to_string()))?;
+    let rule = Rule::parse_traefik(&rule_text)
+        .or_else(|e| fail(&format!("{path}.rule"), e.to_string()))?;
     let Some(service) = r.string("service")? else {
         return fail(path, "service is required");
     };
@@ -956,6 +1572,7 @@ fn router(
             t.rest(unsupported);
         }
     }
+    r.rest(unsupported);
     // Checked for routers without `tls` too: lb serves any router on its TLS entry points, so
     // the default options guard every one of them.
     if let Err(why) = tls_allows(options, named_options.as_deref()) {
@@ -964,24 +1581,53 @@ fn router(
         ));
         return Ok(None);
     }
-    if let Some(syntax) = r.string("rulesyntax")? {
-        if syntax != "v3" {
-            return fail(
-                &format!("{path}.ruleSyntax"),
-                "only Traefik's v3 rule syntax is supported",
-            );
-        }
+    if let Some(internal) = service.strip_suffix("@internal") {
+        left_out_because(path, &internal_service(internal), unsupported);
+        return Ok(None);
     }
-    r.rest(unsupported);
+    let service = local(&service);
+    if left.contains(&format!("http.services.{service}")) {
+        left_out_because(
+            path,
+            &format!("its service {service:?} is not usable"),
+            unsupported,
+        );
+        return Ok(None);
+    }
+    let unusable: Vec<&String> = middlewares
+        .iter()
+        .filter(|m| left.contains(&format!("http.middlewares.{m}")))
+        .collect();
+    if !unusable.is_empty() {
+        left_out_because(
+            path,
+            &format!("its middlewares {unusable:?} are not usable"),
+            unsupported,
+        );
+        return Ok(None);
+    }
     Ok(Some(RouterSpec {
         name: name.to_string(),
         entrypoints,
         rule,
         rule_text,
         priority,
-        service: local(&service),
+        service,
         middlewares,
     }))
+}
+
+/// Why a router to Traefik's `<name>@internal` service is left out.
+fn internal_service(name: &str) -> String {
+    match name {
+        "api" | "dashboard" => format!(
+            "its service is {name}@internal: lb's API and dashboard are served on [api] listen only, always behind the token"
+        ),
+        "prometheus" => "its service is prometheus@internal: lb's metrics are served on [api] listen (/metrics)".into(),
+        "ping" => "its service is ping@internal: lb answers health checks on [api] listen (/healthz)".into(),
+        "noop" => "its service is noop@internal, which lb does not have".into(),
+        other => format!("its service is {other}@internal, which lb does not have"),
+    }
 }
 
 /// A middleware name, with chains expanded in place (cycles refused).
@@ -1102,6 +1748,15 @@ fn middleware(
                         .map(String::from),
                 );
             }
+            for u in &users {
+                if let Some((user, why)) = u.split_once(':').and_then(|(user, hash)| {
+                    Some((user, crate::model::middleware::weak_hash(hash)?))
+                }) {
+                    unsupported.push(format!(
+                        "{p}.users: user {user:?}: weak hash accepted: {why}"
+                    ));
+                }
+            }
             let _ = b.take("removeheader"); // lb always removes the credentials
             Kind::one(MiddlewareConfig::BasicAuth(BasicAuthConfig {
                 users,
@@ -1174,13 +1829,29 @@ fn middleware(
             }))
         }
         "inflightreq" => {
-            if let Some((sp, _)) = b.take("sourcecriterion") {
-                unsupported.push(format!(
-                    "{sp}: not supported (lb limits requests in flight per router)"
-                ));
+            // Traefik counts per source, by default the client's address.
+            let (mut per, mut source_header) = (InFlightPer::ClientIp, None);
+            if let Some((sp, sc)) = b.take("sourcecriterion") {
+                let mut sc = Obj::new(sc, &sp)?;
+                if let Some(h) = sc.string("requestheadername")? {
+                    (per, source_header) = (InFlightPer::Header, Some(h));
+                }
+                if let Some((kp, _)) = sc.take("ipstrategy") {
+                    unsupported.push(format!(
+                        "{kp}: not supported (lb counts by the client address the entry point believes: its peer, or what a trusted proxy said)"
+                    ));
+                }
+                if let Some(true) = sc.bool("requesthost")? {
+                    unsupported.push(format!(
+                        "{sp}.requestHost: not supported (lb counts by the client address)"
+                    ));
+                }
+                sc.rest(unsupported);
             }
             Kind::one(MiddlewareConfig::InFlightReq(InFlightReqConfig {
                 amount: b.number("amount")?.unwrap_or(0.0) as u64,
+                per,
+                source_header,
             }))
         }
         "buffering" => {
@@ -1194,12 +1865,26 @@ fn middleware(
                     as u64,
             }))
         }
-        "retry" => Kind::one(MiddlewareConfig::Retry(RetryConfig {
-            attempts: b.number("attempts")?.unwrap_or(0.0) as u32,
-            initial_interval_ms: b
-                .duration("initialinterval")?
-                .map_or(100, |d| d.as_millis() as u64),
-        })),
+        "retry" => {
+            if let Some((kp, _)) = b.take("maxrequestbodybytes") {
+                unsupported.push(format!(
+                    "{kp}: not supported (lb sends a request with a body again only when a buffering middleware holds it)"
+                ));
+            }
+            Kind::one(MiddlewareConfig::Retry(RetryConfig {
+                attempts: b.number("attempts")?.unwrap_or(0.0) as u32,
+                // Traefik's default is no wait.
+                initial_interval_ms: b
+                    .duration("initialinterval")?
+                    .map_or(0, |d| d.as_millis() as u64),
+                status: b.strings("status")?.unwrap_or_default(),
+                timeout_ms: b.duration("timeout")?.map_or(0, |d| d.as_millis() as u64),
+                disable_retry_on_network_error: b
+                    .bool("disableretryonnetworkerror")?
+                    .unwrap_or(false),
+                retry_non_idempotent_method: b.bool("retrynonidempotentmethod")?.unwrap_or(false),
+            }))
+        }
         "circuitbreaker" => {
             let ms =
                 |d: Option<Duration>, default: u64| d.map_or(default, |d| d.as_millis() as u64);
@@ -1473,12 +2158,16 @@ mod tests {
                     ],
                 );
             }
-            let e = translate_with(&d, &files).expect_err(key);
-            assert!(e.reason.contains("not inside"), "{key}: {e}");
+            let t = translate_with(&d, &files).expect(key);
+            assert_eq!(t.errors.len(), 1, "{key}: {:?}", t.errors);
             assert!(
-                translate_with(&d, &Files::Within(vec![])).is_err(),
-                "{key}: none allowed"
+                t.errors[0].reason.contains("not inside"),
+                "{key}: {:?}",
+                t.errors
             );
+            assert!(t.dynamic.middlewares.is_empty(), "{key}: left out");
+            let t = translate_with(&d, &Files::Within(vec![])).expect(key);
+            assert_eq!(t.errors.len(), 1, "{key}: none allowed");
         }
         let d = doc(
             "traefik/http/middlewares/a/basicAuth/usersFile",
