@@ -275,8 +275,11 @@ pub fn proxy_check(dynamic: crate::model::l7::Dynamic) -> (usize, Vec<String>) {
     (built.dynamic.routers.len(), problems)
 }
 
-pub async fn run(config_path: &Path) -> Result<()> {
-    let cfg = config::load(config_path)?;
+pub async fn run(source: &sources::Source) -> Result<()> {
+    let cfg = source.load()?;
+    for n in &cfg.notes {
+        warn!("{n}");
+    }
     secure_state_dir(&cfg.state_dir)?;
     let env = match std::env::var("LB_API_TOKEN") {
         Ok(t) => Some(t),
@@ -510,7 +513,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
     tasks.push(tokio::spawn(reopen_on_hangup(proxy.clone())?));
     let api_proxy = proxy.clone();
     tasks.push(tokio::spawn(watch_config(
-        config_path.to_path_buf(),
+        source.clone(),
         cfg.clone(),
         control.clone(),
         proxy,
@@ -771,7 +774,7 @@ impl Listeners {
             .await?;
             let local = listener.local_addr().unwrap_or(ep.address);
             let tls = tls.map(|t| Arc::new(arc_swap::ArcSwap::new(t)));
-            info!(entrypoint = ep.name, address = %local, tls = ep.tls, "proxy listening");
+            info!(entrypoint = ep.name, address = %local, tls = ep.tls, plain_too = ep.tls && ep.also_plain, "proxy listening");
             let stop = tokio_util::sync::CancellationToken::new();
             let task = tokio::spawn(proxy.clone().serve_until(
                 ep.name.clone(),
@@ -826,7 +829,7 @@ impl Listeners {
 /// and the last good configuration stays in force. VIP addresses, modes and health checks, and
 /// the dataplane's sizes, need a restart (said in the log).
 async fn watch_config(
-    path: std::path::PathBuf,
+    source: sources::Source,
     mut current: Config,
     control: Arc<Mutex<Control>>,
     proxy: Arc<crate::proxy::Proxy>,
@@ -836,30 +839,41 @@ async fn watch_config(
 ) {
     use notify::Watcher as _;
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
-    let file = path.file_name().map(|f| f.to_os_string());
-    let watched = file.clone();
+    let files = source.files();
+    let watched: Vec<_> = files
+        .iter()
+        .filter_map(|p| p.file_name().map(|f| f.to_os_string()))
+        .collect();
     let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if let Ok(ev) = res {
             let ours = ev
                 .paths
                 .iter()
-                .any(|p| p.file_name().map(|f| f.to_os_string()) == watched);
+                .filter_map(|p| p.file_name())
+                .any(|f| watched.iter().any(|w| w == f));
             if ours && !matches!(ev.kind, notify::EventKind::Access(_)) {
                 let _ = tx.send(());
             }
         }
     });
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
-        .to_path_buf();
     let mut watcher = match watcher {
         Ok(w) => w,
         Err(e) => return warn!("config watch unavailable: {e}"),
     };
-    if let Err(e) = watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
-        return warn!("config watch unavailable on {}: {e}", dir.display());
+    let mut dirs: Vec<std::path::PathBuf> = files
+        .iter()
+        .map(|path| {
+            path.parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."))
+                .to_path_buf()
+        })
+        .collect();
+    dirs.dedup();
+    for dir in &dirs {
+        if let Err(e) = watcher.watch(dir, notify::RecursiveMode::NonRecursive) {
+            return warn!("config watch unavailable on {}: {e}", dir.display());
+        }
     }
     let watched = |cfg: &Config| {
         let mut all = cfg.certificates.clone();
@@ -897,8 +911,15 @@ async fn watch_config(
             .is_ok_and(|x| x.is_some())
         {}
         let started = crate::clock::now();
-        let new = match config::load(&path) {
-            Ok(c) => c,
+        let new = match source.load() {
+            Ok(c) => {
+                if c.notes != current.notes {
+                    for n in &c.notes {
+                        warn!("{n}");
+                    }
+                }
+                c
+            }
             Err(e) => {
                 warn!("config rejected, the last good one stays: {e}");
                 control::lock(&control).stats.last_config_error = Some(e.to_string());

@@ -153,6 +153,8 @@ async fn slow_and_oversized_clients_on_tls_and_tcp_router_listeners() {
         client_ca_file: None,
         trusted_ips: vec![],
         limits,
+        also_plain: false,
+        as_default: false,
     };
     let mut http = common::router("all", "PathPrefix(`/`)", "web", None);
     http.entrypoints = vec!["tls".into()];

@@ -1172,6 +1172,8 @@ async fn start_trusting(routers: Vec<RouterSpec>, svcs: &Services, trusted: &[&s
         client_ca_file: None,
         trusted_ips: trusted.iter().map(|t| t.parse().expect("cidr")).collect(),
         limits: Default::default(),
+        also_plain: false,
+        as_default: false,
     };
     let proxy = Arc::new(Proxy::new(
         vec![ep],

@@ -290,6 +290,7 @@ fn http(name: &str, rule: &str, service: &str) -> RouterSpec {
         priority: None,
         service: service.into(),
         middlewares: vec![],
+        tls: None,
     }
 }
 
@@ -309,6 +310,8 @@ async fn start(
         client_ca_file: None,
         trusted_ips: vec![],
         limits: Default::default(),
+        also_plain: false,
+        as_default: false,
     };
     let proxy = Arc::new(Proxy::new(
         vec![ep],
@@ -806,6 +809,8 @@ async fn a_reload_changes_a_tcp_routers_service() {
             client_ca_file: None,
             trusted_ips: vec![],
             limits: Default::default(),
+            also_plain: false,
+            as_default: false,
         }],
         routers: vec![],
         specs: HashMap::new(),
@@ -834,6 +839,8 @@ async fn an_open_tcp_relay_does_not_hold_the_drain() {
         client_ca_file: None,
         trusted_ips: vec![],
         limits: Default::default(),
+        also_plain: false,
+        as_default: false,
     };
     let proxy = Arc::new(Proxy::new(
         vec![ep],

@@ -106,6 +106,11 @@ fn pki(tag: &str) -> Pki {
 }
 
 async fn upstream() -> SocketAddr {
+    upstream_tagged("").await
+}
+
+/// An upstream whose answers start with `tag`, so a test sees which service answered.
+async fn upstream_tagged(tag: &'static str) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
@@ -120,7 +125,7 @@ async fn upstream() -> SocketAddr {
                             .unwrap_or("-")
                             .to_string();
                         Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!(
-                            "ok proto={proto}"
+                            "{tag}ok proto={proto}"
                         )))))
                     });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -168,6 +173,7 @@ async fn tls_proxy(p: &Pki, mtls: bool) -> SocketAddr {
         priority: None,
         service: "s".into(),
         middlewares: vec![],
+        tls: None,
     };
     let ep = EntryPointSpec {
         name: "websecure".into(),
@@ -176,6 +182,8 @@ async fn tls_proxy(p: &Pki, mtls: bool) -> SocketAddr {
         client_ca_file: None,
         trusted_ips: vec![],
         limits: Default::default(),
+        also_plain: false,
+        as_default: false,
     };
     let proxy = Arc::new(Proxy::new(
         vec![ep],
@@ -565,4 +573,125 @@ async fn curl_speaks_http2_and_tls_as_negotiated() {
     ])
     .await;
     assert!(!out.status.success(), "TLS 1.1 is refused");
+}
+
+/// One HTTP/1.1 GET on `stream` (plain or TLS), the connection closed after: status and body.
+async fn h1_get<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut stream: S,
+    path: &str,
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let req = format!("GET {path} HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n");
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let code = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (code, body)
+}
+
+/// Traefik's entry points take TLS and plain HTTP on one port, and its routers serve one kind
+/// (`tls` or not). On such an entry point (a Traefik install configuration's) lb tells the two
+/// apart by the first byte, and a plain router never answers a TLS request, nor the other way:
+/// otherwise a router without the TLS router's middlewares (its authentication, say) could
+/// answer what the TLS router guards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_port_serves_tls_and_plain_routers_each_their_own_kind() {
+    let p = pki("dual");
+    let (secure, plain) = (
+        upstream_tagged("secure ").await,
+        upstream_tagged("plain ").await,
+    );
+    let mut services = Services::new();
+    for (name, up) in [("s", secure), ("p", plain)] {
+        let i = Instance {
+            address: up.ip(),
+            port: up.port(),
+            weight: 1,
+            zone: None,
+            metadata: BTreeMap::new(),
+        };
+        services.insert(name.into(), BTreeMap::from([(i.key(), i)]));
+    }
+    let certs = Certs::load(&[CertSpec {
+        cert_file: p.dir.join("a.crt"),
+        key_file: p.dir.join("a.key"),
+        default: true,
+    }])
+    .expect("certificates");
+    let config = server_config(Arc::new(certs), None).expect("tls config");
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let router = |name: &str, rule: &str, service: &str, tls: Option<bool>| RouterSpec {
+        name: name.into(),
+        entrypoints: vec![],
+        rule: Rule::parse(rule).unwrap(),
+        rule_text: rule.into(),
+        priority: None,
+        service: service.into(),
+        middlewares: vec![],
+        tls,
+    };
+    let ep = EntryPointSpec {
+        name: "web".into(),
+        address: addr,
+        tls: true,
+        client_ca_file: None,
+        trusted_ips: vec![],
+        limits: Default::default(),
+        also_plain: true,
+        as_default: false,
+    };
+    let proxy = Arc::new(Proxy::new(
+        vec![ep],
+        vec![
+            router("secure", "PathPrefix(`/`)", "s", Some(true)),
+            router("plain", "PathPrefix(`/`)", "p", Some(false)),
+            // lb.toml's kind: either.
+            RouterSpec {
+                priority: Some(1000),
+                ..router("either", "Path(`/either`)", "p", None)
+            },
+        ],
+        Default::default(),
+        Default::default(),
+        &services,
+    ));
+    tokio::spawn(proxy.serve(
+        "web".into(),
+        l,
+        Some(Arc::new(arc_swap::ArcSwap::new(config))),
+    ));
+    let tls = connect(&p, addr, "a.test", &[b"http/1.1"], false)
+        .await
+        .expect("a TLS handshake on the shared port");
+    assert_eq!(
+        h1_get(tls, "/").await,
+        (200, "secure ok proto=https".into())
+    );
+    let s = connect(&p, addr, "a.test", &[b"h2"], false).await.unwrap();
+    assert_eq!(
+        h2_get(s).await.expect("h2 over TLS"),
+        (200, "secure ok proto=https".into())
+    );
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    assert_eq!(h1_get(tcp, "/").await, (200, "plain ok proto=http".into()));
+    for tls in [false, true] {
+        let got = if tls {
+            h1_get(
+                connect(&p, addr, "a.test", &[], false).await.unwrap(),
+                "/either",
+            )
+            .await
+        } else {
+            h1_get(TcpStream::connect(addr).await.unwrap(), "/either").await
+        };
+        let proto = if tls { "https" } else { "http" };
+        assert_eq!(got, (200, format!("plain ok proto={proto}")), "tls {tls}");
+    }
 }

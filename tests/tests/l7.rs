@@ -248,3 +248,149 @@ fn traefik_dynamic_configuration_routes_through_the_agent() -> Result<()> {
     ensure!(get("/")? == 200, "lb.toml's router stays");
     Ok(())
 }
+
+/// `lb run --traefik traefik.yml` with no lb.toml: a Traefik install configuration and its
+/// directory of dynamic files run as written. Port 80 redirects to 443 (its
+/// `http.redirections`); 443 takes TLS and plain HTTP as Traefik's entry points do, and its
+/// `tls` router answers only TLS; a third entry point serves a plain router. The agent runs in
+/// a mount namespace of its own (fresh bpffs, /var/lib and /run), since lb's defaults name the
+/// host's paths. `lb check-config --traefik` says the same file is fine, and fails on one that
+/// asks for what lb cannot honour.
+#[test]
+fn a_traefik_install_configuration_runs_without_lb_toml() -> Result<()> {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let ns = lb_tests::netns::Netns::new("lbt-trs")?;
+    let _up = lb_tests::server::Server::start(&ns, "app", 8081)?;
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("output/traefik-static");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("dynamic"))?;
+    // A CA and app.test's certificate, which the dynamic file names (tls.certificates).
+    let ca_key = rcgen::KeyPair::generate()?;
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "lb traefik test CA");
+    let ca = ca_params.self_signed(&ca_key)?;
+    let key = rcgen::KeyPair::generate()?;
+    let leaf = rcgen::CertificateParams::new(vec!["app.test".to_string()])?
+        .signed_by(&key, &ca, &ca_key)?;
+    std::fs::write(dir.join("ca.crt"), ca.pem())?;
+    std::fs::write(dir.join("app.crt"), leaf.pem())?;
+    std::fs::write(dir.join("app.key"), key.serialize_pem())?;
+    // Traefik's documentation's shape (install-configuration/entrypoints.md, providers/file.md).
+    let install = "entryPoints:\n  web:\n    address: \":80\"\n    http:\n      redirections:\n        \
+                   entryPoint:\n          to: websecure\n          scheme: https\n  websecure:\n    \
+                   address: \":443\"\n  other:\n    address: \":8000\"\n\
+                   providers:\n  file:\n    directory: dynamic\napi:\n  dashboard: true\n";
+    std::fs::write(dir.join("traefik.yml"), install)?;
+    std::fs::write(
+        dir.join("dynamic/app.yml"),
+        format!(
+            "http:\n  routers:\n    app:\n      rule: Host(`app.test`)\n      service: app\n      \
+             entryPoints: [websecure]\n      tls: {{}}\n    open:\n      rule: PathPrefix(`/`)\n      \
+             service: app\n      entryPoints: [other]\n  services:\n    app:\n      loadBalancer:\n        \
+             servers:\n          - url: http://127.0.0.1:8081\n\
+             tls:\n  certificates:\n    - certFile: {0}/app.crt\n      keyFile: {0}/app.key\n",
+            dir.display()
+        ),
+    )?;
+    let check = Command::new(lb_bin())
+        .args(["check-config", "--traefik"])
+        .arg(dir.join("traefik.yml"))
+        .output()?;
+    let said = String::from_utf8_lossy(&check.stdout).into_owned();
+    ensure!(
+        check.status.success(),
+        "check-config: {said}{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    ensure!(said.contains("3 entry points, 1 file providers"), "{said}");
+
+    let log = std::fs::File::create(dir.join("agent.log"))?;
+    let script = format!(
+        "mount -t bpf bpf /sys/fs/bpf && mount -t tmpfs tmpfs /var/lib && mount -t tmpfs tmpfs /run && \
+         exec {} run --traefik {}",
+        lb_bin().display(),
+        dir.join("traefik.yml").display()
+    );
+    let mut agent = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", ns.name))
+        .args([
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .env("RUST_LOG", "info")
+        .env("LB_API_TOKEN", lb_tests::lab::TOKEN)
+        .stdout(Stdio::from(log.try_clone()?))
+        .stderr(Stdio::from(log))
+        .spawn()?;
+    struct Stop<'a>(&'a mut std::process::Child);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let agent = Stop(&mut agent);
+    let curl = |args: &str| -> Result<String> {
+        ns.exec(&format!(
+            "curl -s -o /dev/null --max-time 5 --cacert {}/ca.crt --resolve app.test:443:127.0.0.1 \
+             --resolve app.test:80:127.0.0.1 -w '%{{http_code}} %{{redirect_url}}' {args}",
+            dir.display()
+        ))
+        .or_else(|_| Ok("000".into()))
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while curl("https://app.test/")? != "200 " {
+        ensure!(
+            Instant::now() < deadline,
+            "the TLS router does not answer within 20 s: {}",
+            std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let redirect = curl("http://app.test/some/path?q=1")?;
+    ensure!(
+        redirect == "301 https://app.test/some/path?q=1",
+        "port 80 redirects to websecure: {redirect}"
+    );
+    let plain = curl("http://app.test:443/")?;
+    ensure!(
+        plain.starts_with("404"),
+        "a plain request on 443 is not the TLS router's: {plain}"
+    );
+    let other = curl("http://127.0.0.1:8000/")?;
+    ensure!(
+        other.starts_with("200"),
+        "the plain router of `other`: {other}"
+    );
+    drop(agent);
+
+    // What lb cannot honour leaves its entry point out, and check-config fails on it.
+    std::fs::write(
+        dir.join("pp.yml"),
+        "entryPoints:\n  web:\n    address: \":80\"\n    proxyProtocol:\n      trustedIPs: [10.0.0.1]\n",
+    )?;
+    let check = Command::new(lb_bin())
+        .args(["check-config", "--traefik"])
+        .arg(dir.join("pp.yml"))
+        .output()?;
+    let said = String::from_utf8_lossy(&check.stdout).into_owned();
+    ensure!(
+        !check.status.success(),
+        "check-config passes a proxyProtocol entry point: {said}"
+    );
+    ensure!(
+        said.contains("error: ")
+            && said.contains("entryPoints.web: left out: entryPoints.web.proxyProtocol"),
+        "{said}"
+    );
+    Ok(())
+}

@@ -105,6 +105,7 @@ async fn testssl_finds_nothing_at_medium_or_above() {
         priority: None,
         service: "s".into(),
         middlewares: vec!["secure".into()],
+        tls: None,
     };
     let ep = EntryPointSpec {
         name: "websecure".into(),
@@ -113,6 +114,8 @@ async fn testssl_finds_nothing_at_medium_or_above() {
         client_ca_file: None,
         trusted_ips: vec![],
         limits: Default::default(),
+        also_plain: false,
+        as_default: false,
     };
     // Security headers are the operator's to set (lb, as Traefik, adds none of its own): set as
     // the README shows.

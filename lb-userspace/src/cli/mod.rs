@@ -44,14 +44,21 @@ enum LogFormat {
 enum Cmd {
     /// Load the program, program the maps from the config, attach, serve the admin API.
     Run {
-        #[arg(long, short, default_value = "lb.toml")]
-        config: PathBuf,
+        /// lb's configuration (default: lb.toml, unless --traefik is given alone).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// A Traefik install configuration (traefik.yml or .toml): its entry points,
+        /// providers and ACME resolver, beside --config's or on lb's defaults.
+        #[arg(long)]
+        traefik: Option<PathBuf>,
     },
-    /// Check a config file and the provider files it names; print what is wrong
-    /// (file:line: field: reason) and exit non-zero on any error.
+    /// Check a config file (and a Traefik install configuration) and the provider files they
+    /// name; print what is wrong (file:line: field: reason) and exit non-zero on any error.
     CheckConfig {
-        #[arg(long, short, default_value = "lb.toml")]
-        config: PathBuf,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        traefik: Option<PathBuf>,
     },
     /// Announce a service instance: into etcd if the config has [providers.etcd], else Redis if it
     /// has [providers.redis], else (or when the config file does not exist) the admin API.
@@ -195,13 +202,14 @@ fn run(cli: Cli) -> Result<()> {
         LogFormat::Json => logs.json().flatten_event(true).init(),
     }
     match cli.cmd {
-        Cmd::Run { config } => {
+        Cmd::Run { config, traefik } => {
+            let source = source(config, traefik);
             require_privileges("run")?;
             // Capabilities are per thread: before the runtime starts any.
             crate::agent::drop_capabilities();
-            tokio::runtime::Runtime::new()?.block_on(crate::agent::run(&config))
+            tokio::runtime::Runtime::new()?.block_on(crate::agent::run(&source))
         }
-        Cmd::CheckConfig { config } => check_config(&config),
+        Cmd::CheckConfig { config, traefik } => check_config(&source(config, traefik)),
         Cmd::Register {
             service,
             addr,
@@ -305,6 +313,15 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// lb.toml when nothing else is named; with only --traefik, lb's defaults and that file.
+fn source(config: Option<PathBuf>, traefik: Option<PathBuf>) -> crate::sources::Source {
+    let lb = match (&config, &traefik) {
+        (None, None) => Some(PathBuf::from("lb.toml")),
+        _ => config,
+    };
+    crate::sources::Source { lb, traefik }
 }
 
 /// The admin API's address and token: `--api`/`--token` (or `$LB_API_TOKEN`), else the
@@ -425,10 +442,26 @@ fn status(
 /// `lb check-config`: lb.toml, then every file provider's files read as the agent reads them
 /// (Traefik directories merged, item by item), with the agent's messages. Redis and etcd are not
 /// reached: their records are checked when the agent reads them.
-fn check_config(config: &std::path::Path) -> Result<()> {
-    let c = crate::sources::config::load(config)?;
-    println!("{}: ok ({} VIPs)", config.display(), c.vips.len());
+fn check_config(source: &crate::sources::Source) -> Result<()> {
+    let c = source.load()?;
+    for f in source.files() {
+        println!("{}: read", f.display());
+    }
+    println!(
+        "ok: {} VIPs, {} entry points, {} file providers",
+        c.vips.len(),
+        c.entrypoints.len(),
+        c.providers.files.len()
+    );
     let mut errors = 0;
+    for n in &c.notes {
+        if n.contains(": left out") {
+            errors += 1;
+            println!("error: {n}");
+        } else {
+            println!("warning: {n}");
+        }
+    }
     for f in &c.providers.files {
         let mut src = crate::sources::file::FileSource::new(&f.path);
         let (services, routing, rejected) = src.reload_all();

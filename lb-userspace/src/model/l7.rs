@@ -282,6 +282,11 @@ pub struct RouterSpec {
     pub service: String,
     /// Names of `[[middleware]]`s, run in this order.
     pub middlewares: Vec<String>,
+    /// Traefik's routers serve either TLS or plain HTTP (`tls` present or not); on an entry
+    /// point that takes both ([`EntryPointSpec::also_plain`]) such a router matches only
+    /// connections of its kind, so a plain router cannot answer what a TLS router guards.
+    /// `None` (lb.toml's): any connection its entry point takes.
+    pub tls: Option<bool>,
 }
 
 /// Equal when configured the same (the compiled rule follows from its text).
@@ -293,12 +298,14 @@ impl PartialEq for RouterSpec {
             &self.rule_text,
             self.priority,
             &self.service,
+            self.tls,
         ) == (
             &o.name,
             &o.entrypoints,
             &o.rule_text,
             o.priority,
             &o.service,
+            o.tls,
         )
     }
 }
@@ -318,6 +325,13 @@ pub struct EntryPointSpec {
     pub trusted_ips: Vec<ipnet::IpNet>,
     /// How long, and how much, a client connection may hold while it does nothing useful.
     pub limits: ConnLimits,
+    /// With `tls`: plain HTTP on the same port too, told apart by the client's first byte (a
+    /// TLS record starts with 0x16, an HTTP request with a letter), as Traefik's entry points
+    /// serve both.
+    pub also_plain: bool,
+    /// Routers that name no entry point serve the entry points marked so (Traefik's
+    /// `asDefault`), or every one when none is.
+    pub as_default: bool,
 }
 
 /// How a service's upstreams are balanced, checked, retried and timed.

@@ -135,6 +135,7 @@ mod tests {
             priority: None,
             service: service.into(),
             middlewares: mws.iter().map(|s| s.to_string()).collect(),
+            tls: None,
         }
     }
 

@@ -74,7 +74,8 @@ struct Route {
     obs: obs::RouteObs,
 }
 
-/// Routes listed under each entry point they serve (every one when they name none), highest
+/// Routes listed under each entry point they serve (when they name none: the `as_default`
+/// ones, or every one when none is), highest
 /// priority first; ties by name, so the order never depends on config order. HTTP and TCP routes
 /// alike; `key` gives a route's entry points, priority and name.
 pub(crate) fn per_entrypoint<R>(
@@ -83,10 +84,13 @@ pub(crate) fn per_entrypoint<R>(
     key: impl Fn(&R) -> (&[String], i64, &str),
 ) -> HashMap<String, Vec<Arc<R>>> {
     let mut out: HashMap<String, Vec<Arc<R>>> = HashMap::new();
+    // Where a route that names none goes: the default entry points, or all when none is.
+    let defaults = entrypoints.iter().any(|e| e.as_default);
     for r in routes {
         let (serves, _, _) = key(&r);
         for ep in entrypoints {
-            if serves.is_empty() || serves.contains(&ep.name) {
+            let named = serves.contains(&ep.name);
+            if named || (serves.is_empty() && (ep.as_default || !defaults)) {
                 out.entry(ep.name.clone()).or_default().push(r.clone());
             }
         }
@@ -119,6 +123,8 @@ type Checked<'a> = dyn FnMut(
 /// Routes per entry point (highest priority first) and a pool per service.
 pub struct Table {
     routes: HashMap<String, Vec<Arc<Route>>>,
+    /// Entry points that take TLS and plain HTTP: their routers match only their kind.
+    dual: std::collections::HashSet<String>,
     pools: HashMap<String, Svc>,
     /// Services made of services, by name.
     composites: HashMap<String, Mixed>,
@@ -325,6 +331,11 @@ impl Table {
         }
         Table {
             routes,
+            dual: entrypoints
+                .iter()
+                .filter(|e| e.tls && e.also_plain)
+                .map(|e| e.name.clone())
+                .collect(),
             pools,
             composites,
             tcp: tcp::Routes::build(entrypoints, tcp_routers),
@@ -511,6 +522,7 @@ impl Proxy {
     ) -> Proxy {
         let empty = Table {
             routes: HashMap::new(),
+            dual: Default::default(),
             pools: HashMap::new(),
             composites: HashMap::new(),
             tcp: Default::default(),
@@ -901,7 +913,7 @@ impl Proxy {
                 () = stop.cancelled() => break,
             };
             let _ = stream.set_nodelay(true);
-            let (trusted, limits) = self
+            let (trusted, limits, dual) = self
                 .conf()
                 .entrypoints
                 .iter()
@@ -910,6 +922,7 @@ impl Proxy {
                     (
                         e.trusted_ips.iter().any(|n| n.contains(&peer.ip())),
                         e.limits,
+                        e.also_plain,
                     )
                 })
                 .unwrap_or_default();
@@ -919,21 +932,29 @@ impl Proxy {
                 shared_limits = Some(Arc::new(limits));
             }
             let limits = shared_limits.clone().unwrap_or_default();
-            let client = Arc::new(conn::Client {
-                proxy: self.clone(),
-                entrypoint: name.clone(),
-                peer,
-                scheme: if tls.is_some() { "https" } else { "http" },
-                trusted,
-                drain: drain.clone(),
-                obs: obs.clone(),
-                limits,
-            });
-            let (tls, obs) = (tls.clone(), obs.clone());
+            let (mut tls, obs) = (tls.clone(), obs.clone());
+            let (proxy, name, drain) = (self.clone(), name.clone(), drain.clone());
             let connections = connections.clone();
             tokio::spawn(async move {
                 let _slot = slot;
                 let _open = obs.connection();
+                if dual && tls.is_some() {
+                    match first_byte(&stream, limits.header_timeout).await {
+                        Some(TLS_HANDSHAKE) => {}
+                        Some(_) => tls = None,
+                        None => return,
+                    }
+                }
+                let client = Arc::new(conn::Client {
+                    proxy,
+                    entrypoint: name,
+                    peer,
+                    scheme: if tls.is_some() { "https" } else { "http" },
+                    trusted,
+                    drain,
+                    obs: obs.clone(),
+                    limits,
+                });
                 // TCP routers first: they may take the connection, else it comes back for HTTP
                 // with the bytes they read replayed. Boxed, as is the handshake: what they hold
                 // is freed before the connection's long life begins.
@@ -974,6 +995,19 @@ impl Proxy {
             drain,
             entrypoint,
         }
+    }
+}
+
+/// The first byte of a TLS connection: a handshake record's content type.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// The client's first byte, left in the socket; `None` when it closes or sends nothing within
+/// `wait` (the header timeout: it is a request that has not started).
+async fn first_byte(stream: &tokio::net::TcpStream, wait: std::time::Duration) -> Option<u8> {
+    let mut b = [0u8; 1];
+    match tokio::time::timeout(wait, stream.peek(&mut b)).await {
+        Ok(Ok(1)) => Some(b[0]),
+        _ => None,
     }
 }
 

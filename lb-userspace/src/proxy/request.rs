@@ -86,7 +86,7 @@ impl Proxy {
             return answer;
         }
         let table = self.table.load_full();
-        let Some(route) = route(&table, entrypoint, &host, &req, client_ip) else {
+        let Some(route) = route(&table, entrypoint, scheme, &host, &req, client_ip) else {
             return text(StatusCode::NOT_FOUND, "no router matches");
         };
         trace.route = route.obs.get(entrypoint).cloned();
@@ -405,10 +405,11 @@ fn refuse(req: &Request<Body>) -> Option<Response<Body>> {
 }
 
 /// Phase 4: the entry point's first router (by priority) whose rule matches the normalised
-/// request.
+/// request (and, where the entry point takes TLS and plain HTTP, that serves this kind).
 fn route<'t>(
     table: &'t Table,
     entrypoint: &str,
+    scheme: &str,
     host: &str,
     req: &Request<Body>,
     client_ip: IpAddr,
@@ -421,10 +422,13 @@ fn route<'t>(
         headers: req.headers(),
         client_ip,
     };
+    let dual = table.dual.contains(entrypoint);
+    let tls = scheme == "https";
+    let kind = |r: &Route| !dual || r.spec.tls.is_none_or(|t| t == tls);
     table
         .routes
         .get(entrypoint)
-        .and_then(|rs| rs.iter().find(|r| r.spec.rule.matches(&view)))
+        .and_then(|rs| rs.iter().find(|r| kind(r) && r.spec.rule.matches(&view)))
         .map(|r| r.as_ref())
 }
 

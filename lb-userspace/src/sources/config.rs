@@ -799,6 +799,10 @@ pub struct Config {
     pub cluster: Option<ClusterSpec>,
     /// `[bgp]`: absent, nothing is announced (the routers are configured by hand).
     pub bgp: Option<crate::model::bgp::BgpSpec>,
+    /// What a Traefik install configuration asks for that lb does differently or not at all, by
+    /// key path. A note that says `left out` names something lb will not serve (an error for
+    /// `lb check-config`); the others are warnings.
+    pub notes: Vec<String>,
 }
 
 fn bgp_spec(
@@ -1107,13 +1111,17 @@ fn cluster_spec(c: &Spanned<RawCluster>, err: ErrFn<'_>) -> Result<ClusterSpec, 
 
 /// Reads and validates a config file.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+    parse(path, &read(path)?)
+}
+
+/// A configuration file's text, or the error naming it.
+pub(crate) fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| ConfigError {
         file: path.into(),
         line: 0,
         field: String::new(),
         reason: format!("cannot read: {e}"),
-    })?;
-    parse(path, &text)
+    })
 }
 
 /// Parses and validates config text; `path` only names the file in errors.
@@ -1664,6 +1672,8 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
             client_ca_file: e.client_ca_file.clone(),
             trusted_ips,
             limits,
+            also_plain: false,
+            as_default: false,
         });
     }
     let mut middlewares: Vec<(String, crate::model::middleware::MiddlewareConfig)> = Vec::new();
@@ -1734,6 +1744,7 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
             priority: r.priority,
             service: r.service.get_ref().clone(),
             middlewares: r.middlewares.clone(),
+            tls: None,
         });
     }
     let tcp_routers = tcp_routers(&raw, &entrypoints, &err)?;
@@ -1993,6 +2004,7 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
         api_listen,
         api_token: raw.api.token.as_ref().map(|t| t.get_ref().clone()),
         vips,
+        notes: Vec::new(),
     })
 }
 
@@ -2142,6 +2154,29 @@ fn entrypoint_limits(
     })
 }
 
+/// A name to order a certificate for, lowercased without its final dot; or why it cannot be.
+pub(crate) fn acme_name(raw: &str) -> Result<String, &'static str> {
+    let name = raw.trim_end_matches('.').to_ascii_lowercase();
+    if name.starts_with("*.") {
+        Err("wildcards need the dns-01 challenge, which lb does not answer")
+    } else if name.parse::<IpAddr>().is_ok() {
+        Err("an IP address, not a DNS name")
+    } else if name.is_empty()
+        || name.len() > 253
+        || !name.contains('.')
+        || name
+            .split('.')
+            .any(|l| l.is_empty() || l.len() > 63 || l.starts_with('-') || l.ends_with('-'))
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+    {
+        Err("not a DNS name")
+    } else {
+        Ok(name)
+    }
+}
+
 fn validate_acme(
     a: &RawAcme,
     entrypoints: &[crate::model::l7::EntryPointSpec],
@@ -2202,26 +2237,10 @@ fn validate_acme(
     }
     let mut domains: Vec<String> = Vec::new();
     for (i, d) in a.domains.get_ref().iter().enumerate() {
-        let name = d.get_ref().trim_end_matches('.').to_ascii_lowercase();
-        let why = if name.starts_with("*.") {
-            Some("wildcards need the dns-01 challenge, which lb does not answer")
-        } else if name.parse::<IpAddr>().is_ok() {
-            Some("an IP address, not a DNS name")
-        } else if name.is_empty()
-            || name.len() > 253
-            || !name.contains('.')
-            || name
-                .split('.')
-                .any(|l| l.is_empty() || l.len() > 63 || l.starts_with('-') || l.ends_with('-'))
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
-        {
-            Some("not a DNS name")
-        } else if domains.contains(&name) {
-            Some("listed twice")
-        } else {
-            None
+        let (name, why) = match acme_name(d.get_ref()) {
+            Ok(name) if domains.contains(&name) => (name, Some("listed twice")),
+            Ok(name) => (name, None),
+            Err(why) => (String::new(), Some(why)),
         };
         if let Some(why) = why {
             return Err(err(

@@ -137,7 +137,7 @@ pub fn parse_any(path: &Path, text: &str) -> Result<Doc, FileError> {
 }
 
 /// Line (1-based) and message of a TOML or YAML syntax error.
-fn syntax_error(path: &Path, text: &str) -> Option<(usize, String)> {
+pub(crate) fn syntax_error(path: &Path, text: &str) -> Option<(usize, String)> {
     if is_yaml(path) {
         let e = serde_saphyr::from_str::<serde_json::Value>(text).err()?;
         let line = e.location().map(|l| l.line() as usize).unwrap_or(0);

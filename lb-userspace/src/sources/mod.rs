@@ -5,7 +5,10 @@
 //! repeated event cannot leave the registry inconsistent; a provider that fails reports an error
 //! and the registry keeps its last good snapshot.
 
-use std::time::Instant;
+use std::{
+    path::{Path, PathBuf},
+    time::Instant,
+};
 
 use crate::model::instance::{InstanceKey, Services};
 
@@ -78,4 +81,39 @@ pub enum Event {
         mac: crate::model::Mac,
         at: Instant,
     },
+}
+
+/// Where the configuration comes from: lb.toml, a Traefik install configuration
+/// (`traefik.yml`), or both (lb.toml's agent, API and dataplane settings, Traefik's entry
+/// points, providers and resolvers beside lb.toml's own).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Source {
+    pub lb: Option<PathBuf>,
+    pub traefik: Option<PathBuf>,
+}
+
+impl Source {
+    pub fn lb(path: &Path) -> Source {
+        Source {
+            lb: Some(path.to_path_buf()),
+            traefik: None,
+        }
+    }
+
+    /// Reads and validates every file; the first error is returned, naming its file.
+    pub fn load(&self) -> Result<config::Config, config::ConfigError> {
+        let mut cfg = match &self.lb {
+            Some(p) => config::load(p)?,
+            None => config::parse(Path::new("(lb defaults)"), "")?,
+        };
+        if let Some(t) = &self.traefik {
+            traefik::install::load_into(&mut cfg, t)?;
+        }
+        Ok(cfg)
+    }
+
+    /// The files to watch for changes.
+    pub fn files(&self) -> Vec<PathBuf> {
+        self.lb.iter().chain(self.traefik.iter()).cloned().collect()
+    }
 }

@@ -120,6 +120,7 @@ pub fn router(name: &str, rule: &str, service: &str, priority: Option<i64>) -> R
         priority,
         service: service.into(),
         middlewares: vec![],
+        tls: None,
     }
 }
 
@@ -162,6 +163,8 @@ pub async fn bound_limited(
         client_ca_file: None,
         trusted_ips: vec![],
         limits,
+        also_plain: false,
+        as_default: false,
     };
     (Arc::new(Proxy::new(vec![ep], routers, specs, mws, svcs)), l)
 }

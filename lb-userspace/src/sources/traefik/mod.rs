@@ -35,6 +35,7 @@ use std::{
     time::Duration,
 };
 
+pub mod install;
 pub mod keep;
 pub mod merge;
 
@@ -1558,7 +1559,9 @@ fn router(
         expand(&local(&m), chains, &mut middlewares, &mut Vec::new(), path)?;
     }
     let mut named_options = None;
-    if let Some((tp, tls)) = r.take("tls") {
+    let tls_section = r.take("tls");
+    let serves_tls = tls_section.is_some();
+    if let Some((tp, tls)) = tls_section {
         // The entry point decides TLS in lb; a certResolver maps to lb's [acme].
         if let Ok(mut t) = Obj::new(tls, &tp) {
             named_options = t.string("options")?;
@@ -1614,6 +1617,7 @@ fn router(
         priority,
         service,
         middlewares,
+        tls: Some(serves_tls),
     }))
 }
 
