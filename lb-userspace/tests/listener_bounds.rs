@@ -155,6 +155,7 @@ async fn slow_and_oversized_clients_on_tls_and_tcp_router_listeners() {
         limits,
         also_plain: false,
         as_default: false,
+        proxy_protocol: None,
     };
     let mut http = common::router("all", "PathPrefix(`/`)", "web", None);
     http.entrypoints = vec!["tls".into()];

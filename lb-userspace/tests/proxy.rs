@@ -1174,6 +1174,7 @@ async fn start_trusting(routers: Vec<RouterSpec>, svcs: &Services, trusted: &[&s
         limits: Default::default(),
         also_plain: false,
         as_default: false,
+        proxy_protocol: None,
     };
     let proxy = Arc::new(Proxy::new(
         vec![ep],

@@ -312,6 +312,7 @@ async fn start(
         limits: Default::default(),
         also_plain: false,
         as_default: false,
+        proxy_protocol: None,
     };
     let proxy = Arc::new(Proxy::new(
         vec![ep],
@@ -811,6 +812,7 @@ async fn a_reload_changes_a_tcp_routers_service() {
             limits: Default::default(),
             also_plain: false,
             as_default: false,
+            proxy_protocol: None,
         }],
         routers: vec![],
         specs: HashMap::new(),
@@ -841,6 +843,7 @@ async fn an_open_tcp_relay_does_not_hold_the_drain() {
         limits: Default::default(),
         also_plain: false,
         as_default: false,
+        proxy_protocol: None,
     };
     let proxy = Arc::new(Proxy::new(
         vec![ep],

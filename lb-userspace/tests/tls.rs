@@ -184,6 +184,7 @@ async fn tls_proxy(p: &Pki, mtls: bool) -> SocketAddr {
         limits: Default::default(),
         also_plain: false,
         as_default: false,
+        proxy_protocol: None,
     };
     let proxy = Arc::new(Proxy::new(
         vec![ep],
@@ -646,6 +647,7 @@ async fn one_port_serves_tls_and_plain_routers_each_their_own_kind() {
         limits: Default::default(),
         also_plain: true,
         as_default: false,
+        proxy_protocol: None,
     };
     let proxy = Arc::new(Proxy::new(
         vec![ep],

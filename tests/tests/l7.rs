@@ -282,7 +282,8 @@ fn a_traefik_install_configuration_runs_without_lb_toml() -> Result<()> {
     // Traefik's documentation's shape (install-configuration/entrypoints.md, providers/file.md).
     let install = "entryPoints:\n  web:\n    address: \":80\"\n    http:\n      redirections:\n        \
                    entryPoint:\n          to: websecure\n          scheme: https\n  websecure:\n    \
-                   address: \":443\"\n  other:\n    address: \":8000\"\n\
+                   address: \":443\"\n  other:\n    address: \":8000\"\n  behind:\n    address: \":8001\"\n    \
+                   proxyProtocol:\n      trustedIPs: [127.0.0.1]\n\
                    providers:\n  file:\n    directory: dynamic\napi:\n  dashboard: true\n";
     std::fs::write(dir.join("traefik.yml"), install)?;
     std::fs::write(
@@ -290,7 +291,9 @@ fn a_traefik_install_configuration_runs_without_lb_toml() -> Result<()> {
         format!(
             "http:\n  routers:\n    app:\n      rule: Host(`app.test`)\n      service: app\n      \
              entryPoints: [websecure]\n      tls: {{}}\n    open:\n      rule: PathPrefix(`/`)\n      \
-             service: app\n      entryPoints: [other]\n  services:\n    app:\n      loadBalancer:\n        \
+             service: app\n      entryPoints: [other]\n    guarded:\n      rule: PathPrefix(`/`)\n      \
+             service: app\n      entryPoints: [behind]\n      middlewares: [only-doc]\n  \
+             middlewares:\n    only-doc:\n      ipAllowList:\n        sourceRange: [192.0.2.7]\n  services:\n    app:\n      loadBalancer:\n        \
              servers:\n          - url: http://127.0.0.1:8081\n\
              tls:\n  certificates:\n    - certFile: {0}/app.crt\n      keyFile: {0}/app.key\n",
             dir.display()
@@ -306,7 +309,7 @@ fn a_traefik_install_configuration_runs_without_lb_toml() -> Result<()> {
         "check-config: {said}{}",
         String::from_utf8_lossy(&check.stderr)
     );
-    ensure!(said.contains("3 entry points, 1 file providers"), "{said}");
+    ensure!(said.contains("4 entry points, 1 file providers"), "{said}");
 
     let log = std::fs::File::create(dir.join("agent.log"))?;
     let script = format!(
@@ -371,25 +374,64 @@ fn a_traefik_install_configuration_runs_without_lb_toml() -> Result<()> {
         other.starts_with("200"),
         "the plain router of `other`: {other}"
     );
+    // `behind` believes PROXY headers from 127.0.0.1 only: the header's client is the one the
+    // allow list sees; from 127.0.0.2 the header is not believed (the request is malformed).
+    let proxied = |from: &'static str| -> Result<u16> {
+        let line = format!(
+            "PROXY TCP4 {from} 127.0.0.1 40000 8001\r\nGET / HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n"
+        );
+        ns.run(move || -> Result<u16> {
+            use std::io::{Read as _, Write as _};
+            let mut s = std::net::TcpStream::connect("127.0.0.1:8001")?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(line.as_bytes())?;
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            Ok(out
+                .split(' ')
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(0))
+        })?
+    };
+    ensure!(
+        proxied("192.0.2.7")? == 200,
+        "the allowed client, through the PROXY header"
+    );
+    ensure!(
+        proxied("192.0.2.8")? == 403,
+        "another client, through the PROXY header"
+    );
+    ensure!(
+        curl("http://127.0.0.1:8001/")?.starts_with("403"),
+        "no header: the balancer itself is not allowed"
+    );
+    let untrusted = ns.exec(
+        "curl -s -o /dev/null -w '%{http_code}' --max-time 5 --interface 127.0.0.2 --haproxy-protocol http://127.0.0.1:8001/ || true",
+    )?;
+    ensure!(
+        untrusted == "400",
+        "a PROXY header from a source not trusted: {untrusted}"
+    );
     drop(agent);
 
     // What lb cannot honour leaves its entry point out, and check-config fails on it.
     std::fs::write(
-        dir.join("pp.yml"),
-        "entryPoints:\n  web:\n    address: \":80\"\n    proxyProtocol:\n      trustedIPs: [10.0.0.1]\n",
+        dir.join("mw.yml"),
+        "entryPoints:\n  web:\n    address: \":80\"\n    http:\n      middlewares: [auth@file]\n",
     )?;
     let check = Command::new(lb_bin())
         .args(["check-config", "--traefik"])
-        .arg(dir.join("pp.yml"))
+        .arg(dir.join("mw.yml"))
         .output()?;
     let said = String::from_utf8_lossy(&check.stdout).into_owned();
     ensure!(
         !check.status.success(),
-        "check-config passes a proxyProtocol entry point: {said}"
+        "check-config passes an entry point's middlewares: {said}"
     );
     ensure!(
         said.contains("error: ")
-            && said.contains("entryPoints.web: left out: entryPoints.web.proxyProtocol"),
+            && said.contains("entryPoints.web: left out: entryPoints.web.http.middlewares"),
         "{said}"
     );
     Ok(())

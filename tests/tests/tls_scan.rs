@@ -116,6 +116,7 @@ async fn testssl_finds_nothing_at_medium_or_above() {
         limits: Default::default(),
         also_plain: false,
         as_default: false,
+        proxy_protocol: None,
     };
     // Security headers are the operator's to set (lb, as Traefik, adds none of its own): set as
     // the README shows.

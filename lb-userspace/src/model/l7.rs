@@ -332,6 +332,9 @@ pub struct EntryPointSpec {
     /// Routers that name no entry point serve the entry points marked so (Traefik's
     /// `asDefault`), or every one when none is.
     pub as_default: bool,
+    /// The PROXY protocol: connections from these sources may start with a header naming the
+    /// client, which then is the client for everything after. `None`: no header is looked for.
+    pub proxy_protocol: Option<Vec<ipnet::IpNet>>,
 }
 
 /// How a service's upstreams are balanced, checked, retried and timed.

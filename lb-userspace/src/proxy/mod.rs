@@ -19,6 +19,7 @@ pub mod limits;
 pub mod middleware;
 pub mod normalise;
 pub mod obs;
+pub mod proxy_protocol;
 mod request;
 use crate::model::rule;
 pub mod tcp;
@@ -913,7 +914,10 @@ impl Proxy {
                 () = stop.cancelled() => break,
             };
             let _ = stream.set_nodelay(true);
-            let (trusted, limits, dual) = self
+            // An IPv4 client of a dual-stack listener is itself, not `::ffff:a.b.c.d`, for every
+            // list and limit that follows.
+            let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+            let (trusted, limits, dual, proxied) = self
                 .conf()
                 .entrypoints
                 .iter()
@@ -923,6 +927,9 @@ impl Proxy {
                         e.trusted_ips.iter().any(|n| n.contains(&peer.ip())),
                         e.limits,
                         e.also_plain,
+                        e.proxy_protocol
+                            .as_ref()
+                            .is_some_and(|l| l.iter().any(|n| n.contains(&peer.ip()))),
                     )
                 })
                 .unwrap_or_default();
@@ -938,8 +945,34 @@ impl Proxy {
             tokio::spawn(async move {
                 let _slot = slot;
                 let _open = obs.connection();
+                let (mut stream, mut peer, mut trusted, mut read) =
+                    (stream, peer, trusted, Vec::new());
+                if proxied {
+                    match proxy_protocol::read(&mut stream, peer, limits.header_timeout).await {
+                        Ok((client, rest)) => {
+                            if client != peer {
+                                let client =
+                                    SocketAddr::new(client.ip().to_canonical(), client.port());
+                                trusted = proxy.conf().entrypoints.iter().any(|e| {
+                                    *e.name == *name
+                                        && e.trusted_ips.iter().any(|n| n.contains(&client.ip()))
+                                });
+                                peer = client;
+                            }
+                            read = rest;
+                        }
+                        Err(why) => {
+                            debug!(entrypoint = &*name, %peer, "closed: {why}");
+                            return;
+                        }
+                    }
+                }
                 if dual && tls.is_some() {
-                    match first_byte(&stream, limits.header_timeout).await {
+                    let first = match read.first() {
+                        Some(b) => Some(*b),
+                        None => first_byte(&stream, limits.header_timeout).await,
+                    };
+                    match first {
                         Some(TLS_HANDSHAKE) => {}
                         Some(_) => tls = None,
                         None => return,
@@ -962,6 +995,7 @@ impl Proxy {
                     &client.proxy,
                     &client.entrypoint,
                     stream,
+                    read,
                     peer,
                     tls.as_ref(),
                 ))

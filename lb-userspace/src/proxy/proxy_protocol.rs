@@ -158,7 +158,7 @@ pub async fn read(
     wait: std::time::Duration,
 ) -> Result<(SocketAddr, Vec<u8>), &'static str> {
     use tokio::io::AsyncReadExt as _;
-    let deadline = tokio::time::Instant::now() + wait;
+    let deadline = crate::clock::timer_now() + wait;
     let mut buf = Vec::with_capacity(128);
     loop {
         match parse(&buf) {

@@ -222,9 +222,9 @@ enum Seen {
 }
 
 /// Reads until the first bytes are a whole ClientHello or clearly something else.
-async fn inspect(stream: &mut TcpStream) -> (Vec<u8>, Seen) {
+/// `buf` holds what was read already (the bytes after a PROXY header).
+async fn inspect(stream: &mut TcpStream, mut buf: Vec<u8>) -> (Vec<u8>, Seen) {
     let deadline = crate::clock::timer_now() + PEEK_TIMEOUT;
-    let mut buf: Vec<u8> = Vec::new();
     loop {
         match client_hello::parse(&buf) {
             Parsed::NeedMore if buf.len() >= PEEK_LIMIT => {
@@ -247,27 +247,29 @@ async fn inspect(stream: &mut TcpStream) -> (Vec<u8>, Seen) {
     }
 }
 
-/// The TCP routers' turn at a freshly accepted connection of `entrypoint`. Returns the
-/// connection (with whatever was read from it replayed) when it is for the HTTP routers;
-/// `None` when a TCP router served it, or it was closed.
+/// The TCP routers' turn at a freshly accepted connection of `entrypoint`, `read` its bytes
+/// read already. Returns the connection (with whatever was read from it replayed) when it is for
+/// the HTTP routers; `None` when a TCP router served it, or it was closed. `peer` is the
+/// client's address (a PROXY header's, where the entry point believes one).
 pub(super) async fn intercept(
     proxy: &Proxy,
     entrypoint: &str,
     mut stream: TcpStream,
+    read: Vec<u8>,
     peer: SocketAddr,
     tls: Option<&TlsConfig>,
 ) -> Option<Prefixed<TcpStream>> {
     let table = proxy.table.load_full();
     let Some(routes) = table.tcp.0.get(entrypoint).filter(|r| !r.is_empty()) else {
-        return Some(Prefixed::new(stream, Vec::new()));
+        return Some(Prefixed::new(stream, read));
     };
     let http = table.routes.get(entrypoint).is_some_and(|r| !r.is_empty());
     // Only a ClientHello or an HTTP request can change the choice: without TLS routers and
     // HTTP routers, the client's bytes are not waited for.
     let needs_bytes = http || routes.iter().any(|r| r.spec.tls != TlsMode::Plain);
     let (prefix, seen) = match needs_bytes {
-        true => inspect(&mut stream).await,
-        false => (Vec::new(), Seen::Silent),
+        true => inspect(&mut stream, read).await,
+        false => (read, Seen::Silent),
     };
     // An ACME TLS-ALPN-01 validation is about lb's own certificates: on an entry point where
     // lb terminates TLS it goes to lb's TLS path, never to a TCP router (as in Traefik).

@@ -371,6 +371,9 @@ struct RawEntryPoint {
     client_ca_file: Option<PathBuf>,
     #[serde(default)]
     forwarded_trusted_ips: Vec<String>,
+    /// PROXY protocol headers are believed from these sources (and looked for from no other).
+    #[serde(default)]
+    proxy_protocol_trusted_ips: Option<Vec<String>>,
     /// Bounds on client connections ([`crate::model::l7::ConnLimits`]); every one has a safe default.
     #[serde(default)]
     header_timeout_secs: Option<Spanned<u64>>,
@@ -1653,17 +1656,24 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
                 "needs tls = true".into(),
             ));
         }
-        let mut trusted_ips = Vec::new();
-        for t in &e.forwarded_trusted_ips {
-            let net = crate::model::ip_net(t).ok_or_else(|| {
-                err(
-                    e.name.span(),
-                    format!("entrypoint[{i}].forwarded_trusted_ips"),
-                    format!("{t:?} is not an address or CIDR"),
-                )
-            })?;
-            trusted_ips.push(net);
-        }
+        let nets = |list: &[String], key: &str| -> Result<Vec<ipnet::IpNet>, ConfigError> {
+            list.iter()
+                .map(|t| {
+                    crate::model::ip_net(t).ok_or_else(|| {
+                        err(
+                            e.name.span(),
+                            format!("entrypoint[{i}].{key}"),
+                            format!("{t:?} is not an address or CIDR"),
+                        )
+                    })
+                })
+                .collect()
+        };
+        let trusted_ips = nets(&e.forwarded_trusted_ips, "forwarded_trusted_ips")?;
+        let proxy_protocol = match &e.proxy_protocol_trusted_ips {
+            Some(l) => Some(nets(l, "proxy_protocol_trusted_ips")?),
+            None => None,
+        };
         let limits = entrypoint_limits(e, i, &err)?;
         entrypoints.push(crate::model::l7::EntryPointSpec {
             name,
@@ -1674,6 +1684,7 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
             limits,
             also_plain: false,
             as_default: false,
+            proxy_protocol,
         });
     }
     let mut middlewares: Vec<(String, crate::model::middleware::MiddlewareConfig)> = Vec::new();
@@ -2314,6 +2325,25 @@ address = "10.0.1.2"
 
     /// Connection bounds: safe defaults, each settable, each out-of-range value named with its
     /// line; 0 turns HTTP/2 PINGs off; an upstream cap per service.
+    #[test]
+    fn proxy_protocol_sources_are_addresses_or_cidrs() {
+        let ep = "\n[[entrypoint]]\nname = \"web\"\naddress = \"0.0.0.0:8080\"\n";
+        let c = parse(Path::new("lb.toml"), &format!("{GOOD}{ep}")).expect("valid");
+        assert_eq!(c.entrypoints[0].proxy_protocol, None);
+        let set = "proxy_protocol_trusted_ips = [\"10.0.0.0/8\", \"192.0.2.1\"]\n";
+        let c = parse(Path::new("lb.toml"), &format!("{GOOD}{ep}{set}")).expect("valid");
+        assert_eq!(
+            c.entrypoints[0].proxy_protocol,
+            Some(vec![
+                "10.0.0.0/8".parse().unwrap(),
+                "192.0.2.1/32".parse().unwrap()
+            ])
+        );
+        let bad = "proxy_protocol_trusted_ips = [\"lb.example\"]\n";
+        let e = parse(Path::new("lb.toml"), &format!("{GOOD}{ep}{bad}")).unwrap_err();
+        assert_eq!(e.field, "entrypoint[0].proxy_protocol_trusted_ips", "{e}");
+    }
+
     #[test]
     fn entry_point_bounds_and_upstream_caps() {
         let ep = "\n[[entrypoint]]\nname = \"web\"\naddress = \"0.0.0.0:8080\"\n";

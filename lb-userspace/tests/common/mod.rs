@@ -165,6 +165,7 @@ pub async fn bound_limited(
         limits,
         also_plain: false,
         as_default: false,
+        proxy_protocol: None,
     };
     (Arc::new(Proxy::new(vec![ep], routers, specs, mws, svcs)), l)
 }

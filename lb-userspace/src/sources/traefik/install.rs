@@ -4,7 +4,7 @@
 //! dataplane's settings and the Traefik file adds its entry points, providers and resolver.
 //!
 //! What maps, key by key: `entryPoints` (address, asDefault, http.redirections, http.tls,
-//! http2.maxConcurrentStreams, forwardedHeaders, transport.respondingTimeouts),
+//! http2.maxConcurrentStreams, forwardedHeaders, proxyProtocol, transport.respondingTimeouts),
 //! `providers.file` / `redis` / `etcd` (read in Traefik's layout under their `rootKey`),
 //! `providersThrottleDuration`, one `certificatesResolvers.<name>.acme` (HTTP-01 or TLS-ALPN-01),
 //! `accessLog`, and `api` / `metrics.prometheus` / `ping`, which lb serves on its admin API's
@@ -17,8 +17,7 @@
 //! its default certificate.
 //!
 //! Fail closed: what guards access and cannot be honoured leaves out what it guards. An entry
-//! point with `http.middlewares`, `http.tls.options` or `proxyProtocol` is left out (its port is
-//! not opened), as is a provider whose TLS or sentinel settings lb lacks. `api.insecure` is
+//! point with `http.middlewares` or `http.tls.options` is left out (its port is not opened), as is a provider whose TLS or sentinel settings lb lacks. `api.insecure` is
 //! refused: the admin API always needs its token.
 
 use std::{
@@ -290,6 +289,7 @@ fn entrypoint(
         },
         also_plain: true,
         as_default: e.bool("asdefault")?.unwrap_or(false),
+        proxy_protocol: None,
     };
     let mut redirect = None;
     let mut domains = Vec::new();
@@ -403,20 +403,30 @@ fn entrypoint(
             spec.trusted_ips.push(net);
         }
         if f.bool("insecure")? == Some(true) {
-            spec.trusted_ips = ["0.0.0.0/0", "::/0"]
-                .iter()
-                .filter_map(|n| crate::model::ip_net(n))
-                .collect();
+            spec.trusted_ips = every_address();
         }
         f.rest(notes);
     }
-    if let Some((pp, _)) = e.take("proxyprotocol") {
-        left_out(
-            notes,
-            path,
-            &format!("{pp}: the PROXY protocol is not supported yet, and without it every connection's origin would be wrong"),
-        );
-        return Ok(None);
+    if let Some((pp, v)) = e.take("proxyprotocol") {
+        let mut x = Obj::new(v, &pp)?;
+        let mut nets = Vec::new();
+        for (j, t) in x
+            .strings("trustedips")?
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
+            nets.push(crate::model::ip_net(t).ok_or_else(|| super::TraefikError {
+                path: format!("{pp}.trustedIPs[{j}]"),
+                reason: format!("{t:?} is not an address or CIDR"),
+                item: None,
+            })?);
+        }
+        if x.bool("insecure")? == Some(true) {
+            nets = every_address();
+        }
+        x.rest(notes);
+        spec.proxy_protocol = Some(nets);
     }
     if let Some((tp, v)) = e.take("transport") {
         let mut t = Obj::new(v, &tp)?;
@@ -460,6 +470,14 @@ fn entrypoint(
     }
     e.rest(notes);
     Ok(Some((spec, redirect, domains)))
+}
+
+/// What `insecure: true` trusts: everyone.
+fn every_address() -> Vec<ipnet::IpNet> {
+    ["0.0.0.0/0", "::/0"]
+        .iter()
+        .filter_map(|n| crate::model::ip_net(n))
+        .collect()
 }
 
 /// An entry point's `address` host part as a listening address: `""` is every address (IPv6
@@ -1139,12 +1157,16 @@ level = "DEBUG"
                 .iter()
                 .map(|e| e.name.as_str())
                 .collect::<Vec<_>>(),
-            ["ok"]
+            ["ok", "pp"]
+        );
+        assert_eq!(c.entrypoints[0].proxy_protocol, None);
+        assert_eq!(
+            c.entrypoints[1].proxy_protocol,
+            Some(vec!["10.0.0.1/32".parse().unwrap()])
         );
         assert!(c.providers.etcd.is_none() && c.acme.is_none());
         let n = c.notes.join("\n");
         for said in [
-            "entryPoints.pp: left out: entryPoints.pp.proxyProtocol",
             "entryPoints.mw: left out: entryPoints.mw.http.middlewares",
             "entryPoints.dns: left out: UDP entry points are not supported",
             "providers.docker: left out",
