@@ -241,8 +241,9 @@ async fn traefik_yaml_and_toml_route_the_same() {
         }
         seen.sort();
         assert_eq!(seen, vec!["a", "a", "b", "b"], "{file}");
+        // `site` is a TLS router (`tls`): it never answers plain HTTP, as in Traefik.
         let (code, body) = get(&cl, addr, "www.test", "/", &[]).await;
-        assert_eq!((code, body.split(' ').next()), (200, Some("c")), "{file}");
+        assert_eq!((code, body.split(' ').next()), (404, Some("no")), "{file}");
         let req = hyper::Request::get(format!("http://{addr}/page?x=1"))
             .header("host", "old.test")
             .body(http_body_util::Full::new(bytes::Bytes::new()))
@@ -370,7 +371,6 @@ http:
     open:
       rule: "Host(`open.test`)"
       service: site
-      tls: {}
     mtls:
       rule: "Host(`mtls.test`)"
       service: site
@@ -919,4 +919,57 @@ retryNonIdempotentMethod = true
             "{file}"
         );
     }
+}
+
+/// Server schemes and HTTP/2 (routing/services: servers' `url`, serversTransport
+/// `disableHTTP2`): `h2c://` is HTTP/2 without TLS, `https://` offers HTTP/2 by ALPN unless
+/// the transport turns it off, `http://` stays HTTP/1.1; an h2c service cannot take a TLS
+/// transport.
+#[test]
+fn server_schemes_choose_http2_as_traefik_does() {
+    let text = r#"
+http:
+  serversTransports:
+    h1only:
+      disableHTTP2: true
+  services:
+    grpc:
+      loadBalancer:
+        servers:
+          - url: "h2c://127.0.0.1:50051"
+    tls:
+      loadBalancer:
+        servers:
+          - url: "https://127.0.0.1:8443"
+    tls-h1:
+      loadBalancer:
+        serversTransport: h1only
+        servers:
+          - url: "https://127.0.0.1:8444"
+    plain:
+      loadBalancer:
+        servers:
+          - url: "http://127.0.0.1:8080"
+    odd:
+      loadBalancer:
+        serversTransport: h1only
+        servers:
+          - url: "h2c://127.0.0.1:50052"
+"#;
+    let doc = parse_any(Path::new("schemes.yml"), text).expect("the rest applies");
+    let s = &doc.routing.services;
+    let h2 = |n: &str| (s[n].http2, s[n].tls.is_some());
+    assert_eq!(h2("grpc"), (true, false));
+    assert_eq!(h2("tls"), (true, true));
+    assert_eq!(h2("tls-h1"), (false, true));
+    assert_eq!(h2("plain"), (false, false));
+    assert!(!s.contains_key("odd"));
+    assert!(
+        doc.broken.iter().any(|e| e
+            .reason
+            .contains("http.services.odd.loadBalancer.serversTransport")
+            && e.reason.contains("h2c servers are spoken to without TLS")),
+        "{:?}",
+        doc.broken
+    );
 }

@@ -367,6 +367,9 @@ pub struct ServiceSpec {
     /// `Some`: each gets its own, the name its server URL had (by address), or else its
     /// address; the client's stays in `X-Forwarded-Host`.
     pub upstream_host: Option<std::collections::BTreeMap<SocketAddr, String>>,
+    /// HTTP/2 to the upstreams: with TLS offered by ALPN beside HTTP/1.1 (the upstream picks),
+    /// without it spoken from the first byte (h2c, what gRPC servers without TLS expect).
+    pub http2: bool,
 }
 
 /// A service made of other services (Traefik's `weighted` and `failover`), by name. A service it
@@ -432,6 +435,7 @@ impl Default for ServiceSpec {
             health: None,
             composite: None,
             upstream_host: None,
+            http2: false,
         }
     }
 }

@@ -1,4 +1,6 @@
-//! Connections to upstreams: pooled keep-alive HTTP/1.1 over plain TCP or TLS (rustls).
+//! Connections to upstreams: pooled keep-alive HTTP/1.1 over plain TCP or TLS (rustls), or
+//! HTTP/2 where the service asks for it (`http2`): negotiated by ALPN over TLS, spoken from the
+//! first byte without (h2c), one connection carrying many requests at once.
 //!
 //! With TLS the upstream's certificate is verified against a configured CA (or the system's
 //! roots), optionally under a fixed server name (upstreams are reached by address), and lb can
@@ -34,6 +36,8 @@ pub struct ClientKey {
     pub connect_timeout: Duration,
     /// A pooled keep-alive connection unused this long is closed.
     pub idle_timeout: Duration,
+    /// HTTP/2: offered by ALPN with TLS, prior knowledge (h2c) without.
+    pub http2: bool,
 }
 
 impl Default for ClientKey {
@@ -42,6 +46,7 @@ impl Default for ClientKey {
             tls: None,
             connect_timeout: crate::model::l7::DEFAULT_CONNECT_TIMEOUT,
             idle_timeout: crate::model::l7::DEFAULT_UPSTREAM_IDLE_TIMEOUT,
+            http2: false,
         }
     }
 }
@@ -92,6 +97,8 @@ pub struct UpstreamClient {
     inner: Client<Deadline<HttpsConnector<HttpConnector>>, Body>,
     /// Whether requests go as `https://`.
     pub tls: bool,
+    /// Whether HTTP/2 may be spoken (requests keep `TE: trailers`, which gRPC needs).
+    pub http2: bool,
 }
 
 impl UpstreamClient {
@@ -123,19 +130,33 @@ impl UpstreamClient {
             }
             None => builder,
         };
+        // With TLS and HTTP/2, ALPN offers h2 and http/1.1 and the pool follows the upstream's
+        // choice; without TLS nothing can be negotiated, so HTTP/2 is all the client speaks.
         let connector = Deadline {
-            inner: builder.enable_http1().wrap_connector(http),
+            inner: match (key.http2, tls.is_some()) {
+                (true, true) => builder.enable_all_versions().wrap_connector(http),
+                _ => builder.enable_http1().wrap_connector(http),
+            },
             within: key.connect_timeout,
         };
-        let inner = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(64)
+        let mut b = Client::builder(TokioExecutor::new());
+        b.pool_max_idle_per_host(64)
             .pool_idle_timeout(key.idle_timeout)
             // Without a timer idle connections are only found stale when next taken.
             .pool_timer(hyper_util::rt::TokioTimer::new())
-            .build(connector);
+            // HTTP/2: a stream's and the connection's windows grow with what the link carries
+            // (a gRPC stream is not held to 64 KiB in flight), and a dead peer is found by PING.
+            .http2_adaptive_window(true)
+            .http2_keep_alive_interval(Some(Duration::from_secs(30)))
+            .http2_keep_alive_timeout(Duration::from_secs(10))
+            .timer(hyper_util::rt::TokioTimer::new());
+        if key.http2 && tls.is_none() {
+            b.http2_only(true);
+        }
         Ok(UpstreamClient {
-            inner,
+            inner: b.build(connector),
             tls: tls.is_some(),
+            http2: key.http2,
         })
     }
 

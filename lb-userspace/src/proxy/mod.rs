@@ -63,6 +63,7 @@ impl ServiceSpec {
             tls: self.tls.clone(),
             connect_timeout: self.connect_timeout,
             idle_timeout: self.idle_timeout,
+            http2: self.http2,
         }
     }
 }
@@ -947,8 +948,11 @@ impl Proxy {
                 let _open = obs.connection();
                 let (mut stream, mut peer, mut trusted, mut read) =
                     (stream, peer, trusted, Vec::new());
+                // One deadline for what comes before the request (a PROXY header, the first
+                // byte): each stage does not get a header timeout of its own.
+                let before = crate::clock::timer_now() + limits.header_timeout;
                 if proxied {
-                    match proxy_protocol::read(&mut stream, peer, limits.header_timeout).await {
+                    match proxy_protocol::read(&mut stream, peer, before).await {
                         Ok((client, rest)) => {
                             if client != peer {
                                 let client =
@@ -970,7 +974,7 @@ impl Proxy {
                 if dual && tls.is_some() {
                     let first = match read.first() {
                         Some(b) => Some(*b),
-                        None => first_byte(&stream, limits.header_timeout).await,
+                        None => first_byte(&stream, before).await,
                     };
                     match first {
                         Some(TLS_HANDSHAKE) => {}
@@ -1035,11 +1039,11 @@ impl Proxy {
 /// The first byte of a TLS connection: a handshake record's content type.
 const TLS_HANDSHAKE: u8 = 0x16;
 
-/// The client's first byte, left in the socket; `None` when it closes or sends nothing within
-/// `wait` (the header timeout: it is a request that has not started).
-async fn first_byte(stream: &tokio::net::TcpStream, wait: std::time::Duration) -> Option<u8> {
+/// The client's first byte, left in the socket; `None` when it closes or sends nothing by
+/// `until` (within the header timeout: it is a request that has not started).
+async fn first_byte(stream: &tokio::net::TcpStream, until: tokio::time::Instant) -> Option<u8> {
     let mut b = [0u8; 1];
-    match tokio::time::timeout(wait, stream.peek(&mut b)).await {
+    match tokio::time::timeout_at(until, stream.peek(&mut b)).await {
         Ok(Ok(1)) => Some(b[0]),
         _ => None,
     }

@@ -149,16 +149,16 @@ fn v2(buf: &[u8]) -> Parsed {
     }
 }
 
-/// Reads a PROXY header from a trusted source (if it sends one), within `wait`. Returns the
+/// Reads a PROXY header from a trusted source (if it sends one), by `until`. Returns the
 /// client's address and the bytes read after the header (the client's own, replayed), or why
 /// the connection is closed.
 pub async fn read(
     stream: &mut tokio::net::TcpStream,
     peer: SocketAddr,
-    wait: std::time::Duration,
+    until: tokio::time::Instant,
 ) -> Result<(SocketAddr, Vec<u8>), &'static str> {
     use tokio::io::AsyncReadExt as _;
-    let deadline = crate::clock::timer_now() + wait;
+    let deadline = until;
     let mut buf = Vec::with_capacity(128);
     loop {
         match parse(&buf) {

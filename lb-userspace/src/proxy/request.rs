@@ -179,6 +179,11 @@ impl Proxy {
             // No attempt can follow this one: the head moves instead of being copied.
             let last = !out.replayable() || tried.len() + 1 >= attempts;
             let mut request = out.upstream_request(uri, last);
+            if out.te_trailers && svc.client.http2 {
+                request
+                    .headers_mut()
+                    .insert(header::TE, HeaderValue::from_static("trailers"));
+            }
             if let Some(hosts) = &spec.upstream_host {
                 let host = match hosts.get(&upstream.addr) {
                     Some(h) => HeaderValue::from_str(h).ok(),
@@ -422,9 +427,15 @@ fn route<'t>(
         headers: req.headers(),
         client_ip,
     };
+    // A router that asked for TLS never answers a plain request; a plain one answers TLS only
+    // where the entry point decides for its routers (lb.toml's, or Traefik's with http.tls).
     let dual = table.dual.contains(entrypoint);
     let tls = scheme == "https";
-    let kind = |r: &Route| !dual || r.spec.tls.is_none_or(|t| t == tls);
+    let kind = |r: &Route| match r.spec.tls {
+        None => true,
+        Some(true) => tls,
+        Some(false) => !(dual && tls),
+    };
     table
         .routes
         .get(entrypoint)
@@ -511,6 +522,9 @@ struct Outgoing {
     /// The sticky cookie's key, when the service has one and the client sent it.
     sticky: Option<u64>,
     idempotent: bool,
+    /// The client said `TE: trailers` (gRPC does): an HTTP/2 upstream gets it again, the one
+    /// `TE` that crosses HTTP/2 (every other is hop-by-hop and goes).
+    te_trailers: bool,
 }
 
 impl Outgoing {
@@ -536,6 +550,12 @@ impl Outgoing {
             .sticky_cookie
             .as_deref()
             .and_then(|name| cookie(req.headers(), name));
+        let te_trailers = req.headers().get_all(header::TE).iter().any(|v| {
+            v.to_str()
+                .unwrap_or("")
+                .split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
         prepare_headers(
             &mut req,
             ctx.client_ip,
@@ -577,6 +597,7 @@ impl Outgoing {
             client_upgrade,
             sticky,
             idempotent,
+            te_trailers,
         }
     }
 

@@ -223,6 +223,9 @@ struct RawHttpService {
     /// `false`: the upstreams get their own address as `Host` (Traefik's `passHostHeader`).
     #[serde(default = "d_true")]
     pass_host_header: bool,
+    /// HTTP/2 to the upstreams: by ALPN with `tls`, h2c (prior knowledge) without.
+    #[serde(default)]
+    http2: bool,
 }
 
 fn d_true() -> bool {
@@ -1910,6 +1913,7 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
             name,
             crate::model::l7::ServiceSpec {
                 upstream_host: (!h.pass_host_header).then(Default::default),
+                http2: h.http2,
                 composite,
                 health,
                 algorithm: h.algorithm,

@@ -169,7 +169,17 @@ fn read(doc: &Value, base: &Path) -> R<Install> {
             let Some((_, v)) = eps.take(&name.to_ascii_lowercase()) else {
                 continue;
             };
-            if let Some((ep, redirect, names)) = entrypoint(name, v, path, &mut i.notes)? {
+            let default = Obj::new(v, path)?.bool("asdefault")?.unwrap_or(false);
+            let got = entrypoint(name, v, path, &mut i.notes)?;
+            if got.is_none() && default {
+                // Its routers (those naming no entry point) would spread to every other one,
+                // without what this one asked for.
+                return fail(
+                    path,
+                    "a default entry point (asDefault) cannot be left out: fix what is reported for it, or drop asDefault",
+                );
+            }
+            if let Some((ep, redirect, names)) = got {
                 if let Some(r) = redirect {
                     redirects.push((name.clone(), path.clone(), r));
                 }
@@ -187,7 +197,7 @@ fn read(doc: &Value, base: &Path) -> R<Install> {
         providers(&mut i, v, &p, base, throttle)?;
     }
     if let Some((p, v)) = top.take("certificatesresolvers") {
-        resolvers(&mut i, v, &p, &domains)?;
+        resolvers(&mut i, v, &p, base, &domains)?;
     }
     if let Some((p, v)) = top.take("api") {
         let mut api = Obj::new(v, &p)?;
@@ -712,9 +722,18 @@ fn providers(
             }
         };
         e.rest(&mut i.notes);
-        // Traefik's endpoints are host:port; lb's carry the scheme TLS gives them.
+        // Traefik's endpoints are host:port; lb's carry the scheme TLS gives them. One that
+        // says https:// without tls settings is not made plain.
         let scheme = if tls.is_some() { "https" } else { "http" };
         let mut urls = Vec::new();
+        if tls.is_none() && usable && endpoints.iter().any(|x| x.starts_with("https://")) {
+            left_out(
+                &mut i.notes,
+                &ep,
+                "an https:// endpoint needs tls.ca (the CA lb verifies etcd's certificate against)",
+            );
+            usable = false;
+        }
         for (j, x) in endpoints.iter().enumerate() {
             let bare = x
                 .strip_prefix("http://")
@@ -768,6 +787,7 @@ fn resolvers(
     i: &mut Install,
     v: &Value,
     path: &str,
+    base: &Path,
     domains: &[(String, String, Vec<String>)],
 ) -> R<()> {
     let mut all = Obj::new(v, path)?;
@@ -807,7 +827,7 @@ fn resolvers(
                         "{ap}.caCertificates: only the first is trusted for the directory"
                     ));
                 }
-                list.first().map(PathBuf::from)
+                list.first().map(|f| base.join(f))
             }
             None => None,
         };
@@ -1208,6 +1228,33 @@ level = "DEBUG"
         assert_eq!(
             e.field,
             "certificatesResolvers.le.acme.httpChallenge.entryPoint"
+        );
+    }
+
+    #[test]
+    fn a_default_entry_point_is_never_left_out_quietly() {
+        // Left out, its routers would go to `web`, without its middlewares.
+        let e = read_as(
+            "t.yml",
+            "entryPoints:\n  web:\n    address: \":80\"\n  secure:\n    address: \":443\"\n    asDefault: true\n    \
+             http:\n      middlewares: [auth@file]\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "entryPoints.secure", "{e}");
+        assert!(e.reason.contains("asDefault"), "{e}");
+        // An https:// etcd without tls settings is not spoken to in plain HTTP.
+        let c = read_as(
+            "t.yml",
+            "providers:\n  etcd:\n    endpoints: [\"https://10.0.0.9:2379\"]\n    username: u\n    password: p\n",
+        )
+        .expect("loads");
+        assert!(c.providers.etcd.is_none());
+        assert!(
+            c.notes
+                .iter()
+                .any(|n| n.contains("providers.etcd: left out: an https:// endpoint needs tls.ca")),
+            "{:?}",
+            c.notes
         );
     }
 

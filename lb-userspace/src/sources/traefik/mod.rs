@@ -510,7 +510,7 @@ pub fn translate_in(doc: &Value, cx: &Cx<'_>, gone: &HashSet<String>) -> R<Trans
     let mut left = gone.clone();
     let options = tls_options(doc, &mut out, &mut left)?;
     let mut top = Obj::new(doc, "")?;
-    let mut transports: HashMap<String, UpstreamTls> = HashMap::new();
+    let mut transports: HashMap<String, (UpstreamTls, bool)> = HashMap::new();
     if let Some((p, http)) = top.take("http") {
         let mut http = Obj::new(http, &p)?;
         if let Some((p, st)) = http.take("serverstransports") {
@@ -1113,13 +1113,15 @@ fn cert_pair(
 }
 
 /// One `http.serversTransports` entry, as the TLS lb speaks to a service's servers.
+/// Also whether it turns HTTP/2 off (`disableHTTP2`).
 fn servers_transport(
     v: &Value,
     p: &str,
     files: &Files,
     unsupported: &mut Vec<String>,
-) -> R<UpstreamTls> {
+) -> R<(UpstreamTls, bool)> {
     let mut t = Obj::new(v, p)?;
+    let h2_off = t.bool("disablehttp2")?.unwrap_or(false);
     let mut tls = UpstreamTls {
         server_name: t.string("servername")?,
         ..Default::default()
@@ -1165,7 +1167,7 @@ fn servers_transport(
         }
     }
     t.rest(unsupported);
-    Ok(tls)
+    Ok((tls, h2_off))
 }
 
 /// One `http.services` entry. False (reported) when it has no kind lb supports: the routers
@@ -1175,7 +1177,7 @@ fn service(
     name: &str,
     v: &Value,
     path: &str,
-    transports: &HashMap<String, UpstreamTls>,
+    transports: &HashMap<String, (UpstreamTls, bool)>,
     left: &HashSet<String>,
     cx: &Cx<'_>,
     out: &mut Translated,
@@ -1377,7 +1379,7 @@ fn service(
         let Some(url) = url else {
             return fail(&xp, "url is required");
         };
-        let (addr, tls) = server_address(&url, &format!("{xp}.url"), cx)?;
+        let (addr, scheme) = server_address(&url, &format!("{xp}.url"), cx)?;
         if !pass_host {
             // Traefik's `Host` is then the URL's host (and port) as written, not its address.
             if let Some(a) = url
@@ -1389,10 +1391,10 @@ fn service(
                 hosts.insert(addr, host);
             }
         }
-        if https.is_some_and(|h| h != tls) {
+        if https.is_some_and(|h| h != scheme) {
             return fail(&xp, "all servers of a service use the same scheme");
         }
-        https = Some(tls);
+        https = Some(scheme);
         if !(0.0..=1000.0).contains(&weight) {
             return fail(&format!("{xp}.weight"), "expected 0..=1000");
         }
@@ -1405,9 +1407,24 @@ fn service(
         };
         instances.insert(inst.key(), inst);
     }
-    if https == Some(true) || transport.is_some() {
-        spec.tls = Some(transport.unwrap_or_default());
+    if https == Some(Scheme::H2c) && transport.is_some() {
+        return fail(
+            &format!("{lp}.serversTransport"),
+            "h2c servers are spoken to without TLS: a serversTransport's TLS cannot apply",
+        );
     }
+    let (tls, h2_off) = match transport {
+        Some((tls, off)) => (Some(tls), off),
+        None => (None, false),
+    };
+    if https == Some(Scheme::Https) || tls.is_some() {
+        spec.tls = Some(tls.unwrap_or_default());
+    }
+    spec.http2 = match https {
+        Some(Scheme::H2c) => true,
+        Some(Scheme::Https) => !h2_off,
+        _ => false,
+    };
     if let Some((hp, h)) = health {
         spec.health = Some(health_check(h, &hp, spec.tls.is_some(), out)?);
     }
@@ -1497,31 +1514,41 @@ fn health_check(v: &Value, path: &str, https: bool, out: &mut Translated) -> R<A
     Ok(c)
 }
 
-/// A server URL's address (a host name is resolved now) and whether it is `https`.
-fn server_address(url: &str, path: &str, cx: &Cx<'_>) -> R<(SocketAddr, bool)> {
+/// A server URL's scheme, as lb speaks to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scheme {
+    Http,
+    /// HTTP/2 without TLS, from the first byte (gRPC servers without TLS).
+    H2c,
+    /// TLS, HTTP/2 or HTTP/1.1 as ALPN settles (Traefik's default for https servers).
+    Https,
+}
+
+/// A server URL's address (a host name is resolved now) and its scheme.
+fn server_address(url: &str, path: &str, cx: &Cx<'_>) -> R<(SocketAddr, Scheme)> {
     let uri: hyper::Uri = match url.parse() {
         Ok(u) => u,
         Err(e) => return fail(path, format!("{url:?}: {e}")),
     };
-    let https = match uri.scheme_str() {
-        Some("http") => false,
-        Some("https") => true,
-        // Spoken to in HTTP/1.1, gRPC would break without a word.
-        Some("h2c") => {
+    let scheme = match uri.scheme_str() {
+        Some("http") => Scheme::Http,
+        Some("https") => Scheme::Https,
+        Some("h2c") => Scheme::H2c,
+        _ => {
             return fail(
                 path,
-                format!("{url:?}: h2c (HTTP/2 without TLS) to servers is not supported yet"),
+                format!("{url:?}: expected http://, https:// or h2c://"),
             )
         }
-        _ => return fail(path, format!("{url:?}: expected http:// or https://")),
     };
+    let https = scheme == Scheme::Https;
     let Some(host) = uri.host() else {
         return fail(path, format!("{url:?}: no host"));
     };
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
     cx.resolve(host, port)
-        .map(|a| (a, https))
+        .map(|a| (a, scheme))
         .or_else(|why| fail(path, why))
 }
 
@@ -1576,8 +1603,8 @@ fn router(
         }
     }
     r.rest(unsupported);
-    // Checked for routers without `tls` too: lb serves any router on its TLS entry points, so
-    // the default options guard every one of them.
+    // Checked for routers without `tls` too: an entry point that decides for its routers serves
+    // them over TLS, so the default options guard every one of them.
     if let Err(why) = tls_allows(options, named_options.as_deref()) {
         unsupported.push(format!(
             "{path}: left out: {why}; lb does not serve a router without the protection it asks for"
