@@ -18,7 +18,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response};
 use lb_userspace::{
-    model::l7::{Mirror, ServiceSpec, UpstreamTls},
+    model::l7::{Mirror, MirrorTarget, ServiceSpec, UpstreamTls},
     proxy::middleware::Middleware,
 };
 use tokio::{
@@ -716,9 +716,12 @@ async fn mirroring_sends_copies_and_drops_their_answers() {
         "s".to_string(),
         ServiceSpec {
             mirror: Some(Mirror {
-                service: "shadow".into(),
-                percent: 100.0,
+                targets: vec![MirrorTarget {
+                    service: "shadow".into(),
+                    percent: 100.0,
+                }],
                 max_body_bytes: 1024,
+                body: true,
             }),
             ..Default::default()
         },
@@ -753,6 +756,102 @@ async fn mirroring_sends_copies_and_drops_their_answers() {
     want.extend((0..5).map(|i| format!("POST /p/{i} hello")));
     want.sort();
     assert_eq!(got, want);
+}
+
+/// Traefik's mirroring with several mirrors, each drawing its own share, and `mirrorBody:
+/// false` (routing/services: mirroring): both 100 % mirrors get every request, the 0 % one none,
+/// and the copies carry no body while the main upstream gets it whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_mirrors_draw_their_shares_and_may_go_without_the_body() {
+    let main = echo().await;
+    let mut shadows = Vec::new();
+    let mut logs = Vec::new();
+    for _ in 0..3 {
+        let copies = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let log = copies.clone();
+        shadows.push(
+            serve(move |req: Request<hyper::body::Incoming>| {
+                let log = log.clone();
+                async move {
+                    let line = format!(
+                        "{} {} len={}",
+                        req.method(),
+                        req.uri().path(),
+                        req.headers()
+                            .get("content-length")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("-")
+                    );
+                    let body = req.into_body().collect().await.expect("body").to_bytes();
+                    log.lock()
+                        .unwrap()
+                        .push(format!("{line} {:?}", String::from_utf8_lossy(&body)));
+                    Response::new(Full::new(Bytes::from("shadow")))
+                }
+            })
+            .await,
+        );
+        logs.push(copies);
+    }
+    let target = |service: &str, percent: f64| MirrorTarget {
+        service: service.into(),
+        percent,
+    };
+    let specs = HashMap::from([(
+        "s".to_string(),
+        ServiceSpec {
+            mirror: Some(Mirror {
+                targets: vec![
+                    target("one", 100.0),
+                    target("two", 100.0),
+                    target("never", 0.0),
+                ],
+                max_body_bytes: 1024,
+                body: false,
+            }),
+            ..Default::default()
+        },
+    )]);
+    let (_p, addr) = start_full(
+        vec![router("r", "PathPrefix(`/`)", "s", None)],
+        &services(&[
+            ("s", &[(main, 1)]),
+            ("one", &[(shadows[0], 1)]),
+            ("two", &[(shadows[1], 1)]),
+            ("never", &[(shadows[2], 1)]),
+        ]),
+        specs,
+        HashMap::new(),
+    )
+    .await;
+    let c = client();
+    for i in 0..10 {
+        let r = send(&c, "POST", format!("http://{addr}/p/{i}"), &[], b"hello").await;
+        assert_eq!(r.status(), 200);
+        assert!(
+            text(&r).ends_with("\n\nhello"),
+            "the main upstream got the body"
+        );
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while logs[..2].iter().any(|l| l.lock().unwrap().len() < 10)
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A moment more for a copy the 0 % mirror should never get.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for l in &logs[..2] {
+        let mut got = l.lock().unwrap().clone();
+        got.sort();
+        let mut want: Vec<String> = (0..10).map(|i| format!("POST /p/{i} len=0 \"\"")).collect();
+        want.sort();
+        assert_eq!(got, want);
+    }
+    assert!(
+        logs[2].lock().unwrap().is_empty(),
+        "the 0 % mirror got copies"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1546,3 +1546,70 @@ async fn connection_close_closes_after_the_answer() {
         .expect("read");
     assert_eq!(n, 0, "nothing after the answer");
 }
+
+/// An answer's chunks reach the client as the upstream sends them (a stream of events, a long
+/// poll): the upstream sends its second chunk only once the client has the first, so a proxy
+/// that held the answer back would never finish. This is Traefik's `flushInterval: -1`, which
+/// lb does whatever interval a file gives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_are_passed_on_chunk_by_chunk() {
+    use hyper::body::Frame;
+    let (go_tx, go_rx) = tokio::sync::watch::channel(false);
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let go = go_rx.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req| {
+                    let mut go = go.clone();
+                    async move {
+                        let (tx, rx) = tokio::sync::mpsc::channel::<
+                            Result<Frame<Bytes>, std::convert::Infallible>,
+                        >(2);
+                        tokio::spawn(async move {
+                            let _ = tx.send(Ok(Frame::data(Bytes::from("first\n")))).await;
+                            let _ = go.wait_for(|g| *g).await;
+                            let _ = tx.send(Ok(Frame::data(Bytes::from("second\n")))).await;
+                        });
+                        let body = http_body_util::StreamBody::new(tokio_stream_from(rx));
+                        Ok::<_, std::convert::Infallible>(Response::new(body))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    let svcs = services(&[("events", &[(up, 1)])]);
+    let (_p, addr) = start(vec![router("e", "PathPrefix(`/`)", "events", None)], &svcs).await;
+    let c = client();
+    let req = Request::get(format!("http://{addr}/events"))
+        .header("host", "t")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = c.request(req).await.expect("headers");
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let first = tokio::time::timeout(std::time::Duration::from_secs(10), body.frame())
+        .await
+        .expect("the first chunk arrives before the upstream sends the second")
+        .expect("a frame")
+        .expect("data");
+    assert_eq!(first.into_data().ok().as_deref(), Some(&b"first\n"[..]));
+    go_tx.send(true).unwrap();
+    let rest = tokio::time::timeout(std::time::Duration::from_secs(10), body.collect())
+        .await
+        .expect("the rest")
+        .expect("body")
+        .to_bytes();
+    assert_eq!(&rest[..], b"second\n");
+}
+
+/// An mpsc receiver as a stream (no tokio-stream here).
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> + Send {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}

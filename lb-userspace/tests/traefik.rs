@@ -973,3 +973,66 @@ http:
         doc.broken
     );
 }
+
+/// Several mirrors and `mirrorBody` (routing/services: mirroring), and `responseForwarding.
+/// flushInterval` (routing/services: response forwarding), which lb honours by passing each
+/// chunk on as it comes.
+#[test]
+fn mirrors_mirror_body_and_flush_interval_are_read() {
+    let text = r#"
+http:
+  services:
+    app:
+      loadBalancer:
+        responseForwarding:
+          flushInterval: 100ms
+        servers:
+          - url: "http://127.0.0.1:8080"
+    streaming:
+      loadBalancer:
+        responseForwarding:
+          flushInterval: -1
+        servers:
+          - url: "http://127.0.0.1:8081"
+    one:
+      loadBalancer:
+        servers:
+          - url: "http://127.0.0.1:8082"
+    two:
+      loadBalancer:
+        servers:
+          - url: "http://127.0.0.1:8083"
+    shadowed:
+      mirroring:
+        service: app
+        mirrorBody: false
+        maxBodySize: 2048
+        mirrors:
+          - name: one
+            percent: 10
+          - name: two@file
+            percent: 50
+"#;
+    let doc = parse_any(Path::new("mirrors.yml"), text).expect("valid");
+    assert!(doc.broken.is_empty(), "{:?}", doc.broken);
+    assert!(
+        !doc.unsupported
+            .iter()
+            .any(|u| u.contains("responseForwarding") || u.contains("mirror")),
+        "{:?}",
+        doc.unsupported
+    );
+    let m = doc.routing.services["shadowed"]
+        .mirror
+        .clone()
+        .expect("a mirror");
+    assert_eq!(
+        m.targets
+            .iter()
+            .map(|t| (t.service.as_str(), t.percent))
+            .collect::<Vec<_>>(),
+        [("one", 10.0), ("two", 50.0)]
+    );
+    assert!(!m.body);
+    assert_eq!(m.max_body_bytes, 2048);
+}

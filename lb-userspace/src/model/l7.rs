@@ -407,17 +407,31 @@ pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Connections in use to one upstream, unless a service says otherwise.
 pub const DEFAULT_MAX_UPSTREAM_CONNECTIONS: usize = 1024;
 
-/// Shadow traffic: `percent` of requests are also sent to `service` (fire and forget). A
-/// request with a body is mirrored only when the body is at most `max_body_bytes` (it is read
-/// whole to be sent twice).
+/// Shadow traffic: each target gets a copy of its `percent` of the requests, drawn on its own
+/// (fire and forget: the answers are dropped). With `body`, a request with a body is mirrored
+/// only when the body is at most `max_body_bytes` (it is read whole to be sent twice); without,
+/// copies go with no body (Traefik's `mirrorBody: false`) and nothing is held.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Mirror {
-    pub service: String,
-    pub percent: f64,
+    pub targets: Vec<MirrorTarget>,
     pub max_body_bytes: usize,
+    pub body: bool,
 }
 
 impl Eq for Mirror {}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MirrorTarget {
+    pub service: String,
+    pub percent: f64,
+}
+
+impl Mirror {
+    /// The services copies go to.
+    pub fn services(&self) -> impl Iterator<Item = &str> {
+        self.targets.iter().map(|t| t.service.as_str())
+    }
+}
 
 impl Default for ServiceSpec {
     fn default() -> Self {

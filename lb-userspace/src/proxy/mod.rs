@@ -267,7 +267,8 @@ impl Table {
         // HTTP and TCP routers of one service share its pool (and its upstreams' health).
         let mirrors = specs
             .values()
-            .filter_map(|s| s.mirror.as_ref().map(|m| m.service.clone()));
+            .filter_map(|s| s.mirror.as_ref())
+            .flat_map(|m| m.services().map(str::to_string));
         let wanted: Vec<String> = routers
             .iter()
             .map(|r| r.service.clone())
@@ -388,7 +389,8 @@ pub fn wanted_services<'a>(
             v.extend(
                 specs
                     .values()
-                    .filter_map(|s| s.mirror.as_ref().map(|m| m.service.clone())),
+                    .filter_map(|s| s.mirror.as_ref())
+                    .flat_map(|m| m.services().map(str::to_string)),
             );
         };
     add(&base.routers, &base.tcp_routers, &base.specs);

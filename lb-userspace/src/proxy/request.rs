@@ -122,17 +122,31 @@ impl Proxy {
         };
         let (pool, spec) = (&svc.pool, &svc.spec);
         let mut out = Outgoing::new(req, spec, ctx, trusted);
-        if let Some(m) = &spec.mirror {
-            if crate::clock::random::<f64>() * 100.0 < m.percent && !out.upgrade {
-                if out.replay.is_none() {
+        if let Some(m) = spec.mirror.as_ref().filter(|_| !out.upgrade) {
+            // Each target draws on its own, as Traefik's mirrors do.
+            let chosen: Vec<&str> = m
+                .targets
+                .iter()
+                .filter(|t| crate::clock::random::<f64>() * 100.0 < t.percent)
+                .map(|t| t.service.as_str())
+                .collect();
+            if !chosen.is_empty() {
+                if m.body && out.replay.is_none() {
                     match read_small(&out.parts.headers, &mut out.body, m.max_body_bytes).await {
                         Ok(b) => out.replay = b,
                         // The body was read and broke: there is nothing whole to send anywhere.
                         Err(()) => return text(StatusCode::BAD_REQUEST, "incomplete request body"),
                     }
                 }
-                if let (Some(b), Some(shadow)) = (&out.replay, table.service(&m.service)) {
-                    self.mirror(shadow, &out.parts, b.clone());
+                let body = if m.body {
+                    out.replay.clone()
+                } else {
+                    Some(Bytes::new())
+                };
+                if let Some(b) = body {
+                    for shadow in chosen.into_iter().filter_map(|s| table.service(s)) {
+                        self.mirror(shadow, &out.parts, b.clone(), m.body);
+                    }
                 }
             }
         }
@@ -337,8 +351,15 @@ impl Proxy {
         }
     }
 
-    /// Sends a copy to one of the shadow service's upstreams and forgets it.
-    fn mirror(&self, shadow: &Svc, parts: &hyper::http::request::Parts, body: Bytes) {
+    /// Sends a copy to one of the shadow service's upstreams and forgets it; without `with_body`
+    /// the copy says it has none.
+    fn mirror(
+        &self,
+        shadow: &Svc,
+        parts: &hyper::http::request::Parts,
+        body: Bytes,
+        with_body: bool,
+    ) {
         let Some(upstream) = shadow
             .pool
             .pick(crate::clock::now(), &mut || crate::clock::random::<u64>())
@@ -357,6 +378,15 @@ impl Proxy {
             return;
         }
         let mut copy = Request::from_parts(parts.clone(), middleware::full(body));
+        if !with_body {
+            // Said plainly, as Go's client (so Traefik) says it: the copy has no body.
+            let h = copy.headers_mut();
+            let had = h.remove(header::CONTENT_LENGTH).is_some()
+                | h.remove(header::TRANSFER_ENCODING).is_some();
+            if had {
+                h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+            }
+        }
         *copy.uri_mut() = uri;
         *copy.version_mut() = hyper::Version::HTTP_11;
         let (client, count) = (shadow.client.clone(), self.mirroring.clone());

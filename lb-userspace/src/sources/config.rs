@@ -344,6 +344,9 @@ struct RawMirror {
     percent: f64,
     #[serde(default = "d_mirror_body")]
     max_body_bytes: usize,
+    /// `false`: copies go without the request's body (nothing is held for them).
+    #[serde(default = "d_true")]
+    body: bool,
 }
 
 fn d_percent() -> f64 {
@@ -1828,9 +1831,12 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
                     ));
                 }
                 Some(crate::model::l7::Mirror {
-                    service: r.service.clone(),
-                    percent: r.percent,
+                    targets: vec![crate::model::l7::MirrorTarget {
+                        service: r.service.clone(),
+                        percent: r.percent,
+                    }],
                     max_body_bytes: r.max_body_bytes,
+                    body: r.body,
                 })
             }
         };

@@ -44,8 +44,8 @@ use serde_json::{Map, Value};
 use crate::model::instance::{Instance, Services};
 use crate::model::{
     l7::{
-        ActiveCheck, Algorithm, CertSpec, Composite, Dynamic, Mirror, Passive, RouterSpec,
-        ServiceSpec, TcpGuards, TcpRouterSpec, TlsMode, UpstreamTls,
+        ActiveCheck, Algorithm, CertSpec, Composite, Dynamic, Mirror, MirrorTarget, Passive,
+        RouterSpec, ServiceSpec, TcpGuards, TcpRouterSpec, TlsMode, UpstreamTls,
     },
     middleware::{
         AddPrefixConfig, BasicAuthConfig, BufferingConfig, CircuitBreakerConfig, CompressConfig,
@@ -1191,8 +1191,9 @@ fn service(
             return fail(&p, "service is required");
         };
         let max_body = m.number("maxbodysize")?;
-        let mut mirror = None;
-        for (i, mut x) in m.tables("mirrors")?.into_iter().enumerate() {
+        let body = m.bool("mirrorbody")?.unwrap_or(true);
+        let mut targets = Vec::new();
+        for mut x in m.tables("mirrors")? {
             let xp = x.path.clone();
             let target = x.string("name")?;
             let percent = x.number("percent")?.unwrap_or(0.0);
@@ -1200,25 +1201,24 @@ fn service(
             let Some(target) = target else {
                 return fail(&xp, "name is required");
             };
-            if i > 0 {
-                out.unsupported
-                    .push(format!("{xp}: only the first mirror is used"));
-                continue;
-            }
-            mirror = Some(Mirror {
+            targets.push(MirrorTarget {
                 service: local(&target),
                 percent: percent.clamp(0.0, 100.0),
-                // Traefik's -1 (no limit) is bounded here: the copy is held in memory.
-                max_body_bytes: match max_body {
-                    Some(n) if n >= 0.0 => n as usize,
-                    _ => 1 << 20,
-                },
             });
         }
         m.rest(&mut out.unsupported);
         s.rest(&mut out.unsupported);
-        let Some(mirror) = mirror else {
+        if targets.is_empty() {
             return fail(&p, "mirrors: at least one is required");
+        }
+        let mirror = Mirror {
+            targets,
+            // Traefik's -1 (no limit) is bounded here: the copy is held in memory.
+            max_body_bytes: match max_body {
+                Some(n) if n >= 0.0 => n as usize,
+                _ => 1 << 20,
+            },
+            body,
         };
         mirrors.push((name.to_string(), local(&main), mirror, p));
         return Ok(true);
@@ -1350,6 +1350,20 @@ fn service(
         p.rest(&mut out.unsupported);
     }
     let pass_host = lb.bool("passhostheader")?.unwrap_or(true);
+    if let Some((rp, rf)) = lb.take("responseforwarding") {
+        // lb passes each chunk of an answer on as it arrives (Traefik's -1), which is never
+        // later than any interval asks: every value is honoured.
+        let mut rf = Obj::new(rf, &rp)?;
+        if let Some((fp, v)) = rf.take("flushinterval") {
+            let text = scalar(v, &fp)?;
+            if !text.starts_with('-') {
+                duration(v, &fp)?;
+            } else if text.trim_start_matches('-').parse::<f64>().is_err() {
+                return fail(&fp, format!("{text:?}: expected a duration or -1"));
+            }
+        }
+        rf.rest(&mut out.unsupported);
+    }
     let transport = match lb.string("serverstransport")? {
         Some(t) => match transports.get(&local(&t)) {
             Some(tls) => Some(tls.clone()),
