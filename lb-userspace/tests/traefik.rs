@@ -309,16 +309,17 @@ fn bad_values_name_the_key_and_the_line() {
         !doc.routing.routers.iter().any(|r| r.service == "site"),
         "its routers go with it"
     );
-    // An allow list that would check another address than the one meant is refused outright.
+    // An allow list that could check another address than the one meant (an ipStrategy key
+    // lb does not know) is refused outright.
     let text = yaml(1, 2, 3, "$2y$04$x").replace(
         "    limit:\n",
-        "    office:\n      ipAllowList:\n        sourceRange: [\"10.0.0.0/8\"]\n        ipStrategy:\n          depth: 1\n    limit:\n",
+        "    office:\n      ipAllowList:\n        sourceRange: [\"10.0.0.0/8\"]\n        ipStrategy:\n          depth: 1\n          fromTheLeft: true\n    limit:\n",
     );
     let doc = parse_any(Path::new("dynamic.yml"), &text).expect("the rest applies");
     assert!(
         doc.broken.iter().any(|e| e
             .reason
-            .starts_with("http.middlewares.office.ipAllowList.ipStrategy")),
+            .starts_with("http.middlewares.office.ipAllowList.ipStrategy.fromTheLeft")),
         "{:?}",
         doc.broken
     );
@@ -1035,4 +1036,131 @@ http:
     );
     assert!(!m.body);
     assert_eq!(m.max_body_bytes, 2048);
+}
+
+/// `ipAllowList.ipStrategy` and `rateLimit.sourceCriterion` as Traefik documents them
+/// (middlewares/http/ipallowlist, ratelimit): behind a trusted proxy the allow list checks the
+/// client its `depth` names; from a client the entry point does not trust, `X-Forwarded-For`
+/// is dropped before any middleware, so no header can make it someone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ip_strategies_check_the_client_a_trusted_proxy_names() {
+    use lb_userspace::model::l7::EntryPointSpec;
+    let up = upstream("app").await;
+    let text = format!(
+        r#"
+http:
+  routers:
+    guarded:
+      rule: "PathPrefix(`/`)"
+      service: app
+      middlewares: [office]
+    limited:
+      rule: "PathPrefix(`/limited`)"
+      service: app
+      middlewares: [per-client]
+  middlewares:
+    office:
+      ipAllowList:
+        sourceRange: ["192.0.2.0/24"]
+        ipStrategy:
+          depth: 1
+    per-client:
+      rateLimit:
+        average: 1
+        burst: 1
+        period: 1m
+        sourceCriterion:
+          ipStrategy:
+            excludedIPs: ["198.51.100.0/24"]
+  services:
+    app:
+      loadBalancer:
+        servers:
+          - url: "http://{up}"
+"#
+    );
+    let doc = parse_any(Path::new("strategies.yml"), &text).expect("valid");
+    assert!(doc.broken.is_empty(), "{:?}", doc.broken);
+    assert!(
+        !doc.unsupported.iter().any(|u| u.contains("ipStrategy")),
+        "{:?}",
+        doc.unsupported
+    );
+    let mut addrs = Vec::new();
+    for trusted in [true, false] {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ep = EntryPointSpec {
+            name: "web".into(),
+            address: l.local_addr().unwrap(),
+            tls: false,
+            client_ca_file: None,
+            trusted_ips: if trusted {
+                vec!["127.0.0.0/8".parse().unwrap()]
+            } else {
+                vec![]
+            },
+            limits: Default::default(),
+            also_plain: false,
+            as_default: false,
+            proxy_protocol: None,
+        };
+        let proxy = Arc::new(Proxy::new(
+            vec![ep],
+            vec![],
+            HashMap::new(),
+            HashMap::new(),
+            &Services::new(),
+        ));
+        proxy.set_dynamic("file", doc.routing.clone());
+        proxy.update_services(&doc.services);
+        addrs.push(l.local_addr().unwrap());
+        tokio::spawn(proxy.serve("web".into(), l, None));
+    }
+    let (trusted, untrusted) = (addrs[0], addrs[1]);
+    let cl = client();
+    let code = |addr, xff: &'static str| {
+        let cl = cl.clone();
+        async move {
+            let h: Vec<(&str, &str)> = if xff.is_empty() {
+                vec![]
+            } else {
+                vec![("x-forwarded-for", xff)]
+            };
+            get(&cl, addr, "app.test", "/", &h).await.0
+        }
+    };
+    assert_eq!(code(trusted, "203.0.113.9, 192.0.2.7").await, 200);
+    assert_eq!(code(trusted, "192.0.2.7, 203.0.113.9").await, 403);
+    assert_eq!(
+        code(trusted, "").await,
+        403,
+        "no header: no client at depth 1"
+    );
+    assert_eq!(code(untrusted, "203.0.113.9, 192.0.2.7").await, 403);
+    // The rate limit counts the rightmost address that is not one of the excluded proxies.
+    let limited = |xff: &'static str| {
+        let cl = cl.clone();
+        async move {
+            get(
+                &cl,
+                trusted,
+                "app.test",
+                "/limited",
+                &[("x-forwarded-for", xff)],
+            )
+            .await
+            .0
+        }
+    };
+    assert_eq!(limited("192.0.2.10, 198.51.100.1").await, 200);
+    assert_eq!(
+        limited("192.0.2.10, 198.51.100.2").await,
+        429,
+        "the same client through another excluded proxy"
+    );
+    assert_eq!(
+        limited("192.0.2.11, 198.51.100.1").await,
+        200,
+        "another client"
+    );
 }

@@ -33,6 +33,7 @@ fn limiter(
             on_error,
             timeout_ms: 500,
         }),
+        ip_strategy: None,
     }
     .build_named(name)
     .expect("rate limit")

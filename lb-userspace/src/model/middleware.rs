@@ -191,6 +191,25 @@ fn realm() -> String {
 #[serde(deny_unknown_fields)]
 pub struct IpAllowListConfig {
     pub source_range: Vec<String>,
+    /// Which address is checked; the connection's (or a PROXY header's) without.
+    #[serde(default)]
+    pub ip_strategy: Option<IpStrategyConfig>,
+}
+
+/// Traefik's `ipStrategy`: the client's address taken from `X-Forwarded-For` (which reaches
+/// middlewares only from a proxy the entry point trusts: from anyone else lb drops it). `depth`
+/// counts from the right (1: the last proxy's client); without it, the rightmost address not in
+/// `excluded_ips` (the connection's when the header is absent). `ipv6_subnet` keys IPv6 clients
+/// by their prefix.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct IpStrategyConfig {
+    #[serde(default)]
+    pub depth: usize,
+    #[serde(default)]
+    pub excluded_ips: Vec<String>,
+    #[serde(default)]
+    pub ipv6_subnet: Option<u8>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -207,6 +226,9 @@ pub struct RateLimitConfig {
     /// Buckets kept in Redis, shared by every node that names the same server and middleware.
     #[serde(default)]
     pub redis: Option<RateLimitRedis>,
+    /// Which address keys the buckets (without a header); the connection's without.
+    #[serde(default)]
+    pub ip_strategy: Option<IpStrategyConfig>,
 }
 
 /// A rate limit's buckets in Redis: one atomic script per decision.
@@ -252,6 +274,9 @@ pub struct InFlightReqConfig {
     /// With `per = "header"`: the header (requests without it count by client address).
     #[serde(default)]
     pub source_header: Option<String>,
+    /// Which address counts, per client address; the connection's without.
+    #[serde(default)]
+    pub ip_strategy: Option<IpStrategyConfig>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]

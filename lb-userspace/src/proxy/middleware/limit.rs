@@ -39,8 +39,96 @@ use ipnet::IpNet;
 
 use super::{answer, full, header_name, BoxFuture, BuildError, Ctx, Flow, Middleware, Req};
 use crate::model::middleware::{
-    BufferingConfig, InFlightReqConfig, IpAllowListConfig, RateLimitConfig, RateLimitFailure,
+    BufferingConfig, InFlightReqConfig, IpAllowListConfig, IpStrategyConfig, RateLimitConfig,
+    RateLimitFailure,
 };
+
+impl IpStrategyConfig {
+    pub fn build(&self) -> Result<IpStrategy, BuildError> {
+        let excluded = self
+            .excluded_ips
+            .iter()
+            .map(|r| {
+                crate::model::ip_net(r).ok_or_else(|| BuildError::Expected {
+                    field: "ip_strategy.excluded_ips",
+                    value: r.clone(),
+                    expected: "an address or a CIDR",
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if self.ipv6_subnet.is_some_and(|p| p > 128) {
+            return Err(BuildError::OutOfRange {
+                field: "ip_strategy.ipv6_subnet",
+                bound: "0 ..= 128",
+            });
+        }
+        Ok(IpStrategy {
+            depth: self.depth,
+            excluded,
+            ipv6_subnet: self.ipv6_subnet,
+        })
+    }
+}
+
+/// Whose address a middleware looks at (Traefik's `ipStrategy`, see [`IpStrategyConfig`]).
+/// `X-Forwarded-For` is read as it reached the middlewares: only a trusted proxy's, since lb
+/// drops it from everyone else before routing.
+#[derive(Debug, Clone)]
+pub struct IpStrategy {
+    depth: usize,
+    excluded: Vec<IpNet>,
+    ipv6_subnet: Option<u8>,
+}
+
+impl IpStrategy {
+    /// The client's address; `None` when the strategy names none (a depth beyond the list, or
+    /// an entry that is not an address), which no allow list admits.
+    pub fn client(&self, peer: IpAddr, headers: &hyper::HeaderMap) -> Option<IpAddr> {
+        let list: Vec<&str> = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .collect();
+        let ip = if self.depth > 0 {
+            let at = list.len().checked_sub(self.depth)?;
+            list[at].parse::<IpAddr>().ok()?
+        } else if !self.excluded.is_empty() && !list.is_empty() {
+            // The rightmost entry that is not one of the excluded proxies, as it is written:
+            // one that is not an address ends the search (nothing to its left is believed).
+            let mut found = None;
+            for s in list.iter().rev().filter(|s| !s.is_empty()) {
+                let ip = s.parse::<IpAddr>().ok()?.to_canonical();
+                if !self.excluded.iter().any(|n| n.contains(&ip)) {
+                    found = Some(ip);
+                    break;
+                }
+            }
+            found?
+        } else {
+            peer
+        };
+        Some(self.mask(ip.to_canonical()))
+    }
+
+    fn mask(&self, ip: IpAddr) -> IpAddr {
+        match (ip, self.ipv6_subnet) {
+            (IpAddr::V6(a), Some(p)) => ipnet::Ipv6Net::new(a, p)
+                .map(|n| IpAddr::V6(n.trunc().addr()))
+                .unwrap_or(ip),
+            _ => ip,
+        }
+    }
+}
+
+/// The address a limit or a list looks at: the strategy's, or the client's.
+fn client_of(strategy: Option<&IpStrategy>, ctx: &Ctx, req: &Req) -> Option<IpAddr> {
+    match strategy {
+        None => Some(ctx.client_ip),
+        Some(s) => s.client(ctx.client_ip, req.headers()),
+    }
+}
 use crate::proxy::Body;
 
 impl IpAllowListConfig {
@@ -56,18 +144,21 @@ impl IpAllowListConfig {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(IpAllowList { ranges })
+        let strategy = self.ip_strategy.as_ref().map(|s| s.build()).transpose()?;
+        Ok(IpAllowList { ranges, strategy })
     }
 }
 
 /// Only clients from these ranges; others get 403.
 pub struct IpAllowList {
     ranges: Vec<IpNet>,
+    strategy: Option<IpStrategy>,
 }
 
 impl Middleware for IpAllowList {
-    fn request<'a>(&'a self, ctx: &'a mut Ctx, _: &'a mut Req) -> Flow<'a> {
-        if self.ranges.iter().any(|n| n.contains(&ctx.client_ip)) {
+    fn request<'a>(&'a self, ctx: &'a mut Ctx, req: &'a mut Req) -> Flow<'a> {
+        let client = client_of(self.strategy.as_ref(), ctx, req);
+        if client.is_some_and(|ip| self.ranges.iter().any(|n| n.contains(&ip))) {
             return Flow::Next;
         }
         Flow::Answer(answer(StatusCode::FORBIDDEN, "forbidden"))
@@ -117,6 +208,7 @@ impl RateLimitConfig {
         }
         let mut r = RateLimit::new(self.average, self.burst);
         r.source_header = self.source_header.as_deref().map(header_name).transpose()?;
+        r.strategy = self.ip_strategy.as_ref().map(|s| s.build()).transpose()?;
         if let Some(c) = &self.redis {
             if !(1..=10_000).contains(&c.timeout_ms) {
                 return Err(BuildError::OutOfRange {
@@ -429,6 +521,7 @@ pub struct RateLimit {
     average: f64,
     burst: f64,
     source_header: Option<HeaderName>,
+    strategy: Option<IpStrategy>,
     /// By a hash of the key: fixed-size entries whatever clients send.
     store: Store,
 }
@@ -448,6 +541,7 @@ impl RateLimit {
             average,
             burst: burst.max(1.0),
             source_header: None,
+            strategy: None,
             store: Store::Local(Mutex::new(Buckets::default())),
         }
     }
@@ -512,9 +606,11 @@ impl RateLimit {
             .and_then(|h| req.headers().get(h));
         match by_header {
             Some(v) => xxhash_rust::xxh3::xxh3_64_with_seed(v.as_bytes(), 1),
-            None => match ctx.client_ip {
-                IpAddr::V4(a) => xxhash_rust::xxh3::xxh3_64(&a.octets()),
-                IpAddr::V6(a) => xxhash_rust::xxh3::xxh3_64(&a.octets()),
+            None => match client_of(self.strategy.as_ref(), ctx, req) {
+                Some(IpAddr::V4(a)) => xxhash_rust::xxh3::xxh3_64(&a.octets()),
+                Some(IpAddr::V6(a)) => xxhash_rust::xxh3::xxh3_64(&a.octets()),
+                // No address the strategy believes: one bucket for all such requests.
+                None => xxhash_rust::xxh3::xxh3_64_with_seed(b"", 2),
             },
         }
     }
@@ -561,6 +657,7 @@ impl InFlightReqConfig {
             amount: self.amount,
             per: self.per,
             header,
+            strategy: self.ip_strategy.as_ref().map(|s| s.build()).transpose()?,
             current: Arc::new(AtomicU64::new(0)),
             by_source: Arc::default(),
         })
@@ -573,6 +670,7 @@ pub struct InFlightReq {
     amount: u64,
     per: crate::model::middleware::InFlightPer,
     header: Option<HeaderName>,
+    strategy: Option<IpStrategy>,
     current: Arc<AtomicU64>,
     /// Per source: requests in flight by the source's key. An entry lives while its source has
     /// one in flight, so the map is no larger than the requests in flight.
@@ -618,7 +716,7 @@ impl Middleware for InFlightReq {
             ctx.guards.push(Box::new(Slot(self.current.clone())));
             return Flow::Next;
         }
-        let key = source_key(self.header.as_ref(), ctx, req);
+        let key = source_key(self.header.as_ref(), self.strategy.as_ref(), ctx, req);
         {
             let mut m = self.by_source.lock().unwrap_or_else(|p| p.into_inner());
             let n = m.entry(key).or_insert(0);
@@ -637,14 +735,20 @@ impl Middleware for InFlightReq {
 /// the client's address (the one the entry point believes: its peer, or a trusted proxy's
 /// word). Keyed, not compared: xxh3 with a per-process seed, so a client cannot aim at
 /// another's key.
-fn source_key(header: Option<&HeaderName>, ctx: &Ctx, req: &Req) -> u64 {
+fn source_key(
+    header: Option<&HeaderName>,
+    strategy: Option<&IpStrategy>,
+    ctx: &Ctx,
+    req: &Req,
+) -> u64 {
     static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     let seed = *SEED.get_or_init(crate::clock::random::<u64>);
     match header.and_then(|h| req.headers().get(h)) {
         Some(v) => xxhash_rust::xxh3::xxh3_64_with_seed(v.as_bytes(), seed ^ 1),
-        None => match ctx.client_ip {
-            IpAddr::V4(a) => xxhash_rust::xxh3::xxh3_64_with_seed(&a.octets(), seed),
-            IpAddr::V6(a) => xxhash_rust::xxh3::xxh3_64_with_seed(&a.octets(), seed),
+        None => match client_of(strategy, ctx, req) {
+            Some(IpAddr::V4(a)) => xxhash_rust::xxh3::xxh3_64_with_seed(&a.octets(), seed),
+            Some(IpAddr::V6(a)) => xxhash_rust::xxh3::xxh3_64_with_seed(&a.octets(), seed),
+            None => xxhash_rust::xxh3::xxh3_64_with_seed(b"", seed ^ 2),
         },
     }
 }
@@ -774,6 +878,74 @@ impl Middleware for Buffering {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    /// Traefik's ip strategies (middlewares/http/ipallowlist, "ipStrategy"), case by case.
+    #[test]
+    fn ip_strategies_pick_the_address_traefik_picks() {
+        let peer: IpAddr = "10.0.0.9".parse().unwrap();
+        let xff = |v: &str| {
+            let mut h = hyper::HeaderMap::new();
+            h.insert("x-forwarded-for", v.parse().unwrap());
+            h
+        };
+        let s = |depth, excluded: &[&str], v6: Option<u8>| {
+            IpStrategyConfig {
+                depth,
+                excluded_ips: excluded.iter().map(|e| e.to_string()).collect(),
+                ipv6_subnet: v6,
+            }
+            .build()
+            .unwrap()
+        };
+        let ip = |t: &str| Some(t.parse::<IpAddr>().unwrap());
+        let chain = xff("203.0.113.5, 198.51.100.2, 192.0.2.1");
+        assert_eq!(s(1, &[], None).client(peer, &chain), ip("192.0.2.1"));
+        assert_eq!(s(3, &[], None).client(peer, &chain), ip("203.0.113.5"));
+        assert_eq!(
+            s(4, &[], None).client(peer, &chain),
+            None,
+            "beyond the list"
+        );
+        // Depth wins over excludedIPs.
+        assert_eq!(
+            s(2, &["198.51.100.0/24"], None).client(peer, &chain),
+            ip("198.51.100.2")
+        );
+        assert_eq!(
+            s(0, &["192.0.2.0/24", "198.51.100.2"], None).client(peer, &chain),
+            ip("203.0.113.5")
+        );
+        assert_eq!(
+            s(0, &["0.0.0.0/0"], None).client(peer, &chain),
+            None,
+            "every entry excluded"
+        );
+        assert_eq!(
+            s(0, &["192.0.2.1"], None).client(peer, &xff("junk, 192.0.2.1")),
+            None,
+            "what is not an address ends the search"
+        );
+        // No header: the connection's address (with or without exclusions).
+        let none = hyper::HeaderMap::new();
+        assert_eq!(s(0, &["192.0.2.1"], None).client(peer, &none), Some(peer));
+        assert_eq!(s(1, &[], None).client(peer, &none), None);
+        assert_eq!(s(0, &[], None).client(peer, &chain), Some(peer));
+        // Several header lines read as one list; IPv6 keyed by its prefix; v4-mapped is v4.
+        let mut two = xff("203.0.113.5");
+        two.append("x-forwarded-for", "2001:db8:1:2::7".parse().unwrap());
+        assert_eq!(s(1, &[], Some(64)).client(peer, &two), ip("2001:db8:1:2::"));
+        assert_eq!(s(2, &[], Some(64)).client(peer, &two), ip("203.0.113.5"));
+        assert_eq!(
+            s(1, &[], None).client(peer, &xff("::ffff:192.0.2.1")),
+            ip("192.0.2.1")
+        );
+        assert!(IpStrategyConfig {
+            ipv6_subnet: Some(129),
+            ..Default::default()
+        }
+        .build()
+        .is_err());
+    }
 
     /// The contract's table on the in-memory buckets (tests/tests/rate_limit.rs runs it on
     /// Redis's).

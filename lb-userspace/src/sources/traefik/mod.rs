@@ -13,8 +13,7 @@
 //! Differences a Traefik user should know: keys are matched case-insensitively as in Traefik;
 //! `name@provider` references lose their provider suffix (everything here is one provider's),
 //! and a router to an `@internal` service is left out, by name;
-//! a server's host name is resolved when the configuration is read; `inFlightReq` counts by the
-//! client address the entry point believes (its `ipStrategy` is reported); lb's TLS policy is fixed (1.2+, AEAD suites with forward
+//! a server's host name is resolved when the configuration is read; lb's TLS policy is fixed (1.2+, AEAD suites with forward
 //! secrecy), so `tls.options` are checked rather than applied; a `healthCheck` runs at once
 //! rather than after its first interval, through the service's own connections (so in its
 //! scheme), and counts a redirect as healthy rather than following it.
@@ -1662,6 +1661,60 @@ fn router(
     }))
 }
 
+/// `ipStrategy` (depth, excludedIPs, ipv6Subnet) of an allow list or a source criterion.
+fn ip_strategy(o: &mut Obj<'_>) -> R<Option<crate::model::middleware::IpStrategyConfig>> {
+    let Some((sp, v)) = o.take("ipstrategy") else {
+        return Ok(None);
+    };
+    let mut s = Obj::new(v, &sp)?;
+    let depth = match s.number("depth")? {
+        Some(d) if d.fract() == 0.0 && (0.0..=64.0).contains(&d) => d as usize,
+        Some(_) => return fail(&format!("{sp}.depth"), "expected 0..=64"),
+        None => 0,
+    };
+    let excluded_ips = s.strings("excludedips")?.unwrap_or_default();
+    for (i, e) in excluded_ips.iter().enumerate() {
+        if crate::model::ip_net(e).is_none() {
+            return fail(
+                &format!("{sp}.excludedIPs[{i}]"),
+                format!("{e:?} is not an address or CIDR"),
+            );
+        }
+    }
+    let ipv6_subnet = match s.number("ipv6subnet")? {
+        Some(n) if n.fract() == 0.0 && (0.0..=128.0).contains(&n) => Some(n as u8),
+        Some(_) => return fail(&format!("{sp}.ipv6Subnet"), "expected 0..=128"),
+        None => None,
+    };
+    // Anything else in it would change whose address is checked: refused, not reported.
+    if let Some((_, name, _)) = s.entries.first() {
+        return fail(&s.sub(name), "not supported in an ipStrategy");
+    }
+    Ok(Some(crate::model::middleware::IpStrategyConfig {
+        depth,
+        excluded_ips,
+        ipv6_subnet,
+    }))
+}
+
+/// A `sourceCriterion`: by a header (`requestHeaderName`, or the host with `requestHost`),
+/// else by the address an `ipStrategy` names.
+#[allow(clippy::type_complexity)]
+fn source_criterion(
+    sc: &mut Obj<'_>,
+) -> R<(
+    Option<String>,
+    Option<crate::model::middleware::IpStrategyConfig>,
+)> {
+    let mut header = sc.string("requestheadername")?;
+    if sc.bool("requesthost")? == Some(true) && header.is_none() {
+        // The Host lb routes on (normalised, the one forwarded).
+        header = Some("host".into());
+    }
+    let ip = ip_strategy(sc)?;
+    Ok((header, ip))
+}
+
 /// Why a router to Traefik's `<name>@internal` service is left out.
 fn internal_service(name: &str) -> String {
     match name {
@@ -1839,28 +1892,24 @@ fn middleware(
             }))
         }
         "ipallowlist" | "ipwhitelist" => {
-            // An allow list that silently checked another address than the one meant would let
-            // everyone in: refused, not reported as unsupported.
-            if b.take("ipstrategy").is_some() {
-                return fail(
-                    &format!("{p}.ipStrategy"),
-                    "not supported: lb checks the connecting address (set forwarded_trusted_ips on the entry point and drop ipStrategy)",
-                );
-            }
+            // An allow list that checked another address than the one meant would let everyone
+            // in: every ipStrategy key is honoured, or the middleware is refused.
+            let ip_strategy = ip_strategy(&mut b)?;
             if let Some((kp, _)) = b.take("rejectstatuscode") {
                 unsupported.push(format!("{kp}: not supported (lb refuses with 403)"));
             }
             Kind::one(MiddlewareConfig::IpAllowList(IpAllowListConfig {
                 source_range: b.strings("sourcerange")?.unwrap_or_default(),
+                ip_strategy,
             }))
         }
         "ratelimit" => {
             let average = b.number("average")?.unwrap_or(0.0);
             let period = b.duration("period")?.unwrap_or(Duration::from_secs(1));
-            let mut source_header = None;
+            let (mut source_header, mut ip) = (None, None);
             if let Some((sp, sc)) = b.take("sourcecriterion") {
                 let mut sc = Obj::new(sc, &sp)?;
-                source_header = sc.string("requestheadername")?;
+                (source_header, ip) = source_criterion(&mut sc)?;
                 sc.rest(unsupported);
             }
             if period.is_zero() {
@@ -1871,32 +1920,26 @@ fn middleware(
                 burst: b.number("burst")?.unwrap_or(1.0),
                 source_header,
                 redis: None,
+                ip_strategy: ip,
             }))
         }
         "inflightreq" => {
             // Traefik counts per source, by default the client's address.
-            let (mut per, mut source_header) = (InFlightPer::ClientIp, None);
+            let (mut per, mut source_header, mut ip) = (InFlightPer::ClientIp, None, None);
             if let Some((sp, sc)) = b.take("sourcecriterion") {
                 let mut sc = Obj::new(sc, &sp)?;
-                if let Some(h) = sc.string("requestheadername")? {
-                    (per, source_header) = (InFlightPer::Header, Some(h));
+                let (h, s) = source_criterion(&mut sc)?;
+                if h.is_some() {
+                    (per, source_header) = (InFlightPer::Header, h);
                 }
-                if let Some((kp, _)) = sc.take("ipstrategy") {
-                    unsupported.push(format!(
-                        "{kp}: not supported (lb counts by the client address the entry point believes: its peer, or what a trusted proxy said)"
-                    ));
-                }
-                if let Some(true) = sc.bool("requesthost")? {
-                    unsupported.push(format!(
-                        "{sp}.requestHost: not supported (lb counts by the client address)"
-                    ));
-                }
+                ip = s;
                 sc.rest(unsupported);
             }
             Kind::one(MiddlewareConfig::InFlightReq(InFlightReqConfig {
                 amount: b.number("amount")?.unwrap_or(0.0) as u64,
                 per,
                 source_header,
+                ip_strategy: ip,
             }))
         }
         "buffering" => {
