@@ -1125,3 +1125,50 @@ fn client_fault(code: StatusCode, msg: &str) -> Response<Body> {
     r.extensions_mut().insert(ClientFault);
     r
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(name: &str, as_default: bool) -> EntryPointSpec {
+        EntryPointSpec {
+            name: name.into(),
+            address: "127.0.0.1:0".parse().unwrap(),
+            tls: false,
+            client_ca_file: None,
+            trusted_ips: vec![],
+            limits: Default::default(),
+            also_plain: false,
+            as_default,
+            proxy_protocol: None,
+        }
+    }
+
+    /// Routers naming no entry point serve the `asDefault` ones (Traefik's
+    /// install-configuration/entrypoints "asDefault"), or all when none is; one that names its
+    /// entry points serves those alone, highest priority first.
+    #[test]
+    fn routes_go_to_their_entry_points_or_the_default_ones() {
+        type R = (Vec<String>, i64, &'static str);
+        let routes: Vec<Arc<R>> = vec![
+            Arc::new((vec![], 1, "anywhere")),
+            Arc::new((vec!["admin".into()], 5, "named")),
+        ];
+        fn key(r: &R) -> (&[String], i64, &str) {
+            (&r.0[..], r.1, r.2)
+        }
+        let names = |m: &HashMap<String, Vec<Arc<R>>>, ep: &str| -> Vec<&'static str> {
+            m.get(ep)
+                .map(|l| l.iter().map(|r| r.2).collect())
+                .unwrap_or_default()
+        };
+        let all = [ep("web", false), ep("admin", false)];
+        let m = per_entrypoint(&all, routes.clone(), key);
+        assert_eq!(names(&m, "web"), ["anywhere"]);
+        assert_eq!(names(&m, "admin"), ["named", "anywhere"]);
+        let some = [ep("web", true), ep("admin", false)];
+        let m = per_entrypoint(&some, routes, key);
+        assert_eq!(names(&m, "web"), ["anywhere"]);
+        assert_eq!(names(&m, "admin"), ["named"], "not a default entry point");
+    }
+}
