@@ -389,16 +389,21 @@ pub async fn run(source: &sources::Source) -> Result<()> {
             .obs()
             .set_access_log(Some(crate::observe::access_log::AccessLog::start(spec)?));
     }
-    // In a cluster, the ACME account and certificates are the cluster's.
-    let acme_shared: Option<Arc<dyn crate::proxy::acme::Shared>> = cluster.clone().map(|c| {
-        Arc::new(control::cluster::AcmeShared::new(c)) as Arc<dyn crate::proxy::acme::Shared>
-    });
+    // What routers ask ACME resolvers for (`tls.certResolver`), followed by the client.
+    let (wishes_tx, wishes) = tokio::sync::watch::channel(Vec::new());
+    let acme_inputs = AcmeInputs {
+        // In a cluster, the ACME account and certificates are the cluster's.
+        shared: cluster.clone().map(|c| {
+            Arc::new(control::cluster::AcmeShared::new(c)) as Arc<dyn crate::proxy::acme::Shared>
+        }),
+        wishes,
+    };
     // Stored ACME certificates are installed before the listeners open; orders (validated on
     // those listeners) start after.
     let acme = cfg
         .acme
         .clone()
-        .map(|spec| acme_client(spec, &cfg.state_dir, &proxy, acme_shared.clone()));
+        .map(|spec| acme_client(spec, &cfg.state_dir, &proxy, &acme_inputs));
     let mut listeners = Listeners::default();
     listeners.reconcile(&proxy, &cfg).await?;
     // Shared with the shutdown below, which drains the entry points.
@@ -509,6 +514,7 @@ pub async fn run(source: &sources::Source) -> Result<()> {
             logs,
         )));
     }
+    tasks.push(tokio::spawn(follow_acme_wishes(l7_rx.clone(), wishes_tx)));
     tasks.push(tokio::spawn(proxy.clone().follow(l7_rx)));
     tasks.push(tokio::spawn(reopen_on_hangup(proxy.clone())?));
     let api_proxy = proxy.clone();
@@ -519,7 +525,7 @@ pub async fn run(source: &sources::Source) -> Result<()> {
         proxy,
         listeners.clone(),
         acme,
-        acme_shared,
+        acme_inputs,
     )));
 
     info!(listen = %cfg.api_listen, "admin API up");
@@ -638,20 +644,53 @@ fn build_middlewares(
         .collect()
 }
 
+/// What every ACME client of this agent is given: the cluster's store (with `[cluster]`) and
+/// the names the routers ask for.
+struct AcmeInputs {
+    shared: Option<Arc<dyn crate::proxy::acme::Shared>>,
+    wishes: tokio::sync::watch::Receiver<Vec<crate::model::l7::AcmeWish>>,
+}
+
 /// The ACME client for `spec`, its stored certificates already serving.
 fn acme_client(
     spec: crate::model::l7::AcmeSpec,
     state_dir: &Path,
     proxy: &crate::proxy::Proxy,
-    shared: Option<Arc<dyn crate::proxy::acme::Shared>>,
+    inputs: &AcmeInputs,
 ) -> crate::proxy::acme::Acme {
-    let mut client = crate::proxy::acme::Acme::new(spec, state_dir, proxy.acme_store());
-    if let Some(shared) = shared {
+    let mut client = crate::proxy::acme::Acme::new(spec, state_dir, proxy.acme_store())
+        .with_names(inputs.wishes.clone());
+    if let Some(shared) = inputs.shared.clone() {
         client = client.with_shared(shared);
     }
     let stored = client.load_stored();
     info!(stored, dir = %client.dir().display(), "ACME certificates loaded");
     client
+}
+
+/// What the routers of the published L7 state ask ACME resolvers for, as it changes.
+async fn follow_acme_wishes(
+    mut l7: tokio::sync::watch::Receiver<Arc<crate::proxy::L7State>>,
+    wishes: tokio::sync::watch::Sender<Vec<crate::model::l7::AcmeWish>>,
+) {
+    loop {
+        let now: Vec<crate::model::l7::AcmeWish> = l7
+            .borrow_and_update()
+            .dynamic
+            .values()
+            .flat_map(|d| d.acme.iter().cloned())
+            .collect();
+        wishes.send_if_modified(|cur| {
+            let changed = *cur != now;
+            if changed {
+                *cur = now;
+            }
+            changed
+        });
+        if l7.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// The ACME client's task (orders and renewals); it stops with its owner.
@@ -835,7 +874,7 @@ async fn watch_config(
     proxy: Arc<crate::proxy::Proxy>,
     listeners: Arc<tokio::sync::Mutex<Listeners>>,
     mut acme: Option<AcmeTask>,
-    acme_shared: Option<Arc<dyn crate::proxy::acme::Shared>>,
+    acme_inputs: AcmeInputs,
 ) {
     use notify::Watcher as _;
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
@@ -961,7 +1000,7 @@ async fn watch_config(
             proxy.acme_store().clear();
             new.acme
                 .clone()
-                .map(|spec| acme_client(spec, &new.state_dir, &proxy, acme_shared.clone()))
+                .map(|spec| acme_client(spec, &new.state_dir, &proxy, &acme_inputs))
         } else {
             None
         };

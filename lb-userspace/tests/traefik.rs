@@ -1164,3 +1164,64 @@ http:
         "another client"
     );
 }
+
+/// A router's `tls.certResolver` (routing/routers "certResolver", https/acme "domain
+/// definition"): its `tls.domains` when it has them, else the hosts of its rule; a name no CA
+/// can issue (a wildcard, an address) is reported and not asked for.
+#[test]
+fn routers_ask_their_resolver_for_their_names() {
+    let text = r#"
+http:
+  routers:
+    by-rule:
+      rule: "Host(`a.test`) || Host(`www.a.test`)"
+      service: app
+      tls:
+        certResolver: le
+    by-domains:
+      rule: "HostRegexp(`.+`)"
+      service: app
+      tls:
+        certResolver: le
+        domains:
+          - main: b.test
+            sans: ["*.b.test", "c.test"]
+    no-resolver:
+      rule: "Host(`d.test`)"
+      service: app
+      tls: {}
+  services:
+    app:
+      loadBalancer:
+        servers:
+          - url: "http://127.0.0.1:8080"
+"#;
+    let doc = parse_any(Path::new("acme.yml"), text).expect("valid");
+    let mut got: Vec<(String, Vec<String>)> = doc
+        .routing
+        .acme
+        .iter()
+        .map(|w| (w.resolver.clone(), w.names.clone()))
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            (
+                "le".to_string(),
+                vec!["a.test".to_string(), "www.a.test".into()]
+            ),
+            (
+                "le".to_string(),
+                vec!["b.test".to_string(), "c.test".into()]
+            ),
+        ]
+    );
+    assert!(
+        doc.unsupported
+            .iter()
+            .any(|u| u.contains("\"*.b.test\" is not ordered: wildcards")),
+        "{:?}",
+        doc.unsupported
+    );
+}

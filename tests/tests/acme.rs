@@ -526,6 +526,89 @@ async fn http01_issues_through_the_proxy_and_a_restart_reuses_the_certificates()
     task.abort();
 }
 
+/// A Traefik setup's usual ACME (https/acme.md): a resolver in the install configuration, and
+/// routers that name it (`tls.certResolver`) with no domains — their `Host` rules give the
+/// names. Each is ordered and served; a router added later gets its certificate too, and a
+/// router naming another resolver gets none from this one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routers_naming_the_resolver_get_certificates_for_their_hosts() {
+    init_log();
+    let tmp = TempDir::new("routers");
+    let up = upstream().await;
+    let setup = pebble_setup(&tmp.0);
+    let install = format!(
+        "entryPoints:\n  web:\n    address: \"127.0.0.1:0\"\n  websecure:\n    address: \"127.0.0.1:0\"\n    \
+         http:\n      tls: {{}}\n\
+         certificatesResolvers:\n  le:\n    acme:\n      email: ops@example.test\n      \
+         caServer: https://127.0.0.1:{}/dir\n      caCertificates: [{}]\n      \
+         httpChallenge:\n        entryPoint: web\n",
+        setup.acme_port,
+        setup.pki.ca_file.display()
+    );
+    let mut cfg = config::parse(
+        Path::new("lb.toml"),
+        &format!(
+            "[agent]\nstate_dir = \"{}\"\n",
+            tmp.0.join("state").display()
+        ),
+    )
+    .unwrap();
+    lb_userspace::sources::traefik::install::apply(&mut cfg, &tmp.0.join("traefik.yml"), &install)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let dynamic = |routers: &str| {
+        let text = format!(
+            "http:\n  routers:\n{routers}  services:\n    app:\n      loadBalancer:\n        servers:\n          - url: http://{up}\n"
+        );
+        lb_userspace::sources::file::parse_any(Path::new("dynamic.yml"), &text)
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let router = |name: &str, host: &str, resolver: &str| {
+        format!(
+            "    {name}:\n      rule: Host(`{host}`) && PathPrefix(`/`)\n      service: app\n      \
+             tls:\n        certResolver: {resolver}\n"
+        )
+    };
+    let first = dynamic(&format!(
+        "{}{}",
+        router("a", "a.example.test", "le"),
+        router("other", "c.example.test", "someone-else")
+    ));
+    assert_eq!(first.routing.acme.len(), 2, "{:?}", first.routing.acme);
+    let (proxy, listeners) = proxy_for(&cfg, up).await;
+    proxy.set_dynamic("file", first.routing.clone());
+    proxy.update_services(&first.services);
+    let web = listeners.local_addr("web").unwrap().port();
+    let websecure = listeners.local_addr("websecure").unwrap().port();
+    let pebble = start_pebble(&tmp.0, &setup, web, websecure, None, "127.0.0.1").await;
+    let (wishes, rx) = tokio::sync::watch::channel(first.routing.acme.clone());
+    let client = Acme::new(
+        cfg.acme.clone().unwrap(),
+        &cfg.state_dir,
+        proxy.acme_store(),
+    )
+    .with_names(rx);
+    let stats = client.stats();
+    let task = tokio::spawn(client.run());
+    wait_issued(&proxy.acme_store(), &["a.example.test"], &stats).await;
+    let (root, intermediate) = pebble_chain(&pebble).await;
+    check_served(lo(websecure), "a.example.test", &root, &intermediate).await;
+    // A router added later (the provider's files changed).
+    let second = dynamic(&format!(
+        "{}{}{}",
+        router("a", "a.example.test", "le"),
+        router("b", "b.example.test", "le"),
+        router("other", "c.example.test", "someone-else")
+    ));
+    proxy.set_dynamic("file", second.routing.clone());
+    proxy.update_services(&second.services);
+    wishes.send(second.routing.acme.clone()).unwrap();
+    wait_issued(&proxy.acme_store(), &["b.example.test"], &stats).await;
+    check_served(lo(websecure), "b.example.test", &root, &intermediate).await;
+    assert_eq!(stats.orders.load(Ordering::Relaxed), 2, "a and b, not c");
+    assert!(proxy.acme_store().certificate("c.example.test").is_none());
+    task.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_alpn01_issues_and_renews_inside_the_window() {
     init_log();

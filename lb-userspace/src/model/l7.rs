@@ -198,6 +198,10 @@ pub enum ChallengeKind {
 /// `[acme]` as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AcmeSpec {
+    /// The resolver's name in a Traefik install configuration: routers whose
+    /// `tls.certResolver` names it add their names to `domains`. `None` (lb.toml's `[acme]`):
+    /// every router's that names a resolver.
+    pub resolver: Option<String>,
     /// The directory URL (https).
     pub directory: String,
     pub email: Option<String>,
@@ -462,4 +466,14 @@ pub struct Dynamic {
     pub middlewares: Vec<(String, MiddlewareConfig)>,
     pub certificates: Vec<CertSpec>,
     pub tcp_routers: Vec<TcpRouterSpec>,
+    /// Certificates its routers ask an ACME resolver for (Traefik's `tls.certResolver`).
+    pub acme: Vec<AcmeWish>,
+}
+
+/// Names a router wants a certificate for from a resolver: its `tls.domains`, else the hosts
+/// its rule names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcmeWish {
+    pub resolver: String,
+    pub names: Vec<String>,
 }

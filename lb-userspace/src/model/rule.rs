@@ -92,6 +92,32 @@ pub struct Rule {
     pub default_priority: i64,
 }
 
+impl Rule {
+    /// The host names the rule's `Host` matchers name, outside a `!` (Traefik reads a router's
+    /// ACME names so when it gives no `tls.domains`).
+    pub fn hosts(&self) -> Vec<String> {
+        fn walk(e: &Expr, out: &mut Vec<String>) {
+            match e {
+                Expr::And(a, b) | Expr::Or(a, b) => {
+                    walk(a, out);
+                    walk(b, out);
+                }
+                Expr::Host(h) => {
+                    for n in h {
+                        if !out.contains(n) {
+                            out.push(n.clone());
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.expr, &mut out);
+        out
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuleError {
     /// 1-based column in the rule text.
@@ -650,6 +676,17 @@ mod tests {
             headers,
             client_ip: "10.1.2.3".parse().unwrap(),
         }
+    }
+
+    #[test]
+    fn hosts_are_those_a_rule_matches_outside_a_negation() {
+        let hosts = |r: &str| Rule::parse(r).unwrap().hosts();
+        assert_eq!(
+            hosts("Host(`a.test`, `B.test`) && PathPrefix(`/`) || (Host(`c.test`) && !Host(`d.test`))"),
+            ["a.test", "b.test", "c.test"]
+        );
+        assert!(hosts("PathPrefix(`/`)").is_empty());
+        assert_eq!(hosts("Host(`a.test`) || Host(`a.test`)"), ["a.test"]);
     }
 
     #[test]

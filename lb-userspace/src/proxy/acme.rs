@@ -288,6 +288,10 @@ pub struct Acme {
     shared: Option<Arc<dyn Shared>>,
     /// `<directory hash>`: this directory's keys in the shared store start with it.
     root: String,
+    /// The names the configuration lists; `spec.domains` is these and the routers' wishes.
+    configured: Vec<String>,
+    /// What routers ask resolvers for (their `tls.certResolver`), as it changes.
+    wanted: Option<tokio::sync::watch::Receiver<Vec<crate::model::l7::AcmeWish>>>,
 }
 
 /// While another node holds a name's lock, this node looks for its result this often.
@@ -442,11 +446,51 @@ impl Acme {
                 .iter()
                 .map(|d| (d.clone(), Domain::default()))
                 .collect(),
+            configured: spec.domains.clone(),
             spec,
             store,
             stats: Default::default(),
             account: None,
+            wanted: None,
         }
+    }
+
+    /// Also orders the names routers ask this resolver for (all that name one, for lb.toml's
+    /// `[acme]`, which has no name), following their changes: a new name is ordered at once,
+    /// one no longer wanted is not renewed.
+    pub fn with_names(
+        mut self,
+        wanted: tokio::sync::watch::Receiver<Vec<crate::model::l7::AcmeWish>>,
+    ) -> Acme {
+        self.wanted = Some(wanted);
+        self.follow_names();
+        self
+    }
+
+    /// Takes in the routers' names as they are now; true when the list changed.
+    fn follow_names(&mut self) -> bool {
+        let Some(w) = self.wanted.as_mut() else {
+            return false;
+        };
+        let ours = |r: &str| self.spec.resolver.as_deref().is_none_or(|n| n == r);
+        let mut all = self.configured.clone();
+        for wish in w.borrow_and_update().iter().filter(|w| ours(&w.resolver)) {
+            for n in &wish.names {
+                if !all.contains(n) {
+                    all.push(n.clone());
+                }
+            }
+        }
+        if all == self.spec.domains {
+            return false;
+        }
+        self.domains.retain(|n, _| all.contains(n));
+        for n in &all {
+            self.domains.entry(n.clone()).or_default();
+        }
+        info!(names = ?all, "ACME: the names to order changed");
+        self.spec.domains = all;
+        true
     }
 
     pub fn stats(&self) -> Arc<Stats> {
@@ -598,6 +642,10 @@ impl Acme {
     /// Orders what is missing or due, then sleeps until the next renewal or retry; forever.
     pub async fn run(mut self) {
         loop {
+            if self.follow_names() {
+                // A name with a certificate stored from an earlier run is served at once.
+                self.load_stored();
+            }
             let mut wake = crate::clock::now() + MAX_SLEEP;
             for name in self.spec.domains.clone() {
                 let now = crate::clock::now();
@@ -670,7 +718,18 @@ impl Acme {
                     }
                 }
             }
-            tokio::time::sleep_until(wake.into()).await;
+            match self.wanted.as_mut() {
+                None => tokio::time::sleep_until(wake.into()).await,
+                Some(w) => {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(wake.into()) => {}
+                        // A closed channel (the agent stopping) leaves only the timer.
+                        r = w.changed() => if r.is_err() {
+                            self.wanted = None;
+                        },
+                    }
+                }
+            }
         }
     }
 
@@ -1171,6 +1230,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("lb-acme-adopt-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let spec = AcmeSpec {
+            resolver: None,
             directory: "https://ca.example.test/dir".into(),
             email: None,
             challenge: ChallengeKind::Http01,

@@ -2293,6 +2293,7 @@ fn validate_acme(
         ));
     }
     Ok(AcmeSpec {
+        resolver: None,
         directory: dir.clone(),
         email,
         challenge,

@@ -782,7 +782,8 @@ fn userinfo(s: &str) -> String {
 }
 
 /// One ACME resolver becomes lb's `[acme]`: it orders the names the entry points'
-/// `http.tls.domains` give it.
+/// `http.tls.domains` give it, and those of the routers that name it (`tls.certResolver`:
+/// their `tls.domains`, else their rule's hosts).
 fn resolvers(
     i: &mut Install,
     v: &Value,
@@ -903,12 +904,8 @@ fn resolvers(
                 }
             }
         }
-        if names.is_empty() {
-            i.notes.push(format!(
-                "{rp}: orders nothing: lb orders the names of entryPoints.*.http.tls.domains, and none names this resolver (routers' Host rules are not read for names)"
-            ));
-        }
         i.acme = Some(AcmeSpec {
+            resolver: Some(name.clone()),
             directory,
             email,
             challenge,

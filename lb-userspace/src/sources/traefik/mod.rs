@@ -613,7 +613,10 @@ pub fn translate_in(doc: &Value, cx: &Cx<'_>, gone: &HashSet<String>) -> R<Trans
                     )
                 });
                 match got {
-                    Ok(Some(r)) => out.dynamic.routers.push(r),
+                    Ok(Some((r, wish))) => {
+                        out.dynamic.routers.push(r);
+                        out.dynamic.acme.extend(wish);
+                    }
                     Ok(None) => {}
                     Err(e) => broke(&mut out, &mut left, key, e),
                 }
@@ -1574,7 +1577,7 @@ fn router(
     options: &HashMap<String, Option<String>>,
     left: &HashSet<String>,
     unsupported: &mut Vec<String>,
-) -> R<Option<RouterSpec>> {
+) -> R<Option<(RouterSpec, Option<crate::model::l7::AcmeWish>)>> {
     let mut r = Obj::new(v, path)?;
     // Before the rule: a v2 rule read as v3 fails with a message about the rule, not the syntax.
     if let Some(syntax) = r.string("rulesyntax")? {
@@ -1601,16 +1604,38 @@ fn router(
     let mut named_options = None;
     let tls_section = r.take("tls");
     let serves_tls = tls_section.is_some();
+    let mut wish = None;
     if let Some((tp, tls)) = tls_section {
-        // The entry point decides TLS in lb; a certResolver maps to lb's [acme].
         if let Ok(mut t) = Obj::new(tls, &tp) {
             named_options = t.string("options")?;
-            for k in ["certresolver", "domains"] {
-                if let Some((kp, _)) = t.take(k) {
-                    unsupported.push(format!(
-                        "{kp}: not supported (certificates come from [[certificate]], [acme] or tls.certificates)"
-                    ));
+            let resolver = t.string("certresolver")?;
+            let mut names = Vec::new();
+            for mut d in t.tables("domains")? {
+                names.extend(d.string("main")?);
+                names.extend(d.strings("sans")?.unwrap_or_default());
+                d.rest(unsupported);
+            }
+            if let Some(resolver) = resolver {
+                // As Traefik: the rule's hosts when the router names no domains.
+                if names.is_empty() {
+                    names = rule.hosts();
                 }
+                let mut checked = Vec::new();
+                for n in names {
+                    match crate::sources::config::acme_name(&n) {
+                        Ok(n) if !checked.contains(&n) => checked.push(n),
+                        Ok(_) => {}
+                        Err(why) => unsupported.push(format!("{tp}: {n:?} is not ordered: {why}")),
+                    }
+                }
+                wish = Some(crate::model::l7::AcmeWish {
+                    resolver,
+                    names: checked,
+                });
+            } else if !names.is_empty() {
+                unsupported.push(format!(
+                    "{tp}.domains: not used without certResolver (certificates come from tls.certificates)"
+                ));
             }
             t.rest(unsupported);
         }
@@ -1649,7 +1674,7 @@ fn router(
         );
         return Ok(None);
     }
-    Ok(Some(RouterSpec {
+    let spec = RouterSpec {
         name: name.to_string(),
         entrypoints,
         rule,
@@ -1658,7 +1683,8 @@ fn router(
         service,
         middlewares,
         tls: Some(serves_tls),
-    }))
+    };
+    Ok(Some((spec, wish)))
 }
 
 /// `ipStrategy` (depth, excludedIPs, ipv6Subnet) of an allow list or a source criterion.
