@@ -1225,3 +1225,100 @@ http:
         doc.unsupported
     );
 }
+
+/// The `errors` middleware (middlewares/http/errorpages): an answer in the status ranges is
+/// replaced by the error service's page for `query` (`{status}`, `{url}`), the status kept;
+/// other answers pass untouched; when the page cannot be had, the status's reason is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_pages_replace_the_answers_in_their_ranges() {
+    use bytes::Bytes;
+    use http_body_util::Full;
+    let app = serve(|req: hyper::Request<hyper::body::Incoming>| async move {
+        let code = match req.uri().path() {
+            "/broken" => 503,
+            "/missing" => 404,
+            "/teapot" => 418,
+            _ => 200,
+        };
+        let mut r = hyper::Response::new(Full::new(Bytes::from("from the app")));
+        *r.status_mut() = hyper::StatusCode::from_u16(code).unwrap();
+        r
+    })
+    .await;
+    let pages = serve(|req: hyper::Request<hyper::body::Incoming>| async move {
+        let host = req
+            .headers()
+            .get("host")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+            .to_string();
+        let mut r = hyper::Response::new(Full::new(Bytes::from(format!(
+            "page {} for {host}",
+            req.uri()
+        ))));
+        r.headers_mut()
+            .insert("content-type", "text/html".parse().unwrap());
+        r
+    })
+    .await;
+    let text = |pages_url: &str| {
+        format!(
+            r#"
+http:
+  routers:
+    app:
+      rule: "PathPrefix(`/`)"
+      service: app
+      middlewares: [pages]
+  middlewares:
+    pages:
+      errors:
+        status: ["500-599", "404"]
+        service: error-pages@file
+        query: "/{{status}}.html?from={{url}}"
+  services:
+    app:
+      loadBalancer:
+        servers:
+          - url: "http://{app}"
+    error-pages:
+      loadBalancer:
+        servers:
+          - url: "{pages_url}"
+"#
+        )
+    };
+    let doc = parse_any(Path::new("errors.yml"), &text(&format!("http://{pages}"))).expect("valid");
+    assert!(
+        doc.broken.is_empty() && doc.unsupported.is_empty(),
+        "{:?} {:?}",
+        doc.broken,
+        doc.unsupported
+    );
+    let (proxy, l) = bound(vec![], &Services::new(), HashMap::new(), HashMap::new()).await;
+    let addr = l.local_addr().expect("addr");
+    proxy.set_dynamic("file", doc.routing);
+    proxy.update_services(&doc.services);
+    tokio::spawn(proxy.clone().serve("web".into(), l, None));
+    let cl = client();
+    let (code, body) = get(&cl, addr, "shop.test", "/broken?x=1", &[]).await;
+    assert_eq!(
+        (code, body.as_str()),
+        (503, "page /503.html?from=%2Fbroken%3Fx%3D1 for shop.test")
+    );
+    let (code, body) = get(&cl, addr, "shop.test", "/missing", &[]).await;
+    assert_eq!(
+        (code, body.as_str()),
+        (404, "page /404.html?from=%2Fmissing for shop.test")
+    );
+    for path in ["/fine", "/teapot"] {
+        let (code, body) = get(&cl, addr, "shop.test", path, &[]).await;
+        assert_eq!(body, "from the app", "{path} ({code}) is not in the ranges");
+    }
+    // The error service unreachable: the status and its reason.
+    let doc = parse_any(Path::new("errors.yml"), &text("http://127.0.0.1:9")).expect("valid");
+    proxy.set_dynamic("file", doc.routing);
+    proxy.update_services(&doc.services);
+    let (code, body) = get(&cl, addr, "shop.test", "/broken", &[]).await;
+    assert_eq!((code, body.as_str()), (503, "Service Unavailable\n"));
+}

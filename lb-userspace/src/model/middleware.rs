@@ -30,6 +30,33 @@ pub enum MiddlewareConfig {
     Retry(RetryConfig),
     CircuitBreaker(CircuitBreakerConfig),
     Compress(CompressConfig),
+    Errors(ErrorsConfig),
+}
+
+impl MiddlewareConfig {
+    /// The service this middleware sends requests of its own to (the errors page's).
+    pub fn service(&self) -> Option<&str> {
+        match self {
+            MiddlewareConfig::Errors(c) => Some(&c.service),
+            _ => None,
+        }
+    }
+}
+
+/// Traefik's `errors`: an answer whose status is in `status` (`500-599`, `404`) is replaced by
+/// what `service` answers a GET to `query` (`{status}` and `{url}` filled in), keeping the
+/// status; the client's request headers go along.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorsConfig {
+    pub status: Vec<String>,
+    pub service: String,
+    #[serde(default = "slash")]
+    pub query: String,
+}
+
+fn slash() -> String {
+    "/".into()
 }
 
 // ---- path

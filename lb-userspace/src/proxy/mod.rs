@@ -72,6 +72,8 @@ struct Route {
     spec: RouterSpec,
     priority: i64,
     chain: Vec<Arc<dyn middleware::Middleware>>,
+    /// A middleware of the chain sends requests of its own (gets [`middleware::Ctx::fetch`]).
+    fetches: bool,
     /// Metric handles per entry point, resolved once per table.
     obs: obs::RouteObs,
 }
@@ -241,7 +243,7 @@ impl Table {
         } = conf;
         let mut built = Vec::new();
         for r in routers {
-            let chain = r
+            let chain: Vec<Arc<dyn middleware::Middleware>> = r
                 .middlewares
                 .iter()
                 .filter_map(|m| middlewares.get(m).cloned())
@@ -253,9 +255,11 @@ impl Table {
                 &r.service,
                 entrypoints.iter().filter(serves).map(|ep| ep.name.as_str()),
             );
+            let fetches = chain.iter().any(|m| m.service().is_some());
             built.push(Arc::new(Route {
                 spec: r.clone(),
                 priority: r.priority.unwrap_or(r.rule.default_priority),
+                fetches,
                 chain,
                 obs,
             }));
@@ -269,11 +273,15 @@ impl Table {
             .values()
             .filter_map(|s| s.mirror.as_ref())
             .flat_map(|m| m.services().map(str::to_string));
+        let pages = middlewares
+            .values()
+            .filter_map(|m| m.service().map(str::to_string));
         let wanted: Vec<String> = routers
             .iter()
             .map(|r| r.service.clone())
             .chain(tcp_routers.iter().map(|r| r.service.clone()))
             .chain(mirrors)
+            .chain(pages)
             .collect();
         let mut composites = HashMap::new();
         for name in with_children(wanted, specs) {
@@ -376,12 +384,25 @@ impl L7State {
     }
 }
 
-/// The registry services a configuration sends to: its routers' (HTTP and TCP) and its mirrors'.
+/// The registry services a configuration sends to: its routers' (HTTP and TCP), its mirrors'
+/// and its middlewares' (error pages).
 pub fn wanted_services<'a>(
     base: &L7Config,
     dynamic: impl IntoIterator<Item = &'a Dynamic>,
 ) -> Vec<String> {
-    let mut v: Vec<String> = Vec::new();
+    let dynamic: Vec<&Dynamic> = dynamic.into_iter().collect();
+    let mut v: Vec<String> = base
+        .middlewares
+        .values()
+        .filter_map(|m| m.service().map(str::to_string))
+        .collect();
+    for d in &dynamic {
+        v.extend(
+            d.middlewares
+                .iter()
+                .filter_map(|(_, m)| m.service().map(str::to_string)),
+        );
+    }
     let mut add =
         |routers: &[RouterSpec], tcp: &[TcpRouterSpec], specs: &HashMap<String, ServiceSpec>| {
             v.extend(routers.iter().map(|r| r.service.clone()));

@@ -91,6 +91,9 @@ impl Proxy {
         };
         trace.route = route.obs.get(entrypoint).cloned();
         let mut ctx = Ctx::new(client_ip, scheme, host, crate::clock::now());
+        if route.fetches {
+            ctx.fetch = Some(table.clone() as Arc<dyn middleware::Fetch>);
+        }
         let (ran, mut resp) = match request_filters(&route.chain, &mut ctx, &mut req).await {
             Some(answered) => answered,
             None => (
@@ -401,6 +404,40 @@ impl Proxy {
             drop(slot);
             count.fetch_sub(1, Ordering::Relaxed);
         });
+    }
+}
+
+/// How long a middleware's own request (an error page) may take, connect to last byte of the
+/// head.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A middleware's own GET to a service of this table: an upstream picked as for a request,
+/// hop-by-hop headers gone, bounded in time. Not retried, not counted in the upstream's health.
+impl middleware::Fetch for Table {
+    fn get<'a>(
+        &'a self,
+        service: &'a str,
+        path_and_query: &'a str,
+        headers: hyper::HeaderMap,
+    ) -> middleware::BoxFuture<'a, Option<Response<Body>>> {
+        Box::pin(async move {
+            let svc = self.service(service)?;
+            let upstream = svc
+                .pool
+                .pick(crate::clock::now(), &mut || crate::clock::random::<u64>())?;
+            let target: Uri = path_and_query.parse().ok()?;
+            let uri = upstream_uri(&svc.client, &upstream, &target)?;
+            let mut req = Request::get(uri)
+                .body(middleware::full(Bytes::new()))
+                .ok()?;
+            *req.headers_mut() = headers;
+            strip_hop_by_hop(req.headers_mut());
+            let resp = tokio::time::timeout(FETCH_TIMEOUT, svc.client.request(req))
+                .await
+                .ok()?
+                .ok()?;
+            Some(resp.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed()))
+        })
     }
 }
 

@@ -14,6 +14,7 @@
 
 pub mod auth;
 pub mod compress;
+pub mod errors;
 pub mod headers;
 pub mod limit;
 pub mod path;
@@ -53,6 +54,20 @@ pub struct Ctx {
     /// Per-request notes a middleware leaves for its own response half (the client's Origin,
     /// the negotiated encoding, …).
     pub notes: hyper::http::Extensions,
+    /// The routing table's services, for a middleware that sends requests of its own (set only
+    /// on routes that have one).
+    pub fetch: Option<Arc<dyn Fetch>>,
+}
+
+/// A GET to one of the table's services (an error page): its answer, or `None` when it has no
+/// upstream or none answered in time.
+pub trait Fetch: Send + Sync {
+    fn get<'a>(
+        &'a self,
+        service: &'a str,
+        path_and_query: &'a str,
+        headers: hyper::HeaderMap,
+    ) -> BoxFuture<'a, Option<Response<Body>>>;
 }
 
 impl Ctx {
@@ -66,6 +81,7 @@ impl Ctx {
             retry: None,
             replay: None,
             notes: hyper::http::Extensions::new(),
+            fetch: None,
         }
     }
 }
@@ -93,6 +109,11 @@ pub trait Middleware: Send + Sync {
     /// A query parameter that carries a credential this middleware reads (an API key's custom
     /// `query` name): the access log redacts it whatever it is called.
     fn secret_query(&self) -> Option<&str> {
+        None
+    }
+    /// The service this middleware sends requests of its own to: the table keeps its pool, and
+    /// the routes using it get [`Ctx::fetch`].
+    fn service(&self) -> Option<&str> {
         None
     }
 }
@@ -251,6 +272,7 @@ impl MiddlewareConfig {
             MiddlewareConfig::Retry(c) => Arc::new(c.build()?),
             MiddlewareConfig::CircuitBreaker(c) => Arc::new(c.build()?),
             MiddlewareConfig::Compress(c) => Arc::new(c.build()?),
+            MiddlewareConfig::Errors(c) => Arc::new(c.build()?),
         })
     }
 }

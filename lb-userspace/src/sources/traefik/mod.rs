@@ -2010,6 +2010,23 @@ fn middleware(
                 response_code: b.number("responsecode")?.unwrap_or(503.0) as u16,
             }))
         }
+        "errors" => {
+            let Some(service) = b.string("service")? else {
+                return fail(&format!("{p}.service"), "required");
+            };
+            if let Some((kp, _)) = b.take("statusrewrites") {
+                unsupported.push(format!(
+                    "{kp}: not supported (the client gets the upstream's status)"
+                ));
+            }
+            Kind::one(MiddlewareConfig::Errors(
+                crate::model::middleware::ErrorsConfig {
+                    status: b.strings("status")?.unwrap_or_default(),
+                    service: local(&service),
+                    query: b.string("query")?.unwrap_or_else(|| "/".into()),
+                },
+            ))
+        }
         "compress" => {
             let defaults = CompressConfig {
                 encodings: vec!["zstd".into(), "br".into(), "gzip".into()],
