@@ -1,6 +1,7 @@
 //! Traefik's dynamic configuration, written as Traefik's documentation writes it (YAML and TOML),
 //! read by lb's file provider and served by lb's proxy against real upstreams: routers, a
 //! middleware chain, services with their servers, and every unsupported key reported by path.
+#![allow(clippy::disallowed_methods)] // tests drive real time and real processes (curl)
 
 use std::{collections::HashMap, path::Path, sync::Arc};
 
@@ -1321,4 +1322,92 @@ http:
     proxy.update_services(&doc.services);
     let (code, body) = get(&cl, addr, "shop.test", "/broken", &[]).await;
     assert_eq!((code, body.as_str()), (503, "Service Unavailable\n"));
+}
+
+/// `digestAuth` (middlewares/http/digestauth) with an htdigest users file, spoken to by curl:
+/// the right password passes (and the upstream never sees the credentials), a wrong one and
+/// none are asked again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn digest_auth_lets_curl_in_with_the_right_password_only() {
+    use md5::{Digest as _, Md5};
+    let up = serve(|req: hyper::Request<hyper::body::Incoming>| async move {
+        let h = |k: &str| {
+            req.headers()
+                .get(k)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_string()
+        };
+        hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(format!(
+            "auth={} user={}",
+            h("authorization"),
+            h("x-user")
+        ))))
+    })
+    .await;
+    let dir = std::env::temp_dir().join(format!("lb-digest-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ha1: String = Md5::digest(b"alice:staff:s3cret")
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    std::fs::write(
+        dir.join("users.htdigest"),
+        format!("alice:staff:{ha1}\nbob:elsewhere:{ha1}\n"),
+    )
+    .unwrap();
+    let text = format!(
+        r#"
+http:
+  routers:
+    app:
+      rule: "PathPrefix(`/`)"
+      service: app
+      middlewares: [staff]
+  middlewares:
+    staff:
+      digestAuth:
+        usersFile: {}
+        realm: staff
+        headerField: X-User
+  services:
+    app:
+      loadBalancer:
+        servers:
+          - url: "http://{up}"
+"#,
+        dir.join("users.htdigest").display()
+    );
+    let doc = parse_any(Path::new("digest.yml"), &text).expect("valid");
+    assert!(doc.broken.is_empty(), "{:?}", doc.broken);
+    let (proxy, l) = bound(vec![], &Services::new(), HashMap::new(), HashMap::new()).await;
+    let addr = l.local_addr().expect("addr");
+    proxy.set_dynamic("file", doc.routing);
+    proxy.update_services(&doc.services);
+    tokio::spawn(proxy.clone().serve("web".into(), l, None));
+    let curl = |user: Option<&'static str>| {
+        let url = format!("http://{addr}/private?x=1");
+        async move {
+            let mut c = tokio::process::Command::new("curl");
+            c.args(["-s", "-w", "\n%{http_code}", "--max-time", "5"]);
+            if let Some(u) = user {
+                c.args(["--digest", "-u", u]);
+            }
+            let out = c.arg(&url).output().await.expect("curl");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        }
+    };
+    let ok = curl(Some("alice:s3cret")).await;
+    assert!(ok.ends_with("\n200"), "{ok}");
+    assert!(
+        ok.starts_with("auth=- user=alice\n"),
+        "the upstream gets the user, never the credentials: {ok}"
+    );
+    assert!(curl(Some("alice:guess")).await.ends_with("\n401"));
+    assert!(
+        curl(Some("bob:s3cret")).await.ends_with("\n401"),
+        "another realm's user"
+    );
+    assert!(curl(None).await.ends_with("\n401"));
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -31,6 +31,21 @@ pub enum MiddlewareConfig {
     CircuitBreaker(CircuitBreakerConfig),
     Compress(CompressConfig),
     Errors(ErrorsConfig),
+    DigestAuth(DigestAuthConfig),
+}
+
+/// HTTP Digest authentication (RFC 7616 with MD5, `qop=auth`: what Traefik's `digestAuth` and
+/// browsers speak): `user:realm:HA1` lines as `htdigest` writes them; only the lines of `realm`
+/// count.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DigestAuthConfig {
+    pub users: Vec<String>,
+    #[serde(default = "realm")]
+    pub realm: String,
+    /// Passes the authenticated user's name to the upstream in this header.
+    #[serde(default)]
+    pub header_field: Option<String>,
 }
 
 impl MiddlewareConfig {

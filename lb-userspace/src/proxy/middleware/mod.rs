@@ -14,6 +14,7 @@
 
 pub mod auth;
 pub mod compress;
+pub mod digest;
 pub mod errors;
 pub mod headers;
 pub mod limit;
@@ -273,6 +274,7 @@ impl MiddlewareConfig {
             MiddlewareConfig::CircuitBreaker(c) => Arc::new(c.build()?),
             MiddlewareConfig::Compress(c) => Arc::new(c.build()?),
             MiddlewareConfig::Errors(c) => Arc::new(c.build()?),
+            MiddlewareConfig::DigestAuth(c) => Arc::new(c.build()?),
         })
     }
 }

@@ -1888,6 +1888,35 @@ fn middleware(
                 header_field: b.string("headerfield")?,
             }))
         }
+        "digestauth" => {
+            let mut users = b.strings("users")?.unwrap_or_default();
+            if let Some(file) = b.string("usersfile")? {
+                let file = files.allow_at(&file, &format!("{p}.usersFile"))?;
+                let text = std::fs::read_to_string(&file).or_else(|e| {
+                    fail(
+                        &format!("{p}.usersFile"),
+                        format!("{}: {e}", file.display()),
+                    )
+                })?;
+                users.extend(
+                    text.lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                        .map(String::from),
+                );
+            }
+            unsupported.push(format!(
+                "{p}: digest authentication is MD5-based: weak, prefer basicAuth with bcrypt over TLS"
+            ));
+            let _ = b.take("removeheader"); // lb always removes the credentials
+            Kind::one(MiddlewareConfig::DigestAuth(
+                crate::model::middleware::DigestAuthConfig {
+                    users,
+                    realm: b.string("realm")?.unwrap_or_else(|| "traefik".into()),
+                    header_field: b.string("headerfield")?,
+                },
+            ))
+        }
         "forwardauth" => {
             let address = req(b.string("address")?, &p, "address")?;
             let mut ca_file = None;
