@@ -924,9 +924,9 @@ retryNonIdempotentMethod = true
 }
 
 /// Server schemes and HTTP/2 (routing/services: servers' `url`, serversTransport
-/// `disableHTTP2`): `h2c://` is HTTP/2 without TLS, `https://` offers HTTP/2 by ALPN unless
-/// the transport turns it off, `http://` stays HTTP/1.1; an h2c service cannot take a TLS
-/// transport.
+/// `disableHTTP2`): `h2c://` is HTTP/2 without TLS; `https://` and `http://` stay HTTP/1.1
+/// (lb does not offer h2 by ALPN to https servers: HTTP/2 would carry the upstream's address
+/// as `:authority`); an h2c service cannot take a TLS transport.
 #[test]
 fn server_schemes_choose_http2_as_traefik_does() {
     let text = r#"
@@ -962,7 +962,7 @@ http:
     let s = &doc.routing.services;
     let h2 = |n: &str| (s[n].http2, s[n].tls.is_some());
     assert_eq!(h2("grpc"), (true, false));
-    assert_eq!(h2("tls"), (true, true));
+    assert_eq!(h2("tls"), (false, true));
     assert_eq!(h2("tls-h1"), (false, true));
     assert_eq!(h2("plain"), (false, false));
     assert!(!s.contains_key("odd"));

@@ -294,6 +294,10 @@ pub struct Acme {
     wanted: Option<tokio::sync::watch::Receiver<Vec<crate::model::l7::AcmeWish>>>,
 }
 
+/// The most names routers may add to the configured ones (each is an order at the CA, whose
+/// limits are the account's).
+pub const MAX_ROUTER_NAMES: usize = 100;
+
 /// While another node holds a name's lock, this node looks for its result this often.
 const OTHERS_POLL: Duration = Duration::from_secs(2);
 /// The other nodes see a shared challenge within this (a watch), before the CA is told to look.
@@ -474,17 +478,35 @@ impl Acme {
         };
         let ours = |r: &str| self.spec.resolver.as_deref().is_none_or(|n| n == r);
         let mut all = self.configured.clone();
+        let mut over = 0;
         for wish in w.borrow_and_update().iter().filter(|w| ours(&w.resolver)) {
             for n in &wish.names {
-                if !all.contains(n) {
-                    all.push(n.clone());
+                if all.contains(n) {
+                    continue;
                 }
+                // Routers may come from a store others write: a bounded number of orders.
+                if all.len() >= self.configured.len() + MAX_ROUTER_NAMES {
+                    over += 1;
+                    continue;
+                }
+                all.push(n.clone());
             }
+        }
+        if over > 0 {
+            warn!(
+                over,
+                max = MAX_ROUTER_NAMES,
+                "ACME: routers ask for more names than lb orders; the rest are not ordered"
+            );
         }
         if all == self.spec.domains {
             return false;
         }
-        self.domains.retain(|n, _| all.contains(n));
+        // A name no longer wanted keeps its state (a failure's back-off holds if it comes back)
+        // but is not renewed; past a bound, only the wanted ones' state is kept.
+        if self.domains.len() > 4 * (self.configured.len() + MAX_ROUTER_NAMES) {
+            self.domains.retain(|n, _| all.contains(n));
+        }
         for n in &all {
             self.domains.entry(n.clone()).or_default();
         }

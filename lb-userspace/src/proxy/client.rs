@@ -144,9 +144,12 @@ impl UpstreamClient {
             .pool_idle_timeout(key.idle_timeout)
             // Without a timer idle connections are only found stale when next taken.
             .pool_timer(hyper_util::rt::TokioTimer::new())
-            // HTTP/2: a stream's and the connection's windows grow with what the link carries
-            // (a gRPC stream is not held to 64 KiB in flight), and a dead peer is found by PING.
-            .http2_adaptive_window(true)
+            // HTTP/2: one connection carries every client's streams, and its window is given
+            // back only as lb reads. A stream may hold 4 MiB and the connection 1 GiB (Go's,
+            // so Traefik's, sizes): a client that stops reading stalls its own stream, never
+            // the others. A dead peer is found by PING.
+            .http2_initial_stream_window_size(4 << 20)
+            .http2_initial_connection_window_size(1 << 30)
             .http2_keep_alive_interval(Some(Duration::from_secs(30)))
             .http2_keep_alive_timeout(Duration::from_secs(10))
             .timer(hyper_util::rt::TokioTimer::new());

@@ -407,24 +407,26 @@ impl Proxy {
     }
 }
 
-/// How long a middleware's own request (an error page) may take, connect to last byte of the
-/// head.
+/// How long a middleware's own request (an error page) may take, connect to last byte.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A middleware's own GET to a service of this table: an upstream picked as for a request,
-/// hop-by-hop headers gone, bounded in time. Not retried, not counted in the upstream's health.
+/// within its connection cap (never waiting for a connection), hop-by-hop headers gone, read
+/// whole within [`FETCH_TIMEOUT`]. Not retried, not counted in the upstream's health.
 impl middleware::Fetch for Table {
     fn get<'a>(
         &'a self,
         service: &'a str,
         path_and_query: &'a str,
         headers: hyper::HeaderMap,
-    ) -> middleware::BoxFuture<'a, Option<Response<Body>>> {
+        max: usize,
+    ) -> middleware::BoxFuture<'a, Option<(hyper::http::response::Parts, Bytes)>> {
         Box::pin(async move {
             let svc = self.service(service)?;
             let upstream = svc
                 .pool
                 .pick(crate::clock::now(), &mut || crate::clock::random::<u64>())?;
+            let _slot = Upstream::try_slot(&upstream, svc.spec.max_connections)?;
             let target: Uri = path_and_query.parse().ok()?;
             let uri = upstream_uri(&svc.client, &upstream, &target)?;
             let mut req = Request::get(uri)
@@ -432,11 +434,14 @@ impl middleware::Fetch for Table {
                 .ok()?;
             *req.headers_mut() = headers;
             strip_hop_by_hop(req.headers_mut());
-            let resp = tokio::time::timeout(FETCH_TIMEOUT, svc.client.request(req))
-                .await
-                .ok()?
-                .ok()?;
-            Some(resp.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed()))
+            let whole = async {
+                let resp = svc.client.request(req).await.ok()?;
+                let (parts, body) = resp.into_parts();
+                let body = body.map_err(|e| Box::new(e) as BoxError).boxed();
+                let bytes = middleware::read_body(body, max).await.ok()?;
+                Some((parts, bytes))
+            };
+            tokio::time::timeout(FETCH_TIMEOUT, whole).await.ok()?
         })
     }
 }

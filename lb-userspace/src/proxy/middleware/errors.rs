@@ -114,17 +114,10 @@ impl Middleware for Errors {
             ] {
                 headers.remove(h);
             }
-            let page = fetch.get(&self.service, &target, headers).await;
-            let body = match page {
-                Some(p) if p.status().is_success() => {
-                    let (parts, body) = p.into_parts();
-                    match super::read_body(body, MAX_PAGE).await {
-                        Ok(b) => Some((parts.headers, b)),
-                        Err(_) => None,
-                    }
-                }
-                _ => None,
-            };
+            let page = fetch.get(&self.service, &target, headers, MAX_PAGE).await;
+            let body = page
+                .filter(|(parts, _)| parts.status.is_success())
+                .map(|(parts, bytes)| (parts.headers, bytes));
             let h = resp.headers_mut();
             for n in [
                 header::CONTENT_LENGTH,

@@ -56,10 +56,10 @@ impl IpStrategyConfig {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        if self.ipv6_subnet.is_some_and(|p| p > 128) {
+        if self.ipv6_subnet.is_some_and(|p| p == 0 || p > 128) {
             return Err(BuildError::OutOfRange {
                 field: "ip_strategy.ipv6_subnet",
-                bound: "0 ..= 128",
+                bound: "1 ..= 128",
             });
         }
         Ok(IpStrategy {
@@ -84,17 +84,19 @@ impl IpStrategy {
     /// The client's address; `None` when the strategy names none (a depth beyond the list, or
     /// an entry that is not an address), which no allow list admits.
     pub fn client(&self, peer: IpAddr, headers: &hyper::HeaderMap) -> Option<IpAddr> {
-        let list: Vec<&str> = headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .collect();
+        // A line that is not text is no address list at all (it would shift the count).
+        let mut list: Vec<&str> = Vec::new();
+        for v in headers.get_all("x-forwarded-for") {
+            list.extend(v.to_str().ok()?.split(',').map(str::trim));
+        }
         let ip = if self.depth > 0 {
             let at = list.len().checked_sub(self.depth)?;
-            list[at].parse::<IpAddr>().ok()?
-        } else if !self.excluded.is_empty() && !list.is_empty() {
+            self.mask(list[at].parse::<IpAddr>().ok()?.to_canonical())
+        } else if !self.excluded.is_empty() {
+            // Traefik's: no header, no client.
+            if list.is_empty() {
+                return None;
+            }
             // The rightmost entry that is not one of the excluded proxies, as it is written:
             // one that is not an address ends the search (nothing to its left is believed).
             let mut found = None;
@@ -107,9 +109,9 @@ impl IpStrategy {
             }
             found?
         } else {
-            peer
+            self.mask(peer.to_canonical())
         };
-        Some(self.mask(ip.to_canonical()))
+        Some(ip)
     }
 
     fn mask(&self, ip: IpAddr) -> IpAddr {
@@ -925,9 +927,9 @@ mod tests {
             None,
             "what is not an address ends the search"
         );
-        // No header: the connection's address (with or without exclusions).
+        // No header: the connection's address, or none where proxies are excluded (Traefik's).
         let none = hyper::HeaderMap::new();
-        assert_eq!(s(0, &["192.0.2.1"], None).client(peer, &none), Some(peer));
+        assert_eq!(s(0, &["192.0.2.1"], None).client(peer, &none), None);
         assert_eq!(s(1, &[], None).client(peer, &none), None);
         assert_eq!(s(0, &[], None).client(peer, &chain), Some(peer));
         // Several header lines read as one list; IPv6 keyed by its prefix; v4-mapped is v4.
@@ -939,12 +941,14 @@ mod tests {
             s(1, &[], None).client(peer, &xff("::ffff:192.0.2.1")),
             ip("192.0.2.1")
         );
-        assert!(IpStrategyConfig {
-            ipv6_subnet: Some(129),
-            ..Default::default()
+        for bad in [0, 129] {
+            assert!(IpStrategyConfig {
+                ipv6_subnet: Some(bad),
+                ..Default::default()
+            }
+            .build()
+            .is_err());
         }
-        .build()
-        .is_err());
     }
 
     /// The contract's table on the in-memory buckets (tests/tests/rate_limit.rs runs it on

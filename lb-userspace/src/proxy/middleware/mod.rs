@@ -60,15 +60,16 @@ pub struct Ctx {
     pub fetch: Option<Arc<dyn Fetch>>,
 }
 
-/// A GET to one of the table's services (an error page): its answer, or `None` when it has no
-/// upstream or none answered in time.
+/// A GET to one of the table's services (an error page): its head and whole body (at most
+/// `max` bytes), or `None` when it has no upstream free, or none answered whole in time.
 pub trait Fetch: Send + Sync {
     fn get<'a>(
         &'a self,
         service: &'a str,
         path_and_query: &'a str,
         headers: hyper::HeaderMap,
-    ) -> BoxFuture<'a, Option<Response<Body>>>;
+        max: usize,
+    ) -> BoxFuture<'a, Option<(hyper::http::response::Parts, Bytes)>>;
 }
 
 impl Ctx {

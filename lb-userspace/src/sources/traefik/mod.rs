@@ -1429,18 +1429,17 @@ fn service(
             "h2c servers are spoken to without TLS: a serversTransport's TLS cannot apply",
         );
     }
-    let (tls, h2_off) = match transport {
+    let (tls, _h2_off) = match transport {
         Some((tls, off)) => (Some(tls), off),
         None => (None, false),
     };
     if https == Some(Scheme::Https) || tls.is_some() {
         spec.tls = Some(tls.unwrap_or_default());
     }
-    spec.http2 = match https {
-        Some(Scheme::H2c) => true,
-        Some(Scheme::Https) => !h2_off,
-        _ => false,
-    };
+    // HTTP/2 to https:// servers would carry the upstream's address as `:authority`, which
+    // HTTP/2 servers read as the host (lb.toml's `http2 = true` asks for it knowingly); they
+    // are spoken to in HTTP/1.1 with the client's Host. h2c:// asks for HTTP/2 by name.
+    spec.http2 = https == Some(Scheme::H2c);
     if let Some((hp, h)) = health {
         spec.health = Some(health_check(h, &hp, spec.tls.is_some(), out)?);
     }
@@ -1536,7 +1535,7 @@ enum Scheme {
     Http,
     /// HTTP/2 without TLS, from the first byte (gRPC servers without TLS).
     H2c,
-    /// TLS, HTTP/2 or HTTP/1.1 as ALPN settles (Traefik's default for https servers).
+    /// TLS, HTTP/1.1.
     Https,
 }
 
@@ -1708,8 +1707,8 @@ fn ip_strategy(o: &mut Obj<'_>) -> R<Option<crate::model::middleware::IpStrategy
         }
     }
     let ipv6_subnet = match s.number("ipv6subnet")? {
-        Some(n) if n.fract() == 0.0 && (0.0..=128.0).contains(&n) => Some(n as u8),
-        Some(_) => return fail(&format!("{sp}.ipv6Subnet"), "expected 0..=128"),
+        Some(n) if n.fract() == 0.0 && (1.0..=128.0).contains(&n) => Some(n as u8),
+        Some(_) => return fail(&format!("{sp}.ipv6Subnet"), "expected 1..=128"),
         None => None,
     };
     // Anything else in it would change whose address is checked: refused, not reported.
@@ -1732,12 +1731,24 @@ fn source_criterion(
     Option<String>,
     Option<crate::model::middleware::IpStrategyConfig>,
 )> {
-    let mut header = sc.string("requestheadername")?;
-    if sc.bool("requesthost")? == Some(true) && header.is_none() {
-        // The Host lb routes on (normalised, the one forwarded).
-        header = Some("host".into());
-    }
+    let named = sc.string("requestheadername")?;
+    let host = sc.bool("requesthost")? == Some(true);
     let ip = ip_strategy(sc)?;
+    // One source or none, as Traefik has it: a header beside an ipStrategy would let a client
+    // choose its own bucket.
+    if [named.is_some(), host, ip.is_some()]
+        .iter()
+        .filter(|x| **x)
+        .count()
+        > 1
+    {
+        return fail(
+            &sc.path,
+            "ipStrategy, requestHeaderName and requestHost exclude one another",
+        );
+    }
+    // `requestHost`: the Host lb routes on (normalised, the one forwarded).
+    let header = named.or(host.then(|| "host".to_string()));
     Ok((header, ip))
 }
 
