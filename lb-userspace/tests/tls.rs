@@ -697,3 +697,110 @@ async fn one_port_serves_tls_and_plain_routers_each_their_own_kind() {
         assert_eq!(got, (200, format!("plain ok proto={proto}")), "tls {tls}");
     }
 }
+
+/// `passTLSClientCert` with `pem` (Traefik's middlewares/http/passtlsclientcert): behind an mTLS
+/// entry point the upstream gets the client's certificate in `X-Forwarded-Tls-Client-Cert`
+/// (base64 DER, URL-escaped), never what the client itself sent in that header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_certificate_is_passed_on_and_never_forged() {
+    use lb_userspace::model::middleware::{MiddlewareConfig, PassTlsClientCertConfig};
+    let p = pki("passcert");
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                        let got = req
+                            .headers()
+                            .get("x-forwarded-tls-client-cert")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("-")
+                            .to_string();
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(got))))
+                    });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    let mut services = Services::new();
+    let i = Instance {
+        address: up.ip(),
+        port: up.port(),
+        weight: 1,
+        zone: None,
+        metadata: BTreeMap::new(),
+    };
+    services.insert("s".into(), BTreeMap::from([(i.key(), i)]));
+    let certs = Certs::load(&[CertSpec {
+        cert_file: p.dir.join("a.crt"),
+        key_file: p.dir.join("a.key"),
+        default: true,
+    }])
+    .expect("certificates");
+    let ca = p.dir.join("ca.crt");
+    let config = server_config(Arc::new(certs), Some(ca.as_path())).expect("tls config");
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let mw = MiddlewareConfig::PassTlsClientCert(PassTlsClientCertConfig { pem: true })
+        .build()
+        .unwrap();
+    let proxy = Arc::new(Proxy::new(
+        vec![EntryPointSpec {
+            name: "websecure".into(),
+            address: addr,
+            tls: true,
+            client_ca_file: Some(ca.clone()),
+            trusted_ips: vec![],
+            limits: Default::default(),
+            also_plain: false,
+            as_default: false,
+            proxy_protocol: None,
+        }],
+        vec![RouterSpec {
+            name: "all".into(),
+            entrypoints: vec![],
+            rule: Rule::parse("PathPrefix(`/`)").unwrap(),
+            rule_text: "PathPrefix(`/`)".into(),
+            priority: None,
+            service: "s".into(),
+            middlewares: vec!["pass".into()],
+            tls: None,
+        }],
+        Default::default(),
+        std::collections::HashMap::from([("pass".to_string(), mw)]),
+        &services,
+    ));
+    tokio::spawn(proxy.serve(
+        "websecure".into(),
+        l,
+        Some(Arc::new(arc_swap::ArcSwap::new(config))),
+    ));
+    use base64::Engine as _;
+    let want = base64::engine::general_purpose::STANDARD
+        .encode(p.client.0[0].as_ref())
+        .replace('+', "%2B")
+        .replace('/', "%2F")
+        .replace('=', "%3D");
+    let s = connect(&p, addr, "a.test", &[b"http/1.1"], true)
+        .await
+        .expect("handshake with a client certificate");
+    assert_eq!(h1_get(s, "/").await, (200, want.clone()));
+    // A forged header is replaced by the certificate the client showed.
+    let mut s = connect(&p, addr, "a.test", &[b"http/1.1"], true)
+        .await
+        .unwrap();
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    s.write_all(
+        b"GET / HTTP/1.1\r\nHost: a.test\r\nX-Forwarded-Tls-Client-Cert: forged\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.ends_with(&want), "{text}");
+}

@@ -32,6 +32,17 @@ pub enum MiddlewareConfig {
     Compress(CompressConfig),
     Errors(ErrorsConfig),
     DigestAuth(DigestAuthConfig),
+    PassTlsClientCert(PassTlsClientCertConfig),
+}
+
+/// Traefik's `passTLSClientCert`: the client's TLS certificates to the upstream in
+/// `X-Forwarded-Tls-Client-Cert` (each DER in base64, URL-escaped, comma-separated, the client's
+/// own first). Whatever the client sent in that header (or `…-Info`) is removed first.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PassTlsClientCertConfig {
+    #[serde(default)]
+    pub pem: bool,
 }
 
 /// HTTP Digest authentication (RFC 7616 with MD5, `qop=auth`: what Traefik's `digestAuth` and

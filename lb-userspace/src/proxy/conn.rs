@@ -139,7 +139,14 @@ pub struct Client {
     pub obs: super::obs::EntryPointObs,
     /// The entry point's bounds on what the connection may hold.
     pub limits: Arc<ConnLimits>,
+    /// The certificates a TLS client presented (DER, its own first), once the handshake is
+    /// done: what `passTLSClientCert` passes on.
+    pub certificates: std::sync::OnceLock<ClientCertificates>,
 }
+
+/// A TLS client's certificate chain, in each request's extensions on its connection.
+#[derive(Clone, Debug)]
+pub struct ClientCertificates(pub Arc<[Vec<u8>]>);
 
 /// Serves a client connection until it closes. `h2`: ALPN chose HTTP/2; otherwise the first
 /// bytes say (the h2c preface or HTTP/1).
@@ -477,7 +484,10 @@ impl hyper::service::Service<Request<Incoming>> for Svc {
 }
 
 impl Client {
-    async fn handle(&self, req: Request<Body>) -> Response<Body> {
+    async fn handle(&self, mut req: Request<Body>) -> Response<Body> {
+        if let Some(c) = self.certificates.get() {
+            req.extensions_mut().insert(c.clone());
+        }
         self.proxy
             .handle(
                 &self.entrypoint,

@@ -1014,6 +1014,7 @@ impl Proxy {
                     drain,
                     obs: obs.clone(),
                     limits,
+                    certificates: Default::default(),
                 });
                 // TCP routers first: they may take the connection, else it comes back for HTTP
                 // with the bytes they read replayed. Boxed, as is the handshake: what they hold
@@ -1123,6 +1124,10 @@ async fn serve_tls(
         Ok(s) if acme::is_validation(s.get_ref().1) => obs.handshake(true),
         Ok(s) => {
             obs.handshake(true);
+            if let Some(chain) = s.get_ref().1.peer_certificates().filter(|c| !c.is_empty()) {
+                let chain: Arc<[Vec<u8>]> = chain.iter().map(|c| c.as_ref().to_vec()).collect();
+                let _ = client.certificates.set(conn::ClientCertificates(chain));
+            }
             let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
             conn::serve(s, h2, client).await
         }

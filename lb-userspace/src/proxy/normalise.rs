@@ -289,7 +289,9 @@ pub fn strip_connection_named(h: &mut HeaderMap) {
 /// Forwarding headers only a trusted proxy may send: lb sets some itself, middlewares set
 /// others (`X-Forwarded-Prefix` by `strip_prefix`, `-Uri` by ForwardAuth), and an upstream
 /// believes them all.
-const FORWARDING: [HeaderName; 9] = [
+const FORWARDING: [HeaderName; 11] = [
+    HeaderName::from_static("x-forwarded-tls-client-cert"),
+    HeaderName::from_static("x-forwarded-tls-client-cert-info"),
     HeaderName::from_static("x-forwarded-for"),
     HeaderName::from_static("x-forwarded-proto"),
     HeaderName::from_static("x-forwarded-host"),

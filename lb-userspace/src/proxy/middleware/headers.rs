@@ -217,3 +217,44 @@ impl Middleware for Headers {
         None
     }
 }
+
+/// Traefik's `passTLSClientCert` (see [`crate::model::middleware::PassTlsClientCertConfig`]).
+pub struct PassTlsClientCert {
+    pub pem: bool,
+}
+
+const CLIENT_CERT: hyper::header::HeaderName =
+    hyper::header::HeaderName::from_static("x-forwarded-tls-client-cert");
+const CLIENT_CERT_INFO: hyper::header::HeaderName =
+    hyper::header::HeaderName::from_static("x-forwarded-tls-client-cert-info");
+
+impl Middleware for PassTlsClientCert {
+    fn request<'a>(&'a self, _: &'a mut Ctx, req: &'a mut Req) -> Flow<'a> {
+        // A client never speaks for its own certificate.
+        req.headers_mut().remove(CLIENT_CERT);
+        req.headers_mut().remove(CLIENT_CERT_INFO);
+        let chain = req
+            .extensions()
+            .get::<crate::proxy::conn::ClientCertificates>()
+            .cloned();
+        if let (true, Some(chain)) = (self.pem, chain) {
+            use base64::Engine as _;
+            let value = chain
+                .0
+                .iter()
+                .map(|der| {
+                    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+                    // Go's url.QueryEscape of base64: only +, / and = need it.
+                    b64.replace('+', "%2B")
+                        .replace('/', "%2F")
+                        .replace('=', "%3D")
+                })
+                .collect::<Vec<_>>()
+                .join(",");
+            if let Ok(v) = hyper::header::HeaderValue::from_str(&value) {
+                req.headers_mut().insert(CLIENT_CERT, v);
+            }
+        }
+        Flow::Next
+    }
+}

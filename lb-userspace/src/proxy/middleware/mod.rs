@@ -276,6 +276,9 @@ impl MiddlewareConfig {
             MiddlewareConfig::Compress(c) => Arc::new(c.build()?),
             MiddlewareConfig::Errors(c) => Arc::new(c.build()?),
             MiddlewareConfig::DigestAuth(c) => Arc::new(c.build()?),
+            MiddlewareConfig::PassTlsClientCert(c) => {
+                Arc::new(headers::PassTlsClientCert { pem: c.pem })
+            }
         })
     }
 }

@@ -1899,6 +1899,20 @@ fn middleware(
                 header_field: b.string("headerfield")?,
             }))
         }
+        "passtlsclientcert" => {
+            let pem = b.bool("pem")?.unwrap_or(false);
+            if let Some((ip, _)) = b.take("info") {
+                // An upstream may decide on the subject it is told: not told, it could decide
+                // wrongly. Refused with the routers that use it.
+                return fail(
+                    &ip,
+                    "not supported: lb passes the certificates (pem), not their parsed fields",
+                );
+            }
+            Kind::one(MiddlewareConfig::PassTlsClientCert(
+                crate::model::middleware::PassTlsClientCertConfig { pem },
+            ))
+        }
         "digestauth" => {
             let mut users = b.strings("users")?.unwrap_or_default();
             if let Some(file) = b.string("usersfile")? {
