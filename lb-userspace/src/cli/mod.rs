@@ -191,8 +191,12 @@ fn require_privileges(what: &str) -> Result<()> {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // `lb check-config` prints what it finds itself: the agent's log lines (a weak hash's
+    // warning, say) would say it twice.
+    let quiet = matches!(cli.cmd, Cmd::CheckConfig { .. });
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(if quiet { "error" } else { "info" })
+    });
     // Logs go to stderr: stdout is the access log's when it has no file.
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
