@@ -574,8 +574,9 @@ pub fn translate_in(doc: &Value, cx: &Cx<'_>, gone: &HashSet<String>) -> R<Trans
                     Err(e) => broke(&mut out, &mut left, key, e),
                 }
             }
-            composed(composites, &mut out, &mut left);
             // A mirroring service sends to its main service's servers, with copies elsewhere.
+            // Before the composites: a weighted or failover service may name a mirroring one
+            // (whose main is a loadBalancer, never a composite).
             for (name, main, mirror, path) in mirrors {
                 let key = format!("http.services.{name}");
                 let usable = !left.contains(&format!("http.services.{main}"));
@@ -595,6 +596,7 @@ pub fn translate_in(doc: &Value, cx: &Cx<'_>, gone: &HashSet<String>) -> R<Trans
                 out.services.insert(name.clone(), instances);
                 out.dynamic.services.insert(name, spec);
             }
+            composed(composites, &mut out, &mut left);
         }
         if let Some((p, routers)) = http.take("routers") {
             let m = Obj::new(routers, &p)?;

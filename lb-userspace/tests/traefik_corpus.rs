@@ -1,0 +1,91 @@
+//! A corpus of Traefik-format dynamic configurations written for lb's tests (not copied from
+//! Traefik), each case in YAML and TOML under `tests/traefik_corpus/<case>/`, its Traefik
+//! documentation section cited at the top of each file. Each form is run through
+//! `lb check-config` as a user would run it: the exit status and the messages named in the
+//! case's `expect.txt` must come out, and both forms must say the same (file names and lines
+//! aside).
+#![allow(clippy::disallowed_methods)] // tests run the real binary
+
+use std::path::{Path, PathBuf};
+
+fn corpus() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/traefik_corpus")
+}
+
+/// `lb check-config` over one directory of Traefik files: its exit status and what it printed.
+fn check(dir: &Path, scratch: &Path) -> (i32, String) {
+    let cfg = scratch.join("lb.toml");
+    std::fs::write(
+        &cfg,
+        format!("[[providers.file]]\npath = \"{}\"\n", dir.display()),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lb"))
+        .args(["check-config", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("lb check-config");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// The findings as both forms should say them: the file's path and line taken out.
+fn findings(text: &str, dir: &Path) -> Vec<String> {
+    let dir = format!("{}/", dir.display());
+    let mut v: Vec<String> = text
+        .lines()
+        .filter(|l| l.starts_with("error:") || l.starts_with("warning:"))
+        .map(|l| {
+            let l = l.replace(&dir, "");
+            let mut out = String::new();
+            let mut rest = l.as_str();
+            // `dynamic.yml:12: ` / `dynamic.toml: ` → ``
+            while let Some(i) = rest.find("dynamic.") {
+                out.push_str(&rest[..i]);
+                let after = &rest[i..];
+                let end = after.find(": ").map_or(after.len(), |e| e + 2);
+                rest = &after[end..];
+            }
+            out.push_str(rest);
+            out
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn every_case_says_what_it_expects_in_yaml_and_toml_alike() {
+    let scratch = std::env::temp_dir().join(format!("lb-corpus-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).unwrap();
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(corpus())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect();
+    cases.sort();
+    assert!(cases.len() >= 6, "{cases:?}");
+    for case in &cases {
+        let expect = std::fs::read_to_string(case.join("expect.txt")).unwrap();
+        let mut lines = expect.lines();
+        let status: i32 = lines
+            .next()
+            .and_then(|l| l.strip_prefix("exit "))
+            .and_then(|c| c.parse().ok())
+            .expect("expect.txt starts with `exit N`");
+        let wanted: Vec<&str> = lines.filter(|l| !l.is_empty()).collect();
+        let mut said = Vec::new();
+        for form in ["yaml", "toml"] {
+            let dir = case.join(form);
+            let (code, text) = check(&dir, &scratch);
+            assert_eq!(code, status, "{}: {text}", dir.display());
+            for w in &wanted {
+                assert!(text.contains(w), "{}: {w:?} not in:\n{text}", dir.display());
+            }
+            said.push(findings(&text, &dir));
+        }
+        assert_eq!(said[0], said[1], "{}: YAML and TOML differ", case.display());
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+}
