@@ -104,6 +104,14 @@ async fn grpc_server(tls: Option<Arc<rustls::ServerConfig>>) -> SocketAddr {
                 let svc = hyper::service::service_fn(
                     |req: hyper::Request<hyper::body::Incoming>| async move {
                         let mut grpc = tonic::server::Grpc::new(Codec::default());
+                        // gRPC clients send `TE: trailers`; lb passes it on (the one TE that
+                        // crosses HTTP/2): a call without it fails here, and the test with it.
+                        let te = req.headers().get("te").and_then(|v| v.to_str().ok());
+                        if te != Some("trailers") {
+                            return Ok::<_, Infallible>(
+                                Status::failed_precondition("no TE: trailers").into_http(),
+                            );
+                        }
                         let resp = match req.uri().path() {
                             "/lb.test.Echo/Say" => grpc.unary(Say, req).await,
                             "/lb.test.Echo/Count" => grpc.server_streaming(Count, req).await,

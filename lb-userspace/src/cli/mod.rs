@@ -457,15 +457,20 @@ fn check_config(source: &crate::sources::Source) -> Result<()> {
         c.entrypoints.len(),
         c.providers.files.len()
     );
-    let mut errors = 0;
-    for n in &c.notes {
-        if n.contains(": left out") {
-            errors += 1;
-            println!("error: {n}");
-        } else {
-            println!("warning: {n}");
+    // A finding that leaves something out is an error; the others are warnings.
+    let report = |findings: &[String]| -> usize {
+        let mut left_out = 0;
+        for u in findings {
+            if u.contains(": left out") {
+                left_out += 1;
+                println!("error: {u}");
+            } else {
+                println!("warning: {u}");
+            }
         }
-    }
+        left_out
+    };
+    let mut errors = report(&c.notes);
     for f in &c.providers.files {
         let mut src = crate::sources::file::FileSource::new(&f.path);
         let (services, routing, rejected) = src.reload_all();
@@ -480,15 +485,7 @@ fn check_config(source: &crate::sources::Source) -> Result<()> {
         for p in &problems {
             println!("error: {}: {p}", f.path.display());
         }
-        let mut left_out = 0;
-        for u in &routing.unsupported {
-            if u.contains(": left out") {
-                left_out += 1;
-                println!("error: {u}");
-            } else {
-                println!("warning: {u}");
-            }
-        }
+        let left_out = report(&routing.unsupported);
         errors += rejected.len() + routing.broken.len() + problems.len() + left_out;
         println!(
             "{}: {} services, {} routers{}",

@@ -26,6 +26,20 @@ pub fn ip_net(s: &str) -> Option<ipnet::IpNet> {
 }
 
 /// Names of VIPs and services: they appear in API paths and store keys.
+/// Every byte but RFC 3986's unreserved ones percent-encoded: a URL's user or password, a query
+/// value, base64 in a header (as Go's `url.QueryEscape` leaves them readable).
+pub fn escape_unreserved(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 128

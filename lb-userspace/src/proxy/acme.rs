@@ -1244,6 +1244,54 @@ mod tests {
         (cert.pem().into_bytes(), key.serialize_pem().into_bytes())
     }
 
+    /// Routers' names come from stores others may write: this resolver's only, at most
+    /// MAX_ROUTER_NAMES of them beside the configured ones, and a name that goes keeps its
+    /// state (a back-off holds when it comes back).
+    #[test]
+    fn names_from_routers_are_this_resolvers_and_bounded() {
+        use crate::model::l7::AcmeWish;
+        let spec = AcmeSpec {
+            resolver: Some("le".into()),
+            directory: "https://ca.example.test/dir".into(),
+            email: None,
+            challenge: ChallengeKind::Http01,
+            domains: vec!["configured.example.test".into()],
+            ca_file: None,
+            renew_before: 30 * DAY,
+        };
+        let wish = |resolver: &str, names: Vec<String>| AcmeWish {
+            resolver: resolver.into(),
+            names,
+        };
+        let many: Vec<String> = (0..150).map(|i| format!("n{i}.example.test")).collect();
+        let (tx, rx) = tokio::sync::watch::channel(vec![
+            wish("le", many.clone()),
+            wish("other", vec!["theirs.example.test".into()]),
+        ]);
+        let dir = std::env::temp_dir().join(format!("lb-acme-names-{}", std::process::id()));
+        let mut acme = Acme::new(spec, &dir, Arc::new(Store::default())).with_names(rx);
+        assert_eq!(acme.spec.domains.len(), 1 + MAX_ROUTER_NAMES);
+        assert_eq!(acme.spec.domains[0], "configured.example.test");
+        assert!(!acme.spec.domains.iter().any(|n| n == "theirs.example.test"));
+        if let Some(d) = acme.domains.get_mut("n0.example.test") {
+            d.failures = 3;
+        }
+        tx.send(vec![wish("le", vec!["n1.example.test".into()])])
+            .unwrap();
+        assert!(acme.follow_names());
+        assert_eq!(
+            acme.spec.domains,
+            ["configured.example.test", "n1.example.test"]
+        );
+        tx.send(vec![wish("le", vec!["n0.example.test".into()])])
+            .unwrap();
+        assert!(acme.follow_names());
+        assert_eq!(
+            acme.domains["n0.example.test"].failures, 3,
+            "the back-off is kept"
+        );
+    }
+
     /// What another node (or anyone with write access to etcd) stored is checked like a CA's
     /// answer: a bad pair is refused, counts as absent, and the certificate in use stays.
     #[tokio::test]

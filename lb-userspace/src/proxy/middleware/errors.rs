@@ -104,7 +104,7 @@ impl Middleware for Errors {
             let target = self
                 .query
                 .replace("{status}", code.as_str())
-                .replace("{url}", &escape(&asked.url));
+                .replace("{url}", &crate::model::escape_unreserved(&asked.url));
             let mut headers = asked.headers;
             for h in [
                 header::CONTENT_LENGTH,
@@ -153,17 +153,4 @@ impl Middleware for Errors {
     fn service(&self) -> Option<&str> {
         Some(&self.service)
     }
-}
-
-/// `{url}` as a query value: everything but unreserved bytes percent-encoded.
-fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }

@@ -243,11 +243,9 @@ impl Middleware for PassTlsClientCert {
                 .0
                 .iter()
                 .map(|der| {
-                    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-                    // Go's url.QueryEscape of base64: only +, / and = need it.
-                    b64.replace('+', "%2B")
-                        .replace('/', "%2F")
-                        .replace('=', "%3D")
+                    crate::model::escape_unreserved(
+                        &base64::engine::general_purpose::STANDARD.encode(der),
+                    )
                 })
                 .collect::<Vec<_>>()
                 .join(",");

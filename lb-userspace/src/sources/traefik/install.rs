@@ -657,8 +657,8 @@ fn providers(
             (None, None) => String::new(),
             (u, p) => format!(
                 "{}:{}@",
-                userinfo(u.as_deref().unwrap_or("")),
-                userinfo(p.as_deref().unwrap_or(""))
+                crate::model::escape_unreserved(u.as_deref().unwrap_or("")),
+                crate::model::escape_unreserved(p.as_deref().unwrap_or(""))
             ),
         };
         if usable {
@@ -766,19 +766,6 @@ fn providers(
         );
     }
     Ok(())
-}
-
-/// A URL's user or password: every byte but the unreserved ones percent-encoded (RFC 3986).
-fn userinfo(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 /// One ACME resolver becomes lb's `[acme]`: it orders the names the entry points'

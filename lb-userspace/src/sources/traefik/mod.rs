@@ -1688,6 +1688,28 @@ fn router(
     Ok(Some((spec, wish)))
 }
 
+/// An auth middleware's `users` and the lines of its `usersFile` (blank lines and comments
+/// skipped), the file read only where this document may name files.
+fn users(b: &mut Obj<'_>, p: &str, files: &Files) -> R<Vec<String>> {
+    let mut users = b.strings("users")?.unwrap_or_default();
+    if let Some(file) = b.string("usersfile")? {
+        let file = files.allow_at(&file, &format!("{p}.usersFile"))?;
+        let text = std::fs::read_to_string(&file).or_else(|e| {
+            fail(
+                &format!("{p}.usersFile"),
+                format!("{}: {e}", file.display()),
+            )
+        })?;
+        users.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(String::from),
+        );
+    }
+    Ok(users)
+}
+
 /// `ipStrategy` (depth, excludedIPs, ipv6Subnet) of an allow list or a source criterion.
 fn ip_strategy(o: &mut Obj<'_>) -> R<Option<crate::model::middleware::IpStrategyConfig>> {
     let Some((sp, v)) = o.take("ipstrategy") else {
@@ -1869,22 +1891,7 @@ fn middleware(
             Kind::one(MiddlewareConfig::Headers(headers(&mut b)?))
         }
         "basicauth" => {
-            let mut users = b.strings("users")?.unwrap_or_default();
-            if let Some(file) = b.string("usersfile")? {
-                let file = files.allow_at(&file, &format!("{p}.usersFile"))?;
-                let text = std::fs::read_to_string(&file).or_else(|e| {
-                    fail(
-                        &format!("{p}.usersFile"),
-                        format!("{}: {e}", file.display()),
-                    )
-                })?;
-                users.extend(
-                    text.lines()
-                        .map(str::trim)
-                        .filter(|l| !l.is_empty())
-                        .map(String::from),
-                );
-            }
+            let users = users(&mut b, &p, files)?;
             for u in &users {
                 if let Some((user, why)) = u.split_once(':').and_then(|(user, hash)| {
                     Some((user, crate::model::middleware::weak_hash(hash)?))
@@ -1916,22 +1923,7 @@ fn middleware(
             ))
         }
         "digestauth" => {
-            let mut users = b.strings("users")?.unwrap_or_default();
-            if let Some(file) = b.string("usersfile")? {
-                let file = files.allow_at(&file, &format!("{p}.usersFile"))?;
-                let text = std::fs::read_to_string(&file).or_else(|e| {
-                    fail(
-                        &format!("{p}.usersFile"),
-                        format!("{}: {e}", file.display()),
-                    )
-                })?;
-                users.extend(
-                    text.lines()
-                        .map(str::trim)
-                        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                        .map(String::from),
-                );
-            }
+            let users = users(&mut b, &p, files)?;
             unsupported.push(format!(
                 "{p}: digest authentication is MD5-based: weak, prefer basicAuth with bcrypt over TLS"
             ));
