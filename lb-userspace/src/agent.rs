@@ -270,9 +270,30 @@ pub fn drop_capabilities() {
 /// What the proxy would leave out of one provider's routing (a middleware whose values do not
 /// build, and its routers), in the words the agent logs: `lb check-config` prints them without
 /// starting a proxy. Returns the routers that would be served, and the problems.
-pub fn proxy_check(dynamic: crate::model::l7::Dynamic) -> (usize, Vec<String>) {
-    let (built, problems) = crate::proxy::dynamic::Built::new(dynamic, None);
-    (built.dynamic.routers.len(), problems)
+pub fn proxy_check(
+    cfg: &Config,
+    provider: &str,
+    dynamic: crate::model::l7::Dynamic,
+) -> (usize, Vec<String>) {
+    let (built, mut problems) = crate::proxy::dynamic::Built::new(dynamic, None);
+    // Joined with lb.toml's part, as the agent does: name clashes, and routers whose TLS
+    // options no handshake on these entry points would be made under.
+    let base = l7_config(cfg, Default::default());
+    let theirs: Vec<String> = built
+        .dynamic
+        .routers
+        .iter()
+        .map(|r| r.name.clone())
+        .collect();
+    let parts = std::collections::BTreeMap::from([(provider.to_string(), built)]);
+    let (merged, clashes) = crate::proxy::dynamic::merge(&base, &parts);
+    problems.extend(clashes);
+    let served = merged
+        .routers
+        .iter()
+        .filter(|r| theirs.contains(&r.name) && !base.routers.iter().any(|b| b.name == r.name))
+        .count();
+    (served, problems)
 }
 
 pub async fn run(source: &sources::Source) -> Result<()> {
@@ -577,6 +598,7 @@ fn l7_config(
         specs: cfg.http_services.clone(),
         middlewares,
         tcp_routers: cfg.tcp_routers.clone(),
+        tls_options: Default::default(),
     }
 }
 

@@ -174,6 +174,7 @@ async fn slow_and_oversized_clients_on_tls_and_tcp_router_listeners() {
         priority: None,
         service: "raw".into(),
         tls: TlsMode::Passthrough,
+        tls_options: None,
         guards: Default::default(),
     }]);
     tokio::spawn(proxy.clone().serve(

@@ -95,7 +95,13 @@ impl Ca {
     }
 
     /// lb's own certificate for `names`, as files, loaded as the entry point's TLS config.
-    fn lb_config(&self, names: &[&str]) -> (CertificateDer<'static>, Arc<rustls::ServerConfig>) {
+    fn lb_config(
+        &self,
+        names: &[&str],
+    ) -> (
+        CertificateDer<'static>,
+        Arc<lb_userspace::proxy::tls::TlsBase>,
+    ) {
         let key = KeyPair::generate().unwrap();
         let p = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
             .unwrap();
@@ -277,6 +283,7 @@ fn tcp(
         priority,
         service: service.into(),
         tls,
+        tls_options: None,
         guards: Default::default(),
     }
 }
@@ -291,12 +298,13 @@ fn http(name: &str, rule: &str, service: &str) -> RouterSpec {
         service: service.into(),
         middlewares: vec![],
         tls: None,
+        tls_options: None,
     }
 }
 
 /// A proxy with one entry point ("ep") on loopback, TLS with `tls`.
 async fn start(
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<Arc<lb_userspace::proxy::tls::TlsBase>>,
     routers: Vec<RouterSpec>,
     tcp_routers: Vec<TcpRouterSpec>,
     svcs: &Services,
@@ -818,6 +826,7 @@ async fn a_reload_changes_a_tcp_routers_service() {
         specs: HashMap::new(),
         middlewares: HashMap::new(),
         tcp_routers: vec![tcp("r", "HostSNI(`*`)", "two", TlsMode::Plain, None)],
+        tls_options: Default::default(),
     });
     assert_eq!(proxy.service_names(), vec!["two".to_string()]);
     let mut after = TcpStream::connect(addr).await.unwrap();

@@ -174,6 +174,7 @@ async fn tls_proxy(p: &Pki, mtls: bool) -> SocketAddr {
         service: "s".into(),
         middlewares: vec![],
         tls: None,
+        tls_options: None,
     };
     let ep = EntryPointSpec {
         name: "websecure".into(),
@@ -637,6 +638,7 @@ async fn one_port_serves_tls_and_plain_routers_each_their_own_kind() {
         service: service.into(),
         middlewares: vec![],
         tls,
+        tls_options: None,
     };
     let ep = EntryPointSpec {
         name: "web".into(),
@@ -769,6 +771,7 @@ async fn the_client_certificate_is_passed_on_and_never_forged() {
             service: "s".into(),
             middlewares: vec!["pass".into()],
             tls: None,
+            tls_options: None,
         }],
         Default::default(),
         std::collections::HashMap::from([("pass".to_string(), mw)]),
@@ -803,4 +806,334 @@ async fn the_client_certificate_is_passed_on_and_never_forged() {
     let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
     let text = String::from_utf8_lossy(&out);
     assert!(text.ends_with(&want), "{text}");
+}
+
+/// A TLS client: `sni`, `alpn`, a client certificate or not, TLS 1.2 only or both versions,
+/// and whether it checks the server's certificate (a client that does not sees what the server
+/// refused, not its own refusal of the certificate).
+async fn dial(
+    p: &Pki,
+    addr: SocketAddr,
+    sni: &str,
+    alpn: &[&[u8]],
+    client_cert: Option<&(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    tls12_only: bool,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(p.ca_der.clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let versions: &[&rustls::SupportedProtocolVersion] = match tls12_only {
+        true => &[&rustls::version::TLS12],
+        false => &[&rustls::version::TLS13, &rustls::version::TLS12],
+    };
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots);
+    let mut config = match client_cert {
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain.clone(), key.clone_key())
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    let tcp = TcpStream::connect(addr).await?;
+    let mut s = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from(sni.to_string()).unwrap(), tcp)
+        .await?;
+    // TLS 1.3 reports a refused client certificate after the handshake: one read shows it.
+    use tokio::io::AsyncWriteExt as _;
+    s.flush().await?;
+    Ok(s)
+}
+
+/// One HTTP/1.1 GET for `host` on `stream`: status and body, 0 when no answer came.
+async fn get_host<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut stream: S,
+    host: &str,
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let req = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    if stream.write_all(req.as_bytes()).await.is_err() {
+        return (0, String::new());
+    }
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let code = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (code, body)
+}
+
+/// Traefik's `tls.options` applied per router (routing-configuration/http/tls/tls-options.md):
+/// the client's SNI chooses the options of the routers whose `Host` names it, the rest get
+/// `default`; a router answers only connections made under its own options (421 otherwise,
+/// Traefik's SNI check), so a Host header cannot lead past a client-certificate requirement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_options_are_chosen_by_sni_and_each_router_holds_to_its_own() {
+    let p = pki("options");
+    let up = upstream_tagged("site ").await;
+    let text = format!(
+        r#"
+http:
+  routers:
+    guarded:
+      rule: "Host(`a.test`)"
+      service: s
+      tls:
+        options: mtls
+    modern:
+      rule: "Host(`new.b.test`)"
+      service: s
+      tls:
+        options: modern
+    given:
+      rule: "Host(`given.b.test`)"
+      service: s
+      tls:
+        options: given
+    anycert:
+      rule: "Host(`any.b.test`)"
+      service: s
+      tls:
+        options: anycert
+    legacy:
+      rule: "Host(`old.b.test`)"
+      service: s
+      tls:
+        options: legacy
+    plain:
+      rule: "Host(`www.b.test`)"
+      service: s
+      tls: {{}}
+  services:
+    s:
+      loadBalancer:
+        servers:
+          - url: "http://{up}"
+tls:
+  options:
+    mtls:
+      clientAuth:
+        caFiles: ["{ca}"]
+        clientAuthType: RequireAndVerifyClientCert
+    modern:
+      minVersion: VersionTLS13
+    given:
+      clientAuth:
+        caFiles: ["{ca}"]
+        clientAuthType: VerifyClientCertIfGiven
+    anycert:
+      clientAuth:
+        clientAuthType: RequireAnyClientCert
+    legacy:
+      maxVersion: VersionTLS12
+      cipherSuites: [TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256, TLS_RSA_WITH_AES_128_CBC_SHA]
+      curvePreferences: [CurveP384]
+      alpnProtocols: [http/1.1]
+    default:
+      sniStrict: true
+"#,
+        ca = p.dir.join("ca.crt").display()
+    );
+    let doc =
+        lb_userspace::sources::file::parse_any(Path::new("options.yml"), &text).expect("valid");
+    let said = doc.unsupported.join("\n");
+    assert!(
+        said.contains("TLS_RSA_WITH_AES_128_CBC_SHA: not offered"),
+        "a suite lb lacks is said, the rest applies: {said}"
+    );
+    let certs = Certs::load(&[
+        CertSpec {
+            cert_file: p.dir.join("a.crt"),
+            key_file: p.dir.join("a.key"),
+            default: false,
+        },
+        CertSpec {
+            cert_file: p.dir.join("b.crt"),
+            key_file: p.dir.join("b.key"),
+            default: true,
+        },
+    ])
+    .expect("certificates");
+    let config = server_config(Arc::new(certs), None).expect("tls config");
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let ep = EntryPointSpec {
+        name: "websecure".into(),
+        address: addr,
+        tls: true,
+        client_ca_file: None,
+        trusted_ips: vec![],
+        limits: Default::default(),
+        also_plain: false,
+        as_default: false,
+        proxy_protocol: None,
+    };
+    let proxy = Arc::new(Proxy::new(
+        vec![ep],
+        vec![],
+        Default::default(),
+        Default::default(),
+        &Services::new(),
+    ));
+    let problems = proxy.set_dynamic("file", doc.routing);
+    assert!(problems.is_empty(), "{problems:?}");
+    proxy.update_services(&doc.services);
+    tokio::spawn(proxy.clone().serve(
+        "websecure".into(),
+        l,
+        Some(Arc::new(arc_swap::ArcSwap::new(config))),
+    ));
+    let h1: &[&[u8]] = &[b"http/1.1"];
+
+    // clientAuth: without a certificate nothing is answered; with one, the router answers.
+    let without = match dial(&p, addr, "a.test", h1, None, false).await {
+        Ok(s) => get_host(s, "a.test").await.0,
+        Err(_) => 0,
+    };
+    assert_eq!(without, 0, "no answer without a client certificate");
+    let s = dial(&p, addr, "a.test", h1, Some(&p.client), false)
+        .await
+        .expect("handshake with a client certificate");
+    assert_eq!(
+        get_host(s, "a.test").await,
+        (200, "site ok proto=https".into())
+    );
+    // A connection made under default (SNI www.b.test) cannot reach the guarded router by its
+    // Host header, nor one made under other options.
+    for sni in ["www.b.test", "new.b.test"] {
+        let s = dial(&p, addr, sni, h1, None, false).await.expect(sni);
+        assert_eq!(get_host(s, "a.test").await.0, 421, "{sni}");
+    }
+    let s = dial(&p, addr, "www.b.test", h1, None, false).await.unwrap();
+    assert_eq!(get_host(s, "www.b.test").await.0, 200);
+
+    // VerifyClientCertIfGiven: none is fine, one of the CA's is fine, another CA's is refused.
+    // RequireAnyClientCert: one is required, whoever signed it.
+    let stranger = {
+        let k = KeyPair::generate().unwrap();
+        let c = CertificateParams::new(vec!["stranger".to_string()])
+            .unwrap()
+            .self_signed(&k)
+            .unwrap();
+        (
+            vec![c.der().clone()],
+            PrivateKeyDer::try_from(k.serialize_der()).unwrap(),
+        )
+    };
+    for (sni, cert, want) in [
+        ("given.b.test", None, 200),
+        ("given.b.test", Some(&p.client), 200),
+        ("given.b.test", Some(&stranger), 0),
+        ("any.b.test", None, 0),
+        ("any.b.test", Some(&stranger), 200),
+    ] {
+        let got = match dial(&p, addr, sni, h1, cert, false).await {
+            Ok(s) => get_host(s, sni).await.0,
+            Err(_) => 0,
+        };
+        assert_eq!(got, want, "{sni} with {:?}", cert.map(|c| c.0.len()));
+    }
+
+    // minVersion VersionTLS13: a TLS 1.2 client gets no handshake, a 1.3 one gets 1.3.
+    assert!(dial(&p, addr, "new.b.test", h1, None, true).await.is_err());
+    let s = dial(&p, addr, "new.b.test", h1, None, false).await.unwrap();
+    assert_eq!(
+        s.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
+    assert_eq!(get_host(s, "new.b.test").await.0, 200);
+
+    // maxVersion, cipherSuites, curvePreferences and alpnProtocols, as negotiated.
+    let s = dial(&p, addr, "old.b.test", &[b"h2", b"http/1.1"], None, false)
+        .await
+        .expect("legacy handshake");
+    {
+        let c = s.get_ref().1;
+        assert_eq!(c.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_2));
+        assert_eq!(
+            format!("{:?}", c.negotiated_cipher_suite().map(|s| s.suite())),
+            "Some(TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256)"
+        );
+        assert_eq!(
+            c.negotiated_key_exchange_group().map(|g| g.name()),
+            Some(rustls::NamedGroup::secp384r1)
+        );
+        assert_eq!(
+            c.alpn_protocol(),
+            Some(&b"http/1.1"[..]),
+            "h2 is not offered"
+        );
+    }
+    assert_eq!(get_host(s, "old.b.test").await.0, 200);
+
+    // sniStrict on default: a name lb has no certificate for gets no default certificate.
+    // The client here accepts any certificate, so the refusal seen is the server's.
+    let any = {
+        #[derive(Debug)]
+        struct Any(Arc<rustls::crypto::CryptoProvider>);
+        impl rustls::client::danger::ServerCertVerifier for Any {
+            fn verify_server_cert(
+                &self,
+                _: &CertificateDer<'_>,
+                _: &[CertificateDer<'_>],
+                _: &ServerName<'_>,
+                _: &[u8],
+                _: rustls::pki_types::UnixTime,
+            ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+                Ok(rustls::client::danger::ServerCertVerified::assertion())
+            }
+            fn verify_tls12_signature(
+                &self,
+                m: &[u8],
+                c: &CertificateDer<'_>,
+                d: &rustls::DigitallySignedStruct,
+            ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error>
+            {
+                rustls::crypto::verify_tls12_signature(
+                    m,
+                    c,
+                    d,
+                    &self.0.signature_verification_algorithms,
+                )
+            }
+            fn verify_tls13_signature(
+                &self,
+                m: &[u8],
+                c: &CertificateDer<'_>,
+                d: &rustls::DigitallySignedStruct,
+            ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error>
+            {
+                rustls::crypto::verify_tls13_signature(
+                    m,
+                    c,
+                    d,
+                    &self.0.signature_verification_algorithms,
+                )
+            }
+            fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+                self.0.signature_verification_algorithms.supported_schemes()
+            }
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let c = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(Any(provider)))
+            .with_no_client_auth();
+        tokio_rustls::TlsConnector::from(Arc::new(c))
+    };
+    for (sni, served) in [("www.b.test", true), ("nothing.test", false)] {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let got = any
+            .connect(ServerName::try_from(sni.to_string()).unwrap(), tcp)
+            .await;
+        assert_eq!(got.is_ok(), served, "{sni}: {:?}", got.err());
+    }
 }

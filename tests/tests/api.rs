@@ -99,6 +99,7 @@ async fn start_with(token: &str, api_limits: api::ApiLimits) -> Agent {
         specs: Default::default(),
         middlewares: Default::default(),
         tcp_routers: vec![],
+        tls_options: Default::default(),
     });
     c.l7 = Some(feed);
     let metrics = Arc::new(

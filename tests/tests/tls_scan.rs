@@ -106,6 +106,7 @@ async fn testssl_finds_nothing_at_medium_or_above() {
         service: "s".into(),
         middlewares: vec!["secure".into()],
         tls: None,
+        tls_options: None,
     };
     let ep = EntryPointSpec {
         name: "websecure".into(),

@@ -481,7 +481,7 @@ fn check_config(source: &crate::sources::Source) -> Result<()> {
             println!("error: {b}");
         }
         // What the proxy would refuse to build (a middleware's values), as the agent says it.
-        let (routers, problems) = crate::agent::proxy_check(routing.dynamic);
+        let (routers, problems) = crate::agent::proxy_check(&c, "file", routing.dynamic);
         for p in &problems {
             println!("error: {}: {p}", f.path.display());
         }

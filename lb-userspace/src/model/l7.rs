@@ -145,6 +145,106 @@ pub struct UpstreamTls {
     pub server_name: Option<String>,
 }
 
+/// A TLS version lb speaks (rustls has no older ones).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub enum TlsVersion {
+    #[default]
+    Tls12,
+    Tls13,
+}
+
+/// Whether a handshake asks for a client certificate, and what it does with one (Traefik's
+/// `clientAuthType`, Go's `tls.ClientAuthType`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ClientAuth {
+    #[default]
+    None,
+    /// Asked for; none is required, and one sent is not verified.
+    Request,
+    /// Required, not verified: what `passTLSClientCert` passes on is what the client says.
+    RequireAny,
+    /// Verified when sent.
+    VerifyIfGiven,
+    RequireAndVerify,
+}
+
+/// A handshake policy routers choose by name (Traefik's `tls.options`). The client's SNI picks
+/// one before any request is read: the options of the routers whose `Host` names it, else
+/// `default`. A router then answers only connections made under its own options, so a Host
+/// header cannot lead past what the handshake did not ask (421).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TlsOptions {
+    pub min_version: TlsVersion,
+    /// `None`: the newest lb has.
+    pub max_version: Option<TlsVersion>,
+    /// rustls's names of the TLS 1.2 suites allowed, in the server's order of preference;
+    /// empty: all of lb's. TLS 1.3's are always all, as in Go.
+    pub cipher_suites: Vec<String>,
+    /// rustls's names of the key exchange groups, in order; empty: all of lb's.
+    pub curves: Vec<String>,
+    pub client_auth: ClientAuth,
+    /// PEM of the CAs a client certificate must chain to (when verified).
+    pub client_ca_pem: Vec<u8>,
+    /// Refuse a handshake whose SNI is missing or names no certificate lb has (rather than
+    /// answer with the default one).
+    pub sni_strict: bool,
+    /// ALPN protocols offered, in order; `None`: `h2`, `http/1.1`.
+    pub alpn: Option<Vec<String>>,
+    /// No resumption: neither TLS 1.3 tickets nor a TLS 1.2 session cache.
+    pub disable_session_tickets: bool,
+}
+
+/// The TLS 1.2 suites lb offers: Go's (Traefik's) name and rustls's. All are AEADs with
+/// forward secrecy; TLS 1.3's suites are always all offered, as in Go.
+pub const TLS12_SUITES: &[(&str, &str)] = &[
+    (
+        "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
+        "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
+    ),
+    (
+        "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+        "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+    ),
+    (
+        "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305",
+        "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
+    ),
+    (
+        "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
+        "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
+    ),
+    (
+        "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384",
+        "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384",
+    ),
+    (
+        "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
+        "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
+    ),
+    (
+        "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305",
+        "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256",
+    ),
+    (
+        "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256",
+        "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256",
+    ),
+];
+
+/// The key exchange groups lb offers: Go's (Traefik's) names for each, and rustls's.
+pub const KX_GROUPS: &[(&str, &str)] = &[
+    ("X25519", "X25519"),
+    ("x25519", "X25519"),
+    ("CurveP256", "secp256r1"),
+    ("secp256r1", "secp256r1"),
+    ("CurveP384", "secp384r1"),
+    ("secp384r1", "secp384r1"),
+];
+
+/// The name of the options a router without any uses, and a handshake whose SNI no router's
+/// options claim.
+pub const DEFAULT_TLS_OPTIONS: &str = "default";
+
 /// One entry point's bounds (see the module's text).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnLimits {
@@ -236,6 +336,8 @@ pub struct TcpRouterSpec {
     /// A registry service: its instances are the upstreams.
     pub service: String,
     pub tls: TlsMode,
+    /// The [`TlsOptions`] a terminated handshake is made under; `None`: `default`.
+    pub tls_options: Option<String>,
     /// What a connection must pass before it is served (Traefik's TCP middlewares).
     pub guards: TcpGuards,
 }
@@ -259,6 +361,7 @@ impl PartialEq for TcpRouterSpec {
             self.priority,
             &self.service,
             self.tls,
+            &self.tls_options,
             &self.guards,
         ) == (
             &o.name,
@@ -267,6 +370,7 @@ impl PartialEq for TcpRouterSpec {
             o.priority,
             &o.service,
             o.tls,
+            &o.tls_options,
             &o.guards,
         )
     }
@@ -291,6 +395,8 @@ pub struct RouterSpec {
     /// connections of its kind, so a plain router cannot answer what a TLS router guards.
     /// `None` (lb.toml's): any connection its entry point takes.
     pub tls: Option<bool>,
+    /// The [`TlsOptions`] it needs its TLS connections made under; `None`: `default`.
+    pub tls_options: Option<String>,
 }
 
 /// Equal when configured the same (the compiled rule follows from its text).
@@ -303,6 +409,7 @@ impl PartialEq for RouterSpec {
             self.priority,
             &self.service,
             self.tls,
+            &self.tls_options,
         ) == (
             &o.name,
             &o.entrypoints,
@@ -310,6 +417,7 @@ impl PartialEq for RouterSpec {
             o.priority,
             &o.service,
             o.tls,
+            &o.tls_options,
         )
     }
 }
@@ -468,6 +576,8 @@ pub struct Dynamic {
     pub tcp_routers: Vec<TcpRouterSpec>,
     /// Certificates its routers ask an ACME resolver for (Traefik's `tls.certResolver`).
     pub acme: Vec<AcmeWish>,
+    /// Handshake policies its routers name (Traefik's `tls.options`).
+    pub tls_options: std::collections::BTreeMap<String, TlsOptions>,
 }
 
 /// Names a router wants a certificate for from a resolver: its `tls.domains`, else the hosts

@@ -142,7 +142,15 @@ pub struct Client {
     /// The certificates a TLS client presented (DER, its own first), once the handshake is
     /// done: what `passTLSClientCert` passes on.
     pub certificates: std::sync::OnceLock<ClientCertificates>,
+    /// The TLS options its handshake was made under: a router answers only connections of its
+    /// own (Traefik's SNI check).
+    pub tls_options: std::sync::OnceLock<TlsOptionsUsed>,
 }
+
+/// The name of the TLS options a connection's handshake was made under, in each request's
+/// extensions on it.
+#[derive(Clone, Debug)]
+pub struct TlsOptionsUsed(pub Arc<str>);
 
 /// A TLS client's certificate chain, in each request's extensions on its connection.
 #[derive(Clone, Debug)]
@@ -487,6 +495,9 @@ impl Client {
     async fn handle(&self, mut req: Request<Body>) -> Response<Body> {
         if let Some(c) = self.certificates.get() {
             req.extensions_mut().insert(c.clone());
+        }
+        if let Some(o) = self.tls_options.get() {
+            req.extensions_mut().insert(o.clone());
         }
         self.proxy
             .handle(

@@ -93,6 +93,7 @@ pub fn merge<'a>(
                 .iter()
                 .map(|m| format!("{m}@{provider}"))
                 .collect();
+            r.tls_options = r.tls_options.map(|o| qualified(&o, provider));
             out.routers.push(r);
         }
         for r in &part.dynamic.tcp_routers {
@@ -103,7 +104,17 @@ pub fn merge<'a>(
                 ));
                 continue;
             }
-            out.tcp_routers.push(r.clone());
+            let mut r = r.clone();
+            r.tls_options = r.tls_options.map(|o| qualified(&o, provider));
+            out.tcp_routers.push(r);
+        }
+        for (name, o) in &part.dynamic.tls_options {
+            let name = qualified(name, provider);
+            if out.tls_options.contains_key(&name) {
+                problems.push(format!("{provider}: tls.options {name} is defined already"));
+                continue;
+            }
+            out.tls_options.insert(name, o.clone());
         }
         for (name, spec) in &part.dynamic.services {
             if out.specs.contains_key(name) {
@@ -117,7 +128,118 @@ pub fn merge<'a>(
                 .insert(format!("{name}@{provider}"), m.clone());
         }
     }
+    for (router, why) in unservable_tls(&out) {
+        problems.push(format!("router {router}: left out: {why}"));
+        out.routers.retain(|r| r.name != router);
+    }
+    out.tcp_routers.retain(|r| {
+        let undefined = r.tls == crate::model::l7::TlsMode::Terminate
+            && r.tls_options.as_ref().is_some_and(|o| {
+                !out.tls_options.contains_key(o) && o != crate::model::l7::DEFAULT_TLS_OPTIONS
+            });
+        if undefined {
+            problems.push(format!(
+                "TCP router {}: left out: it names tls.options {:?}, which are not defined",
+                r.name,
+                r.tls_options.as_deref().unwrap_or_default()
+            ));
+        }
+        !undefined
+    });
     (out, problems)
+}
+
+/// A provider's name for TLS options, as the merged configuration knows them: `default` is
+/// everyone's (there is one fallback), any other is its provider's own.
+fn qualified(name: &str, provider: &str) -> String {
+    match name {
+        crate::model::l7::DEFAULT_TLS_OPTIONS => name.to_string(),
+        _ => format!("{name}@{provider}"),
+    }
+}
+
+/// Routers that could never be answered under the TLS options they name, and why: options that
+/// are not defined, or that no handshake would choose (the client's SNI chooses them, so the
+/// rule must name a host, and the routers of one host must agree). Left out and said, rather
+/// than served under other options (which Traefik does, with `default`).
+fn unservable_tls(conf: &L7Config) -> Vec<(String, String)> {
+    use crate::model::l7::{ClientAuth, DEFAULT_TLS_OPTIONS};
+    let mut out = Vec::new();
+    let mut claims: HashMap<(String, String), Vec<(&str, &str)>> = HashMap::new();
+    let named = |o: &Option<String>| o.as_deref().unwrap_or(DEFAULT_TLS_OPTIONS).to_string();
+    let eps = |list: &[String]| -> Vec<&crate::model::l7::EntryPointSpec> {
+        conf.entrypoints
+            .iter()
+            .filter(|e| e.tls && (list.is_empty() || list.contains(&e.name)))
+            .collect()
+    };
+    for r in &conf.routers {
+        let name = named(&r.tls_options);
+        let options = conf.tls_options.get(&name);
+        // As the provider named them.
+        let said = name.split('@').next().unwrap_or(&name).to_string();
+        if options.is_none() && name != DEFAULT_TLS_OPTIONS {
+            out.push((
+                r.name.clone(),
+                format!("it names tls.options {said:?}, which are not defined"),
+            ));
+            continue;
+        }
+        let hosts = r.rule.hosts();
+        if hosts.is_empty() && name != DEFAULT_TLS_OPTIONS {
+            out.push((
+                r.name.clone(),
+                format!("its rule names no Host, so no handshake would be made under its tls.options {said:?} (the client's SNI chooses them)"),
+            ));
+            continue;
+        }
+        for ep in eps(&r.entrypoints) {
+            if r.tls == Some(false) && ep.also_plain {
+                continue;
+            }
+            if ep.client_ca_file.is_some()
+                && options.is_some_and(|o| o.client_auth != ClientAuth::None)
+            {
+                out.push((
+                    r.name.clone(),
+                    format!("entry point {} verifies client certificates with its client_ca_file, which its tls.options {said:?} would replace", ep.name),
+                ));
+            }
+            for h in &hosts {
+                claims
+                    .entry((ep.name.clone(), h.to_ascii_lowercase()))
+                    .or_default()
+                    .push((
+                        &r.name,
+                        r.tls_options.as_deref().unwrap_or(DEFAULT_TLS_OPTIONS),
+                    ));
+            }
+        }
+    }
+    for ((ep, host), routers) in claims {
+        let first = routers[0].1;
+        if routers.iter().all(|(_, o)| *o == first) {
+            continue;
+        }
+        for (r, o) in &routers {
+            if *o != DEFAULT_TLS_OPTIONS {
+                let local = |x: &str| x.split('@').next().unwrap_or(x).to_string();
+                let others: Vec<String> = routers
+                    .iter()
+                    .filter(|(_, x)| x != o)
+                    .map(|(n, x)| format!("{n} ({})", local(x)))
+                    .collect();
+                let o = local(o);
+                out.push((
+                    r.to_string(),
+                    format!("on entry point {ep}, host {host} is also served by {} with other tls.options, so its handshakes are made under default, not {o:?}", others.join(", ")),
+                ));
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
 }
 
 #[cfg(test)]
@@ -136,6 +258,7 @@ mod tests {
             service: service.into(),
             middlewares: mws.iter().map(|s| s.to_string()).collect(),
             tls: None,
+            tls_options: None,
         }
     }
 
@@ -147,6 +270,7 @@ mod tests {
             specs: HashMap::new(),
             middlewares: HashMap::new(),
             tcp_routers: Vec::new(),
+            tls_options: Default::default(),
         };
         let strip = MiddlewareConfig::StripPrefix(crate::model::middleware::StripPrefixConfig {
             prefixes: vec!["/a".into()],
@@ -190,5 +314,87 @@ mod tests {
             vec!["strip@file".to_string()]
         );
         assert!(merged.middlewares.contains_key("strip@file"));
+    }
+
+    /// A router whose TLS options no handshake would be made under is left out and said: named
+    /// but not defined, on a rule without a host, or on a host whose routers disagree (Traefik
+    /// serves those under `default`; lb does not weaken them). A provider's options are its own
+    /// (`name@provider`), `default` is everyone's.
+    #[test]
+    fn routers_whose_tls_options_no_handshake_would_use_are_left_out() {
+        use crate::model::l7::{ClientAuth, EntryPointSpec, TlsOptions};
+        let ep = |name: &str, ca: bool| EntryPointSpec {
+            name: name.into(),
+            address: "127.0.0.1:0".parse().unwrap(),
+            tls: true,
+            client_ca_file: ca.then(|| "/etc/lb/ca.pem".into()),
+            trusted_ips: vec![],
+            limits: Default::default(),
+            also_plain: false,
+            as_default: false,
+            proxy_protocol: None,
+        };
+        let base = L7Config {
+            entrypoints: vec![ep("websecure", false), ep("internal", true)],
+            routers: vec![],
+            specs: HashMap::new(),
+            middlewares: HashMap::new(),
+            tcp_routers: Vec::new(),
+            tls_options: Default::default(),
+        };
+        let with = |name: &str, rule: &str, opts: Option<&str>, eps: &[&str]| {
+            let mut r = router(name, "site", &[]);
+            r.rule = Rule::parse_traefik(rule).unwrap();
+            r.rule_text = rule.into();
+            r.tls = Some(true);
+            r.tls_options = opts.map(str::to_string);
+            r.entrypoints = eps.iter().map(|e| e.to_string()).collect();
+            r
+        };
+        let mtls = TlsOptions {
+            client_auth: ClientAuth::RequireAny,
+            ..Default::default()
+        };
+        let (built, _) = Built::new(
+            Dynamic {
+                routers: vec![
+                    with("ok", "Host(`a.test`)", Some("mtls"), &["websecure"]),
+                    with("nohost", "PathPrefix(`/x`)", Some("mtls"), &["websecure"]),
+                    with("undefined", "Host(`c.test`)", Some("nope"), &["websecure"]),
+                    with("contested", "Host(`d.test`)", Some("mtls"), &["websecure"]),
+                    with("open", "Host(`d.test`) && Path(`/o`)", None, &["websecure"]),
+                    with("replaces", "Host(`e.test`)", Some("mtls"), &["internal"]),
+                ],
+                tls_options: BTreeMap::from([("mtls".to_string(), mtls)]),
+                ..Default::default()
+            },
+            None,
+        );
+        let parts = BTreeMap::from([("file".to_string(), built)]);
+        let (merged, problems) = merge(&base, &parts);
+        let mut kept: Vec<(&str, Option<&str>)> = merged
+            .routers
+            .iter()
+            .map(|r| (r.name.as_str(), r.tls_options.as_deref()))
+            .collect();
+        kept.sort();
+        assert_eq!(
+            kept,
+            vec![("ok", Some("mtls@file")), ("open", None)],
+            "{problems:?}"
+        );
+        assert!(merged.tls_options.contains_key("mtls@file"));
+        let said = problems.join("\n");
+        for (router, why) in [
+            ("nohost", "names no Host"),
+            ("undefined", "\"nope\", which are not defined"),
+            ("contested", "host d.test is also served by open"),
+            ("replaces", "client_ca_file"),
+        ] {
+            assert!(
+                said.contains(&format!("router {router}: left out")) && said.contains(why),
+                "{router}: {said}"
+            );
+        }
     }
 }

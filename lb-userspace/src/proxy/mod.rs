@@ -55,7 +55,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
 
 /// A TLS entry point's server configuration, replaceable while it listens.
-pub type TlsConfig = Arc<ArcSwap<rustls::ServerConfig>>;
+pub type TlsConfig = Arc<ArcSwap<tls::TlsBase>>;
 
 impl ServiceSpec {
     fn client_key(&self) -> ClientKey {
@@ -76,6 +76,8 @@ struct Route {
     fetches: bool,
     /// Metric handles per entry point, resolved once per table.
     obs: obs::RouteObs,
+    /// The TLS options its TLS connections must have been made under.
+    tls_options: Arc<str>,
 }
 
 /// Routes listed under each entry point they serve (when they name none: the `as_default`
@@ -133,6 +135,27 @@ pub struct Table {
     /// Services made of services, by name.
     composites: HashMap<String, Mixed>,
     tcp: tcp::Routes,
+    /// Per entry point, the TLS options a handshake naming a host is made under (the options
+    /// of the routers whose rule names it, when they agree); any other: `default`.
+    sni: HashMap<String, HashMap<String, Arc<str>>>,
+    tls_options: HashMap<Arc<str>, crate::model::l7::TlsOptions>,
+}
+
+impl Table {
+    /// The options a handshake on `entrypoint` naming `sni` is made under, and what they ask
+    /// (`None`: `default` is not defined, and the entry point's own configuration applies).
+    pub(crate) fn tls_for(
+        &self,
+        entrypoint: &str,
+        sni: Option<&str>,
+    ) -> (Arc<str>, Option<&crate::model::l7::TlsOptions>) {
+        let name = sni
+            .and_then(|h| self.sni.get(entrypoint)?.get(&h.to_ascii_lowercase()))
+            .cloned()
+            .unwrap_or_else(|| crate::model::l7::DEFAULT_TLS_OPTIONS.into());
+        let options = self.tls_options.get(&name);
+        (name, options)
+    }
 }
 
 /// A composite as the table holds it.
@@ -240,14 +263,31 @@ impl Table {
             specs,
             middlewares,
             tcp_routers,
+            tls_options,
         } = conf;
+        let tls_options: HashMap<Arc<str>, crate::model::l7::TlsOptions> = tls_options
+            .iter()
+            .map(|(n, o)| (Arc::from(n.as_str()), o.clone()))
+            .collect();
         let mut built = Vec::new();
         for r in routers {
-            let chain: Vec<Arc<dyn middleware::Middleware>> = r
+            let Some(chain) = r
                 .middlewares
                 .iter()
-                .filter_map(|m| middlewares.get(m).cloned())
-                .collect();
+                .map(|m| middlewares.get(m).cloned())
+                .collect::<Option<Vec<Arc<dyn middleware::Middleware>>>>()
+            else {
+                // Checked before (the provider's problems say which): a router never runs
+                // without a middleware it names.
+                continue;
+            };
+            let tls_name: Arc<str> = match &r.tls_options {
+                Some(n) => tls_options
+                    .get_key_value(n.as_str())
+                    .map(|(k, _)| k.clone())
+                    .unwrap_or_else(|| n.as_str().into()),
+                None => crate::model::l7::DEFAULT_TLS_OPTIONS.into(),
+            };
             let serves =
                 |ep: &&EntryPointSpec| r.entrypoints.is_empty() || r.entrypoints.contains(&ep.name);
             let obs = metrics.route(
@@ -262,11 +302,13 @@ impl Table {
                 fetches,
                 chain,
                 obs,
+                tls_options: tls_name,
             }));
         }
         let routes = per_entrypoint(entrypoints, built, |r: &Route| {
             (&r.spec.entrypoints[..], r.priority, r.spec.name.as_str())
         });
+        let sni = sni_choices(entrypoints, &routes);
         let mut pools = HashMap::new();
         // HTTP and TCP routers of one service share its pool (and its upstreams' health).
         let mirrors = specs
@@ -350,8 +392,47 @@ impl Table {
             pools,
             composites,
             tcp: tcp::Routes::build(entrypoints, tcp_routers),
+            sni,
+            tls_options,
         }
     }
+}
+
+/// Per TLS entry point, the options each host's handshakes are made under: those of the
+/// routers whose rule names the host, where they all name the same; where they differ, none
+/// (`default`), so a router whose options lost answers nothing (421) rather than serve under
+/// options it did not ask for. Hosts only `default` routers name are left to the fallback.
+fn sni_choices(
+    entrypoints: &[EntryPointSpec],
+    routes: &HashMap<String, Vec<Arc<Route>>>,
+) -> HashMap<String, HashMap<String, Arc<str>>> {
+    let mut out = HashMap::new();
+    for ep in entrypoints.iter().filter(|e| e.tls) {
+        let mut by_host: HashMap<String, Vec<Arc<str>>> = HashMap::new();
+        for r in routes.get(&ep.name).into_iter().flatten() {
+            // A plain router of an entry point that takes both is never reached over TLS.
+            if r.spec.tls == Some(false) && ep.also_plain {
+                continue;
+            }
+            for h in r.spec.rule.hosts() {
+                let names = by_host.entry(h.to_ascii_lowercase()).or_default();
+                if !names.contains(&r.tls_options) {
+                    names.push(r.tls_options.clone());
+                }
+            }
+        }
+        let chosen: HashMap<String, Arc<str>> = by_host
+            .into_iter()
+            .filter_map(|(h, names)| match &names[..] {
+                [one] if **one != *crate::model::l7::DEFAULT_TLS_OPTIONS => Some((h, one.clone())),
+                _ => None,
+            })
+            .collect();
+        if !chosen.is_empty() {
+            out.insert(ep.name.clone(), chosen);
+        }
+    }
+    out
 }
 
 /// The proxy's own configuration: what a config reload replaces.
@@ -362,6 +443,8 @@ pub struct L7Config {
     pub specs: HashMap<String, ServiceSpec>,
     pub middlewares: HashMap<String, Arc<dyn middleware::Middleware>>,
     pub tcp_routers: Vec<TcpRouterSpec>,
+    /// Handshake policies by the names routers give (provider-qualified, but `default`).
+    pub tls_options: HashMap<String, crate::model::l7::TlsOptions>,
 }
 
 /// Everything the routing table is built from, as one value: lb.toml's part, each provider's
@@ -551,6 +634,8 @@ impl Proxy {
             pools: HashMap::new(),
             composites: HashMap::new(),
             tcp: Default::default(),
+            sni: HashMap::new(),
+            tls_options: HashMap::new(),
         };
         let conf = Arc::new(L7Config {
             entrypoints,
@@ -558,6 +643,7 @@ impl Proxy {
             specs,
             middlewares,
             tcp_routers: Vec::new(),
+            tls_options: HashMap::new(),
         });
         let proxy = Proxy {
             conf: std::sync::Mutex::new(conf.clone()),
@@ -1015,6 +1101,7 @@ impl Proxy {
                     obs: obs.clone(),
                     limits,
                     certificates: Default::default(),
+                    tls_options: Default::default(),
                 });
                 // TCP routers first: they may take the connection, else it comes back for HTTP
                 // with the bytes they read replayed. Boxed, as is the handshake: what they hold
@@ -1103,7 +1190,9 @@ impl Drain {
     }
 }
 
-/// A TLS connection: the handshake, then HTTP inside it (ALPN picks h2 or HTTP/1.1).
+/// A TLS connection: the handshake, then HTTP inside it (ALPN picks h2 or HTTP/1.1). The
+/// ClientHello's SNI picks the TLS options (a router's `tls.options`) before the rest of the
+/// handshake is made under them.
 async fn serve_tls(
     stream: tcp::Prefixed<tokio::net::TcpStream>,
     config: TlsConfig,
@@ -1113,21 +1202,46 @@ async fn serve_tls(
     // The configuration in force when the client connects (certificates reload). A handshake
     // has 10 s, or the entry point's header timeout when that is shorter: a client that stalls
     // in it holds nothing longer.
+    let base = config.load_full();
+    let handshake = async {
+        let start =
+            tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream)
+                .await?;
+        let (name, server) = {
+            let table = client.proxy.table.load();
+            let (name, options) =
+                table.tls_for(&client.entrypoint, start.client_hello().server_name());
+            let server = match options {
+                None => base.config(),
+                Some(o) => base.config_for(&name, o).map_err(|e| {
+                    warn!(
+                        entrypoint = &*client.entrypoint,
+                        "no TLS handshake under {e:#}"
+                    );
+                    std::io::Error::other("TLS options unusable")
+                })?,
+            };
+            (name, server)
+        };
+        let s = start.into_stream(server).await?;
+        Ok::<_, std::io::Error>((s, name))
+    };
     let accepted = tokio::time::timeout(
         TLS_HANDSHAKE_TIMEOUT.min(client.limits.header_timeout),
-        tokio_rustls::TlsAcceptor::from(config.load_full()).accept(stream),
+        handshake,
     )
     .await
     .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
     match accepted {
         // TLS-ALPN-01: the handshake was the answer; no HTTP follows.
-        Ok(s) if acme::is_validation(s.get_ref().1) => obs.handshake(true),
-        Ok(s) => {
+        Ok((s, _)) if acme::is_validation(s.get_ref().1) => obs.handshake(true),
+        Ok((s, name)) => {
             obs.handshake(true);
             if let Some(chain) = s.get_ref().1.peer_certificates().filter(|c| !c.is_empty()) {
                 let chain: Arc<[Vec<u8>]> = chain.iter().map(|c| c.as_ref().to_vec()).collect();
                 let _ = client.certificates.set(conn::ClientCertificates(chain));
             }
+            let _ = client.tls_options.set(conn::TlsOptionsUsed(name));
             let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
             conn::serve(s, h2, client).await
         }

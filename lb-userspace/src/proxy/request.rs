@@ -90,6 +90,21 @@ impl Proxy {
             return text(StatusCode::NOT_FOUND, "no router matches");
         };
         trace.route = route.obs.get(entrypoint).cloned();
+        if scheme == "https" {
+            // Traefik's SNI check: the handshake was made under the options of the host the
+            // client named there; a request for a host whose router asks other options (client
+            // certificates, say) would otherwise get past them by its Host header alone.
+            let used = req
+                .extensions()
+                .get::<conn::TlsOptionsUsed>()
+                .map_or(crate::model::l7::DEFAULT_TLS_OPTIONS, |o| &*o.0);
+            if *route.tls_options != *used {
+                return client_fault(
+                    StatusCode::MISDIRECTED_REQUEST,
+                    "this host's TLS options are not the connection's: connect with its name",
+                );
+            }
+        }
         let mut ctx = Ctx::new(client_ip, scheme, host, crate::clock::now());
         if route.fetches {
             ctx.fetch = Some(table.clone() as Arc<dyn middleware::Fetch>);

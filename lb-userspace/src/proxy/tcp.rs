@@ -342,6 +342,16 @@ pub(super) async fn intercept(
     let (pool, spec) = table
         .service(&route.spec.service)
         .map(|s| (s.pool.clone(), s.spec.clone()))?;
+    // The router's TLS options, for a handshake lb makes.
+    let options = route
+        .spec
+        .tls_options
+        .as_deref()
+        .and_then(|n| Some((n.to_string(), table.tls_options.get(n)?.clone())))
+        .or_else(|| {
+            let d = crate::model::l7::DEFAULT_TLS_OPTIONS;
+            Some((d.to_string(), table.tls_options.get(d)?.clone()))
+        });
     drop(table);
     let router = route.spec.name.as_str();
     match route.spec.tls {
@@ -358,7 +368,18 @@ pub(super) async fn intercept(
             };
             // The entry point's certificates and client verification, without its HTTP ALPN
             // protocols: what runs inside is not HTTP, so no protocol is negotiated.
-            let mut server = (*config.load_full()).clone();
+            let base = config.load_full();
+            let server = match &options {
+                None => base.config(),
+                Some((name, o)) => match base.config_for(name, o) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        warn!(router, "no TLS handshake under {e:#}");
+                        return None;
+                    }
+                },
+            };
+            let mut server = (*server).clone();
             server.alpn_protocols.clear();
             let accept = tokio_rustls::TlsAcceptor::from(Arc::new(server))
                 .accept(Prefixed::new(stream, prefix));

@@ -14,9 +14,14 @@
 //! tools outside the agent (certbot, cert-manager, a deploy script), which replace the files
 //! without touching lb.toml.
 
-use std::{fmt, path::Path, sync::Arc};
+use std::{
+    collections::HashMap,
+    fmt,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
-use crate::model::l7::CertSpec;
+use crate::model::l7::{CertSpec, TlsOptions};
 use anyhow::{anyhow, Context as _, Result};
 use rustls::{
     crypto::ring::{default_provider, sign::any_supported_type},
@@ -285,30 +290,40 @@ impl Certs {
     /// The certificate for `name`: the first configured one valid for it, else ACME's, else the
     /// development CA's, else the default (without any `[[certificate]]`: ACME's first domain).
     pub fn for_name(&self, name: Option<&str>) -> Option<Arc<CertifiedKey>> {
-        if let Some(n) = name.and_then(|n| ServerName::try_from(n.to_string()).ok()) {
-            for e in &self.entries {
-                let Ok(cert) = webpki::EndEntityCert::try_from(&e.leaf) else {
-                    continue;
-                };
-                if cert.verify_is_valid_for_subject_name(&n).is_ok() {
-                    return Some(e.key.clone());
-                }
-            }
-            if let Some(k) = name.and_then(|n| self.acme.as_ref()?.certificate(n)) {
-                return Some(k);
-            }
-            if let (Some(ca), Some(name)) = (&self.dev_ca, name) {
-                return ca.issue(&name.to_ascii_lowercase());
+        self.named(name).or_else(|| {
+            self.default
+                .clone()
+                .or_else(|| self.acme.as_ref()?.fallback())
+        })
+    }
+
+    /// A certificate for `name` itself, never the default one.
+    fn named(&self, name: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        let name = name?;
+        let n = ServerName::try_from(name.to_string()).ok()?;
+        for e in &self.entries {
+            let Ok(cert) = webpki::EndEntityCert::try_from(&e.leaf) else {
+                continue;
+            };
+            if cert.verify_is_valid_for_subject_name(&n).is_ok() {
+                return Some(e.key.clone());
             }
         }
-        self.default
-            .clone()
-            .or_else(|| self.acme.as_ref()?.fallback())
+        if let Some(k) = self.acme.as_ref().and_then(|a| a.certificate(name)) {
+            return Some(k);
+        }
+        self.dev_ca
+            .as_ref()
+            .and_then(|ca| ca.issue(&name.to_ascii_lowercase()))
     }
 }
 
 #[derive(Debug)]
-struct Sni(Arc<Certs>);
+struct Sni {
+    certs: Arc<Certs>,
+    /// `sniStrict`: no default certificate for a name lb has none for, or for no name.
+    strict: bool,
+}
 
 impl ResolvesServerCert for Sni {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
@@ -317,48 +332,265 @@ impl ResolvesServerCert for Sni {
             .is_some_and(|mut p| p.any(|p| p == super::acme::ACME_TLS_ALPN));
         if validator {
             // RFC 8737: a validator gets the challenge certificate or no handshake at all.
-            let store = self.0.acme.as_ref()?;
+            let store = self.certs.acme.as_ref()?;
             return store.challenge_certificate(hello.server_name()?);
         }
-        self.0.for_name(hello.server_name())
+        match self.strict {
+            true => self.certs.named(hello.server_name()),
+            false => self.certs.for_name(hello.server_name()),
+        }
+    }
+}
+
+/// What a TLS entry point's handshakes are made from: its certificates and client CA, and a
+/// server configuration per [`TlsOptions`] its routers ask for, built on first use and kept
+/// while the options stay the same. A new certificate set is a new `TlsBase`.
+pub struct TlsBase {
+    default: Arc<ServerConfig>,
+    certs: Arc<Certs>,
+    client_ca: Option<PathBuf>,
+    derived: std::sync::Mutex<HashMap<String, (TlsOptions, Arc<ServerConfig>)>>,
+}
+
+/// How many option sets' configurations are kept: names come from configuration, never from
+/// clients, so this only bounds what renamed options leave behind.
+const DERIVED_CAP: usize = 256;
+
+impl TlsBase {
+    /// The configuration of handshakes no router's options claim, when no `default` options
+    /// are defined: lb's policy and the entry point's client CA.
+    pub fn config(&self) -> Arc<ServerConfig> {
+        self.default.clone()
+    }
+
+    /// The configuration for the options called `name`. An error (a CA file that no longer
+    /// reads, options the entry point's own client CA contradicts) means no handshake.
+    pub fn config_for(&self, name: &str, options: &TlsOptions) -> Result<Arc<ServerConfig>> {
+        let mut derived = self.derived.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((o, c)) = derived.get(name) {
+            if o == options {
+                return Ok(c.clone());
+            }
+        }
+        let config = build(self.certs.clone(), self.client_ca.as_deref(), Some(options))
+            .with_context(|| format!("tls.options {name:?}"))?;
+        if derived.len() >= DERIVED_CAP {
+            derived.clear();
+        }
+        derived.insert(name.to_string(), (options.clone(), config.clone()));
+        Ok(config)
     }
 }
 
 /// The server side of one TLS entry point. With `client_ca`, clients must present a certificate
 /// signed by it.
-pub fn server_config(certs: Arc<Certs>, client_ca: Option<&Path>) -> Result<Arc<ServerConfig>> {
-    let provider = Arc::new(default_provider());
+pub fn server_config(certs: Arc<Certs>, client_ca: Option<&Path>) -> Result<Arc<TlsBase>> {
+    Ok(Arc::new(TlsBase {
+        default: build(certs.clone(), client_ca, None)?,
+        certs,
+        client_ca: client_ca.map(Path::to_path_buf),
+        derived: Default::default(),
+    }))
+}
+
+/// The TLS 1.2 suites and key exchange groups lb may offer, by rustls's names: the ring
+/// provider's, which [`crate::model::l7::TLS12_SUITES`] and [`crate::model::l7::KX_GROUPS`]
+/// list for the configuration's readers.
+fn suites_and_groups(options: Option<&TlsOptions>) -> Result<rustls::crypto::CryptoProvider> {
+    let mut provider = default_provider();
+    let Some(o) = options else {
+        return Ok(provider);
+    };
+    if !o.cipher_suites.is_empty() {
+        let mut chosen: Vec<rustls::SupportedCipherSuite> = provider
+            .cipher_suites
+            .iter()
+            .filter(|s| s.version() == &rustls::version::TLS13)
+            .copied()
+            .collect();
+        for name in &o.cipher_suites {
+            let s = provider
+                .cipher_suites
+                .iter()
+                .find(|s| format!("{:?}", s.suite()) == *name)
+                .ok_or_else(|| anyhow!("cipher suite {name} is not one lb has"))?;
+            chosen.push(*s);
+        }
+        provider.cipher_suites = chosen;
+    }
+    if !o.curves.is_empty() {
+        let mut chosen = Vec::new();
+        for name in &o.curves {
+            let g = provider
+                .kx_groups
+                .iter()
+                .find(|g| format!("{:?}", g.name()) == *name)
+                .ok_or_else(|| anyhow!("key exchange group {name} is not one lb has"))?;
+            chosen.push(*g);
+        }
+        provider.kx_groups = chosen;
+    }
+    Ok(provider)
+}
+
+/// A configuration from lb's policy narrowed by `options` (Traefik's `tls.options`).
+fn build(
+    certs: Arc<Certs>,
+    client_ca: Option<&Path>,
+    options: Option<&TlsOptions>,
+) -> Result<Arc<ServerConfig>> {
+    use crate::model::l7::{ClientAuth, TlsVersion};
+    let provider = Arc::new(suites_and_groups(options)?);
+    let (min, max) = options.map_or((TlsVersion::Tls12, TlsVersion::Tls13), |o| {
+        (o.min_version, o.max_version.unwrap_or(TlsVersion::Tls13))
+    });
+    if min > max {
+        return Err(anyhow!("minVersion is above maxVersion"));
+    }
+    let versions: Vec<&'static rustls::SupportedProtocolVersion> = [
+        (TlsVersion::Tls13, &rustls::version::TLS13),
+        (TlsVersion::Tls12, &rustls::version::TLS12),
+    ]
+    .into_iter()
+    .filter(|(v, _)| (min..=max).contains(v))
+    .map(|(_, p)| p)
+    .collect();
     let builder = ServerConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .with_protocol_versions(&versions)
         .context("TLS versions")?;
-    let builder = match client_ca {
-        Some(path) => {
-            let mut roots = RootCertStore::empty();
-            for c in read_chain(path)? {
-                roots
-                    .add(c)
-                    .with_context(|| format!("{}: not a CA certificate", path.display()))?;
-            }
+    let auth = options.map_or(ClientAuth::None, |o| o.client_auth);
+    let builder = match (client_ca, auth) {
+        (Some(_), a) if a != ClientAuth::None => {
+            return Err(anyhow!(
+                "its clientAuth contradicts the entry point's client_ca_file, which verifies every client of it"
+            ))
+        }
+        (Some(path), _) => {
+            let roots = roots(&std::fs::read(path).with_context(|| format!("{}", path.display()))?)
+                .with_context(|| format!("{}", path.display()))?;
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
                 .context("client certificate verifier")?;
             builder.with_client_cert_verifier(verifier)
         }
-        None => builder.with_no_client_auth(),
+        (None, ClientAuth::None) => builder.with_no_client_auth(),
+        (None, ClientAuth::Request | ClientAuth::RequireAny) => {
+            builder.with_client_cert_verifier(Arc::new(Unverified {
+                mandatory: auth == ClientAuth::RequireAny,
+                provider,
+            }))
+        }
+        (None, ClientAuth::VerifyIfGiven | ClientAuth::RequireAndVerify) => {
+            let pem = options.map(|o| &o.client_ca_pem[..]).unwrap_or_default();
+            let roots = roots(pem).context("clientAuth.caFiles")?;
+            let mut v = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+            if auth == ClientAuth::VerifyIfGiven {
+                v = v.allow_unauthenticated();
+            }
+            builder.with_client_cert_verifier(v.build().context("client certificate verifier")?)
+        }
     };
     let acme = certs.acme.is_some();
-    let mut config = builder.with_cert_resolver(Arc::new(Sni(certs)));
-    // The server's order of cipher suites (rustls's: AEADs with forward secrecy, strongest first),
-    // not the client's: a client that lists a weaker suite first does not get it.
+    let strict = options.is_some_and(|o| o.sni_strict);
+    let mut config = builder.with_cert_resolver(Arc::new(Sni { certs, strict }));
+    // The server's order of cipher suites (rustls's: AEADs with forward secrecy, strongest first,
+    // or the options' order), not the client's: a client that lists a weaker suite first does
+    // not get it.
     config.ignore_client_order = true;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = match options.and_then(|o| o.alpn.as_ref()) {
+        Some(list) => list.iter().map(|p| p.as_bytes().to_vec()).collect(),
+        None => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+    };
     if acme {
         // Last: only a validator, which offers nothing else, ever selects it.
         config
             .alpn_protocols
             .push(super::acme::ACME_TLS_ALPN.to_vec());
     }
+    if options.is_some_and(|o| o.disable_session_tickets) {
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+    }
     Ok(Arc::new(config))
+}
+
+/// The CA certificates of a PEM text; at least one.
+fn roots(pem: &[u8]) -> Result<RootCertStore> {
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(pem) {
+        let c = c.map_err(|e| anyhow!("{e:?}"))?;
+        roots.add(c).context("not a CA certificate")?;
+    }
+    if roots.is_empty() {
+        return Err(anyhow!("no CA certificate"));
+    }
+    Ok(roots)
+}
+
+/// Go's `RequestClientCert` and `RequireAnyClientCert`: a client certificate is asked for and
+/// not verified (only the handshake's signature with its key is). Nothing is trusted on it; it
+/// is what `passTLSClientCert` passes on, as the client sent it.
+#[derive(Debug)]
+struct Unverified {
+    mandatory: bool,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::server::danger::ClientCertVerifier for Unverified {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.mandatory
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        Ok(rustls::server::danger::ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }
 
 /// Follows the `[[certificate]]` files: [`CertFilesWatch::changed`] returns after they changed
@@ -445,6 +677,37 @@ impl CertFilesWatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every suite and group the configuration readers accept is one the provider has: a name
+    /// that drifted would make its options' handshakes fail rather than be said when read.
+    #[test]
+    fn every_suite_and_group_the_readers_accept_is_offered() {
+        use crate::model::l7::{KX_GROUPS, TLS12_SUITES};
+        for (_, ours) in TLS12_SUITES {
+            let o = TlsOptions {
+                cipher_suites: vec![ours.to_string()],
+                ..Default::default()
+            };
+            let p = suites_and_groups(Some(&o)).expect(ours);
+            assert!(p
+                .cipher_suites
+                .iter()
+                .any(|s| format!("{:?}", s.suite()) == *ours));
+        }
+        for (_, ours) in KX_GROUPS {
+            let o = TlsOptions {
+                curves: vec![ours.to_string()],
+                ..Default::default()
+            };
+            let p = suites_and_groups(Some(&o)).expect(ours);
+            assert_eq!(p.kx_groups.len(), 1, "{ours}");
+        }
+        let bad = TlsOptions {
+            cipher_suites: vec!["TLS_RSA_WITH_RC4_128_SHA".into()],
+            ..Default::default()
+        };
+        assert!(suites_and_groups(Some(&bad)).is_err());
+    }
 
     #[test]
     fn development_certificates_are_kept_within_the_cap() {

@@ -1264,6 +1264,7 @@ fn tcp_routers(
             priority: r.priority,
             service: r.service.get_ref().clone(),
             tls,
+            tls_options: None,
             guards,
         });
     }
@@ -1762,6 +1763,7 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
             service: r.service.get_ref().clone(),
             middlewares: r.middlewares.clone(),
             tls: None,
+            tls_options: None,
         });
     }
     let tcp_routers = tcp_routers(&raw, &entrypoints, &err)?;

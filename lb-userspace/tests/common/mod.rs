@@ -121,6 +121,7 @@ pub fn router(name: &str, rule: &str, service: &str, priority: Option<i64>) -> R
         service: service.into(),
         middlewares: vec![],
         tls: None,
+        tls_options: None,
     }
 }
 

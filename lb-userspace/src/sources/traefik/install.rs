@@ -571,6 +571,7 @@ fn redirection(i: &mut Install, from: &str, path: &str, r: Redirect) -> R<()> {
         middlewares: vec![name],
         // Traefik's redirecting router is a plain one: TLS on this port goes to TLS routers.
         tls: Some(false),
+        tls_options: None,
     });
     Ok(())
 }

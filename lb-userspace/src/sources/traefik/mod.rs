@@ -13,15 +13,19 @@
 //! Differences a Traefik user should know: keys are matched case-insensitively as in Traefik;
 //! `name@provider` references lose their provider suffix (everything here is one provider's),
 //! and a router to an `@internal` service is left out, by name;
-//! a server's host name is resolved when the configuration is read; lb's TLS policy is fixed (1.2+, AEAD suites with forward
-//! secrecy), so `tls.options` are checked rather than applied; a `healthCheck` runs at once
+//! a server's host name is resolved when the configuration is read; `tls.options` apply as
+//! in Traefik (the client's SNI chooses them, a router answers only under its own), but within
+//! rustls's reach (TLS 1.2 and 1.3, AEAD suites with forward secrecy: an older version or
+//! suite asked for is said and not offered), and a router they cannot be chosen for (no
+//! `Host` in its rule, a host whose routers disagree) is left out where Traefik would serve
+//! it under `default`; a `healthCheck` runs at once
 //! rather than after its first interval, through the service's own connections (so in its
 //! scheme), and counts a redirect as healthy rather than following it.
 //!
 //! Fail closed: what guards access and cannot be honoured leaves out what it guards, never
-//! serves it unguarded. A router whose `tls.options` (its own, or `default`) require client
-//! certificates or TLS 1.3 is left out, and reported; so is a TCP router with middlewares (an
-//! `ipAllowList`), and an access middleware (`basicAuth`, `forwardAuth`, `ipAllowList`,
+//! serves it unguarded. A router whose `tls.options` (its own, or `default`) are broken (a CA
+//! file that does not read, say) is left out, and reported; so is a TCP router with a
+//! middleware lb lacks, and an access middleware (`basicAuth`, `forwardAuth`, `ipAllowList`,
 //! `headers.allowedHosts`) with a setting lb lacks is left out with every router using it.
 //! Files a document names are read as root: from a key-value store, only inside the directories
 //! allowed ([`Files`]).
@@ -44,7 +48,7 @@ use crate::model::instance::{Instance, Services};
 use crate::model::{
     l7::{
         ActiveCheck, Algorithm, CertSpec, Composite, Dynamic, Mirror, MirrorTarget, Passive,
-        RouterSpec, ServiceSpec, TcpGuards, TcpRouterSpec, TlsMode, UpstreamTls,
+        RouterSpec, ServiceSpec, TcpGuards, TcpRouterSpec, TlsMode, TlsOptions, UpstreamTls,
     },
     middleware::{
         AddPrefixConfig, BasicAuthConfig, BufferingConfig, CircuitBreakerConfig, CompressConfig,
@@ -507,7 +511,7 @@ fn left_out_because(path: &str, what: &str, unsupported: &mut Vec<String>) {
 pub fn translate_in(doc: &Value, cx: &Cx<'_>, gone: &HashSet<String>) -> R<Translated> {
     let mut out = Translated::default();
     let mut left = gone.clone();
-    let options = tls_options(doc, &mut out, &mut left)?;
+    let options = tls_options(doc, cx.files, &mut out, &mut left)?;
     let mut top = Obj::new(doc, "")?;
     let mut transports: HashMap<String, (UpstreamTls, bool)> = HashMap::new();
     if let Some((p, http)) = top.take("http") {
@@ -701,16 +705,26 @@ fn default_store(
     Ok(cert)
 }
 
-/// What each `tls.options` entry asks that lb cannot give, by name: `Some(why)` when a router
-/// using it must be left out. lb's policy is TLS 1.2 and 1.3 with AEAD suites and forward secrecy,
-/// and no client certificates per router (an entry point's `client_ca_file` verifies them for
-/// the whole entry point); settings that only narrow compatibility are reported and served.
+/// Every `tls.options` entry, translated into the document's [`Dynamic::tls_options`]; by
+/// name, `Some(why)` for one that is broken (a router naming it is left out: it would be served
+/// under options it did not ask for).
 fn tls_options(
     doc: &Value,
+    files: &Files,
     out: &mut Translated,
     left: &mut HashSet<String>,
 ) -> R<HashMap<String, Option<String>>> {
     let mut options = HashMap::new();
+    // Taken out of the document already (broken, with no last good version): still broken for
+    // the routers that name them, never absent (an absent `default` is lb's policy).
+    for gone in left.iter() {
+        if let Some(name) = gone.strip_prefix("tls.options.") {
+            options.insert(
+                name.to_string(),
+                Some(format!("its tls.options {name:?} are broken")),
+            );
+        }
+    }
     let Some((tls_key, tls)) = doc
         .as_object()
         .and_then(|m| m.iter().find(|(k, _)| k.eq_ignore_ascii_case("tls")))
@@ -726,9 +740,12 @@ fn tls_options(
     let m = Obj::new(opts, &format!("{tls_key}.{opt_key}"))?;
     for (_, name, v) in &m.entries {
         let key = format!("tls.options.{name}");
-        match tls_option(v, &m.sub(name), &mut out.unsupported) {
-            Ok(refused) => {
-                options.insert(name.to_string(), refused);
+        match check_name(name, &m.sub(name))
+            .and_then(|()| tls_option(v, &m.sub(name), files, &mut out.unsupported))
+        {
+            Ok(o) => {
+                options.insert(name.to_string(), None);
+                out.dynamic.tls_options.insert(name.to_string(), o);
             }
             Err(e) => {
                 options.insert(
@@ -745,49 +762,222 @@ fn tls_options(
     Ok(options)
 }
 
-/// One `tls.options` entry: `Some(why)` when a router using it must be left out.
-fn tls_option(v: &Value, p: &str, unsupported: &mut Vec<String>) -> R<Option<String>> {
+/// Go's cipher suite names (Traefik's `pkg/tls/cipher.go`) lb does not offer: CBC, RC4 and
+/// 3DES suites and RSA key exchange, which have no forward secrecy or no AEAD.
+const GO_SUITES_NOT_OFFERED: &[&str] = &[
+    "TLS_RSA_WITH_RC4_128_SHA",
+    "TLS_RSA_WITH_3DES_EDE_CBC_SHA",
+    "TLS_RSA_WITH_AES_128_CBC_SHA",
+    "TLS_RSA_WITH_AES_256_CBC_SHA",
+    "TLS_RSA_WITH_AES_128_CBC_SHA256",
+    "TLS_RSA_WITH_AES_128_GCM_SHA256",
+    "TLS_RSA_WITH_AES_256_GCM_SHA384",
+    "TLS_ECDHE_ECDSA_WITH_RC4_128_SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA",
+    "TLS_ECDHE_RSA_WITH_RC4_128_SHA",
+    "TLS_ECDHE_RSA_WITH_3DES_EDE_CBC_SHA",
+    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA",
+    "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA256",
+];
+
+/// Go's TLS 1.3 suite names: accepted in `cipherSuites` and without effect, as in Go (TLS 1.3's
+/// suites are not configurable), and `TLS_FALLBACK_SCSV`, which is no suite.
+const GO_SUITES_WITHOUT_EFFECT: &[&str] = &[
+    "TLS_AES_128_GCM_SHA256",
+    "TLS_AES_256_GCM_SHA384",
+    "TLS_CHACHA20_POLY1305_SHA256",
+    "TLS_FALLBACK_SCSV",
+];
+
+/// Go's curve names lb does not offer (ring has neither).
+const GO_CURVES_NOT_OFFERED: &[&str] =
+    &["secp521r1", "CurveP521", "x25519mlkem768", "X25519MLKEM768"];
+
+/// One `tls.options` entry (Traefik's routing-configuration/http/tls/tls-options.md).
+fn tls_option(v: &Value, p: &str, files: &Files, unsupported: &mut Vec<String>) -> R<TlsOptions> {
+    use crate::model::l7::{ClientAuth, TlsVersion, KX_GROUPS, TLS12_SUITES};
     let mut o = Obj::new(v, p)?;
-    let mut refused = None;
+    let mut out = TlsOptions::default();
+    if let Some(v) = o.string("minversion")? {
+        out.min_version = match v.as_str() {
+            "VersionTLS10" | "VersionTLS11" => {
+                unsupported.push(format!(
+                    "{p}.minVersion: {v}: lb serves TLS 1.2 at least (rustls has no older versions)"
+                ));
+                TlsVersion::Tls12
+            }
+            "VersionTLS12" => TlsVersion::Tls12,
+            "VersionTLS13" => TlsVersion::Tls13,
+            _ => {
+                return fail(
+                    &format!("{p}.minVersion"),
+                    format!("{v:?}: expected VersionTLS10 … VersionTLS13"),
+                )
+            }
+        };
+    }
+    if let Some(v) = o.string("maxversion")? {
+        out.max_version = Some(match v.as_str() {
+            "VersionTLS12" => TlsVersion::Tls12,
+            "VersionTLS13" => TlsVersion::Tls13,
+            "VersionTLS10" | "VersionTLS11" => {
+                return fail(
+                    &format!("{p}.maxVersion"),
+                    format!("{v}: lb serves TLS 1.2 and 1.3 only"),
+                )
+            }
+            _ => {
+                return fail(
+                    &format!("{p}.maxVersion"),
+                    format!("{v:?}: expected VersionTLS12 or VersionTLS13"),
+                )
+            }
+        });
+    }
+    if out.max_version.is_some_and(|m| m < out.min_version) {
+        return fail(&format!("{p}.maxVersion"), "below minVersion");
+    }
+    if let Some(list) = o.strings("ciphersuites")? {
+        let mut offered = false;
+        for name in &list {
+            if let Some((_, ours)) = TLS12_SUITES.iter().find(|(go, _)| go == name) {
+                offered = true;
+                if !out.cipher_suites.iter().any(|s| s == ours) {
+                    out.cipher_suites.push(ours.to_string());
+                }
+            } else if GO_SUITES_NOT_OFFERED.contains(&name.as_str()) {
+                unsupported.push(format!(
+                    "{p}.cipherSuites: {name}: not offered (lb's TLS 1.2 suites are AEADs with forward secrecy)"
+                ));
+            } else if !GO_SUITES_WITHOUT_EFFECT.contains(&name.as_str()) {
+                return fail(
+                    &format!("{p}.cipherSuites"),
+                    format!("{name:?} is not a cipher suite"),
+                );
+            }
+        }
+        if !offered {
+            // A list with no suite lb has for TLS 1.2: TLS 1.2 is not served at all, rather
+            // than with suites the list did not name.
+            if out.max_version == Some(TlsVersion::Tls12) {
+                return fail(
+                    &format!("{p}.cipherSuites"),
+                    "none of these TLS 1.2 suites is one lb offers, and maxVersion rules out TLS 1.3",
+                );
+            }
+            if out.min_version < TlsVersion::Tls13 {
+                unsupported.push(format!(
+                    "{p}.cipherSuites: none is a TLS 1.2 suite lb offers: only TLS 1.3 is served"
+                ));
+            }
+            out.min_version = TlsVersion::Tls13;
+        }
+    }
+    if let Some(list) = o.strings("curvepreferences")? {
+        for name in &list {
+            if let Some((_, ours)) = KX_GROUPS.iter().find(|(go, _)| go == name) {
+                if !out.curves.iter().any(|c| c == ours) {
+                    out.curves.push(ours.to_string());
+                }
+            } else if GO_CURVES_NOT_OFFERED.contains(&name.as_str()) {
+                unsupported.push(format!(
+                    "{p}.curvePreferences: {name}: not offered (lb has X25519, P-256 and P-384)"
+                ));
+            } else {
+                return fail(
+                    &format!("{p}.curvePreferences"),
+                    format!("{name:?} is not a curve"),
+                );
+            }
+        }
+        if out.curves.is_empty() {
+            return fail(
+                &format!("{p}.curvePreferences"),
+                "none of these is a curve lb offers (X25519, CurveP256, CurveP384)",
+            );
+        }
+    }
     if let Some((cp, ca)) = o.take("clientauth") {
         let mut c = Obj::new(ca, &cp)?;
         let cas = c.strings("cafiles")?.unwrap_or_default();
         let kind = c.string("clientauthtype")?;
         c.rest(unsupported);
+        for (i, f) in cas.iter().enumerate() {
+            let at = format!("{cp}.caFiles[{i}]");
+            // Traefik's FileOrContent: PEM text itself, or a file's path.
+            let pem = if f.trim_start().starts_with("-----BEGIN") {
+                f.as_bytes().to_vec()
+            } else {
+                let path = files.allow_at(f, &at)?;
+                std::fs::read(&path).or_else(|e| fail(&at, format!("{f}: {e}")))?
+            };
+            use rustls_pki_types::pem::PemObject as _;
+            let certs = rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
+                .or_else(|e| fail(&at, format!("{f}: not PEM certificates ({e:?})")))?;
+            if certs.is_empty() {
+                return fail(&at, format!("{f}: no certificate in it"));
+            }
+            out.client_ca_pem.extend_from_slice(&pem);
+            out.client_ca_pem.push(b'\n');
+        }
         // Traefik: CA files without a type require and verify a certificate.
-        let kind = kind.unwrap_or_else(|| {
-            match cas.is_empty() {
-                true => "NoClientCert",
-                false => "RequireAndVerifyClientCert",
+        out.client_auth = match kind.as_deref() {
+            None if cas.is_empty() => ClientAuth::None,
+            None => ClientAuth::RequireAndVerify,
+            Some("NoClientCert") => ClientAuth::None,
+            Some("RequestClientCert") => ClientAuth::Request,
+            Some("RequireAnyClientCert") => ClientAuth::RequireAny,
+            Some("VerifyClientCertIfGiven") => ClientAuth::VerifyIfGiven,
+            Some("RequireAndVerifyClientCert") => ClientAuth::RequireAndVerify,
+            Some(other) => {
+                return fail(
+                    &format!("{cp}.clientAuthType"),
+                    format!("{other:?}: unknown client auth type"),
+                )
             }
-            .into()
-        });
-        match kind.as_str() {
-            "NoClientCert" => {}
-            "RequestClientCert" => unsupported.push(format!(
-                "{cp}.clientAuthType: RequestClientCert: lb does not ask for client certificates (none is verified either way)"
-            )),
-            other => {
-                refused = Some(format!(
-                    "{cp} asks {other}: lb cannot verify client certificates per router (an entry point's client_ca_file verifies them for all of it)"
-                ))
-            }
+        };
+        if matches!(
+            out.client_auth,
+            ClientAuth::VerifyIfGiven | ClientAuth::RequireAndVerify
+        ) && cas.is_empty()
+        {
+            return fail(
+                &format!("{cp}.caFiles"),
+                "required to verify client certificates",
+            );
         }
     }
-    if let Some(v) = o.string("minversion")? {
-        if !matches!(v.as_str(), "VersionTLS10" | "VersionTLS11" | "VersionTLS12") {
-            refused = refused.or(Some(format!(
-                "{p}.minVersion is {v}: lb serves TLS 1.2 and 1.3, and cannot refuse 1.2 per router"
-            )));
+    out.sni_strict = o.bool("snistrict")?.unwrap_or(false);
+    if let Some(list) = o.strings("alpnprotocols")? {
+        let mut alpn = Vec::new();
+        for proto in list {
+            match proto.as_str() {
+                "h2" | "http/1.1" => {
+                    if !alpn.contains(&proto) {
+                        alpn.push(proto)
+                    }
+                }
+                // Offered whenever an ACME resolver answers TLS-ALPN-01, and only to validators.
+                "acme-tls/1" => {}
+                other => unsupported.push(format!(
+                    "{p}.alpnProtocols: {other:?}: not offered (lb speaks h2 and http/1.1 inside TLS)"
+                )),
+            }
         }
+        out.alpn = Some(alpn);
     }
-    for (_, key, _) in &o.entries {
+    out.disable_session_tickets = o.bool("disablesessiontickets")?.unwrap_or(false);
+    if let Some((kp, _)) = o.take("preferserverciphersuites") {
         unsupported.push(format!(
-            "{}: not supported (lb's TLS policy is fixed: TLS 1.2+, AEAD suites with forward secrecy)",
-            o.sub(key)
+            "{kp}: without effect, as in Go: the server's order of suites is always used"
         ));
     }
-    Ok(refused)
+    o.rest(unsupported);
+    Ok(out)
 }
 
 /// Whether a router using TLS options `named` (none: `default`, as in Traefik) may be served,
@@ -1024,6 +1214,9 @@ fn tcp_router(
         priority,
         service,
         tls: mode,
+        tls_options: named_options
+            .filter(|_| mode == TlsMode::Terminate)
+            .map(|n| local(&n)),
         guards,
     }))
 }
@@ -1684,6 +1877,7 @@ fn router(
         service,
         middlewares,
         tls: Some(serves_tls),
+        tls_options: named_options.map(|n| local(&n)),
     };
     Ok(Some((spec, wish)))
 }
