@@ -285,9 +285,33 @@ pub fn proxy_check(
         .iter()
         .map(|r| r.name.clone())
         .collect();
-    let parts = std::collections::BTreeMap::from([(provider.to_string(), built)]);
+    // The key-value providers lb runs take part, empty: what a router names there is read
+    // only when the agent runs, and is not an error here.
+    let mut parts = std::collections::BTreeMap::from([(provider.to_string(), built)]);
+    let p = &cfg.providers;
+    let remote: Vec<String> = [
+        p.redis
+            .as_ref()
+            .and_then(|r| r.traefik_root.as_ref())
+            .map(|_| "redis:traefik"),
+        p.etcd
+            .as_ref()
+            .and_then(|e| e.traefik_root.as_ref())
+            .map(|_| "etcd:traefik"),
+    ]
+    .into_iter()
+    .flatten()
+    .map(str::to_string)
+    .collect();
+    for key in &remote {
+        parts.insert(
+            key.clone(),
+            crate::proxy::dynamic::Built::new(Default::default(), None).0,
+        );
+    }
     let (merged, clashes) = crate::proxy::dynamic::merge(&base, &parts);
-    problems.extend(clashes);
+    let elsewhere = |c: &String| remote.iter().any(|k| c.contains(&format!("@{k}")));
+    problems.extend(clashes.into_iter().filter(|c| !elsewhere(c)));
     let served = merged
         .routers
         .iter()

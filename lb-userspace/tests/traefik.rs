@@ -1413,3 +1413,95 @@ http:
     assert!(curl(None).await.ends_with("\n401"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `name@provider` (Traefik's routing/providers "Provider Namespace"): a router of the file
+/// provider uses a middleware of the Redis one by its qualified name, and is refused without
+/// it; one naming a middleware that provider lacks, or a provider lb does not run, is left out
+/// and said (never served without it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn middlewares_of_another_provider_are_used_by_their_qualified_name() {
+    let site = upstream("site").await;
+    let file = format!(
+        r#"
+http:
+  routers:
+    guarded:
+      rule: "Host(`guarded.test`)"
+      service: site
+      middlewares: ["auth@redis"]
+    own:
+      rule: "Host(`own.test`)"
+      service: site
+      middlewares: ["tag@file"]
+    missing:
+      rule: "Host(`missing.test`)"
+      service: site
+      middlewares: ["nothere@redis"]
+    nowhere:
+      rule: "Host(`nowhere.test`)"
+      service: site
+      middlewares: ["auth@etcd"]
+  middlewares:
+    tag:
+      headers:
+        customResponseHeaders:
+          X-Tag: own
+  services:
+    site:
+      loadBalancer:
+        servers:
+          - url: "http://{site}"
+"#
+    );
+    // test:test (htpasswd's default hash): what the Redis provider's document defines.
+    let kv = r#"
+http:
+  middlewares:
+    auth:
+      basicAuth:
+        users: ["test:$apr1$H6uskkkW$IgXLP6ewTrSuBkTrqE8wj/"]
+"#;
+    let (proxy, l) = bound(vec![], &Services::new(), HashMap::new(), HashMap::new()).await;
+    let addr = l.local_addr().expect("addr");
+    let f = parse_any(Path::new("dynamic.yml"), &file).expect("valid");
+    let r = parse_any(Path::new("redis.yml"), kv).expect("valid");
+    proxy.set_dynamic("redis:traefik", r.routing);
+    proxy.set_dynamic("file:/etc/traefik", f.routing);
+    proxy.update_services(&f.services);
+    tokio::spawn(proxy.clone().serve("web".into(), l, None));
+    let said: String = proxy
+        .problems()
+        .into_values()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join("\n");
+    for (router, why) in [
+        ("missing", "[\"nothere@redis:traefik\"] are not defined"),
+        ("nowhere", "names provider \"etcd\", which lb does not run"),
+    ] {
+        assert!(
+            said.contains(&format!("router {router}: left out")) && said.contains(why),
+            "{router}: {said}"
+        );
+    }
+    assert!(
+        said.contains("file:/etc/traefik"),
+        "said of its provider: {said}"
+    );
+    let cl = client();
+    assert_eq!(get(&cl, addr, "guarded.test", "/", &[]).await.0, 401);
+    let (code, body) = get(
+        &cl,
+        addr,
+        "guarded.test",
+        "/",
+        &[("authorization", "Basic dGVzdDp0ZXN0")],
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert!(body.starts_with("site /"), "{body}");
+    assert_eq!(get(&cl, addr, "own.test", "/", &[]).await.0, 200);
+    for host in ["missing.test", "nowhere.test"] {
+        assert_eq!(get(&cl, addr, host, "/", &[]).await.0, 404, "{host}");
+    }
+}

@@ -47,10 +47,11 @@ impl Built {
         }
         let mut dynamic = dynamic;
         dynamic.routers.retain(|r| {
+            // Another provider's (`name@provider`) are looked for when the parts are merged.
             let missing: Vec<&String> = r
                 .middlewares
                 .iter()
-                .filter(|m| !middlewares.contains_key(*m))
+                .filter(|m| !m.contains('@') && !middlewares.contains_key(*m))
                 .collect();
             if missing.is_empty() {
                 return true;
@@ -79,7 +80,13 @@ pub fn merge<'a>(
 ) -> (L7Config, Vec<String>) {
     let mut out = base.clone();
     let mut problems = Vec::new();
+    let parts: Vec<(&String, &Built)> = parts.into_iter().collect();
+    let keys: Vec<&str> = parts.iter().map(|(k, _)| k.as_str()).collect();
+    // Whose each router is: what is said of it goes to its provider's status.
+    let mut owner: HashMap<String, String> = HashMap::new();
+    let mut tcp_owner: HashMap<String, String> = HashMap::new();
     for (provider, part) in parts {
+        let qualified = |name: &str| qualified(name, provider, &keys);
         for r in &part.dynamic.routers {
             if out.routers.iter().any(|o| o.name == r.name) {
                 problems.push(format!("{provider}: router {} is defined already", r.name));
@@ -88,12 +95,23 @@ pub fn merge<'a>(
             // A router's middlewares are its own provider's (a name in lb.toml may mean
             // something else): they go in under a provider-qualified name.
             let mut r = r.clone();
-            r.middlewares = r
-                .middlewares
-                .iter()
-                .map(|m| format!("{m}@{provider}"))
-                .collect();
-            r.tls_options = r.tls_options.map(|o| qualified(&o, provider));
+            let resolved: Result<Vec<String>, String> =
+                r.middlewares.iter().map(|m| qualified(m)).collect();
+            match resolved {
+                Ok(list) => r.middlewares = list,
+                Err(why) => {
+                    problems.push(format!("{provider}: router {}: left out: {why}", r.name));
+                    continue;
+                }
+            }
+            match r.tls_options.as_deref().map(qualified).transpose() {
+                Ok(o) => r.tls_options = o,
+                Err(why) => {
+                    problems.push(format!("{provider}: router {}: left out: {why}", r.name));
+                    continue;
+                }
+            }
+            owner.insert(r.name.clone(), provider.clone());
             out.routers.push(r);
         }
         for r in &part.dynamic.tcp_routers {
@@ -105,11 +123,24 @@ pub fn merge<'a>(
                 continue;
             }
             let mut r = r.clone();
-            r.tls_options = r.tls_options.map(|o| qualified(&o, provider));
+            match r.tls_options.as_deref().map(qualified).transpose() {
+                Ok(o) => r.tls_options = o,
+                Err(why) => {
+                    problems.push(format!(
+                        "{provider}: TCP router {}: left out: {why}",
+                        r.name
+                    ));
+                    continue;
+                }
+            }
+            tcp_owner.insert(r.name.clone(), provider.clone());
             out.tcp_routers.push(r);
         }
         for (name, o) in &part.dynamic.tls_options {
-            let name = qualified(name, provider);
+            let name = match name.as_str() {
+                crate::model::l7::DEFAULT_TLS_OPTIONS => name.clone(),
+                _ => format!("{name}@{provider}"),
+            };
             if out.tls_options.contains_key(&name) {
                 problems.push(format!("{provider}: tls.options {name} is defined already"));
                 continue;
@@ -128,8 +159,26 @@ pub fn merge<'a>(
                 .insert(format!("{name}@{provider}"), m.clone());
         }
     }
-    for (router, why) in unservable_tls(&out) {
-        problems.push(format!("router {router}: left out: {why}"));
+    // A middleware another provider was to define, and does not.
+    let defined = &out.middlewares;
+    let mut undefined = Vec::new();
+    for r in &out.routers {
+        let missing: Vec<&str> = r
+            .middlewares
+            .iter()
+            .filter(|m| !defined.contains_key(*m))
+            .map(|m| m.as_str())
+            .collect();
+        if !missing.is_empty() {
+            undefined.push((
+                r.name.clone(),
+                format!("its middlewares {missing:?} are not defined"),
+            ));
+        }
+    }
+    for (router, why) in undefined.into_iter().chain(unservable_tls(&out)) {
+        let whose = owner.get(&router).map_or("lb.toml", |p| p.as_str());
+        problems.push(format!("{whose}: router {router}: left out: {why}"));
         out.routers.retain(|r| r.name != router);
     }
     out.tcp_routers.retain(|r| {
@@ -139,7 +188,8 @@ pub fn merge<'a>(
             });
         if undefined {
             problems.push(format!(
-                "TCP router {}: left out: it names tls.options {:?}, which are not defined",
+                "{}: TCP router {}: left out: it names tls.options {:?}, which are not defined",
+                tcp_owner.get(&r.name).map_or("lb.toml", |p| p.as_str()),
                 r.name,
                 r.tls_options.as_deref().unwrap_or_default()
             ));
@@ -149,12 +199,38 @@ pub fn merge<'a>(
     (out, problems)
 }
 
-/// A provider's name for TLS options, as the merged configuration knows them: `default` is
-/// everyone's (there is one fallback), any other is its provider's own.
-fn qualified(name: &str, provider: &str) -> String {
-    match name {
-        crate::model::l7::DEFAULT_TLS_OPTIONS => name.to_string(),
-        _ => format!("{name}@{provider}"),
+/// A name a provider's router gives (a middleware, TLS options) as the merged configuration
+/// knows it: the provider's own (`name@<provider key>`), or with Traefik's `name@file` /
+/// `name@redis` / `name@etcd`, that provider's, when exactly one of lb's providers is of that
+/// kind. TLS options `default` are everyone's (there is one fallback).
+fn qualified(name: &str, provider: &str, keys: &[&str]) -> Result<String, String> {
+    if name == crate::model::l7::DEFAULT_TLS_OPTIONS {
+        return Ok(name.to_string());
+    }
+    let Some((local, kind)) = name.split_once('@') else {
+        return Ok(format!("{name}@{provider}"));
+    };
+    if local == crate::model::l7::DEFAULT_TLS_OPTIONS {
+        return Ok(local.to_string());
+    }
+    // A key is `file:<path>`, `redis:traefik`, `etcd:traefik`: its kind comes first.
+    let of_kind: Vec<&&str> = keys
+        .iter()
+        .filter(|k| k.split(':').next() == Some(kind))
+        .collect();
+    match &of_kind[..] {
+        [one] => Ok(format!("{local}@{one}")),
+        [] => Err(format!(
+            "{name:?} names provider {kind:?}, which lb does not run"
+        )),
+        _ => Err(format!(
+            "{name:?} names provider {kind:?}, of which lb runs several ({})",
+            of_kind
+                .iter()
+                .map(|k| k.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
     }
 }
 

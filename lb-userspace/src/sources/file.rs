@@ -415,21 +415,22 @@ impl FileSource {
             let line = super::traefik::line_of(text, key);
             routing.unsupported.push(at((file, line), said));
         }
-        let outcome = match self
-            .kept
-            .translate(merged.doc.clone(), &super::traefik::Files::Any)
-        {
-            Ok(o) => o,
-            Err(e) => {
-                let (file, line) = locate(&e.path);
-                errors.push(FileError {
-                    file,
-                    line,
-                    reason: e.to_string(),
-                });
-                return (Services::new(), routing, Vec::new());
-            }
-        };
+        let outcome =
+            match self
+                .kept
+                .translate(merged.doc.clone(), &super::traefik::Files::Any, "file")
+            {
+                Ok(o) => o,
+                Err(e) => {
+                    let (file, line) = locate(&e.path);
+                    errors.push(FileError {
+                        file,
+                        line,
+                        reason: e.to_string(),
+                    });
+                    return (Services::new(), routing, Vec::new());
+                }
+            };
         let mut broken = Vec::new();
         for b in &outcome.broken {
             let (file, line) = locate(&b.error.path);

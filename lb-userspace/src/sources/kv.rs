@@ -265,13 +265,14 @@ pub async fn report_range(
             let root_owned = root.clone();
             let files = super::traefik::Files::Within(file_dirs.clone());
             let kept = kept.clone();
+            let kind = base.to_string();
             let translated = tokio::task::spawn_blocking(move || {
                 let doc = super::traefik::from_kv(
                     &root_owned,
                     pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())),
                 );
                 let mut kept = kept.0.lock().unwrap_or_else(|p| p.into_inner());
-                kept.translate(doc, &files)
+                kept.translate(doc, &files, &kind)
             })
             .await
             .unwrap_or_else(|e| {

@@ -47,8 +47,13 @@ impl Kept {
     /// Translates `doc` item by item (see the module's notes). Items that translate become the
     /// new last good versions; an item the document no longer has is forgotten (deleting it is
     /// how it is taken back). Only a document of the wrong shape is an error as a whole.
-    pub fn translate(&mut self, mut doc: Value, files: &Files) -> Result<Outcome, TraefikError> {
-        let cx = Cx::new(files);
+    pub fn translate(
+        &mut self,
+        mut doc: Value,
+        files: &Files,
+        provider: &str,
+    ) -> Result<Outcome, TraefikError> {
+        let cx = Cx::new(files).of(provider);
         let present = items(&doc);
         let mut gone: HashSet<String> = HashSet::new();
         let mut replaced: HashSet<String> = HashSet::new();
@@ -254,7 +259,7 @@ mod tests {
         };
         // Broken from the start: left out, b serves.
         let o = kept
-            .translate(doc(json!({"service": "s"})), &Files::Any)
+            .translate(doc(json!({"service": "s"})), &Files::Any, "file")
             .unwrap();
         assert_eq!(names(&o.translated), ["b"]);
         assert_eq!(o.broken.len(), 1);
@@ -265,13 +270,13 @@ mod tests {
             .contains("rule is required; left out"));
         // Fixed: both serve.
         let o = kept
-            .translate(doc(router("Path(`/a`)", "s", &[])), &Files::Any)
+            .translate(doc(router("Path(`/a`)", "s", &[])), &Files::Any, "file")
             .unwrap();
         assert_eq!(names(&o.translated), ["a", "b"]);
         assert!(o.broken.is_empty());
         // Broken again: its last good version serves and says so.
         let o = kept
-            .translate(doc(router("Path(`/a`", "s", &[])), &Files::Any)
+            .translate(doc(router("Path(`/a`", "s", &[])), &Files::Any, "file")
             .unwrap();
         assert_eq!(names(&o.translated), ["a", "b"]);
         let a = o.translated.dynamic.routers.iter().find(|r| r.name == "a");
@@ -285,11 +290,12 @@ mod tests {
                 json!({"http": {"routers": {"b": router("Path(`/b`)", "s", &[])},
                                 "services": {"s": {"loadBalancer": {}}}}}),
                 &Files::Any,
+                "file",
             )
             .unwrap();
         assert_eq!(names(&o.translated), ["b"]);
         let o = kept
-            .translate(doc(json!({"service": "s"})), &Files::Any)
+            .translate(doc(json!({"service": "s"})), &Files::Any, "file")
             .unwrap();
         assert_eq!(names(&o.translated), ["b"]);
         assert!(!o.broken[0].kept);
@@ -318,7 +324,7 @@ mod tests {
             },
             "serversTransports": {"gone": {"insecureSkipVerify": true}},
         }});
-        let o = kept.translate(doc, &Files::Any).unwrap();
+        let o = kept.translate(doc, &Files::Any, "file").unwrap();
         assert_eq!(names(&o.translated), ["fine"]);
         let broken: Vec<&str> = o
             .broken
@@ -347,7 +353,7 @@ mod tests {
             {"certFile": "/nonexistent/a.crt"},
             {"certFile": "/etc/b.crt", "keyFile": "/etc/b.key"},
         ]}});
-        let o = kept.translate(doc, &Files::Any).unwrap();
+        let o = kept.translate(doc, &Files::Any, "file").unwrap();
         assert_eq!(o.translated.dynamic.certificates.len(), 1);
         assert_eq!(
             o.broken[0].error.item.as_deref(),

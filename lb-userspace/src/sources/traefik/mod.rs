@@ -11,8 +11,10 @@
 //! refused whole. A directory of files is one configuration ([`merge`]).
 //!
 //! Differences a Traefik user should know: keys are matched case-insensitively as in Traefik;
-//! `name@provider` references lose their provider suffix (everything here is one provider's),
-//! and a router to an `@internal` service is left out, by name;
+//! a middleware or TLS options named `name@provider` are that provider's (the document's own
+//! when it is this one's: `file`, `redis`, `etcd`), while services are one namespace across
+//! providers (`name@provider` names the service `name`, a clash is reported); a router to an
+//! `@internal` service is left out, by name;
 //! a server's host name is resolved when the configuration is read; `tls.options` apply as
 //! in Traefik (the client's SNI chooses them, a router answers only under its own), but within
 //! rustls's reach (TLS 1.2 and 1.3, AEAD suites with forward secrecy: an older version or
@@ -408,6 +410,9 @@ pub fn translate_with(doc: &Value, files: &Files) -> R<Translated> {
 /// What a translation uses besides the document, kept across the passes of [`keep::Kept`].
 pub struct Cx<'a> {
     files: &'a Files,
+    /// Traefik's name for the provider the document comes from (`file`, `redis`, `etcd`):
+    /// `name@<it>` is the document's own `name`, any other `name@provider` another's.
+    provider: String,
     /// Host names resolved once per reload however many passes it takes: `(host, port)` →
     /// the first address, or why there is none.
     dns: RefCell<HashMap<(String, u16), Result<SocketAddr, String>>>,
@@ -417,7 +422,25 @@ impl<'a> Cx<'a> {
     pub fn new(files: &'a Files) -> Cx<'a> {
         Cx {
             files,
+            provider: "file".into(),
             dns: RefCell::new(HashMap::new()),
+        }
+    }
+
+    /// The same, for a document of `provider`.
+    pub fn of(mut self, provider: &str) -> Cx<'a> {
+        self.provider = provider.to_string();
+        self
+    }
+
+    /// A middleware's or TLS options' name as the merged configuration will know it: the
+    /// document's own without a suffix, another provider's with its own (resolved when the
+    /// providers' parts are merged, [`crate::proxy::dynamic::merge`]).
+    fn reference(&self, name: &str) -> String {
+        match name.split_once('@') {
+            Some((n, p)) if p == self.provider => n.to_string(),
+            Some(_) => name.to_string(),
+            None => name.to_string(),
         }
     }
 
@@ -612,6 +635,7 @@ pub fn translate_in(doc: &Value, cx: &Cx<'_>, gone: &HashSet<String>) -> R<Trans
                         name,
                         v,
                         &path,
+                        cx,
                         &chains,
                         &options,
                         &left,
@@ -986,7 +1010,11 @@ fn tls_allows(
     options: &HashMap<String, Option<String>>,
     named: Option<&str>,
 ) -> Result<(), String> {
-    let name = named.map(local).unwrap_or_else(|| "default".into());
+    let name = named.unwrap_or("default").to_string();
+    // Another provider's: whether it is defined is known once the providers are merged.
+    if name.contains('@') {
+        return Ok(());
+    }
     match options.get(&name) {
         Some(Some(why)) => Err(why.clone()),
         Some(None) => Ok(()),
@@ -1057,6 +1085,7 @@ fn tcp_section(
                     name,
                     v,
                     &rp,
+                    cx,
                     options,
                     &middlewares,
                     left,
@@ -1129,10 +1158,12 @@ fn tcp_service(
 }
 
 /// One `tcp.routers` entry; `None` (reported) when it is left out.
+#[allow(clippy::too_many_arguments)] // the document's parts a router names, each by itself
 fn tcp_router(
     name: &str,
     v: &Value,
     rp: &str,
+    cx: &Cx<'_>,
     options: &HashMap<String, Option<String>>,
     middlewares: &HashMap<String, TcpMiddleware>,
     left: &HashSet<String>,
@@ -1151,7 +1182,7 @@ fn tcp_router(
         Some((tp, tls)) => {
             let mut t = Obj::new(tls, &tp)?;
             let pass = t.bool("passthrough")?.unwrap_or(false);
-            named_options = t.string("options")?;
+            named_options = t.string("options")?.map(|n| cx.reference(&n));
             for k in ["certresolver", "domains"] {
                 if let Some((kp, _)) = t.take(k) {
                     unsupported.push(format!("{kp}: not supported (certificates come from [[certificate]], [acme] or tls.certificates)"));
@@ -1179,7 +1210,8 @@ fn tcp_router(
     }
     let mut guards = TcpGuards::default();
     for m in r.strings("middlewares")?.unwrap_or_default() {
-        let m = local(&m);
+        // Another provider's TCP middleware: its guard is not in this document.
+        let m = cx.reference(&m);
         // A middleware guards the router: without it, the router would serve everyone.
         match middlewares.get(&m) {
             Some(TcpMiddleware::Allow(list)) => guards.allow.push(list.clone()),
@@ -1216,7 +1248,7 @@ fn tcp_router(
         tls: mode,
         tls_options: named_options
             .filter(|_| mode == TlsMode::Terminate)
-            .map(|n| local(&n)),
+            .map(|n| cx.reference(&n)),
         guards,
     }))
 }
@@ -1763,10 +1795,12 @@ fn server_address(url: &str, path: &str, cx: &Cx<'_>) -> R<(SocketAddr, Scheme)>
 }
 
 /// One HTTP router; `None` (reported) when it is left out.
+#[allow(clippy::too_many_arguments)] // the document's parts a router names, each by itself
 fn router(
     name: &str,
     v: &Value,
     path: &str,
+    cx: &Cx<'_>,
     chains: &HashMap<String, Vec<String>>,
     options: &HashMap<String, Option<String>>,
     left: &HashSet<String>,
@@ -1793,7 +1827,14 @@ fn router(
     let (priority, entrypoints) = r.placement()?;
     let mut middlewares = Vec::new();
     for m in r.strings("middlewares")?.unwrap_or_default() {
-        expand(&local(&m), chains, &mut middlewares, &mut Vec::new(), path)?;
+        expand(
+            &cx.reference(&m),
+            cx,
+            chains,
+            &mut middlewares,
+            &mut Vec::new(),
+            path,
+        )?;
     }
     let mut named_options = None;
     let tls_section = r.take("tls");
@@ -1801,7 +1842,7 @@ fn router(
     let mut wish = None;
     if let Some((tp, tls)) = tls_section {
         if let Ok(mut t) = Obj::new(tls, &tp) {
-            named_options = t.string("options")?;
+            named_options = t.string("options")?.map(|n| cx.reference(&n));
             let resolver = t.string("certresolver")?;
             let mut names = Vec::new();
             for mut d in t.tables("domains")? {
@@ -1877,7 +1918,7 @@ fn router(
         service,
         middlewares,
         tls: Some(serves_tls),
-        tls_options: named_options.map(|n| local(&n)),
+        tls_options: named_options.map(|n| cx.reference(&n)),
     };
     Ok(Some((spec, wish)))
 }
@@ -1986,6 +2027,7 @@ fn internal_service(name: &str) -> String {
 /// A middleware name, with chains expanded in place (cycles refused).
 fn expand(
     name: &str,
+    cx: &Cx<'_>,
     chains: &HashMap<String, Vec<String>>,
     out: &mut Vec<String>,
     stack: &mut Vec<String>,
@@ -2002,7 +2044,7 @@ fn expand(
             }
             stack.push(name.to_string());
             for m in list {
-                expand(&local(m), chains, out, stack, path)?;
+                expand(&cx.reference(m), cx, chains, out, stack, path)?;
             }
             stack.pop();
             Ok(())
