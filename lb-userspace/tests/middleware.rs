@@ -1148,3 +1148,72 @@ async fn h2c_upgrades_are_not_tunneled() {
     assert_eq!(heads.len(), 1);
     assert!(!heads[0].contains("upgrade"), "{}", heads[0]);
 }
+
+/// `content_type` (Traefik's `contentType`, middlewares/http/contenttype): an answer without a
+/// `Content-Type` gets the type Go's sniffing gives its first bytes; one with a type, or with a
+/// `Content-Encoding`, keeps what it had; a router without the middleware adds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_type_is_sniffed_only_where_asked_and_missing() {
+    let up = serve(|req: Request<hyper::body::Incoming>| async move {
+        let path = req.uri().path().to_string();
+        let body: &'static [u8] = match path.as_str() {
+            "/png" | "/sniffless/png" => b"\x89PNG\x0D\x0A\x1A\x0A\x00\x00\x00\x0dIHDR",
+            "/empty" => b"",
+            _ => b"  <html><body>hello</body></html>",
+        };
+        let mut r = Response::new(Full::new(Bytes::from_static(body)));
+        if path == "/typed" {
+            r.headers_mut()
+                .insert("content-type", "application/x-custom".parse().unwrap());
+        }
+        if path == "/encoded" {
+            r.headers_mut()
+                .insert("content-encoding", "gzip".parse().unwrap());
+        }
+        r
+    })
+    .await;
+    let chains = mws(&[("sniff", "content_type = {}")]);
+    let (_p, addr) = start_full(
+        vec![
+            routed("plain", "PathPrefix(`/sniffless`)", "s", &[]),
+            routed("r", "PathPrefix(`/`)", "s", &["sniff"]),
+        ],
+        &services(&[("s", &[(up, 1)])]),
+        HashMap::new(),
+        chains,
+    )
+    .await;
+    let c = client();
+    for (path, want) in [
+        ("/page", Some("text/html; charset=utf-8")),
+        ("/png", Some("image/png")),
+        ("/typed", Some("application/x-custom")),
+        ("/encoded", None),
+        ("/empty", None),
+        ("/sniffless/png", None),
+    ] {
+        let resp = c
+            .request(
+                Request::get(format!("http://{addr}{path}"))
+                    .header("host", "x.test")
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+            .expect("response");
+        let got = resp
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_string());
+        assert_eq!(got.as_deref(), want, "{path}");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        if path == "/page" {
+            assert_eq!(
+                &body[..],
+                b"  <html><body>hello</body></html>",
+                "the body is whole"
+            );
+        }
+    }
+}

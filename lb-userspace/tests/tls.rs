@@ -714,12 +714,18 @@ async fn the_client_certificate_is_passed_on_and_never_forged() {
             tokio::spawn(async move {
                 let svc =
                     hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
-                        let got = req
-                            .headers()
-                            .get("x-forwarded-tls-client-cert")
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or("-")
-                            .to_string();
+                        let h = |k: &str| {
+                            req.headers()
+                                .get(k)
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("-")
+                                .to_string()
+                        };
+                        let got = format!(
+                            "{}|{}",
+                            h("x-forwarded-tls-client-cert"),
+                            h("x-forwarded-tls-client-cert-info")
+                        );
                         Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(got))))
                     });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -747,9 +753,24 @@ async fn the_client_certificate_is_passed_on_and_never_forged() {
     let config = server_config(Arc::new(certs), Some(ca.as_path())).expect("tls config");
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
-    let mw = MiddlewareConfig::PassTlsClientCert(PassTlsClientCertConfig { pem: true })
-        .build()
-        .unwrap();
+    use lb_userspace::model::middleware::{CertInfoConfig, DnFields};
+    let cn = DnFields {
+        common_name: true,
+        country: true,
+        ..Default::default()
+    };
+    let mw = MiddlewareConfig::PassTlsClientCert(PassTlsClientCertConfig {
+        pem: true,
+        info: Some(CertInfoConfig {
+            not_before: true,
+            sans: true,
+            subject: Some(cn.clone()),
+            issuer: Some(cn),
+            ..Default::default()
+        }),
+    })
+    .build()
+    .unwrap();
     let proxy = Arc::new(Proxy::new(
         vec![EntryPointSpec {
             name: "websecure".into(),
@@ -783,11 +804,19 @@ async fn the_client_certificate_is_passed_on_and_never_forged() {
         Some(Arc::new(arc_swap::ArcSwap::new(config))),
     ));
     use base64::Engine as _;
-    let want = base64::engine::general_purpose::STANDARD
-        .encode(p.client.0[0].as_ref())
-        .replace('+', "%2B")
-        .replace('/', "%2F")
-        .replace('=', "%3D");
+    // Traefik 3's forms (middlewares/http/passtlsclientcert): the certificate's base64 as it is,
+    // the fields query-escaped.
+    let pem = base64::engine::general_purpose::STANDARD.encode(p.client.0[0].as_ref());
+    let nb = {
+        use x509_parser::prelude::FromDer as _;
+        let (_, c) = x509_parser::prelude::X509Certificate::from_der(p.client.0[0].as_ref())
+            .expect("the test's certificate");
+        c.validity().not_before.timestamp()
+    };
+    let info = format!(
+        "Subject%3D%22CN%3Drcgen+self+signed+cert%22%3BIssuer%3D%22CN%3Dlb+test+CA%22%3BNB%3D%22{nb}%22%3BSAN%3D%22client%22"
+    );
+    let want = format!("{pem}|{info}");
     let s = connect(&p, addr, "a.test", &[b"http/1.1"], true)
         .await
         .expect("handshake with a client certificate");
@@ -798,7 +827,7 @@ async fn the_client_certificate_is_passed_on_and_never_forged() {
         .unwrap();
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     s.write_all(
-        b"GET / HTTP/1.1\r\nHost: a.test\r\nX-Forwarded-Tls-Client-Cert: forged\r\nConnection: close\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a.test\r\nX-Forwarded-Tls-Client-Cert: forged\r\nX-Forwarded-Tls-Client-Cert-Info: Subject%3D%22CN%3Dadmin%22\r\nConnection: close\r\n\r\n",
     )
     .await
     .unwrap();

@@ -33,7 +33,15 @@ pub enum MiddlewareConfig {
     Errors(ErrorsConfig),
     DigestAuth(DigestAuthConfig),
     PassTlsClientCert(PassTlsClientCertConfig),
+    ContentType(ContentTypeConfig),
 }
+
+/// Traefik's `contentType`: an answer without `Content-Type` gets the one its first bytes show,
+/// by Go's `http.DetectContentType` (the WHATWG sniffing subset Traefik uses). Without this
+/// middleware lb, like Traefik, adds none.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ContentTypeConfig {}
 
 /// Traefik's `passTLSClientCert`: the client's TLS certificates to the upstream in
 /// `X-Forwarded-Tls-Client-Cert` (each DER in base64, URL-escaped, comma-separated, the client's
@@ -43,6 +51,50 @@ pub enum MiddlewareConfig {
 pub struct PassTlsClientCertConfig {
     #[serde(default)]
     pub pem: bool,
+    /// Fields of each certificate to `X-Forwarded-Tls-Client-Cert-Info`, in Traefik's format.
+    #[serde(default)]
+    pub info: Option<CertInfoConfig>,
+}
+
+/// What `passTLSClientCert.info` passes of each certificate.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CertInfoConfig {
+    #[serde(default)]
+    pub not_after: bool,
+    #[serde(default)]
+    pub not_before: bool,
+    #[serde(default)]
+    pub sans: bool,
+    #[serde(default)]
+    pub serial_number: bool,
+    #[serde(default)]
+    pub subject: Option<DnFields>,
+    #[serde(default)]
+    pub issuer: Option<DnFields>,
+}
+
+/// The parts of a distinguished name to pass (`organizational_unit` is the subject's only, as
+/// in Traefik).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DnFields {
+    #[serde(default)]
+    pub country: bool,
+    #[serde(default)]
+    pub province: bool,
+    #[serde(default)]
+    pub locality: bool,
+    #[serde(default)]
+    pub organization: bool,
+    #[serde(default)]
+    pub organizational_unit: bool,
+    #[serde(default)]
+    pub common_name: bool,
+    #[serde(default)]
+    pub serial_number: bool,
+    #[serde(default)]
+    pub domain_component: bool,
 }
 
 /// HTTP Digest authentication (RFC 7616 with MD5, `qop=auth`: what Traefik's `digestAuth` and

@@ -221,6 +221,7 @@ impl Middleware for Headers {
 /// Traefik's `passTLSClientCert` (see [`crate::model::middleware::PassTlsClientCertConfig`]).
 pub struct PassTlsClientCert {
     pub pem: bool,
+    pub info: Option<crate::model::middleware::CertInfoConfig>,
 }
 
 const CLIENT_CERT: hyper::header::HeaderName =
@@ -237,22 +238,196 @@ impl Middleware for PassTlsClientCert {
             .extensions()
             .get::<crate::proxy::conn::ClientCertificates>()
             .cloned();
-        if let (true, Some(chain)) = (self.pem, chain) {
+        let Some(chain) = chain else {
+            return Flow::Next;
+        };
+        if self.pem {
+            // As Traefik 3 writes it: each PEM's base64 on one line, no armour, comma-separated.
             use base64::Engine as _;
             let value = chain
                 .0
                 .iter()
-                .map(|der| {
-                    crate::model::escape_unreserved(
-                        &base64::engine::general_purpose::STANDARD.encode(der),
-                    )
-                })
+                .map(|der| base64::engine::general_purpose::STANDARD.encode(der))
                 .collect::<Vec<_>>()
                 .join(",");
             if let Ok(v) = hyper::header::HeaderValue::from_str(&value) {
                 req.headers_mut().insert(CLIENT_CERT, v);
             }
         }
+        if let Some(info) = &self.info {
+            let value = chain
+                .0
+                .iter()
+                .map(|der| cert_info(der, info))
+                .collect::<Vec<_>>()
+                .join(",");
+            if let Ok(v) = hyper::header::HeaderValue::from_str(&query_escape(&value)) {
+                req.headers_mut().insert(CLIENT_CERT_INFO, v);
+            }
+        }
         Flow::Next
     }
+}
+
+/// Go's `url.QueryEscape`: unreserved bytes as they are, a space as `+`, the rest `%XX`.
+fn query_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char)
+            }
+            b' ' => out.push('+'),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// One certificate's fields as Traefik's `passTLSClientCert.info` writes them:
+/// `Subject="…";Issuer="…";SerialNumber="…";NB="…";NA="…";SAN="…"`, each part only when asked
+/// for and present. A certificate that does not parse (it was not verified, say) gives nothing.
+fn cert_info(der: &[u8], info: &crate::model::middleware::CertInfoConfig) -> String {
+    use x509_parser::prelude::{FromDer as _, GeneralName, X509Certificate};
+    let Ok((_, cert)) = X509Certificate::from_der(der) else {
+        return String::new();
+    };
+    let mut parts = Vec::new();
+    let subject = info.subject.as_ref().map(|f| dn(cert.subject(), f, true));
+    if let Some(s) = subject.filter(|s| !s.is_empty()) {
+        parts.push(format!("Subject=\"{s}\""));
+    }
+    let issuer = info.issuer.as_ref().map(|f| dn(cert.issuer(), f, false));
+    if let Some(s) = issuer.filter(|s| !s.is_empty()) {
+        parts.push(format!("Issuer=\"{s}\""));
+    }
+    if info.serial_number {
+        parts.push(format!("SerialNumber=\"{}\"", cert.serial));
+    }
+    if info.not_before {
+        parts.push(format!(
+            "NB=\"{}\"",
+            cert.validity().not_before.timestamp().max(0)
+        ));
+    }
+    if info.not_after {
+        parts.push(format!(
+            "NA=\"{}\"",
+            cert.validity().not_after.timestamp().max(0)
+        ));
+    }
+    if info.sans {
+        // Go's order: DNS names, e-mail addresses, IP addresses, URIs.
+        let names: Vec<&GeneralName> = cert
+            .subject_alternative_name()
+            .ok()
+            .flatten()
+            .map(|e| e.value.general_names.iter().collect())
+            .unwrap_or_default();
+        let mut sans: Vec<String> = Vec::new();
+        for kind in 0..4 {
+            for n in &names {
+                match (kind, n) {
+                    (0, GeneralName::DNSName(d)) => sans.push(d.to_string()),
+                    (1, GeneralName::RFC822Name(e)) => sans.push(e.to_string()),
+                    (2, GeneralName::IPAddress(ip)) => {
+                        if let Some(ip) = ip_text(ip) {
+                            sans.push(ip)
+                        }
+                    }
+                    (3, GeneralName::URI(u)) => sans.push(u.to_string()),
+                    _ => {}
+                }
+            }
+        }
+        if !sans.is_empty() {
+            parts.push(format!("SAN=\"{}\"", sans.join(",")));
+        }
+    }
+    parts.join(";")
+}
+
+fn ip_text(raw: &[u8]) -> Option<String> {
+    match raw.len() {
+        4 => Some(std::net::Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]).to_string()),
+        16 => {
+            let b: [u8; 16] = raw.try_into().ok()?;
+            Some(std::net::Ipv6Addr::from(b).to_string())
+        }
+        _ => None,
+    }
+}
+
+/// A distinguished name's parts in Go's `pkix.Name` order: DC, C, ST, L, O, OU (subjects only),
+/// SN, CN; all values of the repeatable ones, the last of serialNumber and CN.
+fn dn(
+    name: &x509_parser::x509::X509Name<'_>,
+    f: &crate::model::middleware::DnFields,
+    subject: bool,
+) -> String {
+    use x509_parser::oid_registry::{OID_DOMAIN_COMPONENT, OID_X509_SERIALNUMBER};
+    let text =
+        |a: &x509_parser::x509::AttributeTypeAndValue<'_>| a.as_str().ok().map(str::to_string);
+    let mut out: Vec<String> = Vec::new();
+    let mut all = |on: bool, tag: &str, values: Vec<String>| {
+        if on {
+            out.extend(
+                values
+                    .into_iter()
+                    .filter(|v| !v.is_empty())
+                    .map(|v| format!("{tag}={v}")),
+            );
+        }
+    };
+    all(
+        f.domain_component,
+        "DC",
+        name.iter_by_oid(&OID_DOMAIN_COMPONENT)
+            .filter_map(text)
+            .collect(),
+    );
+    all(
+        f.country,
+        "C",
+        name.iter_country().filter_map(text).collect(),
+    );
+    all(
+        f.province,
+        "ST",
+        name.iter_state_or_province().filter_map(text).collect(),
+    );
+    all(
+        f.locality,
+        "L",
+        name.iter_locality().filter_map(text).collect(),
+    );
+    all(
+        f.organization,
+        "O",
+        name.iter_organization().filter_map(text).collect(),
+    );
+    all(
+        f.organizational_unit && subject,
+        "OU",
+        name.iter_organizational_unit().filter_map(text).collect(),
+    );
+    all(
+        f.serial_number,
+        "SN",
+        name.iter_by_oid(&OID_X509_SERIALNUMBER)
+            .filter_map(text)
+            .last()
+            .into_iter()
+            .collect(),
+    );
+    all(
+        f.common_name,
+        "CN",
+        name.iter_common_name()
+            .filter_map(text)
+            .last()
+            .into_iter()
+            .collect(),
+    );
+    out.join(",")
 }

@@ -20,6 +20,7 @@ pub mod headers;
 pub mod limit;
 pub mod path;
 pub mod resilience;
+pub mod sniff;
 
 use std::{future::Future, net::IpAddr, pin::Pin, sync::Arc, time::Instant};
 
@@ -276,9 +277,11 @@ impl MiddlewareConfig {
             MiddlewareConfig::Compress(c) => Arc::new(c.build()?),
             MiddlewareConfig::Errors(c) => Arc::new(c.build()?),
             MiddlewareConfig::DigestAuth(c) => Arc::new(c.build()?),
-            MiddlewareConfig::PassTlsClientCert(c) => {
-                Arc::new(headers::PassTlsClientCert { pem: c.pem })
-            }
+            MiddlewareConfig::PassTlsClientCert(c) => Arc::new(headers::PassTlsClientCert {
+                pem: c.pem,
+                info: c.info.clone(),
+            }),
+            MiddlewareConfig::ContentType(_) => Arc::new(sniff::ContentType),
         })
     }
 }

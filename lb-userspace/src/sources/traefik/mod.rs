@@ -2145,17 +2145,58 @@ fn middleware(
             }))
         }
         "passtlsclientcert" => {
+            use crate::model::middleware::{CertInfoConfig, DnFields};
             let pem = b.bool("pem")?.unwrap_or(false);
-            if let Some((ip, _)) = b.take("info") {
-                // An upstream may decide on the subject it is told: not told, it could decide
-                // wrongly. Refused with the routers that use it.
-                return fail(
-                    &ip,
-                    "not supported: lb passes the certificates (pem), not their parsed fields",
-                );
+            let mut info = None;
+            if let Some((ip, v)) = b.take("info") {
+                let mut i = Obj::new(v, &ip)?;
+                let mut dn = |i: &mut Obj<'_>, key: &str, subject: bool| -> R<Option<DnFields>> {
+                    let Some((dp, v)) = i.take(key) else {
+                        return Ok(None);
+                    };
+                    let mut d = Obj::new(v, &dp)?;
+                    let f = DnFields {
+                        country: d.bool("country")?.unwrap_or(false),
+                        province: d.bool("province")?.unwrap_or(false),
+                        locality: d.bool("locality")?.unwrap_or(false),
+                        organization: d.bool("organization")?.unwrap_or(false),
+                        organizational_unit: match subject {
+                            true => d.bool("organizationalunit")?.unwrap_or(false),
+                            false => false,
+                        },
+                        common_name: d.bool("commonname")?.unwrap_or(false),
+                        serial_number: d.bool("serialnumber")?.unwrap_or(false),
+                        domain_component: d.bool("domaincomponent")?.unwrap_or(false),
+                    };
+                    d.rest(unsupported);
+                    Ok(Some(f))
+                };
+                let subject = dn(&mut i, "subject", true)?;
+                let issuer = dn(&mut i, "issuer", false)?;
+                info = Some(CertInfoConfig {
+                    not_after: i.bool("notafter")?.unwrap_or(false),
+                    not_before: i.bool("notbefore")?.unwrap_or(false),
+                    sans: i.bool("sans")?.unwrap_or(false),
+                    serial_number: i.bool("serialnumber")?.unwrap_or(false),
+                    subject,
+                    issuer,
+                });
+                i.rest(unsupported);
             }
             Kind::one(MiddlewareConfig::PassTlsClientCert(
-                crate::model::middleware::PassTlsClientCertConfig { pem },
+                crate::model::middleware::PassTlsClientCertConfig { pem, info },
+            ))
+        }
+        "contenttype" => {
+            // Traefik 3: the option is deprecated, and `false` is the same as no middleware.
+            if b.bool("autodetect")? == Some(false) {
+                unsupported.push(format!(
+                    "{p}.autoDetect: false: deprecated; the middleware does nothing (as in Traefik)"
+                ));
+                return Ok(Some(Kind::Chain(Vec::new())));
+            }
+            Kind::one(MiddlewareConfig::ContentType(
+                crate::model::middleware::ContentTypeConfig {},
             ))
         }
         "digestauth" => {
