@@ -332,3 +332,203 @@ async fn calls_of_every_kind(up: SocketAddr, spec: ServiceSpec) {
         }
     );
 }
+
+/// One gRPC-Web call over HTTP/1.1 (`text`: the `-text` form): the status, the head's content
+/// type and the body as it came.
+async fn grpc_web_call(
+    proxy: SocketAddr,
+    method: &str,
+    ping: &Ping,
+    text: bool,
+) -> (u16, String, Vec<u8>, hyper::HeaderMap) {
+    use http_body_util::BodyExt as _;
+    use prost::Message as _;
+    let msg = ping.encode_to_vec();
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&msg);
+    use base64::Engine as _;
+    let (ct, body) = match text {
+        true => (
+            "application/grpc-web-text+proto",
+            base64::engine::general_purpose::STANDARD
+                .encode(&framed)
+                .into_bytes(),
+        ),
+        false => ("application/grpc-web+proto", framed),
+    };
+    let tcp = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::post(format!("/lb.test.Echo/{method}"))
+        .header("host", "grpc.test")
+        .header("content-type", ct)
+        .header("x-grpc-web", "1")
+        .header("origin", "https://app.test")
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .unwrap();
+    let resp = send.send_request(req).await.expect("an answer");
+    let code = resp.status().as_u16();
+    let ct = resp
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let head = resp.headers().clone();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .to_vec();
+    (code, ct, body, head)
+}
+
+/// gRPC-Web frames: (flag, payload) in order.
+fn web_frames(mut b: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    while b.len() >= 5 {
+        let len = u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
+        out.push((b[0], b[5..5 + len].to_vec()));
+        b = &b[5 + len..];
+    }
+    assert!(b.is_empty(), "whole frames");
+    out
+}
+
+/// Traefik's `grpcWeb` (middlewares/http/grpcweb): a browser's gRPC-Web call over HTTP/1.1,
+/// binary and text, becomes gRPC to the h2c server; the answer's trailers come back as the
+/// body's last frame; a failed call's status is in it; an allowed origin's preflight is
+/// answered and another origin's is not granted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_web_calls_reach_a_grpc_server() {
+    use prost::Message as _;
+    let up = grpc_server(None).await;
+    let svcs = services(&[("grpc", &[(up, 1)])]);
+    let specs = HashMap::from([(
+        "grpc".to_string(),
+        ServiceSpec {
+            http2: true,
+            ..Default::default()
+        },
+    )]);
+    let web = lb_userspace::model::middleware::MiddlewareConfig::GrpcWeb(
+        lb_userspace::model::middleware::GrpcWebConfig {
+            allow_origins: vec!["https://app.test".into()],
+        },
+    )
+    .build()
+    .unwrap();
+    let mut r = router("grpc", "PathPrefix(`/lb.test.Echo/`)", "grpc", None);
+    r.middlewares = vec!["web".into()];
+    let (_p, addr) = common::start_full(
+        vec![r],
+        &svcs,
+        specs,
+        HashMap::from([("web".to_string(), web)]),
+    )
+    .await;
+    for text in [false, true] {
+        let ping = Ping {
+            text: "browser".into(),
+            count: 7,
+        };
+        let (code, ct, body, _) = grpc_web_call(addr, "Say", &ping, text).await;
+        assert_eq!(code, 200);
+        let body = match text {
+            true => {
+                use base64::Engine as _;
+                // The server's type (tonic's `application/grpc`), made gRPC-Web's.
+                assert_eq!(ct, "application/grpc-web-text");
+                base64::engine::general_purpose::STANDARD
+                    .decode(&body)
+                    .expect("base64")
+            }
+            false => {
+                assert_eq!(ct, "application/grpc-web");
+                body
+            }
+        };
+        let frames = web_frames(&body);
+        assert_eq!(frames.len(), 2, "a message and the trailers: {frames:?}");
+        let answer = Ping::decode(&frames[0].1[..]).unwrap();
+        assert_eq!((answer.text.as_str(), answer.count), ("said browser", 7));
+        assert_eq!(frames[1].0, 0x80);
+        let trailers = String::from_utf8(frames[1].1.clone()).unwrap();
+        assert!(trailers.contains("grpc-status: 0\r\n"), "{trailers:?}");
+    }
+    // A server stream: every message, then the status.
+    let (_, _, body, _) = grpc_web_call(
+        addr,
+        "Count",
+        &Ping {
+            text: "n".into(),
+            count: 50,
+        },
+        false,
+    )
+    .await;
+    let frames = web_frames(&body);
+    assert_eq!(frames.len(), 51);
+    assert!(frames[..50].iter().all(|(f, _)| *f == 0));
+    // A refused call: its status, whether in the head (trailers-only) or the last frame.
+    let tcp_status = grpc_web_call(
+        addr,
+        "Say",
+        &Ping {
+            text: "refuse".into(),
+            count: 0,
+        },
+        false,
+    )
+    .await;
+    let said = String::from_utf8_lossy(&tcp_status.2).into_owned();
+    let in_head = tcp_status
+        .3
+        .get("grpc-status")
+        .map(|v| v.as_bytes().to_vec());
+    assert!(
+        said.contains("grpc-status: 7\r\n") || in_head.as_deref() == Some(&b"7"[..]),
+        "{said:?} {:?}",
+        tcp_status.3
+    );
+    // The browser may read the status: an allowed origin's answer exposes it.
+    assert_eq!(
+        tcp_status
+            .3
+            .get("access-control-allow-origin")
+            .map(|v| v.as_bytes()),
+        Some(&b"https://app.test"[..])
+    );
+    // CORS preflights.
+    for (origin, granted) in [("https://app.test", true), ("https://evil.test", false)] {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let resp = send
+            .send_request(
+                hyper::Request::builder()
+                    .method("OPTIONS")
+                    .uri("/lb.test.Echo/Say")
+                    .header("host", "grpc.test")
+                    .header("origin", origin)
+                    .header("access-control-request-method", "POST")
+                    .header("access-control-request-headers", "content-type,x-grpc-web")
+                    .body(http_body_util::Empty::<bytes::Bytes>::new())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 204);
+        assert_eq!(
+            resp.headers().get("access-control-allow-origin").is_some(),
+            granted,
+            "{origin}"
+        );
+    }
+}

@@ -34,6 +34,17 @@ pub enum MiddlewareConfig {
     DigestAuth(DigestAuthConfig),
     PassTlsClientCert(PassTlsClientCertConfig),
     ContentType(ContentTypeConfig),
+    GrpcWeb(GrpcWebConfig),
+}
+
+/// Traefik's `grpcWeb`: gRPC-Web calls from browsers to a gRPC upstream (one that speaks
+/// HTTP/2), and the CORS preflights of the origins allowed.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcWebConfig {
+    /// Origins whose pages may call (`*`: any); none: no cross-origin calls.
+    #[serde(default)]
+    pub allow_origins: Vec<String>,
 }
 
 /// Traefik's `contentType`: an answer without `Content-Type` gets the one its first bytes show,

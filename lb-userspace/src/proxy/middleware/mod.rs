@@ -16,6 +16,7 @@ pub mod auth;
 pub mod compress;
 pub mod digest;
 pub mod errors;
+pub mod grpc_web;
 pub mod headers;
 pub mod limit;
 pub mod path;
@@ -282,6 +283,9 @@ impl MiddlewareConfig {
                 info: c.info.clone(),
             }),
             MiddlewareConfig::ContentType(_) => Arc::new(sniff::ContentType),
+            MiddlewareConfig::GrpcWeb(c) => Arc::new(grpc_web::GrpcWeb {
+                allow_origins: c.allow_origins.clone(),
+            }),
         })
     }
 }

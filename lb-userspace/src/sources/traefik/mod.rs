@@ -2187,6 +2187,11 @@ fn middleware(
                 crate::model::middleware::PassTlsClientCertConfig { pem, info },
             ))
         }
+        "grpcweb" => Kind::one(MiddlewareConfig::GrpcWeb(
+            crate::model::middleware::GrpcWebConfig {
+                allow_origins: b.strings("alloworigins")?.unwrap_or_default(),
+            },
+        )),
         "contenttype" => {
             // Traefik 3: the option is deprecated, and `false` is the same as no middleware.
             if b.bool("autodetect")? == Some(false) {
