@@ -623,6 +623,7 @@ fn l7_config(
         middlewares,
         tcp_routers: cfg.tcp_routers.clone(),
         tls_options: Default::default(),
+        tls_default_broken: None,
     }
 }
 

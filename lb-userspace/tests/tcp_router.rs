@@ -827,6 +827,7 @@ async fn a_reload_changes_a_tcp_routers_service() {
         middlewares: HashMap::new(),
         tcp_routers: vec![tcp("r", "HostSNI(`*`)", "two", TlsMode::Plain, None)],
         tls_options: Default::default(),
+        tls_default_broken: None,
     });
     assert_eq!(proxy.service_names(), vec!["two".to_string()]);
     let mut after = TcpStream::connect(addr).await.unwrap();

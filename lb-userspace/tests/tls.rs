@@ -1165,4 +1165,47 @@ tls:
             .await;
         assert_eq!(got.is_ok(), served, "{sni}: {:?}", got.err());
     }
+
+    // Options that change apply to connections made before: their next request is sent back
+    // to connect again (421), a new connection is served.
+    let s = dial(&p, addr, "new.b.test", h1, None, false).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let ask = || {
+        Request::get("/")
+            .header("host", "new.b.test")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let first = send.send_request(ask()).await.unwrap();
+    assert_eq!(first.status().as_u16(), 200);
+    let _ = first.into_body().collect().await;
+    let changed = text.replace(
+        "      minVersion: VersionTLS13\n",
+        "      minVersion: VersionTLS13\n      curvePreferences: [X25519]\n",
+    );
+    assert_ne!(changed, text);
+    let doc =
+        lb_userspace::sources::file::parse_any(Path::new("options.yml"), &changed).expect("valid");
+    assert!(proxy.set_dynamic("file", doc.routing).is_empty());
+    let again = send.send_request(ask()).await.unwrap();
+    assert_eq!(again.status().as_u16(), 421, "made under the old options");
+    let s = dial(&p, addr, "new.b.test", h1, None, false).await.unwrap();
+    assert_eq!(get_host(s, "new.b.test").await.0, 200);
+
+    // Broken default options (another provider's, its CA file unreadable): no handshake falls
+    // back to lb's own policy in their place.
+    let broken = "tls:\n  options:\n    default:\n      clientAuth:\n        caFiles: [\"/nonexistent/ca.pem\"]\n";
+    let doc = lb_userspace::sources::file::parse_any(Path::new("broken.yml"), broken)
+        .expect("the document reads; its options are broken");
+    proxy.set_dynamic("zz", doc.routing);
+    assert!(dial(&p, addr, "www.b.test", h1, None, false).await.is_err());
+    let s = dial(&p, addr, "new.b.test", h1, None, false).await.unwrap();
+    assert_eq!(
+        get_host(s, "new.b.test").await.0,
+        200,
+        "its own options still serve"
+    );
 }

@@ -1505,3 +1505,19 @@ http:
         assert_eq!(get(&cl, addr, host, "/", &[]).await.0, 404, "{host}");
     }
 }
+
+/// A key lb does not know under `clientAuth` (a typo of `caFiles`, say) breaks the options, and
+/// its routers are left out: they are never served without the client authentication the
+/// key may have meant (routing-configuration/http/tls/tls-options.md, "clientAuth").
+#[test]
+fn an_unknown_client_auth_key_breaks_its_options() {
+    let text = "http:\n  routers:\n    a:\n      rule: \"Host(`a.test`)\"\n      service: s\n      tls:\n        options: mtls\n  services:\n    s:\n      loadBalancer:\n        servers:\n          - url: \"http://127.0.0.1:1\"\ntls:\n  options:\n    mtls:\n      clientAuth:\n        caFile: /etc/lb/ca.pem\n        clientAuthType: RequireAndVerifyClientCert\n";
+    let doc = parse_any(Path::new("typo.yml"), text).expect("valid");
+    assert!(doc.routing.routers.is_empty());
+    let broken: Vec<String> = doc.broken.iter().map(|b| b.to_string()).collect();
+    let said = format!("{}\n{}", doc.unsupported.join("\n"), broken.join("\n"));
+    assert!(
+        said.contains("tls.options.mtls.clientAuth") && said.contains("caFile"),
+        "{said}"
+    );
+}

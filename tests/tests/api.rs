@@ -100,6 +100,7 @@ async fn start_with(token: &str, api_limits: api::ApiLimits) -> Agent {
         middlewares: Default::default(),
         tcp_routers: vec![],
         tls_options: Default::default(),
+        tls_default_broken: None,
     });
     c.l7 = Some(feed);
     let metrics = Arc::new(

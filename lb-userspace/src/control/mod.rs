@@ -206,7 +206,7 @@ impl Control {
                 }
                 // What the proxy cannot build from it, it reports itself (`Proxy::problems`).
                 if let Some(f) = &mut self.l7 {
-                    f.dynamic.insert(provider.clone(), routing);
+                    f.dynamic.insert(provider.clone(), *routing);
                 }
                 self.registry
                     .routing(&provider, rank, routers, unsupported, broken);

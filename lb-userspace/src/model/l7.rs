@@ -578,6 +578,9 @@ pub struct Dynamic {
     pub acme: Vec<AcmeWish>,
     /// Handshake policies its routers name (Traefik's `tls.options`).
     pub tls_options: std::collections::BTreeMap<String, TlsOptions>,
+    /// Why its `default` options could not be used, if it defined some: then no handshake
+    /// anywhere falls back to lb's own policy in their place.
+    pub tls_default_broken: Option<String>,
 }
 
 /// Names a router wants a certificate for from a resolver: its `tls.domains`, else the hosts

@@ -147,10 +147,10 @@ pub struct Client {
     pub tls_options: std::sync::OnceLock<TlsOptionsUsed>,
 }
 
-/// The name of the TLS options a connection's handshake was made under, in each request's
-/// extensions on it.
+/// The TLS options a connection's handshake was made under (their name, and what they asked
+/// then), in each request's extensions on it.
 #[derive(Clone, Debug)]
-pub struct TlsOptionsUsed(pub Arc<str>);
+pub struct TlsOptionsUsed(pub Arc<str>, pub Option<Arc<crate::model::l7::TlsOptions>>);
 
 /// A TLS client's certificate chain, in each request's extensions on its connection.
 #[derive(Clone, Debug)]

@@ -85,6 +85,9 @@ pub fn merge<'a>(
     // Whose each router is: what is said of it goes to its provider's status.
     let mut owner: HashMap<String, String> = HashMap::new();
     let mut tcp_owner: HashMap<String, String> = HashMap::new();
+    // Providers whose `default` options lost to another's: their routers would be served under
+    // options they did not define.
+    let mut lost_default: Vec<String> = Vec::new();
     for (provider, part) in parts {
         let qualified = |name: &str| qualified(name, provider, &keys);
         for r in &part.dynamic.routers {
@@ -141,11 +144,22 @@ pub fn merge<'a>(
                 crate::model::l7::DEFAULT_TLS_OPTIONS => name.clone(),
                 _ => format!("{name}@{provider}"),
             };
-            if out.tls_options.contains_key(&name) {
-                problems.push(format!("{provider}: tls.options {name} is defined already"));
-                continue;
+            match out.tls_options.get(&name) {
+                Some(first) if **first == *o => {}
+                Some(_) => {
+                    problems.push(format!("{provider}: tls.options {name} is defined already"));
+                    if name == crate::model::l7::DEFAULT_TLS_OPTIONS {
+                        lost_default.push(provider.clone());
+                    }
+                }
+                None => {
+                    out.tls_options.insert(name, std::sync::Arc::new(o.clone()));
+                }
             }
-            out.tls_options.insert(name, o.clone());
+        }
+        if let Some(why) = &part.dynamic.tls_default_broken {
+            out.tls_default_broken
+                .get_or_insert_with(|| format!("{provider}: {why}"));
         }
         for (name, spec) in &part.dynamic.services {
             if out.specs.contains_key(name) {
@@ -162,6 +176,19 @@ pub fn merge<'a>(
     // A middleware another provider was to define, and does not.
     let defined = &out.middlewares;
     let mut undefined = Vec::new();
+    for r in &out.routers {
+        let by_default = r
+            .tls_options
+            .as_deref()
+            .is_none_or(|o| o == crate::model::l7::DEFAULT_TLS_OPTIONS);
+        let lost = owner.get(&r.name).is_some_and(|p| lost_default.contains(p));
+        if by_default && lost && r.tls != Some(false) {
+            undefined.push((
+                r.name.clone(),
+                "its provider's tls.options default are not the ones in force (another provider's are)".to_string(),
+            ));
+        }
+    }
     for r in &out.routers {
         let missing: Vec<&str> = r
             .middlewares
@@ -243,10 +270,16 @@ fn unservable_tls(conf: &L7Config) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let mut claims: HashMap<(String, String), Vec<(&str, &str)>> = HashMap::new();
     let named = |o: &Option<String>| o.as_deref().unwrap_or(DEFAULT_TLS_OPTIONS).to_string();
+    // As routes go to entry points (`super::per_entrypoint`): the named ones, else the default
+    // ones, else all.
+    let defaults = conf.entrypoints.iter().any(|e| e.as_default);
     let eps = |list: &[String]| -> Vec<&crate::model::l7::EntryPointSpec> {
         conf.entrypoints
             .iter()
-            .filter(|e| e.tls && (list.is_empty() || list.contains(&e.name)))
+            .filter(|e| {
+                e.tls
+                    && (list.contains(&e.name) || (list.is_empty() && (e.as_default || !defaults)))
+            })
             .collect()
     };
     for r in &conf.routers {
@@ -347,6 +380,7 @@ mod tests {
             middlewares: HashMap::new(),
             tcp_routers: Vec::new(),
             tls_options: Default::default(),
+            tls_default_broken: None,
         };
         let strip = MiddlewareConfig::StripPrefix(crate::model::middleware::StripPrefixConfig {
             prefixes: vec!["/a".into()],
@@ -417,6 +451,7 @@ mod tests {
             middlewares: HashMap::new(),
             tcp_routers: Vec::new(),
             tls_options: Default::default(),
+            tls_default_broken: None,
         };
         let with = |name: &str, rule: &str, opts: Option<&str>, eps: &[&str]| {
             let mut r = router(name, "site", &[]);
@@ -472,5 +507,56 @@ mod tests {
                 "{router}: {said}"
             );
         }
+    }
+
+    /// `default` options are everyone's: a provider whose `default` lost to another's (they
+    /// differ) has its routers that use `default` left out, not served under the other's.
+    #[test]
+    fn a_provider_whose_default_options_lost_serves_none_of_its_default_routers() {
+        use crate::model::l7::{ClientAuth, TlsOptions};
+        let base = L7Config {
+            entrypoints: vec![],
+            routers: vec![],
+            specs: HashMap::new(),
+            middlewares: HashMap::new(),
+            tcp_routers: Vec::new(),
+            tls_options: Default::default(),
+            tls_default_broken: None,
+        };
+        let part = |router_name: &str, auth: ClientAuth| {
+            let mut r = router(router_name, "site", &[]);
+            r.tls = Some(true);
+            Built::new(
+                Dynamic {
+                    routers: vec![r],
+                    tls_options: BTreeMap::from([(
+                        "default".to_string(),
+                        TlsOptions {
+                            client_auth: auth,
+                            ..Default::default()
+                        },
+                    )]),
+                    ..Default::default()
+                },
+                None,
+            )
+            .0
+        };
+        let parts = BTreeMap::from([
+            ("etcd:traefik".to_string(), part("loose", ClientAuth::None)),
+            (
+                "file:/x".to_string(),
+                part("strict", ClientAuth::RequireAny),
+            ),
+        ]);
+        let (merged, problems) = merge(&base, &parts);
+        let names: Vec<&str> = merged.routers.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, vec!["loose"], "{problems:?}");
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("file:/x: router strict: left out")),
+            "{problems:?}"
+        );
     }
 }

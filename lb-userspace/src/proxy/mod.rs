@@ -138,23 +138,43 @@ pub struct Table {
     /// Per entry point, the TLS options a handshake naming a host is made under (the options
     /// of the routers whose rule names it, when they agree); any other: `default`.
     sni: HashMap<String, HashMap<String, Arc<str>>>,
-    tls_options: HashMap<Arc<str>, crate::model::l7::TlsOptions>,
+    tls_options: HashMap<Arc<str>, Arc<crate::model::l7::TlsOptions>>,
+    /// `default` options a provider defined and lb could not use: no handshake falls back to
+    /// lb's own policy in their place.
+    tls_default_broken: bool,
 }
 
 impl Table {
     /// The options a handshake on `entrypoint` naming `sni` is made under, and what they ask
     /// (`None`: `default` is not defined, and the entry point's own configuration applies).
+    /// An error: no handshake (its options are broken or gone).
     pub(crate) fn tls_for(
         &self,
         entrypoint: &str,
         sni: Option<&str>,
-    ) -> (Arc<str>, Option<&crate::model::l7::TlsOptions>) {
+    ) -> Result<(Arc<str>, Option<Arc<crate::model::l7::TlsOptions>>), String> {
         let name = sni
             .and_then(|h| self.sni.get(entrypoint)?.get(&h.to_ascii_lowercase()))
             .cloned()
             .unwrap_or_else(|| crate::model::l7::DEFAULT_TLS_OPTIONS.into());
-        let options = self.tls_options.get(&name);
-        (name, options)
+        self.tls_named(name)
+    }
+
+    /// The options called `name` as this table has them; an error when they are broken or
+    /// not there (only `default` may be absent: lb's policy).
+    pub(crate) fn tls_named(
+        &self,
+        name: Arc<str>,
+    ) -> Result<(Arc<str>, Option<Arc<crate::model::l7::TlsOptions>>), String> {
+        let default = *name == *crate::model::l7::DEFAULT_TLS_OPTIONS;
+        if default && self.tls_default_broken {
+            return Err("the default tls.options are broken".into());
+        }
+        match self.tls_options.get(&name) {
+            Some(o) => Ok((name.clone(), Some(o.clone()))),
+            None if default => Ok((name, None)),
+            None => Err(format!("tls.options {name:?} are not defined")),
+        }
     }
 }
 
@@ -264,8 +284,9 @@ impl Table {
             middlewares,
             tcp_routers,
             tls_options,
+            tls_default_broken,
         } = conf;
-        let tls_options: HashMap<Arc<str>, crate::model::l7::TlsOptions> = tls_options
+        let tls_options: HashMap<Arc<str>, Arc<crate::model::l7::TlsOptions>> = tls_options
             .iter()
             .map(|(n, o)| (Arc::from(n.as_str()), o.clone()))
             .collect();
@@ -394,6 +415,7 @@ impl Table {
             tcp: tcp::Routes::build(entrypoints, tcp_routers),
             sni,
             tls_options,
+            tls_default_broken: tls_default_broken.is_some(),
         }
     }
 }
@@ -444,7 +466,9 @@ pub struct L7Config {
     pub middlewares: HashMap<String, Arc<dyn middleware::Middleware>>,
     pub tcp_routers: Vec<TcpRouterSpec>,
     /// Handshake policies by the names routers give (provider-qualified, but `default`).
-    pub tls_options: HashMap<String, crate::model::l7::TlsOptions>,
+    pub tls_options: HashMap<String, Arc<crate::model::l7::TlsOptions>>,
+    /// Why the `default` options a provider defined could not be used, if so.
+    pub tls_default_broken: Option<String>,
 }
 
 /// Everything the routing table is built from, as one value: lb.toml's part, each provider's
@@ -636,6 +660,7 @@ impl Proxy {
             tcp: Default::default(),
             sni: HashMap::new(),
             tls_options: HashMap::new(),
+            tls_default_broken: false,
         };
         let conf = Arc::new(L7Config {
             entrypoints,
@@ -644,6 +669,7 @@ impl Proxy {
             middlewares,
             tcp_routers: Vec::new(),
             tls_options: HashMap::new(),
+            tls_default_broken: None,
         });
         let proxy = Proxy {
             conf: std::sync::Mutex::new(conf.clone()),
@@ -1207,24 +1233,30 @@ async fn serve_tls(
         let start =
             tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream)
                 .await?;
-        let (name, server) = {
+        let (used, server) = {
+            let hello = start.client_hello();
+            // An ACME validator: no HTTP follows, and it presents no client certificate.
+            let validator = hello
+                .alpn()
+                .is_some_and(|mut p| p.any(|p| p == acme::ACME_TLS_ALPN));
             let table = client.proxy.table.load();
-            let (name, options) =
-                table.tls_for(&client.entrypoint, start.client_hello().server_name());
-            let server = match options {
-                None => base.config(),
-                Some(o) => base.config_for(&name, o).map_err(|e| {
-                    warn!(
-                        entrypoint = &*client.entrypoint,
-                        "no TLS handshake under {e:#}"
-                    );
-                    std::io::Error::other("TLS options unusable")
-                })?,
+            let refused = |why: String| {
+                debug!(entrypoint = &*client.entrypoint, "no TLS handshake: {why}");
+                std::io::Error::other("TLS options unusable")
             };
-            (name, server)
+            let (name, options) = table
+                .tls_for(&client.entrypoint, hello.server_name())
+                .map_err(refused)?;
+            let server = match (&options, validator) {
+                (None, _) | (_, true) => base.config(),
+                (Some(o), false) => base
+                    .config_for(&name, o)
+                    .map_err(|e| refused(format!("{e:#}")))?,
+            };
+            (conn::TlsOptionsUsed(name, options), server)
         };
         let s = start.into_stream(server).await?;
-        Ok::<_, std::io::Error>((s, name))
+        Ok::<_, std::io::Error>((s, used))
     };
     let accepted = tokio::time::timeout(
         TLS_HANDSHAKE_TIMEOUT.min(client.limits.header_timeout),
@@ -1241,7 +1273,7 @@ async fn serve_tls(
                 let chain: Arc<[Vec<u8>]> = chain.iter().map(|c| c.as_ref().to_vec()).collect();
                 let _ = client.certificates.set(conn::ClientCertificates(chain));
             }
-            let _ = client.tls_options.set(conn::TlsOptionsUsed(name));
+            let _ = client.tls_options.set(name);
             let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
             conn::serve(s, h2, client).await
         }

@@ -94,14 +94,24 @@ impl Proxy {
             // Traefik's SNI check: the handshake was made under the options of the host the
             // client named there; a request for a host whose router asks other options (client
             // certificates, say) would otherwise get past them by its Host header alone.
-            let used = req
-                .extensions()
-                .get::<conn::TlsOptionsUsed>()
-                .map_or(crate::model::l7::DEFAULT_TLS_OPTIONS, |o| &*o.0);
-            if *route.tls_options != *used {
+            // And the options are still what they were when the connection was made: a
+            // tightened policy (a CA taken out) applies to connections open before it too.
+            let used = req.extensions().get::<conn::TlsOptionsUsed>();
+            let same = match (used, table.tls_named(route.tls_options.clone())) {
+                (Some(conn::TlsOptionsUsed(name, then)), Ok((_, now))) => {
+                    **name == *route.tls_options
+                        && match (then, now) {
+                            (None, None) => true,
+                            (Some(a), Some(b)) => Arc::ptr_eq(a, &b) || *a == b,
+                            _ => false,
+                        }
+                }
+                _ => false,
+            };
+            if !same {
                 return client_fault(
                     StatusCode::MISDIRECTED_REQUEST,
-                    "this host's TLS options are not the connection's: connect with its name",
+                    "this host's TLS options are not the connection's: connect again, with its name",
                 );
             }
         }

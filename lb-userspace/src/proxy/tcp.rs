@@ -342,16 +342,14 @@ pub(super) async fn intercept(
     let (pool, spec) = table
         .service(&route.spec.service)
         .map(|s| (s.pool.clone(), s.spec.clone()))?;
-    // The router's TLS options, for a handshake lb makes.
-    let options = route
+    // The router's TLS options, for a handshake lb makes (none when they are broken or gone).
+    let name: Arc<str> = route
         .spec
         .tls_options
         .as_deref()
-        .and_then(|n| Some((n.to_string(), table.tls_options.get(n)?.clone())))
-        .or_else(|| {
-            let d = crate::model::l7::DEFAULT_TLS_OPTIONS;
-            Some((d.to_string(), table.tls_options.get(d)?.clone()))
-        });
+        .unwrap_or(crate::model::l7::DEFAULT_TLS_OPTIONS)
+        .into();
+    let options = table.tls_named(name);
     drop(table);
     let router = route.spec.name.as_str();
     match route.spec.tls {
@@ -370,14 +368,18 @@ pub(super) async fn intercept(
             // protocols: what runs inside is not HTTP, so no protocol is negotiated.
             let base = config.load_full();
             let server = match &options {
-                None => base.config(),
-                Some((name, o)) => match base.config_for(name, o) {
+                Ok((_, None)) => base.config(),
+                Ok((name, Some(o))) => match base.config_for(name, o) {
                     Ok(c) => c,
                     Err(e) => {
                         warn!(router, "no TLS handshake under {e:#}");
                         return None;
                     }
                 },
+                Err(why) => {
+                    warn!(router, "no TLS handshake: {why}");
+                    return None;
+                }
             };
             let mut server = (*server).clone();
             server.alpn_protocols.clear();

@@ -530,7 +530,7 @@ pub async fn run(spec: FileProviderSpec, events: mpsc::Sender<Event>) -> Result<
             .send(Event::Routing {
                 provider: name.clone(),
                 rank: Rank::FILE,
-                routing: routing.dynamic,
+                routing: Box::new(routing.dynamic),
                 unsupported: routing.unsupported,
                 broken: routing.broken,
             })

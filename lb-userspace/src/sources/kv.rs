@@ -300,7 +300,7 @@ pub async fn report_range(
                     let routing = Event::Routing {
                         provider: provider.clone(),
                         rank,
-                        routing: t.dynamic,
+                        routing: Box::new(t.dynamic),
                         unsupported: t.unsupported,
                         broken,
                     };

@@ -59,7 +59,8 @@ pub enum Event {
     Routing {
         provider: String,
         rank: u8,
-        routing: crate::model::l7::Dynamic,
+        /// Boxed: a whole configuration, where the other events are a few words.
+        routing: Box<crate::model::l7::Dynamic>,
         /// Key paths lb does not support.
         unsupported: Vec<String>,
         /// Items it could not use, each kept at its last good version or left out, as said.

@@ -535,6 +535,9 @@ pub fn translate_in(doc: &Value, cx: &Cx<'_>, gone: &HashSet<String>) -> R<Trans
     let mut out = Translated::default();
     let mut left = gone.clone();
     let options = tls_options(doc, cx.files, &mut out, &mut left)?;
+    if let Some(Some(why)) = options.get(crate::model::l7::DEFAULT_TLS_OPTIONS) {
+        out.dynamic.tls_default_broken = Some(why.clone());
+    }
     let mut top = Obj::new(doc, "")?;
     let mut transports: HashMap<String, (UpstreamTls, bool)> = HashMap::new();
     if let Some((p, http)) = top.take("http") {
@@ -928,7 +931,16 @@ fn tls_option(v: &Value, p: &str, files: &Files, unsupported: &mut Vec<String>) 
         let mut c = Obj::new(ca, &cp)?;
         let cas = c.strings("cafiles")?.unwrap_or_default();
         let kind = c.string("clientauthtype")?;
-        c.rest(unsupported);
+        // A key lb does not know here may be the one that was to require certificates (a
+        // `caFile` typo): the options fail rather than serve without it.
+        let mut unknown = Vec::new();
+        c.rest(&mut unknown);
+        if let Some(u) = unknown.first() {
+            return fail(
+                &cp,
+                format!("{u}: client authentication is not served without it"),
+            );
+        }
         for (i, f) in cas.iter().enumerate() {
             let at = format!("{cp}.caFiles[{i}]");
             // Traefik's FileOrContent: PEM text itself, or a file's path.
@@ -973,6 +985,16 @@ fn tls_option(v: &Value, p: &str, files: &Files, unsupported: &mut Vec<String>) 
                 &format!("{cp}.caFiles"),
                 "required to verify client certificates",
             );
+        }
+        let verifies = matches!(
+            out.client_auth,
+            ClientAuth::VerifyIfGiven | ClientAuth::RequireAndVerify
+        );
+        if !cas.is_empty() && !verifies {
+            unsupported.push(format!(
+                "{cp}.caFiles: not used: clientAuthType {} verifies no certificate (as in Go)",
+                kind.as_deref().unwrap_or_default()
+            ));
         }
     }
     out.sni_strict = o.bool("snistrict")?.unwrap_or(false);
