@@ -274,7 +274,7 @@ pub fn proxy_check(
     cfg: &Config,
     provider: &str,
     dynamic: crate::model::l7::Dynamic,
-) -> (usize, Vec<String>) {
+) -> (usize, usize, Vec<String>) {
     let (built, mut problems) = crate::proxy::dynamic::Built::new(dynamic, None);
     // Joined with lb.toml's part, as the agent does: name clashes, and routers whose TLS
     // options no handshake on these entry points would be made under.
@@ -282,6 +282,12 @@ pub fn proxy_check(
     let theirs: Vec<String> = built
         .dynamic
         .routers
+        .iter()
+        .map(|r| r.name.clone())
+        .collect();
+    let tcp_theirs: Vec<String> = built
+        .dynamic
+        .tcp_routers
         .iter()
         .map(|r| r.name.clone())
         .collect();
@@ -317,7 +323,14 @@ pub fn proxy_check(
         .iter()
         .filter(|r| theirs.contains(&r.name) && !base.routers.iter().any(|b| b.name == r.name))
         .count();
-    (served, problems)
+    let tcp_served = merged
+        .tcp_routers
+        .iter()
+        .filter(|r| {
+            tcp_theirs.contains(&r.name) && !base.tcp_routers.iter().any(|b| b.name == r.name)
+        })
+        .count();
+    (served, tcp_served, problems)
 }
 
 pub async fn run(source: &sources::Source) -> Result<()> {

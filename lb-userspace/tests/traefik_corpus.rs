@@ -69,7 +69,7 @@ fn every_case_says_what_it_expects_in_yaml_and_toml_alike() {
         .filter(|p| p.is_dir())
         .collect();
     cases.sort();
-    assert!(cases.len() >= 7, "{cases:?}");
+    assert!(cases.len() >= 10, "{cases:?}");
     for case in &cases {
         let expect = std::fs::read_to_string(case.join("expect.txt")).unwrap();
         let mut lines = expect.lines();
@@ -92,4 +92,64 @@ fn every_case_says_what_it_expects_in_yaml_and_toml_alike() {
         assert_eq!(said[0], said[1], "{}: YAML and TOML differ", case.display());
     }
     let _ = std::fs::remove_dir_all(&scratch);
+}
+
+mod common;
+
+/// Each case with a `routes.txt` is also served, in both forms, and answers as it says there:
+/// `host | path | status [| body prefix [| header: value]…]`, one request per line. The
+/// servers' loopback addresses of the files are an upstream of the test's, which answers
+/// `corpus <path> …`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_case_with_routes_is_routed_as_it_says_in_yaml_and_toml_alike() {
+    use lb_userspace::{model::instance::Services, sources::file::parse_any};
+    let up = common::upstream("corpus").await;
+    let loopback = regex::Regex::new(r"127\.0\.0\.1:\d+").unwrap();
+    let mut routed = 0;
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(corpus())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("routes.txt").exists())
+        .collect();
+    cases.sort();
+    assert!(cases.len() >= 9, "{cases:?}");
+    for case in &cases {
+        let routes = std::fs::read_to_string(case.join("routes.txt")).unwrap();
+        for (form, file) in [("yaml", "dynamic.yml"), ("toml", "dynamic.toml")] {
+            let path = case.join(form).join(file);
+            let text = std::fs::read_to_string(&path).unwrap();
+            let text = loopback.replace_all(&text, up.to_string().as_str());
+            let doc = parse_any(&path, &text).expect("the case reads");
+            let (proxy, l) = common::bound(
+                vec![],
+                &Services::new(),
+                Default::default(),
+                Default::default(),
+            )
+            .await;
+            let addr = l.local_addr().unwrap();
+            proxy.set_dynamic("file", doc.routing);
+            proxy.update_services(&doc.services);
+            tokio::spawn(proxy.clone().serve("web".into(), l, None));
+            let c = common::client();
+            for line in routes.lines().filter(|l| !l.trim().is_empty()) {
+                let parts: Vec<&str> = line.split('|').map(str::trim).collect();
+                let (host, target, status) = (parts[0], parts[1], parts[2]);
+                let headers: Vec<(&str, &str)> = parts
+                    .iter()
+                    .skip(4)
+                    .filter_map(|h| h.split_once(':'))
+                    .map(|(k, v)| (k.trim(), v.trim()))
+                    .collect();
+                let (code, body) = common::get(&c, addr, host, target, &headers).await;
+                let at = format!("{} {form}: {line}", case.display());
+                assert_eq!(code.to_string(), status, "{at}: {body}");
+                if let Some(prefix) = parts.get(3).filter(|p| !p.is_empty()) {
+                    assert!(body.starts_with(prefix), "{at}: {body}");
+                }
+                routed += 1;
+            }
+        }
+    }
+    assert!(routed >= 20, "{routed}");
 }

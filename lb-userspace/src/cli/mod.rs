@@ -481,14 +481,19 @@ fn check_config(source: &crate::sources::Source) -> Result<()> {
             println!("error: {b}");
         }
         // What the proxy would refuse to build (a middleware's values), as the agent says it.
-        let (routers, problems) = crate::agent::proxy_check(&c, "file", routing.dynamic);
+        let (routers, tcp_routers, problems) =
+            crate::agent::proxy_check(&c, "file", routing.dynamic);
         for p in &problems {
             println!("error: {}: {p}", f.path.display());
         }
         let left_out = report(&routing.unsupported);
         errors += rejected.len() + routing.broken.len() + problems.len() + left_out;
+        let tcp = match tcp_routers {
+            0 => String::new(),
+            n => format!(", {n} TCP routers"),
+        };
         println!(
-            "{}: {} services, {} routers{}",
+            "{}: {} services, {} routers{tcp}{}",
             f.path.display(),
             services.len(),
             routers,
