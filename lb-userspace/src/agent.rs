@@ -335,6 +335,8 @@ pub fn proxy_check(
 
 pub async fn run(source: &sources::Source) -> Result<()> {
     let cfg = source.load()?;
+    // Before any provider reads a file: Traefik servers' names are resolved this way.
+    sources::dns::configure(&cfg.providers.dns);
     for n in &cfg.notes {
         warn!("{n}");
     }

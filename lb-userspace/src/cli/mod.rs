@@ -448,6 +448,8 @@ fn status(
 /// reached: their records are checked when the agent reads them.
 fn check_config(source: &crate::sources::Source) -> Result<()> {
     let c = source.load()?;
+    // Server names are resolved as the agent would resolve them.
+    crate::sources::dns::configure(&c.providers.dns);
     for f in source.files() {
         println!("{}: read", f.display());
     }

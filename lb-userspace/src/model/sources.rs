@@ -8,6 +8,30 @@ pub struct ProvidersSpec {
     pub files: Vec<FileProviderSpec>,
     pub redis: Option<RedisSpec>,
     pub etcd: Option<EtcdSpec>,
+    pub dns: DnsSpec,
+}
+
+/// How the host names of Traefik servers are resolved and followed (`[providers.dns]`): each
+/// is asked again when its answer's TTL runs out (or every `refresh`), and a changed answer is
+/// a new set of upstreams.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsSpec {
+    /// The DNS server asked; `None`: the system's (`/etc/resolv.conf`, `/etc/hosts`).
+    pub resolver: Option<std::net::SocketAddr>,
+    /// Asked again this often whatever the TTLs say.
+    pub refresh: Option<Duration>,
+    /// A TTL shorter than this (0 included) counts as this long: a name is never asked in a loop.
+    pub min_ttl: Duration,
+}
+
+impl Default for DnsSpec {
+    fn default() -> Self {
+        DnsSpec {
+            resolver: None,
+            refresh: None,
+            min_ttl: Duration::from_secs(1),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

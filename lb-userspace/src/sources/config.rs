@@ -460,6 +460,23 @@ struct RawProviders {
     redis: Option<RawRedis>,
     #[serde(default)]
     etcd: Option<RawEtcd>,
+    #[serde(default)]
+    dns: Option<Spanned<RawDns>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDns {
+    #[serde(default)]
+    resolver: Option<String>,
+    #[serde(default)]
+    refresh_s: Option<u64>,
+    #[serde(default = "d_min_ttl")]
+    min_ttl_ms: u64,
+}
+
+fn d_min_ttl() -> u64 {
+    1000
 }
 
 #[derive(Debug, Deserialize)]
@@ -1563,6 +1580,35 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
             health,
         });
     }
+    let dns = match &raw.providers.dns {
+        None => crate::model::sources::DnsSpec::default(),
+        Some(d) => {
+            let r = d.get_ref();
+            if r.refresh_s == Some(0) || r.min_ttl_ms == 0 {
+                return Err(err(
+                    d.span(),
+                    "providers.dns".into(),
+                    "refresh_s and min_ttl_ms must be at least 1: a name is never asked in a loop"
+                        .into(),
+                ));
+            }
+            let resolver = match &r.resolver {
+                None => None,
+                Some(a) => Some(a.parse::<std::net::SocketAddr>().map_err(|_| {
+                    err(
+                        d.span(),
+                        "providers.dns.resolver".into(),
+                        format!("{a:?}: expected ip:port (\"10.0.0.53:53\")"),
+                    )
+                })?),
+            };
+            crate::model::sources::DnsSpec {
+                resolver,
+                refresh: r.refresh_s.map(Duration::from_secs),
+                min_ttl: Duration::from_millis(r.min_ttl_ms),
+            }
+        }
+    };
     let mut files = Vec::new();
     for (i, f) in raw.providers.file.iter().enumerate() {
         let f = f.get_ref();
@@ -2006,7 +2052,12 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
         entrypoints,
         routers,
         tcp_routers,
-        providers: ProvidersSpec { files, redis, etcd },
+        providers: ProvidersSpec {
+            files,
+            redis,
+            etcd,
+            dns,
+        },
         cluster,
         bgp,
         instance: instance.clone(),
@@ -2594,6 +2645,27 @@ address = "10.0.1.2"
             );
             parse(Path::new("lb.toml"), &text).expect(addr);
         }
+    }
+
+    #[test]
+    fn dns_settings_are_read_and_bounded() {
+        let c = parse(Path::new("lb.toml"), GOOD).expect("valid");
+        assert_eq!(c.providers.dns, crate::model::sources::DnsSpec::default());
+        let text =
+            format!("{GOOD}\n[providers.dns]\nresolver = \"127.0.0.1:8053\"\nmin_ttl_ms = 250\n");
+        let c = parse(Path::new("lb.toml"), &text).expect("valid");
+        assert_eq!(
+            c.providers.dns.resolver,
+            Some("127.0.0.1:8053".parse().unwrap())
+        );
+        assert_eq!(c.providers.dns.min_ttl, Duration::from_millis(250));
+        let e = parse_err(&format!("{GOOD}\n[providers.dns]\nrefresh_s = 0\n"));
+        assert_eq!(e.field, "providers.dns", "{e}");
+        assert!(e.line > 0, "{e}");
+        let e = parse_err(&format!(
+            "{GOOD}\n[providers.dns]\nresolver = \"not an address\"\n"
+        ));
+        assert!(e.to_string().contains("resolver"), "{e}");
     }
 
     #[test]

@@ -446,6 +446,7 @@ impl FileSource {
             routing.unsupported.push(at(locate(&key), &u));
         }
         routing.dynamic = t.dynamic;
+        routing.refresh_at = t.refresh_at;
         (t.services, routing, broken)
     }
 }
@@ -467,6 +468,8 @@ pub struct Routing {
     pub unsupported: Vec<String>,
     /// Items lb could not use, each kept at its last good version or left out, as said.
     pub broken: Vec<String>,
+    /// When the earliest DNS answer of its servers' names runs out: read again then.
+    pub refresh_at: Option<std::time::Instant>,
 }
 
 /// Runs the provider: initial load, then a reload after each debounced burst of changes.
@@ -502,20 +505,36 @@ pub async fn run(spec: FileProviderSpec, events: mpsc::Sender<Event>) -> Result<
         .map_err(|e| anyhow!("watching {}: {e}", watch_dir.display()))?;
     info!(provider = name, dir = %watch_dir.display(), "watching");
     let mut first = Some(crate::clock::now());
+    // When a DNS answer the last read used runs out: the files are read again then, as if
+    // they had changed, so a changed record is followed.
+    let mut refresh: Option<std::time::Instant> = None;
     loop {
-        let at = match first.take() {
-            Some(at) => at,
-            None => match rx.recv().await {
-                Some(at) => at,
-                None => return Ok(()),
-            },
+        let (at, changed) = match first.take() {
+            Some(at) => (at, true),
+            None => {
+                let due = async {
+                    match refresh {
+                        Some(t) => tokio::time::sleep_until(t.into()).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    got = rx.recv() => match got {
+                        Some(at) => (at, true),
+                        None => return Ok(()),
+                    },
+                    () = due => (crate::clock::now(), false),
+                }
+            }
         };
         // Debounce: wait until the directory has been quiet for `debounce`.
-        loop {
-            match tokio::time::timeout(spec.debounce, rx.recv()).await {
-                Ok(Some(_)) => continue,
-                Ok(None) => return Ok(()),
-                Err(_) => break,
+        if changed {
+            loop {
+                match tokio::time::timeout(spec.debounce, rx.recv()).await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => return Ok(()),
+                    Err(_) => break,
+                }
             }
         }
         // Reading files and resolving Traefik servers' host names block: off the runtime.
@@ -526,6 +545,7 @@ pub async fn run(spec: FileProviderSpec, events: mpsc::Sender<Event>) -> Result<
         .await
         .map_err(|e| anyhow!("file provider: {e}"))?;
         source = back;
+        refresh = routing.refresh_at;
         events
             .send(Event::Routing {
                 provider: name.clone(),

@@ -14,6 +14,7 @@ use crate::model::instance::{InstanceKey, Services};
 
 pub mod cluster;
 pub mod config;
+pub mod dns;
 pub mod etcd;
 pub mod file;
 pub mod kv;

@@ -117,6 +117,7 @@ impl Kept {
                 self.good.insert(key.clone(), v.clone());
             }
         }
+        t.refresh_at = cx.refresh_at();
         Ok(Outcome {
             translated: t,
             broken,

@@ -15,7 +15,8 @@
 //! when it is this one's: `file`, `redis`, `etcd`), while services are one namespace across
 //! providers (`name@provider` names the service `name`, a clash is reported); a router to an
 //! `@internal` service is left out, by name;
-//! a server's host name is resolved when the configuration is read; `tls.options` apply as
+//! a server's host name is resolved when the configuration is read, and the configuration is
+//! read again when the answer's TTL runs out ([`crate::sources::dns`]); `tls.options` apply as
 //! in Traefik (the client's SNI chooses them, a router answers only under its own), but within
 //! rustls's reach (TLS 1.2 and 1.3, AEAD suites with forward secrecy: an older version or
 //! suite asked for is said and not offered), and a router they cannot be chosen for (no
@@ -35,7 +36,7 @@
 use std::{
     cell::RefCell,
     collections::{HashMap, HashSet},
-    net::{SocketAddr, ToSocketAddrs},
+    net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -72,6 +73,9 @@ pub struct Translated {
     pub unsupported: Vec<String>,
     /// Items with a value lb cannot use, each left out (the rest of the document applies).
     pub errors: Vec<TraefikError>,
+    /// When the earliest DNS answer it used runs out: the document is to be translated again
+    /// then, so a changed record is followed ([`crate::sources::dns`]).
+    pub refresh_at: Option<std::time::Instant>,
 }
 
 /// A value lb cannot use: where (key path) and why.
@@ -404,7 +408,10 @@ pub fn translate(doc: &Value) -> R<Translated> {
 
 /// Translates a whole document; `files` says which files it may name.
 pub fn translate_with(doc: &Value, files: &Files) -> R<Translated> {
-    translate_in(doc, &Cx::new(files), &HashSet::new())
+    let cx = Cx::new(files);
+    let mut t = translate_in(doc, &cx, &HashSet::new())?;
+    t.refresh_at = cx.refresh_at();
+    Ok(t)
 }
 
 /// What a translation uses besides the document, kept across the passes of [`keep::Kept`].
@@ -416,6 +423,8 @@ pub struct Cx<'a> {
     /// Host names resolved once per reload however many passes it takes: `(host, port)` →
     /// the first address, or why there is none.
     dns: RefCell<HashMap<(String, u16), Result<SocketAddr, String>>>,
+    /// Until when those answers hold.
+    lookups: RefCell<crate::sources::dns::Lookups>,
 }
 
 impl<'a> Cx<'a> {
@@ -424,7 +433,13 @@ impl<'a> Cx<'a> {
             files,
             provider: "file".into(),
             dns: RefCell::new(HashMap::new()),
+            lookups: RefCell::new(Default::default()),
         }
+    }
+
+    /// When the translation is to be made again, for the names it looked up.
+    pub fn refresh_at(&self) -> Option<std::time::Instant> {
+        self.lookups.borrow().refresh_at()
     }
 
     /// The same, for a document of `provider`.
@@ -449,9 +464,28 @@ impl<'a> Cx<'a> {
         if let Some(r) = self.dns.borrow().get(&key) {
             return r.clone();
         }
-        let r = match (host, port).to_socket_addrs() {
-            Ok(mut a) => a.next().ok_or_else(|| format!("{host:?} has no address")),
-            Err(e) => Err(format!("{host:?}: {e}")),
+        // An address is itself; a name is asked of DNS, and followed (see `sources::dns`).
+        let r = match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => Ok(SocketAddr::new(ip, port)),
+            Err(_) => match crate::sources::dns::lookup(host) {
+                Ok(a) => {
+                    self.lookups.borrow_mut().used(a.until);
+                    // The lowest address: the same one whatever order the server answers in,
+                    // so a refresh that changes nothing moves nothing.
+                    a.addresses
+                        .iter()
+                        .min()
+                        .map(|ip| SocketAddr::new(*ip, port))
+                        .ok_or_else(|| format!("{host:?} has no address"))
+                }
+                Err(why) => {
+                    // Asked again later: a name that appears is followed too.
+                    self.lookups
+                        .borrow_mut()
+                        .used(crate::sources::dns::retry_at());
+                    Err(why)
+                }
+            },
         };
         self.dns.borrow_mut().insert(key, r.clone());
         r
