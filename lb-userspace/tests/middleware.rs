@@ -1170,6 +1170,10 @@ async fn content_type_is_sniffed_only_where_asked_and_missing() {
             r.headers_mut()
                 .insert("content-encoding", "gzip".parse().unwrap());
         }
+        if path == "/nosniff" {
+            r.headers_mut()
+                .insert("x-content-type-options", "nosniff".parse().unwrap());
+        }
         r
     })
     .await;
@@ -1190,6 +1194,7 @@ async fn content_type_is_sniffed_only_where_asked_and_missing() {
         ("/png", Some("image/png")),
         ("/typed", Some("application/x-custom")),
         ("/encoded", None),
+        ("/nosniff", None),
         ("/empty", None),
         ("/sniffless/png", None),
     ] {

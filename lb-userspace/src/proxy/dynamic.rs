@@ -189,7 +189,8 @@ pub fn merge<'a>(
             ));
         }
     }
-    for r in &out.routers {
+    // (lb.toml's own routers name lb.toml's middlewares, which its loader checked.)
+    for r in out.routers.iter().filter(|r| owner.contains_key(&r.name)) {
         let missing: Vec<&str> = r
             .middlewares
             .iter()

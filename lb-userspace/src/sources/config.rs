@@ -1584,11 +1584,11 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
         None => crate::model::sources::DnsSpec::default(),
         Some(d) => {
             let r = d.get_ref();
-            if r.refresh_s == Some(0) || r.min_ttl_ms == 0 {
+            if r.refresh_s == Some(0) || r.min_ttl_ms < 100 {
                 return Err(err(
                     d.span(),
                     "providers.dns".into(),
-                    "refresh_s and min_ttl_ms must be at least 1: a name is never asked in a loop"
+                    "refresh_s must be at least 1 and min_ttl_ms at least 100: a name is never asked in a loop"
                         .into(),
                 ));
             }

@@ -39,30 +39,114 @@ pub struct Answer {
     pub until: Instant,
 }
 
+/// How long a name's last answer still serves when the DNS server fails to answer: a short
+/// outage of the resolver does not take a working service down.
+const STALE_FOR: Duration = Duration::from_secs(300);
+
+/// How many names' last outcomes are kept (names come from configuration: this only bounds
+/// what a key-value store full of names could grow).
+const REMEMBERED: usize = 4096;
+
+/// The last outcome of each name: a good answer (served stale for [`STALE_FOR`] when the server
+/// fails), or a failure (answered again, at once, until it is to be retried: a translation
+/// does not wait on a failing name each time it runs).
+#[derive(Default)]
+struct Memory {
+    good: std::collections::HashMap<String, (Answer, Instant)>,
+    failed: std::collections::HashMap<String, (String, Instant)>,
+}
+
+static MEMORY: std::sync::Mutex<Option<Memory>> = std::sync::Mutex::new(None);
+
+fn remember<T>(f: impl FnOnce(&mut Memory) -> T) -> T {
+    let mut m = MEMORY.lock().unwrap_or_else(|p| p.into_inner());
+    f(m.get_or_insert_with(Memory::default))
+}
+
 /// A lookup of `host` (not an address literal): its answer, or why there is none.
 pub fn lookup(host: &str) -> Result<Answer, String> {
+    let now = crate::clock::now();
+    if let Some(why) = remember(|m| {
+        m.failed
+            .get(host)
+            .filter(|(_, retry)| *retry > now)
+            .map(|(w, _)| w.clone())
+    }) {
+        return Err(why);
+    }
     let spec = spec();
     let name = host.to_string();
     let asked = std::thread::Builder::new()
         .name("lb-dns".into())
-        .spawn(move || -> Result<Answer, String> {
+        .spawn(move || -> Result<Answer, Failure> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
-                .map_err(|e| format!("DNS: {e}"))?;
+                .map_err(|e| Failure::transient(format!("DNS: {e}")))?;
             rt.block_on(ask(&spec, &name))
         })
-        .map_err(|e| format!("DNS: {e}"))?
-        .join()
-        .map_err(|_| "DNS: the lookup failed".to_string())?;
-    let answer = asked?;
-    if answer.addresses.is_empty() {
-        return Err(format!("{host:?} has no address"));
-    }
-    Ok(answer)
+        .map_err(|e| Failure::transient(format!("DNS: {e}")))
+        .and_then(|t| {
+            t.join()
+                .map_err(|_| Failure::transient("DNS: the lookup failed".into()))
+        })
+        .and_then(|r| r)
+        .and_then(|a| match a.addresses.is_empty() {
+            true => Err(Failure {
+                why: format!("{host:?} has no address"),
+                authoritative: true,
+            }),
+            false => Ok(a),
+        });
+    let done = crate::clock::now();
+    remember(|m| {
+        if m.good.len() >= REMEMBERED || m.failed.len() >= REMEMBERED {
+            m.good.clear();
+            m.failed.clear();
+        }
+        match asked {
+            Ok(a) => {
+                m.failed.remove(host);
+                m.good.insert(host.to_string(), (a.clone(), done));
+                Ok(a)
+            }
+            Err(Failure { why, authoritative }) => {
+                m.failed.insert(host.to_string(), (why.clone(), retry_at()));
+                match m.good.get(host) {
+                    // The server did not answer: the last answer, while it is recent, asked
+                    // again at the next retry. An answer that the name has no address is
+                    // believed at once.
+                    Some((a, got)) if !authoritative && done.duration_since(*got) < STALE_FOR => {
+                        tracing::warn!("{why}; its last answer serves until DNS answers again");
+                        Ok(Answer {
+                            addresses: a.addresses.clone(),
+                            until: retry_at(),
+                        })
+                    }
+                    _ => Err(why),
+                }
+            }
+        }
+    })
 }
 
-async fn ask(spec: &DnsSpec, host: &str) -> Result<Answer, String> {
+/// Why a lookup gave no address: `authoritative` when the DNS said so (no such name, no
+/// records), rather than failing to answer.
+struct Failure {
+    why: String,
+    authoritative: bool,
+}
+
+impl Failure {
+    fn transient(why: String) -> Failure {
+        Failure {
+            why,
+            authoritative: false,
+        }
+    }
+}
+
+async fn ask(spec: &DnsSpec, host: &str) -> Result<Answer, Failure> {
     use hickory_resolver::{
         config::{NameServerConfig, ResolverConfig, ResolverOpts},
         net::runtime::TokioRuntimeProvider,
@@ -81,18 +165,20 @@ async fn ask(spec: &DnsSpec, host: &str) -> Result<Answer, String> {
             .with_options(ResolverOpts::default())
         }
         None => Resolver::builder(TokioRuntimeProvider::default())
-            .map_err(|e| format!("DNS: the system's configuration: {e}"))?,
+            .map_err(|e| Failure::transient(format!("DNS: the system's configuration: {e}")))?,
     };
-    let resolver = builder.build().map_err(|e| format!("DNS: {e}"))?;
-    // A name is absolute: no search domains make it another one.
-    let fqdn = match host.ends_with('.') {
-        true => host.to_string(),
-        false => format!("{host}."),
-    };
-    let found = tokio::time::timeout(Duration::from_secs(5), resolver.lookup_ip(fqdn))
+    let resolver = builder
+        .build()
+        .map_err(|e| Failure::transient(format!("DNS: {e}")))?;
+    // As written: the system's search domains and ndots apply to a short name, as they do for
+    // Traefik (a trailing dot makes it absolute).
+    let found = tokio::time::timeout(Duration::from_secs(5), resolver.lookup_ip(host))
         .await
-        .map_err(|_| format!("{host:?}: no DNS answer within 5 s"))?
-        .map_err(|e| format!("{host:?}: {e}"))?;
+        .map_err(|_| Failure::transient(format!("{host:?}: no DNS answer within 5 s")))?
+        .map_err(|e| Failure {
+            authoritative: e.is_no_records_found(),
+            why: format!("{host:?}: {e}"),
+        })?;
     let now = crate::clock::now();
     let until = match spec.refresh {
         Some(every) => now + every,

@@ -545,7 +545,10 @@ pub async fn run(spec: FileProviderSpec, events: mpsc::Sender<Event>) -> Result<
         .await
         .map_err(|e| anyhow!("file provider: {e}"))?;
         source = back;
-        refresh = routing.refresh_at;
+        // From the end of this read, and never sooner than a second after it: a read that
+        // took longer than the TTLs does not start the next one at once.
+        let earliest = crate::clock::now() + std::time::Duration::from_secs(1);
+        refresh = routing.refresh_at.map(|t| t.max(earliest));
         events
             .send(Event::Routing {
                 provider: name.clone(),

@@ -38,6 +38,7 @@ pub struct GrpcWeb {
 struct Converted {
     text: bool,
     origin: Option<HeaderValue>,
+    credentials: bool,
 }
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
@@ -47,6 +48,14 @@ impl GrpcWeb {
         self.allow_origins
             .iter()
             .any(|o| o == "*" || origin.as_bytes() == o.as_bytes())
+    }
+
+    /// Whether the page's credentials (cookies) may go with its calls: for origins named,
+    /// never for `*` (any site would call with the user's cookies).
+    fn credentials(&self, origin: &HeaderValue) -> bool {
+        self.allow_origins
+            .iter()
+            .any(|o| o != "*" && origin.as_bytes() == o.as_bytes())
     }
 }
 
@@ -89,10 +98,12 @@ impl Middleware for GrpcWeb {
                     if let Some(asked) = req.headers().get(header::ACCESS_CONTROL_REQUEST_HEADERS) {
                         h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, asked.clone());
                     }
-                    h.insert(
-                        header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
-                        HeaderValue::from_static("true"),
-                    );
+                    if self.credentials(o) {
+                        h.insert(
+                            header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+                            HeaderValue::from_static("true"),
+                        );
+                    }
                     h.insert(
                         header::ACCESS_CONTROL_MAX_AGE,
                         HeaderValue::from_static("600"),
@@ -134,9 +145,10 @@ impl Middleware for GrpcWeb {
             }
             .boxed();
         }
-        *req.version_mut() = hyper::Version::HTTP_2;
+        // (HTTP/2 to the upstream is the service's to speak: an `h2c://` server or `http2`.)
         ctx.notes.insert(Converted {
             text,
+            credentials: origin.as_ref().is_some_and(|o| self.credentials(o)),
             origin: origin.filter(|o| self.allowed(o)),
         });
         Flow::Next
@@ -151,10 +163,12 @@ impl Middleware for GrpcWeb {
         let h = resp.headers_mut();
         if let Some(o) = c.origin {
             h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, o);
-            h.insert(
-                header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
-                HeaderValue::from_static("true"),
-            );
+            if c.credentials {
+                h.insert(
+                    header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+                    HeaderValue::from_static("true"),
+                );
+            }
             h.insert(
                 header::ACCESS_CONTROL_EXPOSE_HEADERS,
                 HeaderValue::from_static("grpc-status, grpc-message, grpc-status-details-bin"),
@@ -165,10 +179,12 @@ impl Middleware for GrpcWeb {
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(str::to_ascii_lowercase);
-        // Not a gRPC answer (lb's own error page, a proxy's 502): as it is.
+        // Not a gRPC answer (lb's own error page, a proxy's 502, an upstream answering in
+        // gRPC-Web already): as it is.
         let suffix = ct
             .as_deref()
-            .and_then(|ct| ct.strip_prefix("application/grpc"))?;
+            .and_then(|ct| ct.strip_prefix("application/grpc"))
+            .filter(|s| s.is_empty() || s.starts_with('+') || s.starts_with(';'))?;
         let web = format!(
             "application/grpc-web{}{suffix}",
             if c.text { "-text" } else { "" }
@@ -230,9 +246,8 @@ impl hyper::body::Body for Decode {
             let mut out = Vec::with_capacity(whole / 4 * 3);
             // Group by group: padding may close any of them.
             for g in groups.chunks(4) {
-                match B64.decode(g) {
-                    Ok(b) => out.extend_from_slice(&b),
-                    Err(_) => return Poll::Ready(Some(Err("gRPC-Web text: not base64".into()))),
+                if B64.decode_vec(g, &mut out).is_err() {
+                    return Poll::Ready(Some(Err("gRPC-Web text: not base64".into())));
                 }
             }
             return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
@@ -333,6 +348,22 @@ impl hyper::body::Body for Encode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `*` lets any page call, never with the user's cookies; a named origin may send them.
+    #[test]
+    fn any_origin_calls_without_credentials() {
+        let any = GrpcWeb {
+            allow_origins: vec!["*".into()],
+        };
+        let named = GrpcWeb {
+            allow_origins: vec!["https://app.test".into()],
+        };
+        let app = HeaderValue::from_static("https://app.test");
+        let evil = HeaderValue::from_static("https://evil.test");
+        assert!(any.allowed(&evil) && !any.credentials(&evil));
+        assert!(named.allowed(&app) && named.credentials(&app));
+        assert!(!named.allowed(&evil) && !named.credentials(&evil));
+    }
 
     #[test]
     fn content_types_are_read_strictly() {

@@ -35,7 +35,13 @@ impl Middleware for ContentType {
         let bodiless = resp.status().is_informational()
             || resp.status() == StatusCode::NO_CONTENT
             || resp.status() == StatusCode::NOT_MODIFIED;
+        // An upstream that says `nosniff` is taken at its word (Go would sniff anyway): raw
+        // user content it serves is not labelled `text/html`.
+        let nosniff = h
+            .get("x-content-type-options")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"nosniff"));
         if h.contains_key(header::CONTENT_TYPE)
+            || nosniff
             || h.get(header::CONTENT_ENCODING)
                 .is_some_and(|v| !v.is_empty())
             || bodiless
