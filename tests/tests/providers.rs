@@ -756,7 +756,12 @@ async fn traefik_story(
         (
             "api",
             "api",
-            &vec!["strip".to_string()],
+            // `strip@redis` is the document's own in Redis; in etcd it names the Redis
+            // provider's `strip` (Traefik's provider namespaces), resolved when parts merge.
+            &vec![match provider.starts_with("redis") {
+                true => "strip".to_string(),
+                false => "strip@redis".to_string(),
+            }],
             &vec!["web".to_string()]
         )
     );
