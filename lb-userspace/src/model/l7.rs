@@ -577,7 +577,9 @@ pub struct Dynamic {
     /// Certificates its routers ask an ACME resolver for (Traefik's `tls.certResolver`).
     pub acme: Vec<AcmeWish>,
     /// Handshake policies its routers name (Traefik's `tls.options`).
-    pub tls_options: std::collections::BTreeMap<String, TlsOptions>,
+    /// Shared: the same value stays the same allocation across merges and table builds, so
+    /// the per-request check that a connection's options are current is a pointer comparison.
+    pub tls_options: std::collections::BTreeMap<String, std::sync::Arc<TlsOptions>>,
     /// Why its `default` options could not be used, if it defined some: then no handshake
     /// anywhere falls back to lb's own policy in their place.
     pub tls_default_broken: Option<String>,

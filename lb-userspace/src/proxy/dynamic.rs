@@ -145,7 +145,7 @@ pub fn merge<'a>(
                 _ => format!("{name}@{provider}"),
             };
             match out.tls_options.get(&name) {
-                Some(first) if **first == *o => {}
+                Some(first) if **first == **o => {}
                 Some(_) => {
                     problems.push(format!("{provider}: tls.options {name} is defined already"));
                     if name == crate::model::l7::DEFAULT_TLS_OPTIONS {
@@ -153,7 +153,7 @@ pub fn merge<'a>(
                     }
                 }
                 None => {
-                    out.tls_options.insert(name, std::sync::Arc::new(o.clone()));
+                    out.tls_options.insert(name, o.clone());
                 }
             }
         }
@@ -477,7 +477,7 @@ mod tests {
                     with("open", "Host(`d.test`) && Path(`/o`)", None, &["websecure"]),
                     with("replaces", "Host(`e.test`)", Some("mtls"), &["internal"]),
                 ],
-                tls_options: BTreeMap::from([("mtls".to_string(), mtls)]),
+                tls_options: BTreeMap::from([("mtls".to_string(), Arc::new(mtls))]),
                 ..Default::default()
             },
             None,
@@ -532,10 +532,10 @@ mod tests {
                     routers: vec![r],
                     tls_options: BTreeMap::from([(
                         "default".to_string(),
-                        TlsOptions {
+                        Arc::new(TlsOptions {
                             client_auth: auth,
                             ..Default::default()
-                        },
+                        }),
                     )]),
                     ..Default::default()
                 },

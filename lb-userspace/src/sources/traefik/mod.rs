@@ -806,7 +806,9 @@ fn tls_options(
         {
             Ok(o) => {
                 options.insert(name.to_string(), None);
-                out.dynamic.tls_options.insert(name.to_string(), o);
+                out.dynamic
+                    .tls_options
+                    .insert(name.to_string(), std::sync::Arc::new(o));
             }
             Err(e) => {
                 options.insert(
